@@ -1,0 +1,147 @@
+"""Typed, immutable settings: one object per service, parsed once at start.
+
+Sources, highest precedence first: explicit keyword arguments, environment
+variables (``APPLIANCE_<SERVICE>_<FIELD>``; the shared fields use
+``APPLIANCE_<FIELD>``), the service's table in ``appliance.toml`` (top-level
+keys are shared by every service), then defaults.
+
+The TOML file is ``$APPLIANCE_CONFIG`` if set, else ``./appliance.toml`` if it
+exists. Invalid configuration raises :class:`ConfigError` with one readable
+line per problem.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["CommonSettings", "ConfigError", "config_path", "load_settings"]
+
+S = TypeVar("S", bound="CommonSettings")
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message is for an operator."""
+
+
+def config_path() -> Path | None:
+    explicit = os.environ.get("APPLIANCE_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigError(f"APPLIANCE_CONFIG points at {path}, which is not a readable file")
+        return path
+    default = Path("appliance.toml")
+    return default if default.is_file() else None
+
+
+def _shared(name: str) -> AliasChoices:
+    return AliasChoices(name, f"APPLIANCE_{name.upper()}")
+
+
+class _TomlSection(PydanticBaseSettingsSource):
+    """Top-level keys of appliance.toml plus the service's own table."""
+
+    def __init__(self, settings_cls: type[BaseSettings], section: str) -> None:
+        super().__init__(settings_cls)
+        self._values = self._read(section)
+
+    @staticmethod
+    def _read(section: str) -> dict[str, Any]:
+        path = config_path()
+        if path is None:
+            return {}
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+        values = {k: v for k, v in document.items() if not isinstance(v, dict)}
+        own = document.get(section, {})
+        if not isinstance(own, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        values.update(own)
+        return values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class CommonSettings(BaseSettings):
+    """Fields every service shares. Subclasses set ``toml_section`` and an env prefix."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+    toml_section: ClassVar[str] = ""
+
+    data_dir: Path = Field(default=Path("data"), validation_alias=_shared("data_dir"))
+    internal_token: str = Field(
+        default="",
+        validation_alias=_shared("internal_token"),
+        description="Shared secret for internal hops; empty means read or create data/run/internal_token.",
+        repr=False,
+    )
+    log_level: str = Field(
+        default="INFO", validation_alias=_shared("log_level"), pattern=r"^(DEBUG|INFO|WARNING|ERROR)$"
+    )
+    log_json: bool = Field(default=True, validation_alias=_shared("log_json"))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSection(settings_cls, cls.toml_section))
+
+    def resolved_internal_token(self) -> str:
+        """The internal token, created once (mode 0600) under the data dir if unset."""
+        if self.internal_token:
+            return self.internal_token
+        path = self.data_dir / "run" / "internal_token"
+        if path.is_file():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)  # first writer wins if two services race
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path.read_text().strip()
+
+
+def _describe(exc: ValidationError, cls: type[CommonSettings]) -> str:
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(settings)"
+        env = f"{prefix}{field.upper()}" if prefix else field
+        lines.append(f"  {field} (env {env} or [{cls.toml_section}] {field}): {err['msg']}")
+    return f"invalid {cls.toml_section or 'appliance'} configuration:\n" + "\n".join(lines)
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Parse the settings once; turn validation failures into a ConfigError."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, cls)) from None

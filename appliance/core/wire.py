@@ -1,0 +1,280 @@
+"""OpenAI wire types for chat, completions, embeddings and models.
+
+Requests are validated with pydantic (wrong types become a 400/422 with the
+OpenAI error shape at the service edge). Unknown fields are ignored, as
+OpenAI's SDKs send fields a server may not know; fields the appliance cannot
+honour are rejected explicitly by :func:`reject_unsupported`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.core.errors import APIError, bad_request
+
+T = TypeVar("T", bound=BaseModel)
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "EmbeddingRequest",
+    "JsonSchemaFormat",
+    "ResponseFormat",
+    "StreamOptions",
+    "Tool",
+    "ToolCall",
+    "Usage",
+    "chat_chunk",
+    "chat_response",
+    "completion_chunk",
+    "completion_response",
+    "message_text",
+    "model_list",
+    "new_id",
+    "parse_request",
+    "reject_unsupported",
+]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class FunctionCall(_Wire):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(_Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # A string, or OpenAI's list of content parts ({"type": "text", "text": ...}).
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(_Wire):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(_Wire):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class JsonSchemaFormat(_Wire):
+    name: str = "response"
+    description: str | None = None
+    # "schema" shadows a BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+
+class ResponseFormat(_Wire):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class _Sampling(_Wire):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repeat_penalty: float = Field(default=1.0, ge=0.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(item == "" for item in items):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Appliance extension: retrieval-augmented generation.
+    rag: dict[str, Any] | None = None
+    # Fields the appliance cannot honour; present only so they can be refused clearly.
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = None
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class EmbeddingRequest(_Wire):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class Usage(_Wire):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+def reject_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
+    """Refuse, with a clear 400, what the appliance would otherwise silently ignore."""
+    if request.n != 1:
+        raise bad_request("n > 1 is not supported; send separate requests.", param="n")
+    if isinstance(request, CompletionRequest):
+        if request.best_of not in (None, 1):
+            raise bad_request("best_of is not supported.", param="best_of")
+        if request.suffix:
+            raise bad_request("suffix (insertion) is not supported.", param="suffix")
+        return
+    if request.audio is not None or (request.modalities and request.modalities != ["text"]):
+        raise bad_request("Audio input and output are not supported.", param="audio")
+    for index, message in enumerate(request.messages):
+        if isinstance(message.content, list):
+            for part in message.content:
+                if part.get("type") != "text":
+                    raise bad_request(
+                        f"Content part type {part.get('type')!r} is not supported; only text.",
+                        param=f"messages[{index}].content",
+                    )
+
+
+def message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(str(part.get("text", "")) for part in message.content)
+
+
+def parse_request(model: type[T], payload: Any) -> T:
+    """Validate a decoded JSON body; a wrong shape becomes an OpenAI-shaped 400."""
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise APIError(400, f"Invalid request: {param}: {first['msg']}", param=param, code="invalid_value") from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chat_response(
+    *, id_: str, model: str, created: int, content: str | None, finish_reason: str, usage: Usage,
+    tool_calls: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    body: dict[str, Any] = {
+        "id": id_, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage.model_dump(),
+    }
+    if extra:
+        body.update(extra)
+    return body
+
+
+def chat_chunk(
+    *, id_: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+    usage: Usage | None = None, include_choice: bool = True,
+) -> dict[str, Any]:
+    choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if include_choice else []
+    body: dict[str, Any] = {
+        "id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def completion_response(
+    *, id_: str, model: str, created: int, text: str, finish_reason: str, usage: Usage,
+) -> dict[str, Any]:
+    return {
+        "id": id_, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage.model_dump(),
+    }
+
+
+def completion_chunk(
+    *, id_: str, model: str, created: int, text: str, finish_reason: str | None = None, usage: Usage | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": id_, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
+
+
+def model_list(model_ids: list[str], owned_by: str = "appliance") -> dict[str, Any]:
+    now = int(time.time())
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": now, "owned_by": owned_by} for m in model_ids],
+    }

@@ -1,0 +1,19 @@
+# Sourced by scripts/run and scripts/test: a .venv with the project installed.
+# Re-running is fast: pip skips what is already satisfied (the llama-cpp-python
+# wheel, built once from source, is reused from pip's cache).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv" >&2
+  "$PY" -m venv .venv
+  .venv/bin/pip install --quiet --upgrade pip wheel
+fi
+stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$1
+if [ ! -f "$stamp" ]; then
+  echo "==> installing the project ($1) — the first time builds llama-cpp-python (~10 min on 2 cores)" >&2
+  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[$1]"
+  touch "$stamp"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"
