@@ -1,0 +1,163 @@
+"""App factory: ``create_app(settings)`` builds the balancer; clients are injectable for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from appliance.core.metrics import CONTENT_TYPE
+from appliance.core.wire import model_list
+from balancer.admin import WorkerAdmin
+from balancer.health import Prober
+from balancer.http import error_middleware, json_response, require_token
+from balancer.metrics import BalancerMetrics
+from balancer.pool import WorkerPool
+from balancer.proxy import Proxy, ProxyTimeouts
+from balancer.registry import RegistryWatcher
+from balancer.retry import RetryBudget
+from balancer.settings import BalancerSettings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["BUDGET", "METRICS", "POOL", "PROBER", "SETTINGS", "create_app"]
+
+SETTINGS = web.AppKey("settings", BalancerSettings)
+POOL = web.AppKey("pool", WorkerPool)
+BUDGET = web.AppKey("budget", RetryBudget)
+METRICS = web.AppKey("metrics", BalancerMetrics)
+PROBER = web.AppKey("prober", Prober)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def create_app(settings: BalancerSettings, *, session: aiohttp.ClientSession | None = None,
+               redis: Redis | None = None, rng: random.Random | None = None) -> web.Application:
+    """Build the app. ``session``/``redis`` are used as given (and not closed) when passed."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    pool = WorkerPool(settings.strategy, settings.queue_size, rng)
+    for url in settings.workers:
+        pool.add(url, source="static")
+    budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst)
+    metrics = BalancerMetrics(pool, budget)
+    token = settings.resolved_internal_token()
+    proxy = Proxy(pool, budget, metrics, token=token, max_attempts=settings.max_attempts,
+                  timeouts=ProxyTimeouts(first_byte_s=settings.first_byte_timeout_s,
+                                         queue_s=settings.queue_timeout_s))
+    admin = WorkerAdmin(pool, token)
+    app[SETTINGS], app[POOL], app[BUDGET], app[METRICS] = settings, pool, budget, metrics
+
+    app.cleanup_ctx.append(_session_ctx(settings, session, proxy))
+    app.cleanup_ctx.append(_prober_ctx(settings, admin))
+    if redis is not None or settings.redis_url:
+        app.cleanup_ctx.append(_registry_ctx(settings, redis))
+
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_routes(admin.routes())
+    app.router.add_get("/v1/models", _models_handler(token))
+    app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
+    return app
+
+
+Ctx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
+
+
+def _session_ctx(settings: BalancerSettings, given: aiohttp.ClientSession | None, proxy: Proxy) -> Ctx:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        session = given or aiohttp.ClientSession(
+            # No pool limit: in-flight is bounded by the workers' slots; no total timeout, which
+            # would cut long generations.
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
+                                          sock_read=settings.read_timeout_s),
+            auto_decompress=False,
+        )
+        app[SESSION] = session
+        proxy.attach(session)
+        try:
+            yield
+        finally:
+            proxy.attach(None)
+            if given is None:
+                await session.close()
+
+    return ctx
+
+
+def _prober_ctx(settings: BalancerSettings, admin: WorkerAdmin) -> Ctx:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        prober = Prober(app[POOL], app[SESSION], interval_s=settings.probe_interval_s,
+                        timeout_s=settings.probe_timeout_s, eject_after=settings.eject_after_failed_probes,
+                        readmit_after=settings.readmit_after_good_probes)
+        app[PROBER] = prober
+        admin.attach(prober)
+        await prober.probe_all()  # serve with known workers from the first request
+        async with _owned_task(prober.run()):
+            yield
+        admin.attach(None)
+
+    return ctx
+
+
+def _registry_ctx(settings: BalancerSettings, given: Redis | None) -> Ctx:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from redis.asyncio import Redis
+
+        client = given or Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        watcher = RegistryWatcher(app[POOL], app[PROBER], client, settings.registry_poll_s)
+        try:
+            async with _owned_task(watcher.run()):
+                yield
+        finally:
+            if given is None:
+                await client.aclose()
+
+    return ctx
+
+
+@contextlib.asynccontextmanager
+async def _owned_task(coro: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
+    task = asyncio.create_task(coro)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _health(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    healthy = pool.healthy_count
+    payload = {
+        "status": "ok" if healthy else "unavailable",
+        "healthy_workers": healthy,
+        "workers": len(pool),
+        "models": pool.routable_models(),
+        "queue_depth": pool.queue_depth,
+    }
+    return json_response(payload, 200 if healthy else 503, None if healthy else {"Retry-After": "2"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _models_handler(token: str) -> Callable[[web.Request], Coroutine[Any, Any, web.Response]]:
+    token_bytes = token.encode()
+
+    async def models(request: web.Request) -> web.Response:
+        require_token(request, token_bytes)
+        return json_response(model_list(request.app[POOL].models()))
+
+    return models

@@ -1,0 +1,280 @@
+"""The streaming proxy: pick a worker, forward, retry before the first byte, stream after it.
+
+A request is committed to a worker once the first body byte reaches the client; before
+that, a failed attempt is retried on another worker (at most ``max_attempts`` in all,
+within the retry budget; a 4xx is never retried). After it, a broken upstream stream ends
+with the SSE error event and never with ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from appliance.core.errors import APIError, bad_request, error_body, not_found, overloaded
+from appliance.core.request_id import HEADER as REQUEST_ID
+from appliance.core.request_id import accept_or_mint, request_id_var
+from appliance.core.sse import encode_error
+from balancer.health import note_failure
+from balancer.http import TOKEN_HEADER, require_token
+from balancer.metrics import BalancerMetrics
+from balancer.pool import NoHealthyWorker, QueueFull, QueueTimeout, WorkerPool
+from balancer.retry import RetryBudget
+from balancer.worker import Worker
+
+__all__ = ["Proxy", "ProxyTimeouts"]
+
+log = logging.getLogger("balancer.proxy")
+
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+_HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "content-length", "date", "server",
+})
+_TAIL = 2048  # bytes of a stream's end kept to see how it ended
+
+
+class _Target(msgspec.Struct):
+    model: str = ""
+    stream: bool = False
+
+
+_decode_target = msgspec.json.Decoder(_Target).decode
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyTimeouts:
+    first_byte_s: float  # streaming requests: send → first body byte
+    queue_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One client request, as forwarded to every attempt."""
+
+    request: web.Request
+    body: bytes
+    headers: dict[str, str]
+    model: str
+    stream: bool
+
+
+@dataclass(slots=True)
+class _Failure:
+    """A failed attempt that may be retried; ``response`` is the worker's own answer, if any."""
+
+    kind: str
+    detail: str
+    response: web.Response | None = None
+
+
+class Proxy:
+    def __init__(self, pool: WorkerPool, budget: RetryBudget, metrics: BalancerMetrics, *, token: str,
+                 timeouts: ProxyTimeouts, max_attempts: int) -> None:
+        self._pool = pool
+        self._budget = budget
+        self._metrics = metrics
+        self._token = token
+        self._token_bytes = token.encode()
+        self._timeouts = timeouts
+        self._max_attempts = max_attempts
+        self._session: aiohttp.ClientSession | None = None
+
+    def attach(self, session: aiohttp.ClientSession | None) -> None:
+        self._session = session
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        require_token(request, self._token_bytes)
+        body = await request.read()
+        model, stream = self._target(body)
+        request_id = accept_or_mint(request.headers.get(REQUEST_ID))
+        request_id_var.set(request_id)
+        headers = {
+            "Content-Type": request.headers.get("Content-Type", "application/json"),
+            "Accept": request.headers.get("Accept", "*/*"),
+            "Accept-Encoding": request.headers.get("Accept-Encoding", "identity"),
+            REQUEST_ID: request_id,
+            TOKEN_HEADER: self._token,
+        }
+        call = _Call(request, body, headers, model, stream)
+        self._budget.deposit()
+        tried: list[Worker] = []
+        failure: _Failure | None = None
+        for attempt in range(self._max_attempts):
+            if attempt and not self._budget.try_spend():
+                break
+            worker = await self._lease(model, tried, first=not attempt)
+            if worker is None:
+                break  # nobody else to try
+            try:
+                outcome = await self._attempt(call, worker)
+            finally:
+                self._pool.release(worker)
+            if not isinstance(outcome, _Failure):
+                return outcome
+            failure = outcome
+            tried.append(worker)
+            log.warning("attempt failed", extra={"worker": worker.url, "kind": outcome.kind, "attempt": attempt + 1})
+        assert failure is not None
+        return self._give_up(model, failure)
+
+    def _target(self, body: bytes) -> tuple[str, bool]:
+        if body:
+            try:
+                target = _decode_target(body)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+            model, stream = target.model, target.stream
+        else:
+            model, stream = "", False
+        if not model:
+            served = self._pool.models()
+            if len(served) != 1:
+                raise bad_request("The request must name a model.", param="model", code="missing_model")
+            model = served[0]
+        return model, stream
+
+    async def _lease(self, model: str, tried: list[Worker], *, first: bool) -> Worker | None:
+        pool = self._pool
+        worker = pool.try_acquire(model, tried)
+        if worker is not None:
+            return worker
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            worker = await pool.wait_for_worker(model, self._timeouts.queue_s, tried)
+        except NoHealthyWorker:
+            if not first:
+                return None
+            if not pool.has_model(model):
+                raise self._reject(model, not_found(f"The model {model!r} does not exist.", param="model",
+                                                    code="model_not_found")) from None
+            raise self._reject(model, overloaded(f"No healthy worker serves {model!r} right now.",
+                                                 retry_after=2)) from None
+        except QueueFull:
+            raise self._reject(model, overloaded("Every worker is busy and the queue is full.")) from None
+        except QueueTimeout:
+            raise self._reject(model, overloaded("Every worker stayed busy for too long.")) from None
+        self._metrics.queue_wait.observe(loop.time() - started)
+        return worker
+
+    def _reject(self, model: str, error: APIError) -> APIError:
+        self._metrics.unrouted[(model, error.status)] += 1
+        return error
+
+    async def _attempt(self, call: _Call, worker: Worker) -> web.StreamResponse | _Failure:
+        session = self._session
+        assert session is not None, "proxy used before the app started"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(self._timeouts.first_byte_s if call.stream else None):
+                upstream = await session.request(call.request.method, worker.url + call.request.path_qs,
+                                                 data=call.body, headers=call.headers)
+                sse = upstream.status == 200 and upstream.content_type == "text/event-stream"
+                first = await upstream.content.readany() if sse else await upstream.read()
+        except TimeoutError as exc:
+            _close(upstream)
+            kind = _timeout_kind(exc)
+            return self._failed(worker, kind, str(exc) or "no response in time")
+        except aiohttp.ClientError as exc:
+            _close(upstream)
+            kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "reset"
+            return self._failed(worker, kind, f"{type(exc).__name__}: {exc}")
+        except BaseException:
+            _close(upstream)  # client gone (handler cancelled): free the worker's slot now
+            raise
+        self._metrics.upstream_latency(worker).observe(loop.time() - started)
+        status = upstream.status
+        worker.responses[(call.model, status)] += 1
+        if sse and first:
+            return await self._stream(call.request, worker, upstream, first)
+        upstream.release()
+        response = web.Response(body=first, status=status, headers=_copy_headers(upstream.headers))
+        if status in RETRYABLE_STATUS:
+            note_failure(self._pool, worker, f"status_{status}")
+            return _Failure(f"status_{status}", f"worker answered {status}", response)
+        if sse:  # 200 with an empty event stream: the worker died before its first event
+            return self._failed(worker, "reset", "empty event stream")
+        return response
+
+    def _failed(self, worker: Worker, kind: str, detail: str) -> _Failure:
+        note_failure(self._pool, worker, kind, detail)
+        return _Failure(kind, detail)
+
+    async def _stream(self, request: web.Request, worker: Worker, upstream: aiohttp.ClientResponse,
+                      first: bytes) -> web.StreamResponse:
+        out = web.StreamResponse(status=upstream.status, headers=_copy_headers(upstream.headers))
+        clean = False
+        try:
+            await out.prepare(request)
+            await out.write(first)
+            tail = first[-_TAIL:]
+            reader = upstream.content
+            while True:
+                try:
+                    chunk = await reader.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    kind = "timeout" if isinstance(exc, TimeoutError) else "reset"
+                    note_failure(self._pool, worker, kind, f"mid-stream: {type(exc).__name__}: {exc}")
+                    await out.write(_stream_error(f"The worker failed mid-stream ({kind})."))
+                    break
+                if not chunk:
+                    clean = True
+                    if not _ended_properly(tail):
+                        note_failure(self._pool, worker, "truncated", "stream ended without [DONE]")
+                        await out.write(_stream_error("The worker ended the stream early."))
+                    break
+                await out.write(chunk)
+                tail = (tail + chunk)[-_TAIL:] if len(chunk) < _TAIL else chunk[-_TAIL:]
+            await out.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            worker.errors["client_disconnect"] += 1  # the client left: closing upstream frees the slot
+        finally:
+            if clean:
+                upstream.release()
+            else:
+                upstream.close()
+        return out
+
+    def _give_up(self, model: str, failure: _Failure) -> web.StreamResponse:
+        if failure.response is not None:
+            return failure.response
+        if failure.kind in ("timeout", "first_byte_timeout"):
+            error = APIError(504, "The worker did not answer in time.", type_="server_error", code="upstream_timeout")
+        else:
+            error = APIError(502, f"The worker failed: {failure.detail}", type_="server_error", code="upstream_error")
+        self._metrics.unrouted[(model, error.status)] += 1
+        raise error
+
+
+def _timeout_kind(exc: TimeoutError) -> str:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect"
+    return "timeout" if isinstance(exc, aiohttp.ServerTimeoutError) else "first_byte_timeout"
+
+
+def _close(upstream: aiohttp.ClientResponse | None) -> None:
+    if upstream is not None:
+        upstream.close()
+
+
+def _copy_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
+
+
+def _ended_properly(tail: bytes) -> bool:
+    stripped = tail.rstrip()
+    return stripped.endswith(b"data: [DONE]") or b"event: error" in tail
+
+
+def _stream_error(message: str) -> bytes:
+    return encode_error(error_body(message, "server_error", code="upstream_stream_error"))
+

@@ -1,0 +1,66 @@
+"""The balancer's one typed settings object (env ``APPLIANCE_BALANCER_*``, toml ``[balancer]``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from appliance.core.settings import CommonSettings
+
+__all__ = ["BalancerSettings", "normalise_worker_url"]
+
+
+def normalise_worker_url(url: str) -> str:
+    """``host:port`` or ``http://host:port/`` → ``http://host:port`` (one spelling per worker)."""
+    url = url.strip().rstrip("/")
+    if not url:
+        raise ValueError("empty worker URL")
+    if "://" not in url:
+        url = f"http://{url}"
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"worker URL must be http(s): {url!r}")
+    return url
+
+
+class BalancerSettings(CommonSettings):
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_BALANCER_")
+    toml_section = "balancer"
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=1, le=65535)
+    workers: Annotated[tuple[str, ...], NoDecode] = ()
+    strategy: Literal["least_connections", "round_robin"] = "least_connections"
+    queue_size: int = Field(default=256, ge=0, description="Requests that may wait for a free slot.")
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    probe_interval_s: float = Field(default=2.0, gt=0)
+    probe_timeout_s: float = Field(default=2.0, gt=0)
+    eject_after_failed_probes: int = Field(default=2, ge=1)
+    readmit_after_good_probes: int = Field(default=2, ge=1)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    first_byte_timeout_s: float = Field(
+        default=60.0, gt=0, description="Streaming requests: time until the first body byte (hang detection)."
+    )
+    read_timeout_s: float = Field(
+        default=300.0, gt=0, description="Longest silence between two reads; no total timeout."
+    )
+    max_attempts: int = Field(default=3, ge=1, le=3)
+    retry_budget_ratio: float = Field(default=0.2, ge=0, description="Retry tokens earned per request.")
+    retry_budget_burst: float = Field(default=10.0, ge=0, description="Retry tokens held at most.")
+    redis_url: str = Field(default="", description="Optional worker registry (heartbeat keys with TTL).")
+    registry_poll_s: float = Field(default=2.0, gt=0)
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="413 past this; above the gateway's 1 MiB (room for RAG context)."
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _split_workers(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(normalise_worker_url(str(item)) for item in value)
+        return value

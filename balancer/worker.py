@@ -1,0 +1,62 @@
+"""One upstream inference worker as the balancer sees it: health, capacity, counters."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["Worker", "WorkerState"]
+
+
+class WorkerState(StrEnum):
+    UNKNOWN = "unknown"  # added, not probed yet: no traffic
+    LOADING = "loading"  # answers /health with 503 while the model loads: no traffic
+    HEALTHY = "healthy"
+    EJECTED = "ejected"  # failed a request or probes; readmitted after consecutive good probes
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    """Mutable state of one worker; only the :class:`WorkerPool` changes routing fields."""
+
+    url: str
+    source: str = "static"  # static | admin | registry
+    model: str | None = None
+    slots: int = 1
+    state: WorkerState = WorkerState.UNKNOWN
+    draining: bool = False
+    inflight: int = 0
+    good_probes: int = 0
+    bad_probes: int = 0
+    ejections: int = 0
+    last_probe_at: float | None = None  # wall clock, for operators
+    last_probe_ok: bool | None = None
+    last_error: str = ""
+    slots_busy_reported: int = 0
+    responses: Counter[tuple[str, int]] = field(default_factory=Counter)  # (model, status) → count
+    errors: Counter[str] = field(default_factory=Counter)  # kind → count
+
+    @property
+    def routable(self) -> bool:
+        return self.state is WorkerState.HEALTHY and not self.draining
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "source": self.source,
+            "model": self.model,
+            "state": "draining" if self.draining else str(self.state),
+            "healthy": self.state is WorkerState.HEALTHY,
+            "inflight": self.inflight,
+            "slots": self.slots,
+            "slots_busy_reported": self.slots_busy_reported,
+            "requests": sum(self.responses.values()),
+            "errors": sum(self.errors.values()),
+            "errors_by_kind": dict(self.errors),
+            "ejections": self.ejections,
+            "last_probe_at": self.last_probe_at,
+            "last_probe_ok": self.last_probe_ok,
+            "last_error": self.last_error,
+        }
