@@ -1,0 +1,151 @@
+"""Admission: verify the key, check its scope and model, apply its limits; settle usage after.
+
+One Redis round trip in (``ADMIT``) and one out (``SETTLE``). While Redis is
+down, keys verified in the last ``key_cache_ttl_s`` keep working from a local
+cache and the limiter fails open or closed as configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hmac
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+from appliance.core.errors import APIError, forbidden, overloaded, rate_limited, unauthorized
+from gateway.keys import Principal, hash_secret, record_key
+from gateway.lua import ADMIT, SETTLE
+from gateway.redis_guard import RedisGuard, RedisUnavailable
+
+__all__ = ["Admission", "Ticket", "parse_bearer"]
+
+STATS = "gw:stats"
+_LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "tpd": "tokens per day",
+                "concurrency": "concurrent requests"}
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request: who, and what must be settled when it ends."""
+
+    principal: Principal
+    member: str
+    rate_headers: dict[str, str]
+    limited: bool
+
+
+def parse_bearer(header: str | None) -> str:
+    if not header:
+        raise unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise unauthorized("Malformed Authorization header: expected 'Bearer <key>'.")
+    return token
+
+
+def usage_key(day: dt.date) -> str:
+    return f"gw:usage:{day.isoformat()}"
+
+
+class Admission:
+    def __init__(self, guard: RedisGuard, *, key_cache_ttl_s: float, fail_open: bool, inflight_ttl_s: int) -> None:
+        self._guard = guard
+        self._admit = guard.client.register_script(ADMIT)
+        self._settle = guard.client.register_script(SETTLE)
+        self._key_cache_ttl_s = key_cache_ttl_s
+        self._fail_open = fail_open
+        self._inflight_ttl_s = inflight_ttl_s
+        self._verified: dict[str, tuple[Principal, float]] = {}
+
+    async def admit(self, secret: str, scope: str, model: str = "", limited: bool = True) -> Ticket:
+        digest = hash_secret(secret)
+        member = uuid.uuid4().hex
+        keys = [record_key(digest), f"gw:rl:{digest}:req", f"gw:rl:{digest}:tpm",
+                f"gw:rl:{digest}:tpd", f"gw:rl:{digest}:inflight"]
+        args: list[str | int] = [scope, model, member, self._inflight_ttl_s, "1" if limited else "0"]
+        try:
+            reply = await self._guard.call(lambda _r: self._admit(keys=keys, args=args))
+        except RedisUnavailable:
+            return self._admit_degraded(digest, scope, model, member, limited)
+        status = reply[0].decode()
+        if status == "unknown":
+            self._verified.pop(digest, None)
+            raise unauthorized("Invalid API key.")
+        fields = [item.decode() for item in reply[5:]]
+        record = dict(zip(fields[::2], fields[1::2], strict=True))
+        principal = Principal.from_record(digest, record)
+        if status in ("revoked", "expired"):
+            self._verified.pop(digest, None)
+            raise unauthorized(f"API key {status}.")
+        # The lookup was by hash; compare once more in constant time as a belt-and-braces check.
+        if not hmac.compare_digest(principal.digest, digest):
+            raise unauthorized("Invalid API key.")
+        self._verified[digest] = (principal, time.monotonic())
+        _check_status(status, scope, model, reply)
+        limit, remaining, reset = int(reply[2]), int(reply[3]), float(reply[4].decode())
+        headers = _rate_headers(limit, remaining, reset) if limit > 0 else {}
+        return Ticket(principal, member, headers, limited)
+
+    def _admit_degraded(self, digest: str, scope: str, model: str, member: str, limited: bool) -> Ticket:
+        cached = self._verified.get(digest)
+        if cached is None or time.monotonic() - cached[1] > self._key_cache_ttl_s:
+            raise overloaded("The key store is unavailable and this key is not verified yet; retry shortly.", 5)
+        principal = cached[0]
+        if principal.expired(time.time()):
+            raise unauthorized("API key expired.")
+        if scope not in principal.scopes:
+            raise forbidden(f"This API key lacks the '{scope}' scope.")
+        if not principal.allows_model(model):
+            raise forbidden(f"This API key may not use model '{model}'.")
+        if limited and not self._fail_open:
+            raise overloaded("Rate limiter unavailable (fail-closed); retry shortly.", 5)
+        return Ticket(principal, member, {}, limited=False)
+
+    async def settle(
+        self, ticket: Ticket, prompt_tokens: int = 0, completion_tokens: int = 0,
+        cache_result: str = "", count_request: bool = True,
+    ) -> None:
+        """Free the concurrency slot, debit tokens, record usage; never raises on a dead Redis."""
+        principal = ticket.principal
+        limits = principal.limits
+        digest = principal.digest
+        keys = [f"gw:rl:{digest}:tpm", f"gw:rl:{digest}:tpd", f"gw:rl:{digest}:inflight",
+                usage_key(dt.datetime.now(dt.UTC).date()), STATS]
+        args: list[str | int] = [
+            ticket.member, prompt_tokens + completion_tokens, limits.tpm, limits.tpd, principal.key_id,
+            prompt_tokens, completion_tokens, cache_result, "1" if count_request else "0",
+        ]
+        with contextlib.suppress(RedisUnavailable):
+            await self._guard.call(lambda _r: self._settle(keys=keys, args=args))
+
+
+def _check_status(status: str, scope: str, model: str, reply: list[bytes]) -> None:
+    if status == "ok":
+        return
+    if status == "scope":
+        raise forbidden(f"This API key lacks the '{scope}' scope.")
+    if status == "model":
+        raise forbidden(f"This API key may not use model '{model}'.")
+    retry_after = max(1.0, math.ceil(float(reply[1].decode())))
+    limit, remaining, reset = int(reply[2]), int(reply[3]), float(reply[4].decode())
+    headers = _rate_headers(limit, remaining, reset) if limit > 0 else {}
+    error = rate_limited(f"Rate limit exceeded: {_LIMIT_NAMES.get(status, status)}.", retry_after, headers)
+    error.param = status
+    raise error
+
+
+def _rate_headers(limit: int, remaining: int, reset: float) -> dict[str, str]:
+    return {
+        "RateLimit-Limit": str(limit),
+        "RateLimit-Remaining": str(remaining),
+        "RateLimit-Reset": str(max(0, math.ceil(reset))),
+    }
+
+
+def is_rate_limit(error: APIError) -> str | None:
+    """The limit's name if this error is a rate-limit refusal (for metrics)."""
+    return error.param if error.status == 429 else None

@@ -1,0 +1,124 @@
+"""The gateway's app factory: routes, injected clients, lifespan, one error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gateway.access import access_middleware
+from gateway.admission import Admission
+from gateway.bootstrap import ensure_admin_key
+from gateway.cache import ResponseCache
+from gateway.catalog import ModelCatalog
+from gateway.exceptions import exception_handlers
+from gateway.keys import KeyStore
+from gateway.metrics import GatewayMetrics
+from gateway.redis_guard import RedisGuard, RedisUnavailable
+from gateway.routes import admin, openai, ops
+from gateway.routes.collections import collections_router
+from gateway.services import GatewayServices
+from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream
+
+__all__ = ["create_app", "new_http_session", "new_redis"]
+
+_log = logging.getLogger("gateway")
+UI_STATIC = Path(__file__).resolve().parent / "ui" / "static"
+
+
+def new_redis(settings: GatewaySettings) -> Redis:
+    # No retries with back-off: a dead Redis must cost milliseconds, not seconds (the guard degrades).
+    return Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
+                          socket_connect_timeout=settings.redis_timeout_s, retry=Retry(NoBackoff(), 0),
+                          max_connections=512)
+
+
+def new_http_session(settings: GatewaySettings) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=settings.upstream_pool_size, keepalive_timeout=30)
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+
+def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSession,
+              metrics: GatewayMetrics) -> GatewayServices:
+    token = settings.resolved_internal_token()
+    guard = RedisGuard(redis)
+    balancer = Upstream("balancer", settings.balancer_url, http, token,
+                        connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
+    return GatewayServices(
+        settings=settings, guard=guard,
+        admission=Admission(guard, key_cache_ttl_s=settings.key_cache_ttl_s,
+                            fail_open=settings.rate_limit_fail_open, inflight_ttl_s=settings.concurrency_ttl_s),
+        cache=ResponseCache(guard, settings.cache_max_entry_bytes), keys=KeyStore(redis),
+        balancer=balancer,
+        rag=Upstream("rag service", settings.rag_url, http, token,
+                     connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s),
+        catalog=ModelCatalog(balancer, http, settings.model_info_ttl_s), metrics=metrics, fence_secret=token,
+    )
+
+
+def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
+               http: aiohttp.ClientSession | None = None) -> Litestar:
+    """Build the gateway. ``redis`` and ``http`` are injected (tests pass their own); when omitted
+    they are created and closed in the lifespan."""
+    state: dict[str, GatewayServices] = {}
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        own_redis, own_http = redis is None, http is None
+        redis_client = redis if redis is not None else new_redis(settings)
+        session = http if http is not None else new_http_session(settings)
+        svc = _services(settings, redis_client, session, metrics)
+        state["svc"] = svc
+        try:
+            await svc.guard.call(lambda _r: ensure_admin_key(svc.keys, settings.data_dir))
+        except RedisUnavailable:
+            _log.warning("redis unavailable at start; the bootstrap admin key will be checked at next start")
+        refresher = asyncio.get_running_loop().create_task(svc.catalog.run())
+        _log.info("gateway ready", extra={"balancer": settings.balancer_url, "rag": settings.rag_url})
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await svc.tasks.drain()
+            if own_http:
+                await session.close()
+            if own_redis:
+                await redis_client.aclose()
+
+    def provide_services() -> GatewayServices:
+        return state["svc"]
+
+    handlers: list[Any] = [
+        openai.chat_completions, openai.completions, openai.embeddings, openai.list_models,
+        admin.create_key, admin.list_keys, admin.get_key, admin.revoke_key, admin.usage, admin.admin_status,
+        ops.healthz, ops.readyz, ops.metrics,
+        collections_router(settings.max_upload_bytes),
+        *ops.ui_routes(UI_STATIC),
+    ]
+    return Litestar(
+        route_handlers=handlers,
+        dependencies={"svc": Provide(provide_services, sync_to_thread=False)},
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers(),
+        middleware=[access_middleware(metrics)],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="LLM appliance gateway", version="0.1.0", path="/schema"),
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,187 @@
+"""Chat and text completions: admit, validate, augment, look up the cache, forward, settle."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+from litestar import Request, Response
+from litestar.background_tasks import BackgroundTask
+from litestar.response import Stream
+
+from appliance.core.errors import APIError, bad_request
+from appliance.core.wire import ChatCompletionRequest, CompletionRequest, parse_request, reject_unsupported
+from gateway.access import AccessRecord, access_record
+from gateway.admission import Ticket, parse_bearer
+from gateway.cache import CachePolicy, cache_key, cache_policy
+from gateway.rag import augment, parse_rag_options
+from gateway.relay import StreamOutcome, relay_stream
+from gateway.services import GatewayServices
+from gateway.upstream import ensure_error_body
+
+__all__ = ["decode_body", "generate"]
+
+Kind = Literal["chat", "completions"]
+_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+JSON = "application/json"
+SSE = "text/event-stream"
+
+
+@dataclass(slots=True)
+class _Job:
+    """One admitted generation request, as it travels through the steps."""
+
+    svc: GatewayServices
+    ticket: Ticket
+    record: AccessRecord
+    kind: Kind
+    parsed: ChatCompletionRequest | CompletionRequest
+    body: bytes
+    policy: CachePolicy
+    key: str = ""
+    citations: list[dict[str, Any]] | None = None
+    hide_usage: bool = False
+
+    def headers(self, cache: str) -> dict[str, str]:
+        self.record.cache = cache
+        return {**self.ticket.rate_headers, "X-Cache": cache}
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    try:
+        payload = msgspec.json.decode(raw) if raw else None
+    except msgspec.DecodeError:
+        raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind) -> Response[Any]:
+    record = access_record(request)
+    secret = parse_bearer(request.headers.get("authorization"))
+    payload = decode_body(await request.body())
+    model = payload.get("model")
+    record.model = model if isinstance(model, str) else ""
+    ticket = await svc.admission.admit(secret, "chat", record.model)
+    record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+    try:
+        job = await _prepare(request, svc, ticket, record, kind=kind, payload=payload)
+        return await _dispatch(job)
+    except BaseException:
+        svc.tasks.spawn(svc.admission.settle(ticket))
+        raise
+
+
+async def _prepare(request: Request[Any, Any, Any], svc: GatewayServices, ticket: Ticket, record: AccessRecord,
+                   *, kind: Kind, payload: dict[str, Any]) -> _Job:
+    settings = svc.settings
+    parsed: ChatCompletionRequest | CompletionRequest
+    if kind == "chat":
+        parsed = parse_request(ChatCompletionRequest, payload)
+        if len(parsed.messages) > settings.max_messages:
+            raise bad_request(f"Too many messages: at most {settings.max_messages}.", param="messages",
+                              code="too_many_messages")
+    else:
+        parsed = parse_request(CompletionRequest, payload)
+    limit = parsed.token_limit()
+    if limit is not None and limit > settings.max_tokens_cap:
+        raise bad_request(f"max_tokens must be at most {settings.max_tokens_cap}.", param="max_tokens",
+                          code="max_tokens_exceeded")
+    reject_unsupported(parsed)
+    record.stream = parsed.stream
+    headers = {name: request.headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
+    policy = cache_policy(parsed, headers, settings.cache_enabled, settings.cache_ttl_s)
+    job = _Job(svc, ticket, record, kind, parsed, b"", policy)
+    changed = False
+    if isinstance(parsed, ChatCompletionRequest) and parsed.rag is not None:
+        options = parse_rag_options(parsed.rag)
+        job.parsed, job.citations = await augment(parsed, options, svc.rag, max_chars=settings.rag_max_context_chars,
+                                                  secret=svc.fence_secret)
+        payload = {**payload, "messages": [m.model_dump(mode="json", exclude_none=True, by_alias=True)
+                                           for m in job.parsed.messages]}
+        changed = True
+    if "rag" in payload:
+        payload = {k: v for k, v in payload.items() if k != "rag"}
+        changed = True
+    if parsed.stream and not (parsed.stream_options and parsed.stream_options.include_usage):
+        payload = {**payload, "stream_options": {"include_usage": True}}
+        job.hide_usage, changed = True, True
+    job.body = msgspec.json.encode(payload) if changed else await request.body()
+    if policy.active:
+        job.key = cache_key(kind, job.parsed, svc.catalog.model_sha256(parsed.model))
+    return job
+
+
+async def _dispatch(job: _Job) -> Response[Any]:
+    svc = job.svc
+    if job.policy.lookup:
+        hit = await svc.cache.get(job.key)
+        if hit is not None and hit.stream == job.parsed.stream:
+            svc.metrics.cache.labels("hit").inc()
+            job.record.cache = "hit"
+            return Response(hit.body, media_type=SSE if hit.stream else JSON, headers=job.headers("HIT"),
+                            background=BackgroundTask(svc.admission.settle, job.ticket, 0, 0, "hit"))
+    result = "miss" if job.policy.active else "bypass"
+    svc.metrics.cache.labels(result).inc()
+    if job.parsed.stream:
+        return await _stream(job, result)
+    return await _complete(job, result)
+
+
+async def _complete(job: _Job, result: str) -> Response[Any]:
+    svc = job.svc
+    started = time.perf_counter()
+    reply = await svc.balancer.post_json(_PATHS[job.kind], job.body)
+    job.record.upstream_s = time.perf_counter() - started
+    if reply.status != 200:
+        headers = {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"}
+        return Response(ensure_error_body(reply.status, reply.body), status_code=reply.status, media_type=JSON,
+                        headers={**headers, **job.ticket.rate_headers},
+                        background=BackgroundTask(svc.admission.settle, job.ticket))
+    body = reply.body
+    document = msgspec.json.decode(body)
+    usage = document.get("usage") or {}
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    if job.citations is not None:
+        document["citations"] = job.citations
+        body = msgspec.json.encode(document)
+    _count(job, prompt, completion)
+    if job.policy.store:
+        await svc.cache.put(job.key, body, stream=False, ttl_s=job.policy.ttl_s)
+    return Response(body, media_type=JSON, headers=job.headers(result.upper()),
+                    background=BackgroundTask(svc.admission.settle, job.ticket, prompt, completion, result))
+
+
+async def _stream(job: _Job, result: str) -> Response[Any]:
+    svc = job.svc
+    started = time.perf_counter()
+    resp = await svc.balancer.open_stream(_PATHS[job.kind], job.body)
+    if resp.status != 200:
+        try:
+            raw = await resp.read()
+        finally:
+            resp.release()
+        error = msgspec.json.decode(ensure_error_body(resp.status, raw))["error"]
+        retry = resp.headers.get("Retry-After")
+        raise APIError(resp.status, str(error.get("message")), type_=str(error.get("type") or "server_error"),
+                       param=error.get("param"), code=error.get("code"),
+                       retry_after=float(retry) if retry and retry.isdigit() else None)
+    outcome = StreamOutcome(recorded=bytearray() if job.policy.store else None)
+
+    def on_end(done: StreamOutcome) -> None:
+        job.record.upstream_s = time.perf_counter() - started
+        _count(job, done.prompt_tokens, done.completion_tokens)
+        svc.tasks.spawn(svc.admission.settle(job.ticket, done.prompt_tokens, done.completion_tokens, result))
+        if done.finished and done.recorded is not None:
+            svc.tasks.spawn(svc.cache.put(job.key, bytes(done.recorded), stream=True, ttl_s=job.policy.ttl_s))
+
+    stream = relay_stream(resp, outcome, hide_usage=job.hide_usage, citations=job.citations, on_end=on_end)
+    return Stream(stream, media_type=SSE, headers={**job.headers(result.upper()), "Cache-Control": "no-cache"})
+
+
+def _count(job: _Job, prompt: int, completion: int) -> None:
+    job.record.prompt_tokens, job.record.completion_tokens = prompt, completion
+    job.svc.metrics.count_tokens(job.parsed.model, prompt, completion)

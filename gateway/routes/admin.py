@@ -1,0 +1,137 @@
+"""Admin API: keys, usage, status. Every route needs a key with the ``admin`` scope."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from litestar import Request, Response, delete, get, post
+from pydantic import BaseModel, ConfigDict, Field
+
+from appliance.core.errors import bad_request, not_found
+from appliance.core.wire import parse_request
+from gateway.access import access_record
+from gateway.admission import STATS, parse_bearer, usage_key
+from gateway.generation import decode_body
+from gateway.keys import SCOPES, KeyLimits
+from gateway.redis_guard import RedisUnavailable
+from gateway.services import GatewayServices
+
+__all__ = ["admin_status", "create_key", "get_key", "list_keys", "revoke_key", "usage"]
+
+
+class LimitsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
+    tpd: int | None = Field(default=None, ge=0)
+    max_concurrent: int | None = Field(default=None, ge=0)
+
+
+class NewKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[\w .@:-]+$")
+    scopes: list[str] = Field(default_factory=lambda: ["chat", "embeddings"])
+    models: list[str] = Field(default_factory=list)
+    limits: LimitsIn = Field(default_factory=LimitsIn)
+    expires_in_s: float | None = Field(default=None, gt=0)
+
+
+async def _admin(request: Request[Any, Any, Any], svc: GatewayServices) -> None:
+    record = access_record(request)
+    ticket = await svc.admission.admit(parse_bearer(request.headers.get("authorization")), "admin", limited=False)
+    record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+
+
+@post("/admin/keys", summary="Create an API key (the secret is returned once)", status_code=201)
+async def create_key(request: Request[Any, Any, Any], svc: GatewayServices) -> dict[str, Any]:
+    await _admin(request, svc)
+    spec = parse_request(NewKey, decode_body(await request.body()))
+    unknown = set(spec.scopes) - SCOPES
+    if unknown or not spec.scopes:
+        raise bad_request(f"scopes must be a non-empty subset of {sorted(SCOPES)}.", param="scopes")
+    s = svc.settings
+    limits = KeyLimits(
+        rpm=s.default_rpm if spec.limits.rpm is None else spec.limits.rpm,
+        tpm=s.default_tpm if spec.limits.tpm is None else spec.limits.tpm,
+        tpd=s.default_tpd if spec.limits.tpd is None else spec.limits.tpd,
+        max_concurrent=s.default_max_concurrent if spec.limits.max_concurrent is None else spec.limits.max_concurrent,
+    )
+    expires_at = time.time() + spec.expires_in_s if spec.expires_in_s else 0.0
+    secret, view = await svc.keys.create(spec.name, set(spec.scopes), limits, models=set(spec.models),
+                                              expires_at=expires_at)
+    return {**view, "key": secret}
+
+
+@get("/admin/keys", summary="List API keys (never their secrets)")
+async def list_keys(request: Request[Any, Any, Any], svc: GatewayServices) -> dict[str, Any]:
+    await _admin(request, svc)
+    return {"object": "list", "data": await svc.keys.list()}
+
+
+@get("/admin/keys/{key_id:str}", summary="One API key")
+async def get_key(request: Request[Any, Any, Any], svc: GatewayServices, key_id: str) -> dict[str, Any]:
+    await _admin(request, svc)
+    view = await svc.keys.get(key_id)
+    if view is None:
+        raise not_found(f"No key with id {key_id!r}.", param="key_id")
+    return view
+
+
+@delete("/admin/keys/{key_id:str}", summary="Revoke an API key (effective at once)", status_code=200)
+async def revoke_key(request: Request[Any, Any, Any], svc: GatewayServices, key_id: str) -> dict[str, Any]:
+    await _admin(request, svc)
+    if not await svc.keys.revoke(key_id):
+        raise not_found(f"No key with id {key_id!r}.", param="key_id")
+    return {"id": key_id, "revoked": True}
+
+
+@get("/admin/usage", summary="Requests and tokens per key per day (UTC)")
+async def usage(request: Request[Any, Any, Any], svc: GatewayServices, days: int = 1,
+                day: str | None = None, key_id: str | None = None) -> dict[str, Any]:
+    await _admin(request, svc)
+    try:
+        last = dt.date.fromisoformat(day) if day else dt.datetime.now(dt.UTC).date()
+    except ValueError:
+        raise bad_request("day must be YYYY-MM-DD.", param="day") from None
+    if not 1 <= days <= 366:
+        raise bad_request("days must be between 1 and 366.", param="days")
+    names = await svc.keys.names()
+    rows: list[dict[str, Any]] = []
+    for offset in range(days):
+        date = last - dt.timedelta(days=offset)
+        raw: dict[Any, Any] = await svc.guard.client.hgetall(usage_key(date))
+        rows.extend(_usage_rows(date, raw, names, key_id))
+    return {"object": "list", "data": rows}
+
+
+def _usage_rows(date: dt.date, raw: dict[Any, Any], names: dict[str, str],
+                only: str | None) -> list[dict[str, Any]]:
+    per_key: dict[str, dict[str, Any]] = {}
+    for field, value in raw.items():
+        kid, _, metric = field.decode().rpartition(":")
+        if only and kid != only:
+            continue
+        row = per_key.setdefault(kid, {"day": date.isoformat(), "key_id": kid, "name": names.get(kid, ""),
+                                       "requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        row[metric] = int(value)
+    return sorted(per_key.values(), key=lambda row: row["key_id"])
+
+
+@get("/admin/status", summary="Dependencies, workers behind the balancer, cache hit rate")
+async def admin_status(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+    await _admin(request, svc)
+    await svc.catalog.refresh()
+    try:
+        raw: dict[Any, Any] = await svc.guard.call(lambda r: r.hgetall(STATS))
+        stats = {k.decode(): int(v) for k, v in raw.items()}
+    except RedisUnavailable:
+        stats = {}
+    hits, misses = stats.get("cache_hit", 0), stats.get("cache_miss", 0)
+    return Response({
+        "redis": svc.guard.up,
+        "balancer": {"up": svc.catalog.balancer_up, "health": svc.catalog.balancer_health},
+        "cache": {"hits": hits, "misses": misses, "bypass": stats.get("cache_bypass", 0),
+                  "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None},
+    })

@@ -1,0 +1,77 @@
+"""The OpenAI-compatible surface: chat, completions, embeddings, models."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.background_tasks import BackgroundTask
+
+from gateway.access import access_record
+from gateway.admission import parse_bearer
+from gateway.generation import decode_body, generate
+from gateway.services import GatewayServices
+from gateway.upstream import ensure_error_body
+
+__all__ = ["chat_completions", "completions", "embeddings", "list_models"]
+
+JSON = "application/json"
+
+
+@post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible; `rag` extension)", status_code=200)
+async def chat_completions(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+    return await generate(request, svc, "chat")
+
+
+@post("/v1/completions", summary="Text completion (OpenAI-compatible)", status_code=200)
+async def completions(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+    return await generate(request, svc, "completions")
+
+
+@post("/v1/embeddings", summary="Embeddings (OpenAI-compatible, served by the RAG service)", status_code=200)
+async def embeddings(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+    record = access_record(request)
+    secret = parse_bearer(request.headers.get("authorization"))
+    raw = await request.body()
+    payload = decode_body(raw)
+    model = payload.get("model")
+    record.model = model if isinstance(model, str) else ""
+    ticket = await svc.admission.admit(secret, "embeddings", record.model)
+    record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+    started = time.perf_counter()
+    try:
+        reply = await svc.rag.post_json("/v1/embeddings", raw)
+    except BaseException:
+        svc.tasks.spawn(svc.admission.settle(ticket))
+        raise
+    record.upstream_s = time.perf_counter() - started
+    prompt = 0
+    body = reply.body
+    if reply.status == 200:
+        usage = msgspec.json.decode(body).get("usage") or {}
+        prompt = int(usage.get("prompt_tokens") or 0)
+        record.prompt_tokens = prompt
+        svc.metrics.count_tokens(record.model, prompt, 0)
+    else:
+        body = ensure_error_body(reply.status, body)
+    return Response(body, status_code=reply.status, media_type=JSON, headers=ticket.rate_headers,
+                    background=BackgroundTask(svc.admission.settle, ticket, prompt, 0))
+
+
+@get("/v1/models", summary="Models served by the workers (filtered by the key's allowed models)")
+async def list_models(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+    record = access_record(request)
+    secret = parse_bearer(request.headers.get("authorization"))
+    ticket = await svc.admission.admit(secret, "", limited=False)
+    record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+    reply = await svc.balancer.request("GET", "/v1/models")
+    if reply.status != 200:
+        return Response(ensure_error_body(reply.status, reply.body), status_code=reply.status, media_type=JSON)
+    if not ticket.principal.models:
+        return Response(reply.body, media_type=JSON)
+    document = msgspec.json.decode(reply.body)
+    allowed = ticket.principal.models
+    document["data"] = [m for m in document.get("data", []) if m.get("id") in allowed]
+    return Response(msgspec.json.encode(document), media_type=JSON)

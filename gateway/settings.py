@@ -1,0 +1,58 @@
+"""The gateway's one typed settings object (env ``APPLIANCE_GATEWAY_*``, toml ``[gateway]``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from appliance.core.settings import CommonSettings
+
+__all__ = ["GatewaySettings"]
+
+
+class GatewaySettings(CommonSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_GATEWAY_", frozen=True, extra="ignore", populate_by_name=True
+    )
+    toml_section: ClassVar[str] = "gateway"
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    balancer_url: str = "http://127.0.0.1:8100"
+    rag_url: str = "http://127.0.0.1:8300"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_self_signed: bool = False
+
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="413 past this, before reading it all")
+    max_upload_bytes: int = Field(default=64 << 20, ge=1024, description="limit for /v1/collections uploads")
+    max_messages: int = Field(default=256, ge=1)
+    max_tokens_cap: int = Field(default=4096, ge=1)
+
+    cache_enabled: bool = True
+    cache_ttl_s: int = Field(default=3600, ge=1)
+    cache_max_entry_bytes: int = Field(default=1 << 20, ge=1024)
+
+    rate_limit_fail_open: bool = Field(
+        default=True, description="Redis down: admit (true) or refuse with 503 (false) rate-limited requests"
+    )
+    key_cache_ttl_s: float = Field(default=60.0, ge=0, description="how long verified keys work while Redis is down")
+    concurrency_ttl_s: int = Field(default=900, ge=10, description="a lost concurrency slot frees itself after this")
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+
+    default_rpm: int = Field(default=600, ge=0, description="per-key requests/min for new keys; 0 = unlimited")
+    default_tpm: int = Field(default=0, ge=0)
+    default_tpd: int = Field(default=0, ge=0)
+    default_max_concurrent: int = Field(default=0, ge=0)
+
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=300.0, gt=0)
+    upstream_pool_size: int = Field(default=256, ge=1)
+    model_info_ttl_s: float = Field(default=10.0, ge=0)
+
+    log_prompts: bool = False
+    rag_max_context_chars: int = Field(default=12000, ge=256)

@@ -1,0 +1,103 @@
+"""HTTP to the balancer and the RAG service over one injected aiohttp session.
+
+Every call has explicit timeouts: connect and per-read, never a total one, so
+a long stream lives as long as tokens keep coming. A service that cannot be
+reached becomes a 503 with ``Retry-After``; an upstream's own OpenAI-shaped
+error passes through with its status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from appliance.core.errors import APIError, error_body, overloaded
+from appliance.core.request_id import HEADER as REQUEST_ID_HEADER
+from appliance.core.request_id import current_request_id
+
+__all__ = ["Upstream", "UpstreamReply", "ensure_error_body"]
+
+INTERNAL_TOKEN_HEADER = "X-Internal-Token"  # noqa: S105 - a header name, not a secret
+# Hop-by-hop and framing headers never copied between hops.
+_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
+                   "host", "authorization", "x-internal-token", "te", "trailer", "upgrade"})
+
+
+class UpstreamReply(msgspec.Struct, frozen=True):
+    status: int
+    body: bytes
+    content_type: str
+    headers: dict[str, str]
+
+
+def ensure_error_body(status: int, body: bytes) -> bytes:
+    """Keep an upstream's OpenAI-shaped error; wrap anything else in that shape."""
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        decoded = None
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict):
+        return body
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    text = body[:300].decode("utf-8", "replace").strip() or f"upstream returned HTTP {status}"
+    return msgspec.json.encode(error_body(text, kind, code=f"upstream_{status}"))
+
+
+class Upstream:
+    """One downstream service (the balancer or RAG), reached with a shared session."""
+
+    def __init__(self, name: str, base_url: str, session: aiohttp.ClientSession, token: str, *,
+                 connect_timeout_s: float, read_timeout_s: float) -> None:
+        self.name = name
+        self._base = base_url.rstrip("/")
+        self._session = session
+        self._token = token
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
+                                              sock_read=read_timeout_s)
+
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = {INTERNAL_TOKEN_HEADER: self._token}
+        request_id = current_request_id()
+        if request_id:
+            headers[REQUEST_ID_HEADER] = request_id
+        if extra:
+            headers.update(extra)
+        return headers
+
+    def _unreachable(self, exc: BaseException) -> APIError:
+        error = overloaded(f"The {self.name} is unavailable ({type(exc).__name__}); retry shortly.", 2)
+        error.code = f"{self.name}_unavailable"
+        return error
+
+    async def request(
+        self, method: str, path: str, *, body: bytes | AsyncIterator[bytes] | None = None,
+        headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
+    ) -> UpstreamReply:
+        try:
+            async with self._session.request(method, self._base + path, data=body, params=params,
+                                             headers=self._headers(headers), timeout=self._timeout) as resp:
+                payload = await resp.read()
+                kept = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP}
+                return UpstreamReply(resp.status, payload, resp.content_type or "application/json", kept)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
+
+    async def post_json(self, path: str, body: bytes) -> UpstreamReply:
+        return await self.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+
+    async def get_json(self, path: str) -> Any:
+        reply = await self.request("GET", path)
+        if reply.status != 200:
+            raise APIError(reply.status, f"{self.name} {path} returned {reply.status}", type_="server_error")
+        return msgspec.json.decode(reply.body)
+
+    async def open_stream(self, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """Start a streaming POST; the caller reads ``resp.content`` and must ``release()`` it."""
+        try:
+            return await self._session.post(self._base + path, data=body, timeout=self._timeout,
+                                            headers=self._headers({"Content-Type": "application/json"}))
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise self._unreachable(exc) from exc
