@@ -1,0 +1,53 @@
+"""The backup manifest: every member's SHA-256 and size, checked before anything is restored."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["MANIFEST_NAME", "Manifest", "ManifestError", "sha256_bytes"]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = 1
+
+
+class ManifestError(Exception):
+    """The archive does not match its manifest; nothing may be restored from it."""
+
+
+@dataclass
+class Manifest:
+    created: float
+    appliance_version: str
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # member -> {sha256, size}
+    models: list[dict[str, Any]] = field(default_factory=list)  # {path, sha256, size, included}
+    redis_keys: int | None = None
+
+    def add(self, member: str, data_sha256: str, size: int) -> None:
+        self.files[member] = {"sha256": data_sha256, "size": size}
+
+    def to_json(self) -> bytes:
+        body = {"format": FORMAT, "created": self.created, "appliance_version": self.appliance_version,
+                "files": self.files, "models": self.models, "redis_keys": self.redis_keys}
+        return json.dumps(body, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        try:
+            body = json.loads(raw)
+            if body.get("format") != FORMAT:
+                raise ManifestError(f"unknown manifest format {body.get('format')!r}")
+            manifest = cls(float(body["created"]), str(body["appliance_version"]), dict(body["files"]),
+                           list(body["models"]), body.get("redis_keys"))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ManifestError(f"the manifest is unreadable ({exc})") from None
+        for member, entry in manifest.files.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+                raise ManifestError(f"the manifest entry for {member} is malformed")
+        return manifest
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

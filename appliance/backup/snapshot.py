@@ -1,0 +1,78 @@
+"""Take a consistent snapshot of the live data while the stack serves."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+__all__ = ["SnapshotError", "copy_rag_store", "redis_bgsave"]
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class SnapshotError(Exception):
+    """A snapshot could not be taken; the message says which part."""
+
+
+def redis_bgsave(client: redis.Redis, timeout: float = 120.0) -> tuple[Path, int]:
+    """BGSAVE and wait until it finished; returns the RDB path and the key count at save time."""
+    try:
+        before = int(client.lastsave().timestamp())
+        # LASTSAVE has one-second resolution: make sure our save lands in a later second.
+        while int(time.time()) <= before:
+            time.sleep(0.05)
+        keys = int(client.dbsize())
+        try:
+            client.bgsave()
+        except redis.ResponseError as exc:  # a save already running is fine: wait for a newer one
+            if "already in progress" not in str(exc):
+                raise
+        deadline = time.monotonic() + timeout
+        while int(client.lastsave().timestamp()) <= before:
+            if time.monotonic() > deadline:
+                raise SnapshotError(f"Redis BGSAVE did not finish in {timeout:.0f}s")
+            time.sleep(0.1)
+        if client.info("persistence").get("rdb_last_bgsave_status") != "ok":
+            raise SnapshotError("Redis BGSAVE failed (rdb_last_bgsave_status is not ok)")
+        directory = str(client.config_get("dir")["dir"])
+        filename = str(client.config_get("dbfilename")["dbfilename"])
+    except redis.RedisError as exc:
+        raise SnapshotError(f"Redis is not reachable for the backup ({type(exc).__name__})") from exc
+    return Path(directory) / filename, keys
+
+
+def copy_rag_store(source: Path, target: Path, progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Copy the RAG directory: SQLite files through the online backup API, index files as bytes.
+
+    The RAG service can rebuild any index from the embeddings kept in SQLite, so an
+    index copied a moment before or after the database is reconciled at load.
+    """
+    copied: list[Path] = []
+    if not source.is_dir():
+        return copied
+    for path in sorted(source.rglob("*")):
+        if not path.is_file() or path.name.endswith(("-wal", "-shm", "-journal", ".tmp")):
+            continue
+        dest = target / path.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("rb") as handle:
+            is_sqlite = handle.read(16) == SQLITE_MAGIC
+        if is_sqlite:
+            src = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            dst = sqlite3.connect(dest)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+                src.close()
+        else:
+            shutil.copy2(path, dest)
+        copied.append(dest)
+        if progress:
+            progress(str(path.relative_to(source)))
+    return copied

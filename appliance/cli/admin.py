@@ -1,0 +1,151 @@
+"""Admin verbs over the gateway's admin API: keys, usage; and document ingestion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from appliance.cli.context import admin_key, load
+from appliance.cli.output import err, fail, out, print_json
+from appliance.runtime.settings import RuntimeSettings
+
+__all__ = ["register"]
+
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+
+
+def _gateway(settings: RuntimeSettings, key: str | None) -> httpx.Client:
+    scheme = "https" if settings.tls else "http"
+    token = key or admin_key(settings)
+    # Loopback to our own gateway, whose certificate may be self-signed.
+    return httpx.Client(base_url=f"{scheme}://127.0.0.1:{settings.gateway_port}", timeout=30, verify=False,  # noqa: S501
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+def _call(settings: RuntimeSettings, key: str | None, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        with _gateway(settings, key) as client:
+            response = client.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        fail(f"the gateway at port {settings.gateway_port} is not reachable ({type(exc).__name__}); is the stack up?")
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        fail(f"{method} {path} failed with {response.status_code}: {message}")
+    return response.json() if response.content else None
+
+
+AdminKey = Annotated[
+    str | None, typer.Option("--admin-key", envvar="APPLIANCE_ADMIN_KEY", help="default: data/admin_key")
+]
+Json = Annotated[bool, typer.Option("--json")]
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="who or what the key is for")],
+    scopes: Annotated[str, typer.Option(help="comma-separated: chat,embeddings,collections,admin")] = "chat,embeddings",
+    models: Annotated[str | None, typer.Option(help="comma-separated model ids allowed (default all)")] = None,
+    rpm: Annotated[int | None, typer.Option(help="requests per minute")] = None,
+    tpm: Annotated[int | None, typer.Option(help="tokens per minute")] = None,
+    tpd: Annotated[int | None, typer.Option(help="tokens per day")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="max concurrent requests")] = None,
+    expires_days: Annotated[int | None, typer.Option(help="expire after N days")] = None,
+    key: AdminKey = None, as_json: Json = False,
+) -> None:
+    """Create a key; its secret is printed once."""
+    body: dict[str, Any] = {"name": name, "scopes": [s.strip() for s in scopes.split(",") if s.strip()]}
+    if models:
+        body["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    limits = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "tokens_per_day": tpd,
+              "max_concurrent": concurrency}
+    body["limits"] = {k: v for k, v in limits.items() if v is not None}
+    if expires_days:
+        body["expires_in_days"] = expires_days
+    created = _call(load(), key, "POST", "/admin/keys", json=body)
+    if as_json:
+        print_json(created)
+        return
+    out.print(f"Key {created.get('id')} for {name}: {created.get('key')}")
+    err.print("Store it now: it is not shown again.")
+
+
+@keys_app.command("list")
+def keys_list(key: AdminKey = None, as_json: Json = False) -> None:
+    """List keys (never their secrets)."""
+    listed = _call(load(), key, "GET", "/admin/keys")
+    rows = listed.get("data", listed) if isinstance(listed, dict) else listed
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("id", "name", "scopes", "models", "limits", "expires", "revoked")
+    for row in rows:
+        table.add_row(str(row.get("id")), str(row.get("name")), ",".join(row.get("scopes", [])),
+                      ",".join(row.get("models") or []) or "all", str(row.get("limits") or {}),
+                      str(row.get("expires_at") or "-"), str(row.get("revoked", False)))
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, key: AdminKey = None) -> None:
+    """Revoke a key; it stops working at once."""
+    _call(load(), key, "DELETE", f"/admin/keys/{key_id}")
+    err.print(f"[green]Revoked[/] {key_id}.")
+
+
+def usage(key: AdminKey = None, as_json: Json = False) -> None:
+    """Prompt and completion tokens per key per day."""
+    report = _call(load(), key, "GET", "/admin/usage")
+    if as_json:
+        print_json(report)
+        return
+    rows = report.get("data", report) if isinstance(report, dict) else report
+    table = Table("key", "day", "requests", "prompt tokens", "completion tokens")
+    for row in rows:
+        table.add_row(str(row.get("name") or row.get("key_id")), str(row.get("day")), str(row.get("requests", "")),
+                      str(row.get("prompt_tokens")), str(row.get("completion_tokens")))
+    out.print(table)
+
+
+def ingest(
+    path: Annotated[Path, typer.Argument(help="a file or a folder of documents")],
+    collection: Annotated[str, typer.Option("--collection", "-c")],
+    as_json: Json = False,
+) -> None:
+    """Upload documents into a collection, with a progress bar."""
+    if not path.exists():
+        fail(f"{path} does not exist")
+    settings = load()
+    from rag.client import RagClient  # the RAG service's own client
+
+    client = RagClient(f"http://127.0.0.1:{settings.rag_port}", settings.resolved_internal_token())
+    results: list[dict[str, Any]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=as_json) as bar:
+        task = bar.add_task(f"ingest into {collection}", total=None)
+        for event in client.ingest_path(path, collection):
+            bar.update(task, total=event.total, completed=event.done, description=event.current or "")
+            if event.result is not None:
+                results.append(event.result)
+    if as_json:
+        print_json(results)
+        return
+    failed = [r for r in results if r.get("error")]
+    out.print(f"Ingested {len(results) - len(failed)} documents into {collection}; {len(failed)} failed.")
+    for row in failed:
+        err.print(f"  [red]{row.get('path')}[/]: {row.get('error')}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+    app.command()(usage)
+    app.command()(ingest)

@@ -1,0 +1,45 @@
+"""The `appliance` command: thin verbs over the runtime, backup and admin services."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Annotated
+
+import typer
+
+from appliance.cli import admin, backup_cmds, stack
+from appliance.cli.output import fail
+
+__all__ = ["create_app"]
+
+
+def bench(
+    name: Annotated[str, typer.Argument(help="which benchmark (see `appliance bench --list`)")] = "",
+    args: Annotated[list[str] | None, typer.Argument(help="passed to the benchmark, e.g. --json")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the benchmarks")] = False,
+) -> None:
+    """Run a benchmark that measures side by side in one run and prints ratios."""
+    import appliance.bench as benches
+
+    available = sorted(m.name for m in pkgutil.iter_modules(benches.__path__) if not m.name.startswith("_"))
+    if list_ or not name:
+        typer.echo("\n".join(available))
+        return
+    if name not in available:
+        fail(f"unknown benchmark {name!r}; available: {', '.join(available)}")
+    module = importlib.import_module(f"appliance.bench.{name}")
+    raise typer.Exit(module.main(list(args or [])) or 0)
+
+
+def create_app() -> typer.Typer:
+    app = typer.Typer(
+        name="appliance", help="Run the LLM appliance: up, status, keys, backups, benchmarks.",
+        no_args_is_help=True, add_completion=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    stack.register(app)
+    backup_cmds.register(app)
+    admin.register(app)
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench)
+    return app

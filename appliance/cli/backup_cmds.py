@@ -1,0 +1,103 @@
+"""backup and restore verbs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from appliance.backup.manifest import ManifestError
+from appliance.backup.service import create_backup, restore_backup
+from appliance.backup.snapshot import SnapshotError
+from appliance.cli.context import load, runtime
+from appliance.cli.output import err, fail, out, print_json
+from appliance.runtime.local import RuntimeFailure
+
+__all__ = ["register"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _interval(text: str) -> float:
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNITS or not number.isdigit() or int(number) == 0:
+        fail(f"--every expects a duration like 30m, 6h or 1d, not {text!r}")
+    return int(number) * _UNITS[unit]
+
+
+def backup(
+    to: Annotated[Path | None, typer.Option("--to", help="directory for archives (default data/backups)")] = None,
+    keep: Annotated[int, typer.Option(help="archives to keep (older ones are deleted)")] = 7,
+    with_models: Annotated[bool, typer.Option("--with-models", help="include GGUF weights")] = False,
+    offsite: Annotated[Path | None, typer.Option(help="also copy each verified archive here")] = None,
+    every: Annotated[str | None, typer.Option(help="repeat: 30m, 6h, 1d (runs until stopped)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A consistent snapshot while serving: Redis, RAG store and indexes, config, model manifest."""
+    settings = load()
+    period = _interval(every) if every else None
+    while True:
+        err.print("[bold]Backing up[/] (Redis BGSAVE, RAG store, secrets, model manifest)")
+        try:
+            result = create_backup(settings, to, with_models=with_models, keep=keep, offsite=offsite,
+                                   step=lambda member: err.print(f"  + {member}", highlight=False))
+        except (SnapshotError, ManifestError, OSError) as exc:
+            if period is None:
+                fail(f"backup failed: {exc}")
+            err.print(f"[red]backup failed[/]: {exc}; retrying at the next period")
+        else:
+            summary = {"archive": str(result.archive), "files": result.files, "bytes": result.bytes,
+                       "redis_keys": result.redis_keys, "offsite": str(result.offsite) if result.offsite else None,
+                       "rotated": [str(p) for p in result.rotated]}
+            if as_json:
+                print_json(summary)
+            else:
+                out.print(f"Backup written: {result.archive} ({result.files} files, {result.bytes} bytes, "
+                          f"{result.redis_keys} Redis keys)")
+        if period is None:
+            return
+        time.sleep(period)
+
+
+def restore(
+    archive: Annotated[Path, typer.Argument(help="a backup archive")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="verify and say what would be restored")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Verify the archive's manifest, then restore and restart the affected services."""
+    if not archive.is_file():
+        fail(f"{archive} is not a file")
+    settings = load()
+    rt = runtime(settings)
+
+    def stop(names: list[str]) -> None:
+        if rt.supervisor.alive():
+            for name in names:
+                rt.supervisor.stop(name)
+
+    def start() -> None:
+        if rt.supervisor.alive():
+            rt.up()
+
+    try:
+        result = restore_backup(settings, archive, dry_run=dry_run, stop=stop, start=start)
+    except ManifestError as exc:
+        fail(f"refusing to restore {archive.name}: {exc}")
+    except RuntimeFailure as exc:
+        fail(f"restored the data but a service did not come back: {exc}")
+    summary = {"archive": str(archive), "dry_run": result.dry_run, "restored": result.restored,
+               "models_missing": result.models_missing}
+    if as_json:
+        print_json(summary)
+        return
+    verb = "Would restore" if dry_run else "Restored"
+    out.print(f"{verb}: {', '.join(result.restored)} from {archive.name} (manifest verified)")
+    if result.models_missing:
+        err.print(f"[yellow]models not in the archive and not on disk:[/] {', '.join(result.models_missing)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(backup)
+    app.command()(restore)

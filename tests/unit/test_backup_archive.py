@@ -1,0 +1,86 @@
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from appliance.backup.archive import ArchiveWriter, extract_verified, rotate, verify_archive
+from appliance.backup.manifest import ManifestError
+
+
+def _write_tar_gz(path: Path, members: dict[str, bytes]) -> None:
+    """A tar.gz with the same fixed gzip header the appliance writes, so only the content differs."""
+    with path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
+            tarfile.open(fileobj=gz, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _archive(tmp_path: Path) -> Path:
+    source = tmp_path / "src"
+    (source / "rag").mkdir(parents=True)
+    (source / "rag" / "store.sqlite").write_bytes(b"documents" * 1000)
+    (source / "rag" / "index.faiss").write_bytes(bytes(range(256)) * 50)
+    writer = ArchiveWriter(tmp_path / "backups")
+    writer.add_tree(source / "rag", "rag")
+    return writer.finish()
+
+
+def test_round_trip_restores_identical_files(tmp_path: Path) -> None:
+    archive = _archive(tmp_path)
+    assert archive.stat().st_mode & 0o777 == 0o600
+    manifest = extract_verified(archive, tmp_path / "out")
+    assert set(manifest.files) == {"rag/store.sqlite", "rag/index.faiss"}
+    assert (tmp_path / "out" / "rag" / "store.sqlite").read_bytes() == b"documents" * 1000
+
+
+def test_one_flipped_byte_anywhere_is_refused(tmp_path: Path) -> None:
+    archive = _archive(tmp_path)
+    raw = bytearray(archive.read_bytes())
+    for position in (4, len(raw) // 3, len(raw) // 2, len(raw) - 20, len(raw) - 1):
+        tampered = tmp_path / f"tampered-{position}.tar.gz"
+        copy = bytearray(raw)
+        copy[position] ^= 0x01
+        tampered.write_bytes(bytes(copy))
+        with pytest.raises(ManifestError):
+            verify_archive(tampered)
+
+
+def test_member_changed_with_valid_gzip_is_refused(tmp_path: Path) -> None:
+    archive = _archive(tmp_path)
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+    members["rag/index.faiss"] = members["rag/index.faiss"][:-1] + b"X"
+    forged = tmp_path / "forged.tar.gz"
+    _write_tar_gz(forged, members)
+    with pytest.raises(ManifestError, match=r"index\.faiss"):
+        verify_archive(forged)
+
+
+def test_truncated_and_manifestless_archives_are_refused(tmp_path: Path) -> None:
+    archive = _archive(tmp_path)
+    truncated = tmp_path / "short.tar.gz"
+    truncated.write_bytes(archive.read_bytes()[:-200])
+    with pytest.raises(ManifestError, match="damaged or truncated"):
+        verify_archive(truncated)
+    bare = tmp_path / "bare.tar.gz"
+    _write_tar_gz(bare, {"rag/store.sqlite": b"documents"})
+    with pytest.raises(ManifestError, match="no manifest"):
+        verify_archive(bare)
+
+
+def test_rotation_keeps_the_newest(tmp_path: Path) -> None:
+    import os
+
+    archives = []
+    for age in range(4):
+        path = tmp_path / f"appliance-backup-2026010{age}T000000Z-1.tar.gz"
+        path.write_bytes(b"x")
+        os.utime(path, (1_000_000 - age * 100, 1_000_000 - age * 100))
+        archives.append(path)
+    removed = rotate(tmp_path, keep=2)
+    assert sorted(removed) == sorted(archives[2:])
+    assert all(p.exists() for p in archives[:2])

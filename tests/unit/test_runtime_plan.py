@@ -1,0 +1,63 @@
+import configparser
+from pathlib import Path
+
+import pytest
+
+from appliance.runtime.plan import STAGES, build_plan
+from appliance.runtime.prometheus_conf import render_prometheus_conf, scrape_targets
+from appliance.runtime.settings import RuntimeSettings
+from appliance.runtime.supervisor_conf import render_supervisor_conf
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RuntimeSettings:
+    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return RuntimeSettings(data_dir=tmp_path / "data", workers=3, worker_base_port=9201)
+
+
+def test_programs_start_in_dependency_order(settings: RuntimeSettings, tmp_path: Path) -> None:
+    plan = build_plan(settings, tmp_path / "m.gguf")
+    stages = [STAGES.index(p.stage) for p in plan]
+    assert stages == sorted(stages)
+    names = [p.name for p in plan]
+    assert names[:5] == ["redis", "rag", "inference-1", "inference-2", "inference-3"]
+    assert names.index("balancer") < names.index("gateway")
+
+
+def test_wiring_between_services(settings: RuntimeSettings, tmp_path: Path) -> None:
+    plan = {p.name: p for p in build_plan(settings, tmp_path / "m.gguf")}
+    assert plan["balancer"].env["APPLIANCE_BALANCER_WORKERS"] == ",".join(
+        f"http://127.0.0.1:{port}" for port in (9201, 9202, 9203))
+    assert plan["inference-2"].env["APPLIANCE_WORKER_PORT"] == "9202"
+    assert plan["gateway"].env["APPLIANCE_GATEWAY_BALANCER_URL"] == "http://127.0.0.1:8100"
+    assert all(p.env["APPLIANCE_DATA_DIR"] == str(settings.data_dir.resolve()) for p in plan.values())
+    assert "--appendonly" in plan["redis"].argv and "everysec" in plan["redis"].argv
+
+
+def test_supervisor_conf_parses_and_autostarts_nothing(settings: RuntimeSettings, tmp_path: Path) -> None:
+    plan = build_plan(settings, tmp_path / "100%.gguf")
+    text = render_supervisor_conf(plan, tmp_path / "run", tmp_path / "logs", tmp_path)
+    parser = configparser.RawConfigParser()
+    parser.read_string(text)
+    programs = [s for s in parser.sections() if s.startswith("program:")]
+    assert len(programs) == len(plan)
+    for section in programs:
+        assert parser.get(section, "autostart") == "false"
+        assert parser.get(section, "autorestart") == "true"
+    assert "100%%.gguf" in parser.get("program:inference-1", "environment")
+
+
+def test_env_values_with_quotes_are_refused(settings: RuntimeSettings, tmp_path: Path) -> None:
+    plan = build_plan(settings.model_copy(update={"model_alias": 'bad"alias'}), tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="quotes"):
+        render_supervisor_conf(plan, tmp_path, tmp_path, tmp_path)
+
+
+def test_prometheus_scrapes_every_worker(settings: RuntimeSettings, tmp_path: Path) -> None:
+    import json
+
+    config = json.loads(render_prometheus_conf(settings, tmp_path))
+    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
+    assert jobs["inference"] == ["127.0.0.1:9201", "127.0.0.1:9202", "127.0.0.1:9203"]
+    assert set(jobs) == set(scrape_targets(settings))
