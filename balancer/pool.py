@@ -92,7 +92,8 @@ class WorkerPool:
         return sorted(m for m, ws in self._routable.items() if ws)
 
     def has_model(self, model: str) -> bool:
-        return any(w.model == model and not w.draining for w in self._workers.values())
+        """Whether any known worker (even unhealthy or draining) serves ``model``: 503, not 404."""
+        return any(w.model == model for w in self._workers.values())
 
     @property
     def queue_depth(self) -> int:

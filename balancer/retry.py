@@ -30,8 +30,8 @@ class RetryBudget:
         self._tokens = tokens if tokens < self._burst else self._burst
 
     def try_spend(self) -> bool:
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens >= 1.0 - 1e-9:  # 5 x 0.2 must buy one retry despite float rounding
+            self._tokens = max(0.0, self._tokens - 1.0)
             self.granted += 1
             return True
         self.refused += 1
