@@ -1,0 +1,111 @@
+"""deploy/kubernetes: every manifest validates (offline schemas), and the cluster shape is right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+BASE = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
+K8S_VERSION = "1.30.0"
+
+
+def kustomization() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    return document
+
+
+def documents() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for name in kustomization()["resources"]:
+        out += [(name, doc) for doc in yaml.safe_load_all((BASE / name).read_text()) if doc]
+    return out
+
+
+def by_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for _, doc in documents() if doc["kind"] == kind}
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    return workload["spec"]["template"]["spec"]["containers"]  # type: ignore[no-any-return]
+
+
+def test_kustomization_lists_every_manifest_in_the_folder() -> None:
+    listed = set(kustomization()["resources"])
+    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk
+    assert kustomization()["namespace"] == "llm-appliance"
+
+
+@pytest.mark.parametrize(("source", "document"), documents(),
+                         ids=[f"{s}:{d['kind']}/{d['metadata']['name']}" for s, d in documents()])
+def test_manifest_validates_strictly(source: str, document: dict[str, Any]) -> None:
+    kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+
+
+def test_strict_validation_rejects_a_misspelt_field() -> None:
+    broken = yaml.safe_load((BASE / "gateway.yaml").read_text().split("---")[0])
+    broken["spec"]["selectr"] = broken["spec"].pop("selector")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_inference_requests_a_gpu_behind_a_headless_service() -> None:
+    worker = by_kind("StatefulSet")["inference"]
+    resources = containers(worker)[0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"]["nvidia.com/gpu"] == 1
+    service = by_kind("Service")[worker["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None"
+    config = by_kind("ConfigMap")["appliance-config"]["data"]
+    for url in config["APPLIANCE_BALANCER_WORKERS"].split(","):
+        assert url.split("//")[1].split(".")[1].startswith(worker["spec"]["serviceName"])
+
+
+def test_gateway_scales_with_an_hpa() -> None:
+    hpa = by_kind("HorizontalPodAutoscaler")["gateway"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "gateway")
+    assert "gateway" in by_kind("Deployment")
+    assert hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+
+
+def test_rag_keeps_its_index_on_a_persistent_volume() -> None:
+    rag = by_kind("Deployment")["rag"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in rag["spec"]["template"]["spec"]["volumes"]}
+    assert claims and claims <= set(by_kind("PersistentVolumeClaim"))
+    assert rag["spec"]["replicas"] == 1 and rag["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_redis_keeps_aof_on_a_claim() -> None:
+    redis = by_kind("StatefulSet")["redis"]
+    assert "--appendonly" in containers(redis)[0]["args"]
+    assert redis["spec"]["volumeClaimTemplates"]
+
+
+def test_workloads_are_scraped_and_selectors_match() -> None:
+    services = by_kind("Service")
+    for kind in ("Deployment", "StatefulSet", "DaemonSet"):
+        for name, workload in by_kind(kind).items():
+            template = workload["spec"]["template"]
+            labels = template["metadata"]["labels"]
+            assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+            annotations = template["metadata"]["annotations"]
+            assert annotations["prometheus.io/scrape"] == "true", name
+            ports = {p["containerPort"] for c in containers(workload) for p in c.get("ports", [])}
+            assert int(annotations["prometheus.io/port"]) in ports, name
+            if name in services:
+                wanted = {p["targetPort"] for p in services[name]["spec"]["ports"]}
+                assert wanted <= ports, name
+
+
+def test_the_internal_token_comes_from_a_secret_never_inline() -> None:
+    for _, doc in documents():
+        if doc["kind"] in {"Deployment", "StatefulSet"} and doc["metadata"]["name"] != "redis":
+            env = {e["name"]: e for c in containers(doc) for e in c.get("env", [])}
+            token = env["APPLIANCE_INTERNAL_TOKEN"]
+            assert "value" not in token and token["valueFrom"]["secretKeyRef"]["name"] == "appliance-secrets"
+    assert "Secret" not in {doc["kind"] for _, doc in documents()}
