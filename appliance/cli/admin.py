@@ -64,11 +64,10 @@ def keys_create(
     body: dict[str, Any] = {"name": name, "scopes": [s.strip() for s in scopes.split(",") if s.strip()]}
     if models:
         body["models"] = [m.strip() for m in models.split(",") if m.strip()]
-    limits = {"requests_per_minute": rpm, "tokens_per_minute": tpm, "tokens_per_day": tpd,
-              "max_concurrent": concurrency}
+    limits = {"rpm": rpm, "tpm": tpm, "tpd": tpd, "max_concurrent": concurrency}
     body["limits"] = {k: v for k, v in limits.items() if v is not None}
     if expires_days:
-        body["expires_in_days"] = expires_days
+        body["expires_in_s"] = expires_days * 86400
     created = _call(load(), key, "POST", "/admin/keys", json=body)
     if as_json:
         print_json(created)

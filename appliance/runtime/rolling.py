@@ -38,8 +38,7 @@ class BalancerAdmin:
 
     def drain_and_remove(self, url: str, timeout: float) -> None:
         """Stop new traffic to ``url``, wait for its in-flight requests, then remove it."""
-        response = self._client.request("DELETE", "/workers", json={"url": url, "drain_timeout_s": timeout},
-                                        timeout=timeout + 10)
+        response = self._client.delete("/workers", params={"url": url, "wait": str(timeout)}, timeout=timeout + 10)
         if response.status_code != 404:
             response.raise_for_status()
 

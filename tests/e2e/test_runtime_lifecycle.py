@@ -1,0 +1,227 @@
+"""The local runtime end to end, as an admin lives it: up, status, a crash, a rolling restart under
+load, backup under load, disaster (wipe), restore, tamper refusal, down. Real processes throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.support.processes import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Stack:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        base = free_port()
+        while base + 2 > 65000 or any(_busy(base + i) for i in range(3)):
+            base = free_port()
+        self.env = {
+            **os.environ,
+            "APPLIANCE_DATA_DIR": str(data_dir),
+            "APPLIANCE_RUNTIME_GATEWAY_PORT": str(free_port()),
+            "APPLIANCE_RUNTIME_BALANCER_PORT": str(free_port()),
+            "APPLIANCE_RUNTIME_WORKER_BASE_PORT": str(base),
+            "APPLIANCE_RUNTIME_RAG_PORT": str(free_port()),
+            "APPLIANCE_RUNTIME_REDIS_PORT": str(free_port()),
+            "APPLIANCE_RUNTIME_PROMETHEUS_PORT": str(free_port()),
+            "APPLIANCE_RUNTIME_EXPORTER_PORT": str(free_port()),
+            "APPLIANCE_RUNTIME_WORKER_SLOTS": "4",
+            "NO_COLOR": "1",
+        }
+        self.env.pop("APPLIANCE_CONFIG", None)
+        self.gateway = f"http://127.0.0.1:{self.env['APPLIANCE_RUNTIME_GATEWAY_PORT']}"
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=self.env, cwd=REPO,
+                                capture_output=True, text=True, timeout=timeout, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"appliance {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        return result
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        result = self.cli("status", "--json", check=False)
+        return result.returncode, json.loads(result.stdout)
+
+    def admin_key(self) -> str:
+        return (self.data_dir / "admin_key").read_text().strip()
+
+    def openai(self, key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _busy(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("appliance") / "data"
+    (data_dir / "models").mkdir(parents=True)
+    shutil.copy(model_path, data_dir / "models" / model_path.name)
+    stack = Stack(data_dir)
+    try:
+        yield stack
+    finally:
+        stack.cli("down", check=False, timeout=120)
+
+
+class ChatLoad:
+    """8 clients chatting in a loop until stopped; counts successes and failures."""
+
+    def __init__(self, stack: Stack, key: str, clients: int = 8) -> None:
+        self._stop = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(stack.openai(key),)) for _ in range(clients)]
+
+    def _run(self, client: openai.OpenAI) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = client.chat.completions.create(
+                    model="gemma-3-270m", messages=[{"role": "user", "content": "Say something."}],
+                    max_tokens=8, temperature=0.7, extra_headers={"Cache-Control": "no-cache"})
+                assert reply.choices[0].finish_reason in {"stop", "length"}
+                with self._lock:
+                    self.ok += 1
+            except Exception as exc:
+                with self._lock:
+                    self.failures.append(repr(exc)[:300])
+
+    def __enter__(self) -> ChatLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(180)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not within {timeout}s")
+
+
+def _search(stack: Stack, key: str) -> list[str]:
+    response = httpx.post(f"{stack.gateway}/v1/collections/handbook/search", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"},
+                          json={"query": "How many days of paid leave do employees get?", "top_k": 3})
+    response.raise_for_status()
+    return [hit["document_id"] for hit in response.json()["results"]]
+
+
+def test_lifecycle(stack: Stack) -> None:
+    up = stack.cli("up", "--workers", "2", "--json")
+    assert json.loads(up.stdout)["openai_base_url"].endswith("/v1")
+    assert stack.cli("up").returncode == 0  # idempotent on a running stack
+
+    code, report = stack.status()
+    assert code == 0, report
+    assert {s["name"] for s in report["services"]} >= {"redis", "rag", "inference-1", "inference-2", "balancer",
+                                                       "gateway"}
+    assert all(s["healthy"] for s in report["services"]), report["services"]
+    assert report["gpu"]["present"] is False
+
+    admin = stack.admin_key()
+    created = json.loads(stack.cli("keys", "create", "alice", "--scopes", "chat,collections", "--json").stdout)
+    alice = created["key"]
+    headers = {"Authorization": f"Bearer {alice}"}
+    httpx.post(f"{stack.gateway}/v1/collections", json={"name": "handbook"}, headers=headers, timeout=30)
+    for title, text in [("Leave policy", "Employees get 27 days of paid leave per year, plus public holidays."),
+                        ("Expenses", "Travel expenses are reimbursed within 30 days on presentation of receipts.")]:
+        doc = httpx.post(f"{stack.gateway}/v1/collections/handbook/documents", headers=headers, timeout=60,
+                         json={"title": title, "text": text})
+        assert doc.status_code in (200, 201), doc.text
+    before = _search(stack, alice)
+    assert before
+
+    # A worker killed with SIGKILL comes back by itself.
+    worker = next(s for s in report["services"] if s["name"] == "inference-1")
+    os.kill(worker["pid"], signal.SIGKILL)
+
+    def replaced() -> bool:
+        return any(s["name"] == "inference-1" and s["healthy"] and s["pid"] != worker["pid"]
+                   for s in stack.status()[1]["services"])
+
+    back = _wait(replaced, 30, "worker restart")
+    print(f"killed worker healthy again after {back:.1f}s")
+
+    # Rolling restart while 8 clients chat: no request fails.
+    with ChatLoad(stack, admin) as load:
+        time.sleep(2)
+        stack.cli("restart", "inference")
+        time.sleep(1)
+    print(f"rolling restart under load: {load.ok} ok, {len(load.failures)} failed")
+    assert load.failures == [] and load.ok > 0
+
+    # Backup while clients chat.
+    with ChatLoad(stack, admin, clients=4) as load:
+        backup = json.loads(stack.cli("backup", "--json").stdout)
+    assert load.failures == []
+    archive = Path(backup["archive"])
+    assert archive.is_file() and backup["redis_keys"] > 0
+
+    # Disaster: the data directory is lost. Restore brings keys and documents back.
+    stack.cli("down")
+    saved = stack.data_dir.parent / archive.name
+    shutil.copy(archive, saved)
+    shutil.rmtree(stack.data_dir)
+    restored = json.loads(stack.cli("restore", str(saved), "--json").stdout)
+    assert {"redis", "rag"} <= set(restored["restored"])
+    stack.cli("up")
+    assert stack.admin_key() == admin
+    reply = stack.openai(alice).chat.completions.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert _search(stack, alice) == before
+
+    # One flipped byte: restore refuses and says why.
+    tampered = saved.with_name("tampered.tar.gz")
+    raw = bytearray(saved.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    tampered.write_bytes(bytes(raw))
+    refused = stack.cli("restore", str(tampered), check=False)
+    assert refused.returncode != 0 and "refusing to restore" in refused.stderr
+
+    # Down leaves no process behind.
+    pids = [s["pid"] for s in stack.status()[1]["services"] if s["pid"]]
+    supervisord_pid = int((stack.data_dir / "run" / "supervisord.pid").read_text())
+    stack.cli("down")
+    time.sleep(0.5)
+    alive = [pid for pid in [*pids, supervisord_pid] if _alive(pid)]
+    assert alive == []
+    assert stack.status()[0] == 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
