@@ -1,0 +1,1 @@
+"""Benchmarks behind ``appliance bench NAME``: each measures side by side in one run and prints ratios."""

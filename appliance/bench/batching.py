@@ -1,0 +1,232 @@
+"""``appliance bench batching``: the worker's continuous batching against a raw llama.cpp batch loop.
+
+In one run, on the same model and threads:
+
+* ``raw_cN``: a direct llama-cpp-python loop decoding N sequences together
+  (one ``llama_decode`` per step, greedy sampling per sequence) — the ceiling;
+* ``worker_cN``: aggregate generated tokens/s through the worker's HTTP API
+  (streamed ``/v1/completions``) with N concurrent clients.
+
+It prints both and the ratios ``c8/c1`` (what batching buys) and
+``worker_c8/raw_c8`` (what the worker's HTTP and scheduling cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+PROMPT = "The history of the printing press begins"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _model_path(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model)
+    from appliance.core.model_files import prepare_default_model
+
+    return prepare_default_model(Path(args.data_dir))
+
+
+class RawLoop:
+    """The ceiling: llama-cpp-python's batch API with no server around it."""
+
+    def __init__(self, path: Path, threads: int, slots: int, n_ctx: int) -> None:
+        import llama_cpp as ll
+
+        self.ll = ll
+        ll.llama_backend_init()
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = 999 if ll.llama_supports_gpu_offload() else 0
+        self.model = ll.llama_model_load_from_file(str(path).encode(), mparams)
+        cparams = ll.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = slots * n_ctx, 512, 512
+        cparams.n_seq_max, cparams.kv_unified, cparams.no_perf = slots, True, True
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self.ctx = ll.llama_init_from_model(self.model, cparams)
+        self.vocab = ll.llama_model_get_vocab(self.model)
+        self.batch = ll.llama_batch_init(512, 0, 1)
+        data = PROMPT.encode()
+        buf = (ll.llama_token * 256)()
+        count = ll.llama_tokenize(self.vocab, data, len(data), buf, 256, True, False)
+        self.prompt = list(buf[:count])
+
+    def _add(self, n: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b = self.batch
+        b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = token, pos, 1, int(logits)
+        b.seq_id[n][0] = seq
+
+    def rate(self, n_seq: int, tokens: int) -> float:
+        ll = self.ll
+        ll.llama_memory_clear(ll.llama_get_memory(self.ctx), True)
+        samplers = []
+        for _ in range(n_seq):
+            chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            samplers.append(chain)
+        start = time.perf_counter()
+        n = 0
+        for seq in range(n_seq):
+            for pos, token in enumerate(self.prompt):
+                self._add(n, token, pos, seq, pos == len(self.prompt) - 1)
+                n += 1
+        self.batch.n_tokens = n
+        ll.llama_decode(self.ctx, self.batch)
+        index = [(seq + 1) * len(self.prompt) - 1 for seq in range(n_seq)]
+        pos = len(self.prompt)
+        for _ in range(tokens):
+            for seq in range(n_seq):
+                token = ll.llama_sampler_sample(samplers[seq], self.ctx, index[seq])
+                self._add(seq, token, pos, seq, True)
+                index[seq] = seq
+            self.batch.n_tokens = n_seq
+            ll.llama_decode(self.ctx, self.batch)
+            pos += 1
+        elapsed = time.perf_counter() - start
+        for chain in samplers:
+            ll.llama_sampler_free(chain)
+        return n_seq * tokens / elapsed
+
+    def close(self) -> None:
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
+        self.ll.llama_model_free(self.model)
+
+
+def _start_worker(args: argparse.Namespace, path: Path, port: int, token: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ, "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(path),
+        "APPLIANCE_WORKER_SLOTS": str(args.slots), "APPLIANCE_WORKER_N_THREADS": str(args.threads),
+        "APPLIANCE_WORKER_N_CTX": str(args.n_ctx), "APPLIANCE_INTERNAL_TOKEN": token,
+        "APPLIANCE_DATA_DIR": args.data_dir, "APPLIANCE_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "inference"], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the worker did not become ready in 120 s")
+
+
+async def _one_stream(session: Any, url: str, token: str, alias: str, tokens: int) -> int:
+    from appliance.core.sse import SSEDecoder
+
+    body = {"model": alias, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    decoder, completion = SSEDecoder(), 0
+    async with session.post(url, json=body, headers={"X-Internal-Token": token}) as response:
+        response.raise_for_status()
+        async for chunk in response.content.iter_any():
+            for event in decoder.feed(chunk):
+                if event.is_error:
+                    raise RuntimeError(event.data)
+                if not event.is_done and event.json().get("usage"):
+                    completion = int(event.json()["usage"]["completion_tokens"])
+    return completion
+
+
+async def _worker_rates(port: int, token: str, alias: str, levels: list[int], *, tokens: int, rounds: int
+                        ) -> dict[int, float]:
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    rates: dict[int, float] = {}
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await _one_stream(session, url, token, alias, 4)  # warm-up
+        for level in levels:
+            start = time.perf_counter()
+            done = 0
+            for _ in range(rounds):
+                counts = await asyncio.gather(*(_one_stream(session, url, token, alias, tokens) for _ in range(level)))
+                done += sum(counts)
+            rates[level] = done / (time.perf_counter() - start)
+    return rates
+
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance bench batching", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--model", default="", help="GGUF file (default: the bundled Gemma 3 270M)")
+    parser.add_argument("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client at each concurrency")
+    parser.add_argument("--levels", default="1,4,8", help="concurrency levels")
+    return parser
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    path = _model_path(args)
+    levels = [int(level) for level in args.levels.split(",")]
+    raw = RawLoop(path, args.threads, args.slots, args.n_ctx)
+    try:
+        raw.rate(1, 8)  # warm-up
+        raw_rates = {level: raw.rate(level, args.tokens * args.rounds) for level in levels}
+    finally:
+        raw.close()
+    port, token, alias = _free_port(), secrets.token_urlsafe(16), "gemma-3-270m"
+    proc = _start_worker(args, path, port, token)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            alias = json.loads(response.read())["model"]
+        worker_rates = asyncio.run(_worker_rates(port, token, alias, levels, tokens=args.tokens, rounds=args.rounds))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    result: dict[str, Any] = {"model": path.name, "threads": args.threads, "tokens_per_request": args.tokens}
+    for level in levels:
+        result[f"raw_c{level}_tok_s"] = round(raw_rates[level], 1)
+        result[f"worker_c{level}_tok_s"] = round(worker_rates[level], 1)
+    low, high = min(levels), max(levels)
+    result[f"c{high}/c{low}"] = round(worker_rates[high] / worker_rates[low], 3)
+    result[f"raw_c{high}/raw_c{low}"] = round(raw_rates[high] / raw_rates[low], 3)
+    result[f"worker_c{high}/raw_c{high}"] = round(worker_rates[high] / raw_rates[high], 3)
+    result[f"worker_c{low}/raw_c{low}"] = round(worker_rates[low] / raw_rates[low], 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"model {result['model']}, {args.threads} threads, {args.tokens} tokens x {args.rounds} rounds per client")
+    print(f"{'concurrency':>12} {'raw tok/s':>10} {'worker tok/s':>13} {'worker/raw':>11}")
+    for level in (int(level) for level in args.levels.split(",")):
+        raw_rate, worker_rate = result[f"raw_c{level}_tok_s"], result[f"worker_c{level}_tok_s"]
+        print(f"{level:>12} {raw_rate:>10.1f} {worker_rate:>13.1f} {worker_rate / raw_rate:>11.3f}")
+    for key, value in result.items():
+        if "/" in key:
+            print(f"{key} = {value}")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    return main(argv)

@@ -1,0 +1,40 @@
+"""The worker's Prometheus metrics (names fixed by docs/CONTRACTS.md), one registry per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from appliance.core.metrics import TOKEN_LATENCY_BUCKETS, new_registry
+
+__all__ = ["WorkerMetrics"]
+
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+class WorkerMetrics:
+    def __init__(self, model: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or new_registry()
+        self.model = model
+        r = self.registry
+        self.requests = Counter("appliance_worker_requests", "Requests by endpoint and status",
+                                ["model", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("appliance_worker_prompt_tokens", "Prompt tokens processed",
+                                     ["model"], registry=r).labels(model)
+        self.generated_tokens = Counter("appliance_worker_generated_tokens", "Tokens generated",
+                                        ["model"], registry=r).labels(model)
+        self.ttft = Histogram("appliance_worker_ttft_seconds", "Time to first token", ["model"],
+                              buckets=TOKEN_LATENCY_BUCKETS, registry=r).labels(model)
+        self.inter_token = Histogram("appliance_worker_inter_token_seconds", "Time between tokens", ["model"],
+                                     buckets=TOKEN_LATENCY_BUCKETS, registry=r).labels(model)
+        self.slots_busy = Gauge("appliance_worker_slots_busy", "Slots holding a sequence", ["model"],
+                                registry=r).labels(model)
+        self.slots_total = Gauge("appliance_worker_slots_total", "Slots", ["model"], registry=r).labels(model)
+        self.queue_depth = Gauge("appliance_worker_queue_depth", "Requests waiting for a slot", ["model"],
+                                 registry=r).labels(model)
+        self.batch_size = Histogram("appliance_worker_batch_size", "Sequences per decode step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.rejected = Counter("appliance_worker_rejected", "Requests refused before generation", ["reason"],
+                                registry=r)
+
+    def request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(self.model, endpoint, str(status)).inc()

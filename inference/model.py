@@ -1,0 +1,175 @@
+"""One GGUF model and its llama.cpp context, through llama-cpp-python's C API.
+
+The context is sized for the scheduler: ``slots`` sequences share one unified
+KV cache of ``slots * n_ctx`` cells, and one decode call takes a token for
+every running sequence plus a chunk of prompt prefill.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.core.model_files import prepare_default_model, sha256_file
+from inference.settings import WorkerSettings
+
+__all__ = ["LoadedModel", "ModelRefused", "load_model", "resolve_model_path"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelRefused(Exception):
+    """The model file cannot be served (missing, not allowed, not loadable)."""
+
+
+def resolve_model_path(settings: WorkerSettings) -> Path:
+    if not settings.model_path:
+        return prepare_default_model(settings.data_dir)
+    path = Path(settings.model_path)
+    if not path.is_file():
+        raise ModelRefused(f"model file not found: {path}")
+    return path
+
+
+@dataclass(frozen=True, slots=True)
+class ContextShape:
+    slots: int
+    n_ctx_per_slot: int
+    n_batch: int
+    threads: int
+
+
+def _gpu_layers(llama: Any, requested: int) -> int:
+    if requested >= 0:
+        return requested
+    return 999 if llama.llama_supports_gpu_offload() else 0
+
+
+class LoadedModel:
+    """A model plus context; every method but the tokenizer ones belongs to the decode thread."""
+
+    def __init__(self, path: Path, sha256: str, settings: WorkerSettings) -> None:
+        import llama_cpp
+
+        logging.getLogger("llama-cpp-python").setLevel(
+            logging.DEBUG if settings.log_level == "DEBUG" else logging.ERROR
+        )
+        self.llama: Any = llama_cpp
+        self.path = path
+        self.sha256 = sha256
+        self.shape = ContextShape(
+            slots=settings.slots, n_ctx_per_slot=settings.n_ctx,
+            n_batch=settings.slots + settings.prefill_chunk, threads=settings.threads(),
+        )
+        llama_cpp.llama_backend_init()
+        self.gpu_layers = _gpu_layers(llama_cpp, settings.n_gpu_layers)
+        self._split = (ctypes.c_float * max(1, len(settings.tensor_split)))(*settings.tensor_split)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = self.gpu_layers
+        params.main_gpu = settings.main_gpu
+        if settings.tensor_split:
+            params.tensor_split = self._split
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise ModelRefused(f"llama.cpp could not load {path}")
+        self.ctx = self._new_context()
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    def _new_context(self) -> Any:
+        llama = self.llama
+        shape = self.shape
+        params = llama.llama_context_default_params()
+        params.n_ctx = shape.slots * shape.n_ctx_per_slot
+        params.n_batch = shape.n_batch
+        params.n_ubatch = shape.n_batch
+        params.n_seq_max = shape.slots
+        params.n_threads = shape.threads
+        params.n_threads_batch = shape.threads
+        params.kv_unified = True
+        params.no_perf = True
+        ctx = llama.llama_init_from_model(self.model, params)
+        if not ctx:
+            llama.llama_model_free(self.model)
+            raise ModelRefused("llama.cpp could not create a context (out of memory?)")
+        return ctx
+
+    # -- tokenizer (read-only on the vocabulary; safe from any thread) --
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (self.llama.llama_token * capacity)()
+        count = self.llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if count < 0:  # buffer too small: -count is the size needed
+            capacity = -count
+            tokens = (self.llama.llama_token * capacity)()
+            count = self.llama.llama_tokenize(
+                self.vocab, data, len(data), tokens, capacity, add_special, parse_special,
+            )
+        return list(tokens[:count])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (control tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        size = self.llama.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+        if size < 0:
+            buf = ctypes.create_string_buffer(-size)
+            size = self.llama.llama_token_to_piece(self.vocab, token, buf, -size, 0, False)
+            value = buf.raw[:size]
+        else:
+            value = self._piece_buf.raw[:size]
+        self._pieces[token] = value
+        return value
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.llama.llama_vocab_is_eog(self.vocab, token))
+
+    def token_text(self, token: int) -> str:
+        raw = self.llama.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def bos_text(self) -> str:
+        bos = int(self.llama.llama_vocab_bos(self.vocab))
+        return self.token_text(bos) if bos >= 0 else ""
+
+    def eos_text(self) -> str:
+        eos = int(self.llama.llama_vocab_eos(self.vocab))
+        return self.token_text(eos) if eos >= 0 else ""
+
+    def metadata(self, key: str) -> str | None:
+        size = self.llama.llama_model_meta_val_str(self.model, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buf = ctypes.create_string_buffer(size + 1)
+        self.llama.llama_model_meta_val_str(self.model, key.encode(), buf, size + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if self.ctx:
+            self.llama.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.llama.llama_model_free(self.model)
+            self.model = None
+
+
+def load_model(settings: WorkerSettings) -> LoadedModel:
+    """Resolve, verify (sha256 allow-list) and load; blocking, run it off the event loop."""
+    path = resolve_model_path(settings)
+    digest = sha256_file(path)
+    if settings.allowed_sha256 and digest not in settings.allowed_sha256:
+        raise ModelRefused(f"model {path.name} has sha256 {digest}, which is not in allowed_sha256")
+    log.info("loading model", extra={"path": str(path), "sha256": digest})
+    return LoadedModel(path, digest, settings)

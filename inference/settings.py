@@ -1,0 +1,75 @@
+"""The worker's one settings object (env ``APPLIANCE_WORKER_*``, toml ``[worker]``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from appliance.core.model_files import DEFAULT_MODEL_ALIAS
+from appliance.core.settings import CommonSettings
+
+__all__ = ["WorkerSettings"]
+
+
+def _list_from_env(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string for list fields."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class WorkerSettings(CommonSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_WORKER_", frozen=True, extra="ignore", populate_by_name=True,
+    )
+    toml_section: ClassVar[str] = "worker"
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8201, ge=1, le=65535)
+    model_path: str = Field(default="", description="GGUF file; empty = the bundled default under data_dir/models")
+    model_alias: str = Field(default=DEFAULT_MODEL_ALIAS, min_length=1)
+    slots: int = Field(default=8, ge=1, le=256, description="sequences decoded together")
+    n_ctx: int = Field(default=2048, ge=64, description="context tokens per slot")
+    n_threads: int = Field(default=0, ge=0, description="0 = the machine's cores")
+    n_gpu_layers: int = Field(default=-1, ge=-1, description="-1 = all when a GPU build and device exist, else 0")
+    main_gpu: int = Field(default=0, ge=0)
+    tensor_split: Annotated[list[float], NoDecode] = Field(default_factory=list)
+    max_tokens_cap: int = Field(default=2048, ge=1)
+    queue_size: int = Field(default=64, ge=0, description="requests waiting for a slot before 503")
+    prefill_chunk: int = Field(default=256, ge=16, description="prompt tokens per decode step (chunked prefill)")
+    chat_template: str = Field(default="", description="Jinja chat template, or a path to one; empty = model's own")
+    allowed_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("tensor_split", "allowed_sha256", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _list_from_env(value)
+
+    @field_validator("allowed_sha256")
+    @classmethod
+    def _hex_digests(cls, value: list[str]) -> list[str]:
+        digests = [item.lower() for item in value]
+        for item in digests:
+            if len(item) != 64 or any(c not in "0123456789abcdef" for c in item):
+                raise ValueError(f"not a sha256 hex digest: {item!r}")
+        return digests
+
+    def threads(self) -> int:
+        return self.n_threads or os.cpu_count() or 1
+
+    def template_source(self) -> str | None:
+        """The configured chat template text (read from a file when it names one)."""
+        if not self.chat_template:
+            return None
+        candidate = Path(self.chat_template)
+        if "{" not in self.chat_template and candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+        return self.chat_template

@@ -1,0 +1,95 @@
+"""Chat messages to a prompt: the model's own Jinja template (sandboxed) or a plain fallback.
+
+Templates come from model files and operators' config, so they are rendered
+in Jinja's ``ImmutableSandboxedEnvironment`` (no attribute tricks, no
+mutation of the data passed in). Base models such as the default Gemma 3 270M
+have no template; they get a plain transcript format with a stop sequence
+that keeps the model from writing the user's next turn.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from appliance.core.errors import bad_request
+from appliance.core.wire import ChatMessage, message_text
+
+__all__ = ["ChatTemplate", "RenderedPrompt"]
+
+_FALLBACK_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+FALLBACK_STOPS = ("\nUser:",)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedPrompt:
+    text: str
+    add_special: bool  # let the tokenizer add BOS
+    parse_special: bool  # the text holds the template's control tokens
+    stops: tuple[str, ...] = ()
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime(fmt)
+
+
+def _as_dict(message: ChatMessage) -> dict[str, Any]:
+    item: dict[str, Any] = {"role": message.role, "content": message_text(message)}
+    if message.name:
+        item["name"] = message.name
+    if message.tool_calls:
+        item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id:
+        item["tool_call_id"] = message.tool_call_id
+    return item
+
+
+class ChatTemplate:
+    """Renders messages for one model; ``source`` None means the fallback format."""
+
+    def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template = None
+        if source is not None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = _strftime_now
+            self._template = env.from_string(source)
+
+    @property
+    def is_fallback(self) -> bool:
+        return self._template is None
+
+    def render(self, messages: list[ChatMessage], **extra: Any) -> RenderedPrompt:
+        if self._template is None:
+            return self._fallback(messages)
+        try:
+            text = self._template.render(
+                messages=[_as_dict(m) for m in messages], add_generation_prompt=True,
+                bos_token=self.bos_token, eos_token=self.eos_token, **extra,
+            )
+        except TemplateError as exc:
+            raise bad_request(f"The model's chat template rejected these messages: {exc}", param="messages") from None
+        starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
+        return RenderedPrompt(text=text, add_special=not starts_with_bos, parse_special=True)
+
+    @staticmethod
+    def _fallback(messages: list[ChatMessage]) -> RenderedPrompt:
+        parts: list[str] = []
+        for message in messages:
+            role = _FALLBACK_ROLES[message.role]
+            text = message_text(message).strip()
+            parts.append(f"{text}\n\n" if role == "System" else f"{role}: {text}\n")
+        parts.append("Assistant:")
+        # User text is plain text here: parse_special=False keeps "<eos>" typed by a user inert.
+        return RenderedPrompt(text="".join(parts), add_special=True, parse_special=False, stops=FALLBACK_STOPS)

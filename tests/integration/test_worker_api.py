@@ -1,0 +1,225 @@
+"""A real worker process with the real default model, driven through the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.support.processes import free_port, python_module, run_service
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-internal-token"
+MODEL = "gemma-3-270m"
+N_CTX = 256
+CAP = 128
+
+
+@dataclass(frozen=True)
+class Worker:
+    url: str
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                             default_headers={"X-Internal-Token": TOKEN})
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                                  default_headers={"X-Internal-Token": TOKEN})
+
+    def get(self, path: str, token: str | None = TOKEN) -> tuple[int, bytes]:
+        return self.call("GET", path, None, token)
+
+    def call(self, method: str, path: str, body: bytes | None, token: str | None = TOKEN) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["X-Internal-Token"] = token
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def post(self, path: str, payload: Any) -> tuple[int, dict[str, Any]]:
+        status, raw = self.call("POST", path, json.dumps(payload).encode())
+        return status, json.loads(raw)
+
+    def health(self) -> dict[str, Any]:
+        return json.loads(self.get("/health", token=None)[1])
+
+
+@pytest.fixture(scope="module")
+def worker(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    port = free_port()
+    logs = tmp_path_factory.mktemp("worker")
+    env = {
+        "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
+        "APPLIANCE_WORKER_SLOTS": "8", "APPLIANCE_WORKER_QUEUE_SIZE": "8", "APPLIANCE_WORKER_N_CTX": str(N_CTX),
+        "APPLIANCE_WORKER_MAX_TOKENS_CAP": str(CAP), "APPLIANCE_INTERNAL_TOKEN": TOKEN,
+        "APPLIANCE_DATA_DIR": str(logs), "APPLIANCE_LOG_JSON": "false",
+    }
+    url = f"http://127.0.0.1:{port}"
+    with run_service(python_module("inference"), env=env, log_path=logs / "worker.log",
+                     ready_url=f"{url}/health") as service:
+        yield Worker(url)
+        assert service.proc.poll() is None, service.logs()[-3000:]
+
+
+def wait_idle(worker: Worker, timeout: float = 1.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if worker.health()["slots_busy"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"slots still busy after {timeout}s: {worker.health()}")
+
+
+def test_health_and_models_follow_the_contract(worker: Worker) -> None:
+    health = worker.health()
+    assert health["status"] == "ok" and health["model"] == MODEL
+    assert health["slots_total"] == 8 and health["queue_limit"] == 8 and health["n_ctx"] == N_CTX
+    assert len(health["model_sha256"]) == 64 and health["gpu_layers"] == 0
+    assert [m.id for m in worker.client().models.list().data] == [MODEL]
+
+
+def test_internal_token_is_required_except_on_health_and_metrics(worker: Worker) -> None:
+    status, raw = worker.get("/v1/models", token=None)
+    assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error"
+    assert worker.get("/v1/models", token="wrong")[0] == 401
+    assert worker.get("/metrics", token=None)[0] == 200
+
+
+def test_chat_non_streaming_and_streaming_agree_at_temperature_zero(worker: Worker) -> None:
+    client = worker.client()
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert choice.message.content == again.choices[0].message.content
+    assert whole.usage is not None and whole.usage.prompt_tokens > 5
+    assert 0 < whole.usage.completion_tokens <= 12
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_max_tokens_ends_with_length_and_counts_exactly(worker: Worker) -> None:
+    result = worker.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=7,
+                                                temperature=0, extra_body={"ignore_eos": True})
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None and result.usage.completion_tokens == 7
+
+
+def test_stop_sequence_cuts_the_text_in_both_modes(worker: Worker) -> None:
+    client = worker.client()
+    prompt = "List of fruits: apple, banana, cherry,"
+    base = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    assert len(base) > 6
+    stop = base[len(base) // 2 : len(base) // 2 + 3]
+    expected = base[: base.index(stop)]
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=stop,
+                                         stream=True, extra_body={"ignore_eos": True})
+    pieces = list(streamed)
+    assert "".join(p.choices[0].text for p in pieces) == expected
+    assert pieces[-1].choices[0].finish_reason == "stop"
+
+
+def test_eight_concurrent_streams_complete_with_correct_usage_and_share_decode_steps(worker: Worker) -> None:
+    async def one(client: openai.AsyncOpenAI, index: int) -> tuple[str, int, int]:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {index + 3}."}], max_tokens=16,
+            temperature=0.8, seed=index, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert usage is not None
+        return text, usage.completion_tokens, usage.prompt_tokens
+
+    async def main() -> list[tuple[str, int, int]]:
+        client = worker.async_client()
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    assert all(completion == 16 and prompt > 0 for _, completion, prompt in results)
+    metrics = worker.get("/metrics")[1].decode()
+    assert _batch_steps_above(metrics, 4) > 0, "no decode step ever held more than 4 sequences"
+    wait_idle(worker)
+
+
+def _batch_steps_above(metrics: str, size: int) -> float:
+    values = {}
+    for line in metrics.splitlines():
+        if line.startswith("appliance_worker_batch_size_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            values[le] = float(line.rsplit(" ", 1)[1])
+    return values["+Inf"] - values[f"{float(size)}"]
+
+
+def test_client_disconnect_frees_the_slot_within_a_second(worker: Worker) -> None:
+    stream = worker.client().completions.create(model=MODEL, prompt="Tell a long story:", max_tokens=CAP,
+                                                temperature=0, stream=True, extra_body={"ignore_eos": True})
+    iterator = iter(stream)
+    next(iterator)
+    next(iterator)
+    assert worker.health()["slots_busy"] == 1
+    stream.close()
+    assert wait_idle(worker, timeout=1.0) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        ({"model": MODEL, "prompt": "word " * (N_CTX + 10)}, 400, "context_length_exceeded"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": CAP + 1}, 400, "max_tokens_exceeded"),
+        ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "invalid_value"),
+        ({"model": MODEL, "prompt": "hi", "n": 2}, 400, None),
+        ({"model": "no-such-model", "prompt": "hi"}, 404, "model_not_found"),
+        ({"model": MODEL}, 400, "invalid_value"),
+    ],
+)
+def test_bad_completion_requests_get_openai_errors(worker: Worker, payload: Any, status: int, code: str | None
+                                                   ) -> None:
+    got, body = worker.post("/v1/completions", payload)
+    assert got == status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["code"] == code
+
+
+def test_malformed_json_and_wrong_shapes_are_400(worker: Worker) -> None:
+    status, raw = worker.call("POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and "JSON" in json.loads(raw)["error"]["message"]
+    status, body = worker.post("/v1/chat/completions", {"model": MODEL, "messages": "hello"})
+    assert status == 400 and body["error"]["param"].startswith("messages")
+    status, body = worker.post("/v1/chat/completions", [1, 2])
+    assert status == 400
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        worker.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "word " * (N_CTX + 10)}], max_tokens=4)
+    assert worker.get("/nope")[0] == 404
