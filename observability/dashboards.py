@@ -18,6 +18,7 @@ OUT = Path(__file__).resolve().parent / "grafana" / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 RI = "$__rate_interval"
 MODEL = 'model=~"$model"'
+API = 'route=~"/v1/.+"'  # user traffic, without scrapes and health probes
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,15 @@ SERVICE = Dashboard(
     variables=(("model", "label_values(appliance_worker_requests_total, model)"),),
     rows=(
         Row("Traffic and errors", (
-            Panel("Requests/s by model", ((f"sum by (model) (rate(appliance_gateway_requests_total{{{MODEL}}}[{RI}]))",
-                                           "{{model}}"),), "reqps"),
+            Panel("Requests/s by model", ((
+                f"sum by (model) (rate(appliance_gateway_requests_total{{{API}, {MODEL}}}[{RI}]))", "{{model}}"),),
+                "reqps"),
             Panel("Requests/s by route and status", (
                 (f"sum by (route, status) (rate(appliance_gateway_requests_total[{RI}]))", "{{route}} {{status}}"),),
                 "reqps"),
-            Panel("5xx ratio", ((f'sum(rate(appliance_gateway_requests_total{{status=~"5.."}}[{RI}])) '
-                                 f"/ sum(rate(appliance_gateway_requests_total[{RI}]))", "5xx"),), "percentunit"),
+            Panel("5xx ratio (API routes)", ((
+                f'sum(rate(appliance_gateway_requests_total{{{API}, status=~"5.."}}[{RI}])) '
+                f"/ sum(rate(appliance_gateway_requests_total{{{API}}}[{RI}]))", "5xx"),), "percentunit"),
             Panel("Rate limited/s by limit", ((f"sum by (limit) (rate(appliance_gateway_rate_limited_total[{RI}]))",
                                                "{{limit}}"),), "reqps",
                   description="Per-API-key traffic is not in the metric contract; the gateway's usage API has it."),
@@ -71,7 +74,7 @@ SERVICE = Dashboard(
                 "min by (dependency) (appliance_gateway_dependency_up)", "{{dependency}}"),), kind="stat"),
         )),
         Row("Latency", (
-            Panel("End-to-end latency (gateway)", _quantiles("appliance_gateway_request_seconds", ""), "s"),
+            Panel("End-to-end latency (gateway)", _quantiles("appliance_gateway_request_seconds", "", API), "s"),
             Panel("Time to first token", _quantiles("appliance_worker_ttft_seconds", "", MODEL), "s"),
             Panel("Inter-token latency", _quantiles("appliance_worker_inter_token_seconds", "", MODEL), "s"),
             Panel("Gateway overhead", _quantiles("appliance_gateway_overhead_seconds", ""), "s"),

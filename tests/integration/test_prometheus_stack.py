@@ -54,8 +54,8 @@ def _binary(name: str) -> Callable[[], str | None]:
 SPECS: dict[str, Spec] = {
     "inference": Spec("inference", _package("inference"), ("appliance_worker_slots_total",)),
     "balancer": Spec("balancer", _package("balancer"), ("appliance_balancer_queue_depth",)),
-    "rag": Spec("rag", _package("rag"), ()),
-    "gateway": Spec("gateway", _package("gateway"), ()),
+    "rag": Spec("rag", _package("rag"), ("appliance_rag_ingested_chunks_total",)),
+    "gateway": Spec("gateway", _package("gateway"), ("appliance_gateway_overhead_seconds_count",)),
     "gpu_exporter": Spec("gpu", lambda: None, ("appliance_gpu_exporter_up == 1", "appliance_gpu_count",
                                                 "appliance_gpu_nvml_available")),
     "redis_exporter": Spec("redis", _binary("prometheus-redis-exporter"), ("redis_up == 1",)),
