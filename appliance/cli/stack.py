@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.table import Table
 
@@ -136,7 +137,10 @@ def restart(service: Annotated[str | None, typer.Argument(help="a service, or 'i
     rt = runtime(settings)
     try:
         if service in (None, "inference"):
-            names = rolling_restart(rt)
+            try:
+                names = rolling_restart(rt)
+            except httpx.HTTPError as exc:
+                fail(f"the balancer's admin API failed during the rolling restart ({exc})")
             err.print(f"[green]Rolling restart done[/]: {', '.join(names)}")
             if service is None:
                 for other in ("gateway", "balancer", "rag"):
@@ -160,6 +164,8 @@ def scale(spec: Annotated[str, typer.Argument(help="inference=N")]) -> None:
     settings = _settings()
     try:
         added, removed = scale_workers(runtime(settings), int(value))
+    except httpx.HTTPError as exc:
+        fail(f"the balancer's admin API failed while scaling ({exc})")
     except RuntimeFailure as exc:
         fail(str(exc))
     _remember_scale(settings.model_copy(update={"workers": int(value)}))

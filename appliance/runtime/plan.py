@@ -121,7 +121,7 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
 def _observability(settings: RuntimeSettings, data: Path) -> list[Program]:
     programs = [Program(
         "gpu-exporter", "observability", _python("observability.gpu_exporter"),
-        {"APPLIANCE_EXPORTER_PORT": str(settings.exporter_port)},
+        {"APPLIANCE_GPU_EXPORTER_PORT": str(settings.exporter_port)},
         f"http://127.0.0.1:{settings.exporter_port}/metrics",
     )]
     binary = prometheus_binary()
