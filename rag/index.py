@@ -1,0 +1,212 @@
+"""One FAISS index per collection: exact inner product while small, HNSW past a threshold.
+
+Vectors are L2-normalised, so inner product is cosine similarity. The index
+is a cache of the document store: on load it is reconciled with the store's
+chunk ids (missing vectors re-added from stored embeddings, vectors of deleted
+chunks dropped), so whatever moment a crash hit, the loaded index agrees with
+the last committed store. Files are written to a temp file, fsynced and
+renamed; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from rag.embedder import Vectors
+
+__all__ = ["ApproxParams", "CollectionIndex", "recall_at_k"]
+
+log = logging.getLogger(__name__)
+
+Ids = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class ApproxParams:
+    threshold: int = 50_000
+    m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 96
+    # Rebuild an HNSW index once this share of its vectors belongs to deleted chunks.
+    max_deleted_ratio: float = 0.2
+
+
+def _faiss() -> Any:
+    import faiss
+
+    return faiss
+
+
+class CollectionIndex:
+    """A collection's vectors, keyed by chunk id. Not thread-safe: one owner thread."""
+
+    def __init__(self, dimension: int, params: ApproxParams, kind: str = "flat") -> None:
+        self.dimension = dimension
+        self.params = params
+        self.kind = kind
+        self.index = self._empty(kind)
+        # HNSW cannot remove vectors: deleted chunk ids are filtered until the next rebuild.
+        self.deleted: set[int] = set()
+        self.dirty = False
+
+    def _empty(self, kind: str) -> Any:
+        faiss = _faiss()
+        if kind == "flat":
+            return faiss.IndexIDMap(faiss.IndexFlatIP(self.dimension))
+        inner = faiss.IndexHNSWFlat(self.dimension, self.params.m, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = self.params.ef_construction
+        inner.hnsw.efSearch = self.params.ef_search
+        return faiss.IndexIDMap(inner)
+
+    @property
+    def size(self) -> int:
+        """Live vectors (deleted ones excluded)."""
+        return int(self.index.ntotal) - len(self.deleted)
+
+    def ids(self) -> Ids:
+        return np.asarray(_faiss().vector_to_array(self.index.id_map), dtype=np.int64)
+
+    def add(self, ids: Ids, vectors: Vectors) -> None:
+        if len(ids) == 0:
+            return
+        if self.kind == "flat" and self.index.ntotal + len(ids) > self.params.threshold:
+            self._convert([*self._all_vectors(), (ids, vectors)], "hnsw")
+        else:
+            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        self.dirty = True
+
+    def remove(self, ids: Ids) -> None:
+        if len(ids) == 0:
+            return
+        if self.kind == "flat":
+            self.index.remove_ids(_faiss().IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+        else:
+            self.deleted.update(int(i) for i in ids)
+        self.dirty = True
+
+    def needs_rebuild(self) -> bool:
+        total = int(self.index.ntotal)
+        return bool(self.deleted) and len(self.deleted) > self.params.max_deleted_ratio * max(total, 1)
+
+    def rebuild(self, batches: Iterable[tuple[Ids, Vectors]]) -> None:
+        """Replace the content with ``batches`` (from the store), choosing flat or HNSW by size."""
+        parts = list(batches)
+        total = sum(len(ids) for ids, _ in parts)
+        self._convert(parts, "hnsw" if total > self.params.threshold else "flat")
+        self.dirty = True
+
+    def _convert(self, parts: list[tuple[Ids, Vectors]], kind: str) -> None:
+        log.info("building %s index", kind, extra={"vectors": sum(len(i) for i, _ in parts)})
+        self.kind = kind
+        self.index = self._empty(kind)
+        self.deleted = set()
+        for ids, vectors in parts:
+            if len(ids):
+                self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+
+    def _all_vectors(self) -> list[tuple[Ids, Vectors]]:
+        ids = self.ids()
+        if len(ids) == 0:
+            return []
+        vectors = self.index.index.reconstruct_n(0, int(self.index.ntotal))
+        keep = ~np.isin(ids, np.fromiter(self.deleted, dtype=np.int64)) if self.deleted else slice(None)
+        return [(ids[keep], np.asarray(vectors, dtype=np.float32)[keep])]
+
+    def search(self, queries: Vectors, k: int) -> tuple[npt.NDArray[np.float32], Ids]:
+        """Top ``k`` (scores, chunk ids) per query, best first; missing slots are id -1."""
+        n = len(queries)
+        fetch = min(int(self.index.ntotal), k + len(self.deleted))
+        if fetch == 0:
+            return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        if not self.deleted:
+            return scores[:, :k], ids[:, :k]
+        out_scores = np.full((n, k), -np.inf, dtype=np.float32)
+        out_ids = np.full((n, k), -1, dtype=np.int64)
+        for row in range(n):
+            keep = [j for j, i in enumerate(ids[row]) if i >= 0 and int(i) not in self.deleted][:k]
+            out_scores[row, :len(keep)] = scores[row, keep]
+            out_ids[row, :len(keep)] = ids[row, keep]
+        return out_scores, out_ids
+
+    def set_ef_search(self, ef: int) -> None:
+        if self.kind == "hnsw":
+            _faiss().downcast_index(self.index.index).hnsw.efSearch = ef
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Atomically replace ``path`` (temp file, fsync, rename, fsync of the directory)."""
+        faiss = _faiss()
+        tmp = path.with_name(f".{path.name}.tmp")
+        # Vectors of deleted chunks may stay in an HNSW file: reconcile() drops them on load.
+        faiss.write_index(self.index, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        self.dirty = False
+
+    @classmethod
+    def load(cls, path: Path, dimension: int, params: ApproxParams) -> CollectionIndex | None:
+        """The saved index, or None when it is missing, unreadable or of another dimension."""
+        if not path.is_file():
+            return None
+        faiss = _faiss()
+        try:
+            index = faiss.read_index(str(path))  # already downcast; keep this owning wrapper alive
+            inner = faiss.downcast_index(index.index)
+        except (RuntimeError, AttributeError) as exc:
+            log.warning("index file unreadable, rebuilding from the store", extra={"path": str(path),
+                                                                                   "error": str(exc)})
+            return None
+        if index.d != dimension or not hasattr(index, "id_map"):
+            return None
+        kind = "hnsw" if isinstance(inner, faiss.IndexHNSWFlat) else "flat"
+        loaded = cls(dimension, params, kind)
+        loaded.index = index
+        loaded.set_ef_search(params.ef_search)
+        return loaded
+
+    def reconcile(self, store_ids: Ids, fetch: Any) -> tuple[int, int]:
+        """Agree with the store: add what is missing (``fetch(ids)`` yields batches), drop the rest."""
+        mine = self.ids()
+        missing = np.setdiff1d(store_ids, mine, assume_unique=True)
+        extra = np.setdiff1d(mine, store_ids, assume_unique=True)
+        self.remove(extra)
+        if len(missing):
+            for ids, vectors in fetch(missing):
+                self.add(ids, vectors)
+        if self.needs_rebuild():
+            self.rebuild(fetch(None))
+        return len(missing), len(extra)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recall_at_k(exact: Ids, approx: Ids, k: int) -> float:
+    """Mean share of the exact top-k found in the approximate top-k."""
+    hits = 0
+    total = 0
+    for truth, found in zip(exact[:, :k], approx[:, :k], strict=True):
+        want = {int(i) for i in truth if i >= 0}
+        hits += len(want & {int(i) for i in found})
+        total += len(want)
+    return hits / total if total else 1.0

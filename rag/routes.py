@@ -1,0 +1,189 @@
+"""HTTP handlers: embeddings, collections, documents, search, jobs, health and metrics."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+
+from appliance.core.errors import bad_request, not_found
+from appliance.core.metrics import CONTENT_TYPE, render
+from appliance.core.wire import EmbeddingRequest, parse_request
+from rag.embedder import Vectors
+from rag.jobs import Job
+from rag.service import RagService, Upload
+from rag.state import STATE
+from rag.uploads import read_upload
+
+__all__ = ["add_routes"]
+
+_MAX_INPUTS = 2048
+
+
+def _service(request: web.Request) -> RagService:
+    return request.app[STATE].ready()
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad_request("The request body is not valid JSON.") from None
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.service is None:
+        status = "failed" if state.failure else "loading"
+        return web.json_response({"status": status, "error": state.failure}, status=503,
+                                 headers={"Retry-After": "2"})
+    embedder = state.service.embedder
+    collections = await state.service.collections()
+    return web.json_response({"status": "ok", "model": embedder.model_name, "dimension": embedder.dimension,
+                              "collections": len(collections)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.service is not None:
+        state.metrics.set_collections(await state.service.stats())
+    return web.Response(body=render(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE})
+
+
+# -- embeddings ----------------------------------------------------------------------------------
+
+
+def _inputs(value: object) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise bad_request("input must be a string or a list of strings (token ids are not supported).",
+                          param="input")
+    if not texts or len(texts) > _MAX_INPUTS:
+        raise bad_request(f"input must hold 1 to {_MAX_INPUTS} strings.", param="input")
+    if any(not t for t in texts):
+        raise bad_request("input strings must not be empty.", param="input")
+    return texts
+
+
+def _encode_vector(vector: Vectors, fmt: str) -> list[float] | str:
+    if fmt == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return [float(x) for x in vector]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    service = _service(request)
+    body = parse_request(EmbeddingRequest, await _body(request))
+    name = service.embedder.model_name
+    if body.model != name and not body.model.endswith(f"/{name}"):
+        raise not_found(f"The model {body.model!r} does not exist; this service embeds with {name!r}.",
+                        param="model", code="model_not_found")
+    if body.dimensions is not None and body.dimensions != service.embedder.dimension:
+        raise bad_request(f"dimensions must be {service.embedder.dimension} for {name}.", param="dimensions")
+    texts = _inputs(body.input)
+    vectors, tokens = await service.embed(texts)
+    data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+            for i, v in enumerate(vectors)]
+    return web.json_response({"object": "list", "data": data, "model": name,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def models(request: web.Request) -> web.Response:
+    service = _service(request)
+    return web.json_response({"object": "list", "data": [
+        {"id": service.embedder.model_name, "object": "model", "created": 0, "owned_by": "appliance"}]})
+
+
+# -- collections and documents -------------------------------------------------------------------
+
+
+async def list_collections(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "collections": await _service(request).collections()})
+
+
+async def create_collection(request: web.Request) -> web.Response:
+    body = await _body(request)
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str):
+        raise bad_request("name is required.", param="name")
+    return web.json_response(await _service(request).create_collection(name), status=201)
+
+
+async def get_collection(request: web.Request) -> web.Response:
+    return web.json_response(await _service(request).collection(request.match_info["name"]))
+
+
+async def delete_collection(request: web.Request) -> web.Response:
+    return web.json_response(await _service(request).delete_collection(request.match_info["name"]))
+
+
+async def upload_document(request: web.Request) -> web.Response:
+    service = _service(request)
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    service.collection_exists(name)
+    upload = await read_upload(request, state.settings.max_upload_bytes)
+    background = request.query.get("background", "").lower() in ("1", "true", "yes")
+    if background or len(upload.data) > state.settings.job_threshold_bytes:
+        job = state.jobs.submit(name, upload.filename, lambda job: _ingest_job(service, name, upload, job))
+        return web.json_response({"job_id": job.id, **job.to_json()}, status=202,
+                                 headers={"Location": f"/jobs/{job.id}"})
+    document = await service.ingest(name, upload)
+    return web.json_response(document, status=200 if document["duplicate"] else 201)
+
+
+async def _ingest_job(service: RagService, name: str, upload: Upload, job: Job) -> dict[str, Any]:
+    return await service.ingest(name, upload, progress=job.report)
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job = request.app[STATE].jobs.get(request.match_info["job_id"])
+    if job is None:
+        raise not_found(f"Job {request.match_info['job_id']!r} does not exist.", code="job_not_found")
+    return web.json_response(job.to_json())
+
+
+async def list_documents(request: web.Request) -> web.Response:
+    documents = await _service(request).documents(request.match_info["name"])
+    return web.json_response({"object": "list", "documents": documents})
+
+
+async def get_document(request: web.Request) -> web.Response:
+    info = request.match_info
+    return web.json_response(await _service(request).document(info["name"], info["document_id"]))
+
+
+async def delete_document(request: web.Request) -> web.Response:
+    info = request.match_info
+    return web.json_response(await _service(request).delete_document(info["name"], info["document_id"]))
+
+
+async def search(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+        raise bad_request("query is required.", param="query")
+    top_k = body.get("top_k", 4)
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise bad_request("top_k must be an integer.", param="top_k")
+    results = await _service(request).search(request.match_info["name"], body["query"], top_k)
+    return web.json_response({"object": "list", "results": results})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/collections", list_collections)
+    app.router.add_post("/collections", create_collection)
+    app.router.add_get("/collections/{name}", get_collection)
+    app.router.add_delete("/collections/{name}", delete_collection)
+    app.router.add_get("/collections/{name}/documents", list_documents)
+    app.router.add_post("/collections/{name}/documents", upload_document)
+    app.router.add_get("/collections/{name}/documents/{document_id}", get_document)
+    app.router.add_delete("/collections/{name}/documents/{document_id}", delete_document)
+    app.router.add_post("/collections/{name}/search", search)
+    app.router.add_get("/jobs/{job_id}", get_job)
