@@ -10,15 +10,21 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hmac
+import itertools
 import math
+import secrets
 import time
-import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ResponseError
 
 from appliance.core.errors import APIError, forbidden, overloaded, rate_limited, unauthorized
 from gateway.keys import Principal, hash_secret, record_key
 from gateway.lua import ADMIT, SETTLE
 from gateway.redis_guard import RedisGuard, RedisUnavailable
+from gateway.resp import Arg, Script
 
 __all__ = ["Admission", "Ticket", "parse_bearer"]
 
@@ -35,6 +41,7 @@ class Ticket:
     member: str
     rate_headers: dict[str, str]
     limited: bool
+    prefetched: Any = None  # the reply to the command sent along with admission (None: Redis down)
 
 
 def parse_bearer(header: str | None) -> str:
@@ -54,30 +61,54 @@ def usage_key(day: dt.date) -> str:
 class Admission:
     def __init__(self, guard: RedisGuard, *, key_cache_ttl_s: float, fail_open: bool, inflight_ttl_s: int) -> None:
         self._guard = guard
-        self._admit = guard.client.register_script(ADMIT)
-        self._settle = guard.client.register_script(SETTLE)
+        self._admit = Script(ADMIT)
+        self._settle = Script(SETTLE)
         self._key_cache_ttl_s = key_cache_ttl_s
         self._fail_open = fail_open
         self._inflight_ttl_s = inflight_ttl_s
         self._verified: dict[str, tuple[Principal, float]] = {}
+        # In-flight set members: unique across processes without a syscall per request.
+        self._member_prefix = secrets.token_hex(6) + ":"
+        self._counter = itertools.count()
 
-    async def admit(self, secret: str, scope: str, model: str = "", limited: bool = True) -> Ticket:
+    async def _run(self, script: Script, keys: list[Arg], args: list[Arg],
+                   extra: Sequence[Arg] | None) -> list[Any]:
+        """The script (and an extra command, sent in the same write); reload the script if Redis lost it."""
+        commands = [script.command(keys, args)] + ([extra] if extra else [])
+        replies = await self._guard.call(lambda: self._guard.pipe.execute_many(*commands))
+        if Script.missing(replies[0]):
+            replies[0] = await self._guard.call(lambda: self._guard.pipe.execute(*script.fallback(keys, args)))
+        if isinstance(replies[0], ResponseError):
+            raise replies[0]
+        return replies
+
+    async def admit(self, secret: str, scope: str, model: str = "", limited: bool = True,
+                    extra: Sequence[Arg] | None = None) -> Ticket:
+        """Verify and count the request; ``extra`` (a cache GET) rides in the same round trip.
+
+        The extra command's reply is ``ticket.prefetched`` (None when Redis is down)."""
         digest = hash_secret(secret)
-        member = uuid.uuid4().hex
-        keys = [record_key(digest), f"gw:rl:{digest}:req", f"gw:rl:{digest}:tpm",
-                f"gw:rl:{digest}:tpd", f"gw:rl:{digest}:inflight"]
-        args: list[str | int] = [scope, model, member, self._inflight_ttl_s, "1" if limited else "0"]
+        member = f"{self._member_prefix}{next(self._counter)}"
+        keys: list[Arg] = [record_key(digest), f"gw:rl:{digest}:req", f"gw:rl:{digest}:tpm",
+                           f"gw:rl:{digest}:tpd", f"gw:rl:{digest}:inflight"]
+        args: list[Arg] = [scope, model, member, self._inflight_ttl_s, "1" if limited else "0"]
         try:
-            reply = await self._guard.call(lambda _r: self._admit(keys=keys, args=args))
+            replies = await self._run(self._admit, keys, args, extra)
         except RedisUnavailable:
             return self._admit_degraded(digest, scope, model, member, limited)
+        ticket = self._interpret(digest, (scope, model), member, replies[0], limited)
+        ticket.prefetched = replies[1] if extra else None
+        return ticket
+
+    def _interpret(self, digest: str, wanted: tuple[str, str], member: str, reply: list[Any],
+                   limited: bool) -> Ticket:
+        scope, model = wanted
         status = reply[0].decode()
         if status == "unknown":
             self._verified.pop(digest, None)
             raise unauthorized("Invalid API key.")
         fields = [item.decode() for item in reply[5:]]
-        record = dict(zip(fields[::2], fields[1::2], strict=True))
-        principal = Principal.from_record(digest, record)
+        principal = Principal.from_record(digest, dict(zip(fields[::2], fields[1::2], strict=True)))
         if status in ("revoked", "expired"):
             self._verified.pop(digest, None)
             raise unauthorized(f"API key {status}.")
@@ -97,7 +128,7 @@ class Admission:
         principal = cached[0]
         if principal.expired(time.time()):
             raise unauthorized("API key expired.")
-        if scope not in principal.scopes:
+        if scope and scope not in principal.scopes:
             raise forbidden(f"This API key lacks the '{scope}' scope.")
         if not principal.allows_model(model):
             raise forbidden(f"This API key may not use model '{model}'.")
@@ -107,23 +138,25 @@ class Admission:
 
     async def settle(
         self, ticket: Ticket, prompt_tokens: int = 0, completion_tokens: int = 0,
-        cache_result: str = "", count_request: bool = True,
+        cache_result: str = "", extra: Sequence[Arg] | None = None,
     ) -> None:
-        """Free the concurrency slot, debit tokens, record usage; never raises on a dead Redis."""
+        """Free the concurrency slot, debit tokens, record usage (and run ``extra``, a cache SET, alongside).
+
+        Never raises on a dead Redis: usage is then lost, and the slot frees itself after its TTL."""
         principal = ticket.principal
         limits = principal.limits
         digest = principal.digest
-        keys = [f"gw:rl:{digest}:tpm", f"gw:rl:{digest}:tpd", f"gw:rl:{digest}:inflight",
-                usage_key(dt.datetime.now(dt.UTC).date()), STATS]
-        args: list[str | int] = [
+        keys: list[Arg] = [f"gw:rl:{digest}:tpm", f"gw:rl:{digest}:tpd", f"gw:rl:{digest}:inflight",
+                           usage_key(dt.datetime.now(dt.UTC).date()), STATS]
+        args: list[Arg] = [
             ticket.member, prompt_tokens + completion_tokens, limits.tpm, limits.tpd, principal.key_id,
-            prompt_tokens, completion_tokens, cache_result, "1" if count_request else "0",
+            prompt_tokens, completion_tokens, cache_result, "1",
         ]
-        with contextlib.suppress(RedisUnavailable):
-            await self._guard.call(lambda _r: self._settle(keys=keys, args=args))
+        with contextlib.suppress(RedisUnavailable, ResponseError):
+            await self._run(self._settle, keys, args, extra)
 
 
-def _check_status(status: str, scope: str, model: str, reply: list[bytes]) -> None:
+def _check_status(status: str, scope: str, model: str, reply: list[Any]) -> None:
     if status == "ok":
         return
     if status == "scope":

@@ -27,6 +27,7 @@ from gateway.exceptions import exception_handlers
 from gateway.keys import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.redis_guard import RedisGuard, RedisUnavailable
+from gateway.resp import PipelinedRedis
 from gateway.routes import admin, openai, ops
 from gateway.routes.collections import collections_router
 from gateway.services import GatewayServices
@@ -54,7 +55,7 @@ def new_http_session(settings: GatewaySettings) -> aiohttp.ClientSession:
 def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSession,
               metrics: GatewayMetrics) -> GatewayServices:
     token = settings.resolved_internal_token()
-    guard = RedisGuard(redis)
+    guard = RedisGuard(redis, PipelinedRedis.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s))
     balancer = Upstream("balancer", settings.balancer_url, http, token,
                         connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
     return GatewayServices(
@@ -84,7 +85,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         svc = _services(settings, redis_client, session, metrics)
         state["svc"] = svc
         try:
-            await svc.guard.call(lambda _r: ensure_admin_key(svc.keys, settings.data_dir))
+            await svc.guard.call(lambda: ensure_admin_key(svc.keys, settings.data_dir))
         except RedisUnavailable:
             _log.warning("redis unavailable at start; the bootstrap admin key will be checked at next start")
         refresher = asyncio.get_running_loop().create_task(svc.catalog.run())
@@ -96,6 +97,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             await svc.tasks.drain()
+            await svc.guard.pipe.close()
             if own_http:
                 await session.close()
             if own_redis:

@@ -11,12 +11,14 @@ whether it streams. Only deterministic requests are cached by default
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from appliance.core.wire import ChatCompletionRequest, CompletionRequest
 from gateway.redis_guard import RedisGuard, RedisUnavailable
+from gateway.resp import Arg
 
 __all__ = ["CachePolicy", "ResponseCache", "cache_key", "cache_policy"]
 
@@ -56,11 +58,11 @@ def cache_policy(
 
 def cache_key(endpoint: str, request: ChatCompletionRequest | CompletionRequest, model_sha256: str) -> str:
     payload: dict[str, Any] = request.model_dump(mode="json", exclude=set(_IGNORED), by_alias=True)
-    canonical = json.dumps(
+    canonical = msgspec.json.encode(
         {"endpoint": endpoint, "model_sha256": model_sha256, "stream": request.stream, "request": payload},
-        sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+        order="sorted",
     )
-    return "gw:cache:" + hashlib.sha256(canonical.encode()).hexdigest()
+    return "gw:cache:" + hashlib.sha256(canonical).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,26 +72,30 @@ class CachedResponse:
 
 
 class ResponseCache:
+    """Entries are ``b"j" + JSON body`` or ``b"s" + SSE bytes``. Commands are built here and sent by the
+    caller alongside admission and settlement, so the cache adds no round trip of its own."""
+
     def __init__(self, guard: RedisGuard, max_entry_bytes: int) -> None:
         self._guard = guard
         self._max_entry_bytes = max_entry_bytes
 
+    @staticmethod
+    def get_command(key: str) -> tuple[Arg, ...]:
+        return ("GET", key)
+
+    @staticmethod
+    def decode(value: Any) -> CachedResponse | None:
+        if not isinstance(value, bytes) or not value:
+            return None
+        return CachedResponse(body=value[1:], stream=value[:1] == b"s")
+
+    def put_command(self, key: str, body: bytes, stream: bool, ttl_s: int) -> tuple[Arg, ...] | None:
+        if len(body) > self._max_entry_bytes:
+            return None
+        return ("SET", key, (b"s" if stream else b"j") + body, "EX", ttl_s)
+
     async def get(self, key: str) -> CachedResponse | None:
         try:
-            value = await self._guard.call(lambda r: r.get(key))
+            return self.decode(await self._guard.call(lambda: self._guard.pipe.execute(*self.get_command(key))))
         except RedisUnavailable:
             return None
-        if not value:
-            return None
-        data = value if isinstance(value, bytes) else str(value).encode()
-        kind, body = data[:1], data[1:]
-        return CachedResponse(body=body, stream=kind == b"s")
-
-    async def put(self, key: str, body: bytes, stream: bool, ttl_s: int) -> None:
-        if len(body) > self._max_entry_bytes:
-            return
-        value = (b"s" if stream else b"j") + body
-        try:
-            await self._guard.call(lambda r: r.set(key, value, ex=ttl_s))
-        except RedisUnavailable:
-            return

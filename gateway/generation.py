@@ -26,6 +26,7 @@ __all__ = ["decode_body", "generate"]
 Kind = Literal["chat", "completions"]
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 JSON = "application/json"
+_NOT_FETCHED = object()
 SSE = "text/event-stream"
 
 
@@ -65,18 +66,32 @@ async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: 
     payload = decode_body(await request.body())
     model = payload.get("model")
     record.model = model if isinstance(model, str) else ""
-    ticket = await svc.admission.admit(secret, "chat", record.model)
+    # Validate before admission so the cache lookup can ride in the admission round trip; report a bad
+    # request only after the key is known to be good (a bad key is a 401 whatever the body).
+    invalid: APIError | None = None
+    try:
+        parsed, policy = _validate(request, svc, kind, payload)
+    except APIError as exc:
+        invalid = exc
+    key = ""
+    if invalid is None and policy.active and not (isinstance(parsed, ChatCompletionRequest) and parsed.rag):
+        key = cache_key(kind, parsed, svc.catalog.model_sha256(parsed.model))
+    lookup = svc.cache.get_command(key) if key and policy.lookup else None
+    ticket = await svc.admission.admit(secret, "chat", record.model, extra=lookup)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
     try:
-        job = await _prepare(request, svc, ticket, record, kind=kind, payload=payload)
-        return await _dispatch(job)
+        if invalid is not None:
+            raise invalid
+        job = _Job(svc, ticket, record, kind, parsed, b"", policy, key=key)
+        await _prepare(request, job, payload)
+        return await _dispatch(job, ticket.prefetched if lookup else _NOT_FETCHED)
     except BaseException:
         svc.tasks.spawn(svc.admission.settle(ticket))
         raise
 
 
-async def _prepare(request: Request[Any, Any, Any], svc: GatewayServices, ticket: Ticket, record: AccessRecord,
-                   *, kind: Kind, payload: dict[str, Any]) -> _Job:
+def _validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
+              payload: dict[str, Any]) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
     settings = svc.settings
     parsed: ChatCompletionRequest | CompletionRequest
     if kind == "chat":
@@ -91,17 +106,23 @@ async def _prepare(request: Request[Any, Any, Any], svc: GatewayServices, ticket
         raise bad_request(f"max_tokens must be at most {settings.max_tokens_cap}.", param="max_tokens",
                           code="max_tokens_exceeded")
     reject_unsupported(parsed)
-    record.stream = parsed.stream
     headers = {name: request.headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
-    policy = cache_policy(parsed, headers, settings.cache_enabled, settings.cache_ttl_s)
-    job = _Job(svc, ticket, record, kind, parsed, b"", policy)
+    return parsed, cache_policy(parsed, headers, settings.cache_enabled, settings.cache_ttl_s)
+
+
+async def _prepare(request: Request[Any, Any, Any], job: _Job, payload: dict[str, Any]) -> None:
+    """RAG augmentation, and the body the balancer gets (the client's own bytes when nothing changed)."""
+    parsed, svc = job.parsed, job.svc
+    job.record.stream = parsed.stream
     changed = False
     if isinstance(parsed, ChatCompletionRequest) and parsed.rag is not None:
         options = parse_rag_options(parsed.rag)
-        job.parsed, job.citations = await augment(parsed, options, svc.rag, max_chars=settings.rag_max_context_chars,
-                                                  secret=svc.fence_secret)
+        job.parsed, job.citations = await augment(parsed, options, svc.rag, secret=svc.fence_secret,
+                                                  max_chars=svc.settings.rag_max_context_chars)
         payload = {**payload, "messages": [m.model_dump(mode="json", exclude_none=True, by_alias=True)
                                            for m in job.parsed.messages]}
+        if job.policy.active:
+            job.key = cache_key(job.kind, job.parsed, svc.catalog.model_sha256(parsed.model))
         changed = True
     if "rag" in payload:
         payload = {k: v for k, v in payload.items() if k != "rag"}
@@ -110,18 +131,14 @@ async def _prepare(request: Request[Any, Any, Any], svc: GatewayServices, ticket
         payload = {**payload, "stream_options": {"include_usage": True}}
         job.hide_usage, changed = True, True
     job.body = msgspec.json.encode(payload) if changed else await request.body()
-    if policy.active:
-        job.key = cache_key(kind, job.parsed, svc.catalog.model_sha256(parsed.model))
-    return job
 
 
-async def _dispatch(job: _Job) -> Response[Any]:
+async def _dispatch(job: _Job, prefetched: Any) -> Response[Any]:
     svc = job.svc
     if job.policy.lookup:
-        hit = await svc.cache.get(job.key)
+        hit = (await svc.cache.get(job.key) if prefetched is _NOT_FETCHED else svc.cache.decode(prefetched))
         if hit is not None and hit.stream == job.parsed.stream:
             svc.metrics.cache.labels("hit").inc()
-            job.record.cache = "hit"
             return Response(hit.body, media_type=SSE if hit.stream else JSON, headers=job.headers("HIT"),
                             background=BackgroundTask(svc.admission.settle, job.ticket, 0, 0, "hit"))
     result = "miss" if job.policy.active else "bypass"
@@ -149,10 +166,9 @@ async def _complete(job: _Job, result: str) -> Response[Any]:
         document["citations"] = job.citations
         body = msgspec.json.encode(document)
     _count(job, prompt, completion)
-    if job.policy.store:
-        await svc.cache.put(job.key, body, stream=False, ttl_s=job.policy.ttl_s)
+    store = svc.cache.put_command(job.key, body, False, job.policy.ttl_s) if job.policy.store else None
     return Response(body, media_type=JSON, headers=job.headers(result.upper()),
-                    background=BackgroundTask(svc.admission.settle, job.ticket, prompt, completion, result))
+                    background=BackgroundTask(svc.admission.settle, job.ticket, prompt, completion, result, store))
 
 
 async def _stream(job: _Job, result: str) -> Response[Any]:
@@ -174,9 +190,10 @@ async def _stream(job: _Job, result: str) -> Response[Any]:
     def on_end(done: StreamOutcome) -> None:
         job.record.upstream_s = time.perf_counter() - started
         _count(job, done.prompt_tokens, done.completion_tokens)
-        svc.tasks.spawn(svc.admission.settle(job.ticket, done.prompt_tokens, done.completion_tokens, result))
+        store = None
         if done.finished and done.recorded is not None:
-            svc.tasks.spawn(svc.cache.put(job.key, bytes(done.recorded), stream=True, ttl_s=job.policy.ttl_s))
+            store = svc.cache.put_command(job.key, bytes(done.recorded), True, job.policy.ttl_s)
+        svc.tasks.spawn(svc.admission.settle(job.ticket, done.prompt_tokens, done.completion_tokens, result, store))
 
     stream = relay_stream(resp, outcome, hide_usage=job.hide_usage, citations=job.citations, on_end=on_end)
     return Stream(stream, media_type=SSE, headers={**job.headers(result.upper()), "Cache-Control": "no-cache"})

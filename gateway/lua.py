@@ -25,9 +25,13 @@ local flat = redis.call('HGETALL', KEYS[1])
 if #flat == 0 then return {'unknown', '0', 0, 0, '0'} end
 local r = {}
 for i = 1, #flat, 2 do r[flat[i]] = flat[i + 1] end
+local FIELDS = {'id', 'name', 'scopes', 'models', 'rpm', 'tpm', 'tpd', 'max_concurrent', 'expires_at'}
 local function reply(status, retry, limit, remaining, reset)
   local out = {status, tostring(retry), limit, remaining, tostring(reset)}
-  for i = 1, #flat do out[#out + 1] = flat[i] end
+  for _, f in ipairs(FIELDS) do
+    out[#out + 1] = f
+    out[#out + 1] = r[f] or ''
+  end
   return out
 end
 local t = redis.call('TIME')

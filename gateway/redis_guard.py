@@ -1,7 +1,9 @@
 """Redis with a short memory of failure, so a dead Redis costs no latency per request.
 
-Every gateway feature that uses Redis degrades instead of failing: callers ask
-:meth:`RedisGuard.call` and get :class:`RedisUnavailable` while Redis is down.
+Every gateway feature that uses Redis degrades instead of failing: callers go
+through :meth:`RedisGuard.call` and get :class:`RedisUnavailable` while Redis
+is down. ``client`` (redis-py) serves the admin paths; ``pipe`` (pipelined,
+one connection) serves the per-request hot path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.resp import PipelinedRedis
+
 __all__ = ["RedisGuard", "RedisUnavailable"]
 
 T = TypeVar("T")
@@ -26,8 +30,9 @@ class RedisUnavailable(Exception):
 
 
 class RedisGuard:
-    def __init__(self, client: Redis, backoff_s: float = 1.0) -> None:
+    def __init__(self, client: Redis, pipe: PipelinedRedis, backoff_s: float = 1.0) -> None:
         self.client = client
+        self.pipe = pipe
         self._backoff_s = backoff_s
         self._down_until = 0.0
         self._was_down = False
@@ -36,15 +41,15 @@ class RedisGuard:
     def up(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    async def call(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
+    async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         if not self.up:
             raise RedisUnavailable("redis marked down")
         try:
-            result = await operation(self.client)
+            result = await operation()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self._down_until = time.monotonic() + self._backoff_s
             if not self._was_down:
-                _log.warning("redis unavailable, degrading", extra={"error": type(exc).__name__})
+                _log.warning("redis unavailable, degrading", extra={"error": f"{type(exc).__name__}: {exc}"})
             self._was_down = True
             raise RedisUnavailable(str(exc)) from exc
         if self._was_down:
@@ -54,7 +59,7 @@ class RedisGuard:
 
     async def ping(self) -> bool:
         try:
-            await self.client.ping()
+            await self.pipe.execute("PING")
         except (RedisConnectionError, RedisTimeoutError, OSError):
             return False
         self._down_until = 0.0

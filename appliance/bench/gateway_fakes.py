@@ -27,6 +27,7 @@ class FakeState:
     model: str = "fake-model"
     token: str = ""
     tokens_out: int = 16
+    slots: int = 8
     served: int = 0
     last: dict[str, Any] = field(default_factory=dict)
     collections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -98,7 +99,7 @@ async def _models(request: web.Request) -> web.Response:
 async def _health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return web.json_response({"status": "ok", "model": state.model, "model_sha256": "f" * 64,
-                              "slots_total": 8, "slots_busy": 0})
+                              "slots_total": state.slots, "slots_busy": 0})
 
 
 async def _last(request: web.Request) -> web.Response:
@@ -175,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--token", default="")
     parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--slots", type=int, default=8)
     args = parser.parse_args(argv)
-    web.run_app(create_fake_upstream(FakeState(model=args.model, token=args.token)), host="127.0.0.1",
+    web.run_app(create_fake_upstream(FakeState(model=args.model, token=args.token, slots=args.slots)), host="127.0.0.1",
                 port=args.port, access_log=None, print=None)
     return 0
 

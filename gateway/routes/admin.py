@@ -124,7 +124,7 @@ async def admin_status(request: Request[Any, Any, Any], svc: GatewayServices) ->
     await _admin(request, svc)
     await svc.catalog.refresh()
     try:
-        raw: dict[Any, Any] = await svc.guard.call(lambda r: r.hgetall(STATS))
+        raw: dict[Any, Any] = await svc.guard.call(lambda: svc.guard.client.hgetall(STATS))
         stats = {k.decode(): int(v) for k, v in raw.items()}
     except RedisUnavailable:
         stats = {}
