@@ -1,0 +1,112 @@
+"""Gateway processes and fast fake upstreams on loopback, for the gateway's integration and e2e tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support.processes import Service, free_port, python_module, run_service
+
+TOKEN = "gateway-test-internal-token"
+
+
+@dataclass
+class Gateway:
+    url: str
+    admin_key: str
+    service: Service
+    data_dir: Path
+
+    def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+    def create_key(self, name: str = "app", scopes: tuple[str, ...] = ("chat",), **limits: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "scopes": list(scopes), "limits": {"rpm": 0, **limits}}
+        with self.client(self.admin_key) as admin:
+            response = admin.post("/admin/keys", json=body)
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+
+@contextmanager
+def fake_upstream(tmp: Path, model: str = "fake-model") -> Iterator[str]:
+    """The fast fake balancer + RAG service (appliance.bench.gateway_fakes) as its own process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = python_module("appliance.bench.gateway_fakes", "--port", str(port), "--token", TOKEN, "--model", model)
+    with run_service(argv, env={}, log_path=tmp / f"fake-{port}.log", ready_url=f"{url}/health"):
+        yield url
+
+
+@contextmanager
+def gateway(tmp: Path, redis_url: str, balancer_url: str, rag_url: str | None = None,
+            settings: Mapping[str, str] | None = None, data_dir: Path | None = None,
+            scheme: str = "http") -> Iterator[Gateway]:
+    port = free_port()
+    data_dir = data_dir or tmp / f"gw-data-{port}"
+    env = {
+        "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_LOG_JSON": "true",
+        "APPLIANCE_GATEWAY_PORT": str(port), "APPLIANCE_GATEWAY_REDIS_URL": redis_url,
+        "APPLIANCE_GATEWAY_BALANCER_URL": balancer_url, "APPLIANCE_GATEWAY_RAG_URL": rag_url or balancer_url,
+        "APPLIANCE_GATEWAY_MODEL_INFO_TTL_S": "2",
+    }
+    env.update({f"APPLIANCE_GATEWAY_{k.upper()}": v for k, v in (settings or {}).items()})
+    url = f"{scheme}://127.0.0.1:{port}"
+    ready = None if scheme == "https" else f"{url}/healthz"
+    with run_service(python_module("gateway"), env=env, log_path=tmp / f"gateway-{port}.log", ready_url=ready,
+                     ready_timeout=60) as service:
+        if scheme == "https":
+            _wait_tls(url, data_dir / "tls" / "gateway.crt", service)
+        yield Gateway(url, (data_dir / "admin_key").read_text().strip(), service, data_dir)
+
+
+def _wait_tls(url: str, cert: Path, service: Service) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert service.proc.poll() is None, service.logs()[-2000:]
+        try:
+            if cert.exists() and httpx.get(f"{url}/healthz", verify=str(cert), timeout=2).status_code == 200:
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready")
+
+
+def assert_error_shape(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return dict(body["error"])
+
+
+def sse_events(raw: str) -> list[tuple[str, str]]:
+    """(event, data) pairs of an SSE body."""
+    events = []
+    for block in raw.split("\n\n"):
+        if not block.strip():
+            continue
+        event, data = "message", []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        events.append((event, "\n".join(data)))
+    return events
+
+
+def last_upstream_body(upstream: str) -> dict[str, Any]:
+    return dict(json.loads(httpx.get(f"{upstream}/_last", timeout=10).text))
