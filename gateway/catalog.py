@@ -63,6 +63,7 @@ class ModelCatalog:
         self._hashes: dict[str, str] = {}
         self.balancer_health: dict[str, Any] | None = None
         self.balancer_up = False
+        self.workers: list[dict[str, Any]] = []  # the balancer's /workers view, for the admin dashboard
         self.checked_at = 0.0
 
     def model_sha256(self, model: str) -> str:
@@ -97,6 +98,7 @@ class ModelCatalog:
             hashes.update(find_model_hashes((await self._json("/v1/models"))[1]))
             status, workers = await self._json("/workers")
             if status == 200:
+                self.workers = [w for w in (workers or {}).get("workers", []) if isinstance(w, dict)]
                 hashes.update(await self._worker_hashes(_worker_urls(workers)))
         except APIError as exc:
             self.balancer_up = False

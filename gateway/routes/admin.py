@@ -132,6 +132,7 @@ async def admin_status(request: Request[Any, Any, Any], svc: GatewayServices) ->
     return Response({
         "redis": svc.guard.up,
         "balancer": {"up": svc.catalog.balancer_up, "health": svc.catalog.balancer_health},
+        "workers": svc.catalog.workers,
         "cache": {"hits": hits, "misses": misses, "bypass": stats.get("cache_bypass", 0),
                   "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None},
     })

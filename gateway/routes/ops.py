@@ -55,8 +55,16 @@ def ui_routes(static_dir: Path) -> list[Any]:
     async def ui_index() -> File:
         return File(index, content_disposition_type="inline", media_type="text/html")
 
+    admin_page = static_dir / "admin.html"
+
+    @get("/admin", include_in_schema=False)
+    async def ui_admin() -> File:
+        return File(admin_page, content_disposition_type="inline", media_type="text/html")
+
     handlers: list[Any] = [create_static_files_router(path="/static", directories=[static_dir])]
     if index.is_file():
         handlers.append(ui_index)
+    if admin_page.is_file():
+        handlers.append(ui_admin)
     return handlers
 
