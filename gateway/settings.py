@@ -42,7 +42,7 @@ class GatewaySettings(CommonSettings):
     )
     key_cache_ttl_s: float = Field(default=60.0, ge=0, description="how long verified keys work while Redis is down")
     concurrency_ttl_s: int = Field(default=900, ge=10, description="a lost concurrency slot frees itself after this")
-    redis_timeout_s: float = Field(default=1.0, gt=0, description="a Redis that does not answer in this long is down")
+    redis_timeout_s: float = Field(default=2.0, gt=0, description="a Redis that does not answer in this long is down")
 
     default_rpm: int = Field(default=600, ge=0, description="per-key requests/min for new keys; 0 = unlimited")
     default_tpm: int = Field(default=0, ge=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ def gateway(tmp: Path, redis_url: str, balancer_url: str, rag_url: str | None = 
         "APPLIANCE_GATEWAY_PORT": str(port), "APPLIANCE_GATEWAY_REDIS_URL": redis_url,
         "APPLIANCE_GATEWAY_BALANCER_URL": balancer_url, "APPLIANCE_GATEWAY_RAG_URL": rag_url or balancer_url,
         "APPLIANCE_GATEWAY_MODEL_INFO_TTL_S": "2",
+        # The test machine is shared and often overloaded; a dead Redis is still detected at once (refused).
+        "APPLIANCE_GATEWAY_REDIS_TIMEOUT_S": "5",
     }
     env.update({f"APPLIANCE_GATEWAY_{k.upper()}": v for k, v in (settings or {}).items()})
     url = f"{scheme}://127.0.0.1:{port}"
@@ -74,7 +77,8 @@ def _wait_tls(url: str, cert: Path, service: Service) -> None:
     while time.monotonic() < deadline:
         assert service.proc.poll() is None, service.logs()[-2000:]
         try:
-            if cert.exists() and httpx.get(f"{url}/healthz", verify=str(cert), timeout=2).status_code == 200:
+            if cert.exists() and httpx.get(f"{url}/healthz", timeout=2,
+                                           verify=ssl.create_default_context(cafile=str(cert))).status_code == 200:
                 return
         except (httpx.HTTPError, OSError):
             pass
