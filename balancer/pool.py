@@ -109,6 +109,7 @@ class WorkerPool:
         changed = worker.state is not state
         if state is WorkerState.EJECTED and changed:
             worker.ejections += 1
+            worker.abort_pending()
         worker.state = state
         if model is not None and model != worker.model:
             worker.model, changed = model, True

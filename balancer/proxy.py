@@ -16,6 +16,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from appliance.core.errors import APIError, bad_request, error_body, not_found, overloaded
 from appliance.core.request_id import HEADER as REQUEST_ID
@@ -85,6 +86,7 @@ class Proxy:
         self._timeouts = timeouts
         self._max_attempts = max_attempts
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple[str, str], URL] = {}
 
     def attach(self, session: aiohttp.ClientSession | None) -> None:
         self._session = session
@@ -169,29 +171,12 @@ class Proxy:
         return error
 
     async def _attempt(self, call: _Call, worker: Worker) -> web.StreamResponse | _Failure:
-        session = self._session
-        assert session is not None, "proxy used before the app started"
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        upstream: aiohttp.ClientResponse | None = None
-        try:
-            async with asyncio.timeout(self._timeouts.first_byte_s if call.stream else None):
-                upstream = await session.request(call.request.method, worker.url + call.request.path_qs,
-                                                 data=call.body, headers=call.headers)
-                sse = upstream.status == 200 and upstream.content_type == "text/event-stream"
-                first = await upstream.content.readany() if sse else await upstream.read()
-        except TimeoutError as exc:
-            _close(upstream)
-            kind = _timeout_kind(exc)
-            return self._failed(worker, kind, str(exc) or "no response in time")
-        except aiohttp.ClientError as exc:
-            _close(upstream)
-            kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "reset"
-            return self._failed(worker, kind, f"{type(exc).__name__}: {exc}")
-        except BaseException:
-            _close(upstream)  # client gone (handler cancelled): free the worker's slot now
-            raise
-        self._metrics.upstream_latency(worker).observe(loop.time() - started)
+        started = asyncio.get_running_loop().time()
+        got = await self._first_byte(call, worker)
+        if isinstance(got, _Failure):
+            return got
+        upstream, first, sse = got
+        self._metrics.upstream_latency(worker).observe(asyncio.get_running_loop().time() - started)
         status = upstream.status
         worker.responses[(call.model, status)] += 1
         if sse and first:
@@ -204,6 +189,46 @@ class Proxy:
         if sse:  # 200 with an empty event stream: the worker died before its first event
             return self._failed(worker, "reset", "empty event stream")
         return response
+
+    async def _first_byte(self, call: _Call, worker: Worker) -> tuple[aiohttp.ClientResponse, bytes, bool] | _Failure:
+        """Send, then wait for the first body byte (all of a non-SSE body); nothing reached the client yet."""
+        session = self._session
+        assert session is not None, "proxy used before the app started"
+        task = asyncio.current_task()
+        assert task is not None
+        upstream: aiohttp.ClientResponse | None = None
+        worker.pending.add(task)  # ejecting the worker aborts this wait (a hung worker's requests move on)
+        try:
+            async with asyncio.timeout(self._timeouts.first_byte_s if call.stream else None):
+                upstream = await session.request(call.request.method, self._url(worker, call.request),
+                                                 data=call.body, headers=call.headers)
+                sse = upstream.status == 200 and upstream.content_type == "text/event-stream"
+                first = await upstream.content.readany() if sse else await upstream.read()
+            return upstream, first, sse
+        except TimeoutError as exc:
+            _close(upstream)
+            return self._failed(worker, _timeout_kind(exc), str(exc) or "no response in time")
+        except aiohttp.ClientError as exc:
+            _close(upstream)
+            kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "reset"
+            return self._failed(worker, kind, f"{type(exc).__name__}: {exc}")
+        except asyncio.CancelledError:
+            _close(upstream)  # client gone (handler cancelled) or worker ejected: free the slot now
+            if task in worker.aborted and task.uncancel() == 0:
+                return self._failed(worker, "ejected", "worker ejected before it answered")
+            raise
+        finally:
+            worker.pending.discard(task)
+            worker.aborted.discard(task)
+
+    def _url(self, worker: Worker, request: web.Request) -> URL:
+        key = (worker.url, request.raw_path)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) > 4096:
+                self._urls.clear()
+            url = self._urls[key] = URL(worker.url + request.raw_path, encoded=True)
+        return url
 
     def _failed(self, worker: Worker, kind: str, detail: str) -> _Failure:
         note_failure(self._pool, worker, kind, detail)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -37,6 +38,19 @@ class Worker:
     slots_busy_reported: int = 0
     responses: Counter[tuple[str, int]] = field(default_factory=Counter)  # (model, status) → count
     errors: Counter[str] = field(default_factory=Counter)  # kind → count
+    # Requests waiting for this worker's first byte, and those aborted because it was ejected.
+    pending: set[asyncio.Task[Any]] = field(default_factory=set)
+    aborted: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def abort_pending(self) -> None:
+        """Cancel every wait for a first byte from this worker; the proxy retries them elsewhere."""
+        if not self.pending:
+            return
+        current = asyncio.current_task()  # a request whose own failure ejects the worker goes on
+        for task in self.pending:
+            if task is not current and task not in self.aborted:
+                self.aborted.add(task)
+                task.cancel()
 
     @property
     def routable(self) -> bool:

@@ -249,3 +249,17 @@ async def test_workers_join_and_leave_through_the_redis_registry(redis_url: str)
             await until(lambda: len(app[POOL]) == 0)
         finally:
             await redis.aclose()
+
+
+async def test_requests_waiting_on_a_worker_move_on_when_probes_eject_it() -> None:
+    """Non-streaming requests have no first-byte timeout; a hung worker's probes free them."""
+    hung, fine = FakeState(name="hung"), FakeState(name="fine")
+    async with fakes(hung, fine) as urls, balancer(urls, strategy="round_robin", read_timeout_s=60) as (url, app), \
+            aiohttp.ClientSession() as client:
+        hung.mode = "hang"
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(*(post(client, url, chat()) for _ in range(4)))
+        assert [r[0] for r in results] == [200] * 4 and fine.completed == 4
+        assert asyncio.get_running_loop().time() - started < 5  # probes (0.3 s timeout) ejected it, not read_timeout
+        worker = app[POOL].get(urls[0])
+        assert worker is not None and worker.errors["ejected"] >= 1 and not worker.pending and not worker.aborted
