@@ -35,6 +35,9 @@ def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen[bytes] | None 
             with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
                     return
+        except urllib.error.HTTPError as exc:  # e.g. 503 while a worker loads its model
+            exc.close()  # an unclosed error response leaks its socket (ResourceWarning)
+            last = exc
         except (urllib.error.URLError, OSError) as exc:
             last = exc
         time.sleep(0.1)
