@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ import pytest
 import yaml
 
 from observability.promql import exported_names, owner_of, used_metric_names
-from tests.support.processes import REPO, free_port, python_module, run_service
+from tests.support.processes import REPO, Service, free_port, python_module, run_service
 
 pytestmark = pytest.mark.integration
 
@@ -126,11 +127,32 @@ class Stack:
         port = free_port()
         argv, env = self._argv_env(name, port)
         url = f"http://127.0.0.1:{port}"
-        log = self._workdir / f"{name}.log"
-        timeout = 120.0 if name in {"inference", "rag"} else 30.0
-        self._exits.enter_context(run_service(argv, env=env, log_path=log, ready_url=f"{url}/metrics",
-                                              ready_timeout=timeout))
+        service = self._exits.enter_context(run_service(argv, env=env, log_path=self._workdir / f"{name}.log",
+                                                        ready_url=None))
+        # The worker serves /metrics while its model loads; it is up for Prometheus once /health is 200.
+        ready = f"{url}/health" if name == "inference" else f"{url}/metrics"
+        wait_ok(ready, 120.0 if name in {"inference", "rag"} else 30.0, service)
         return url
+
+
+def wait_ok(url: str, timeout: float, service: Service) -> None:
+    """Poll until 200, closing every error response (a 503 while loading must not leak its socket)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if service.proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            last = exc
+        except OSError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready ({last}); exit code {service.proc.poll()}\n{service.logs()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +216,9 @@ def test_real_prometheus_scrapes_every_target_and_evaluates_the_rules(stack: Sta
     base = f"http://127.0.0.1:{port}"
     argv = [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"]
-    with run_service(argv, env={}, log_path=tmp_path / "prometheus.log", ready_url=f"{base}/-/ready"):
+    with run_service(argv, env={}, log_path=tmp_path / "prometheus.log", ready_url=None) as prometheus:
+        wait_ok(f"{base}/-/ready", 30.0, prometheus)
+
         def all_up() -> bool:
             targets = _api(base, "targets")["activeTargets"]
             return len(targets) == len(config["scrape_configs"]) and all(t["health"] == "up" for t in targets)
