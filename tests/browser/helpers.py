@@ -1,0 +1,49 @@
+"""What the browser tests do the same way: sign in, send a message, wait for the answer, take screenshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.support.processes import REPO
+
+SCREENSHOTS = REPO / "artifacts" / "screenshots"
+
+# The streaming answer's text, read in the page in one go while it is still marked as streaming.
+PARTIAL_TEXT_JS = """() => {
+  const m = document.querySelector('.message.assistant.streaming[aria-busy="true"]');
+  const text = m ? m.querySelector('.body').textContent : '';
+  return text.trim().length > 0 ? text : null;
+}"""
+
+
+def screenshot(page: Any, name: str) -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def sign_in(page: Any, key: str, path: str = "/") -> None:
+    page.goto(path)
+    page.get_by_label("API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def set_max_tokens(page: Any, tokens: int) -> None:
+    page.locator("details.settings summary").click()
+    page.get_by_label("Longest answer (tokens)").fill(str(tokens))
+
+
+def send(page: Any, text: str) -> None:
+    box = page.get_by_label("Message", exact=True)
+    box.fill(text)
+    box.press("Enter")
+
+
+def wait_answer_done(page: Any, count: int, timeout_ms: int = 60_000) -> Any:
+    """The ``count``-th assistant message once it stopped streaming."""
+    page.wait_for_function(
+        "(n) => { const m = document.querySelectorAll('.message.assistant'); "
+        "return m.length >= n && !m[n - 1].classList.contains('streaming'); }", arg=count, timeout=timeout_ms)
+    return page.locator(".message.assistant").nth(count - 1)

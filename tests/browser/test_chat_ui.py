@@ -1,0 +1,134 @@
+"""The chat page at ``/`` in real Chromium against the real stack: sign-in, streaming, stop, RAG with
+citations, rate limits, revoked keys, and model output that must never become markup."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.conftest import MODEL, Stack
+from tests.browser.helpers import PARTIAL_TEXT_JS, screenshot, send, set_max_tokens, sign_in, wait_answer_done
+
+pytestmark = pytest.mark.browser
+
+
+def test_sign_in_rejects_a_bad_key_then_accepts_a_good_one(page: Any, stack: Stack) -> None:
+    sign_in(page, "sk-not-a-real-key")
+    expect(page.locator("#signin-error")).to_contain_text("not accepted")
+    expect(page.locator("#app")).to_be_hidden()
+
+    page.get_by_label("API key").fill(stack.admin_key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.get_by_label("Model")).to_have_value(MODEL)
+    assert page.evaluate("() => localStorage.getItem('appliance.apiKey')") is None  # session storage only
+    assert page.evaluate("() => sessionStorage.getItem('appliance.apiKey')") == stack.admin_key
+
+
+def test_answer_streams_in_progressively_with_stats(page: Any, stack: Stack) -> None:
+    sign_in(page, stack.admin_key)
+    set_max_tokens(page, 48)
+    send(page, "Tell me a long story about a lighthouse keeper and the sea.")
+    # Text is on the page while the answer is still streaming (not only once it is complete).
+    partial = page.wait_for_function(PARTIAL_TEXT_JS, timeout=60_000).json_value()
+    answer = wait_answer_done(page, 1)
+    final = answer.locator(".body").inner_text()
+    assert partial.strip() and len(final) >= len(partial.strip())
+    expect(answer.locator(".meta")).to_contain_text(re.compile(r"\d+ tokens · \d+ prompt · first token \d+ ms"))
+    expect(answer.locator(".error")).to_be_empty()
+    expect(page.get_by_role("button", name="Regenerate")).to_be_enabled()
+    # The conversation is kept in this browser and listed in the sidebar.
+    stored = page.evaluate("() => JSON.parse(localStorage.getItem('appliance.conversations'))")
+    assert stored[0]["messages"][1]["content"].strip() == final.strip() or stored[0]["messages"][1]["content"]
+    expect(page.locator(".open-conversation").first).to_contain_text("lighthouse")
+
+
+def test_escape_stops_a_generation_midway(page: Any, stack: Stack) -> None:
+    sign_in(page, stack.admin_key)
+    set_max_tokens(page, 1000)
+    send(page, "Write a very long essay about the history of bridges, with many details.")
+    page.wait_for_function(PARTIAL_TEXT_JS, timeout=60_000)
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    page.keyboard.press("Escape")
+    answer = wait_answer_done(page, 1, timeout_ms=10_000)
+    expect(answer.locator(".meta")).to_contain_text("stopped")
+    stopped_text = answer.locator(".body").inner_text()
+    page.wait_for_timeout(1000)
+    assert answer.locator(".body").inner_text() == stopped_text  # nothing more arrives after the stop
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    tokens = int(re.search(r"(\d+) tokens", answer.locator(".meta").inner_text()).group(1))  # type: ignore[union-attr]
+    assert 0 < tokens < 1000
+
+
+def test_upload_a_document_and_get_an_answer_citing_it(page: Any, stack: Stack) -> None:
+    sign_in(page, stack.admin_key)
+    set_max_tokens(page, 24)
+    page.get_by_label("New collection name").fill("handbook")
+    page.get_by_role("button", name="Create").click()
+    expect(page.get_by_label("Answer from")).to_have_value("handbook")
+    document = ("# Project Zephyr\n\nThe launch code of Project Zephyr is AZURE-42. "
+                "Only the night shift may use it.\n")
+    data_transfer = page.evaluate_handle(
+        "(text) => { const dt = new DataTransfer(); "
+        "dt.items.add(new File([text], 'zephyr.md', {type: 'text/markdown'})); return dt; }", document)
+    page.dispatch_event("#drop-zone", "drop", {"dataTransfer": data_transfer})  # drag and drop
+    expect(page.locator("#upload-status")).to_contain_text("Indexed", timeout=60_000)
+
+    send(page, "What is the launch code of Project Zephyr?")
+    answer = wait_answer_done(page, 1)
+    citation = answer.get_by_role("button", name=re.compile(r"^\[1\] Project Zephyr"))
+    expect(citation).to_be_visible()
+    citation.click()
+    expect(citation).to_have_attribute("aria-expanded", "true")
+    expect(answer.locator(".chunk").first).to_contain_text("AZURE-42")
+    screenshot(page, "chat-rag-laptop")
+    page.set_viewport_size({"width": 390, "height": 844})
+    expect(page.get_by_label("Message", exact=True)).to_be_visible()
+    screenshot(page, "chat-rag-phone")
+
+
+def test_rate_limited_key_sees_the_wait_message(page: Any, stack: Stack) -> None:
+    key = stack.create_key("ui-rate-limited", rpm=1)
+    sign_in(page, key["key"])
+    set_max_tokens(page, 4)
+    send(page, "Hello")
+    wait_answer_done(page, 1)
+    send(page, "Hello again")
+    expect(page.locator("#banner")).to_have_text(re.compile(r"Rate limited, try again in \d+ s\."))
+    expect(page.locator(".message.assistant").nth(1).locator(".error")).to_contain_text("Rate limited")
+    expect(page.locator("#app")).to_be_visible()  # still signed in
+
+
+def test_revoked_key_is_sent_back_to_sign_in(page: Any, stack: Stack) -> None:
+    key = stack.create_key("ui-to-revoke")
+    sign_in(page, key["key"])
+    expect(page.locator("#app")).to_be_visible()
+    stack.revoke(key["id"])
+    set_max_tokens(page, 4)
+    send(page, "Are you there?")
+    expect(page.locator("#signin")).to_be_visible()
+    expect(page.locator("#signin-error")).to_contain_text("revoked")
+    assert page.evaluate("() => sessionStorage.getItem('appliance.apiKey')") is None
+    expect(page.get_by_label("API key")).to_be_focused()
+
+
+def test_model_output_is_rendered_as_markdown_never_as_html(page: Any, stack: Stack) -> None:
+    hostile = ("**bold** and `code` <img src=x onerror=\"window.pwned=1\"> [link](javascript:alert(1))\n\n"
+               "```python\nprint('<script>window.pwned=2</script>')\n```")
+    conversation = {"id": "c1", "title": "Stored", "updated": 0, "messages": [
+        {"role": "user", "content": "<b>hi</b>"}, {"role": "assistant", "content": hostile}]}
+    page.goto("/")
+    page.evaluate("(c) => localStorage.setItem('appliance.conversations', JSON.stringify([c]))", conversation)
+    sign_in(page, stack.admin_key)
+    answer = page.locator(".message.assistant").first
+    expect(answer.locator("strong")).to_have_text("bold")
+    expect(answer.locator(".code-block code")).to_contain_text("<script>window.pwned=2</script>")
+    assert answer.locator("img, script, a[href^='javascript']").count() == 0
+    assert page.locator(".message.user b").count() == 0
+    assert page.evaluate("() => window.pwned") is None
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    answer.get_by_role("button", name="Copy code").click()
+    expect(answer.get_by_role("button", name="Copy code")).to_have_text("Copied")
