@@ -57,7 +57,7 @@ SPECS: dict[str, Spec] = {
     "balancer": Spec("balancer", _package("balancer"), ("appliance_balancer_queue_depth",)),
     "rag": Spec("rag", _package("rag"), ("appliance_rag_ingested_chunks_total",)),
     "gateway": Spec("gateway", _package("gateway"), ("appliance_gateway_overhead_seconds_count",)),
-    "gpu_exporter": Spec("gpu", lambda: None, ("appliance_gpu_exporter_up == 1", "appliance_gpu_count",
+    "gpu_exporter": Spec("gpu-exporter", lambda: None, ("appliance_gpu_exporter_up == 1", "appliance_gpu_count",
                                                 "appliance_gpu_nvml_available")),
     "redis_exporter": Spec("redis", _binary("prometheus-redis-exporter"), ("redis_up == 1",)),
     "node_exporter": Spec("node", _binary("prometheus-node-exporter"), ("node_filesystem_avail_bytes",)),

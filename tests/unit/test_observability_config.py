@@ -80,7 +80,7 @@ def test_alertmanager_config_is_valid_and_routes_to_a_receiver() -> None:
 def test_prometheus_scrapes_every_service_of_the_stack() -> None:
     config = yaml.safe_load((OBS / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert {"gateway", "balancer", "inference", "rag", "redis", "node", "gpu"} <= set(jobs)
+    assert {"gateway", "balancer", "inference", "rag", "redis", "node", "gpu-exporter"} <= set(jobs)
     targets = {t for job in jobs.values() for sc in job["static_configs"] for t in sc["targets"]}
     assert {"gpu-exporter:9835", "rag:8300", "balancer:8100", "gateway:8000"} <= targets
     compose = yaml.safe_load((REPO / "compose.yaml").read_text())
