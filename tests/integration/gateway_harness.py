@@ -49,11 +49,11 @@ def fake_upstream(tmp: Path, model: str = "fake-model") -> Iterator[str]:
 @contextmanager
 def gateway(tmp: Path, redis_url: str, balancer_url: str, rag_url: str | None = None,
             settings: Mapping[str, str] | None = None, data_dir: Path | None = None,
-            scheme: str = "http") -> Iterator[Gateway]:
+            scheme: str = "http", token: str = TOKEN) -> Iterator[Gateway]:
     port = free_port()
     data_dir = data_dir or tmp / f"gw-data-{port}"
     env = {
-        "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_LOG_JSON": "true",
+        "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_INTERNAL_TOKEN": token, "APPLIANCE_LOG_JSON": "true",
         "APPLIANCE_GATEWAY_PORT": str(port), "APPLIANCE_GATEWAY_REDIS_URL": redis_url,
         "APPLIANCE_GATEWAY_BALANCER_URL": balancer_url, "APPLIANCE_GATEWAY_RAG_URL": rag_url or balancer_url,
         "APPLIANCE_GATEWAY_MODEL_INFO_TTL_S": "2",

@@ -1,0 +1,148 @@
+"""Through the whole stack with the official openai client: two gateways, real Redis, the real balancer,
+a real worker with the real model, and the real RAG service with the real embedding model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.gateway_harness import Gateway, gateway, sse_events
+from tests.support.processes import free_port, python_module, run_service
+from tests.support.rag_service import TOKEN, rag_process
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "gemma-3-270m"
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
+
+
+@dataclass
+class Stack:
+    gateways: list[Gateway]
+    balancer: str
+
+    @property
+    def gw(self) -> Gateway:
+        return self.gateways[0]
+
+    def sdk(self, key: str, index: int = 0) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gateways[index].url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def stack(model_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    common = {"APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_LOG_JSON": "true", "APPLIANCE_CONFIG": ""}
+    wport, bport = free_port(), free_port()
+    worker, balancer = f"http://127.0.0.1:{wport}", f"http://127.0.0.1:{bport}"
+    worker_env = {**common, "APPLIANCE_DATA_DIR": str(tmp / "worker"), "APPLIANCE_WORKER_PORT": str(wport),
+                  "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_SLOTS": "8",
+                  "APPLIANCE_WORKER_N_CTX": "512", "APPLIANCE_WORKER_QUEUE_SIZE": "64",
+                  "APPLIANCE_WORKER_MAX_TOKENS_CAP": "128"}
+    balancer_env = {**common, "APPLIANCE_DATA_DIR": str(tmp / "balancer"), "APPLIANCE_BALANCER_PORT": str(bport),
+                    "APPLIANCE_BALANCER_WORKERS": worker, "APPLIANCE_BALANCER_PROBE_INTERVAL_S": "0.5"}
+    with run_service(python_module("inference"), env=worker_env, log_path=tmp / "worker.log",
+                     ready_url=f"{worker}/health", ready_timeout=180), \
+            run_service(python_module("balancer"), env=balancer_env, log_path=tmp / "balancer.log",
+                        ready_url=f"{balancer}/health", ready_timeout=60), \
+            rag_process(tmp / "rag") as (_, rag_url), \
+            gateway(tmp, redis_url, balancer, rag_url, token=TOKEN, data_dir=tmp / "gw") as first, \
+            gateway(tmp, redis_url, balancer, rag_url, token=TOKEN, data_dir=tmp / "gw") as second:
+        yield Stack([first, second], balancer)
+
+
+@pytest.fixture(scope="module")
+def key(stack: Stack) -> str:
+    return str(stack.gw.create_key("e2e", ("chat", "embeddings", "collections"))["key"])
+
+
+def test_chat_non_streaming_and_streaming_with_the_openai_client(stack: Stack, key: str) -> None:
+    with stack.sdk(key) as sdk:
+        models = [m.id for m in sdk.models.list()]
+        reply = sdk.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                            messages=[{"role": "user", "content": "Name a colour."}])
+        chunks = list(sdk.chat.completions.create(model=MODEL, max_tokens=8, temperature=0.7, stream=True,
+                                                  messages=[{"role": "user", "content": "Count to five."}]))
+        completion = sdk.completions.create(model=MODEL, prompt="The sky is", max_tokens=8, temperature=0)
+    assert MODEL in models
+    assert reply.choices[0].message.content and reply.usage and reply.usage.completion_tokens > 0
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert completion.choices[0].text and completion.model == MODEL
+
+
+def test_key_lifecycle_with_the_openai_client(stack: Stack) -> None:
+    created = stack.gw.create_key("short-lived")
+    with stack.sdk(created["key"], index=1) as sdk:
+        sdk.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+        with stack.gw.client(stack.gw.admin_key) as admin:
+            assert admin.delete(f"/admin/keys/{created['id']}").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            sdk.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    with stack.sdk("sk-app-wrong") as sdk, pytest.raises(openai.AuthenticationError):
+        sdk.models.list()
+    with stack.gw.client(created["key"]) as client:
+        assert client.get("/admin/keys").status_code == 401
+
+
+def test_cache_hit_replays_the_real_stream(stack: Stack, key: str) -> None:
+    body = {"model": MODEL, "max_tokens": 16, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "Write one word about the sea."}]}
+    with stack.gw.client(key) as client:
+        first = client.post("/v1/chat/completions", json=body)
+    with stack.gateways[1].client(key) as client:
+        second = client.post("/v1/chat/completions", json=body)  # the other gateway shares the cache
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert second.text == first.text and sse_events(second.text)[-1] == ("message", "[DONE]")
+
+
+def test_rate_limit_is_shared_exactly_across_two_gateways(stack: Stack) -> None:
+    limited = stack.gw.create_key("twenty", rpm=20)["key"]
+    body = {"model": MODEL, "max_tokens": 1, "temperature": 0.5, "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {limited}"},
+                                     limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(*(client.post(f"{stack.gateways[i % 2].url}/v1/chat/completions", json=body)
+                                          for i in range(60)))
+
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * 20 + [429] * 40
+    refused = [r for r in responses if r.status_code == 429]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert all(r.headers["ratelimit-limit"] == "20" and r.headers["ratelimit-remaining"] == "0" for r in refused)
+    assert {r.json()["error"]["type"] for r in refused} == {"rate_limit_error"}
+
+
+def test_rag_answer_cites_the_right_document(stack: Stack, key: str) -> None:
+    with stack.gw.client(key) as client:
+        assert client.post("/v1/collections", json={"name": "e2e-library"}).status_code in (200, 201)
+        ids = {}
+        for path in sorted(CORPUS.glob("*.*"))[:4]:  # gettysburg, honeybees, lighthouses, sourdough
+            with path.open("rb") as handle:
+                created = client.post("/v1/collections/e2e-library/documents",
+                                      files={"file": (path.name, handle)})
+            assert created.status_code in (201, 202), created.text
+            ids[path.name] = created.json().get("id")
+    with stack.sdk(key) as sdk:
+        reply = sdk.chat.completions.create(
+            model=MODEL, max_tokens=4, temperature=0,
+            messages=[{"role": "user", "content": "How do bees tell each other where the flowers are?"}],
+            extra_body={"rag": {"collection": "e2e-library", "top_k": 3}})
+    citations = (reply.model_extra or {})["citations"]
+    assert citations[0]["document_id"] == ids["honeybees.md"]
+    assert reply.choices[0].message.content is not None
+
+
+def test_embeddings_through_the_gateway(stack: Stack, key: str) -> None:
+    with stack.sdk(key) as sdk:
+        result = sdk.embeddings.create(model="all-MiniLM-L6-v2", input=["first text", "second text"])
+    assert len(result.data) == 2 and len(result.data[0].embedding) == 384
+
