@@ -118,29 +118,39 @@ def ingest(
     collection: Annotated[str, typer.Option("--collection", "-c")],
     as_json: Json = False,
 ) -> None:
-    """Upload documents into a collection, with a progress bar."""
+    """Upload documents into a collection (created if needed), with a progress bar."""
     if not path.exists():
         fail(f"{path} does not exist")
     settings = load()
-    from rag.client import RagClient  # the RAG service's own client
+    from rag.client import RagClient, RagClientError, ingest_path  # the RAG service's own client
 
-    client = RagClient(f"http://127.0.0.1:{settings.rag_port}", settings.resolved_internal_token())
     results: list[dict[str, Any]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=as_json) as bar:
-        task = bar.add_task(f"ingest into {collection}", total=None)
-        for event in client.ingest_path(path, collection):
-            bar.update(task, total=event.total, completed=event.done, description=event.current or "")
-            if event.result is not None:
-                results.append(event.result)
+    try:
+        with RagClient(f"http://127.0.0.1:{settings.rag_port}", settings.resolved_internal_token()) as client, \
+                Progress(*columns, console=err, disable=as_json) as bar:
+            task = bar.add_task(f"ingest into {collection}", total=None)
+            for step in ingest_path(client, path, collection):
+                done = step.file_index - 1 + (step.fraction if step.state not in {"done", "duplicate"} else 1)
+                label = f"{step.state:<9} {step.path.name}"
+                bar.update(task, total=step.files_total, completed=done, description=label)
+                if step.state in {"done", "duplicate", "failed", "skipped"}:
+                    results.append({"path": str(step.path), "state": step.state, "error": step.error,
+                                    "document": step.document})
+    except RagClientError as exc:
+        fail(f"the RAG service refused: {exc}")
+    except httpx.HTTPError as exc:
+        fail(f"the RAG service on port {settings.rag_port} is not reachable ({type(exc).__name__}); is the stack up?")
     if as_json:
         print_json(results)
         return
-    failed = [r for r in results if r.get("error")]
-    out.print(f"Ingested {len(results) - len(failed)} documents into {collection}; {len(failed)} failed.")
-    for row in failed:
-        err.print(f"  [red]{row.get('path')}[/]: {row.get('error')}")
-    if failed:
+    counts = {state: sum(r["state"] == state for r in results) for state in ("done", "duplicate", "skipped", "failed")}
+    out.print(f"{collection}: {counts['done']} ingested, {counts['duplicate']} already there, "
+              f"{counts['skipped']} skipped (unsupported type), {counts['failed']} failed.")
+    for row in results:
+        if row["state"] == "failed":
+            err.print(f"  [red]{row['path']}[/]: {row['error']}", highlight=False)
+    if counts["failed"]:
         raise typer.Exit(1)
 
 

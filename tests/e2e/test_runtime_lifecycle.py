@@ -158,6 +158,12 @@ def test_lifecycle(stack: Stack) -> None:
         doc = httpx.post(f"{stack.gateway}/v1/collections/handbook/documents", headers=headers, timeout=60,
                          json={"title": title, "text": text})
         assert doc.status_code in (200, 201), doc.text
+    folder = stack.data_dir.parent / "to-ingest"
+    folder.mkdir()
+    (folder / "security.md").write_text("# Security\n\n## Badges\nVisitors must wear a red badge at all times.\n")
+    (folder / "notes.bin").write_bytes(b"\x00\x01")
+    ingested = json.loads(stack.cli("ingest", str(folder), "--collection", "handbook", "--json").stdout)
+    assert sorted(row["state"] for row in ingested) == ["done", "skipped"]
     before = _search(stack, alice)
     assert before
 
