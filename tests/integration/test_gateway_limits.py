@@ -1,0 +1,106 @@
+"""Admission against a real Redis, in process: every limit, concurrency slots, expiry, degraded mode."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from appliance.core.errors import APIError
+from gateway.admission import Admission, Ticket
+from gateway.keys import KeyLimits, KeyStore
+from gateway.redis_guard import RedisGuard
+from gateway.resp import PipelinedRedis
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+
+@pytest.fixture
+async def guard(redis_url: str) -> AsyncIterator[RedisGuard]:
+    client = Redis.from_url(redis_url)
+    pipe = PipelinedRedis.from_url(redis_url, timeout_s=5)
+    yield RedisGuard(client, pipe)
+    await pipe.close()
+    await client.aclose()
+
+
+def admission(guard: RedisGuard, **kwargs: object) -> Admission:
+    options: dict[str, object] = {"key_cache_ttl_s": 60.0, "fail_open": True, "inflight_ttl_s": 60, **kwargs}
+    return Admission(guard, **options)  # type: ignore[arg-type]
+
+
+async def refused(coro: object) -> APIError:
+    with pytest.raises(APIError) as caught:
+        await coro  # type: ignore[misc]
+    return caught.value
+
+
+async def test_concurrency_slots_are_exact_and_freed_on_settle(guard: RedisGuard) -> None:
+    secret, _ = await KeyStore(guard.client).create("conc", {"chat"}, KeyLimits(max_concurrent=3))
+    gate = admission(guard)
+    results = await asyncio.gather(*(gate.admit(secret, "chat") for _ in range(10)), return_exceptions=True)
+    tickets = [r for r in results if isinstance(r, Ticket)]
+    errors = [r for r in results if isinstance(r, APIError)]
+    assert len(tickets) == 3 and {e.status for e in errors} == {429}
+    assert {e.param for e in errors} == {"concurrency"}
+    await asyncio.gather(*(gate.settle(t) for t in tickets))
+    await asyncio.gather(*(gate.settle(t) for t in tickets))  # settling twice never frees a slot twice
+    again = await asyncio.gather(*(gate.admit(secret, "chat") for _ in range(5)), return_exceptions=True)
+    assert sum(isinstance(r, Ticket) for r in again) == 3
+
+
+async def test_tokens_per_minute_bucket_blocks_after_spending(guard: RedisGuard) -> None:
+    secret, _ = await KeyStore(guard.client).create("tpm", {"chat"}, KeyLimits(tpm=100, tpd=1000))
+    gate = admission(guard)
+    ticket = await gate.admit(secret, "chat")
+    await gate.settle(ticket, prompt_tokens=60, completion_tokens=60)  # overdraws the minute's budget
+    error = await refused(gate.admit(secret, "chat"))
+    assert error.status == 429 and error.param == "tpm" and int(error.headers["Retry-After"]) >= 1
+
+
+async def test_tokens_per_day_bucket(guard: RedisGuard) -> None:
+    secret, _ = await KeyStore(guard.client).create("tpd", {"chat"}, KeyLimits(tpd=50))
+    gate = admission(guard)
+    await gate.settle(await gate.admit(secret, "chat"), 30, 30)
+    error = await refused(gate.admit(secret, "chat"))
+    assert error.param == "tpd" and int(error.headers["Retry-After"]) > 60
+
+
+async def test_requests_per_minute_headers_count_down(guard: RedisGuard) -> None:
+    secret, _ = await KeyStore(guard.client).create("rpm", {"chat"}, KeyLimits(rpm=3))
+    gate = admission(guard)
+    remaining = [(await gate.admit(secret, "chat")).rate_headers["RateLimit-Remaining"] for _ in range(3)]
+    assert remaining == ["2", "1", "0"]
+    error = await refused(gate.admit(secret, "chat"))
+    assert error.headers["RateLimit-Limit"] == "3" and 55 <= int(error.headers["Retry-After"]) <= 60
+
+
+async def test_expired_revoked_and_unknown_keys(guard: RedisGuard) -> None:
+    store = KeyStore(guard.client)
+    expired, _ = await store.create("old", {"chat"}, KeyLimits(), expires_at=time.time() - 1)
+    gate = admission(guard)
+    assert (await refused(gate.admit(expired, "chat"))).status == 401
+    assert (await refused(gate.admit("sk-app-unknown", "chat"))).status == 401
+    live, view = await store.create("live", {"chat"}, KeyLimits())
+    await gate.admit(live, "chat")
+    await store.revoke(view["id"])
+    assert (await refused(gate.admit(live, "chat"))).status == 401
+
+
+async def test_degraded_mode_uses_recently_verified_keys_only(guard: RedisGuard) -> None:
+    secret, _ = await KeyStore(guard.client).create("deg", {"chat"}, KeyLimits(rpm=1))
+    other, _ = await KeyStore(guard.client).create("deg2", {"chat"}, KeyLimits())
+    gate = admission(guard)
+    closed = admission(guard, fail_open=False)
+    await gate.admit(secret, "chat")
+    await closed.admit(other, "chat")
+    await guard.pipe.close()
+    guard.pipe._addr = ("127.0.0.1", 9)  # Redis is now unreachable for this client
+    ticket = await gate.admit(secret, "chat")  # fail-open: the limit cannot be enforced, the key is known
+    assert ticket.principal.name == "deg" and ticket.rate_headers == {}
+    assert (await refused(gate.admit(secret, "admin"))).status == 403
+    assert (await refused(closed.admit(other, "chat"))).status == 503
+    assert (await refused(gate.admit(other, "chat"))).status == 503  # never verified by this gateway
