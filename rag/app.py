@@ -35,7 +35,8 @@ def create_app(settings: RagSettings, *, embedder: Embedder | None = None,
         embedder_factory = lambda: ready  # noqa: E731
     elif embedder_factory is None:
         embedder_factory = lambda: load_embedder(  # noqa: E731
-            settings.embedding_model, settings.embedding_device, settings.embed_batch_size)
+            settings.embedding_model, settings.embedding_device, settings.embed_batch_size,
+            settings.compute_threads)
     app = web.Application(middlewares=[_request_context, _errors, _internal_token],
                           client_max_size=settings.max_upload_bytes + 256 * 1024)
     app[STATE] = RagState(settings, settings.resolved_internal_token(), RagMetrics(), embedder_factory)

@@ -22,10 +22,10 @@ class Chunk:
 
 def windows(n_tokens: int, size: int, overlap: int) -> list[tuple[int, int]]:
     """Token ranges [start, end) of at most ``size`` that cover ``range(n_tokens)``, overlapping by ``overlap``."""
-    if n_tokens <= 0:
-        return []
     if overlap >= size:
         raise ValueError("overlap must be smaller than size")
+    if n_tokens <= 0:
+        return []
     stride = size - overlap
     spans = []
     start = 0

@@ -53,7 +53,8 @@ class SentenceTransformerEmbedder:
         self._model = model
         self._name = name
         self._batch_size = batch_size
-        self._dimension = int(model.get_sentence_embedding_dimension())
+        dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        self._dimension = int(dimension())
 
     @property
     def model_name(self) -> str:
@@ -89,7 +90,7 @@ class SentenceTransformerEmbedder:
         return sum(len(ids) for ids in encoded["input_ids"])
 
 
-def load_embedder(model_path: str, device: str, batch_size: int) -> SentenceTransformerEmbedder:
+def load_embedder(model_path: str, device: str, batch_size: int, threads: int = 0) -> SentenceTransformerEmbedder:
     """Load a local model offline; nothing is ever downloaded."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -107,6 +108,9 @@ def load_embedder(model_path: str, device: str, batch_size: int) -> SentenceTran
     import torch
     from sentence_transformers import SentenceTransformer
 
+    if threads:
+        # On a host shared with inference workers, fewer threads avoid OpenMP spinning against them.
+        torch.set_num_threads(threads)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SentenceTransformer(str(path), device=device, local_files_only=True)

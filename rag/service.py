@@ -100,6 +100,10 @@ class RagService:
         await self._on_store(self._open)
 
     def _open(self) -> None:
+        if self.settings.compute_threads:
+            import faiss
+
+            faiss.omp_set_num_threads(self.settings.compute_threads)
         (self.settings.rag_dir / "indexes").mkdir(parents=True, exist_ok=True)
         self._store = DocumentStore(self.settings.rag_dir / "store.sqlite3")
         names = set()

@@ -25,6 +25,9 @@ class RagSettings(CommonSettings):
         default="", description="Path of a local sentence-transformers model; empty = bundled all-MiniLM-L6-v2."
     )
     embedding_device: str = Field(default="auto", description="auto (cuda when torch sees a GPU), cpu, cuda, …")
+    compute_threads: int = Field(
+        default=0, ge=0, description="Threads for torch and FAISS; 0 = the libraries' default (all cores)."
+    )
     embed_batch_size: int = Field(default=32, ge=1, le=1024)
     chunk_tokens: int = Field(default=192, ge=16, le=8192)
     chunk_overlap: int = Field(default=32, ge=0)
@@ -32,7 +35,7 @@ class RagSettings(CommonSettings):
     approx_kind: Literal["hnsw"] = "hnsw"
     hnsw_m: int = Field(default=32, ge=4, le=128)
     hnsw_ef_construction: int = Field(default=80, ge=8)
-    hnsw_ef_search: int = Field(default=96, ge=8)
+    hnsw_ef_search: int = Field(default=256, ge=8)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     job_threshold_bytes: int = Field(
         default=1024 * 1024, ge=0, description="Uploads larger than this run as a job (202 + /jobs/{id})."
