@@ -38,6 +38,7 @@ _HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "content-length", "date", "server",
 })
+_SSE = "text/event-stream"
 _TAIL = 2048  # bytes of a stream's end kept to see how it ended
 
 
@@ -97,10 +98,10 @@ class Proxy:
         model, stream = self._target(body)
         request_id = accept_or_mint(request.headers.get(REQUEST_ID))
         request_id_var.set(request_id)
+        incoming = request.headers
         headers = {
-            "Content-Type": request.headers.get("Content-Type", "application/json"),
-            "Accept": request.headers.get("Accept", "*/*"),
-            "Accept-Encoding": request.headers.get("Accept-Encoding", "identity"),
+            "Content-Type": incoming.get("Content-Type", "application/json"),
+            "Accept-Encoding": incoming.get("Accept-Encoding", "identity"),
             REQUEST_ID: request_id,
             TOKEN_HEADER: self._token,
         }
@@ -199,10 +200,14 @@ class Proxy:
         upstream: aiohttp.ClientResponse | None = None
         worker.pending.add(task)  # ejecting the worker aborts this wait (a hung worker's requests move on)
         try:
-            async with asyncio.timeout(self._timeouts.first_byte_s if call.stream else None):
-                upstream = await session.request(call.request.method, self._url(worker, call.request),
-                                                 data=call.body, headers=call.headers)
-                sse = upstream.status == 200 and upstream.content_type == "text/event-stream"
+            pending = session.request(call.request.method, self._url(worker, call.request),
+                                      data=call.body, headers=call.headers)
+            if not call.stream:  # no first-byte deadline: the answer comes whole (read_timeout_s applies)
+                upstream = await pending
+                return upstream, await upstream.read(), False
+            async with asyncio.timeout(self._timeouts.first_byte_s):
+                upstream = await pending
+                sse = upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(_SSE)
                 first = await upstream.content.readany() if sse else await upstream.read()
             return upstream, first, sse
         except TimeoutError as exc:

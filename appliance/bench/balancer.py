@@ -182,7 +182,8 @@ def real_worker_overhead(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     config.write_text("")
     env = {"APPLIANCE_CONFIG": str(config), "APPLIANCE_DATA_DIR": str(tmp), "APPLIANCE_INTERNAL_TOKEN": token,
            "APPLIANCE_LOG_LEVEL": "WARNING", "APPLIANCE_WORKER_PORT": str(port),
-           "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_SLOTS": "2"}
+           "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_SLOTS": "2",
+           "APPLIANCE_WORKER_N_THREADS": str(args.worker_threads)}
     worker = f"http://127.0.0.1:{port}"
     with _process([sys.executable, "-m", "inference"], env, tmp / "worker.log") as proc:
         _wait_until(lambda: _get_json(f"{worker}/health")[0] == 200, 300, "inference worker", proc)
@@ -210,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--client", choices=["aiohttp", "raw"], default="aiohttp", help="load generator")
     add("--fakes", choices=["aiohttp", "raw"], default="aiohttp", help="fake upstream server")
     add("--no-baseline", dest="baseline", action="store_false", help="skip the naive proxy reference")
-    add("--requests", type=int, default=30, help="16-token completions per side, real worker")
+    add("--requests", type=int, default=20, help="16-token completions per side, real worker")
+    add("--worker-threads", type=int, default=1, help="llama.cpp threads of the real worker (0 = all cores)")
     add("--skip-real", action="store_true", help="only the routing-capacity part")
     add("--model-path", default="")
     add("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))

@@ -28,6 +28,11 @@ pytestmark = pytest.mark.integration
 TOKEN = "test-internal-token"
 AUTH = {"X-Internal-Token": TOKEN}
 MODEL = "fake-model"
+CONTRACT_METRICS = (
+    "appliance_balancer_requests_total{", "appliance_balancer_inflight{", "appliance_balancer_worker_healthy{",
+    "appliance_balancer_ejections_total{", "appliance_balancer_retries_total ", "appliance_balancer_queue_depth ",
+    "appliance_balancer_queue_wait_seconds_bucket{", "appliance_balancer_upstream_latency_seconds_bucket{",
+)
 FAST = {"probe_interval_s": 0.1, "probe_timeout_s": 0.3, "eject_after_failed_probes": 1,
         "readmit_after_good_probes": 2, "connect_timeout_s": 0.5}
 
@@ -99,6 +104,13 @@ async def test_proxies_json_and_streams_with_ids_and_token() -> None:
             assert [m["id"] for m in (await response.json())["data"]] == [MODEL]
         async with client.get(f"{url}/health") as response:
             assert response.status == 200 and (await response.json())["healthy_workers"] == 2
+        async with client.get(f"{url}/metrics") as response:
+            exposition = await response.text()
+        for name in CONTRACT_METRICS:  # docs/CONTRACTS.md: dashboards and alerts use exactly these
+            assert f"\n{name}" in exposition, name
+        served = [line for line in exposition.splitlines()
+                  if line.startswith("appliance_balancer_requests_total{") and 'status="200"' in line]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in served) == 2  # one JSON answer, one stream
 
 
 async def test_client_errors_are_openai_shaped() -> None:
