@@ -27,6 +27,7 @@ from appliance.core.wire import (
 )
 from inference.keys import SERVICE
 from inference.sequence import GenerationFailed, SequenceHandle
+from inference.structured import parse_tool_call, plan_structured
 
 __all__ = ["chat_completions", "completions", "models"]
 
@@ -91,10 +92,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse_request(ChatCompletionRequest, payload)
     reject_unsupported(body)
     service.check_model(body.model)
-    tokens, template_stops = await service.chat_prompt(body)
-    generation = service.generation(body, tokens, template_stops, ignore_eos=bool(payload.get("ignore_eos")))
+    plan = plan_structured(body)
+    tokens, template_stops = await service.chat_prompt(body, plan)
+    generation = service.generation(body, tokens, template_stops, ignore_eos=bool(payload.get("ignore_eos")),
+                                    grammar=plan.grammar)
     handle = service.submit(generation)
     id_, created, model = new_id("chatcmpl"), int(time.time()), service.alias
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    usage_chunk = chat_chunk(id_=id_, model=model, created=created, delta={}, include_choice=False) \
+        if include_usage else None
+    if plan.tools:
+        text = await _whole_text(handle)
+        calls = parse_tool_call(text)
+        finish = "tool_calls" if calls else handle.finish_reason or "stop"
+        if not body.stream:
+            return web.json_response(chat_response(
+                id_=id_, model=model, created=created, content=None if calls else text, finish_reason=finish,
+                usage=_usage(handle), tool_calls=calls or None))
+        delta: dict[str, Any] = {"role": "assistant", "content": None if calls else text}
+        if calls:
+            delta["tool_calls"] = [{"index": 0, **call} for call in calls]
+        chunks = [chat_chunk(id_=id_, model=model, created=created, delta=delta),
+                  chat_chunk(id_=id_, model=model, created=created, delta={}, finish_reason=finish)]
+        return await _send_chunks(request, chunks, usage_chunk, handle)
     if not body.stream:
         text = await _whole_text(handle)
         return web.json_response(chat_response(id_=id_, model=model, created=created, content=text,
@@ -105,10 +125,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return chat_chunk(id_=id_, model=model, created=created, delta=delta, finish_reason=finish_reason)
 
     first = encode_data(chat_chunk(id_=id_, model=model, created=created, delta={"role": "assistant", "content": ""}))
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    usage_chunk = chat_chunk(id_=id_, model=model, created=created, delta={}, include_choice=False) \
-        if include_usage else None
     return await _stream(request, handle, first, chunk, usage_chunk)
+
+
+async def _send_chunks(request: web.Request, chunks: list[dict[str, Any]], usage_chunk: dict[str, Any] | None,
+                       handle: SequenceHandle) -> web.StreamResponse:
+    """A stream whose content was produced whole (a tool call is only sent once it parses)."""
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        for item in chunks:
+            await response.write(encode_data(item))
+        if usage_chunk is not None:
+            usage_chunk["usage"] = _usage(handle).model_dump()
+            await response.write(encode_data(usage_chunk))
+        await response.write(DONE)
+        await response.write_eof()
+    return response
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

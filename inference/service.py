@@ -17,6 +17,7 @@ from inference.sampling import SamplingParams
 from inference.scheduler import Event, QueueFull, Scheduler
 from inference.sequence import GenerationRequest, SequenceHandle
 from inference.settings import WorkerSettings
+from inference.structured import StructuredPlan
 from inference.templates import ChatTemplate, RenderedPrompt
 
 __all__ = ["ModelLoader", "WorkerService"]
@@ -116,10 +117,13 @@ class WorkerService:
             raise not_found(f"The model {name!r} does not exist on this worker (it serves {self.alias!r}).",
                             param="model", code="model_not_found")
 
-    async def chat_prompt(self, body: ChatCompletionRequest) -> tuple[list[int], tuple[str, ...]]:
+    async def chat_prompt(self, body: ChatCompletionRequest, plan: StructuredPlan
+                          ) -> tuple[list[int], tuple[str, ...]]:
         model, _ = self.ready()
-        rendered = self.template.render(list(body.messages))
-        return await self._tokenize(model, rendered), rendered.stops
+        rendered = self.template.render(list(body.messages), plan.offered_tools)
+        # A grammar decides where the answer ends; the template's stop strings would only cut it short.
+        stops = () if plan.grammar is not None else rendered.stops
+        return await self._tokenize(model, rendered), stops
 
     async def completion_prompt(self, body: CompletionRequest) -> list[int]:
         model, _ = self.ready()
@@ -147,7 +151,8 @@ class WorkerService:
         )
 
     def generation(self, body: ChatCompletionRequest | CompletionRequest, tokens: list[int],
-                   extra_stops: tuple[str, ...] = (), *, ignore_eos: bool = False) -> GenerationRequest:
+                   extra_stops: tuple[str, ...] = (), *, ignore_eos: bool = False, grammar: str | None = None,
+                   ) -> GenerationRequest:
         """Validate limits against the context and turn the request into scheduler terms."""
         n_ctx, cap = self.settings.n_ctx, self.settings.max_tokens_cap
         if not tokens:
@@ -165,10 +170,10 @@ class WorkerService:
                               param="max_tokens", code="max_tokens_exceeded")
         max_tokens = min(limit or cap, n_ctx - len(tokens))
         stops = tuple(body.stop_list()) + tuple(s for s in extra_stops if s not in body.stop_list())
-        return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, sampling=self._sampling(body),
-                                 stops=stops, ignore_eos=ignore_eos)
+        return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, sampling=self._sampling(body, grammar),
+                                 stops=stops, ignore_eos=ignore_eos and grammar is None)
 
-    def _sampling(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
+    def _sampling(self, body: ChatCompletionRequest | CompletionRequest, grammar: str | None) -> SamplingParams:
         bias: dict[int, float] = {}
         n_vocab = self.model.n_vocab if self.model is not None else 0
         for key, value in (body.logit_bias or {}).items():
@@ -178,7 +183,7 @@ class WorkerService:
         return SamplingParams(
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            repeat_penalty=body.repeat_penalty, logit_bias=bias,
+            repeat_penalty=body.repeat_penalty, logit_bias=bias, grammar=grammar,
         )
 
     def submit(self, request: GenerationRequest) -> SequenceHandle:

@@ -10,6 +10,7 @@ that keeps the model from writing the user's next turn.
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,8 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from appliance.core.errors import bad_request
-from appliance.core.wire import ChatMessage, message_text
+from appliance.core.wire import ChatMessage, Tool, message_text
+from inference.structured import tools_preamble
 
 __all__ = ["ChatTemplate", "RenderedPrompt"]
 
@@ -52,6 +54,19 @@ def _as_dict(message: ChatMessage) -> dict[str, Any]:
     return item
 
 
+def _calls_text(message: ChatMessage) -> str:
+    calls = [{"name": call.function.name, "arguments": _loads(call.function.arguments)}
+             for call in message.tool_calls or []]
+    return " ".join(json.dumps(call, ensure_ascii=False) for call in calls)
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 class ChatTemplate:
     """Renders messages for one model; ``source`` None means the fallback format."""
 
@@ -70,9 +85,10 @@ class ChatTemplate:
     def is_fallback(self) -> bool:
         return self._template is None
 
-    def render(self, messages: list[ChatMessage], **extra: Any) -> RenderedPrompt:
+    def render(self, messages: list[ChatMessage], tools: tuple[Tool, ...] = ()) -> RenderedPrompt:
         if self._template is None:
-            return self._fallback(messages)
+            return self._fallback(messages, tools)
+        extra: dict[str, Any] = {"tools": [tool.model_dump() for tool in tools]} if tools else {}
         try:
             text = self._template.render(
                 messages=[_as_dict(m) for m in messages], add_generation_prompt=True,
@@ -84,11 +100,11 @@ class ChatTemplate:
         return RenderedPrompt(text=text, add_special=not starts_with_bos, parse_special=True)
 
     @staticmethod
-    def _fallback(messages: list[ChatMessage]) -> RenderedPrompt:
-        parts: list[str] = []
+    def _fallback(messages: list[ChatMessage], tools: tuple[Tool, ...] = ()) -> RenderedPrompt:
+        parts: list[str] = [f"{tools_preamble(tools)}\n\n"] if tools else []
         for message in messages:
             role = _FALLBACK_ROLES[message.role]
-            text = message_text(message).strip()
+            text = message_text(message).strip() or _calls_text(message)
             parts.append(f"{text}\n\n" if role == "System" else f"{role}: {text}\n")
         parts.append("Assistant:")
         # User text is plain text here: parse_special=False keeps "<eos>" typed by a user inert.
