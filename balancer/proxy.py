@@ -9,7 +9,10 @@ with the SSE error event and never with ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import re
+import secrets
 from dataclasses import dataclass
 
 import aiohttp
@@ -20,7 +23,7 @@ from yarl import URL
 
 from appliance.core.errors import APIError, bad_request, error_body, not_found, overloaded
 from appliance.core.request_id import HEADER as REQUEST_ID
-from appliance.core.request_id import accept_or_mint, request_id_var
+from appliance.core.request_id import request_id_var
 from appliance.core.sse import encode_error
 from balancer.health import note_failure
 from balancer.http import TOKEN_HEADER, require_token
@@ -39,6 +42,7 @@ _HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "content-length", "date", "server",
 })
 _SSE = "text/event-stream"
+_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # as appliance.core.request_id: ids land in logs
 _TAIL = 2048  # bytes of a stream's end kept to see how it ended
 
 
@@ -88,6 +92,10 @@ class Proxy:
         self._max_attempts = max_attempts
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[tuple[str, str], URL] = {}
+        # Ids for requests that came without one: a random per-process prefix and a counter
+        # (unique, cheaper than a uuid4 per request; the gateway normally sends its own).
+        self._id_prefix = f"bal-{secrets.token_hex(6)}-"
+        self._id_counter = itertools.count(1)
 
     def attach(self, session: aiohttp.ClientSession | None) -> None:
         self._session = session
@@ -96,9 +104,10 @@ class Proxy:
         require_token(request, self._token_bytes)
         body = await request.read()
         model, stream = self._target(body)
-        request_id = accept_or_mint(request.headers.get(REQUEST_ID))
-        request_id_var.set(request_id)
         incoming = request.headers
+        given = incoming.get(REQUEST_ID)
+        request_id = given if given and _SANE_ID.match(given) else f"{self._id_prefix}{next(self._id_counter):x}"
+        request_id_var.set(request_id)
         headers = {
             "Content-Type": incoming.get("Content-Type", "application/json"),
             "Accept-Encoding": incoming.get("Accept-Encoding", "identity"),
@@ -297,7 +306,11 @@ def _close(upstream: aiohttp.ClientResponse | None) -> None:
 
 
 def _copy_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
+    copied = headers.copy()  # C-level copy, then drop the few hop-by-hop names
+    for name in _HOP_BY_HOP:
+        if name in copied:
+            del copied[name]
+    return copied
 
 
 def _ended_properly(tail: bytes) -> bool:
