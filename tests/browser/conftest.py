@@ -85,7 +85,8 @@ def stack(model_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="package")
-def browser() -> Iterator[Any]:
+def browser(stack: Stack) -> Iterator[Any]:
+    """Closed before the stack stops, so no open browser connection holds up the gateway's shutdown."""
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     with playwright_sync.sync_playwright() as pw:

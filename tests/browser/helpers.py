@@ -26,7 +26,7 @@ def screenshot(page: Any, name: str) -> Path:
 
 def sign_in(page: Any, key: str, path: str = "/") -> None:
     page.goto(path)
-    page.get_by_label("API key").fill(key)
+    page.locator("#api-key").fill(key)
     page.get_by_role("button", name="Sign in").click()
 
 

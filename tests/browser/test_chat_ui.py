@@ -100,6 +100,7 @@ def test_rate_limited_key_sees_the_wait_message(page: Any, stack: Stack) -> None
     expect(page.locator("#banner")).to_have_text(re.compile(r"Rate limited, try again in \d+ s\."))
     expect(page.locator(".message.assistant").nth(1).locator(".error")).to_contain_text("Rate limited")
     expect(page.locator("#app")).to_be_visible()  # still signed in
+    screenshot(page, "chat-rate-limited")
 
 
 def test_revoked_key_is_sent_back_to_sign_in(page: Any, stack: Stack) -> None:
@@ -132,3 +133,26 @@ def test_model_output_is_rendered_as_markdown_never_as_html(page: Any, stack: St
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     answer.get_by_role("button", name="Copy code").click()
     expect(answer.get_by_role("button", name="Copy code")).to_have_text("Copied")
+
+
+MARKDOWN_CASES = [
+    ("# Title", "<h3>Title</h3>"),
+    ("- a\n- b", "<ul><li>a</li><li>b</li></ul>"),
+    ("1. one\n2. two", "<ol><li>one</li><li>two</li></ol>"),
+    ("[site](https://example.org/x)",
+     '<a href="https://example.org/x" target="_blank" rel="noopener noreferrer nofollow">site</a>'),
+    ("[bad](javascript:alert(1))", "[bad](javascript:alert(1))"),
+    ("a <b onclick=x>b</b> & c", "a &lt;b onclick=x&gt;b&lt;/b&gt; &amp; c"),
+    ('`<i a="1">`', "<code>&lt;i a=&quot;1&quot;&gt;</code>"),
+    ("```js\nlet a = 1 < 2;", "let a = 1 &lt; 2;</code></pre>"),  # an unclosed fence mid-stream is still code
+    ("see [2]", '<sup class="cite-ref" data-cite="2">[2]</sup>'),
+]
+
+
+def test_markdown_renderer_escapes_first(page: Any, stack: Stack) -> None:
+    page.goto("/")
+    rendered = page.evaluate(
+        "async (cases) => { const m = await import('/static/js/markdown.js'); "
+        "return cases.map(([src]) => m.renderMarkdown(src)); }", MARKDOWN_CASES)
+    for (source, expected), html in zip(MARKDOWN_CASES, rendered, strict=True):
+        assert expected in html, (source, html)

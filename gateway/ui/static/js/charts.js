@@ -35,6 +35,15 @@ export function drawChart(svg, series, unit) {
     svg.append(line);
   }
   line.setAttribute("points", coords.join(" "));
+  let dot = svg.querySelector("circle");
+  if (!dot) {
+    dot = document.createElementNS(SVG, "circle");
+    dot.setAttribute("r", "3");
+    svg.append(dot);
+  }
+  const [x, y] = (coords.at(-1) || `-10,-10`).split(",");
+  dot.setAttribute("cx", points.length === 1 ? String(width) : x); // the latest value, even alone
+  dot.setAttribute("cy", y);
   const latest = series.last;
   const text = latest === undefined ? "no data yet" : `now ${latest.toFixed(2)} ${unit}, peak ${max.toFixed(2)}`;
   svg.setAttribute("aria-label", `${svg.dataset.title}: ${text}`);

@@ -63,6 +63,6 @@ export async function streamAnswer({ conversation, assistant, model, collection,
     assistant.error = error.friendly;
     return error;
   } finally {
-    finishStats();
+    if (assistant.content || assistant.stopped) finishStats(); // a refused request has no stats to show
   }
 }
