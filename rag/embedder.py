@@ -65,6 +65,11 @@ class SentenceTransformerEmbedder:
         return self._dimension
 
     @property
+    def model(self) -> Any:
+        """The underlying SentenceTransformer (for benchmarks comparing against it)."""
+        return self._model
+
+    @property
     def device(self) -> str:
         return str(self._model.device)
 

@@ -1,0 +1,292 @@
+"""``appliance bench rag``: the RAG service against the raw embedding model and exact search, in one run.
+
+* ``ingest_efficiency``: chunks/s ingested through the service's HTTP API
+  (``python -m rag``: parse, chunk, embed, SQLite commit, index) divided by
+  chunks/s of a bare ``SentenceTransformer.encode`` on the very same chunk texts,
+  same model and threads (raw is measured before and after; their mean is used).
+* ``query_p50_ms``: ``POST /collections/bulk/search`` (real query embedding +
+  index search + chunk lookup) on a collection of ``--bulk`` chunks: the real
+  corpus chunks plus synthetic vectors mixed from real chunk embeddings.
+* ``flat_over_approx``: exact (flat) search time over HNSW search time on the
+  same vectors and queries, at the smallest efSearch whose recall@10 against
+  exact is at least 0.95 (``approx_recall_at_10``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_VOCABULARY = ("river mountain engine harbour market winter garden library bridge forest signal copper glass "
+         "weather orchard railway lantern compass valley island factory voyage canal museum mineral "
+         "harvest theatre bicycle telescope furnace meadow quarry village castle journal ferry cathedral "
+         "the of and to in is was for on that by with as at from it this an are be or which their "
+         "built carried measured grew opened crossed repaired painted counted traded studied described")
+WORDS = tuple(_VOCABULARY.split())
+
+
+def corpus(docs: int, seed: int) -> list[dict[str, str]]:
+    """Deterministic Markdown documents of a few sections each (about 5 chunks of 192 tokens)."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(docs):
+        sections = []
+        for s in range(3):
+            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 18))).capitalize() + "."
+                         for _ in range(rng.randint(14, 22))]
+            sections.append(f"## Part {s + 1} of record {n}\n\n" + " ".join(sentences))
+        out.append({"title": f"Record {n}", "text": f"# Record {n}\n\n" + "\n\n".join(sections),
+                    "format": "markdown"})
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def rag_service(data_dir: Path, threads: int, **extra: str) -> Iterator[tuple[str, str]]:
+    import subprocess
+    import sys
+
+    import httpx
+
+    port, token = _free_port(), secrets.token_urlsafe(16)
+    env = {**os.environ, "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_RAG_PORT": str(port),
+           "APPLIANCE_INTERNAL_TOKEN": token, "APPLIANCE_RAG_COMPUTE_THREADS": str(threads),
+           "APPLIANCE_LOG_LEVEL": "WARNING", **{f"APPLIANCE_RAG_{k.upper()}": v for k, v in extra.items()}}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = (data_dir / "rag-bench.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "rag"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"rag service did not start; see {data_dir / 'rag-bench.log'}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        yield url, token
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+
+
+def chunk_texts(embedder: Any, docs: list[dict[str, str]], size: int, overlap: int) -> list[str]:
+    """Exactly what the service embeds for these documents."""
+    from rag.chunker import chunk_sections, embedding_text
+    from rag.extract import extract
+
+    texts = []
+    for doc in docs:
+        parsed = extract(doc["text"].encode(), doc["format"], doc["title"])
+        for chunk in chunk_sections(parsed.sections, embedder.token_offsets, size, overlap):
+            texts.append(embedding_text(doc["title"], chunk))
+    return texts
+
+
+def raw_rate(model: Any, texts: list[str], batch: int) -> float:
+    started = time.perf_counter()
+    model.encode(texts, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
+    return len(texts) / (time.perf_counter() - started)
+
+
+def service_rate(url: str, token: str, docs: list[dict[str, str]]) -> tuple[float, int]:
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"X-Internal-Token": token}, timeout=600) as http:
+        http.post("/collections", json={"name": "warmup"}).raise_for_status()
+        http.post("/collections/warmup/documents", json={"title": "w", "text": "warm up the model"})
+        http.post("/collections", json={"name": "ingest"}).raise_for_status()
+        chunks = 0
+        started = time.perf_counter()
+        for doc in docs:
+            response = http.post("/collections/ingest/documents", json=doc)
+            response.raise_for_status()
+            chunks += int(response.json()["chunks"])
+        return chunks / (time.perf_counter() - started), chunks
+
+
+def synthetic(real: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Unit vectors mixed from three real chunk embeddings plus a little noise."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(real), (n, 3))
+    weights = rng.dirichlet((1.0, 1.0, 1.0), n).astype(np.float32)
+    out = np.einsum("nk,nkd->nd", weights, real[picks]) + 0.004 * rng.standard_normal((n, real.shape[1]))
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    vectors: np.ndarray = out.astype(np.float32)
+    return vectors
+
+
+def timed_search(index: Any, queries: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """Median ms per single-query search, and the ids found."""
+    times, found = [], []
+    for q in queries:
+        started = time.perf_counter()
+        _, ids = index.search(q[None, :], k)
+        times.append((time.perf_counter() - started) * 1000)
+        found.append(ids[0])
+    return statistics.median(times), np.array(found)
+
+
+def build_bulk(data_dir: Path, texts: list[str], vectors: np.ndarray, bulk: int, params: Any) -> Any:
+    """A store and saved index holding the real chunks plus synthetic ones, as the service lays them out."""
+    from rag.chunker import Chunk
+    from rag.index import CollectionIndex
+    from rag.store import DocumentStore, NewDocument
+
+    store = DocumentStore(data_dir / "rag" / "store.sqlite3")
+    store.create_collection("bulk", vectors.shape[1], "all-MiniLM-L6-v2")
+    real_chunks = [Chunk(i, t, (), 0) for i, t in enumerate(texts)]
+    _, real_ids = store.add_document("bulk", NewDocument("doc_real", "real", "real", "markdown", 0, {}),
+                                     real_chunks, vectors)
+    extra = synthetic(vectors, max(0, bulk - len(texts)), seed=7)
+    all_ids, all_vectors = [real_ids], [vectors]
+    for part, start in enumerate(range(0, len(extra), 10_000)):
+        block = extra[start:start + 10_000]
+        chunks = [Chunk(i, f"synthetic chunk {start + i}", (), 0) for i in range(len(block))]
+        doc = NewDocument(f"doc_syn{part}", f"synthetic {part}", f"syn{part}", "text", 0, {})
+        _, ids = store.add_document("bulk", doc, chunks, block)
+        all_ids.append(ids)
+        all_vectors.append(block)
+    store.close()
+    index = CollectionIndex(vectors.shape[1], params)
+    index.rebuild([(np.concatenate(all_ids), np.concatenate(all_vectors))])
+    (data_dir / "rag" / "indexes").mkdir(parents=True, exist_ok=True)
+    index.save(data_dir / "rag" / "indexes" / "bulk.faiss")
+    return index, np.concatenate(all_ids), np.concatenate(all_vectors)
+
+
+def query_latency(url: str, token: str, queries: list[str]) -> float:
+    import httpx
+
+    with httpx.Client(base_url=url, headers={"X-Internal-Token": token}, timeout=60) as http:
+        for query in queries[:3]:
+            http.post("/collections/bulk/search", json={"query": query, "top_k": 10}).raise_for_status()
+        times = []
+        for query in queries:
+            started = time.perf_counter()
+            http.post("/collections/bulk/search", json={"query": query, "top_k": 10}).raise_for_status()
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def approx_vs_flat(index: Any, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
+                   ef_start: int) -> dict[str, Any]:
+    import faiss
+
+    from rag.index import recall_at_k
+
+    flat = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
+    flat.add_with_ids(vectors, ids)
+    flat_ms, truth = timed_search(flat, queries, 10)
+    ef = ef_start
+    while True:
+        index.set_ef_search(ef)
+        approx_ms, found = timed_search(index.index, queries, 10)
+        recall = recall_at_k(truth, found, 10)
+        if recall >= 0.95 or ef >= 4096:
+            break
+        ef *= 2
+    return {"flat_search_ms": round(flat_ms, 3), "approx_search_ms": round(approx_ms, 3),
+            "approx_ef_search": ef, "approx_recall_at_10": round(recall, 4),
+            "flat_over_approx": round(flat_ms / approx_ms, 2)}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from rag.embedder import load_embedder
+    from rag.index import ApproxParams
+    from rag.settings import RagSettings
+
+    defaults = RagSettings(data_dir=Path(args.data_dir or "."))
+    embedder = load_embedder("", "auto", defaults.embed_batch_size, args.threads)
+    model = embedder.model
+    docs = corpus(args.docs, seed=1)
+    texts = chunk_texts(embedder, docs, defaults.chunk_tokens, defaults.chunk_overlap)
+    model.encode(texts[:8])  # warm-up
+    result: dict[str, Any] = {"device": embedder.device, "threads": args.threads or os.cpu_count(),
+                              "chunks": len(texts)}
+    base = Path(args.data_dir or tempfile.mkdtemp(prefix="bench-rag-"))
+    raw_before = raw_rate(model, texts, defaults.embed_batch_size)
+    with rag_service(base / "ingest", args.threads) as (url, token):
+        served, served_chunks = service_rate(url, token, docs)
+    raw_after = raw_rate(model, texts, defaults.embed_batch_size)
+    raw = (raw_before + raw_after) / 2
+    result.update({"raw_encode_chunks_s": round(raw, 2),
+                   "raw_encode_spread": round(abs(raw_before - raw_after) / raw, 3),
+                   "service_ingest_chunks_s": round(served, 2), "service_chunks": served_chunks,
+                   "ingest_efficiency": round(served / raw, 3)})
+
+    vectors = embedder.encode(texts)
+    params = ApproxParams(threshold=min(defaults.approx_threshold, args.bulk - 1), m=defaults.hnsw_m,
+                          ef_construction=defaults.hnsw_ef_construction, ef_search=defaults.hnsw_ef_search)
+    started = time.perf_counter()
+    index, ids, bulk_vectors = build_bulk(base / "bulk", texts, vectors, args.bulk, params)
+    result["bulk_chunks"] = len(ids)
+    result["approx_build_s"] = round(time.perf_counter() - started, 1)
+    queries = [" ".join(random.Random(i).choice(WORDS) for _ in range(8)) for i in range(args.queries)]
+    query_vectors = embedder.encode(queries)
+    result.update(approx_vs_flat(index, ids, bulk_vectors, query_vectors, defaults.hnsw_ef_search))
+    embed_ms = []
+    for query in queries:
+        started = time.perf_counter()
+        embedder.encode([query])
+        embed_ms.append((time.perf_counter() - started) * 1000)
+    result["query_embed_p50_ms"] = round(statistics.median(embed_ms), 2)
+    del model, embedder
+    with rag_service(base / "bulk", args.threads, hnsw_ef_search=str(result["approx_ef_search"])) as (url, token):
+        result["query_p50_ms"] = round(query_latency(url, token, queries), 2)
+    result["targets"] = {"ingest_efficiency": ">= 0.8", "query_p50_ms": "<= 20", "approx_recall_at_10": ">= 0.95"}
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance bench rag", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--docs", type=int, default=24, help="documents ingested (about 5 chunks each)")
+    parser.add_argument("--bulk", type=int, default=100_000, help="chunks in the query-latency collection")
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=0, help="torch/FAISS threads (0 = all cores)")
+    parser.add_argument("--data-dir", default="", help="where to put the bench's stores (default: a temp dir)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"embedding on {result['device']}, {result['threads']} threads, {result['chunks']} chunks")
+    print(f"ingest   raw encode {result['raw_encode_chunks_s']:.1f} chunks/s   service "
+          f"{result['service_ingest_chunks_s']:.1f} chunks/s   ingest_efficiency = {result['ingest_efficiency']}")
+    print(f"search   {result['bulk_chunks']} chunks: flat {result['flat_search_ms']} ms, HNSW "
+          f"{result['approx_search_ms']} ms (efSearch {result['approx_ef_search']}, recall@10 "
+          f"{result['approx_recall_at_10']})   flat_over_approx = {result['flat_over_approx']}")
+    print(f"query    embed p50 {result['query_embed_p50_ms']} ms   through the service (embed + search + "
+          f"lookup) query_p50_ms = {result['query_p50_ms']}")
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    return main(argv)
