@@ -1,0 +1,197 @@
+"""Schemathesis against the gateway's own OpenAPI document, with a real admin key.
+
+The gateway process runs for real (real Redis); behind it the instant fake upstream
+answers as balancer and RAG, so thousands of cases finish in a minute or two. The
+gateway's handlers read raw bodies, so its OpenAPI has no request bodies: the test adds
+them from the wire models the gateway itself validates with (chat, completions,
+embeddings, new keys), so the generated bodies reach the validation and proxy code.
+
+Checks: no response >= 500 (asserted), and every documented response matches its schema
+(counted; expected to fail today, see the xfail reason).
+``status_code_conformance`` is left out on purpose: the document lists no 4xx at all
+(finding reported in THREAT_MODEL.md), so every correct 401/413/422 would count as a failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis.checks import response_schema_conformance
+
+from tests.support.figures import record_figures
+from tests.support.stack import FAKE_MODEL, Stack, appliance_stack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+MAX_EXAMPLES = 100  # per operation: 24 operations → about 2,400 cases
+CASES: dict[str, int] = {"total": 0, "5xx": 0}
+
+
+def _body_schemas() -> dict[str, tuple[str, dict[str, Any]]]:
+    from appliance.core.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+    from gateway.routes.admin import NewKey
+
+    template = "#/components/schemas/{model}"
+    return {
+        "/v1/chat/completions": ("post", ChatCompletionRequest.model_json_schema(ref_template=template)),
+        "/v1/completions": ("post", CompletionRequest.model_json_schema(ref_template=template)),
+        "/v1/embeddings": ("post", EmbeddingRequest.model_json_schema(ref_template=template)),
+        "/admin/keys": ("post", NewKey.model_json_schema(ref_template=template)),
+    }
+
+
+def with_request_bodies(document: dict[str, Any]) -> dict[str, Any]:
+    document = copy.deepcopy(document)
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    for path, (method, schema) in _body_schemas().items():
+        components.update(schema.pop("$defs", {}))
+        document["paths"][path][method]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": schema}}}
+    return document
+
+
+@pytest.fixture(scope="module")
+def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with appliance_stack(tmp_path_factory.mktemp("fuzz"), upstream="fake") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def fuzz_results(fuzz_stack: Stack) -> dict[str, list[str]]:
+    """Run every operation's cases once; collect server errors and schema violations separately."""
+    with urllib.request.urlopen(f"{fuzz_stack.gateway}/schema/openapi.json", timeout=10) as response:
+        document = json.loads(response.read())
+    assert len(document["paths"]) >= 10, "the gateway published too few operations"
+    schema = schemathesis.openapi.from_dict(with_request_bodies(document))
+    headers = {"Authorization": f"Bearer {fuzz_stack.admin_key}"}
+    results: dict[str, list[str]] = {"server_errors": [], "schema_violations": [], "operations": []}
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        results["operations"].append(operation.label)
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        def run(case: schemathesis.Case) -> None:
+            response = case.call(base_url=fuzz_stack.gateway, headers=headers, timeout=15)
+            CASES["total"] += 1
+            if response.status_code >= 500:
+                CASES["5xx"] += 1
+                curl = case.as_curl_command()
+                results["server_errors"].append(f"{operation.label} -> {response.status_code}: {curl}")
+            try:
+                case.validate_response(response, checks=[response_schema_conformance])
+            except (Exception, BaseExceptionGroup) as exc:  # recorded; asserted by its own test
+                results["schema_violations"].append(f"{operation.label} [{response.status_code}]: {str(exc)[:300]}")
+
+        run()
+    record_figures("fuzz_gateway_openapi", operations=len(results["operations"]), cases_tried=CASES["total"],
+                   responses_5xx=CASES["5xx"], schema_violations=len(results["schema_violations"]),
+                   max_examples_per_operation=MAX_EXAMPLES, server_errors=results["server_errors"][:10])
+    return results
+
+
+def test_gateway_openapi_fuzz_no_server_error(fuzz_results: dict[str, list[str]]) -> None:
+    assert CASES["total"] >= 2000, CASES
+    assert not fuzz_results["server_errors"], "\n".join(fuzz_results["server_errors"][:20])
+
+
+@pytest.mark.xfail(strict=True, reason="gateway OpenAPI documents Litestar's {status_code, detail} error body "
+                   "for 400 while the gateway (rightly) answers OpenAI-shaped errors; 401/403/413/429 undocumented")
+def test_gateway_openapi_responses_match_the_document(fuzz_results: dict[str, list[str]]) -> None:
+    assert not fuzz_results["schema_violations"], "\n".join(sorted(set(fuzz_results["schema_violations"]))[:20])
+
+
+# -- hand cases: each hostile input gets a 4xx, never a 5xx, a hang or a crash -----------------------------
+
+def _chat(messages: Any, **extra: Any) -> dict[str, Any]:
+    return {"model": FAKE_MODEL, "messages": messages, **extra}
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+HAND_CASES: dict[str, bytes] = {
+    "11 MB body": json.dumps(_chat([{"role": "user", "content": "a" * (11 << 20)}])).encode(),
+    "10,000 messages": json.dumps(_chat([{"role": "user", "content": "hi"}] * 10_000)).encode(),
+    "deeply nested content": json.dumps(_chat([{"role": "user", "content": "x"}]))
+    .replace('"content": "x"', '"content": ' + "[" * 50_000 + "]" * 50_000).encode(),
+    "nested lists in content": json.dumps(_chat([{"role": "user", "content": _nested(200)}])).encode(),
+    "max_tokens 1e9": json.dumps(_chat([{"role": "user", "content": "hi"}], max_tokens=1_000_000_000)).encode(),
+    "invalid UTF-8": b'{"model": "fake-model", "messages": [{"role": "user", "content": "\xff\xfe\xc0"}]}',
+    "not JSON": b"\x00\x01{{{",
+    "JSON array, not object": b"[1, 2, 3]",
+}
+
+
+@pytest.mark.parametrize("name", list(HAND_CASES))
+def test_hostile_body_gets_4xx(fuzz_stack: Stack, name: str) -> None:
+    headers = {"Authorization": f"Bearer {fuzz_stack.admin_key}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=fuzz_stack.gateway, timeout=30) as client:
+        response = client.post("/v1/chat/completions", content=HAND_CASES[name], headers=headers)
+        assert 400 <= response.status_code < 500, (name, response.status_code, response.text[:300])
+        assert set(response.json()) == {"error"}
+        assert client.get("/healthz").status_code == 200
+
+
+def test_100kb_of_headers_gets_4xx(fuzz_stack: Stack) -> None:
+    headers = {"Authorization": f"Bearer {fuzz_stack.admin_key}",
+               **{f"X-Junk-{i}": "v" * 1000 for i in range(100)}}
+    with httpx.Client(base_url=fuzz_stack.gateway, timeout=30) as client:
+        response = client.post("/v1/chat/completions", json=_chat([{"role": "user", "content": "hi"}]),
+                               headers=headers)
+        assert 400 <= response.status_code < 500, response.status_code
+        assert client.get("/healthz").status_code == 200
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_oversize_bodies_are_refused_before_buffering(fuzz_stack: Stack) -> None:
+    """Ten 11 MB chat bodies and three 80 MB uploads: all 413, and the gateway's memory stays flat."""
+    pid = fuzz_stack.services["gateway"].pid
+    key = fuzz_stack.admin_key
+    before = _rss_kib(pid)
+
+    def chunks(total: int) -> Iterator[bytes]:
+        block = b"a" * (1 << 20)
+        for _ in range(total >> 20):
+            yield block
+
+    statuses = []
+    with httpx.Client(base_url=fuzz_stack.gateway, timeout=60) as client:
+        for _ in range(10):
+            statuses.append(_post_quietly(client, "/v1/chat/completions", 11 << 20, chunks(11 << 20), key))
+        for _ in range(3):
+            statuses.append(_post_quietly(client, "/v1/collections/docs/documents", 80 << 20, chunks(80 << 20), key))
+    growth_mib = (_rss_kib(pid) - before) / 1024
+    record_figures("fuzz_oversize_bodies", statuses=sorted(set(statuses)), gateway_rss_growth_mib=round(growth_mib, 1))
+    assert set(statuses) == {413}, statuses
+    assert growth_mib < 32, f"gateway grew {growth_mib:.0f} MiB while refusing oversize bodies"
+
+
+def _post_quietly(client: httpx.Client, path: str, length: int, body: Iterator[bytes], key: str) -> int:
+    """POST with a declared Content-Length; a server that refuses early may close before reading it all."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json", "Content-Length": str(length)}
+    try:
+        return client.post(path, content=body, headers=headers).status_code
+    except (httpx.RemoteProtocolError, httpx.WriteError) as exc:
+        return 413 if "413" in str(exc) else -1
