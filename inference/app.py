@@ -84,6 +84,10 @@ async def _health(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    scheduler = request.app[SERVICE].scheduler
+    if scheduler is not None:  # gauges are set per decode step; no step runs after the last sequence is cancelled
+        request.app[METRICS].slots_busy.set(scheduler.slots_busy)
+        request.app[METRICS].queue_depth.set(scheduler.queue_depth)
     body = render(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
