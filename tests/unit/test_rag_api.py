@@ -246,3 +246,28 @@ async def test_switches_to_hnsw_past_the_threshold_and_survives_restart(tmp_path
         assert all(h["document_id"] != ids[0] for h in hits)
     finally:
         await second.close()
+
+
+async def test_client_ingest_path_reports_progress_jobs_skips_and_failures(tmp_path: Path) -> None:
+    from rag.client import RagClient, ingest_path
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.md").write_text("# Alpha\n\nAlpha particles are helium nuclei.")
+    (folder / "b.txt").write_text("\n".join(f"Beta line {i} on orbital decay." for i in range(1500)))  # > 16 KiB
+    (folder / "c.txt").write_text("   ")
+    (folder / "d.xlsx").write_bytes(b"PK")
+    (folder / "e.md").write_text("# Alpha\n\nAlpha particles are helium nuclei.")  # same bytes as a.md
+    c = await started(settings(tmp_path / "data"))
+    try:
+        def run() -> list[Any]:
+            with RagClient(str(c.make_url("")), TOKEN) as rag:
+                return list(ingest_path(rag, folder, "new", poll_interval_s=0.01))
+        steps = await asyncio.to_thread(run)
+    finally:
+        await c.close()
+    final = {s.path.name: s.state for s in steps if s.state not in ("uploading", "indexing")}
+    assert final == {"a.md": "done", "b.txt": "done", "c.txt": "failed", "d.xlsx": "skipped", "e.md": "duplicate"}
+    big = [s for s in steps if s.path.name == "b.txt"]
+    assert big[-1].document is not None and big[-1].document["chunks"] > 10
+    assert all(0.0 <= s.fraction <= 1.0 for s in steps) and {s.files_total for s in steps} == {5}
