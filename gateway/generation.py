@@ -19,7 +19,7 @@ from gateway.cache import CachePolicy, cache_key, cache_policy
 from gateway.rag import augment, parse_rag_options
 from gateway.relay import StreamOutcome, relay_stream
 from gateway.services import GatewayServices
-from gateway.upstream import ensure_error_body
+from gateway.upstream import decode_json_object, ensure_error_body
 
 __all__ = ["decode_body", "generate"]
 
@@ -159,7 +159,7 @@ async def _complete(job: _Job, result: str) -> Response[Any]:
                         headers={**headers, **job.ticket.rate_headers},
                         background=BackgroundTask(svc.admission.settle, job.ticket))
     body = reply.body
-    document = msgspec.json.decode(body)
+    document = decode_json_object(body, "balancer")
     usage = document.get("usage") or {}
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     if job.citations is not None:

@@ -17,7 +17,7 @@ import msgspec
 
 from appliance.core.errors import APIError, bad_request
 from appliance.core.wire import ChatCompletionRequest, ChatMessage, message_text
-from gateway.upstream import Upstream, ensure_error_body
+from gateway.upstream import Upstream, decode_json_object, ensure_error_body
 
 __all__ = ["RagOptions", "augment", "build_context", "fence_nonce", "neutralise", "parse_rag_options"]
 
@@ -108,7 +108,7 @@ async def augment(request: ChatCompletionRequest, options: RagOptions, rag: Upst
         error = decoded["error"]
         raise APIError(reply.status, f"Retrieval failed: {error.get('message')}", type_=error.get("type") or
                        "invalid_request_error", param="rag.collection", code=error.get("code"))
-    results = msgspec.json.decode(reply.body).get("results", [])
+    results = decode_json_object(reply.body, "rag service").get("results") or []
     context, citations = build_context(options.collection, results, max_chars,
                                        fence_nonce(secret, options.collection, results))
     messages = [ChatMessage(role="system", content=context), *request.messages]

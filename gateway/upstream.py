@@ -18,7 +18,7 @@ from appliance.core.errors import APIError, error_body, overloaded
 from appliance.core.request_id import HEADER as REQUEST_ID_HEADER
 from appliance.core.request_id import current_request_id
 
-__all__ = ["Upstream", "UpstreamReply", "ensure_error_body"]
+__all__ = ["Upstream", "UpstreamReply", "decode_json_object", "ensure_error_body"]
 
 INTERNAL_TOKEN_HEADER = "X-Internal-Token"  # noqa: S105 - a header name, not a secret
 # Hop-by-hop and framing headers never copied between hops.
@@ -44,6 +44,18 @@ def ensure_error_body(status: int, body: bytes) -> bytes:
     kind = "server_error" if status >= 500 else "invalid_request_error"
     text = body[:300].decode("utf-8", "replace").strip() or f"upstream returned HTTP {status}"
     return msgspec.json.encode(error_body(text, kind, code=f"upstream_{status}"))
+
+
+def decode_json_object(body: bytes, service: str) -> dict[str, Any]:
+    """An upstream's 200 body; anything but a JSON object is the upstream's fault (502)."""
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        document = None
+    if not isinstance(document, dict):
+        raise APIError(502, f"The {service} returned an invalid response.", type_="server_error",
+                       code="bad_upstream_response")
+    return document
 
 
 class Upstream:

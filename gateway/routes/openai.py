@@ -13,7 +13,7 @@ from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.generation import decode_body, generate
 from gateway.services import GatewayServices
-from gateway.upstream import ensure_error_body
+from gateway.upstream import decode_json_object, ensure_error_body
 
 __all__ = ["chat_completions", "completions", "embeddings", "list_models"]
 
@@ -50,7 +50,7 @@ async def embeddings(request: Request[Any, Any, Any], svc: GatewayServices) -> R
     prompt = 0
     body = reply.body
     if reply.status == 200:
-        usage = msgspec.json.decode(body).get("usage") or {}
+        usage = decode_json_object(body, "rag service").get("usage") or {}
         prompt = int(usage.get("prompt_tokens") or 0)
         record.prompt_tokens = prompt
         svc.metrics.count_tokens(record.model, prompt, 0)
