@@ -4,6 +4,7 @@ citations, rate limits, revoked keys, and model output that must never become ma
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,6 +45,12 @@ def test_answer_streams_in_progressively_with_stats(page: Any, stack: Stack) -> 
     stored = page.evaluate("() => JSON.parse(localStorage.getItem('appliance.conversations'))")
     assert stored[0]["messages"][1]["content"].strip() == final.strip() or stored[0]["messages"][1]["content"]
     expect(page.locator(".open-conversation").first).to_contain_text("lighthouse")
+
+    page.get_by_role("button", name="Regenerate").click()  # replaces the answer, does not add one
+    page.wait_for_function(PARTIAL_TEXT_JS, timeout=60_000)
+    again = wait_answer_done(page, 1)
+    expect(page.locator(".message.assistant")).to_have_count(1)
+    expect(again.locator(".meta")).to_contain_text("tokens")
 
 
 def test_escape_stops_a_generation_midway(page: Any, stack: Stack) -> None:
@@ -133,6 +140,17 @@ def test_model_output_is_rendered_as_markdown_never_as_html(page: Any, stack: St
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     answer.get_by_role("button", name="Copy code").click()
     expect(answer.get_by_role("button", name="Copy code")).to_have_text("Copied")
+
+    box = page.get_by_label("Message", exact=True)
+    box.press_sequentially("line one")
+    box.press("Shift+Enter")
+    box.press_sequentially("line two")
+    assert box.input_value() == "line one\nline two"  # Shift+Enter is a newline, not a send
+    expect(page.locator(".message")).to_have_count(2)
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Export Markdown").click()
+    exported = Path(download.value.path()).read_text()
+    assert exported.startswith("# Stored") and "## Assistant" in exported and "**bold**" in exported
 
 
 MARKDOWN_CASES = [
