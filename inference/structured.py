@@ -22,8 +22,9 @@ __all__ = ["StructuredPlan", "parse_tool_call", "plan_structured"]
 UNSUPPORTED_KEYWORDS = frozenset({
     "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "patternProperties", "propertyNames",
     "uniqueItems", "contains", "minContains", "maxContains", "multipleOf", "unevaluatedProperties",
-    "unevaluatedItems", "$dynamicRef",
+    "unevaluatedItems", "$dynamicRef", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 })
+SUPPORTED_FORMATS = frozenset({"date", "time", "date-time", "uuid"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,9 @@ def _check_keywords(schema: Any, path: str) -> None:
         for key, value in schema.items():
             if key in UNSUPPORTED_KEYWORDS:
                 raise bad_request(f"JSON schema keyword {key!r} (at {path or '/'}) is not supported.",
+                                  param="response_format", code="unsupported_schema")
+            if key == "format" and isinstance(value, str) and value not in SUPPORTED_FORMATS:
+                raise bad_request(f"JSON schema string format {value!r} (at {path or '/'}) is not supported.",
                                   param="response_format", code="unsupported_schema")
             if key not in ("const", "enum", "default", "examples"):
                 _check_keywords(value, f"{path}/{key}")

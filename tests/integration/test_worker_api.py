@@ -227,3 +227,67 @@ def test_malformed_json_and_wrong_shapes_are_400(worker: Worker) -> None:
         worker.client().chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "word " * (N_CTX + 10)}], max_tokens=4)
     assert worker.get("/nope")[0] == 404
+
+
+CAT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "color": {"enum": ["black", "white", "orange"]},
+        "toys": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
+        "size": {"type": "object", "properties": {"kg": {"type": "integer"}}, "required": ["kg"]},
+    },
+    "required": ["name", "color", "toys", "size"],
+}
+
+
+def test_json_schema_output_validates(worker: Worker) -> None:
+    import jsonschema
+
+    result = worker.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a cat."}], max_tokens=CAP, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT_SCHEMA}},
+    )
+    assert result.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(result.choices[0].message.content or ""), CAT_SCHEMA)
+
+
+def test_sdk_parse_returns_a_pydantic_object(worker: Worker) -> None:
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=12)
+        population_millions: int
+
+    parsed = worker.client().chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Name a big city."}], max_tokens=CAP, temperature=0,
+        response_format=City,
+    )
+    assert isinstance(parsed.choices[0].message.parsed, City)
+
+
+def test_tool_call_round_trip(worker: Worker) -> None:
+    client = worker.client()
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}}}]
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                           max_tokens=48, temperature=0)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18}'}]
+    second = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=8,
+                                            temperature=0)
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert second.choices[0].message.content is not None
+
+
+def test_unsupported_schema_keyword_is_named(worker: Worker) -> None:
+    schema = {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(openai.BadRequestError, match="uniqueItems"):
+        worker.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})

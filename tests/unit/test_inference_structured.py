@@ -34,7 +34,7 @@ def test_json_object_and_schema_get_grammars() -> None:
     assert grammar is not None and '\\"red\\"' in grammar and "root ::=" in grammar
 
 
-@pytest.mark.parametrize("keyword", ["not", "uniqueItems", "patternProperties", "if"])
+@pytest.mark.parametrize("keyword", ["not", "uniqueItems", "patternProperties", "if", "maximum"])
 def test_unsupported_schema_keywords_are_named_in_a_400(keyword: str) -> None:
     schema = {"type": "object", "properties": {"x": {"type": "array", keyword: True}}}
     with pytest.raises(APIError) as info:
