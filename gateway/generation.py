@@ -53,7 +53,7 @@ class _Job:
 def decode_body(raw: bytes) -> dict[str, Any]:
     try:
         payload = msgspec.json.decode(raw) if raw else None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # bad UTF-8 / hostile nesting: a 400, not a 500
         raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
