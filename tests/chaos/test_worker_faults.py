@@ -143,7 +143,9 @@ async def test_sigstop_worker_is_ejected_skipped_and_readmitted(stack: Stack) ->
         readmitted_after = await asyncio.to_thread(
             wait_until, lambda: view(stack, 1)["state"] == "healthy", 30, 0.05, "readmission")
         before = int(view(stack, 1)["requests"])  # type: ignore[call-overload]
-        await asyncio.sleep(3)
+        back_in_s = await asyncio.to_thread(
+            wait_until, lambda: int(view(stack, 1)["requests"]) > before, 30, 0.1,  # type: ignore[call-overload]
+            "traffic to the readmitted worker")
         stop.set()
         await asyncio.wait_for(asyncio.gather(*load), 60)
     after_readmit = int(view(stack, 1)["requests"]) - before  # type: ignore[call-overload]
@@ -152,7 +154,7 @@ async def test_sigstop_worker_is_ejected_skipped_and_readmitted(stack: Stack) ->
     record_figures("chaos_sigstop_worker", requests=len(outcomes), ejection_s=round(ejected_after, 2),
                    readmission_s=round(readmitted_after, 2), served_while_stopped=served_while_stopped,
                    lost_requests=len(lost), cut_streams=len(failed) - len(lost),
-                   served_after_readmission=after_readmit)
+                   served_after_readmission=after_readmit, first_served_after_readmission_s=round(back_in_s, 2))
     assert ejected_after <= 8  # first-byte timeout (passive) or two failed probes
     assert served_while_stopped == 0
     assert not lost, [(o.index, o.status, o.exception) for o in lost]

@@ -10,14 +10,18 @@ Usage::
 Every process binds 127.0.0.1 on a free port, writes its log under ``tmp/logs`` and is
 stopped when the context exits. ``upstream="fake"`` replaces balancer, workers and RAG
 with the instant fake upstream (``appliance.bench.gateway_fakes``) for fuzzing and load
-tests of the gateway alone. ``rag`` is ``"real"`` (the real service and embedding model),
-``"fake"`` (the fake upstream answers RAG calls too) or ``"none"`` (the gateway then reports
-it as a failing dependency: ready but "degraded"); it defaults to the kind of ``upstream``.
+tests of the gateway alone; ``fake_workers=N`` puts N failure-mode fake workers
+(``tests.support.fake_worker``) behind the real balancer instead of real ones.
+``rag`` is ``"real"`` (the real service and embedding model), ``"fake"`` (the fake
+upstream answers RAG calls too) or ``"none"`` (the gateway then reports it as a failing
+dependency: ready but "degraded"); it defaults to the kind of ``upstream``.
+``stack.restart(name)`` and ``restart_redis(stack)`` bring a killed process back.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -135,6 +139,40 @@ def start_workers(stack: Stack, exits: ExitStack, count: int, model_path: Path,
         wait_http_ok(f"{url}/health", 180, stack.services[f"worker{index}"].proc)
 
 
+def start_fake_workers(stack: Stack, exits: ExitStack, count: int) -> None:
+    """Failure-mode fake workers (``tests.support.fake_worker``), switchable with ``POST /_mode``."""
+    for index in range(count):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = python_module("tests.support.fake_worker", "--port", str(port), "--model", FAKE_MODEL)
+        stack.services[f"worker{index}"] = exits.enter_context(run_service(
+            argv, env={}, log_path=stack.tmp / "logs" / f"fake-worker{index}.log", ready_url=f"{url}/health"))
+        stack.workers.append(url)
+    stack.model = FAKE_MODEL
+
+
+def restart_redis(stack: Stack) -> Service:
+    """Start redis-server again on the same port and directory (its AOF is replayed) after a kill."""
+    old = stack.services["redis"]
+    old.stop(timeout=5)
+    service = Service(old.argv, {}, old.log_path)
+    stack.exits.callback(service.stop)
+    host_port = stack.redis_url.rsplit("/", 1)[0].rsplit(":", 1)[1]
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", int(host_port)), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+    stack.services["redis"] = service
+    return service
+
+
 def start_balancer(stack: Stack, exits: ExitStack, settings: Mapping[str, str] | None) -> None:
     port = free_port()
     env = {**_common(stack.tmp, stack.token), "APPLIANCE_BALANCER_PORT": str(port),
@@ -196,7 +234,7 @@ def start_gateways(stack: Stack, exits: ExitStack, count: int, settings: Mapping
 def appliance_stack(
     tmp: Path, *, model_path: Path | None = None, workers: int = 1, gateways: int = 1,
     rag: Literal["real", "fake", "none"] | None = None,
-    upstream: Literal["real", "fake", "none"] = "real", redis_appendonly: bool = True,
+    upstream: Literal["real", "fake", "none"] = "real", redis_appendonly: bool = True, fake_workers: int = 0,
     worker_settings: Mapping[str, str] | None = None, balancer_settings: Mapping[str, str] | None = None,
     gateway_settings: Mapping[str, str] | None = None, rag_settings: Mapping[str, str] | None = None,
     token: str = TOKEN,
@@ -217,7 +255,9 @@ def appliance_stack(
             if rag == "real":
                 start_rag(stack, exits, rag_settings)
         else:
-            if workers:
+            if fake_workers:
+                start_fake_workers(stack, exits, fake_workers)
+            elif workers:
                 if model_path is None:
                     raise ValueError("real workers need model_path")
                 start_workers(stack, exits, workers, model_path, worker_settings)
