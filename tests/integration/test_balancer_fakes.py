@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from appliance.core.registry import announce, withdraw
+from appliance.core.registry import announce, heartbeat, withdraw
 from appliance.core.sse import SSEDecoder
 from balancer import BalancerSettings, create_app
 from balancer.app import POOL
@@ -253,13 +253,20 @@ async def test_workers_join_and_leave_through_the_redis_registry(redis_url: str)
     async with fakes(remote) as urls, balancer([], redis_url=redis_url, registry_poll_s=0.1) as (url, app), \
             aiohttp.ClientSession() as client:
         redis = Redis.from_url(redis_url)
+        beating = asyncio.create_task(heartbeat(redis, urls[0], MODEL, ttl_s=0.6, interval_s=0.15))
         try:
-            await announce(redis, urls[0], MODEL, ttl_s=30)
             await until(lambda: app[POOL].healthy_count == 1)
             assert (await post(client, url, chat()))[0] == 200 and remote.completed == 1
-            await withdraw(redis, urls[0])  # same as the key expiring
+            await asyncio.sleep(1.0)  # longer than the TTL: only the heartbeat keeps it in
+            assert app[POOL].healthy_count == 1
+            beating.cancel()  # the worker "dies" without saying goodbye: its key expires
+            await until(lambda: len(app[POOL]) == 0)
+            await announce(redis, urls[0], MODEL, ttl_s=30)
+            await until(lambda: app[POOL].healthy_count == 1)
+            await withdraw(redis, urls[0])  # a clean shutdown deletes the key at once
             await until(lambda: len(app[POOL]) == 0)
         finally:
+            beating.cancel()
             await redis.aclose()
 
 
