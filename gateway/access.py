@@ -38,6 +38,7 @@ class AccessRecord:
     upstream_s: float = 0.0
     stream: bool = False
     status: int = 0
+    prompt: str = ""  # filled only when the operator turned log_prompts on
 
 
 def access_record(request: Request[Any, Any, Any]) -> AccessRecord:
@@ -104,5 +105,6 @@ def _finish(metrics: GatewayMetrics, scope: Scope, record: AccessRecord, elapsed
             "key_id": record.key_id, "model": record.model, "prompt_tokens": record.prompt_tokens,
             "completion_tokens": record.completion_tokens, "cache": record.cache, "stream": record.stream,
             "latency_ms": round(elapsed * 1000, 2), "upstream_ms": round(record.upstream_s * 1000, 2),
+            **({"prompt": record.prompt} if record.prompt else {}),
         },
     )

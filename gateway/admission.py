@@ -14,7 +14,7 @@ import itertools
 import math
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +59,10 @@ def usage_key(day: dt.date) -> str:
 
 
 class Admission:
-    def __init__(self, guard: RedisGuard, *, key_cache_ttl_s: float, fail_open: bool, inflight_ttl_s: int) -> None:
+    def __init__(self, guard: RedisGuard, *, key_cache_ttl_s: float, fail_open: bool, inflight_ttl_s: int,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self._guard = guard
+        self._on_refused = on_refused or (lambda _limit: None)
         self._admit = Script(ADMIT)
         self._settle = Script(SETTLE)
         self._key_cache_ttl_s = key_cache_ttl_s
@@ -116,6 +118,8 @@ class Admission:
         if not hmac.compare_digest(principal.digest, digest):
             raise unauthorized("Invalid API key.")
         self._verified[digest] = (principal, time.monotonic())
+        if status in _LIMIT_NAMES:
+            self._on_refused(status)
         _check_status(status, scope, model, reply)
         limit, remaining, reset = int(reply[2]), int(reply[3]), float(reply[4].decode())
         headers = _rate_headers(limit, remaining, reset) if limit > 0 else {}

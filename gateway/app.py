@@ -61,7 +61,8 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
     return GatewayServices(
         settings=settings, guard=guard,
         admission=Admission(guard, key_cache_ttl_s=settings.key_cache_ttl_s,
-                            fail_open=settings.rate_limit_fail_open, inflight_ttl_s=settings.concurrency_ttl_s),
+                            fail_open=settings.rate_limit_fail_open, inflight_ttl_s=settings.concurrency_ttl_s,
+                            on_refused=lambda limit: metrics.rate_limited.labels(limit).inc()),
         cache=ResponseCache(guard, settings.cache_max_entry_bytes), keys=KeyStore(redis),
         balancer=balancer,
         rag=Upstream("rag service", settings.rag_url, http, token,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -12,7 +13,13 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from appliance.core.errors import APIError, bad_request
-from appliance.core.wire import ChatCompletionRequest, CompletionRequest, parse_request, reject_unsupported
+from appliance.core.wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    message_text,
+    parse_request,
+    reject_unsupported,
+)
 from gateway.access import AccessRecord, access_record
 from gateway.admission import Ticket, parse_bearer
 from gateway.cache import CachePolicy, cache_key, cache_policy
@@ -114,6 +121,8 @@ async def _prepare(request: Request[Any, Any, Any], job: _Job, payload: dict[str
     """RAG augmentation, and the body the balancer gets (the client's own bytes when nothing changed)."""
     parsed, svc = job.parsed, job.svc
     job.record.stream = parsed.stream
+    if svc.settings.log_prompts:
+        job.record.prompt = _prompt_text(parsed)[:2000]
     changed = False
     if isinstance(parsed, ChatCompletionRequest) and parsed.rag is not None:
         options = parse_rag_options(parsed.rag)
@@ -197,6 +206,12 @@ async def _stream(job: _Job, result: str) -> Response[Any]:
 
     stream = relay_stream(resp, outcome, hide_usage=job.hide_usage, citations=job.citations, on_end=on_end)
     return Stream(stream, media_type=SSE, headers={**job.headers(result.upper()), "Cache-Control": "no-cache"})
+
+
+def _prompt_text(request: ChatCompletionRequest | CompletionRequest) -> str:
+    if isinstance(request, ChatCompletionRequest):
+        return "\n".join(f"{m.role}: {message_text(m)}" for m in request.messages)
+    return request.prompt if isinstance(request.prompt, str) else json.dumps(request.prompt)
 
 
 def _count(job: _Job, prompt: int, completion: int) -> None:

@@ -26,6 +26,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 __all__ = ["main"]
 
 TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway token for loopback processes
@@ -161,9 +163,10 @@ def efficiency(tmp: Path, redis_url: str, concurrency: int, duration: float) -> 
             "gateway_efficiency": round(through["rps"] / direct["rps"], 4) if direct["rps"] else None}
 
 
-async def _timed(session: Any, url: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[float, str]:
+async def _timed(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                 body: dict[str, Any]) -> tuple[float, str]:
     started = time.perf_counter()
-    async with session.post(url, json=body, headers=headers) as resp:
+    async with session.post(url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=600)) as resp:
         payload = await resp.read()
         if resp.status != 200:
             raise RuntimeError(f"{url} answered {resp.status}: {payload[:200]!r}")
@@ -171,8 +174,6 @@ async def _timed(session: Any, url: str, headers: dict[str, str], body: dict[str
 
 
 async def _latencies(worker: str, gateway: str, key: str, rounds: int) -> dict[str, Any]:
-    import aiohttp
-
     direct_h = {"X-Internal-Token": TOKEN}
     gw_h = {"Authorization": f"Bearer {key}"}
     off = {**gw_h, "Cache-Control": "no-cache, no-store"}
@@ -180,10 +181,10 @@ async def _latencies(worker: str, gateway: str, key: str, rounds: int) -> dict[s
     fixed = {**base, "prompt": "The capital of France is"}
     direct, through, misses, hits = [], [], [], []
     async with aiohttp.ClientSession() as session:
-        for _ in range(2):  # warm both paths
-            await _timed(session, worker + "/v1/completions", direct_h, fixed)
-            await _timed(session, gateway + "/v1/completions", off, fixed)
+        await _timed(session, worker + "/v1/completions", direct_h, fixed)  # warm both paths
+        await _timed(session, gateway + "/v1/completions", off, fixed)
         for index in range(rounds):
+            _progress(f"latency round {index + 1}/{rounds}")
             direct.append((await _timed(session, worker + "/v1/completions", direct_h, fixed))[0])
             through.append((await _timed(session, gateway + "/v1/completions", off, fixed))[0])
             unique = {**base, "prompt": f"Item {index}: the capital of France is"}
@@ -198,6 +199,10 @@ async def _latencies(worker: str, gateway: str, key: str, rounds: int) -> dict[s
             "hit_p50_ms": round(p50(hits) * 1000, 3) if hits else None,
             "hit_ratio": round(p50(hits) / p50(misses), 4) if hits and misses else None,
             "rounds": rounds, "hits": len(hits), "misses": len(misses)}
+
+
+def _progress(message: str) -> None:
+    print(f"bench gateway: {message}", file=sys.stderr, flush=True)
 
 
 def real_model(tmp: Path, redis_url: str, rounds: int, data_dir: Path) -> dict[str, Any]:
@@ -222,14 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput run")
-    parser.add_argument("--rounds", type=int, default=15, help="requests per latency sample")
+    parser.add_argument("--rounds", type=int, default=8, help="requests per latency sample")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("APPLIANCE_DATA_DIR", "data")))
     parser.add_argument("--skip-model", action="store_true", help="only the fake-upstream throughput part")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as raw, _redis(Path(raw)) as redis_url:
         tmp = Path(raw)
         result: dict[str, Any] = {"benchmark": "gateway", "concurrency": args.concurrency}
+        _progress("throughput: fake worker direct, then through balancer+gateway")
         result["throughput"] = efficiency(tmp, redis_url, args.concurrency, args.duration)
+        _progress(f"throughput done: {result['throughput']}")
         result["latency"] = ({"skipped": "--skip-model"} if args.skip_model
                              else real_model(tmp, redis_url, args.rounds, args.data_dir))
     result["targets"] = {"overhead_ratio": "<= 1.02", "hit_ratio": "<= 0.02", "gateway_efficiency": ">= 0.18"}

@@ -79,7 +79,8 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         choice = {"index": 0, "finish_reason": None, "logprobs": None, **({"delta": delta} if chat else {"text": word})}
         parts.append(_data({"id": ident, "object": kind, "created": created, "model": body.get("model"),
                             "choices": [choice]}))
-    end = {"index": 0, "finish_reason": "stop", "logprobs": None, **({"delta": {}} if chat else {"text": ""})}
+    tail: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+    end: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None, **tail}
     parts.append(_data({"id": ident, "object": kind, "created": created, "model": body.get("model"),
                         "choices": [end]}))
     if (body.get("stream_options") or {}).get("include_usage"):
