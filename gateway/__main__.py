@@ -27,6 +27,7 @@ def main() -> int:
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
         timeout_graceful_shutdown=10, server_header=False,
+        proxy_headers=False,  # identity is the API key; a client's X-Forwarded-For is never trusted
     )
     return 0
 
