@@ -78,6 +78,7 @@ class RagService:
         self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-embed")
         self._store: DocumentStore | None = None
         self._indexes: dict[str, CollectionIndex] = {}
+        self._models: dict[str, str] = {}  # collection → the embedding model its vectors came from
 
     # -- threads and lifecycle -----------------------------------------------------------------
 
@@ -109,6 +110,7 @@ class RagService:
         names = set()
         for row in self._store.collections():
             names.add(row.name)
+            self._models[row.name] = row.model
             self._indexes[row.name] = self._load_index(row)
         for path in (self.settings.rag_dir / "indexes").iterdir():
             if (path.suffix == ".faiss" and path.stem not in names) or path.name.endswith(".tmp"):
@@ -162,6 +164,7 @@ class RagService:
             raise APIError(409, f"Collection {name!r} already exists.", param="name", code="collection_exists")
         index = CollectionIndex(self.embedder.dimension, self._params)
         index.save(self._index_path(name))
+        self._models[name] = self.embedder.model_name
         self._indexes[name] = index
         return self._collection_json(self.store.collections(name)[0])
 
@@ -188,6 +191,7 @@ class RagService:
             raise not_found(f"Collection {name!r} does not exist.", param="collection",
                             code="collection_not_found")
         self._indexes.pop(name, None)
+        self._models.pop(name, None)
         self._index_path(name).unlink(missing_ok=True)
         return {"name": name, "object": "collection", "deleted": True}
 
@@ -212,9 +216,17 @@ class RagService:
                             code="collection_not_found")
         return index
 
+    def _same_model(self, name: str) -> None:
+        built_with = self._models.get(name, self.embedder.model_name)
+        if built_with != self.embedder.model_name:
+            raise APIError(409, f"Collection {name!r} was embedded with {built_with!r}, not "
+                           f"{self.embedder.model_name!r}; re-create it and ingest its documents again.",
+                           code="embedding_model_mismatch")
+
     async def ingest(self, name: str, upload: Upload, progress: Progress | None = None) -> dict[str, Any]:
         """Store a document durably and index it; returns its JSON (``duplicate`` when already there)."""
         self._index(name)
+        self._same_model(name)
         sha256 = hashlib.sha256(upload.data).hexdigest()
         existing = await self._on_store(self.store.find_by_sha256, name, sha256)
         if existing is not None:
@@ -301,6 +313,7 @@ class RagService:
 
     async def search(self, name: str, query: str, top_k: int) -> list[dict[str, Any]]:
         self._index(name)
+        self._same_model(name)
         if not query.strip():
             raise bad_request("query must not be empty.", param="query")
         if not 1 <= top_k <= self.settings.max_top_k:

@@ -30,8 +30,9 @@ def settings(tmp_path: Path, **overrides: Any) -> RagSettings:
     return RagSettings(**values)
 
 
-async def started(app_settings: RagSettings) -> TestClient[Any, Any]:
-    client = TestClient(TestServer(create_app(app_settings, embedder=HashEmbedder())), headers=HEADERS)
+async def started(app_settings: RagSettings, embedder: HashEmbedder | None = None) -> TestClient[Any, Any]:
+    app = create_app(app_settings, embedder=embedder or HashEmbedder())
+    client = TestClient(TestServer(app), headers=HEADERS)
     await client.start_server()
     for _ in range(200):
         if (await client.get("/health")).status == 200:
@@ -271,3 +272,17 @@ async def test_client_ingest_path_reports_progress_jobs_skips_and_failures(tmp_p
     big = [s for s in steps if s.path.name == "b.txt"]
     assert big[-1].document is not None and big[-1].document["chunks"] > 10
     assert all(0.0 <= s.fraction <= 1.0 for s in steps) and {s.files_total for s in steps} == {5}
+
+
+async def test_a_collection_refuses_queries_from_another_embedding_model(tmp_path: Path) -> None:
+    first = await started(settings(tmp_path))
+    await first.post("/collections", json={"name": "kb"})
+    await upload(first, "kb", CORPUS / "sourdough.md")
+    await first.close()
+    second = await started(settings(tmp_path), HashEmbedder(name="another-model"))
+    try:
+        response = await second.post("/collections/kb/search", json={"query": "starter"})
+        assert response.status == 409
+        assert (await response.json())["error"]["code"] == "embedding_model_mismatch"
+    finally:
+        await second.close()
