@@ -27,6 +27,7 @@ class Stack:
     admin_key: str
     workers: list[str]
     tmp: Path
+    processes: Any  # the shared tests.support.stack.Stack: services by name, restart(), balancer_workers()
 
     def create_key(self, name: str, scopes: tuple[str, ...] = ("chat",), **limits: int) -> dict[str, Any]:
         body = {"name": name, "scopes": list(scopes), "limits": {"rpm": 0, **limits}}
@@ -49,7 +50,7 @@ def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     with appliance_stack(tmp, model_path=model_path, workers=2,
                          worker_settings={"slots": "2", "n_ctx": "1024"},
                          gateway_settings={"model_info_ttl_s": "1", "rag_max_context_chars": "1200"}) as running:
-        yield Stack(running.gateway, running.admin_key, running.workers, tmp)
+        yield Stack(running.gateway, running.admin_key, running.workers, tmp, running)
 
 
 @pytest.fixture(scope="package")

@@ -4,6 +4,7 @@ citations, rate limits, revoked keys, and model output that must never become ma
 from __future__ import annotations
 
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import MODEL, Stack
 from tests.browser.helpers import PARTIAL_TEXT_JS, screenshot, send, set_max_tokens, sign_in, wait_answer_done
+from tests.support.stack import wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -174,3 +176,22 @@ def test_markdown_renderer_escapes_first(page: Any, stack: Stack) -> None:
         "return cases.map(([src]) => m.renderMarkdown(src)); }", MARKDOWN_CASES)
     for (source, expected), html in zip(MARKDOWN_CASES, rendered, strict=True):
         assert expected in html, (source, html)
+
+
+def test_a_cut_stream_is_shown_as_cut_never_as_finished(page: Any, stack: Stack) -> None:
+    sign_in(page, stack.admin_key)
+    set_max_tokens(page, 1000)
+    send(page, "Write a very long essay about rivers and the towns along them.")
+    page.wait_for_function(PARTIAL_TEXT_JS, timeout=60_000)
+    busy = [w["url"].rstrip("/") for w in stack.processes.balancer_workers() if w["inflight"]]
+    assert len(busy) == 1, busy
+    name = f"worker{stack.workers.index(busy[0])}"
+    stack.processes.services[name].signal(signal.SIGKILL)  # the worker dies mid-answer
+    answer = wait_answer_done(page, 1, timeout_ms=30_000)
+    expect(answer.locator(".error")).to_contain_text("cut off")
+    expect(page.locator("#banner")).to_contain_text("cut off")
+    assert "stopped" not in answer.locator(".meta").inner_text()
+    assert answer.locator(".body").inner_text().strip()  # what arrived before the cut is kept
+    stack.processes.restart(name)
+    wait_until(lambda: all(w["state"] == "healthy" for w in stack.processes.balancer_workers()), 60,
+               what="the restarted worker healthy again")
