@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import uvicorn
@@ -23,6 +24,8 @@ def main() -> int:
         return 2
     configure_logging("gateway", settings.log_level, settings.log_json)
     app = create_app(settings)
+    # uvicorn re-raises SIGTERM after its graceful shutdown (exit -15); a clean drain is a clean exit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None,
