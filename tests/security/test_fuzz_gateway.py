@@ -205,3 +205,21 @@ def _post_quietly(client: httpx.Client, path: str, length: int, body: Iterator[b
         return client.post(path, content=body, headers=headers).status_code
     except (httpx.RemoteProtocolError, httpx.WriteError) as exc:
         return 413 if "413" in str(exc) else -1
+
+
+@pytest.mark.parametrize("raw_path", ["/v1/collections/../../workers", "/v1/collections/%2e%2e/%2e%2e/workers",
+                                      "/v1/collections/docs/..%2f..%2fworkers", "/v1/collections/a\\..\\b"])
+def test_collections_path_traversal_is_refused(fuzz_stack: Stack, raw_path: str) -> None:
+    """Raw (un-normalised) paths: the proxy must not forward a path that leaves ``/collections``."""
+    import http.client
+
+    host, port = fuzz_stack.gateway.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", raw_path, headers={"Authorization": f"Bearer {fuzz_stack.admin_key}"})
+        response = connection.getresponse()
+        status, body = response.status, response.read()
+    finally:
+        connection.close()
+    assert status in (400, 404), (raw_path, status, body[:200])
+    assert b"workers" not in body or b"error" in body
