@@ -34,7 +34,7 @@ class ApproxParams:
     threshold: int = 50_000
     m: int = 32
     ef_construction: int = 80
-    ef_search: int = 256
+    ef_search: int = 512
     # Rebuild an HNSW index once this share of its vectors belongs to deleted chunks.
     max_deleted_ratio: float = 0.2
 

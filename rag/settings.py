@@ -35,7 +35,7 @@ class RagSettings(CommonSettings):
     approx_kind: Literal["hnsw"] = "hnsw"
     hnsw_m: int = Field(default=32, ge=4, le=128)
     hnsw_ef_construction: int = Field(default=80, ge=8)
-    hnsw_ef_search: int = Field(default=256, ge=8)
+    hnsw_ef_search: int = Field(default=512, ge=8)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     job_threshold_bytes: int = Field(
         default=1024 * 1024, ge=0, description="Uploads larger than this run as a job (202 + /jobs/{id})."
