@@ -92,6 +92,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse_request(ChatCompletionRequest, payload)
     reject_unsupported(body)
     service.check_model(body.model)
+    if body.logprobs or body.top_logprobs:
+        raise bad_request("logprobs are not supported by this worker.", param="logprobs")
     plan = plan_structured(body)
     tokens, template_stops = await service.chat_prompt(body, plan)
     generation = service.generation(body, tokens, template_stops, ignore_eos=bool(payload.get("ignore_eos")),
@@ -152,6 +154,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     service.check_model(body.model)
     if body.echo:
         raise bad_request("echo is not supported.", param="echo")
+    if body.logprobs is not None:
+        raise bad_request("logprobs are not supported by this worker.", param="logprobs")
     tokens = await service.completion_prompt(body)
     generation = service.generation(body, tokens, ignore_eos=bool(payload.get("ignore_eos")))
     handle = service.submit(generation)

@@ -1,8 +1,8 @@
 """Per-sequence sampling parameters and the llama.cpp sampler chain built from them.
 
 Each sequence owns its chain, so one request's temperature, seed, penalties
-or grammar never leaks into another's. A grammar (structured outputs) goes
-first in the chain, so every later stage only sees tokens it allows.
+or grammar never leaks into another's. A grammar (structured outputs) is a
+separate sampler, checked against the chain's pick (inference.constrained).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SamplingParams", "build_sampler_chain"]
+__all__ = ["SamplingParams", "build_grammar", "build_sampler_chain"]
 
 # How many recent tokens the repetition penalties look at (llama.cpp's default).
 PENALTY_LAST_N = 64
@@ -38,8 +38,18 @@ class SamplingParams:
         return self.seed & 0xFFFFFFFF if self.seed is not None else random.getrandbits(32)
 
 
+def build_grammar(llama: Any, vocab: Any, params: SamplingParams) -> Any:
+    """The sequence's grammar sampler, or None; kept out of the chain (see inference.constrained)."""
+    if params.grammar is None:
+        return None
+    grammar = llama.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+    if not grammar:
+        raise ValueError("the grammar could not be parsed")
+    return grammar
+
+
 def build_sampler_chain(llama: Any, vocab: Any, n_vocab: int, params: SamplingParams) -> Any:
-    """A new sampler chain (caller frees it with ``llama_sampler_free``).
+    """A new sampler chain without the grammar (caller frees it with ``llama_sampler_free``).
 
     ``llama`` is the ``llama_cpp`` module, passed in so importing this module
     stays free of the native library.
@@ -48,12 +58,6 @@ def build_sampler_chain(llama: Any, vocab: Any, n_vocab: int, params: SamplingPa
     chain_params.no_perf = True
     chain = llama.llama_sampler_chain_init(chain_params)
     add = llama.llama_sampler_chain_add
-    if params.grammar is not None:
-        grammar = llama.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
-        if not grammar:
-            llama.llama_sampler_free(chain)
-            raise ValueError("the grammar could not be parsed")
-        add(chain, grammar)
     if params.logit_bias:
         biases = (llama.llama_logit_bias * len(params.logit_bias))()
         for slot, (token, bias) in enumerate(params.logit_bias.items()):

@@ -18,8 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from inference.constrained import ConstrainedSampler
 from inference.model import LoadedModel
-from inference.sampling import build_sampler_chain
+from inference.sampling import build_grammar, build_sampler_chain
 from inference.sequence import ActiveSequence, GenerationRequest, SequenceHandle
 from inference.textstream import TextStream
 
@@ -57,6 +58,7 @@ class Scheduler:
         self._report: StepReport | None = None
         self._batch: Any = None
         self._arrays: tuple[Any, ...] = ()
+        self._constrained = ConstrainedSampler(model.llama, model.ctx, model.n_vocab)
 
     # -- event loop side --
 
@@ -84,8 +86,9 @@ class Scheduler:
             if self._active + len(self._waiting) >= self.slots_total + self.queue_size:
                 raise QueueFull
         model = self.model
+        grammar = build_grammar(model.llama, model.vocab, request.sampling)
         sampler = build_sampler_chain(model.llama, model.vocab, model.n_vocab, request.sampling)
-        handle = SequenceHandle(request, sampler)
+        handle = SequenceHandle(request, sampler, grammar)
         with self._lock:
             self._waiting.append(handle)
         self._wakeup.set()
@@ -101,7 +104,7 @@ class Scheduler:
             leftovers = list(self._waiting)
             self._waiting.clear()
         for handle in leftovers:
-            self.model.llama.llama_sampler_free(handle.sampler)
+            self._free_samplers(handle)
         if self._batch is not None:
             self.model.llama.llama_batch_free(self._batch)
             self._batch = None
@@ -135,17 +138,23 @@ class Scheduler:
                 while self._waiting:
                     handle = self._waiting.popleft()
                     if handle.cancelled:
-                        self.model.llama.llama_sampler_free(handle.sampler)
+                        self._free_samplers(handle)
                         continue
                     self._slots[index] = ActiveSequence(handle, index, TextStream(handle.request.stops))
                     self._active += 1
                     break
             return self._active > 0
 
+    def _free_samplers(self, handle: SequenceHandle) -> None:
+        llama = self.model.llama
+        llama.llama_sampler_free(handle.sampler)
+        if handle.grammar is not None:
+            llama.llama_sampler_free(handle.grammar)
+
     def _release(self, seq: ActiveSequence) -> None:
         llama = self.model.llama
         llama.llama_memory_seq_rm(self.model.memory, seq.seq_id, -1, -1)
-        llama.llama_sampler_free(seq.handle.sampler)
+        self._free_samplers(seq.handle)
         with self._lock:
             self._slots[seq.seq_id] = None
             self._active -= 1
@@ -205,7 +214,10 @@ class Scheduler:
         model = self.model
         handle = seq.handle
         request = handle.request
-        token = model.llama.llama_sampler_sample(handle.sampler, model.ctx, seq.batch_index)
+        if handle.grammar is None:
+            token = model.llama.llama_sampler_sample(handle.sampler, model.ctx, seq.batch_index)
+        else:
+            token = self._constrained.sample(handle.sampler, handle.grammar, seq.batch_index)
         if not request.ignore_eos and model.is_eog(token):
             return handle, seq.stream.finish(), 0, "stop", None
         seq.generated += 1
@@ -234,7 +246,7 @@ class Scheduler:
                 waiting = list(self._waiting)
                 self._waiting.clear()
             for handle in waiting:
-                self.model.llama.llama_sampler_free(handle.sampler)
+                self._free_samplers(handle)
                 events.append((handle, "", 0, None, message))
         self.model.llama.llama_memory_clear(self.model.memory, True)
         self._deliver(events, 0)

@@ -35,9 +35,10 @@ class GenerationRequest:
 class SequenceHandle:
     """The event-loop end of a sequence: text arrives here once per decode step."""
 
-    def __init__(self, request: GenerationRequest, sampler: Any) -> None:
+    def __init__(self, request: GenerationRequest, sampler: Any, grammar: Any = None) -> None:
         self.request = request
         self.sampler = sampler  # built on submit; owned by the decode thread from then on
+        self.grammar = grammar  # grammar sampler for structured output, or None
         self.prompt_tokens = len(request.prompt_tokens)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
