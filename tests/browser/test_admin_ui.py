@@ -76,3 +76,10 @@ def test_a_key_without_the_admin_scope_is_refused(page: Any, stack: Stack) -> No
     sign_in(page, key["key"], "/admin")
     expect(page.locator("#signin-error")).to_contain_text("Not allowed")
     expect(page.locator("#app")).to_be_hidden()
+
+    sign_in(page, key["key"], "/")  # signed in to the chat, the same tab follows the link to /admin
+    expect(page.locator("#app")).to_be_visible()
+    page.get_by_role("link", name="Admin").click()
+    expect(page.locator("#signin-error")).to_contain_text("Not allowed")
+    page.go_back()
+    expect(page.locator("#app")).to_be_visible()  # the chat session survived the refusal

@@ -75,7 +75,7 @@ function blocks(escaped) {
 
 /** Markdown → safe HTML. An unclosed ``` fence (mid-stream) renders as code up to the end. */
 export function renderMarkdown(source) {
-  const escaped = escapeHTML(source || "");
+  const escaped = escapeHTML(String(source || "").replace(/\u0000/g, "")); // NUL marks inline code below
   const parts = escaped.split(/^```/m);
   let html = "";
   for (let i = 0; i < parts.length; i += 1) {

@@ -49,7 +49,14 @@ export function setupSignIn({ verify, onReady }) {
     verify(getKey()).then(() => {
       show(true);
       onReady();
-    }, (err) => signOut(err instanceof ApiError ? err.friendly : ""));
+    }, (err) => {
+      const reason = err instanceof ApiError ? err.friendly : String(err);
+      if (err.status === 401) signOut(reason); // a dead key is forgotten
+      else {
+        message.textContent = reason; // e.g. a chat key on the admin page: keep it for the chat page
+        show(false);
+      }
+    });
   } else {
     show(false);
   }
