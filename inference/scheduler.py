@@ -132,6 +132,10 @@ class Scheduler:
             if seq is not None and seq.handle.cancelled:
                 self._release(seq)
         with self._lock:
+            if any(handle.cancelled for handle in self._waiting):  # gone while queued: free their places now
+                for handle in [h for h in self._waiting if h.cancelled]:
+                    self._waiting.remove(handle)
+                    self._free_samplers(handle)
             for index, seq in enumerate(self._slots):
                 if seq is not None:
                     continue
