@@ -1,4 +1,4 @@
-"""One real stack (worker, balancer, RAG, gateway, Redis) shared by the security tests, and a figures sink."""
+"""One real stack (worker, balancer, RAG, gateway, Redis) shared by the security tests."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from tests.support.stack import Stack, appliance_stack
-
-pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")

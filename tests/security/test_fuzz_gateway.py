@@ -33,7 +33,7 @@ from tests.support.stack import FAKE_MODEL, Stack, appliance_stack
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 MAX_EXAMPLES = 60  # per operation with parameters; operations with nothing to vary run once
-BODY_EXAMPLES = {"POST /v1/chat/completions": 600, "POST /v1/completions": 400, "POST /v1/embeddings": 250,
+BODY_EXAMPLES = {"POST /v1/chat/completions": 700, "POST /v1/completions": 400, "POST /v1/embeddings": 250,
                  "POST /admin/keys": 250}
 GATEWAY_OWN_500 = '"code":"internal_error"'  # the gateway's own unhandled-error body (not an upstream's 5xx)
 CASES: dict[str, int] = {"total": 0, "5xx": 0}

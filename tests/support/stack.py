@@ -261,7 +261,8 @@ def appliance_stack(
                 if model_path is None:
                     raise ValueError("real workers need model_path")
                 start_workers(stack, exits, workers, model_path, worker_settings)
-            start_balancer(stack, exits, balancer_settings)
+            if stack.workers:  # a balancer without workers is never ready (and nothing would use it)
+                start_balancer(stack, exits, balancer_settings)
             if rag == "real":
                 start_rag(stack, exits, rag_settings)
         if upstream != "none" and gateways:
