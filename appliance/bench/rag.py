@@ -218,7 +218,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from rag.index import ApproxParams
     from rag.settings import RagSettings
 
-    defaults = RagSettings(data_dir=Path(args.data_dir or "."))
+    defaults = RagSettings(data_dir=Path(args.data_dir))
     embedder = load_embedder("", "auto", defaults.embed_batch_size, args.threads)
     model = embedder.model
     docs = corpus(args.docs, seed=1)
@@ -226,7 +226,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     model.encode(texts[:8])  # warm-up
     result: dict[str, Any] = {"device": embedder.device, "threads": args.threads or os.cpu_count(),
                               "chunks": len(texts)}
-    base = Path(args.data_dir or tempfile.mkdtemp(prefix="bench-rag-"))
+    base = Path(args.data_dir)
     raw_before = raw_rate(model, texts, defaults.embed_batch_size)
     with rag_service(base / "ingest", args.threads) as (url, token):
         served, served_chunks = service_rate(url, token, docs)
@@ -273,7 +273,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    result = measure(args)
+    if args.data_dir:
+        result = measure(args)
+    else:
+        import shutil
+
+        args.data_dir = tempfile.mkdtemp(prefix="bench-rag-")
+        try:
+            result = measure(args)
+        finally:
+            shutil.rmtree(args.data_dir, ignore_errors=True)
     if args.json:
         print(json.dumps(result))
         return 0
