@@ -185,8 +185,9 @@ async def _latencies(worker: str, gateway: str, key: str, rounds: int) -> dict[s
         await _timed(session, gateway + "/v1/completions", off, fixed)
         for index in range(rounds):
             _progress(f"latency round {index + 1}/{rounds}")
-            direct.append((await _timed(session, worker + "/v1/completions", direct_h, fixed))[0])
-            through.append((await _timed(session, gateway + "/v1/completions", off, fixed))[0])
+            pair = [(direct, worker, direct_h), (through, gateway, off)]
+            for samples, base_url, headers in pair if index % 2 == 0 else pair[::-1]:  # ABBA against drift
+                samples.append((await _timed(session, base_url + "/v1/completions", headers, fixed))[0])
             unique = {**base, "prompt": f"Item {index}: the capital of France is"}
             elapsed, state = await _timed(session, gateway + "/v1/completions", gw_h, unique)
             misses.append(elapsed) if state == "MISS" else None
