@@ -179,7 +179,10 @@ async def _latencies(worker: str, gateway: str, key: str, rounds: int) -> dict[s
     off = {**gw_h, "Cache-Control": "no-cache, no-store"}
     base = {"model": "gemma-3-270m", "max_tokens": 16, "temperature": 0}
     fixed = {**base, "prompt": "The capital of France is"}
-    direct, through, misses, hits = [], [], [], []
+    direct: list[float] = []
+    through: list[float] = []
+    misses: list[float] = []
+    hits: list[float] = []
     async with aiohttp.ClientSession() as session:
         await _timed(session, worker + "/v1/completions", direct_h, fixed)  # warm both paths
         await _timed(session, gateway + "/v1/completions", off, fixed)
