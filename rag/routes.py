@@ -41,9 +41,8 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": status, "error": state.failure}, status=503,
                                  headers={"Retry-After": "2"})
     embedder = state.service.embedder
-    collections = await state.service.collections()
     return web.json_response({"status": "ok", "model": embedder.model_name, "dimension": embedder.dimension,
-                              "collections": len(collections)})
+                              "collections": state.service.collection_count})
 
 
 async def metrics(request: web.Request) -> web.Response:

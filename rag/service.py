@@ -195,6 +195,11 @@ class RagService:
         self._index_path(name).unlink(missing_ok=True)
         return {"name": name, "object": "collection", "deleted": True}
 
+    @property
+    def collection_count(self) -> int:
+        """Without touching the store thread, which may be busy building an index."""
+        return len(self._indexes)
+
     async def stats(self) -> list[CollectionStats]:
         def collect() -> list[CollectionStats]:
             return [CollectionStats(r.name, r.documents, r.chunks,
