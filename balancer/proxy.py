@@ -119,8 +119,8 @@ class Proxy:
         tried: list[Worker] = []
         failure: _Failure | None = None
         for attempt in range(self._max_attempts):
-            if attempt and not self._budget.try_spend():
-                break
+            if attempt and not (self._pool.can_serve(model, tried) and self._budget.try_spend()):
+                break  # nobody else to try, or retries would add more load than the budget allows
             worker = await self._lease(model, tried, first=not attempt)
             if worker is None:
                 break  # nobody else to try
