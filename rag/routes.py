@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 from typing import Any
 
@@ -48,7 +50,9 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.service is not None:
-        state.metrics.set_collections(await state.service.stats())
+        # The store thread may be busy building an index: then serve the last counts.
+        with contextlib.suppress(TimeoutError):
+            state.metrics.set_collections(await asyncio.wait_for(state.service.stats(), 2.0))
     return web.Response(body=render(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE})
 
 
