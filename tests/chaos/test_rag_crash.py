@@ -3,8 +3,8 @@
 After every kill the service must start again from its data directory, and every
 document it acknowledged (201) must be listed and found by search (the FAISS index is
 reconciled with the document store). The issue asks for 20 moments; each restart loads
-the embedding model again, so this runs ``KILLS`` of them (random, seeded) to fit the
-suite's time budget.
+the embedding model again (~30 s on a busy 2-core box), so this runs ``KILLS`` of them,
+each at a random (seeded) moment once writes are flowing, to fit the suite's time budget.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.support.stack import Stack, appliance_stack
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
 
-KILLS = 5
+KILLS = 3
 COLLECTION = "crashy"
 
 
@@ -46,7 +46,7 @@ class Ingest(threading.Thread):
             while not self.halt.is_set():
                 word = f"canary{self.next:05d}"
                 self.next += 1
-                text = f"Document {word}. " + " ".join(f"{word} line {i} of the ingest test." for i in range(30))
+                text = f"Document {word}. " + " ".join(f"{word} line {i} of the ingest test." for i in range(3))
                 try:
                     response = client.post(f"/collections/{COLLECTION}/documents", json={"title": word, "text": text})
                 except httpx.HTTPError:
@@ -64,7 +64,10 @@ def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: Stack) ->
     for _ in range(KILLS):
         ingest = Ingest(stack, len(acked) * 10 + 1000 * len(restarts))
         ingest.start()
-        time.sleep(rng.uniform(0.3, 3.0))
+        deadline = time.monotonic() + 60  # the first documents after a start wait for the model's warm-up
+        while len(ingest.acked) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))  # then a random moment in the middle of the stream of writes
         stack.services["rag"].signal(signal.SIGKILL)
         ingest.halt.set()
         ingest.join(15)
@@ -84,6 +87,6 @@ def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: Stack) ->
     record_figures("chaos_rag_kill9_ingest", kills=KILLS, acknowledged_documents=len(acked),
                    acknowledged_lost=len(missing), searched=len(sample), not_found_by_search=len(not_found),
                    restart_s=restarts)
-    assert acked, "nothing was ingested between kills"
+    assert len(acked) >= 3 * KILLS, "too few documents were acknowledged between kills to test anything"
     assert not missing, missing[:10]
     assert not not_found, not_found
