@@ -83,8 +83,9 @@ def test_past_slots_and_queue_requests_get_503_with_retry_after_and_queued_ones_
     assert json.loads(raw)["error"]["code"] == "overloaded"
     queued.close()
     running.close()
-    wait_for(url, "slots_busy", 0, 5)
-    wait_for(url, "queue_depth", 0, 1)
+    # Freed at the next decode step (milliseconds when idle; long only when other processes hog the CPU).
+    wait_for(url, "slots_busy", 0, 30)
+    wait_for(url, "queue_depth", 0, 30)
     status, _, raw = post(url, {**LONG, "max_tokens": 3})
     assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
@@ -100,10 +101,11 @@ def generated_tokens(url: str) -> float:
 
 
 def test_non_streaming_request_is_cancelled_when_the_client_goes_away(url: str) -> None:
+    wait_for(url, "slots_busy", 0, 30)
     before = generated_tokens(url)
     with pytest.raises((TimeoutError, OSError)):
         post(url, LONG, timeout=1.0)  # gives up long before 200 tokens
-    wait_for(url, "slots_busy", 0, 15)
+    wait_for(url, "slots_busy", 0, 30)
     assert generated_tokens(url) - before < LONG["max_tokens"]  # type: ignore[operator]
 
 
