@@ -96,10 +96,11 @@ def test_cache_hit_replays_the_real_stream(stack: Stack, key: str) -> None:
             "messages": [{"role": "user", "content": "Write one word about the sea."}]}
     with stack.gw.client(key) as client:
         first = client.post("/v1/chat/completions", json=body)
+        second = client.post("/v1/chat/completions", json=body)
     with stack.gateways[1].client(key) as client:
-        second = client.post("/v1/chat/completions", json=body)  # the other gateway shares the cache
-    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
-    assert second.text == first.text and sse_events(second.text)[-1] == ("message", "[DONE]")
+        third = client.post("/v1/chat/completions", json=body)  # the other gateway shares the cache
+    assert [r.headers["x-cache"] for r in (first, second, third)] == ["MISS", "HIT", "HIT"]
+    assert second.text == first.text == third.text and sse_events(second.text)[-1] == ("message", "[DONE]")
 
 
 def test_rate_limit_is_shared_exactly_across_two_gateways(stack: Stack) -> None:
