@@ -38,7 +38,8 @@ async def _request_context(request: web.Request, handler: Handler) -> web.Stream
     """Request id on every log line, the internal token check, and the one error mapping."""
     request_id = accept_or_mint(request.headers.get(REQUEST_ID_HEADER))
     token = request_id_var.set(request_id)
-    endpoint = request.path
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"  # bounded label values
     try:
         response = await _guarded(request, handler)
     finally:
