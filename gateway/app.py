@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -90,6 +91,8 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         except RedisUnavailable:
             _log.warning("redis unavailable at start; the bootstrap admin key will be checked at next start")
         refresher = asyncio.get_running_loop().create_task(svc.catalog.run())
+        # Everything built so far lives as long as the process: keep it out of every future GC pass.
+        gc.freeze()
         _log.info("gateway ready", extra={"balancer": settings.balancer_url, "rag": settings.rag_url})
         try:
             yield
