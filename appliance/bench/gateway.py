@@ -199,6 +199,9 @@ async def _latencies(worker: str, gateway: str, key: str, rounds: int) -> dict[s
     p50 = statistics.median
     return {"direct_p50_ms": round(p50(direct) * 1000, 2), "gateway_p50_ms": round(p50(through) * 1000, 2),
             "overhead_ratio": round(p50(through) / p50(direct), 4),
+            # Load on a shared machine swings a generation from 0.5 s to 6 s; the ratio within each
+            # back-to-back pair is far steadier than the ratio of the two medians.
+            "overhead_ratio_paired": round(p50([t / d for t, d in zip(through, direct, strict=True)]), 4),
             "miss_p50_ms": round(p50(misses) * 1000, 2) if misses else None,
             "hit_p50_ms": round(p50(hits) * 1000, 3) if hits else None,
             "hit_ratio": round(p50(hits) / p50(misses), 4) if hits and misses else None,
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput run")
-    parser.add_argument("--rounds", type=int, default=8, help="requests per latency sample")
+    parser.add_argument("--rounds", type=int, default=12, help="requests per latency sample")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("APPLIANCE_DATA_DIR", "data")))
     parser.add_argument("--skip-model", action="store_true", help="only the fake-upstream throughput part")
     args = parser.parse_args(argv)
@@ -263,7 +266,8 @@ def _print(result: dict[str, Any]) -> None:
         return
     print(f"16-token completion, real model, {lat['rounds']} rounds:")
     print(f"  direct to worker p50 {lat['direct_p50_ms']} ms; through gateway+balancer p50 {lat['gateway_p50_ms']} ms")
-    print(f"  overhead_ratio = {lat['overhead_ratio']}  (target <= 1.02)")
+    print(f"  overhead_ratio = {lat['overhead_ratio']}  (target <= 1.02); median of paired ratios "
+          f"{lat['overhead_ratio_paired']}")
     print(f"  cache miss p50 {lat['miss_p50_ms']} ms; hit p50 {lat['hit_p50_ms']} ms")
     print(f"  hit_ratio = {lat['hit_ratio']}  (target <= 0.02)")
 
