@@ -77,16 +77,17 @@ def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: Stack) ->
         restarts.append(round(time.monotonic() - started, 1))
     with httpx.Client(base_url=stack.rag, headers=headers, timeout=30) as client:
         listed = {d["id"] for d in client.get(f"/collections/{COLLECTION}/documents").json()["documents"]}
-        sample = rng.sample(sorted(acked.items()), min(20, len(acked)))
-        not_found = []
-        for doc_id, word in sample:
-            results = client.post(f"/collections/{COLLECTION}/search", json={"query": word, "top_k": 3}).json()
-            if doc_id not in {r["document_id"] for r in results["results"]}:
-                not_found.append(word)
+        # The documents differ only by a number, which embeddings barely see: search with a top_k above
+        # the collection's size, so the check is "is it in the index", not "does it rank first".
+        results = client.post(f"/collections/{COLLECTION}/search",
+                              json={"query": "ingest test document", "top_k": 100}).json()["results"]
+    in_index = {r["document_id"] for r in results}
+    not_found = sorted(word for doc_id, word in acked.items() if doc_id not in in_index)
     missing = sorted(set(acked) - listed)
     record_figures("chaos_rag_kill9_ingest", kills=KILLS, acknowledged_documents=len(acked),
-                   acknowledged_lost=len(missing), searched=len(sample), not_found_by_search=len(not_found),
+                   acknowledged_lost=len(missing), not_in_index=len(not_found),
                    restart_s=restarts)
     assert len(acked) >= 3 * KILLS, "too few documents were acknowledged between kills to test anything"
+    assert len(results) < 100, "top_k 100 no longer covers the whole collection: lower the ingest rate"
     assert not missing, missing[:10]
     assert not not_found, not_found
