@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -39,10 +41,43 @@ MARKERS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "[I
            "\n### Assistant:")
 
 
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+class ConnectionWatch(threading.Thread):
+    """Samples every stack process's sockets every 0.1 s while the module runs; keeps any non-loopback one."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.halt, self.outside, self.samples = stack, threading.Event(), set[str](), 0
+
+    def run(self) -> None:
+        while not self.halt.wait(0.1):
+            self.samples += 1
+            for name, service in list(self.stack.services.items()):
+                try:
+                    connections = psutil.Process(service.pid).net_connections(kind="inet")
+                except psutil.Error:
+                    continue
+                for conn in connections:
+                    if conn.raddr and conn.raddr.ip not in LOOPBACK:
+                        self.outside.add(f"{name} -> {conn.raddr.ip}:{conn.raddr.port}")
+                    if conn.status == psutil.CONN_LISTEN and conn.laddr.ip not in LOOPBACK:
+                        self.outside.add(f"{name} listens on {conn.laddr.ip}:{conn.laddr.port}")
+
+
 @pytest.fixture(scope="module")
 def rag_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with appliance_stack(tmp_path_factory.mktemp("rag-canary"), upstream="fake", rag="real") as stack:
+        watch = ConnectionWatch(stack)
+        watch.start()
+        WATCHES[id(stack)] = watch
         yield stack
+        watch.halt.set()
+        watch.join(5)
+
+
+WATCHES: dict[int, ConnectionWatch] = {}
 
 
 def _api(stack: Stack, key: str) -> httpx.Client:
@@ -121,13 +156,10 @@ def test_one_key_cannot_read_another_keys_collection(rag_stack: Stack) -> None:
 
 
 def test_no_service_opened_a_connection_beyond_loopback(rag_stack: Stack) -> None:
-    """Runs after the others in this module: every process of the stack only ever talks to 127.0.0.1."""
-    outside = []
-    for name, service in rag_stack.services.items():
-        for conn in psutil.Process(service.pid).net_connections(kind="inet"):
-            if conn.raddr and conn.raddr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1"):
-                outside.append(f"{name}: {conn.raddr}")
-            if conn.status == psutil.CONN_LISTEN and conn.laddr.ip not in ("127.0.0.1", "::1"):
-                outside.append(f"{name} listens on {conn.laddr}")
-    record_figures("no_outbound", processes=len(rag_stack.services), non_loopback=outside)
-    assert not outside, outside
+    """Runs last in this module: every stack process, sampled all along, only ever talked to loopback."""
+    watch = WATCHES[id(rag_stack)]
+    time.sleep(0.3)
+    record_figures("no_outbound", processes=len(rag_stack.services), samples=watch.samples,
+                   non_loopback=sorted(watch.outside))
+    assert watch.samples > 3, "the connection watch did not run"
+    assert not watch.outside, sorted(watch.outside)
