@@ -29,6 +29,10 @@ from typing import Any
 PROMPT = "The history of the printing press begins"
 
 
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -47,8 +51,11 @@ class RawLoop:
     """The ceiling: llama-cpp-python's batch API with no server around it."""
 
     def __init__(self, path: Path, threads: int, slots: int, n_ctx: int) -> None:
+        import logging
+
         import llama_cpp as ll
 
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         self.ll = ll
         ll.llama_backend_init()
         mparams = ll.llama_model_default_params()
@@ -147,6 +154,32 @@ async def _one_stream(session: Any, url: str, token: str, alias: str, tokens: in
     return completion
 
 
+GRAMMAR_SCHEMA = {"type": "object", "properties": {"notes": {"type": "array", "items": {"type": "string"}}},
+                  "required": ["notes"]}
+
+
+async def _one_grammar(session: Any, url: str, token: str, alias: str, tokens: int) -> int:
+    body = {"model": alias, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+            "temperature": 0.7, "seed": 1,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "notes", "schema": GRAMMAR_SCHEMA}}}
+    async with session.post(url, json=body, headers={"X-Internal-Token": token}) as response:
+        response.raise_for_status()
+        return int((await response.json())["usage"]["completion_tokens"])
+
+
+async def _grammar_rate(port: int, token: str, alias: str, level: int, tokens: int) -> float:
+    """Aggregate tokens/s of ``level`` concurrent grammar-constrained (json_schema) chat requests."""
+    import aiohttp
+
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=600)) as session:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(_one_grammar(session, url, token, alias, tokens) for _ in range(level)))
+        rate = sum(counts) / (time.perf_counter() - start)
+    _progress(f"worker c{level} grammar: {rate:.1f} tok/s")
+    return rate
+
+
 async def _worker_rates(port: int, token: str, alias: str, levels: list[int], *, tokens: int, rounds: int
                         ) -> dict[int, float]:
     import aiohttp
@@ -163,6 +196,7 @@ async def _worker_rates(port: int, token: str, alias: str, levels: list[int], *,
                 counts = await asyncio.gather(*(_one_stream(session, url, token, alias, tokens) for _ in range(level)))
                 done += sum(counts)
             rates[level] = done / (time.perf_counter() - start)
+            _progress(f"worker c{level}: {rates[level]:.1f} tok/s")
     return rates
 
 
@@ -178,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--levels", default="1,4,8", help="concurrency levels")
+    parser.add_argument("--no-grammar", dest="grammar", action="store_false",
+                        help="skip the grammar-constrained (json_schema) run at the highest concurrency")
     return parser
 
 
@@ -185,9 +221,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     path = _model_path(args)
     levels = [int(level) for level in args.levels.split(",")]
     raw = RawLoop(path, args.threads, args.slots, args.n_ctx)
+    raw_rates: dict[int, float] = {}
     try:
         raw.rate(1, 8)  # warm-up
-        raw_rates = {level: raw.rate(level, args.tokens * args.rounds) for level in levels}
+        for level in levels:
+            raw_rates[level] = raw.rate(level, args.tokens * args.rounds)
+            _progress(f"raw c{level}: {raw_rates[level]:.1f} tok/s")
     finally:
         raw.close()
     port, token, alias = _free_port(), secrets.token_urlsafe(16), "gemma-3-270m"
@@ -196,6 +235,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
             alias = json.loads(response.read())["model"]
         worker_rates = asyncio.run(_worker_rates(port, token, alias, levels, tokens=args.tokens, rounds=args.rounds))
+        grammar_rate = asyncio.run(_grammar_rate(port, token, alias, max(levels), args.tokens)) \
+            if args.grammar else None
     finally:
         proc.terminate()
         proc.wait(30)
@@ -208,6 +249,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result[f"raw_c{high}/raw_c{low}"] = round(raw_rates[high] / raw_rates[low], 3)
     result[f"worker_c{high}/raw_c{high}"] = round(worker_rates[high] / raw_rates[high], 3)
     result[f"worker_c{low}/raw_c{low}"] = round(worker_rates[low] / raw_rates[low], 3)
+    if grammar_rate is not None:
+        result[f"worker_c{high}_grammar_tok_s"] = round(grammar_rate, 1)
+        result[f"grammar_c{high}/free_c{high}"] = round(grammar_rate / worker_rates[high], 3)
     return result
 
 
