@@ -27,6 +27,7 @@ from gateway.catalog import ModelCatalog
 from gateway.exceptions import exception_handlers
 from gateway.keys import KeyStore
 from gateway.metrics import GatewayMetrics
+from gateway.ownership import CollectionOwners
 from gateway.redis_guard import RedisGuard, RedisUnavailable
 from gateway.resp import PipelinedRedis
 from gateway.routes import admin, openai, ops
@@ -69,6 +70,7 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
         rag=Upstream("rag service", settings.rag_url, http, token,
                      connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s),
         catalog=ModelCatalog(balancer, http, settings.model_info_ttl_s), metrics=metrics, fence_secret=token,
+        owners=CollectionOwners(guard),
     )
 
 

@@ -126,6 +126,7 @@ async def _prepare(request: Request[Any, Any, Any], job: _Job, payload: dict[str
     changed = False
     if isinstance(parsed, ChatCompletionRequest) and parsed.rag is not None:
         options = parse_rag_options(parsed.rag)
+        await svc.owners.check(options.collection, job.ticket.principal, write=False)
         job.parsed, job.citations = await augment(parsed, options, svc.rag, secret=svc.fence_secret,
                                                   max_chars=svc.settings.rag_max_context_chars)
         payload = {**payload, "messages": [m.model_dump(mode="json", exclude_none=True, by_alias=True)

@@ -13,6 +13,7 @@ from gateway.cache import ResponseCache
 from gateway.catalog import ModelCatalog
 from gateway.keys import KeyStore
 from gateway.metrics import GatewayMetrics
+from gateway.ownership import CollectionOwners
 from gateway.redis_guard import RedisGuard
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
@@ -59,5 +60,6 @@ class GatewayServices:
     rag: Upstream
     catalog: ModelCatalog
     metrics: GatewayMetrics
+    owners: CollectionOwners
     fence_secret: str = ""
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)

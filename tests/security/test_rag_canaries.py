@@ -138,8 +138,6 @@ def test_collections_stay_separate_in_search(rag_stack: Stack) -> None:
     assert "canary-BBB" in texts_b and "canary-AAA" not in texts_b
 
 
-@pytest.mark.xfail(strict=True, reason="no per-key collection ownership in the gateway: any key with the "
-                   "'collections' scope reads every collection, and any 'chat' key can RAG over any collection")
 def test_one_key_cannot_read_another_keys_collection(rag_stack: Stack) -> None:
     owner = rag_stack.create_key("owner", ("chat", "collections"))
     other = rag_stack.create_key("other", ("chat", "collections"))
@@ -150,9 +148,17 @@ def test_one_key_cannot_read_another_keys_collection(rag_stack: Stack) -> None:
         chat = api.post("/v1/chat/completions", json={
             "model": FAKE_MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "CEO salary?"}],
             "rag": {"collection": "owner-private"}})
+        listed = api.get("/v1/collections").json()["collections"]
+        delete = api.delete("/v1/collections/owner-private")
     leaked = "canary-OWNER" in search.text or "canary-OWNER" in json.dumps(_last_body(rag_stack))
     record_figures("rag_cross_key", search_status=search.status_code, chat_status=chat.status_code, leaked=leaked)
-    assert search.status_code in (403, 404) and chat.status_code in (403, 404) and not leaked
+    assert search.status_code == 404 and chat.status_code == 404 and delete.status_code == 404 and not leaked
+    assert "owner-private" not in [c["name"] for c in listed]
+    with _api(rag_stack, owner) as api:  # the owner still has it, and so does an admin
+        mine = api.post("/v1/collections/owner-private/search", json={"query": "CEO salary", "top_k": 5})
+        assert "canary-OWNER" in mine.text
+    with _api(rag_stack, rag_stack.admin_key) as api:
+        assert "owner-private" in [c["name"] for c in api.get("/v1/collections").json()["collections"]]
 
 
 def test_no_service_opened_a_connection_beyond_loopback(rag_stack: Stack) -> None:
