@@ -7,16 +7,18 @@ the line. Prompts are never part of it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from appliance.core.errors import error_body
 from appliance.core.request_id import accept_or_mint, request_id_var
 
 if TYPE_CHECKING:
     from litestar.connection import Request
-    from litestar.types import ASGIApp, Message, Receive, Scope, Send
+    from litestar.types import ASGIApp, HTTPResponseBodyEvent, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
     from gateway.metrics import GatewayMetrics
 
@@ -57,6 +59,20 @@ def _incoming_request_id(scope: Scope) -> str | None:
     return None
 
 
+# uvicorn's httptools parser sets no limit on header size; refuse what no client needs.
+MAX_HEADER_BYTES = 32 * 1024
+_TOO_LARGE = json.dumps(error_body(f"Request headers exceed {MAX_HEADER_BYTES} bytes.", code="headers_too_large")
+                        ).encode()
+
+
+async def _refuse_headers(send: Send, id_header: tuple[bytes, bytes]) -> None:
+    start: HTTPResponseStartEvent = {"type": "http.response.start", "status": 431, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(_TOO_LARGE)).encode()), id_header]}
+    await send(start)
+    body: HTTPResponseBodyEvent = {"type": "http.response.body", "body": _TOO_LARGE, "more_body": False}
+    await send(body)
+
+
 def access_middleware(metrics: GatewayMetrics) -> Any:
     """Build the middleware factory Litestar expects (called with ``app=``)."""
 
@@ -71,6 +87,10 @@ def access_middleware(metrics: GatewayMetrics) -> Any:
             record = AccessRecord(request_id=request_id)
             scope.setdefault("state", {})[_STATE_KEY] = record
             id_header = (b"x-request-id", request_id.encode())
+            if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+                request_id_var.reset(token)
+                await _refuse_headers(send, id_header)
+                return
 
             async def send_wrapper(message: Message) -> None:
                 if message["type"] == "http.response.start":
