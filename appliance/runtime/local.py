@@ -171,6 +171,8 @@ class LocalRuntime:
             return sorted(n for n in names if n.startswith("inference-"))
         if stage == "observability":
             return sorted(n for n in names if n in {"prometheus", "gpu-exporter"})
+        if stage == "maintenance":
+            return ["backup"] if "backup" in names else []
         return [stage] if stage in names else []
 
 

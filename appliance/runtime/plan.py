@@ -17,7 +17,7 @@ from appliance.runtime.settings import RuntimeSettings
 __all__ = ["Program", "build_plan", "find_redis_server", "prometheus_binary", "worker_names"]
 
 # Start order; stop order is the reverse.
-STAGES = ("redis", "rag", "inference", "balancer", "gateway", "observability")
+STAGES = ("redis", "rag", "inference", "balancer", "gateway", "observability", "maintenance")
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,12 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
     plan.append(Program("gateway", "gateway", _python("gateway"), gateway_env,
                         f"{scheme}://127.0.0.1:{settings.gateway_port}/healthz"))
     plan += _observability(settings, data)
+    if settings.backup_every:
+        argv = [*_python("appliance.cli"), "backup", "--every", settings.backup_every,
+                "--keep", str(settings.backup_keep)]
+        if settings.backup_offsite:
+            argv += ["--offsite", str(settings.backup_offsite)]
+        plan.append(Program("backup", "maintenance", argv, {"APPLIANCE_RUNTIME_REDIS_PORT": str(settings.redis_port)}))
     for program in plan:
         program.env.setdefault("APPLIANCE_DATA_DIR", str(data))
     return plan

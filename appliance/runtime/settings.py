@@ -36,6 +36,10 @@ class RuntimeSettings(CommonSettings):
     tls: bool = False
     ready_timeout_s: float = Field(default=180.0, gt=0)
     compose_file: Path = Path("compose.yaml")
+    # Managed backups (a supervisord program running `appliance backup --every`), e.g. "6h".
+    backup_every: str | None = Field(default=None, pattern=r"^[1-9][0-9]*[smhd]$")
+    backup_keep: int = Field(default=7, ge=1)
+    backup_offsite: Path | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -61,3 +61,12 @@ def test_prometheus_scrapes_every_worker(settings: RuntimeSettings, tmp_path: Pa
     jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
     assert jobs["inference"] == ["127.0.0.1:9201", "127.0.0.1:9202", "127.0.0.1:9203"]
     assert set(jobs) == set(scrape_targets(settings))
+
+
+def test_managed_backups_run_as_a_program(settings: RuntimeSettings, tmp_path: Path) -> None:
+    plan = build_plan(settings.model_copy(update={"backup_every": "6h", "backup_offsite": tmp_path / "nas"}),
+                      tmp_path / "m.gguf")
+    backup = plan[-1]
+    assert backup.name == "backup" and backup.stage == "maintenance"
+    assert backup.argv[-6:] == ["--every", "6h", "--keep", "7", "--offsite", str(tmp_path / "nas")]
+    assert "backup" not in [p.name for p in build_plan(settings, tmp_path / "m.gguf")]
