@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import shutil
@@ -17,19 +16,12 @@ from pathlib import Path
 
 from appliance import __version__
 from appliance.backup.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_bytes
+from appliance.core.model_files import sha256_file
 
 __all__ = ["ARCHIVE_GLOB", "ArchiveWriter", "copy_offsite", "extract_verified", "rotate", "verify_archive"]
 
 ARCHIVE_GLOB = "appliance-backup-*.tar.gz"
 Step = Callable[[str], None]
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -54,7 +46,7 @@ class ArchiveWriter:
         self.manifest = Manifest(created=time.time(), appliance_version=__version__)
 
     def add_file(self, source: Path, member: str) -> None:
-        self.manifest.add(member, _hash_file(source), source.stat().st_size)
+        self.manifest.add(member, sha256_file(source), source.stat().st_size)
         self._tar.add(source, arcname=member, recursive=False)
         if self.step:
             self.step(member)
@@ -160,7 +152,7 @@ def copy_offsite(archive: Path, directory: Path) -> Path:
     tmp = directory / f".{archive.name}.partial"
     shutil.copyfile(archive, tmp)
     os.chmod(tmp, 0o600)
-    if _hash_file(tmp) != _hash_file(archive):
+    if sha256_file(tmp) != sha256_file(archive):
         tmp.unlink(missing_ok=True)
         raise ManifestError(f"the copy in {directory} does not match the archive")
     final = directory / archive.name
