@@ -35,7 +35,8 @@ def rag_only(tmp_path: Path) -> Iterator[Stack]:
 
 
 class Ingest(threading.Thread):
-    """Posts documents as fast as the service takes them; remembers each one acknowledged with 201."""
+    """Posts documents back to back (paced at ≤ 10/s so three rounds stay under the search's top_k cap of 100
+    on a fast machine); remembers each one acknowledged with 201."""
 
     def __init__(self, stack: Stack, start_at: int) -> None:
         super().__init__(daemon=True)
@@ -53,6 +54,7 @@ class Ingest(threading.Thread):
                     continue
                 if response.status_code == 201:
                     self.acked[response.json()["id"]] = word
+                self.halt.wait(0.1)
 
 
 def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: Stack) -> None:
