@@ -50,14 +50,21 @@ def _check_keywords(schema: Any, path: str) -> None:
             _check_keywords(item, f"{path}/{index}")
 
 
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
 def schema_grammar(schema: dict[str, Any], param: str = "response_format") -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     _check_keywords(schema, "")
     try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
+        grammar = str(json_schema_to_gbnf(json.dumps(schema)))
     except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
         raise bad_request(f"Unsupported JSON schema: {exc}", param=param, code="unsupported_schema") from None
+    # llama-cpp-python's string rule lets raw control characters (a newline, say) into JSON strings,
+    # which no JSON parser accepts; exclude them as llama.cpp's own JSON grammar does.
+    return grammar.replace(_LOOSE_CHAR, _STRICT_CHAR)
 
 
 def json_object_grammar() -> str:
