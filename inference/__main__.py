@@ -43,7 +43,7 @@ def main() -> int:
     try:
         settings = load_settings(WorkerSettings)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)  # noqa: T201 - logging is not configured yet
+        sys.stderr.write(f"{exc}\n")  # logging is not configured yet
         return 2
     configure_logging("worker", settings.log_level, settings.log_json)
     sys.setswitchinterval(SWITCH_INTERVAL_S)

@@ -16,7 +16,7 @@ def main() -> None:
     try:
         settings = load_settings(GpuExporterSettings)
     except ConfigError as exc:
-        print(f"gpu_exporter: {exc}", file=sys.stderr)  # noqa: T201 - before logging exists
+        sys.stderr.write(f"gpu_exporter: {exc}\n")  # before logging exists
         raise SystemExit(2) from None
     configure_logging("gpu_exporter", settings.log_level, settings.log_json)
     import pynvml  # loads nothing until nvmlInit; the import stays out of module import time
