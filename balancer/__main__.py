@@ -6,19 +6,13 @@ import sys
 
 from aiohttp import web
 
-from appliance.core.logging import configure_logging
-from appliance.core.settings import ConfigError, load_settings
+from appliance.core.entry import load_or_exit
 from balancer.app import create_app
 from balancer.settings import BalancerSettings
 
 
 def main() -> int:
-    try:
-        settings = load_settings(BalancerSettings)
-    except ConfigError as exc:
-        sys.stderr.write(f"balancer: {exc}\n")
-        return 2
-    configure_logging("balancer", settings.log_level, settings.log_json)
+    settings = load_or_exit(BalancerSettings, "balancer")
     loop = None
     try:
         import uvloop

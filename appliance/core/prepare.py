@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from appliance.core.entry import load_or_exit
 from appliance.core.model_files import prepare_default_model
-from appliance.core.settings import CommonSettings, ConfigError, load_settings
+from appliance.core.settings import CommonSettings
 
 
 def main() -> int:
-    try:
-        settings = load_settings(CommonSettings)
-    except ConfigError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return 2
+    settings = load_or_exit(CommonSettings, "prepare", configure_logs=False)
     path = prepare_default_model(settings.data_dir)
     sys.stderr.write(f"==> default model ready: {path}\n")
     return 0

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 from aiohttp import web
 
-from appliance.core.logging import configure_logging
-from appliance.core.settings import ConfigError, load_settings
+from appliance.core.entry import load_or_exit
 from observability.gpu_exporter.app import create_app
 from observability.gpu_exporter.settings import GpuExporterSettings
 
 
 def main() -> None:
-    try:
-        settings = load_settings(GpuExporterSettings)
-    except ConfigError as exc:
-        sys.stderr.write(f"gpu_exporter: {exc}\n")  # before logging exists
-        raise SystemExit(2) from None
-    configure_logging("gpu_exporter", settings.log_level, settings.log_json)
+    settings = load_or_exit(GpuExporterSettings, "gpu_exporter")
     import pynvml  # loads nothing until nvmlInit; the import stays out of module import time
 
     web.run_app(create_app(settings, pynvml), host=settings.host, port=settings.port, print=None,
