@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic_settings import SettingsConfigDict
 
+from appliance.core.entry import CONFIG_ERROR_EXIT, load_or_exit
 from appliance.core.settings import CommonSettings, ConfigError, load_settings
 
 
@@ -54,6 +55,18 @@ def test_invalid_value_names_field_and_env(toml: Path, monkeypatch: pytest.Monke
         load_settings(DemoSettings)
     message = str(info.value)
     assert "port" in message and "APPLIANCE_DEMO_PORT" in message and "integer" in message
+
+
+def test_entry_point_prologue_exits_2_naming_the_field(
+    toml: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert load_or_exit(DemoSettings, "demo", configure_logs=False).port == 9000
+    monkeypatch.setenv("APPLIANCE_DEMO_PORT", "not-a-port")
+    with pytest.raises(SystemExit) as info:
+        load_or_exit(DemoSettings, "demo", configure_logs=False)
+    assert info.value.code == CONFIG_ERROR_EXIT == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demo: invalid demo configuration") and "APPLIANCE_DEMO_PORT" in err
 
 
 def test_broken_toml_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
