@@ -19,6 +19,8 @@ BANNED_CALLS = {
     "shelve.open", "dill.load", "dill.loads", "cloudpickle.load", "cloudpickle.loads",
     "yaml.load", "yaml.unsafe_load", "yaml.full_load", "yaml.load_all", "yaml.unsafe_load_all",
     "jinja2.Environment", "jinja2.Template", "Environment", "Template", "os.system", "os.popen",
+    # pickle-backed on-disk caches (CVE-2025-69872, no fix released): code runs from whoever can write the cache dir
+    "diskcache.Cache", "diskcache.FanoutCache", "diskcache.Index", "LlamaDiskCache", "llama_cpp.LlamaDiskCache",
 }
 # call → (keyword, value it must have) for calls that are only safe with that keyword set
 REQUIRED_KEYWORDS = {"torch.load": ("weights_only", True)}

@@ -6,11 +6,12 @@ from scripts.check_forbidden import problems
 def test_flags_each_banned_construct(tmp_path: Path) -> None:
     source = tmp_path / "bad.py"
     source.write_text(
-        "import pickle, subprocess, yaml, jinja2\n"
+        "import pickle, subprocess, yaml, jinja2, diskcache\n"
         "eval('1')\npickle.loads(b'')\nyaml.load('')\nsubprocess.run('ls', shell=True)\njinja2.Environment()\n"
+        "diskcache.Cache('/tmp/c')\n"
     )
     found = problems(source)
-    assert len(found) == 5
+    assert len(found) == 6
     assert any("shell=True" in line for line in found)
 
 
