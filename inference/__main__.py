@@ -12,6 +12,7 @@ from appliance.core.logging import configure_logging
 from appliance.core.settings import ConfigError, load_settings
 from inference.app import create_app
 from inference.keys import SERVICE
+from inference.registration import withdraw_before_stop
 from inference.settings import WorkerSettings
 
 # Let the decode thread take the GIL back quickly when llama_decode returns.
@@ -35,6 +36,7 @@ async def serve(settings: WorkerSettings) -> int:
     finally:
         stopping.cancel()
         failing.cancel()
+        await withdraw_before_stop(app)  # balancers drain this worker while it still listens
         await runner.cleanup()
     return 1 if app[SERVICE].failed.is_set() else 0
 

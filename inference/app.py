@@ -17,6 +17,7 @@ from inference import handlers
 from inference.keys import METRICS, SERVICE, SETTINGS, TOKEN
 from inference.metrics import WorkerMetrics
 from inference.model import load_model
+from inference.registration import registration_ctx
 from inference.service import ModelLoader, WorkerService
 from inference.settings import WorkerSettings
 
@@ -113,6 +114,7 @@ def create_app(settings: WorkerSettings, *, loader: ModelLoader = load_model,
     app[TOKEN] = internal_token if internal_token is not None else settings.resolved_internal_token()
     app[SERVICE] = WorkerService(settings, metrics, loader)
     app.cleanup_ctx.append(_engine)
+    app.cleanup_ctx.append(registration_ctx)  # after the engine: withdrawn before the model closes
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_get("/v1/models", handlers.models)
