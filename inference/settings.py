@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS
@@ -49,9 +49,13 @@ class WorkerSettings(CommonSettings):
     allowed_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Worker registry (docs/CONTRACTS.md): announce this worker to balancers through Redis once ready.
     redis_url: str = Field(default="", repr=False, description="empty = no registration (static balancer list)")
-    advertise_url: str = Field(default="", description="base URL balancers use; empty = http://host:port")
+    advertise_url: str = Field(
+        default="", validate_default=True, description="base URL balancers use; empty = http://host:port"
+    )
     heartbeat_s: float = Field(default=2.0, gt=0, description="registry key refresh interval")
-    registry_ttl_s: float = Field(default=6.0, gt=0, description="the key expires this long after the last refresh")
+    registry_ttl_s: float = Field(
+        default=6.0, gt=0, validate_default=True, description="the key expires this long after the last refresh"
+    )
     withdraw_grace_s: float = Field(
         default=3.0, ge=0, description="keep serving this long after withdrawing (above the balancers' registry_poll_s)"
     )
@@ -70,18 +74,28 @@ class WorkerSettings(CommonSettings):
                 raise ValueError(f"not a sha256 hex digest: {item!r}")
         return digests
 
-    @model_validator(mode="after")
-    def _registry(self) -> WorkerSettings:
-        if self.redis_url:
-            if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-                raise ValueError("redis_url must be a redis://, rediss:// or unix:// URL")
-            if self.registry_ttl_s <= self.heartbeat_s:
-                raise ValueError("registry_ttl_s must be longer than heartbeat_s (3x is a good choice)")
-            if not self.advertise_url and self.host in {"0.0.0.0", "::", ""}:  # noqa: S104 - detecting, not binding
-                raise ValueError("advertise_url is required when host is a wildcard address (the URL balancers use)")
-        if self.advertise_url and not self.advertise_url.startswith(("http://", "https://")):
-            raise ValueError("advertise_url must be an http(s):// base URL")
-        return self
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertised(cls, value: str, info: ValidationInfo) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s):// base URL")
+        if not value and info.data.get("redis_url") and info.data.get("host") in {"0.0.0.0", "::", ""}:  # noqa: S104
+            raise ValueError("required with redis_url when host is a wildcard address: the URL balancers use")
+        return value
+
+    @field_validator("registry_ttl_s")
+    @classmethod
+    def _outlives_heartbeat(cls, value: float, info: ValidationInfo) -> float:
+        if value <= info.data.get("heartbeat_s", 0):
+            raise ValueError("must be longer than heartbeat_s (3x is a good choice)")
+        return value
 
     def resolved_advertise_url(self) -> str:
         """The base URL this worker registers under (the balancer's spelling: no trailing slash)."""
