@@ -23,6 +23,7 @@ __all__ = ["LocalRuntime", "Progress", "RuntimeFailure"]
 REPO = Path(__file__).resolve().parents[2]
 # (program name, state, detail) — states: starting, ready, failed, stopping, stopped
 Progress = Callable[[str, str, str], None]
+_STOPPED_STATES = frozenset({"STOPPED", "EXITED", "FATAL"})
 
 
 class RuntimeFailure(Exception):
@@ -70,7 +71,7 @@ class LocalRuntime:
     def up(self) -> list[Program]:
         """Start whatever is not running; a second call on a running stack changes nothing."""
         plan = self.plan()
-        self._write_files(plan)
+        self.write_files(plan)
         client = self.supervisor
         if not client.alive():
             self._start_supervisord()
@@ -83,10 +84,10 @@ class LocalRuntime:
                     self.progress(program.name, "starting", "")
                     client.start(program.name, wait=False)
             for program in programs:
-                self._wait_ready(program)
+                self.wait_ready(program)
         return plan
 
-    def _write_files(self, plan: list[Program]) -> None:
+    def write_files(self, plan: list[Program]) -> None:
         settings = self.settings
         for sub in ("run", "logs", "redis", "rag", "models", "backups", "prometheus"):
             (settings.data_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,9 @@ class LocalRuntime:
         stale.unlink(missing_ok=True)
         subprocess.run(  # noqa: S603 - fixed argv, our own config file
             [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf.resolve())],
-            check=True, cwd=REPO, timeout=30,
+            check=True,
+            cwd=REPO,
+            timeout=30,
         )
         deadline = time.monotonic() + 15
         while not self.supervisor.alive():
@@ -126,7 +129,7 @@ class LocalRuntime:
             return Probe(True)
         return probe_http(program.health_url)
 
-    def _wait_ready(self, program: Program) -> None:
+    def wait_ready(self, program: Program) -> None:
         deadline = time.monotonic() + self.settings.ready_timeout_s
         last = Probe(False)
         while time.monotonic() < deadline:
@@ -152,11 +155,8 @@ class LocalRuntime:
             return False
         pid = client.pid()
         names = {info["name"] for info in client.processes()}
-        order = [n for stage in reversed(STAGES) for n in self._names_in(stage, names)]
-        for name in order:
-            self.progress(name, "stopping", "")
-            client.stop(name)
-            self.progress(name, "stopped", "")
+        for stage in reversed(STAGES):
+            self.stop_together(self._names_in(stage, names))
         client.shutdown()
         deadline = time.monotonic() + timeout
         while _pid_alive(pid) and time.monotonic() < deadline:
@@ -164,6 +164,20 @@ class LocalRuntime:
         if _pid_alive(pid):
             raise RuntimeFailure(f"supervisord (pid {pid}) did not exit in {timeout:.0f}s")
         return True
+
+    def stop_together(self, names: list[str], timeout: float = 120.0) -> None:
+        """Stop programs in parallel (workers each withdraw and drain on SIGTERM: no need to queue them)."""
+        client = self.supervisor
+        for name in names:
+            self.progress(name, "stopping", "")
+            client.stop(name, wait=False)
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while client.process(name)["statename"] not in _STOPPED_STATES:
+                if time.monotonic() > deadline:
+                    raise RuntimeFailure(f"{name} did not stop in {timeout:.0f}s")
+                time.sleep(0.1)
+            self.progress(name, "stopped", "")
 
     @staticmethod
     def _names_in(stage: str, names: set[str]) -> list[str]:

@@ -18,6 +18,9 @@ __all__ = ["Program", "build_plan", "find_redis_server", "prometheus_binary", "w
 
 # Start order; stop order is the reverse.
 STAGES = ("redis", "rag", "inference", "balancer", "gateway", "observability", "maintenance")
+# A stopping worker withdraws, keeps serving while balancers drain it (withdraw_grace_s), then
+# finishes its in-flight generations: give it time before supervisord kills it.
+WORKER_STOP_WAIT_S = 90
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def _worker_threads(settings: RuntimeSettings) -> int:
     return max(1, (os.cpu_count() or 1) // settings.workers)
 
 
-def _workers(settings: RuntimeSettings, model_path: Path) -> list[Program]:
+def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str) -> list[Program]:
     programs = []
     for index, name in enumerate(worker_names(settings.workers), start=1):
         port = settings.worker_port(index)
@@ -74,8 +77,20 @@ def _workers(settings: RuntimeSettings, model_path: Path) -> list[Program]:
             "APPLIANCE_WORKER_MODEL_ALIAS": settings.model_alias,
             "APPLIANCE_WORKER_SLOTS": str(settings.worker_slots),
             "APPLIANCE_WORKER_N_THREADS": str(_worker_threads(settings)),
+            # The worker announces itself once ready and withdraws on SIGTERM: the balancer
+            # follows the registry, so adding or stopping a worker never touches the balancer.
+            "APPLIANCE_WORKER_REDIS_URL": redis_url,
         }
-        programs.append(Program(name, "inference", _python("inference"), env, f"http://127.0.0.1:{port}/health"))
+        programs.append(
+            Program(
+                name,
+                "inference",
+                _python("inference"),
+                env,
+                f"http://127.0.0.1:{port}/health",
+                stop_wait_s=WORKER_STOP_WAIT_S,
+            )
+        )
     return programs
 
 
@@ -84,22 +99,43 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
     data = settings.data_dir.resolve()
     redis_url = f"redis://127.0.0.1:{settings.redis_port}/0"
     redis_argv = [
-        find_redis_server(), "--port", str(settings.redis_port), "--bind", "127.0.0.1",
-        "--dir", str(data / "redis"), "--appendonly", "yes", "--appendfsync", "everysec",
-        "--save", "300 1", "--protected-mode", "yes",
+        find_redis_server(),
+        "--port",
+        str(settings.redis_port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(data / "redis"),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "300 1",
+        "--protected-mode",
+        "yes",
     ]
     plan = [Program("redis", "redis", redis_argv, redis_port=settings.redis_port)]
     if settings.with_rag:
-        plan.append(Program("rag", "rag", _python("rag"), {"APPLIANCE_RAG_PORT": str(settings.rag_port)},
-                            f"http://127.0.0.1:{settings.rag_port}/health"))
-    plan += _workers(settings, model_path)
-    workers = ",".join(f"http://127.0.0.1:{settings.worker_port(i)}" for i in range(1, settings.workers + 1))
-    plan.append(Program(
-        "balancer", "balancer", _python("balancer"),
-        {"APPLIANCE_BALANCER_PORT": str(settings.balancer_port), "APPLIANCE_BALANCER_WORKERS": workers,
-         "APPLIANCE_BALANCER_REDIS_URL": redis_url},
-        f"http://127.0.0.1:{settings.balancer_port}/health",
-    ))
+        plan.append(
+            Program(
+                "rag",
+                "rag",
+                _python("rag"),
+                {"APPLIANCE_RAG_PORT": str(settings.rag_port)},
+                f"http://127.0.0.1:{settings.rag_port}/health",
+            )
+        )
+    plan += _workers(settings, model_path, redis_url)
+    plan.append(
+        Program(  # no static worker list: the registry is the membership (scaling keeps this process)
+            "balancer",
+            "balancer",
+            _python("balancer"),
+            {"APPLIANCE_BALANCER_PORT": str(settings.balancer_port), "APPLIANCE_BALANCER_REDIS_URL": redis_url},
+            f"http://127.0.0.1:{settings.balancer_port}/health",
+        )
+    )
     scheme = "https" if settings.tls else "http"
     gateway_env = {
         "APPLIANCE_GATEWAY_HOST": settings.gateway_host,
@@ -110,12 +146,25 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
     }
     if settings.tls:
         gateway_env["APPLIANCE_GATEWAY_TLS_SELF_SIGNED"] = "true"
-    plan.append(Program("gateway", "gateway", _python("gateway"), gateway_env,
-                        f"{scheme}://127.0.0.1:{settings.gateway_port}/healthz"))
+    plan.append(
+        Program(
+            "gateway",
+            "gateway",
+            _python("gateway"),
+            gateway_env,
+            f"{scheme}://127.0.0.1:{settings.gateway_port}/healthz",
+        )
+    )
     plan += _observability(settings, data)
     if settings.backup_every:
-        argv = [*_python("appliance.cli"), "backup", "--every", settings.backup_every,
-                "--keep", str(settings.backup_keep)]
+        argv = [
+            *_python("appliance.cli"),
+            "backup",
+            "--every",
+            settings.backup_every,
+            "--keep",
+            str(settings.backup_keep),
+        ]
         if settings.backup_offsite:
             argv += ["--offsite", str(settings.backup_offsite)]
         plan.append(Program("backup", "maintenance", argv, {"APPLIANCE_RUNTIME_REDIS_PORT": str(settings.redis_port)}))
@@ -125,18 +174,25 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
 
 
 def _observability(settings: RuntimeSettings, data: Path) -> list[Program]:
-    programs = [Program(
-        "gpu-exporter", "observability", _python("observability.gpu_exporter"),
-        {"APPLIANCE_GPU_EXPORTER_PORT": str(settings.exporter_port)},
-        f"http://127.0.0.1:{settings.exporter_port}/metrics",
-    )]
+    programs = [
+        Program(
+            "gpu-exporter",
+            "observability",
+            _python("observability.gpu_exporter"),
+            {"APPLIANCE_GPU_EXPORTER_PORT": str(settings.exporter_port)},
+            f"http://127.0.0.1:{settings.exporter_port}/metrics",
+        )
+    ]
     binary = prometheus_binary()
     if settings.with_prometheus and binary:
         argv = [
-            binary, f"--config.file={data / 'run' / 'prometheus.yml'}",
-            f"--storage.tsdb.path={data / 'prometheus'}", f"--web.listen-address=127.0.0.1:{settings.prometheus_port}",
+            binary,
+            f"--config.file={data / 'run' / 'prometheus.yml'}",
+            f"--storage.tsdb.path={data / 'prometheus'}",
+            f"--web.listen-address=127.0.0.1:{settings.prometheus_port}",
             "--storage.tsdb.retention.time=15d",
         ]
-        programs.append(Program("prometheus", "observability", argv, {},
-                                f"http://127.0.0.1:{settings.prometheus_port}/-/ready"))
+        programs.append(
+            Program("prometheus", "observability", argv, {}, f"http://127.0.0.1:{settings.prometheus_port}/-/ready")
+        )
     return programs

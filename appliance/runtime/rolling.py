@@ -1,24 +1,26 @@
-"""Rolling restart and live scaling of inference workers, through the balancer's admin API."""
+"""Rolling restart and live scaling of inference workers.
+
+Workers join the balancer through the Redis registry once ready and leave it on SIGTERM
+(withdraw, stay up while the balancer drains them, finish in-flight requests, exit). So a
+worker is added by starting its program and removed by stopping it: the balancer process
+is never restarted, and its ``/workers`` API is only read, to wait until a worker takes traffic.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from appliance.runtime.health import probe_http
 from appliance.runtime.local import LocalRuntime, RuntimeFailure
-from appliance.runtime.plan import worker_names
+from appliance.runtime.plan import Program
 
-__all__ = ["BalancerAdmin", "rolling_restart", "scale_workers"]
-
-Step = Callable[[str, str, str], None]
+__all__ = ["BalancerView", "rolling_restart", "scale_workers"]
 
 
-class BalancerAdmin:
-    """The balancer's `/workers` API (internal token)."""
+class BalancerView:
+    """The balancer's `/workers` listing (internal token)."""
 
     def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
         self._client = httpx.Client(base_url=base_url, headers={"X-Internal-Token": token}, timeout=timeout)
@@ -33,71 +35,93 @@ class BalancerAdmin:
         workers = (body.get("workers") or body.get("data") or []) if isinstance(body, dict) else body
         return list(workers)
 
-    def add(self, url: str) -> None:
-        self._client.post("/workers", json={"url": url}).raise_for_status()
+    def routable(self, url: str) -> bool:
+        return any(w.get("url") == url and w.get("state") == "healthy" for w in self.workers())
 
-    def drain_and_remove(self, url: str, timeout: float) -> None:
-        """Stop new traffic to ``url``, wait for its in-flight requests, then remove it."""
-        response = self._client.delete("/workers", params={"url": url, "wait": str(timeout)}, timeout=timeout + 10)
-        if response.status_code != 404:
-            response.raise_for_status()
-
-
-def _worker_url(runtime: LocalRuntime, index: int) -> str:
-    return f"http://127.0.0.1:{runtime.settings.worker_port(index)}"
+    def wait_routable(self, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.routable(url):
+            if time.monotonic() > deadline:
+                raise RuntimeFailure(f"the balancer did not admit {url} within {timeout:.0f}s (is Redis up?)")
+            time.sleep(0.2)
 
 
-def _admin(runtime: LocalRuntime) -> BalancerAdmin:
+def _index(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
+def _worker_url(runtime: LocalRuntime, name: str) -> str:
+    return f"http://127.0.0.1:{runtime.settings.worker_port(_index(name))}"
+
+
+def _view(runtime: LocalRuntime) -> BalancerView:
     settings = runtime.settings
-    return BalancerAdmin(f"http://127.0.0.1:{settings.balancer_port}", settings.resolved_internal_token())
+    return BalancerView(f"http://127.0.0.1:{settings.balancer_port}", settings.resolved_internal_token())
 
 
-def _wait_healthy(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe_http(f"{url}/health").ok:
-        if time.monotonic() > deadline:
-            raise RuntimeFailure(f"{url} did not become healthy in {timeout:.0f}s")
-        time.sleep(0.2)
+def _program(plan: list[Program], name: str) -> Program:
+    return next(p for p in plan if p.name == name)
 
 
-def rolling_restart(runtime: LocalRuntime, drain_timeout: float = 120.0) -> list[str]:
-    """Restart workers one at a time: drained, restarted, readmitted when healthy. No request fails."""
-    admin = _admin(runtime)
+def _start_and_admit(runtime: LocalRuntime, view: BalancerView, program: Program) -> None:
+    runtime.supervisor.start(program.name, wait=False)
+    runtime.progress(program.name, "starting", "")
+    runtime.wait_ready(program)
+    view.wait_routable(_worker_url(runtime, program.name), runtime.settings.ready_timeout_s)
+    runtime.progress(program.name, "ready", "in the balancer")
+
+
+def _replace(runtime: LocalRuntime, view: BalancerView, program: Program, reload_group: bool) -> None:
+    """Stop (the worker withdraws and is drained first), start, wait until the balancer routes to it."""
     supervisor = runtime.supervisor
-    names = sorted(info["name"] for info in supervisor.processes() if info["name"].startswith("inference-"))
+    runtime.progress(program.name, "draining", "withdrawn from the registry")
+    supervisor.stop(program.name)
+    if reload_group:  # its configuration changed: the new one applies to a re-added group
+        supervisor.remove_group(program.name)
+        supervisor.add_group(program.name)
+    _start_and_admit(runtime, view, program)
+
+
+def rolling_restart(runtime: LocalRuntime) -> list[str]:
+    """Restart workers one at a time, each drained before it stops and admitted again before the next."""
+    plan = runtime.plan()
+    supervisor = runtime.supervisor
+    names = sorted((i["name"] for i in supervisor.processes() if i["name"].startswith("inference-")), key=_index)
+    view = _view(runtime)
     try:
         for name in names:
-            index = int(name.rsplit("-", 1)[1])
-            url = _worker_url(runtime, index)
-            runtime.progress(name, "draining", url)
-            admin.drain_and_remove(url, drain_timeout)
-            runtime.progress(name, "stopping", "")
-            supervisor.stop(name)
-            supervisor.start(name, wait=False)
-            runtime.progress(name, "starting", "")
-            _wait_healthy(url, runtime.settings.ready_timeout_s)
-            admin.add(url)
-            runtime.progress(name, "ready", "readmitted")
+            _replace(runtime, view, _program(plan, name), reload_group=False)
     finally:
-        admin.close()
+        view.close()
     return names
 
 
 def scale_workers(runtime: LocalRuntime, count: int) -> tuple[list[str], list[str]]:
-    """Add or remove workers live; returns (added, removed) program names."""
+    """Add or remove workers live; returns (added, removed) program names.
+
+    New workers start first; workers whose settings change (threads per worker follow the count)
+    restart one at a time while the others serve; removed workers stop last, all together.
+    """
     supervisor = runtime.supervisor
-    before = {info["name"] for info in supervisor.processes() if info["name"].startswith("inference-")}
-    wanted = set(worker_names(count))
-    admin = _admin(runtime)
+    running = {i["name"] for i in supervisor.processes() if i["name"].startswith("inference-")}
+    runtime.settings = runtime.settings.model_copy(update={"workers": count})
+    plan = runtime.plan()
+    runtime.write_files(plan)
+    added, changed, removed = supervisor.reload_config()
+    added = sorted((n for n in added if n.startswith("inference-")), key=_index)
+    removed = sorted((n for n in removed if n in running), key=_index)
+    view = _view(runtime)
     try:
-        removed = sorted(before - wanted, key=lambda n: int(n.rsplit("-", 1)[1]))
-        for name in removed:
-            admin.drain_and_remove(_worker_url(runtime, int(name.rsplit("-", 1)[1])), 120.0)
-        runtime.settings = runtime.settings.model_copy(update={"workers": count})
-        runtime.up()  # rewrites the supervisord config: adds new programs, removes dropped ones
-        added = sorted(wanted - before, key=lambda n: int(n.rsplit("-", 1)[1]))
         for name in added:
-            admin.add(_worker_url(runtime, int(name.rsplit("-", 1)[1])))
+            supervisor.add_group(name)
+        for name in added:
+            _start_and_admit(runtime, view, _program(plan, name))
+        for name in sorted((n for n in changed if n.startswith("inference-")), key=_index):
+            _replace(runtime, view, _program(plan, name), reload_group=True)
     finally:
-        admin.close()
+        view.close()
+    runtime.stop_together(removed)
+    for name in removed:
+        supervisor.remove_group(name)
+    runtime.up()  # anything else the new configuration changed; a no-op otherwise
     return added, removed

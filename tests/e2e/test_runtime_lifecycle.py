@@ -128,6 +128,18 @@ def _wait(predicate: Any, timeout: float, what: str) -> float:
     raise AssertionError(f"{what} not within {timeout}s")
 
 
+def _pid(stack: Stack, name: str) -> int:
+    return int(next(s["pid"] for s in stack.status()[1]["services"] if s["name"] == name))
+
+
+def _workers_in_balancer(stack: Stack) -> int:
+    """Workers the balancer routes to, from its admin API (internal token)."""
+    port = stack.env["APPLIANCE_RUNTIME_BALANCER_PORT"]
+    token = (stack.data_dir / "run" / "internal_token").read_text().strip()
+    body = httpx.get(f"http://127.0.0.1:{port}/workers", headers={"X-Internal-Token": token}, timeout=10).json()
+    return sum(1 for w in body["workers"] if w["state"] == "healthy")
+
+
 def _search(stack: Stack, key: str) -> list[str]:
     response = httpx.post(f"{stack.gateway}/v1/collections/handbook/search", timeout=30,
                           headers={"Authorization": f"Bearer {key}"},
@@ -185,6 +197,28 @@ def test_lifecycle(stack: Stack) -> None:
         time.sleep(1)
     print(f"rolling restart under load: {load.ok} ok, {len(load.failures)} failed")
     assert load.failures == [] and load.ok > 0
+
+    # Live scaling while 4 clients chat: workers join and leave through the Redis registry, so the
+    # balancer keeps its process (no restart, no cut stream) and no request fails.
+    balancer_pid = _pid(stack, "balancer")
+    with ChatLoad(stack, admin, clients=4) as load:
+        time.sleep(2)
+        started = time.monotonic()
+        stack.cli("scale", "inference=3")
+        grew = time.monotonic() - started
+        assert _workers_in_balancer(stack) == 3
+        started = time.monotonic()
+        stack.cli("scale", "inference=1")
+        shrank = time.monotonic() - started
+        time.sleep(2)
+    print(f"scale 2→3 in {grew:.1f}s, 3→1 in {shrank:.1f}s under load: {load.ok} ok, {len(load.failures)} failed; "
+          f"balancer pid {balancer_pid} → {_pid(stack, 'balancer')}; load average {os.getloadavg()[0]:.1f}")
+    assert load.failures == [] and load.ok > 0
+    assert _pid(stack, "balancer") == balancer_pid
+    assert sorted(s["name"] for s in stack.status()[1]["services"] if s["name"].startswith("inference-")) == [
+        "inference-1"
+    ]
+    assert _workers_in_balancer(stack) == 1
 
     # Backup while clients chat.
     with ChatLoad(stack, admin, clients=4) as load:

@@ -27,8 +27,9 @@ def test_programs_start_in_dependency_order(settings: RuntimeSettings, tmp_path:
 
 def test_wiring_between_services(settings: RuntimeSettings, tmp_path: Path) -> None:
     plan = {p.name: p for p in build_plan(settings, tmp_path / "m.gguf")}
-    assert plan["balancer"].env["APPLIANCE_BALANCER_WORKERS"] == ",".join(
-        f"http://127.0.0.1:{port}" for port in (9201, 9202, 9203))
+    assert "APPLIANCE_BALANCER_WORKERS" not in plan["balancer"].env  # membership comes from the registry
+    redis_url = plan["balancer"].env["APPLIANCE_BALANCER_REDIS_URL"]
+    assert all(plan[f"inference-{i}"].env["APPLIANCE_WORKER_REDIS_URL"] == redis_url for i in (1, 2, 3))
     assert plan["inference-2"].env["APPLIANCE_WORKER_PORT"] == "9202"
     assert plan["gateway"].env["APPLIANCE_GATEWAY_BALANCER_URL"] == "http://127.0.0.1:8100"
     assert all(p.env["APPLIANCE_DATA_DIR"] == str(settings.data_dir.resolve()) for p in plan.values())
@@ -64,9 +65,41 @@ def test_prometheus_scrapes_every_worker(settings: RuntimeSettings, tmp_path: Pa
 
 
 def test_managed_backups_run_as_a_program(settings: RuntimeSettings, tmp_path: Path) -> None:
-    plan = build_plan(settings.model_copy(update={"backup_every": "6h", "backup_offsite": tmp_path / "nas"}),
-                      tmp_path / "m.gguf")
+    plan = build_plan(
+        settings.model_copy(update={"backup_every": "6h", "backup_offsite": tmp_path / "nas"}), tmp_path / "m.gguf"
+    )
     backup = plan[-1]
     assert backup.name == "backup" and backup.stage == "maintenance"
     assert backup.argv[-6:] == ["--every", "6h", "--keep", "7", "--offsite", str(tmp_path / "nas")]
     assert "backup" not in [p.name for p in build_plan(settings, tmp_path / "m.gguf")]
+
+
+def test_workers_register_at_the_url_the_runtime_waits_for(
+    settings: RuntimeSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference.settings import WorkerSettings
+
+    worker = next(p for p in build_plan(settings, tmp_path / "m.gguf") if p.name == "inference-2")
+    for key, value in worker.env.items():
+        monkeypatch.setenv(key, value)
+    parsed = WorkerSettings()
+    assert parsed.redis_url == f"redis://127.0.0.1:{settings.redis_port}/0"
+    assert parsed.resolved_advertise_url() == "http://127.0.0.1:9202" == worker.health_url.removesuffix("/health")
+    # supervisord must not kill a worker while it withdraws and lets the balancer drain it
+    assert worker.stop_wait_s > parsed.withdraw_grace_s + 30
+
+
+def test_scaling_rewrites_only_worker_programs(settings: RuntimeSettings, tmp_path: Path) -> None:
+    """`appliance scale` reloads supervisord with this config: any other changed section would restart."""
+
+    def sections(workers: int) -> dict[str, dict[str, str]]:
+        plan = build_plan(settings.model_copy(update={"workers": workers}), tmp_path / "m.gguf")
+        parser = configparser.RawConfigParser()
+        parser.read_string(render_supervisor_conf(plan, tmp_path / "run", tmp_path / "logs", tmp_path))
+        return {name: dict(parser.items(name)) for name in parser.sections()}
+
+    one, five = sections(1), sections(5)
+    assert set(five) - set(one) == {f"program:inference-{i}" for i in range(2, 6)}
+    for name, section in one.items():
+        if not name.startswith("program:inference-"):
+            assert five[name] == section, name
