@@ -122,8 +122,12 @@ def test_services_run_the_python_entry_points_bound_for_containers(services: dic
         assert services[name]["environment"][host_var] == "0.0.0.0", name
         dockerfile = REPO / services[name]["build"]["dockerfile"]
         assert dockerfile.is_file(), dockerfile
-    workers = services["balancer"]["environment"]["APPLIANCE_BALANCER_WORKERS"].split(",")
-    assert workers == [f"http://{w}:8201" for w in WORKERS]
+    # Membership through the Redis registry: each worker advertises the name the balancer resolves.
+    assert "APPLIANCE_BALANCER_WORKERS" not in services["balancer"]["environment"]
+    redis_url = services["balancer"]["environment"]["APPLIANCE_BALANCER_REDIS_URL"]
+    for name in WORKERS:
+        assert services[name]["environment"]["APPLIANCE_WORKER_REDIS_URL"] == redis_url
+        assert services[name]["environment"]["APPLIANCE_WORKER_ADVERTISE_URL"] == f"http://{name}:8201"
     assert services["gateway"]["environment"]["APPLIANCE_GATEWAY_BALANCER_URL"] == "http://balancer:8100"
 
 

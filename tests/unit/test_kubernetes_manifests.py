@@ -61,8 +61,11 @@ def test_inference_requests_a_gpu_behind_a_headless_service() -> None:
     service = by_kind("Service")[worker["spec"]["serviceName"]]
     assert service["spec"]["clusterIP"] == "None"
     config = by_kind("ConfigMap")["appliance-config"]["data"]
-    for url in config["APPLIANCE_BALANCER_WORKERS"].split(","):
-        assert url.split("//")[1].split(".")[1].startswith(worker["spec"]["serviceName"])
+    assert config["APPLIANCE_WORKER_REDIS_URL"] == config["APPLIANCE_BALANCER_REDIS_URL"]
+    env = {e["name"]: e for e in containers(worker)[0]["env"]}  # registers at its pod IP (downward API)
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["APPLIANCE_WORKER_ADVERTISE_URL"]["value"] == "http://$(POD_IP):8201"
+    assert list(env).index("POD_IP") < list(env).index("APPLIANCE_WORKER_ADVERTISE_URL")  # $(…) sees earlier vars
 
 
 def test_gateway_scales_with_an_hpa() -> None:
