@@ -35,15 +35,17 @@ def _services(runtime: LocalRuntime, plan: list[Program]) -> list[dict[str, Any]
         state = info.get("statename", "ABSENT")
         probe = runtime.probe(program) if state == "RUNNING" else None
         started = info.get("start") or 0
-        rows.append({
-            "name": program.name,
-            "state": state.lower(),
-            "pid": info.get("pid") or None,
-            "uptime_s": round(time.time() - started) if state == "RUNNING" and started else 0,
-            "restarts": _restarts(log, program.name),
-            "healthy": bool(probe and probe.ok),
-            "health": (probe.body if probe and probe.ok else (probe.error or probe.status) if probe else None),
-        })
+        rows.append(
+            {
+                "name": program.name,
+                "state": state.lower(),
+                "pid": info.get("pid") or None,
+                "uptime_s": round(time.time() - started) if state == "RUNNING" and started else 0,
+                "restarts": _restarts(log, program.name),
+                "healthy": bool(probe and probe.ok),
+                "health": (probe.body if probe and probe.ok else (probe.error or probe.status) if probe else None),
+            }
+        )
     return rows
 
 
@@ -98,8 +100,15 @@ def gpu_summary() -> dict[str, Any]:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-            gpus.append({"index": index, "name": pynvml.nvmlDeviceGetName(handle), "utilization": util.gpu / 100,
-                         "memory_used_bytes": memory.used, "memory_total_bytes": memory.total})
+            gpus.append(
+                {
+                    "index": index,
+                    "name": pynvml.nvmlDeviceGetName(handle),
+                    "utilization": util.gpu / 100,
+                    "memory_used_bytes": memory.used,
+                    "memory_total_bytes": memory.total,
+                }
+            )
         return {"present": bool(gpus), "gpus": gpus}
     finally:
         pynvml.nvmlShutdown()
@@ -110,8 +119,10 @@ def _cache_hit_rate(gateway_url: str) -> float | None:
         text = httpx.get(f"{gateway_url}/metrics", timeout=3, verify=False).text  # noqa: S501 - loopback
     except httpx.HTTPError:
         return None
-    counts = {m.group(1): float(m.group(2)) for m in
-              re.finditer(r'^appliance_gateway_cache_total\{[^}]*result="(\w+)"[^}]*\} ([0-9.e+]+)$', text, re.M)}
+    counts = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^appliance_gateway_cache_total\{[^}]*result="(\w+)"[^}]*\} ([0-9.e+]+)$', text, re.M)
+    }
     lookups = counts.get("hit", 0.0) + counts.get("miss", 0.0)
     return round(counts.get("hit", 0.0) / lookups, 4) if lookups else None
 
@@ -127,7 +138,8 @@ def collect_status(runtime: LocalRuntime) -> tuple[int, dict[str, Any]]:
         return DOWN, {"state": "down", "services": []}
     workers = [
         {"name": s["name"], **(s["health"] if isinstance(s["health"], dict) else {}), "healthy": s["healthy"]}
-        for s in services if s["name"].startswith("inference-")
+        for s in services
+        if s["name"].startswith("inference-")
     ]
     scheme = "https" if settings.tls else "http"
     report: dict[str, Any] = {

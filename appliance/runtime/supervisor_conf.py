@@ -28,26 +28,28 @@ def _env_line(env: dict[str, str]) -> str:
 
 def _program(program: Program, log_dir: Path, cwd: Path) -> str:
     command = " ".join(shlex.quote(part) for part in program.argv)
-    return "\n".join([
-        f"[program:{program.name}]",
-        f"command={_escape(command)}",
-        f"directory={cwd}",
-        f"environment={_env_line(program.env)}" if program.env else "",
-        f"priority={program.priority}",
-        "autostart=false",  # the CLI starts programs in dependency order and waits for each stage
-        "autorestart=true",
-        "startsecs=1",
-        "startretries=1000",
-        "stopsignal=TERM",
-        f"stopwaitsecs={program.stop_wait_s}",
-        "stopasgroup=true",
-        "killasgroup=true",
-        "redirect_stderr=true",
-        f"stdout_logfile={log_dir / (program.name + '.log')}",
-        "stdout_logfile_maxbytes=20MB",
-        "stdout_logfile_backups=5",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"[program:{program.name}]",
+            f"command={_escape(command)}",
+            f"directory={cwd}",
+            f"environment={_env_line(program.env)}" if program.env else "",
+            f"priority={program.priority}",
+            "autostart=false",  # the CLI starts programs in dependency order and waits for each stage
+            "autorestart=true",
+            "startsecs=1",
+            "startretries=1000",
+            "stopsignal=TERM",
+            f"stopwaitsecs={program.stop_wait_s}",
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={log_dir / (program.name + '.log')}",
+            "stdout_logfile_maxbytes=20MB",
+            "stdout_logfile_backups=5",
+            "",
+        ]
+    )
 
 
 def render_supervisor_conf(plan: list[Program], run_dir: Path, log_dir: Path, cwd: Path) -> str:
@@ -58,8 +60,8 @@ file={sock}
 chmod=0700
 
 [supervisord]
-logfile={log_dir / 'supervisord.log'}
-pidfile={run_dir / 'supervisord.pid'}
+logfile={log_dir / "supervisord.log"}
+pidfile={run_dir / "supervisord.pid"}
 childlogdir={log_dir}
 nodaemon=false
 silent=true

@@ -49,8 +49,15 @@ class Stack:
         self.gateway = f"http://127.0.0.1:{self.env['APPLIANCE_RUNTIME_GATEWAY_PORT']}"
 
     def cli(self, *args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=self.env, cwd=REPO,
-                                capture_output=True, text=True, timeout=timeout, check=False)
+        result = subprocess.run(
+            [sys.executable, "-m", "appliance.cli", *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"appliance {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
         return result
@@ -99,8 +106,12 @@ class ChatLoad:
         while not self._stop.is_set():
             try:
                 reply = client.chat.completions.create(
-                    model="gemma-3-270m", messages=[{"role": "user", "content": "Say something."}],
-                    max_tokens=8, temperature=0.7, extra_headers={"Cache-Control": "no-cache"})
+                    model="gemma-3-270m",
+                    messages=[{"role": "user", "content": "Say something."}],
+                    max_tokens=8,
+                    temperature=0.7,
+                    extra_headers={"Cache-Control": "no-cache"},
+                )
                 assert reply.choices[0].finish_reason in {"stop", "length"}
                 with self._lock:
                     self.ok += 1
@@ -141,9 +152,12 @@ def _workers_in_balancer(stack: Stack) -> int:
 
 
 def _search(stack: Stack, key: str) -> list[str]:
-    response = httpx.post(f"{stack.gateway}/v1/collections/handbook/search", timeout=30,
-                          headers={"Authorization": f"Bearer {key}"},
-                          json={"query": "How many days of paid leave do employees get?", "top_k": 3})
+    response = httpx.post(
+        f"{stack.gateway}/v1/collections/handbook/search",
+        timeout=30,
+        headers={"Authorization": f"Bearer {key}"},
+        json={"query": "How many days of paid leave do employees get?", "top_k": 3},
+    )
     response.raise_for_status()
     return [hit["document_id"] for hit in response.json()["results"]]
 
@@ -155,8 +169,14 @@ def test_lifecycle(stack: Stack) -> None:
 
     code, report = stack.status()
     assert code == 0, report
-    assert {s["name"] for s in report["services"]} >= {"redis", "rag", "inference-1", "inference-2", "balancer",
-                                                       "gateway"}
+    assert {s["name"] for s in report["services"]} >= {
+        "redis",
+        "rag",
+        "inference-1",
+        "inference-2",
+        "balancer",
+        "gateway",
+    }
     assert all(s["healthy"] for s in report["services"]), report["services"]
     assert report["gpu"]["present"] is False
 
@@ -165,10 +185,16 @@ def test_lifecycle(stack: Stack) -> None:
     alice = created["key"]
     headers = {"Authorization": f"Bearer {alice}"}
     httpx.post(f"{stack.gateway}/v1/collections", json={"name": "handbook"}, headers=headers, timeout=30)
-    for title, text in [("Leave policy", "Employees get 27 days of paid leave per year, plus public holidays."),
-                        ("Expenses", "Travel expenses are reimbursed within 30 days on presentation of receipts.")]:
-        doc = httpx.post(f"{stack.gateway}/v1/collections/handbook/documents", headers=headers, timeout=60,
-                         json={"title": title, "text": text})
+    for title, text in [
+        ("Leave policy", "Employees get 27 days of paid leave per year, plus public holidays."),
+        ("Expenses", "Travel expenses are reimbursed within 30 days on presentation of receipts."),
+    ]:
+        doc = httpx.post(
+            f"{stack.gateway}/v1/collections/handbook/documents",
+            headers=headers,
+            timeout=60,
+            json={"title": title, "text": text},
+        )
         assert doc.status_code in (200, 201), doc.text
     folder = stack.data_dir.parent / "to-ingest"
     folder.mkdir()
@@ -184,8 +210,10 @@ def test_lifecycle(stack: Stack) -> None:
     os.kill(worker["pid"], signal.SIGKILL)
 
     def replaced() -> bool:
-        return any(s["name"] == "inference-1" and s["healthy"] and s["pid"] != worker["pid"]
-                   for s in stack.status()[1]["services"])
+        return any(
+            s["name"] == "inference-1" and s["healthy"] and s["pid"] != worker["pid"]
+            for s in stack.status()[1]["services"]
+        )
 
     back = _wait(replaced, 30, "worker restart")
     print(f"killed worker healthy again after {back:.1f}s")
@@ -211,8 +239,10 @@ def test_lifecycle(stack: Stack) -> None:
         stack.cli("scale", "inference=1")
         shrank = time.monotonic() - started
         time.sleep(2)
-    print(f"scale 2→3 in {grew:.1f}s, 3→1 in {shrank:.1f}s under load: {load.ok} ok, {len(load.failures)} failed; "
-          f"balancer pid {balancer_pid} → {_pid(stack, 'balancer')}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"scale 2→3 in {grew:.1f}s, 3→1 in {shrank:.1f}s under load: {load.ok} ok, {len(load.failures)} failed; "
+        f"balancer pid {balancer_pid} → {_pid(stack, 'balancer')}; load average {os.getloadavg()[0]:.1f}"
+    )
     assert load.failures == [] and load.ok > 0
     assert _pid(stack, "balancer") == balancer_pid
     assert sorted(s["name"] for s in stack.status()[1]["services"] if s["name"].startswith("inference-")) == [
@@ -237,7 +267,8 @@ def test_lifecycle(stack: Stack) -> None:
     stack.cli("up")
     assert stack.admin_key() == admin
     reply = stack.openai(alice).chat.completions.create(
-        model="gemma-3-270m", messages=[{"role": "user", "content": "Hello"}], max_tokens=4)
+        model="gemma-3-270m", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+    )
     assert reply.usage is not None and reply.usage.completion_tokens > 0
     assert _search(stack, alice) == before
 

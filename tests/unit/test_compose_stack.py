@@ -36,14 +36,30 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_validates_against_the_compose_spec() -> None:
     check = Path(sys.executable).with_name("check-jsonschema")
-    result = subprocess.run([str(check), "--builtin-schema", "vendor.compose-spec", str(REPO / "compose.yaml")],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [str(check), "--builtin-schema", "vendor.compose-spec", str(REPO / "compose.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_whole_stack_is_there(services: dict[str, Any]) -> None:
-    assert {"gateway", "balancer", *WORKERS, "rag", "redis", "prometheus", "alertmanager", "grafana",
-            "gpu-exporter", "node-exporter", "redis-exporter"} <= set(services)
+    assert {
+        "gateway",
+        "balancer",
+        *WORKERS,
+        "rag",
+        "redis",
+        "prometheus",
+        "alertmanager",
+        "grafana",
+        "gpu-exporter",
+        "node-exporter",
+        "redis-exporter",
+    } <= set(services)
 
 
 def test_workers_reserve_a_gpu_and_mount_models_read_only(services: dict[str, Any]) -> None:
@@ -75,8 +91,7 @@ def test_dependencies_wait_for_health(services: dict[str, Any]) -> None:
             assert "healthcheck" in services[dependency]
 
 
-def test_only_gateway_and_grafana_leave_the_internal_network(compose: dict[str, Any],
-                                                            services: dict[str, Any]) -> None:
+def test_only_gateway_and_grafana_leave_the_internal_network(compose: dict[str, Any], services: dict[str, Any]) -> None:
     assert compose["networks"]["internal"]["internal"] is True
     assert not compose["networks"]["public"].get("internal", False)
     for name, service in services.items():
@@ -114,9 +129,13 @@ def test_redis_appends_to_a_volume_and_data_sits_under_the_configurable_path(ser
 
 
 def test_services_run_the_python_entry_points_bound_for_containers(services: dict[str, Any]) -> None:
-    expected = {"gateway": ("gateway", "APPLIANCE_GATEWAY_HOST"), "balancer": ("balancer", "APPLIANCE_BALANCER_HOST"),
-                "rag": ("rag", "APPLIANCE_RAG_HOST"), "inference-1": ("inference", "APPLIANCE_WORKER_HOST"),
-                "gpu-exporter": ("observability.gpu_exporter", "APPLIANCE_GPU_EXPORTER_HOST")}
+    expected = {
+        "gateway": ("gateway", "APPLIANCE_GATEWAY_HOST"),
+        "balancer": ("balancer", "APPLIANCE_BALANCER_HOST"),
+        "rag": ("rag", "APPLIANCE_RAG_HOST"),
+        "inference-1": ("inference", "APPLIANCE_WORKER_HOST"),
+        "gpu-exporter": ("observability.gpu_exporter", "APPLIANCE_GPU_EXPORTER_HOST"),
+    }
     for name, (module, host_var) in expected.items():
         assert services[name]["command"] == ["python", "-m", module], name
         assert services[name]["environment"][host_var] == "0.0.0.0", name
@@ -134,8 +153,11 @@ def test_services_run_the_python_entry_points_bound_for_containers(services: dic
 def test_env_example_names_every_required_variable() -> None:
     text = (REPO / "compose.yaml").read_text()
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
-    example = {line.split("=")[0] for line in (REPO / ".env.example").read_text().splitlines()
-               if line and not line.startswith("#")}
+    example = {
+        line.split("=")[0]
+        for line in (REPO / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     assert required and required <= example
 
 
@@ -155,10 +177,20 @@ def test_dockerfiles_build_gpu_images_from_nvidia_bases() -> None:
 
 def test_dockerfile_requirements_follow_pyproject() -> None:
     script = str(REPO / "docker" / "requirements.py")
-    rag = subprocess.run([sys.executable, script, "--exclude", "faiss-cpu", "llama-cpp-python", "--extra", "gpu"],
-                         capture_output=True, text=True, check=True, timeout=30).stdout.split()
+    rag = subprocess.run(
+        [sys.executable, script, "--exclude", "faiss-cpu", "llama-cpp-python", "--extra", "gpu"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
     assert any(r.startswith("faiss-gpu") for r in rag) and not any(r.startswith("faiss-cpu") for r in rag)
     assert not any(r.startswith("llama-cpp-python") for r in rag)
-    exporter = subprocess.run([sys.executable, script, "--only", "aiohttp", "nvidia-ml-py"], capture_output=True,
-                              text=True, check=True, timeout=30).stdout.split()
+    exporter = subprocess.run(
+        [sys.executable, script, "--only", "aiohttp", "nvidia-ml-py"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
     assert [r.split(">")[0] for r in exporter] == ["aiohttp", "nvidia-ml-py"]

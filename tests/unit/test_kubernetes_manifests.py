@@ -40,8 +40,9 @@ def test_kustomization_lists_every_manifest_in_the_folder() -> None:
     assert kustomization()["namespace"] == "llm-appliance"
 
 
-@pytest.mark.parametrize(("source", "document"), documents(),
-                         ids=[f"{s}:{d['kind']}/{d['metadata']['name']}" for s, d in documents()])
+@pytest.mark.parametrize(
+    ("source", "document"), documents(), ids=[f"{s}:{d['kind']}/{d['metadata']['name']}" for s, d in documents()]
+)
 def test_manifest_validates_strictly(source: str, document: dict[str, Any]) -> None:
     kubernetes_validate.validate(document, K8S_VERSION, strict=True)
 
