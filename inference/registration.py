@@ -9,7 +9,6 @@ the heartbeat logs once, backs off and announces as soon as Redis answers again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -107,10 +106,15 @@ class Registration:
 
     async def _stop_heartbeat(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # a heartbeat bug must not stop the shutdown that follows
+            log.exception("the registry heartbeat had failed")
 
     async def withdraw(self, *, grace: bool = True) -> None:
         """Delete the key, then (``grace``) keep serving long enough for every balancer to drain us."""
