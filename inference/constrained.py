@@ -1,10 +1,15 @@
 """Grammar-constrained sampling that stays cheap on large vocabularies.
 
 Applying a grammar to every candidate of a 262k-token vocabulary costs far
-more than a decode step of a small model. Like llama.cpp's own common
-sampler, sample without the grammar first and only check that one token;
-only when the grammar rejects it, rebuild the full candidate list, apply the
-grammar, then the sequence's chain.
+more than a decode step of a small model (~150 ms against ~1 ms for the
+unconstrained pick, measured on the default Gemma 3 270M). So, like
+llama.cpp's common sampler, sample without the grammar first and check only
+that token. When the grammar rejects it, apply the grammar to the highest
+logits only (``CANDIDATE_TIERS``: hundreds, then thousands, then an eighth), then
+the sequence's chain to those; that pick is provably the one the full
+vocabulary would give whenever enough of them survive (see
+:meth:`ConstrainedSampler._exact`). Only when it cannot be proven does the
+whole vocabulary go through the grammar.
 """
 
 from __future__ import annotations
@@ -15,9 +20,38 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ConstrainedSampler"]
+from inference.sampling import SamplingParams
+
+__all__ = ["CANDIDATE_TIERS", "ConstrainedSampler"]
 
 TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+# Candidates the grammar sees before the whole vocabulary: above the default top_k (40), small next to 262k.
+CANDIDATE_TIERS = (256, 4096, 32768)
+
+
+class _Candidates:
+    """A reusable llama_token_data_array of up to ``size`` entries, with a numpy view of its data."""
+
+    def __init__(self, llama: Any, size: int) -> None:
+        self.data = (llama.llama_token_data * size)()
+        self.view = np.frombuffer(self.data, dtype=TOKEN_DATA)
+        self.array = llama.llama_token_data_array(data=self.data, size=size, selected=-1, sorted=False)
+
+    def load(self, ids: Any, logits: Any) -> Any:
+        count = len(ids)
+        view = self.view[:count]
+        view["id"], view["logit"], view["p"] = ids, logits, 0.0
+        array = self.array
+        array.size, array.selected, array.sorted = count, -1, False
+        return ctypes.byref(array)
+
+    def allowed(self) -> Any:
+        """Logits the grammar left finite."""
+        logits = self.view["logit"][: self.array.size]
+        return logits[np.isfinite(logits)]
+
+    def selected(self) -> int:
+        return int(self.view[self.array.selected]["id"])
 
 
 class ConstrainedSampler:
@@ -27,36 +61,63 @@ class ConstrainedSampler:
         self.llama = llama
         self.ctx = ctx
         self.n_vocab = n_vocab
-        self._one = (llama.llama_token_data * 1)()
-        self._one_array = llama.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
-        self._all = (llama.llama_token_data * n_vocab)()
-        self._all_view = np.frombuffer(self._all, dtype=TOKEN_DATA)
         self._ids = np.arange(n_vocab, dtype=np.int32)
-        self._all_array = llama.llama_token_data_array(data=self._all, size=n_vocab, selected=-1, sorted=False)
+        self._one = _Candidates(llama, 1)
+        self._tiers = [_Candidates(llama, size) for size in CANDIDATE_TIERS if size < n_vocab]
+        self._all = _Candidates(llama, n_vocab)
+        self.full_passes = 0  # whole-vocabulary grammar passes (the slow path), for tests and profiling
 
-    def sample(self, chain: Any, grammar: Any, index: int) -> int:
+    def sample(self, chain: Any, grammar: Any, index: int, params: SamplingParams) -> int:
         llama = self.llama
         token = int(llama.llama_sampler_sample(chain, self.ctx, index))
-        if not self._rejects(grammar, token):
-            llama.llama_sampler_accept(grammar, token)
-            return token
-        logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
-        view = self._all_view
-        view["id"] = self._ids
-        view["logit"] = logits
-        view["p"] = 0.0
-        array = self._all_array
-        array.size, array.selected, array.sorted = self.n_vocab, -1, False
-        llama.llama_sampler_apply(grammar, ctypes.byref(array))
-        llama.llama_sampler_apply(chain, ctypes.byref(array))
-        token = int(self._all[array.selected].id)
+        if self._rejects(grammar, token):
+            logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+            token = self._resample(chain, grammar, logits, params)
         llama.llama_sampler_accept(grammar, token)
         return token
 
+    def _resample(self, chain: Any, grammar: Any, logits: Any, params: SamplingParams) -> int:
+        if self._tiers and self._exact_possible(params):
+            # One partial sort places every tier's boundary: order[-size:] are the size highest logits.
+            order = np.argpartition(logits, [self.n_vocab - len(tier.view) for tier in reversed(self._tiers)])
+            for tier in self._tiers:
+                ids = np.sort(order[-len(tier.view) :])  # token-id order, as the full pass sees them
+                top = logits[ids]
+                array = tier.load(ids, top)
+                self.llama.llama_sampler_apply(grammar, array)
+                if self._exact(params, tier.allowed(), float(top.min())):
+                    self.llama.llama_sampler_apply(chain, array)
+                    return tier.selected()
+        return self._sample_all(chain, grammar, logits)
+
     def _rejects(self, grammar: Any, token: int) -> bool:
-        one = self._one[0]
-        one.id, one.logit, one.p = token, 1.0, 0.0
-        array = self._one_array
-        array.size, array.selected, array.sorted = 1, -1, False
-        self.llama.llama_sampler_apply(grammar, ctypes.byref(array))
-        return bool(math.isinf(one.logit) and one.logit < 0)
+        self._one.load((token,), (1.0,))
+        self.llama.llama_sampler_apply(grammar, ctypes.byref(self._one.array))
+        logit = float(self._one.view[0]["logit"])
+        return math.isinf(logit) and logit < 0
+
+    @staticmethod
+    def _exact_possible(params: SamplingParams) -> bool:
+        # A bias or a negative penalty can lift a token from outside the top candidates above them.
+        negative = params.presence_penalty < 0 or params.frequency_penalty < 0 or params.repeat_penalty < 1
+        return not params.logit_bias and not negative
+
+    @staticmethod
+    def _exact(params: SamplingParams, allowed: Any, floor: float) -> bool:
+        """Whether no token outside the top candidates (all with logits <= ``floor``) could be picked."""
+        if not len(allowed):
+            return False
+        penalties = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        if params.greedy:
+            return not penalties  # penalties come before the greedy pick and may reorder the candidates
+        if 0 < params.top_k <= len(allowed):
+            return True  # top-k keeps only top candidates; penalties and the rest come after it
+        # min-p drops everything below max + ln(min_p) (without penalties the max is the top allowed logit).
+        return params.min_p > 0 and not penalties and floor < float(allowed.max()) + math.log(params.min_p)
+
+    def _sample_all(self, chain: Any, grammar: Any, logits: Any) -> int:
+        self.full_passes += 1
+        array = self._all.load(self._ids, logits)
+        self.llama.llama_sampler_apply(grammar, array)
+        self.llama.llama_sampler_apply(chain, array)
+        return self._all.selected()

@@ -7,7 +7,9 @@ separate sampler, checked against the chain's pick (inference.constrained).
 
 from __future__ import annotations
 
+import ctypes
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF, root rule "root"
+    grammar_trigger: str | None = None  # the grammar is lazy: dormant until the output contains this text
 
     @property
     def greedy(self) -> bool:
@@ -42,7 +45,14 @@ def build_grammar(llama: Any, vocab: Any, params: SamplingParams) -> Any:
     """The sequence's grammar sampler, or None; kept out of the chain (see inference.constrained)."""
     if params.grammar is None:
         return None
-    grammar = llama.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+    if params.grammar_trigger is not None:
+        # llama.cpp matches the pattern against all output so far; the grammar starts at the first group.
+        pattern = f"[\\s\\S]*?({re.escape(params.grammar_trigger)})[\\s\\S]*".encode()
+        patterns = (ctypes.c_char_p * 1)(pattern)
+        grammar = llama.llama_sampler_init_grammar_lazy_patterns(
+            vocab, params.grammar.encode(), b"root", patterns, 1, None, 0)
+    else:
+        grammar = llama.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
     if not grammar:
         raise ValueError("the grammar could not be parsed")
     return grammar

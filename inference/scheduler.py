@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inference.constrained import ConstrainedSampler
+from inference.logprobs import LogprobReader, TokenLogprob
 from inference.model import LoadedModel
 from inference.sampling import build_grammar, build_sampler_chain
 from inference.sequence import ActiveSequence, GenerationRequest, SequenceHandle
@@ -28,8 +29,8 @@ __all__ = ["QueueFull", "Scheduler", "StepReport"]
 
 log = logging.getLogger(__name__)
 
-# One step's output for one sequence: (handle, text, new tokens, finish reason, error).
-Event = tuple[SequenceHandle, str, int, str | None, str | None]
+# One step's output for one sequence: (handle, text, new tokens, finish reason, error, logprobs of the text).
+Event = tuple[SequenceHandle, str, int, str | None, str | None, list[TokenLogprob] | None]
 # Called on the event loop after every step: (events, sequences in the batch, slots busy, queue depth).
 StepReport = Callable[[list[Event], int, int, int], None]
 
@@ -59,6 +60,7 @@ class Scheduler:
         self._batch: Any = None
         self._arrays: tuple[Any, ...] = ()
         self._constrained = ConstrainedSampler(model.llama, model.ctx, model.n_vocab)
+        self._logprobs = LogprobReader(model.llama, model.ctx, model.n_vocab, model.piece)
 
     # -- event loop side --
 
@@ -221,17 +223,28 @@ class Scheduler:
         if handle.grammar is None:
             token = model.llama.llama_sampler_sample(handle.sampler, model.ctx, seq.batch_index)
         else:
-            token = self._constrained.sample(handle.sampler, handle.grammar, seq.batch_index)
+            token = self._constrained.sample(handle.sampler, handle.grammar, seq.batch_index, request.sampling)
         if not request.ignore_eos and model.is_eog(token):
-            return handle, seq.stream.finish(), 0, "stop", None
+            return self._event(seq, seq.stream.finish(), 0, "stop")
         seq.generated += 1
         seq.last_token = token
-        text = seq.stream.feed(model.piece(token))
+        piece = model.piece(token)
+        if request.logprobs is not None:  # only sequences that ask pay for a pass over the vocabulary
+            seq.held_logprobs.append((seq.token_bytes, self._logprobs.read(seq.batch_index, token, request.logprobs)))
+            seq.token_bytes += len(piece)
+        text = seq.stream.feed(piece)
         if seq.stream.stopped:
-            return handle, text, 1, "stop", None
+            return self._event(seq, text, 1, "stop")
         if seq.generated >= request.max_tokens or seq.n_past >= self.n_ctx:
-            return handle, text + seq.stream.finish(), 1, "length", None
-        return handle, text, 1, None, None
+            return self._event(seq, text + seq.stream.finish(), 1, "length")
+        return self._event(seq, text, 1, None)
+
+    @staticmethod
+    def _event(seq: ActiveSequence, text: str, new_tokens: int, finish_reason: str | None) -> Event:
+        logprobs = None
+        if seq.handle.request.logprobs is not None:
+            logprobs = seq.release_logprobs(text, final=finish_reason is not None)
+        return seq.handle, text, new_tokens, finish_reason, None, logprobs
 
     def _deliver(self, events: list[Event], batch_size: int) -> None:
         if self._loop is None or self._report is None or (not events and not batch_size):
@@ -243,7 +256,7 @@ class Scheduler:
         events: list[Event] = []
         for seq in self._slots:
             if seq is not None:
-                events.append((seq.handle, "", 0, None, message))
+                events.append((seq.handle, "", 0, None, message, None))
                 self._release(seq)
         if not self._running:
             with self._lock:
@@ -251,6 +264,6 @@ class Scheduler:
                 self._waiting.clear()
             for handle in waiting:
                 self._free_samplers(handle)
-                events.append((handle, "", 0, None, message))
+                events.append((handle, "", 0, None, message, None))
         self.model.llama.llama_memory_clear(self.model.memory, True)
         self._deliver(events, 0)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference.logprobs import TokenLogprob
 from inference.sampling import SamplingParams
 from inference.textstream import TextStream
 
@@ -30,6 +31,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stops: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n: each token's logprob and its n likeliest alternatives
 
 
 class SequenceHandle:
@@ -48,6 +50,7 @@ class SequenceHandle:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self._buffer: list[str] = []
+        self._logprobs: list[TokenLogprob] = []
         self._wake = asyncio.Event()
 
     @property
@@ -59,10 +62,13 @@ class SequenceHandle:
         if not self.done:
             self.cancelled = True
 
-    def push(self, text: str, new_tokens: int, finish_reason: str | None, error: str | None) -> None:
+    def push(self, text: str, new_tokens: int, finish_reason: str | None, error: str | None,
+             logprobs: list[TokenLogprob] | None = None) -> None:
         """Called on the event loop with one decode step's output."""
         if text:
             self._buffer.append(text)
+        if logprobs:
+            self._logprobs.extend(logprobs)
         self.completion_tokens += new_tokens
         if finish_reason is not None:
             self.finish_reason = finish_reason
@@ -70,22 +76,39 @@ class SequenceHandle:
             self.error = error
         self._wake.set()
 
-    async def chunks(self) -> AsyncIterator[str]:
-        """Text as it is produced; raises :class:`GenerationFailed` if the sequence failed."""
+    async def pieces(self) -> AsyncIterator[tuple[str, list[TokenLogprob]]]:
+        """Text as it is produced, with the logprobs of the tokens that text is made of (when asked).
+
+        Raises :class:`GenerationFailed` if the sequence failed.
+        """
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._buffer:
+            if self._buffer or self._logprobs:
                 text = "".join(self._buffer)
-                self._buffer.clear()
-                yield text
+                logprobs = self._logprobs
+                self._buffer, self._logprobs = [], []
+                yield text, logprobs
             if self.error is not None:
                 raise GenerationFailed(self.error)
             if self.finish_reason is not None:
                 return
 
+    async def chunks(self) -> AsyncIterator[str]:
+        async for text, _ in self.pieces():
+            if text:
+                yield text
+
+    async def whole(self) -> tuple[str, list[TokenLogprob]]:
+        texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        async for text, items in self.pieces():
+            texts.append(text)
+            logprobs.extend(items)
+        return "".join(texts), logprobs
+
     async def text(self) -> str:
-        return "".join([piece async for piece in self.chunks()])
+        return (await self.whole())[0]
 
 
 @dataclass(slots=True)
@@ -100,6 +123,23 @@ class ActiveSequence:
     last_token: int = -1  # sampled, not yet decoded
     generated: int = 0
     batch_index: int = -1  # where this step's logits are, -1 = none
+    # Logprobs wait here until the text of their token is sent (text is held back at stop-sequence prefixes).
+    held_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)  # (start byte, logprob)
+    token_bytes: int = 0  # bytes of all generated tokens
+    sent_bytes: int = 0  # bytes of the text handed to the client so far
+
+    def release_logprobs(self, text: str, *, final: bool) -> list[TokenLogprob]:
+        """The logprobs of tokens now wholly sent (at the end: of every token that began in sent text)."""
+        self.sent_bytes += len(text.encode("utf-8"))
+        held, sent = self.held_logprobs, self.sent_bytes
+        count = 0
+        for start, item in held:
+            if (start >= sent) if final else (start + len(item.piece) > sent):
+                break
+            count += 1
+        released = [item for _, item in held[:count]]
+        self.held_logprobs = [] if final else held[count:]
+        return released
 
     @property
     def prompt(self) -> list[int]:

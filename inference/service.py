@@ -93,7 +93,7 @@ class WorkerService:
         metrics.slots_busy.set(busy)
         metrics.queue_depth.set(waiting)
         generated = 0
-        for handle, text, new_tokens, finish_reason, error in events:
+        for handle, text, new_tokens, finish_reason, error, logprobs in events:
             if new_tokens:
                 generated += new_tokens
                 if handle.last_token_at is None:
@@ -101,7 +101,7 @@ class WorkerService:
                 else:
                     metrics.inter_token.observe(now - handle.last_token_at)
                 handle.last_token_at = now
-            handle.push(text, new_tokens, finish_reason, error)
+            handle.push(text, new_tokens, finish_reason, error, logprobs)
         if generated:
             metrics.generated_tokens.inc(generated)
 
@@ -152,7 +152,7 @@ class WorkerService:
 
     def generation(self, body: ChatCompletionRequest | CompletionRequest, tokens: list[int],
                    extra_stops: tuple[str, ...] = (), *, ignore_eos: bool = False, grammar: str | None = None,
-                   ) -> GenerationRequest:
+                   grammar_trigger: str | None = None, logprobs: int | None = None) -> GenerationRequest:
         """Validate limits against the context and turn the request into scheduler terms."""
         n_ctx, cap = self.settings.n_ctx, self.settings.max_tokens_cap
         if not tokens:
@@ -170,10 +170,12 @@ class WorkerService:
                               param="max_tokens", code="max_tokens_exceeded")
         max_tokens = min(limit or cap, n_ctx - len(tokens))
         stops = tuple(body.stop_list()) + tuple(s for s in extra_stops if s not in body.stop_list())
-        return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, sampling=self._sampling(body, grammar),
-                                 stops=stops, ignore_eos=ignore_eos and grammar is None)
+        sampling = self._sampling(body, grammar, grammar_trigger)
+        return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stops=stops,
+                                 ignore_eos=ignore_eos and grammar is None, logprobs=logprobs)
 
-    def _sampling(self, body: ChatCompletionRequest | CompletionRequest, grammar: str | None) -> SamplingParams:
+    def _sampling(self, body: ChatCompletionRequest | CompletionRequest, grammar: str | None,
+                  grammar_trigger: str | None) -> SamplingParams:
         bias: dict[int, float] = {}
         n_vocab = self.model.n_vocab if self.model is not None else 0
         for key, value in (body.logit_bias or {}).items():
@@ -183,7 +185,7 @@ class WorkerService:
         return SamplingParams(
             temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            repeat_penalty=body.repeat_penalty, logit_bias=bias, grammar=grammar,
+            repeat_penalty=body.repeat_penalty, logit_bias=bias, grammar=grammar, grammar_trigger=grammar_trigger,
         )
 
     def submit(self, request: GenerationRequest) -> SequenceHandle:

@@ -4,11 +4,18 @@
 ``tool_choice`` ``required`` or a named function are grammar-constrained per
 sequence, so the output parses for any model, base models included. A schema
 keyword the compiler would silently ignore is refused with a 400 naming it.
+
+``tool_choice: "auto"`` never forces a call: the answer is free text, parsed
+for calls afterwards (inference.toolcalls). A *lazy* grammar (llama.cpp's
+trigger mechanism) stays dormant until the model itself writes
+``<tool_call>``; from there on the block must be a valid call of a declared
+function, so a model that chooses to call cannot get the call wrong.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +23,7 @@ from typing import Any
 from appliance.core.errors import bad_request
 from appliance.core.wire import ChatCompletionRequest, Tool
 
-__all__ = ["StructuredPlan", "parse_tool_call", "plan_structured"]
+__all__ = ["StructuredPlan", "parse_tool_call", "plan_structured", "tools_preamble"]
 
 # Keywords the schema-to-grammar compiler cannot enforce; refusing beats a grammar that lies.
 UNSUPPORTED_KEYWORDS = frozenset({
@@ -32,6 +39,8 @@ class StructuredPlan:
     grammar: str | None = None
     tools: tuple[Tool, ...] = ()  # non-empty: the answer is a tool call to parse
     offered_tools: tuple[Tool, ...] = ()  # tools shown to the model in the prompt
+    auto_tools: tuple[Tool, ...] = ()  # tool_choice "auto": free text, parsed for calls of these
+    lazy_grammar: str | None = None  # dormant until the model writes LAZY_TRIGGER
 
 
 def _check_keywords(schema: Any, path: str) -> None:
@@ -98,6 +107,21 @@ def _forced_tools(body: ChatCompletionRequest, tools: list[Tool]) -> list[Tool]:
     raise bad_request(f"tool_choice {choice!r} is not supported.", param="tool_choice")
 
 
+LAZY_TRIGGER = "<tool_call>"
+
+
+def lazy_tool_grammar(tools: list[Tool]) -> str:
+    """One ``<tool_call>{call}</tool_call>`` block, a valid call of a declared tool, then the end.
+
+    Only one: letting the grammar go on after the block would force whatever
+    the model writes next (a newline, say) into a second call.
+    """
+    call = schema_grammar(_tool_call_schema(tools), "tools")
+    call = re.sub(r"^root ::=", "tool-call ::=", call, count=1, flags=re.MULTILINE)
+    block = f'"{LAZY_TRIGGER}" "\\n"? tool-call "\\n"? "</tool_call>"'
+    return f"root ::= {block}\n{call}"
+
+
 def plan_structured(body: ChatCompletionRequest) -> StructuredPlan:
     tools = list(body.tools or [])
     if body.tool_choice is not None and body.tool_choice != "none" and not tools:
@@ -111,7 +135,10 @@ def plan_structured(body: ChatCompletionRequest) -> StructuredPlan:
                               offered_tools=offered)
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
-        return StructuredPlan(offered_tools=offered)
+        if not offered:
+            return StructuredPlan()
+        return StructuredPlan(offered_tools=offered, auto_tools=offered,
+                              lazy_grammar=lazy_tool_grammar(list(offered)))
     if fmt.type == "json_object":
         return StructuredPlan(grammar=json_object_grammar(), offered_tools=offered)
     if fmt.json_schema is None or not fmt.json_schema.schema_:
@@ -134,8 +161,8 @@ def parse_tool_call(text: str) -> list[dict[str, Any]]:
 
 def tools_preamble(tools: tuple[Tool, ...]) -> str:
     """How the fallback (template-less) prompt tells a base model about the tools."""
-    lines = ["You can call these functions. To call one, answer with JSON "
-             '{"name": <function name>, "arguments": <arguments object>}.']
+    lines = ["You can call these functions. To call one, answer with "
+             '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call>.']
     for tool in tools:
         spec = {"name": tool.function.name, "description": tool.function.description or "",
                 "parameters": tool.function.parameters}

@@ -223,13 +223,14 @@ def new_id(prefix: str) -> str:
 def chat_response(
     *, id_: str, model: str, created: int, content: str | None, finish_reason: str, usage: Usage,
     tool_calls: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if tool_calls:
         message["tool_calls"] = tool_calls
     body: dict[str, Any] = {
         "id": id_, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}],
         "usage": usage.model_dump(),
     }
     if extra:
@@ -239,9 +240,10 @@ def chat_response(
 
 def chat_chunk(
     *, id_: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
-    usage: Usage | None = None, include_choice: bool = True,
+    usage: Usage | None = None, include_choice: bool = True, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if include_choice else []
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+    choices = [choice] if include_choice else []
     body: dict[str, Any] = {
         "id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
     }
@@ -252,20 +254,22 @@ def chat_chunk(
 
 def completion_response(
     *, id_: str, model: str, created: int, text: str, finish_reason: str, usage: Usage,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": id_, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
         "usage": usage.model_dump(),
     }
 
 
 def completion_chunk(
     *, id_: str, model: str, created: int, text: str, finish_reason: str | None = None, usage: Usage | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": id_, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
     }
     if usage is not None:
         body["usage"] = usage.model_dump()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -207,7 +208,7 @@ def test_client_disconnect_frees_the_slot_within_a_second(worker: Worker) -> Non
         ({"model": MODEL, "prompt": "hi", "n": 2}, 400, None),
         ({"model": "no-such-model", "prompt": "hi"}, 404, "model_not_found"),
         ({"model": MODEL}, 400, "invalid_value"),
-        ({"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, None),
+        ({"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "invalid_value"),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(worker: Worker, payload: Any, status: int, code: str | None
@@ -298,3 +299,141 @@ def test_unsupported_schema_keyword_is_named(worker: Worker) -> None:
         worker.client().chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+
+
+def _check_token_logprobs(content: str, items: list[Any], top_n: int) -> None:
+    assert "".join(item.token for item in items) == content
+    for item in items:
+        assert item.logprob <= 0 and math.isfinite(item.logprob)
+        assert item.bytes == list(item.token.encode())
+        tops = [top.logprob for top in item.top_logprobs]
+        assert len(tops) == top_n and tops == sorted(tops, reverse=True)
+        assert sum(math.exp(lp) for lp in tops) <= 1.0 + 1e-4  # a distribution, not raw scores
+        if top_n:
+            assert item.logprob <= tops[0] + 1e-6
+    assert 0.0 < math.exp(sum(item.logprob for item in items)) <= 1.0
+
+
+def test_chat_logprobs_whole_and_streamed(worker: Worker) -> None:
+    client = worker.client()
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+           "max_tokens": 16, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert whole.logprobs is not None and whole.logprobs.content
+    items = whole.logprobs.content
+    _check_token_logprobs(whole.message.content or "", items, 5)
+    for item in items:  # greedy: the chosen token is the most likely one
+        assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    streamed = []
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        mine = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
+        assert "".join(item.token for item in mine) == (choice.delta.content or "")  # each chunk: its own tokens
+        streamed += mine
+    assert [i.token for i in streamed] == [i.token for i in items]
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in items], abs=1e-3)
+
+
+def test_logprobs_under_a_grammar_are_real(worker: Worker) -> None:
+    result = worker.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a cat."}], max_tokens=CAP, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT_SCHEMA}},
+        logprobs=True, top_logprobs=3)
+    choice = result.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    _check_token_logprobs(choice.message.content or "", choice.logprobs.content, 3)
+    # The grammar forced tokens the model did not rank first; they still carry the model's own logprob.
+    assert any(item.logprob < item.top_logprobs[0].logprob - 1e-3 for item in choice.logprobs.content)
+
+
+def test_completion_logprobs_legacy_shape(worker: Worker) -> None:
+    result = worker.client().completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                                temperature=0, logprobs=3, extra_body={"ignore_eos": True})
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs and logprobs.top_logprobs
+    assert "".join(logprobs.tokens) == result.choices[0].text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert logprob <= 0 and top[token] == pytest.approx(logprob) and logprob == pytest.approx(max(top.values()))
+
+
+def test_top_logprobs_without_logprobs_is_400(worker: Worker) -> None:
+    status, body = worker.post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                        "top_logprobs": 2})
+    assert status == 400 and body["error"]["param"] == "top_logprobs"
+
+
+def test_auto_tool_choice_leaves_a_base_model_answer_as_text(worker: Worker) -> None:
+    """The default model has no tool template and, told about tools zero-shot, answers in prose: that stays text."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}}}]
+    result = worker.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a joke."}], tools=tools, max_tokens=24,
+        temperature=0)
+    choice = result.choices[0]
+    assert choice.finish_reason in ("stop", "length") and not choice.message.tool_calls
+    assert choice.message.content
+
+
+# A chat template that renders `tools` the Hermes way and shows the format by example. The base model copies the
+# format; it does not judge when a call is useful (it also "calls" for unrelated questions), so only the mechanics
+# of `auto` are asserted here: a call it writes comes back as tool_calls, valid against the declared schema.
+TOOL_TEMPLATE = """{{ bos_token }}{% if tools %}You can call functions. To call one, answer with <tool_call>{"name": \
+<function name>, "arguments": <arguments object>}</tool_call>. Functions:
+{% for t in tools %}{{ t.function | tojson }}
+{% endfor %}
+User: What is the weather in Rome?
+Assistant: <tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>
+User: What is the weather in Oslo?
+Assistant: <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>
+{% endif %}{% for m in messages %}{% if m.role == 'user' %}User: {{ m.content }}
+{% elif m.role == 'assistant' %}Assistant: {{ m.content or '' }}
+{% else %}{{ m.content }}
+{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"""
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def tool_worker(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    port = free_port()
+    logs = tmp_path_factory.mktemp("tool-worker")
+    env = {
+        "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
+        "APPLIANCE_WORKER_SLOTS": "2", "APPLIANCE_WORKER_N_CTX": "1024", "APPLIANCE_INTERNAL_TOKEN": TOKEN,
+        "APPLIANCE_DATA_DIR": str(logs), "APPLIANCE_LOG_JSON": "false", "APPLIANCE_WORKER_CHAT_TEMPLATE": TOOL_TEMPLATE,
+    }
+    url = f"http://127.0.0.1:{port}"
+    with run_service(python_module("inference"), env=env, log_path=logs / "worker.log",
+                     ready_url=f"{url}/health") as service:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                           default_headers={"X-Internal-Token": TOKEN}) as sdk:
+            yield Worker(url, sdk)
+        assert service.proc.poll() is None, service.logs()[-3000:]
+
+
+def test_auto_tool_choice_returns_the_call_the_model_writes(tool_worker: Worker) -> None:
+    client = tool_worker.client()
+    ask: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                           "tools": [WEATHER_TOOL], "max_tokens": 48, "temperature": 0}
+    choice = client.chat.completions.create(**ask).choices[0]  # tool_choice left out: "auto"
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks).strip()  # the call never leaks as text
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, d.function.arguments) for d in deltas if d.function] == [
+        ("get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_without_tools_in_the_prompt_is_plain_text(tool_worker: Worker) -> None:
+    result = tool_worker.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=16,
+        temperature=0, tools=[WEATHER_TOOL], tool_choice="none")
+    choice = result.choices[0]
+    assert not choice.message.tool_calls and choice.finish_reason in ("stop", "length")
+    assert "<tool_call>" not in (choice.message.content or "")
