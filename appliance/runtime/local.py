@@ -13,7 +13,7 @@ from pathlib import Path
 from appliance.core.model_files import prepare_default_model
 from appliance.runtime.health import Probe, probe_http, probe_redis
 from appliance.runtime.plan import STAGES, Program, build_plan
-from appliance.runtime.prometheus_conf import render_prometheus_conf
+from appliance.runtime.prometheus_conf import WORKER_TARGETS_FILE, render_prometheus_conf, render_worker_targets
 from appliance.runtime.settings import RuntimeSettings
 from appliance.runtime.supervisor_client import SupervisorClient
 from appliance.runtime.supervisor_conf import render_supervisor_conf, socket_path
@@ -95,6 +95,7 @@ class LocalRuntime:
         conf = render_supervisor_conf(plan, settings.run_dir.resolve(), settings.log_dir.resolve(), REPO)
         _atomic_write(settings.run_dir / "supervisord.conf", conf)
         _atomic_write(settings.run_dir / "prometheus.yml", render_prometheus_conf(settings, REPO), 0o644)
+        _atomic_write(settings.run_dir / WORKER_TARGETS_FILE, render_worker_targets(settings), 0o644)
         settings.resolved_internal_token()  # created once here so every service reads the same file
 
     def _start_supervisord(self) -> None:

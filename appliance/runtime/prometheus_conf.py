@@ -7,7 +7,11 @@ from pathlib import Path
 
 from appliance.runtime.settings import RuntimeSettings
 
-__all__ = ["render_prometheus_conf", "scrape_targets"]
+__all__ = ["WORKER_TARGETS_FILE", "render_prometheus_conf", "render_worker_targets", "scrape_targets"]
+
+# Workers come and go with `appliance scale`: Prometheus reads them from this file (file-based service
+# discovery, re-read when it changes) so a scale never needs a Prometheus reload or restart.
+WORKER_TARGETS_FILE = "prometheus-workers.json"
 
 
 def scrape_targets(settings: RuntimeSettings) -> dict[str, list[str]]:
@@ -23,6 +27,11 @@ def scrape_targets(settings: RuntimeSettings) -> dict[str, list[str]]:
     return targets
 
 
+def render_worker_targets(settings: RuntimeSettings) -> str:
+    """The file_sd document listing the current workers."""
+    return json.dumps([{"targets": scrape_targets(settings)["inference"], "labels": {}}], indent=2) + "\n"
+
+
 def render_prometheus_conf(settings: RuntimeSettings, repo: Path) -> str:
     """YAML is a superset of JSON: emit JSON so no YAML library is needed to write it."""
     rules = sorted(str(p) for p in (repo / "observability" / "rules").glob("*.yml") if not p.name.endswith("_test.yml"))
@@ -30,6 +39,9 @@ def render_prometheus_conf(settings: RuntimeSettings, repo: Path) -> str:
     jobs = []
     for job, targets in scrape_targets(settings).items():
         entry: dict[str, object] = {"job_name": job, "static_configs": [{"targets": targets}]}
+        if job == "inference":
+            files = [str((settings.run_dir / WORKER_TARGETS_FILE).resolve())]
+            entry = {"job_name": job, "file_sd_configs": [{"files": files, "refresh_interval": "5s"}]}
         if job == "gateway" and scheme == "https":
             entry["scheme"] = "https"
             entry["tls_config"] = {"insecure_skip_verify": True}

@@ -151,6 +151,19 @@ def _workers_in_balancer(stack: Stack) -> int:
     return sum(1 for w in body["workers"] if w["state"] == "healthy")
 
 
+def _prometheus_worker_targets(stack: Stack, expected: int, wait_s: float = 20) -> list[str]:
+    """Worker scrape targets Prometheus knows of (file-based discovery), waiting for ``expected`` of them."""
+    port = stack.env["APPLIANCE_RUNTIME_PROMETHEUS_PORT"]
+    deadline = time.monotonic() + wait_s
+    while True:
+        body = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=10).json()
+        targets = body["data"]["activeTargets"]
+        found = sorted(t["labels"]["instance"] for t in targets if t["labels"]["job"] == "inference")
+        if len(found) == expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def _search(stack: Stack, key: str) -> list[str]:
     response = httpx.post(
         f"{stack.gateway}/v1/collections/handbook/search",
@@ -235,6 +248,8 @@ def test_lifecycle(stack: Stack) -> None:
         stack.cli("scale", "inference=3")
         grew = time.monotonic() - started
         assert _workers_in_balancer(stack) == 3
+        # Prometheus picks the new worker up from its targets file, without a restart or reload
+        assert len(_prometheus_worker_targets(stack, 3)) == 3
         started = time.monotonic()
         stack.cli("scale", "inference=1")
         shrank = time.monotonic() - started
@@ -245,6 +260,7 @@ def test_lifecycle(stack: Stack) -> None:
     )
     assert load.failures == [] and load.ok > 0
     assert _pid(stack, "balancer") == balancer_pid
+    assert _prometheus_worker_targets(stack, 1) == [f"127.0.0.1:{stack.env['APPLIANCE_RUNTIME_WORKER_BASE_PORT']}"]
     assert sorted(s["name"] for s in stack.status()[1]["services"] if s["name"].startswith("inference-")) == [
         "inference-1"
     ]

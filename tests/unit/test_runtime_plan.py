@@ -4,7 +4,12 @@ from pathlib import Path
 import pytest
 
 from appliance.runtime.plan import STAGES, build_plan
-from appliance.runtime.prometheus_conf import render_prometheus_conf, scrape_targets
+from appliance.runtime.prometheus_conf import (
+    WORKER_TARGETS_FILE,
+    render_prometheus_conf,
+    render_worker_targets,
+    scrape_targets,
+)
 from appliance.runtime.settings import RuntimeSettings
 from appliance.runtime.supervisor_conf import render_supervisor_conf
 
@@ -59,9 +64,16 @@ def test_prometheus_scrapes_every_worker(settings: RuntimeSettings, tmp_path: Pa
     import json
 
     config = json.loads(render_prometheus_conf(settings, tmp_path))
-    jobs = {job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]}
-    assert jobs["inference"] == ["127.0.0.1:9201", "127.0.0.1:9202", "127.0.0.1:9203"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == set(scrape_targets(settings))
+    assert jobs["gateway"]["static_configs"][0]["targets"] == [f"127.0.0.1:{settings.gateway_port}"]
+    # workers are discovered from a file that `appliance scale` rewrites: no Prometheus reload needed
+    (sd,) = jobs["inference"]["file_sd_configs"]
+    assert sd["files"] == [str((settings.run_dir / WORKER_TARGETS_FILE).resolve())]
+    (group,) = json.loads(render_worker_targets(settings))
+    assert group["targets"] == ["127.0.0.1:9201", "127.0.0.1:9202", "127.0.0.1:9203"]
+    fewer = json.loads(render_worker_targets(settings.model_copy(update={"workers": 1})))
+    assert fewer[0]["targets"] == ["127.0.0.1:9201"]
 
 
 def test_managed_backups_run_as_a_program(settings: RuntimeSettings, tmp_path: Path) -> None:
