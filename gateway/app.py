@@ -27,6 +27,7 @@ from gateway.catalog import ModelCatalog
 from gateway.exceptions import exception_handlers
 from gateway.keys import KeyStore
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import complete_openapi
 from gateway.ownership import CollectionOwners
 from gateway.redis_guard import RedisGuard, RedisUnavailable
 from gateway.resp import PipelinedRedis
@@ -119,7 +120,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         collections_router(settings.max_upload_bytes),
         *ops.ui_routes(UI_STATIC),
     ]
-    return Litestar(
+    app = Litestar(
         route_handlers=handlers,
         dependencies={"svc": Provide(provide_services, sync_to_thread=False)},
         lifespan=[lifespan],
@@ -130,3 +131,5 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         logging_config=None,
         debug=False,
     )
+    complete_openapi(app)
+    return app

@@ -8,6 +8,8 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from litestar.di import NamedDependency
+
 from gateway.admission import Admission
 from gateway.cache import ResponseCache
 from gateway.catalog import ModelCatalog
@@ -18,7 +20,7 @@ from gateway.redis_guard import RedisGuard
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 
-__all__ = ["BackgroundTasks", "GatewayServices"]
+__all__ = ["BackgroundTasks", "GatewayServices", "Services"]
 
 _log = logging.getLogger("gateway.tasks")
 
@@ -63,3 +65,7 @@ class GatewayServices:
     owners: CollectionOwners
     fence_secret: str = ""
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
+
+
+# What handlers declare to have the app's ``svc`` dependency injected (by name, explicitly).
+Services = NamedDependency[GatewayServices]

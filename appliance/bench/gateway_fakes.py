@@ -122,7 +122,12 @@ async def _documents(request: web.Request) -> web.Response:
     if name not in state.collections:
         return web.json_response({"error": {"message": f"no collection {name}", "type": "invalid_request_error",
                                             "param": None, "code": "not_found"}}, status=404)
-    doc = await request.json()
+    if request.method == "GET":
+        return web.json_response({"object": "list", "documents": state.collections[name]})
+    if request.content_type == "multipart/form-data":  # a file upload: like the RAG service, keep its size only
+        doc = {"title": "upload", "text": f"{len(await request.read())} bytes"}
+    else:
+        doc = await request.json()
     doc_id = f"doc-{len(state.collections[name]) + 1}"
     state.collections[name].append({"id": doc_id, **doc})
     return web.json_response({"id": doc_id, "title": doc.get("title"), "chunks": 1, "sha256": "0" * 64,
@@ -166,7 +171,7 @@ def create_fake_upstream(state: FakeState | None = None) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/_last", _last)
     app.router.add_route("*", "/collections", _collections)
-    app.router.add_post("/collections/{name}/documents", _documents)
+    app.router.add_route("*", "/collections/{name}/documents", _documents)
     app.router.add_post("/collections/{name}/search", _search)
     app.router.add_post("/v1/embeddings", _embeddings)
     return app

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
+from litestar.params import FromPath, FromQuery
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.core.errors import bad_request, not_found
@@ -15,8 +16,9 @@ from gateway.access import access_record
 from gateway.admission import STATS, parse_bearer, usage_key
 from gateway.generation import decode_body
 from gateway.keys import SCOPES, KeyLimits
+from gateway.openapi import documented, link
 from gateway.redis_guard import RedisUnavailable
-from gateway.services import GatewayServices
+from gateway.services import GatewayServices, Services
 
 __all__ = ["admin_status", "create_key", "get_key", "list_keys", "revoke_key", "usage"]
 
@@ -44,8 +46,14 @@ async def _admin(request: Request[Any, Any, Any], svc: GatewayServices) -> None:
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
 
 
-@post("/admin/keys", summary="Create an API key (the secret is returned once)", status_code=201)
-async def create_key(request: Request[Any, Any, Any], svc: GatewayServices) -> dict[str, Any]:
+_ADMIN_ERRORS = (401, 403, 503)
+
+
+@post("/admin/keys", summary="Create an API key (the secret is returned once)", status_code=201,
+      opt=documented(body=NewKey, answers={201: None}, errors=(400, 413, *_ADMIN_ERRORS), links={201: {
+          "GetKey": link("GET", "/admin/keys/{key_id}", key_id="$response.body#/id"),
+          "RevokeKey": link("DELETE", "/admin/keys/{key_id}", key_id="$response.body#/id")}}))
+async def create_key(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any]:
     await _admin(request, svc)
     spec = parse_request(NewKey, decode_body(await request.body()))
     unknown = set(spec.scopes) - SCOPES
@@ -64,14 +72,14 @@ async def create_key(request: Request[Any, Any, Any], svc: GatewayServices) -> d
     return {**view, "key": secret}
 
 
-@get("/admin/keys", summary="List API keys (never their secrets)")
-async def list_keys(request: Request[Any, Any, Any], svc: GatewayServices) -> dict[str, Any]:
+@get("/admin/keys", summary="List API keys (never their secrets)", opt=documented(errors=_ADMIN_ERRORS))
+async def list_keys(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any]:
     await _admin(request, svc)
     return {"object": "list", "data": await svc.keys.list()}
 
 
-@get("/admin/keys/{key_id:str}", summary="One API key")
-async def get_key(request: Request[Any, Any, Any], svc: GatewayServices, key_id: str) -> dict[str, Any]:
+@get("/admin/keys/{key_id:str}", summary="One API key", opt=documented(errors=(404, *_ADMIN_ERRORS)))
+async def get_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
     await _admin(request, svc)
     view = await svc.keys.get(key_id)
     if view is None:
@@ -79,17 +87,19 @@ async def get_key(request: Request[Any, Any, Any], svc: GatewayServices, key_id:
     return view
 
 
-@delete("/admin/keys/{key_id:str}", summary="Revoke an API key (effective at once)", status_code=200)
-async def revoke_key(request: Request[Any, Any, Any], svc: GatewayServices, key_id: str) -> dict[str, Any]:
+@delete("/admin/keys/{key_id:str}", summary="Revoke an API key (effective at once)", status_code=200,
+        opt=documented(errors=(404, *_ADMIN_ERRORS)))
+async def revoke_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
     await _admin(request, svc)
     if not await svc.keys.revoke(key_id):
         raise not_found(f"No key with id {key_id!r}.", param="key_id")
     return {"id": key_id, "revoked": True}
 
 
-@get("/admin/usage", summary="Requests and tokens per key per day (UTC)")
-async def usage(request: Request[Any, Any, Any], svc: GatewayServices, days: int = 1,
-                day: str | None = None, key_id: str | None = None) -> dict[str, Any]:
+@get("/admin/usage", summary="Requests and tokens per key per day (UTC)",
+     opt=documented(errors=(400, *_ADMIN_ERRORS)))
+async def usage(request: Request[Any, Any, Any], svc: Services, days: FromQuery[int] = 1,
+                day: FromQuery[str | None] = None, key_id: FromQuery[str | None] = None) -> dict[str, Any]:
     await _admin(request, svc)
     try:
         last = dt.date.fromisoformat(day) if day else dt.datetime.now(dt.UTC).date()
@@ -119,8 +129,9 @@ def _usage_rows(date: dt.date, raw: dict[Any, Any], names: dict[str, str],
     return sorted(per_key.values(), key=lambda row: row["key_id"])
 
 
-@get("/admin/status", summary="Dependencies, workers behind the balancer, cache hit rate")
-async def admin_status(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+@get("/admin/status", summary="Dependencies, workers behind the balancer, cache hit rate",
+     opt=documented(answers={200: None}, errors=_ADMIN_ERRORS))
+async def admin_status(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
     await _admin(request, svc)
     await svc.catalog.refresh()
     try:

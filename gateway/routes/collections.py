@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
-from litestar import Request, Response, Router, route
+from litestar import Request, Response, Router, delete, get, post
 from litestar.background_tasks import BackgroundTask
+from litestar.params import FromPath, FromQuery
+from pydantic import BaseModel, Field
 
 from appliance.core.errors import bad_request
 from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.keys import Principal
+from gateway.openapi import JSON, documented, link
 from gateway.ownership import collection_of
-from gateway.services import GatewayServices
+from gateway.services import GatewayServices, Services
 from gateway.upstream import decode_json_object, ensure_error_body
 
 __all__ = ["collections_router"]
 
-_METHODS: list[Any] = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _FORWARDED_HEADERS = ("content-type", "accept")
 
 
@@ -50,7 +52,9 @@ async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, target
             and reply.status < 400:
         await svc.owners.release(name)
     kept = {k: v for k, v in reply.headers.items() if k.lower() in ("location", "retry-after")}
-    return Response(content, status_code=reply.status, media_type=reply.content_type,
+    # An error body is always JSON, even when an upstream sent (and the gateway wrapped) something else.
+    media_type = reply.content_type if reply.status < 400 else JSON
+    return Response(content, status_code=reply.status, media_type=media_type,
                     headers={**kept, **ticket.rate_headers}, background=BackgroundTask(svc.admission.settle, ticket))
 
 
@@ -71,22 +75,151 @@ async def _owned_view(svc: GatewayServices, principal: Principal, method: str, b
     return msgspec.json.encode(listing)
 
 
-@route("/collections", http_method=_METHODS, summary="List or create collections (RAG)", status_code=200)
-async def collections_root(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+_ERRORS = (400, 401, 403, 404, 429, 502, 503)
+
+
+class NewCollection(BaseModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class TextDocument(BaseModel):
+    text: str = Field(min_length=1)
+    title: str = ""
+    format: Literal["text", "markdown", "html"] = "text"
+    metadata: dict[str, Any] | None = None
+
+
+class FileDocument(BaseModel):
+    file: bytes = Field(description="The document: .txt, .md, .pdf or .html (by name, else by media type)")
+    title: str = ""
+    metadata: str | None = Field(default=None, description="A JSON object, as text")
+
+
+class SearchQuery(BaseModel):
+    query: str
+    top_k: int = 4
+
+
+_DOCUMENT_LINKS = {
+    "GetDocument": link("GET", "/v1/collections/{name}/documents/{document_id}", name="$request.path.name",
+                        document_id="$response.body#/id"),
+    "DeleteDocument": link("DELETE", "/v1/collections/{name}/documents/{document_id}", name="$request.path.name",
+                           document_id="$response.body#/id"),
+}
+
+
+# The RAG service validates these bodies (docs/CONTRACTS.md); the models above only document them.
+@get("/collections", summary="Collections this key may see (RAG)", opt=documented(errors=_ERRORS))
+async def list_collections(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
     return await _forward(request, svc, "/collections")
 
 
-@route("/collections/{path:path}", http_method=_METHODS, summary="Collections, documents and search (RAG)",
-       status_code=200)
-async def collections_path(request: Request[Any, Any, Any], svc: GatewayServices, path: str) -> Response[Any]:
-    return await _forward(request, svc, "/collections/" + path.lstrip("/"))
+@post(
+    "/collections",
+    summary="Create a collection, owned by this key (shared if an admin key)",
+    status_code=201,
+    opt=documented(
+        body=NewCollection,
+        answers={201: None},
+        errors=(*_ERRORS, 409, 413),
+        links={
+            201: {
+                "GetCollection": link("GET", "/v1/collections/{name}", name="$request.body#/name"),
+                "Upload": link("POST", "/v1/collections/{name}/documents", name="$request.body#/name"),
+                "Search": link("POST", "/v1/collections/{name}/search", name="$request.body#/name"),
+                "DeleteCollection": link("DELETE", "/v1/collections/{name}", name="$request.body#/name"),
+            }
+        },
+    ),
+)
+async def create_collection(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
+    return await _forward(request, svc, "/collections")
 
 
-@route("/jobs/{job_id:str}", http_method=["GET"], summary="Progress of a large upload (RAG)", status_code=200)
-async def job_status(request: Request[Any, Any, Any], svc: GatewayServices, job_id: str) -> Response[Any]:
+@get("/collections/{name:str}", summary="One collection (RAG)", opt=documented(errors=_ERRORS))
+async def get_collection(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
+    return await _forward(request, svc, f"/collections/{name}")
+
+
+@delete(
+    "/collections/{name:str}",
+    summary="Delete a collection and its documents",
+    status_code=200,
+    opt=documented(answers={200: None}, errors=_ERRORS),
+)
+async def delete_collection(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
+    return await _forward(request, svc, f"/collections/{name}")
+
+
+@get("/collections/{name:str}/documents", summary="Documents of a collection", opt=documented(errors=_ERRORS))
+async def list_documents(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
+    return await _forward(request, svc, f"/collections/{name}/documents")
+
+
+@post(
+    "/collections/{name:str}/documents",
+    summary="Upload a document (multipart file or JSON text)",
+    opt=documented(
+        body={"multipart/form-data": FileDocument, JSON: TextDocument},
+        answers={200: None, 201: None, 202: None},
+        errors=(*_ERRORS, 413, 415),
+        links={status: _DOCUMENT_LINKS for status in (200, 201)},
+    ),
+)
+async def upload_document(
+    request: Request[Any, Any, Any], svc: Services, name: FromPath[str], background: FromQuery[bool] = False
+) -> Response[Any]:
+    return await _forward(request, svc, f"/collections/{name}/documents")
+
+
+@get("/collections/{name:str}/documents/{document_id:str}", summary="One document", opt=documented(errors=_ERRORS))
+async def get_document(
+    request: Request[Any, Any, Any], svc: Services, name: FromPath[str], document_id: FromPath[str]
+) -> Response[Any]:
+    return await _forward(request, svc, f"/collections/{name}/documents/{document_id}")
+
+
+@delete(
+    "/collections/{name:str}/documents/{document_id:str}",
+    summary="Delete a document",
+    status_code=200,
+    opt=documented(answers={200: None}, errors=_ERRORS),
+)
+async def delete_document(
+    request: Request[Any, Any, Any], svc: Services, name: FromPath[str], document_id: FromPath[str]
+) -> Response[Any]:
+    return await _forward(request, svc, f"/collections/{name}/documents/{document_id}")
+
+
+@post(
+    "/collections/{name:str}/search",
+    summary="Search a collection",
+    status_code=200,
+    opt=documented(body=SearchQuery, answers={200: None}, errors=(*_ERRORS, 413)),
+)
+async def search(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
+    return await _forward(request, svc, f"/collections/{name}/search")
+
+
+@get("/jobs/{job_id:str}", summary="Progress of a large upload (RAG)", opt=documented(errors=_ERRORS))
+async def job_status(request: Request[Any, Any, Any], svc: Services, job_id: FromPath[str]) -> Response[Any]:
     return await _forward(request, svc, f"/jobs/{job_id}")
 
 
 def collections_router(max_upload_bytes: int) -> Router:
-    return Router(path="/v1", route_handlers=[collections_root, collections_path, job_status],
-                  request_max_body_size=max_upload_bytes)
+    return Router(
+        path="/v1",
+        request_max_body_size=max_upload_bytes,
+        route_handlers=[
+            list_collections,
+            create_collection,
+            get_collection,
+            delete_collection,
+            list_documents,
+            upload_document,
+            get_document,
+            delete_document,
+            search,
+            job_status,
+        ],
+    )

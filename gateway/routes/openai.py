@@ -9,29 +9,38 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
 
+from appliance.core.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.generation import decode_body, generate
-from gateway.services import GatewayServices
+from gateway.openapi import ChatCompletion, ChatCompletionChunk, EmbeddingList, ModelList, TextCompletion, documented
+from gateway.services import Services
 from gateway.upstream import decode_json_object, ensure_error_body
 
 __all__ = ["chat_completions", "completions", "embeddings", "list_models"]
 
 JSON = "application/json"
+_GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
 
 
-@post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible; `rag` extension)", status_code=200)
-async def chat_completions(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+@post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible; `rag` extension)", status_code=200,
+      opt=documented(body=ChatCompletionRequest, answers={200: ChatCompletion}, streams=ChatCompletionChunk,
+                     errors=_GENERATION_ERRORS))
+async def chat_completions(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
     return await generate(request, svc, "chat")
 
 
-@post("/v1/completions", summary="Text completion (OpenAI-compatible)", status_code=200)
-async def completions(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+@post("/v1/completions", summary="Text completion (OpenAI-compatible)", status_code=200,
+      opt=documented(body=CompletionRequest, answers={200: TextCompletion}, streams=TextCompletion,
+                     errors=_GENERATION_ERRORS))
+async def completions(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
     return await generate(request, svc, "completions")
 
 
-@post("/v1/embeddings", summary="Embeddings (OpenAI-compatible, served by the RAG service)", status_code=200)
-async def embeddings(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+@post("/v1/embeddings", summary="Embeddings (OpenAI-compatible, served by the RAG service)", status_code=200,
+      opt=documented(body=EmbeddingRequest, answers={200: EmbeddingList},
+                     errors=(400, 401, 403, 404, 413, 429, 502, 503)))
+async def embeddings(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
     record = access_record(request)
     secret = parse_bearer(request.headers.get("authorization"))
     raw = await request.body()
@@ -60,8 +69,9 @@ async def embeddings(request: Request[Any, Any, Any], svc: GatewayServices) -> R
                     background=BackgroundTask(svc.admission.settle, ticket, prompt, 0))
 
 
-@get("/v1/models", summary="Models served by the workers (filtered by the key's allowed models)")
-async def list_models(request: Request[Any, Any, Any], svc: GatewayServices) -> Response[Any]:
+@get("/v1/models", summary="Models served by the workers (filtered by the key's allowed models)",
+     opt=documented(answers={200: ModelList}, errors=(401, 502, 503)))
+async def list_models(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
     record = access_record(request)
     secret = parse_bearer(request.headers.get("authorization"))
     ticket = await svc.admission.admit(secret, "", limited=False)

@@ -10,7 +10,8 @@ from litestar.response import File
 from litestar.static_files import create_static_files_router
 
 from appliance.core.metrics import CONTENT_TYPE, render
-from gateway.services import GatewayServices
+from gateway.openapi import documented
+from gateway.services import Services
 
 __all__ = ["healthz", "metrics", "readyz", "ui_routes"]
 
@@ -20,8 +21,9 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", summary="Readiness: 503 if the balancer is down; 200 'degraded' if only Redis or RAG is")
-async def readyz(svc: GatewayServices) -> Response[Any]:
+@get("/readyz", summary="Readiness: 503 if the balancer is down; 200 'degraded' if only Redis or RAG is",
+     opt=documented(answers={200: None, 503: None}, errors=()))
+async def readyz(svc: Services) -> Response[Any]:
     redis_up = await svc.guard.ping()
     await svc.catalog.refresh()
     try:
@@ -41,7 +43,7 @@ async def readyz(svc: GatewayServices) -> Response[Any]:
 
 
 @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE)
-async def metrics(svc: GatewayServices) -> Response[bytes]:
+async def metrics(svc: Services) -> Response[bytes]:
     return Response(render(svc.metrics.registry), media_type=CONTENT_TYPE)
 
 

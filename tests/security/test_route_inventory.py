@@ -103,9 +103,6 @@ def test_every_internal_route_is_public_or_needs_the_token(security_stack: Stack
     assert not failures, failures
 
 
-# The gateway's handlers infer their ``svc`` dependency (a Litestar 3.0 deprecation, the gateway's to fix);
-# building the app in-process to list its routes must not turn that into an error here.
-@pytest.mark.filterwarnings("ignore::litestar.exceptions.LitestarDeprecationWarning")
 def test_every_gateway_route_is_public_or_needs_key_and_scope(security_stack: Stack, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     _empty_config(tmp_path, monkeypatch)
