@@ -11,6 +11,7 @@ import httpx
 @dataclass
 class Outcome:
     index: int
+    started_at: float = field(default_factory=time.monotonic)
     status: int = 0
     first_data_at: float | None = None
     chunks: int = 0
@@ -25,6 +26,11 @@ class Outcome:
     def clean_cut(self) -> bool:
         """Ended the way a cut stream must: an error event and no ``[DONE]``."""
         return self.error_event and not self.done
+
+    @property
+    def first_byte_s(self) -> float | None:
+        """Seconds from sending the request to its first data event (failover included)."""
+        return None if self.first_data_at is None else self.first_data_at - self.started_at
 
 
 async def stream_chat(client: httpx.AsyncClient, index: int, *, model: str, max_tokens: int,

@@ -123,8 +123,12 @@ async def _load(api: httpx.AsyncClient, stack: Stack, until: asyncio.Event, outc
         outcomes.append(await stream_chat(api, index, model=stack.model, max_tokens=6))
 
 
-async def test_sigstop_worker_is_ejected_skipped_and_readmitted(stack: Stack) -> None:
-    """SIGSTOP for 12 s (the issue says 30 s; 12 s covers ejection, a quiet period and readmission)."""
+STOP_S = 30  # the issue's figure: long enough for ejection, a quiet period on probes, then readmission
+FIRST_BYTE_TIMEOUT_S = float(BALANCER["first_byte_timeout_s"])
+
+
+async def test_sigstop_worker_for_30s_is_ejected_skipped_and_readmitted(stack: Stack) -> None:
+    """SIGSTOP one of three workers for 30 s under streamed load (6 clients back to back)."""
     victim = stack.services["worker1"]
     stop, outcomes = asyncio.Event(), []
     async with client(stack) as api:
@@ -136,10 +140,12 @@ async def test_sigstop_worker_is_ejected_skipped_and_readmitted(stack: Stack) ->
             ejected_after = await asyncio.to_thread(
                 wait_until, lambda: view(stack, 1)["state"] == "ejected", 15, 0.05, "ejection")
             served_when_ejected = view(stack, 1)["requests"]
-            await asyncio.sleep(max(0.0, 12 - (time.monotonic() - stopped_at)))
+            await asyncio.sleep(max(0.0, STOP_S - (time.monotonic() - stopped_at)))
             served_while_stopped = int(view(stack, 1)["requests"]) - int(served_when_ejected)  # type: ignore[call-overload]
+            state_before_cont = view(stack, 1)["state"]
         finally:
             victim.signal(signal.SIGCONT)
+            resumed_at = time.monotonic()
         readmitted_after = await asyncio.to_thread(
             wait_until, lambda: view(stack, 1)["state"] == "healthy", 30, 0.05, "readmission")
         before = int(view(stack, 1)["requests"])  # type: ignore[call-overload]
@@ -151,14 +157,27 @@ async def test_sigstop_worker_is_ejected_skipped_and_readmitted(stack: Stack) ->
     after_readmit = int(view(stack, 1)["requests"]) - before  # type: ignore[call-overload]
     failed = [o for o in outcomes if not o.done]
     lost = [o for o in failed if o.first_data_at is None]
-    record_figures("chaos_sigstop_worker", requests=len(outcomes), ejection_s=round(ejected_after, 2),
-                   readmission_s=round(readmitted_after, 2), served_while_stopped=served_while_stopped,
+    # Requests sent while the worker was stopped: each is answered, failing over within the first-byte timeout.
+    during = [o for o in outcomes if stopped_at <= o.started_at < resumed_at]
+    waits = sorted(o.first_byte_s for o in during if o.first_byte_s is not None)
+    before_stop = sorted(o.first_byte_s for o in outcomes if o.started_at < stopped_at and o.first_byte_s is not None)
+    record_figures("chaos_sigstop_worker", stopped_s=round(resumed_at - stopped_at, 1), requests=len(outcomes),
+                   requests_during_stop=len(during), ejection_s=round(ejected_after, 2),
+                   readmission_after_sigcont_s=round(readmitted_after, 2), served_while_stopped=served_while_stopped,
                    lost_requests=len(lost), cut_streams=len(failed) - len(lost),
+                   first_byte_during_stop_max_s=round(waits[-1], 2) if waits else None,
+                   first_byte_during_stop_median_s=round(waits[len(waits) // 2], 2) if waits else None,
+                   first_byte_before_stop_max_s=round(before_stop[-1], 2) if before_stop else None,
                    served_after_readmission=after_readmit, first_served_after_readmission_s=round(back_in_s, 2))
-    assert ejected_after <= 8  # first-byte timeout (passive) or two failed probes
+    assert resumed_at - stopped_at >= STOP_S
+    assert ejected_after <= FIRST_BYTE_TIMEOUT_S  # first-byte timeout (passive) or two failed probes
+    assert state_before_cont == "ejected", "a stopped worker must stay out until it answers probes again"
     assert served_while_stopped == 0
     assert not lost, [(o.index, o.status, o.exception) for o in lost]
     assert all(o.clean_cut for o in failed)
+    assert len(during) >= 20 and len(waits) == len(during), "load must go on, answered, while the worker is stopped"
+    # One first-byte timeout at most (a request that went to the worker just before ejection), plus service time.
+    assert waits[-1] <= FIRST_BYTE_TIMEOUT_S + 6, waits[-5:]
     assert after_readmit > 0
 
 
