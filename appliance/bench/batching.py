@@ -5,7 +5,9 @@ In one run, on the same model and threads:
 * ``raw_cN``: a direct llama-cpp-python loop decoding N sequences together
   (one ``llama_decode`` per step, greedy sampling per sequence) — the ceiling;
 * ``worker_cN``: aggregate generated tokens/s through the worker's HTTP API
-  (streamed ``/v1/completions``) with N concurrent clients.
+  (streamed ``/v1/completions``) with N concurrent clients;
+* ``grammar_cN/free_cN``: N json_schema-constrained chat requests against N
+  free ones, the median ratio of back-to-back pairs (grammar cost).
 
 It prints both and the ratios ``c8/c1`` (what batching buys) and
 ``worker_c8/raw_c8`` (what the worker's HTTP and scheduling cost).
@@ -19,6 +21,7 @@ import json
 import os
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -167,17 +170,30 @@ async def _one_grammar(session: Any, url: str, token: str, alias: str, tokens: i
         return int((await response.json())["usage"]["completion_tokens"])
 
 
-async def _grammar_rate(port: int, token: str, alias: str, level: int, tokens: int) -> float:
-    """Aggregate tokens/s of ``level`` concurrent grammar-constrained (json_schema) chat requests."""
+async def _grammar_pairs(port: int, token: str, alias: str, level: int, *, tokens: int, pairs: int
+                         ) -> list[tuple[float, float]]:
+    """(free, grammar) aggregate tokens/s of ``level`` concurrent requests, measured back to back ``pairs`` times.
+
+    On a shared machine the load moves between runs; a ratio of two runs made
+    seconds apart, repeated, says more than two rates taken minutes apart.
+    """
     import aiohttp
 
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    base = f"http://127.0.0.1:{port}"
+    results: list[tuple[float, float]] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=600)) as session:
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(_one_grammar(session, url, token, alias, tokens) for _ in range(level)))
-        rate = sum(counts) / (time.perf_counter() - start)
-    _progress(f"worker c{level} grammar: {rate:.1f} tok/s")
-    return rate
+        for _ in range(pairs):
+            start = time.perf_counter()
+            counts = await asyncio.gather(
+                *(_one_stream(session, f"{base}/v1/completions", token, alias, tokens) for _ in range(level)))
+            free = sum(counts) / (time.perf_counter() - start)
+            start = time.perf_counter()
+            counts = await asyncio.gather(
+                *(_one_grammar(session, f"{base}/v1/chat/completions", token, alias, tokens) for _ in range(level)))
+            grammar = sum(counts) / (time.perf_counter() - start)
+            _progress(f"worker c{level} free {free:.1f} tok/s, grammar {grammar:.1f} tok/s ({grammar / free:.3f})")
+            results.append((free, grammar))
+    return results
 
 
 async def _worker_rates(port: int, token: str, alias: str, levels: list[int], *, tokens: int, rounds: int
@@ -213,7 +229,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--levels", default="1,4,8", help="concurrency levels")
     parser.add_argument("--no-grammar", dest="grammar", action="store_false",
-                        help="skip the grammar-constrained (json_schema) run at the highest concurrency")
+                        help="skip the grammar-constrained (json_schema) runs at the highest concurrency")
+    parser.add_argument("--grammar-pairs", type=int, default=3,
+                        help="back-to-back free/grammar run pairs; the ratio reported is their median")
     return parser
 
 
@@ -235,8 +253,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
             alias = json.loads(response.read())["model"]
         worker_rates = asyncio.run(_worker_rates(port, token, alias, levels, tokens=args.tokens, rounds=args.rounds))
-        grammar_rate = asyncio.run(_grammar_rate(port, token, alias, max(levels), args.tokens)) \
-            if args.grammar else None
+        pairs = asyncio.run(_grammar_pairs(port, token, alias, max(levels), tokens=args.tokens,
+                                            pairs=args.grammar_pairs)) \
+            if args.grammar else []
     finally:
         proc.terminate()
         proc.wait(30)
@@ -249,9 +268,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     result[f"raw_c{high}/raw_c{low}"] = round(raw_rates[high] / raw_rates[low], 3)
     result[f"worker_c{high}/raw_c{high}"] = round(worker_rates[high] / raw_rates[high], 3)
     result[f"worker_c{low}/raw_c{low}"] = round(worker_rates[low] / raw_rates[low], 3)
-    if grammar_rate is not None:
-        result[f"worker_c{high}_grammar_tok_s"] = round(grammar_rate, 1)
-        result[f"grammar_c{high}/free_c{high}"] = round(grammar_rate / worker_rates[high], 3)
+    if pairs:
+        ratios = sorted(grammar / free for free, grammar in pairs)
+        result[f"worker_c{high}_grammar_tok_s"] = round(statistics.median(g for _, g in pairs), 1)
+        result[f"grammar_c{high}/free_c{high}"] = round(statistics.median(ratios), 3)
+        result["grammar_pair_ratios"] = [round(r, 3) for r in ratios]
     return result
 
 
@@ -267,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_rate, worker_rate = result[f"raw_c{level}_tok_s"], result[f"worker_c{level}_tok_s"]
         print(f"{level:>12} {raw_rate:>10.1f} {worker_rate:>13.1f} {worker_rate / raw_rate:>11.3f}")
     for key, value in result.items():
-        if "/" in key:
+        if "/" in key or key == "grammar_pair_ratios":
             print(f"{key} = {value}")
     return 0
 

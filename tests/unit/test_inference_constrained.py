@@ -95,3 +95,38 @@ def test_fast_path_matches_the_whole_vocabulary(model: LoadedModel, params: Samp
     if model.is_eog(token):
         assert isinstance(json.loads(text)["notes"], list), text
     assert fast.full_passes < full.full_passes or full.full_passes == 0, (fast.full_passes, full.full_passes)
+
+
+def test_lazy_tool_grammar_wakes_at_the_trigger(model: LoadedModel) -> None:
+    from appliance.core.wire import Tool
+    from inference.structured import LAZY_TRIGGER, lazy_tool_grammar
+
+    tool = Tool.model_validate(
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    )
+    params = SamplingParams(grammar=lazy_tool_grammar([tool]), grammar_trigger=LAZY_TRIGGER)
+    llama = model.llama
+    grammar = build_grammar(llama, model.vocab, params)
+    sampler = ConstrainedSampler(llama, model.ctx, model.n_vocab)
+
+    def rejects(text: str) -> bool:  # the grammar's verdict on the first token of ``text``
+        return sampler._rejects(grammar, model.tokenize(text, add_special=False, parse_special=False)[0])
+
+    def accept(text: str) -> None:
+        for token in model.tokenize(text, add_special=False, parse_special=False):
+            llama.llama_sampler_accept(grammar, token)
+
+    try:
+        assert not rejects("Hello there") and not rejects("}{ anything")  # dormant: free text
+        accept("Let me look that up. ")
+        assert not rejects("Hello")
+        accept(LAZY_TRIGGER)
+        assert rejects("Hello") and not rejects('{"')  # awake: only a call may follow
+    finally:
+        llama.llama_sampler_free(grammar)

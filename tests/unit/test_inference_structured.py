@@ -68,3 +68,11 @@ def test_parse_tool_call_builds_openai_tool_calls() -> None:
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
     assert parse_tool_call('{"name": "get_weather", "argu') == []
+
+
+def test_auto_tool_choice_gets_a_lazy_grammar_for_one_valid_call() -> None:
+    plan = plan_structured(chat(tools=[WEATHER, TIME]))
+    assert plan.grammar is None and plan.auto_tools and plan.lazy_grammar
+    assert plan.lazy_grammar.startswith('root ::= "<tool_call>"') and "get_weather" in plan.lazy_grammar
+    assert plan_structured(chat(tools=[WEATHER], tool_choice="none")).lazy_grammar is None
+    assert plan_structured(chat(tools=[WEATHER], response_format={"type": "json_object"})).lazy_grammar is None

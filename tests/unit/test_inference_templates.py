@@ -45,3 +45,18 @@ def test_sandbox_blocks_attribute_escapes() -> None:
     template = ChatTemplate("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(APIError):
         template.render(MESSAGES)
+
+
+def test_tools_reach_the_model_whether_or_not_the_template_renders_them() -> None:
+    from appliance.core.wire import Tool
+
+    tool = Tool.model_validate({"type": "function", "function": {"name": "get_weather"}})
+    plain = ChatTemplate("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    text = plain.render(MESSAGES[:2], (tool,)).text
+    assert text.startswith("<system>Be brief.\n\nYou can call these functions") and "get_weather" in text
+    assert "get_weather" not in plain.render(MESSAGES[:2]).text
+    own = ChatTemplate("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+                       "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}")
+    assert own.render(MESSAGES[1:2], (tool,)).text == "[get_weather]<user>Hi <eos>"  # its own way, no preamble
+    fallback = ChatTemplate(None).render(MESSAGES[1:2], (tool,)).text
+    assert "<tool_call>" in fallback and "get_weather" in fallback
