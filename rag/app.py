@@ -13,7 +13,7 @@ from aiohttp import web
 from appliance.core.errors import APIError, error_body, not_found, payload_too_large, unauthorized
 from appliance.core.request_id import HEADER as REQUEST_ID
 from appliance.core.request_id import accept_or_mint, request_id_var
-from rag.embedder import Embedder, load_embedder
+from rag.embedder import Embedder, EmbedderOptions, load_embedder
 from rag.metrics import RagMetrics
 from rag.routes import add_routes
 from rag.service import RagService
@@ -34,9 +34,10 @@ def create_app(settings: RagSettings, *, embedder: Embedder | None = None,
         ready = embedder
         embedder_factory = lambda: ready  # noqa: E731
     elif embedder_factory is None:
-        embedder_factory = lambda: load_embedder(  # noqa: E731
-            settings.embedding_model, settings.embedding_device, settings.embed_batch_size,
-            settings.compute_threads)
+        options = EmbedderOptions(settings.embedding_model, settings.embedding_device, settings.embed_batch_size,
+                                  settings.compute_threads, settings.embedding_backend, settings.onnx_cache_dir,
+                                  settings.query_threads, settings.query_int8)
+        embedder_factory = lambda: load_embedder(options)  # noqa: E731
     app = web.Application(middlewares=[_request_context, _errors, _internal_token],
                           client_max_size=settings.max_upload_bytes + 256 * 1024)
     app[STATE] = RagState(settings, settings.resolved_internal_token(), RagMetrics(), embedder_factory)

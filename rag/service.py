@@ -275,9 +275,9 @@ class RagService:
                 progress(min(start + step, len(texts)), len(texts))
         return np.concatenate(parts) if parts else np.zeros((0, self.embedder.dimension), dtype=np.float32)
 
-    async def _timed_encode(self, texts: list[str]) -> Vectors:
+    async def _timed_encode(self, texts: list[str], query: bool = False) -> Vectors:
         started = time.perf_counter()
-        vectors = await self._on_embedder(self.embedder.encode, texts)
+        vectors = await self._on_embedder(self.embedder.encode_queries if query else self.embedder.encode, texts)
         self.metrics.embed_seconds.observe(time.perf_counter() - started)
         return vectors
 
@@ -323,7 +323,7 @@ class RagService:
             raise bad_request("query must not be empty.", param="query")
         if not 1 <= top_k <= self.settings.max_top_k:
             raise bad_request(f"top_k must be between 1 and {self.settings.max_top_k}.", param="top_k")
-        vector = await self._timed_encode([query])
+        vector = await self._timed_encode([query], query=True)
         return await self._on_store(self._search, name, vector, top_k)
 
     def _search(self, name: str, vector: Vectors, top_k: int) -> list[dict[str, Any]]:

@@ -28,6 +28,14 @@ class RagSettings(CommonSettings):
     compute_threads: int = Field(
         default=0, ge=0, description="Threads for torch and FAISS; 0 = the libraries' default (all cores)."
     )
+    embedding_backend: Literal["auto", "torch", "onnx"] = Field(
+        default="auto", description="auto: ONNX Runtime on CPU (exported once to data_dir/rag/onnx), torch on a GPU "
+        "or when ONNX is unavailable; torch: sentence-transformers; onnx: ONNX Runtime or fail.")
+    query_threads: int = Field(default=1, ge=0, description="ONNX threads for a search query; 0 = compute_threads.")
+    query_int8: bool = Field(
+        default=False, description="Search queries through an int8-quantised copy of the model (ONNX only).")
+    faiss_gpu: Literal["auto", "off"] = Field(
+        default="auto", description="auto: search a GPU copy of flat indexes when faiss sees a GPU.")
     embed_batch_size: int = Field(default=32, ge=1, le=1024)
     chunk_tokens: int = Field(default=192, ge=16, le=8192)
     chunk_overlap: int = Field(default=32, ge=0)
@@ -52,3 +60,7 @@ class RagSettings(CommonSettings):
     @property
     def rag_dir(self) -> Path:
         return self.data_dir / "rag"
+
+    @property
+    def onnx_cache_dir(self) -> Path:
+        return self.rag_dir / "onnx"

@@ -1,10 +1,10 @@
-"""``kill -9`` the RAG service at random moments while documents are being ingested.
+"""``kill -9`` the RAG service at 20 random moments while documents are being ingested.
 
 After every kill the service must start again from its data directory, and every
-document it acknowledged (201) must be listed and found by search (the FAISS index is
-reconciled with the document store). The issue asks for 20 moments; each restart loads
-the embedding model again (~30 s on a busy 2-core box), so this runs ``KILLS`` of them,
-each at a random (seeded) moment once writes are flowing, to fit the suite's time budget.
+document it acknowledged (2xx) must be listed and found by search (the FAISS index is
+reconciled with the document store). A restart takes a few seconds because the
+embedding model runs on ONNX Runtime from the export cached in the data directory
+(no torch import); only the first start exports it.
 """
 
 from __future__ import annotations
@@ -22,21 +22,23 @@ import pytest
 from tests.support.figures import record_figures
 from tests.support.stack import Stack, appliance_stack
 
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
-KILLS = 3
+KILLS = 20
+TOP_K = 1000  # above any number of documents this test can ingest, so search must return every one
 COLLECTION = "crashy"
 
 
 @pytest.fixture
 def rag_only(tmp_path: Path) -> Iterator[Stack]:
-    with appliance_stack(tmp_path, upstream="none", workers=0, rag="real") as stack:
+    with appliance_stack(tmp_path, upstream="none", workers=0, rag="real",
+                         rag_settings={"max_top_k": str(TOP_K)}) as stack:
         yield stack
 
 
 class Ingest(threading.Thread):
-    """Posts documents back to back (paced at ≤ 10/s so three rounds stay under the search's top_k cap of 100
-    on a fast machine); remembers each one acknowledged with 201."""
+    """Posts documents back to back (paced at ≤ 10/s so 20 rounds stay far under TOP_K on a fast machine);
+    remembers each one acknowledged with a 2xx."""
 
     def __init__(self, stack: Stack, start_at: int) -> None:
         super().__init__(daemon=True)
@@ -52,13 +54,13 @@ class Ingest(threading.Thread):
                     response = client.post(f"/collections/{COLLECTION}/documents", json={"title": word, "text": text})
                 except httpx.HTTPError:
                     continue
-                if response.status_code == 201:
+                if response.is_success:
                     self.acked[response.json()["id"]] = word
                 self.halt.wait(0.1)
 
 
 def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: Stack) -> None:
-    stack, rng = rag_only, random.Random(20)
+    stack, rng, began = rag_only, random.Random(20), time.monotonic()
     headers = stack.internal_headers()
     assert httpx.post(f"{stack.rag}/collections", json={"name": COLLECTION}, headers=headers).status_code in (200, 201)
     acked: dict[str, str] = {}
@@ -82,14 +84,15 @@ def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: Stack) ->
         # The documents differ only by a number, which embeddings barely see: search with a top_k above
         # the collection's size, so the check is "is it in the index", not "does it rank first".
         results = client.post(f"/collections/{COLLECTION}/search",
-                              json={"query": "ingest test document", "top_k": 100}).json()["results"]
+                              json={"query": "ingest test document", "top_k": TOP_K}).json()["results"]
     in_index = {r["document_id"] for r in results}
     not_found = sorted(word for doc_id, word in acked.items() if doc_id not in in_index)
     missing = sorted(set(acked) - listed)
     record_figures("chaos_rag_kill9_ingest", kills=KILLS, acknowledged_documents=len(acked),
                    acknowledged_lost=len(missing), not_in_index=len(not_found),
-                   restart_s=restarts)
+                   restart_s=restarts, restart_max_s=max(restarts),
+                   kill_loop_s=round(time.monotonic() - began, 1))
     assert len(acked) >= 3 * KILLS, "too few documents were acknowledged between kills to test anything"
-    assert len(results) < 100, "top_k 100 no longer covers the whole collection: lower the ingest rate"
+    assert len(results) < TOP_K, "top_k no longer covers the whole collection: lower the ingest rate"
     assert not missing, missing[:10]
     assert not not_found, not_found
