@@ -6,13 +6,17 @@ chunk ids (missing vectors re-added from stored embeddings, vectors of deleted
 chunks dropped), so whatever moment a crash hit, the loaded index agrees with
 the last committed store. Files are written to a temp file, fsynced and
 renamed; nothing is pickled.
+
+With a GPU (``faiss.get_num_gpus() > 0`` and ``faiss_gpu = auto``), searches go
+to an exact flat copy of the vectors on the GPU (exact beats HNSW there even at
+millions of vectors); the CPU index stays the one that is saved and reconciled.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +26,14 @@ import numpy.typing as npt
 
 from rag.embedder import Vectors
 
-__all__ = ["ApproxParams", "CollectionIndex", "recall_at_k"]
+__all__ = ["GPU_MAX_K", "ApproxParams", "CollectionIndex", "Mirror", "gpu_mirror", "recall_at_k"]
 
 log = logging.getLogger(__name__)
 
 Ids = npt.NDArray[np.int64]
+# Copies a CPU flat index (IndexIDMap over IndexFlatIP) to where searches should run; returns the copy.
+Mirror = Callable[[Any], Any]
+GPU_MAX_K = 2048  # faiss GPU flat search answers at most this many neighbours
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,25 @@ def _faiss() -> Any:
     return faiss
 
 
+def gpu_mirror(setting: str, num_gpus: int) -> Mirror | None:
+    """The search copier for ``faiss_gpu``: to GPU 0 when allowed and faiss sees a GPU, else None (CPU)."""
+    if setting != "auto" or num_gpus <= 0:
+        return None
+    resources: list[Any] = []  # one StandardGpuResources (scratch memory, streams) per service, made on first use
+
+    def to_gpu(index: Any) -> Any:
+        faiss = _faiss()
+        if not resources:
+            resources.append(faiss.StandardGpuResources())
+        return faiss.index_cpu_to_gpu(resources[0], 0, index)
+
+    return to_gpu
+
+
 class CollectionIndex:
     """A collection's vectors, keyed by chunk id. Not thread-safe: one owner thread."""
 
-    def __init__(self, dimension: int, params: ApproxParams, kind: str = "flat") -> None:
+    def __init__(self, dimension: int, params: ApproxParams, kind: str = "flat", mirror: Mirror | None = None) -> None:
         self.dimension = dimension
         self.params = params
         self.kind = kind
@@ -56,6 +78,8 @@ class CollectionIndex:
         # HNSW cannot remove vectors: deleted chunk ids are filtered until the next rebuild.
         self.deleted: set[int] = set()
         self.dirty = False
+        self._to_mirror = mirror
+        self._mirror: Any = None  # the search copy; dropped on a change it cannot follow, rebuilt on next search
 
     def _empty(self, kind: str) -> Any:
         faiss = _faiss()
@@ -81,6 +105,8 @@ class CollectionIndex:
             self._convert([*self._all_vectors(), (ids, vectors)], "hnsw")
         else:
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            if self._mirror is not None:
+                self._mirror.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         self.dirty = True
 
     def remove(self, ids: Ids) -> None:
@@ -88,8 +114,9 @@ class CollectionIndex:
             return
         if self.kind == "flat":
             self.index.remove_ids(_faiss().IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+            self._mirror = None  # GPU flat indexes cannot remove ids
         else:
-            self.deleted.update(int(i) for i in ids)
+            self.deleted.update(int(i) for i in ids)  # filtered in search(), from the mirror too
         self.dirty = True
 
     def needs_rebuild(self) -> bool:
@@ -108,6 +135,7 @@ class CollectionIndex:
         self.kind = kind
         self.index = self._empty(kind)
         self.deleted = set()
+        self._mirror = None
         for ids, vectors in parts:
             if len(ids):
                 self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
@@ -126,7 +154,7 @@ class CollectionIndex:
         fetch = min(int(self.index.ntotal), k + len(self.deleted))
         if fetch == 0:
             return np.zeros((n, 0), dtype=np.float32), np.zeros((n, 0), dtype=np.int64)
-        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        scores, ids = self._searcher(fetch).search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
         if not self.deleted:
             return scores[:, :k], ids[:, :k]
         out_scores = np.full((n, k), -np.inf, dtype=np.float32)
@@ -136,6 +164,22 @@ class CollectionIndex:
             out_scores[row, :len(keep)] = scores[row, keep]
             out_ids[row, :len(keep)] = ids[row, keep]
         return out_scores, out_ids
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether searches currently run on the mirror (e.g. the GPU copy)."""
+        return self._mirror is not None
+
+    def _searcher(self, fetch: int) -> Any:
+        if self._to_mirror is None or fetch > GPU_MAX_K:
+            return self.index
+        if self._mirror is None:
+            faiss = _faiss()
+            flat = faiss.IndexIDMap(faiss.IndexFlatIP(self.dimension))
+            for ids, vectors in self._all_vectors():
+                flat.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            self._mirror = self._to_mirror(flat)
+        return self._mirror
 
     def set_ef_search(self, ef: int) -> None:
         if self.kind == "hnsw":
@@ -159,7 +203,8 @@ class CollectionIndex:
         self.dirty = False
 
     @classmethod
-    def load(cls, path: Path, dimension: int, params: ApproxParams) -> CollectionIndex | None:
+    def load(cls, path: Path, dimension: int, params: ApproxParams,
+             mirror: Mirror | None = None) -> CollectionIndex | None:
         """The saved index, or None when it is missing, unreadable or of another dimension."""
         if not path.is_file():
             return None
@@ -174,7 +219,7 @@ class CollectionIndex:
         if index.d != dimension or not hasattr(index, "id_map"):
             return None
         kind = "hnsw" if isinstance(inner, faiss.IndexHNSWFlat) else "flat"
-        loaded = cls(dimension, params, kind)
+        loaded = cls(dimension, params, kind, mirror)
         loaded.index = index
         loaded.set_ef_search(params.ef_search)
         return loaded

@@ -26,7 +26,7 @@ from appliance.core.errors import APIError, bad_request, not_found
 from rag.chunker import Chunk, chunk_sections, embedding_text
 from rag.embedder import Embedder, Vectors
 from rag.extract import ParsedDocument, extract
-from rag.index import ApproxParams, CollectionIndex
+from rag.index import ApproxParams, CollectionIndex, Mirror, gpu_mirror
 from rag.metrics import CollectionStats, RagMetrics
 from rag.settings import RagSettings
 from rag.store import ChunkHit, CollectionRow, DocumentRow, DocumentStore, DuplicateDocument, NewDocument
@@ -79,6 +79,7 @@ class RagService:
         self._store: DocumentStore | None = None
         self._indexes: dict[str, CollectionIndex] = {}
         self._models: dict[str, str] = {}  # collection → the embedding model its vectors came from
+        self._mirror: Mirror | None = None  # where searches run when not on the CPU index (a GPU copy)
 
     # -- threads and lifecycle -----------------------------------------------------------------
 
@@ -101,10 +102,13 @@ class RagService:
         await self._on_store(self._open)
 
     def _open(self) -> None:
-        if self.settings.compute_threads:
-            import faiss
+        import faiss
 
+        if self.settings.compute_threads:
             faiss.omp_set_num_threads(self.settings.compute_threads)
+        self._mirror = gpu_mirror(self.settings.faiss_gpu, int(faiss.get_num_gpus()))
+        if self._mirror is not None:
+            log.info("searching GPU copies of the indexes", extra={"gpus": int(faiss.get_num_gpus())})
         (self.settings.rag_dir / "indexes").mkdir(parents=True, exist_ok=True)
         self._store = DocumentStore(self.settings.rag_dir / "store.sqlite3")
         names = set()
@@ -118,9 +122,9 @@ class RagService:
 
     def _load_index(self, row: CollectionRow) -> CollectionIndex:
         path = self._index_path(row.name)
-        index = CollectionIndex.load(path, row.dimension, self._params)
+        index = CollectionIndex.load(path, row.dimension, self._params, self._mirror)
         if index is None:
-            index = CollectionIndex(row.dimension, self._params)
+            index = CollectionIndex(row.dimension, self._params, mirror=self._mirror)
         added, dropped = index.reconcile(self.store.chunk_ids(row.name),
                                          lambda ids: self.store.embeddings(row.name, ids))
         if added or dropped or not path.exists():
@@ -162,7 +166,7 @@ class RagService:
     def _create_collection(self, name: str) -> dict[str, Any]:
         if not self.store.create_collection(name, self.embedder.dimension, self.embedder.model_name):
             raise APIError(409, f"Collection {name!r} already exists.", param="name", code="collection_exists")
-        index = CollectionIndex(self.embedder.dimension, self._params)
+        index = CollectionIndex(self.embedder.dimension, self._params, mirror=self._mirror)
         index.save(self._index_path(name))
         self._models[name] = self.embedder.model_name
         self._indexes[name] = index

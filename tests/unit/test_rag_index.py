@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from rag.index import ApproxParams, CollectionIndex, recall_at_k
+from rag.index import ApproxParams, CollectionIndex, gpu_mirror, recall_at_k
 
 Ids = npt.NDArray[np.int64]
 
@@ -102,3 +102,75 @@ def test_unreadable_or_mismatched_index_files_are_rebuilt(tmp_path: Path) -> Non
     CollectionIndex(16, ApproxParams()).save(path)
     assert CollectionIndex.load(path, 8, ApproxParams()) is None
     assert CollectionIndex.load(tmp_path / "missing.faiss", 8, ApproxParams()) is None
+
+
+# -- the GPU search copy: selection and bookkeeping, exercised with a CPU copier (no GPU here) --------------
+
+
+def test_gpu_copy_is_chosen_only_when_allowed_and_faiss_sees_a_gpu() -> None:
+    import faiss
+
+    assert gpu_mirror("off", 4) is None
+    assert gpu_mirror("auto", 0) is None
+    assert callable(gpu_mirror("auto", 1))
+    assert faiss.get_num_gpus() == 0  # faiss-cpu: the service searches its CPU indexes here
+
+
+class CountingCopier:
+    """Stands in for faiss.index_cpu_to_gpu: a CPU clone, counting full copies."""
+
+    def __init__(self) -> None:
+        self.copies = 0
+
+    def __call__(self, index: object) -> object:
+        import faiss
+
+        self.copies += 1
+        return faiss.clone_index(index)
+
+
+def test_searches_use_the_copy_which_follows_adds_and_is_rebuilt_after_removes() -> None:
+    dim = 16
+    vectors = clustered(400, dim, seed=7)
+    ids = np.arange(1, 401, dtype=np.int64)
+    copier = CountingCopier()
+    plain = CollectionIndex(dim, ApproxParams(threshold=10_000))
+    mirrored = CollectionIndex(dim, ApproxParams(threshold=10_000), mirror=copier)
+    for index in (plain, mirrored):
+        index.add(ids[:200], vectors[:200])
+    assert mirrored.search(vectors[:5], 5)[1].tolist() == plain.search(vectors[:5], 5)[1].tolist()
+    assert mirrored.mirrored and copier.copies == 1
+    for index in (plain, mirrored):
+        index.add(ids[200:], vectors[200:])
+    assert mirrored.search(vectors[300:305], 5)[1].tolist() == plain.search(vectors[300:305], 5)[1].tolist()
+    assert copier.copies == 1  # adds went to the copy too
+    for index in (plain, mirrored):
+        index.remove(ids[300:310])
+    assert not mirrored.mirrored  # a GPU flat index cannot remove ids: dropped, rebuilt on the next search
+    _, found = mirrored.search(vectors[300:310], 5)
+    assert copier.copies == 2 and not set(found.ravel().tolist()) & set(range(301, 311))
+    assert found.tolist() == plain.search(vectors[300:310], 5)[1].tolist()
+    assert mirrored.search(vectors[:1], 2100)[1].shape == (1, 390)  # past the GPU's k limit: the CPU index
+    assert copier.copies == 2
+
+
+def test_hnsw_collections_search_an_exact_copy_and_filter_deleted() -> None:
+    dim = 16
+    vectors = clustered(600, dim, seed=8)
+    ids = np.arange(1, 601, dtype=np.int64)
+    copier = CountingCopier()
+    exact = CollectionIndex(dim, ApproxParams(threshold=10_000))
+    approx = CollectionIndex(dim, ApproxParams(threshold=100, max_deleted_ratio=0.9), mirror=copier)
+    for index in (exact, approx):
+        index.add(ids, vectors)
+    assert approx.kind == "hnsw"
+    for index in (exact, approx):
+        index.remove(ids[:50])
+    _, truth = exact.search(vectors[:60], 10)
+    _, found = approx.search(vectors[:60], 10)
+    assert found.tolist() == truth.tolist() and copier.copies == 1  # exact: not HNSW's approximation
+    assert not set(found.ravel().tolist()) & set(range(1, 51))
+    for index in (exact, approx):
+        index.remove(ids[50:60])  # after the copy was made: filtered by id, no new copy
+    _, found = approx.search(vectors[:60], 10)
+    assert found.tolist() == exact.search(vectors[:60], 10)[1].tolist() and copier.copies == 1
