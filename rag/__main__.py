@@ -21,8 +21,9 @@ def main() -> int:
 
     from rag.app import create_app
 
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                access_log=None, shutdown_timeout=10)
+    web.run_app(
+        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10
+    )
     return 0
 
 

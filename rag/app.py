@@ -27,19 +27,28 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PUBLIC = frozenset({"/health", "/metrics"})
 
 
-def create_app(settings: RagSettings, *, embedder: Embedder | None = None,
-               embedder_factory: EmbedderFactory | None = None) -> web.Application:
+def create_app(
+    settings: RagSettings, *, embedder: Embedder | None = None, embedder_factory: EmbedderFactory | None = None
+) -> web.Application:
     """The app; the embedder (or a factory, run off the event loop at start) is the test seam."""
     if embedder is not None:
         ready = embedder
         embedder_factory = lambda: ready  # noqa: E731
     elif embedder_factory is None:
-        options = EmbedderOptions(settings.embedding_model, settings.embedding_device, settings.embed_batch_size,
-                                  settings.compute_threads, settings.embedding_backend, settings.onnx_cache_dir,
-                                  settings.query_threads, settings.query_int8)
+        options = EmbedderOptions(
+            settings.embedding_model,
+            settings.embedding_device,
+            settings.embed_batch_size,
+            settings.compute_threads,
+            settings.embedding_backend,
+            settings.onnx_cache_dir,
+            settings.query_threads,
+            settings.query_int8,
+        )
         embedder_factory = lambda: load_embedder(options)  # noqa: E731
-    app = web.Application(middlewares=[_request_context, _errors, _internal_token],
-                          client_max_size=settings.max_upload_bytes + 256 * 1024)
+    app = web.Application(
+        middlewares=[_request_context, _errors, _internal_token], client_max_size=settings.max_upload_bytes + 256 * 1024
+    )
     app[STATE] = RagState(settings, settings.resolved_internal_token(), RagMetrics(), embedder_factory)
     app.cleanup_ctx.append(_lifecycle)
     add_routes(app)
@@ -116,13 +125,16 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response(error_body(exc.reason, code=exc.reason.lower().replace(" ", "_")),
-                                 status=exc.status, headers={k: v for k, v in exc.headers.items()
-                                                             if k.lower() == "allow"})
+        return web.json_response(
+            error_body(exc.reason, code=exc.reason.lower().replace(" ", "_")),
+            status=exc.status,
+            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+        )
     except Exception:
         log.exception("unhandled error", extra={"path": request.path})
-        return web.json_response(error_body("Internal server error.", "server_error", code="internal_error"),
-                                 status=500)
+        return web.json_response(
+            error_body("Internal server error.", "server_error", code="internal_error"), status=500
+        )
 
 
 @web.middleware

@@ -43,7 +43,7 @@ def chunk_sections(sections: Iterable[Section], offsets: TokenOffsets, size: int
     for section in sections:
         spans = offsets(section.text)
         for start, end in windows(len(spans), size, overlap):
-            text = section.text[spans[start][0]:spans[end - 1][1]].strip()
+            text = section.text[spans[start][0] : spans[end - 1][1]].strip()
             if text:
                 chunks.append(Chunk(len(chunks), text, section.heading_path, end - start))
     return chunks

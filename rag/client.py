@@ -42,13 +42,24 @@ class IngestProgress:
 
 
 class RagClient:
-    def __init__(self, base_url: str, token: str, *, transport: httpx.BaseTransport | None = None,
-                 timeout: float = 300.0, request_id: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 300.0,
+        request_id: str | None = None,
+    ) -> None:
         headers = {"X-Internal-Token": token}
         if request_id:
             headers["X-Request-Id"] = request_id
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, transport=transport,
-                                  timeout=httpx.Timeout(timeout, connect=5.0))
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            transport=transport,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -101,9 +112,12 @@ class RagClient:
         """201/200 → the document; 202 → the job (poll :meth:`job`)."""
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         with path.open("rb") as handle:
-            return self._call("POST", f"/collections/{collection}/documents",
-                              params={"background": "1"} if background else None,
-                              files={"file": (path.name, handle, mime)})
+            return self._call(
+                "POST",
+                f"/collections/{collection}/documents",
+                params={"background": "1"} if background else None,
+                files={"file": (path.name, handle, mime)},
+            )
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}")
@@ -117,8 +131,9 @@ def _files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path} does not exist")
 
 
-def ingest_path(client: RagClient, path: Path, collection: str, *, create: bool = True,
-                poll_interval_s: float = 0.5) -> Iterator[IngestProgress]:
+def ingest_path(
+    client: RagClient, path: Path, collection: str, *, create: bool = True, poll_interval_s: float = 0.5
+) -> Iterator[IngestProgress]:
     """Upload a file or every supported file under a folder, yielding progress as it goes.
 
     Unsupported files are reported as ``skipped``; a failing file is reported as
@@ -146,8 +161,9 @@ def ingest_path(client: RagClient, path: Path, collection: str, *, create: bool 
         yield replace(step, state=state, fraction=1.0, document=answer)
 
 
-def _follow_job(client: RagClient, job_id: str, step: IngestProgress,
-                poll_interval_s: float) -> Generator[IngestProgress, None, dict[str, Any]]:
+def _follow_job(
+    client: RagClient, job_id: str, step: IngestProgress, poll_interval_s: float
+) -> Generator[IngestProgress, None, dict[str, Any]]:
     while True:
         job = client.job(job_id)
         if job["state"] == "succeeded":

@@ -18,8 +18,17 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Embedder", "EmbedderOptions", "HashEmbedder", "SentenceTransformerEmbedder", "Vectors", "load_embedder",
-           "load_sentence_transformer", "model_directory", "resolve_device"]
+__all__ = [
+    "Embedder",
+    "EmbedderOptions",
+    "HashEmbedder",
+    "SentenceTransformerEmbedder",
+    "Vectors",
+    "load_embedder",
+    "load_sentence_transformer",
+    "model_directory",
+    "resolve_device",
+]
 
 log = logging.getLogger(__name__)
 Vectors = npt.NDArray[np.float32]
@@ -86,8 +95,11 @@ class SentenceTransformerEmbedder:
         if not texts:
             return np.zeros((0, self._dimension), dtype=np.float32)
         vectors = self._model.encode(
-            texts, batch_size=self._batch_size, normalize_embeddings=True,
-            convert_to_numpy=True, show_progress_bar=False,
+            texts,
+            batch_size=self._batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
@@ -95,9 +107,7 @@ class SentenceTransformerEmbedder:
         return self.encode(texts)
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
-        encoded = self._model.tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
-        )
+        encoded = self._model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return [(int(a), int(b)) for a, b in encoded["offset_mapping"] if b > a]
 
     def count_tokens(self, texts: list[str]) -> int:
@@ -164,8 +174,9 @@ def load_embedder(options: EmbedderOptions) -> Embedder:
     return load_sentence_transformer(path, name, device, options.batch_size, options.threads)
 
 
-def load_sentence_transformer(path: Path, name: str, device: str, batch_size: int,
-                              threads: int = 0) -> SentenceTransformerEmbedder:
+def load_sentence_transformer(
+    path: Path, name: str, device: str, batch_size: int, threads: int = 0
+) -> SentenceTransformerEmbedder:
     import torch
     from sentence_transformers import SentenceTransformer
 

@@ -13,10 +13,23 @@ from appliance.core.errors import bad_request, unsupported_media_type
 __all__ = ["ParsedDocument", "Section", "detect_format", "extract"]
 
 FORMATS = ("text", "markdown", "html", "pdf")
-_BY_SUFFIX = {".txt": "text", ".text": "text", ".md": "markdown", ".markdown": "markdown",
-              ".html": "html", ".htm": "html", ".pdf": "pdf"}
-_BY_MIME = {"text/plain": "text", "text/markdown": "markdown", "text/x-markdown": "markdown",
-            "text/html": "html", "application/xhtml+xml": "html", "application/pdf": "pdf"}
+_BY_SUFFIX = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".html": "html",
+    ".htm": "html",
+    ".pdf": "pdf",
+}
+_BY_MIME = {
+    "text/plain": "text",
+    "text/markdown": "markdown",
+    "text/x-markdown": "markdown",
+    "text/html": "html",
+    "application/xhtml+xml": "html",
+    "application/pdf": "pdf",
+}
 
 
 @dataclass(frozen=True)
@@ -45,9 +58,7 @@ def detect_format(filename: str | None, content_type: str | None) -> str:
     if not suffix and mime in _BY_MIME:
         return _BY_MIME[mime]
     shown = suffix or mime or "unknown"
-    raise unsupported_media_type(
-        f"Unsupported document type {shown!r}; upload .txt, .md, .pdf or .html files."
-    )
+    raise unsupported_media_type(f"Unsupported document type {shown!r}; upload .txt, .md, .pdf or .html files.")
 
 
 def extract(data: bytes, fmt: str, fallback_title: str) -> ParsedDocument:
@@ -73,8 +84,9 @@ def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise bad_request(f"The document is not valid UTF-8 ({exc.reason} at byte {exc.start}).",
-                          code="unreadable_document") from None
+        raise bad_request(
+            f"The document is not valid UTF-8 ({exc.reason} at byte {exc.start}).", code="unreadable_document"
+        ) from None
 
 
 _MD_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
@@ -110,8 +122,9 @@ def _markdown(text: str, fallback_title: str) -> ParsedDocument:
 
 class _HTMLSections(HTMLParser):
     _SKIP = frozenset({"script", "style", "noscript", "template", "head"})
-    _BLOCK = frozenset({"p", "div", "br", "li", "tr", "section", "article", "blockquote", "pre", "table",
-                        "ul", "ol", "dd", "dt", "hr"})
+    _BLOCK = frozenset(
+        {"p", "div", "br", "li", "tr", "section", "article", "blockquote", "pre", "table", "ul", "ol", "dd", "dt", "hr"}
+    )
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -191,7 +204,8 @@ def _pdf(data: bytes, fallback_title: str) -> ParsedDocument:
         pages = [page.extract_text() or "" for page in reader.pages]
         meta_title = (reader.metadata.title if reader.metadata else None) or ""
     except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise bad_request(f"The PDF cannot be read ({type(exc).__name__}: {exc}).",
-                          code="unreadable_document") from None
+        raise bad_request(
+            f"The PDF cannot be read ({type(exc).__name__}: {exc}).", code="unreadable_document"
+        ) from None
     sections = [Section((f"page {n}",), text) for n, text in enumerate(pages, 1) if text.strip()]
     return ParsedDocument(str(meta_title).strip() or fallback_title, "pdf", sections)

@@ -161,8 +161,8 @@ class CollectionIndex:
         out_ids = np.full((n, k), -1, dtype=np.int64)
         for row in range(n):
             keep = [j for j, i in enumerate(ids[row]) if i >= 0 and int(i) not in self.deleted][:k]
-            out_scores[row, :len(keep)] = scores[row, keep]
-            out_ids[row, :len(keep)] = ids[row, keep]
+            out_scores[row, : len(keep)] = scores[row, keep]
+            out_ids[row, : len(keep)] = ids[row, keep]
         return out_scores, out_ids
 
     @property
@@ -203,8 +203,9 @@ class CollectionIndex:
         self.dirty = False
 
     @classmethod
-    def load(cls, path: Path, dimension: int, params: ApproxParams,
-             mirror: Mirror | None = None) -> CollectionIndex | None:
+    def load(
+        cls, path: Path, dimension: int, params: ApproxParams, mirror: Mirror | None = None
+    ) -> CollectionIndex | None:
         """The saved index, or None when it is missing, unreadable or of another dimension."""
         if not path.is_file():
             return None
@@ -213,8 +214,9 @@ class CollectionIndex:
             index = faiss.read_index(str(path))  # already downcast; keep this owning wrapper alive
             inner = faiss.downcast_index(index.index)
         except (RuntimeError, AttributeError) as exc:
-            log.warning("index file unreadable, rebuilding from the store", extra={"path": str(path),
-                                                                                   "error": str(exc)})
+            log.warning(
+                "index file unreadable, rebuilding from the store", extra={"path": str(path), "error": str(exc)}
+            )
             return None
         if index.d != dimension or not hasattr(index, "id_map"):
             return None

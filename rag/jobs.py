@@ -39,12 +39,22 @@ class Job:
         self.chunks_done, self.chunks_total = done, total
 
     def to_json(self) -> dict[str, Any]:
-        progress = 1.0 if self.state == "succeeded" else (
-            self.chunks_done / self.chunks_total if self.chunks_total else 0.0)
-        return {"id": self.id, "object": "job", "collection": self.collection, "filename": self.filename,
-                "state": self.state, "progress": round(progress, 4), "chunks_done": self.chunks_done,
-                "chunks_total": self.chunks_total, "result": self.result, "error": self.error,
-                "created_at": int(self.created_at)}
+        progress = (
+            1.0 if self.state == "succeeded" else (self.chunks_done / self.chunks_total if self.chunks_total else 0.0)
+        )
+        return {
+            "id": self.id,
+            "object": "job",
+            "collection": self.collection,
+            "filename": self.filename,
+            "state": self.state,
+            "progress": round(progress, 4),
+            "chunks_done": self.chunks_done,
+            "chunks_total": self.chunks_total,
+            "result": self.result,
+            "error": self.error,
+            "created_at": int(self.created_at),
+        }
 
 
 class JobRunner:
@@ -80,8 +90,13 @@ class JobRunner:
                 job.state = "failed"
             except Exception as exc:
                 log.exception("ingest job failed", extra={"job": job.id})
-                job.error = {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
-                             "param": None, "code": "internal_error", "status": 500}
+                job.error = {
+                    "message": f"internal error: {type(exc).__name__}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "internal_error",
+                    "status": 500,
+                }
                 job.state = "failed"
 
     async def close(self) -> None:

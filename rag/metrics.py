@@ -24,19 +24,34 @@ class CollectionStats:
 class RagMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or new_registry()
-        self.documents = Gauge("appliance_rag_documents", "Documents per collection.", ["collection"],
-                               registry=self.registry)
+        self.documents = Gauge(
+            "appliance_rag_documents", "Documents per collection.", ["collection"], registry=self.registry
+        )
         self.chunks = Gauge("appliance_rag_chunks", "Chunks per collection.", ["collection"], registry=self.registry)
-        self.index_vectors = Gauge("appliance_rag_index_vectors", "Live vectors in a collection's index.",
-                                   ["collection"], registry=self.registry)
-        self.embed_seconds = Histogram("appliance_rag_embed_seconds", "Time to embed one batch of texts.",
-                                       buckets=_FAST_BUCKETS, registry=self.registry)
-        self.search_seconds = Histogram("appliance_rag_search_seconds", "Index search and chunk lookup time.",
-                                        buckets=_FAST_BUCKETS, registry=self.registry)
-        self.ingested_chunks = Counter("appliance_rag_ingested_chunks", "Chunks ingested (rate = ingest rate).",
-                                       registry=self.registry)
-        self.ingested_documents = Counter("appliance_rag_ingested_documents", "Documents ingested.",
-                                          registry=self.registry)
+        self.index_vectors = Gauge(
+            "appliance_rag_index_vectors",
+            "Live vectors in a collection's index.",
+            ["collection"],
+            registry=self.registry,
+        )
+        self.embed_seconds = Histogram(
+            "appliance_rag_embed_seconds",
+            "Time to embed one batch of texts.",
+            buckets=_FAST_BUCKETS,
+            registry=self.registry,
+        )
+        self.search_seconds = Histogram(
+            "appliance_rag_search_seconds",
+            "Index search and chunk lookup time.",
+            buckets=_FAST_BUCKETS,
+            registry=self.registry,
+        )
+        self.ingested_chunks = Counter(
+            "appliance_rag_ingested_chunks", "Chunks ingested (rate = ingest rate).", registry=self.registry
+        )
+        self.ingested_documents = Counter(
+            "appliance_rag_ingested_documents", "Documents ingested.", registry=self.registry
+        )
 
     def set_collections(self, stats: list[CollectionStats]) -> None:
         for gauge in (self.documents, self.chunks, self.index_vectors):

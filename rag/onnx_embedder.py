@@ -42,8 +42,9 @@ def _session(path: Path, threads: int) -> Any:
 class OnnxEmbedder:
     """Tokenizes with the model's own ``tokenizer.json`` and runs the exported graph (pooling and norm inside)."""
 
-    def __init__(self, name: str, layout: ModelLayout, tokenizer: Any, *, batch_session: Any, query_session: Any,
-                 batch_size: int) -> None:
+    def __init__(
+        self, name: str, layout: ModelLayout, tokenizer: Any, *, batch_session: Any, query_session: Any, batch_size: int
+    ) -> None:
         self._name = name
         self._layout = layout
         self._batch_size = batch_size
@@ -77,8 +78,8 @@ class OnnxEmbedder:
         ids = np.zeros((len(encoded), width), dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, item in enumerate(encoded):
-            ids[row, :len(item.ids)] = item.ids
-            mask[row, :len(item.ids)] = 1
+            ids[row, : len(item.ids)] = item.ids
+            mask[row, : len(item.ids)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         return {name: feeds[name] for name in self._inputs}
 
@@ -93,7 +94,7 @@ class OnnxEmbedder:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for start in range(0, len(order), self._batch_size):
-            rows = order[start:start + self._batch_size]
+            rows = order[start : start + self._batch_size]
             out[rows] = self._run(self._batch_session, [texts[i] for i in rows])
         return out
 
@@ -130,5 +131,6 @@ def load_onnx_embedder(layout: ModelLayout, name: str, options: EmbedderOptions)
     else:
         query_session = batch_session  # one copy of the fp32 weights
     tokenizer = Tokenizer.from_file(str(layout.path / "tokenizer.json"))
-    return OnnxEmbedder(name, layout, tokenizer, batch_session=batch_session, query_session=query_session,
-                        batch_size=options.batch_size)
+    return OnnxEmbedder(
+        name, layout, tokenizer, batch_session=batch_session, query_session=query_session, batch_size=options.batch_size
+    )

@@ -142,9 +142,16 @@ def _export(layout: ModelLayout, out: Path) -> None:
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(Encoder(), tuple(args[n] for n in names), str(out), dynamo=False, input_names=names,
-                              output_names=["embedding"], dynamic_axes={**axes, "embedding": {0: "batch"}},
-                              opset_version=_OPSET)
+            torch.onnx.export(
+                Encoder(),
+                tuple(args[n] for n in names),
+                str(out),
+                dynamo=False,
+                input_names=names,
+                output_names=["embedding"],
+                dynamic_axes={**axes, "embedding": {0: "batch"}},
+                opset_version=_OPSET,
+            )
     except Exception as exc:  # the exporter raises many kinds; all mean "use torch instead"
         raise OnnxUnavailable(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
 
@@ -160,10 +167,20 @@ def _quantize(fp32: Path, out: Path) -> None:
     # 0.988-0.996, per-channel with the feed-forward output projections (the GELU outliers) kept in fp32
     # >= 0.993. The reduced range avoids int16 saturation in AVX2 kernels without VNNI.
     graph = onnx.load(str(fp32), load_external_data=False).graph
-    keep = [n.name for n in graph.node if n.op_type == "MatMul" and "/output/dense/" in n.name
-            and "/attention/" not in n.name]
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     per_channel=True, reduce_range=True, nodes_to_exclude=keep)
+    keep = [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and "/output/dense/" in n.name and "/attention/" not in n.name
+    ]
+    quantize_dynamic(
+        str(fp32),
+        str(out),
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        reduce_range=True,
+        nodes_to_exclude=keep,
+    )
 
 
 def _fsync(path: Path) -> None:

@@ -40,11 +40,16 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.service is None:
         status = "failed" if state.failure else "loading"
-        return web.json_response({"status": status, "error": state.failure}, status=503,
-                                 headers={"Retry-After": "2"})
+        return web.json_response({"status": status, "error": state.failure}, status=503, headers={"Retry-After": "2"})
     embedder = state.service.embedder
-    return web.json_response({"status": "ok", "model": embedder.model_name, "dimension": embedder.dimension,
-                              "collections": state.service.collection_count})
+    return web.json_response(
+        {
+            "status": "ok",
+            "model": embedder.model_name,
+            "dimension": embedder.dimension,
+            "collections": state.service.collection_count,
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -62,8 +67,7 @@ async def metrics(request: web.Request) -> web.Response:
 def _inputs(value: object) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise bad_request("input must be a string or a list of strings (token ids are not supported).",
-                          param="input")
+        raise bad_request("input must be a string or a list of strings (token ids are not supported).", param="input")
     if not texts or len(texts) > _MAX_INPUTS:
         raise bad_request(f"input must hold 1 to {_MAX_INPUTS} strings.", param="input")
     if any(not t for t in texts):
@@ -82,22 +86,32 @@ async def embeddings(request: web.Request) -> web.Response:
     body = parse_request(EmbeddingRequest, await _body(request))
     name = service.embedder.model_name
     if body.model != name and not body.model.endswith(f"/{name}"):
-        raise not_found(f"The model {body.model!r} does not exist; this service embeds with {name!r}.",
-                        param="model", code="model_not_found")
+        raise not_found(
+            f"The model {body.model!r} does not exist; this service embeds with {name!r}.",
+            param="model",
+            code="model_not_found",
+        )
     if body.dimensions is not None and body.dimensions != service.embedder.dimension:
         raise bad_request(f"dimensions must be {service.embedder.dimension} for {name}.", param="dimensions")
     texts = _inputs(body.input)
     vectors, tokens = await service.embed(texts)
-    data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
-            for i, v in enumerate(vectors)]
-    return web.json_response({"object": "list", "data": data, "model": name,
-                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+        for i, v in enumerate(vectors)
+    ]
+    return web.json_response(
+        {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    )
 
 
 async def models(request: web.Request) -> web.Response:
     service = _service(request)
-    return web.json_response({"object": "list", "data": [
-        {"id": service.embedder.model_name, "object": "model", "created": 0, "owned_by": "appliance"}]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{"id": service.embedder.model_name, "object": "model", "created": 0, "owned_by": "appliance"}],
+        }
+    )
 
 
 # -- collections and documents -------------------------------------------------------------------
@@ -132,8 +146,9 @@ async def upload_document(request: web.Request) -> web.Response:
     background = request.query.get("background", "").lower() in ("1", "true", "yes")
     if background or len(upload.data) > state.settings.job_threshold_bytes:
         job = state.jobs.submit(name, upload.filename, lambda job: _ingest_job(service, name, upload, job))
-        return web.json_response({"job_id": job.id, **job.to_json()}, status=202,
-                                 headers={"Location": f"/jobs/{job.id}"})
+        return web.json_response(
+            {"job_id": job.id, **job.to_json()}, status=202, headers={"Location": f"/jobs/{job.id}"}
+        )
     document = await service.ingest(name, upload)
     return web.json_response(document, status=200 if document["duplicate"] else 201)
 

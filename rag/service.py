@@ -41,8 +41,11 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 def validate_collection_name(name: str) -> str:
     if not _NAME.match(name):
-        raise bad_request("Invalid collection name: use 1-63 of a-z, 0-9, '_' and '-', starting with a letter "
-                          "or digit.", param="name", code="invalid_collection_name")
+        raise bad_request(
+            "Invalid collection name: use 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit.",
+            param="name",
+            code="invalid_collection_name",
+        )
     return name
 
 
@@ -56,15 +59,31 @@ class Upload:
 
 
 def document_json(row: DocumentRow, duplicate: bool = False) -> dict[str, Any]:
-    return {"id": row.id, "object": "document", "collection": row.collection, "title": row.title,
-            "chunks": row.chunk_count, "sha256": row.sha256, "format": row.format, "bytes": row.bytes,
-            "metadata": row.metadata, "created_at": int(row.created_at), "duplicate": duplicate}
+    return {
+        "id": row.id,
+        "object": "document",
+        "collection": row.collection,
+        "title": row.title,
+        "chunks": row.chunk_count,
+        "sha256": row.sha256,
+        "format": row.format,
+        "bytes": row.bytes,
+        "metadata": row.metadata,
+        "created_at": int(row.created_at),
+        "duplicate": duplicate,
+    }
 
 
 def _hit_json(hit: ChunkHit, score: float) -> dict[str, Any]:
-    return {"document_id": hit.document_id, "title": hit.title, "chunk_id": hit.chunk_id,
-            "chunk_index": hit.chunk_index, "text": hit.text, "heading_path": hit.heading_path,
-            "score": round(float(score), 6)}
+    return {
+        "document_id": hit.document_id,
+        "title": hit.title,
+        "chunk_id": hit.chunk_id,
+        "chunk_index": hit.chunk_index,
+        "text": hit.text,
+        "heading_path": hit.heading_path,
+        "score": round(float(score), 6),
+    }
 
 
 class RagService:
@@ -72,8 +91,9 @@ class RagService:
         self.settings = settings
         self.embedder = embedder
         self.metrics = metrics
-        self._params = ApproxParams(settings.approx_threshold, settings.hnsw_m, settings.hnsw_ef_construction,
-                                    settings.hnsw_ef_search)
+        self._params = ApproxParams(
+            settings.approx_threshold, settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search
+        )
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-store")
         self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-embed")
         self._store: DocumentStore | None = None
@@ -125,11 +145,13 @@ class RagService:
         index = CollectionIndex.load(path, row.dimension, self._params, self._mirror)
         if index is None:
             index = CollectionIndex(row.dimension, self._params, mirror=self._mirror)
-        added, dropped = index.reconcile(self.store.chunk_ids(row.name),
-                                         lambda ids: self.store.embeddings(row.name, ids))
+        added, dropped = index.reconcile(
+            self.store.chunk_ids(row.name), lambda ids: self.store.embeddings(row.name, ids)
+        )
         if added or dropped or not path.exists():
-            log.info("index reconciled with the store", extra={"collection": row.name, "added": added,
-                                                                "dropped": dropped})
+            log.info(
+                "index reconciled with the store", extra={"collection": row.name, "added": added, "dropped": dropped}
+            )
             index.save(path)
         return index
 
@@ -154,10 +176,18 @@ class RagService:
     def _collection_json(self, row: CollectionRow) -> dict[str, Any]:
         index = self._indexes.get(row.name)
         path = self._index_path(row.name)
-        return {"name": row.name, "object": "collection", "documents": row.documents, "chunks": row.chunks,
-                "index_type": index.kind if index else "flat", "index_vectors": index.size if index else 0,
-                "index_bytes": path.stat().st_size if path.exists() else 0, "dimension": row.dimension,
-                "model": row.model, "created_at": int(row.created_at)}
+        return {
+            "name": row.name,
+            "object": "collection",
+            "documents": row.documents,
+            "chunks": row.chunks,
+            "index_type": index.kind if index else "flat",
+            "index_vectors": index.size if index else 0,
+            "index_bytes": path.stat().st_size if path.exists() else 0,
+            "dimension": row.dimension,
+            "model": row.model,
+            "created_at": int(row.created_at),
+        }
 
     async def create_collection(self, name: str) -> dict[str, Any]:
         validate_collection_name(name)
@@ -182,8 +212,7 @@ class RagService:
         validate_collection_name(name)
         rows = self.store.collections(name)
         if not rows:
-            raise not_found(f"Collection {name!r} does not exist.", param="collection",
-                            code="collection_not_found")
+            raise not_found(f"Collection {name!r} does not exist.", param="collection", code="collection_not_found")
         return rows[0]
 
     async def delete_collection(self, name: str) -> dict[str, Any]:
@@ -192,8 +221,7 @@ class RagService:
 
     def _delete_collection(self, name: str) -> dict[str, Any]:
         if not self.store.delete_collection(name):
-            raise not_found(f"Collection {name!r} does not exist.", param="collection",
-                            code="collection_not_found")
+            raise not_found(f"Collection {name!r} does not exist.", param="collection", code="collection_not_found")
         self._indexes.pop(name, None)
         self._models.pop(name, None)
         self._index_path(name).unlink(missing_ok=True)
@@ -206,9 +234,13 @@ class RagService:
 
     async def stats(self) -> list[CollectionStats]:
         def collect() -> list[CollectionStats]:
-            return [CollectionStats(r.name, r.documents, r.chunks,
-                                    self._indexes[r.name].size if r.name in self._indexes else 0)
-                    for r in self.store.collections()]
+            return [
+                CollectionStats(
+                    r.name, r.documents, r.chunks, self._indexes[r.name].size if r.name in self._indexes else 0
+                )
+                for r in self.store.collections()
+            ]
+
         return await self._on_store(collect)
 
     # -- documents -----------------------------------------------------------------------------
@@ -221,16 +253,18 @@ class RagService:
         validate_collection_name(name)
         index = self._indexes.get(name)
         if index is None:
-            raise not_found(f"Collection {name!r} does not exist.", param="collection",
-                            code="collection_not_found")
+            raise not_found(f"Collection {name!r} does not exist.", param="collection", code="collection_not_found")
         return index
 
     def _same_model(self, name: str) -> None:
         built_with = self._models.get(name, self.embedder.model_name)
         if built_with != self.embedder.model_name:
-            raise APIError(409, f"Collection {name!r} was embedded with {built_with!r}, not "
-                           f"{self.embedder.model_name!r}; re-create it and ingest its documents again.",
-                           code="embedding_model_mismatch")
+            raise APIError(
+                409,
+                f"Collection {name!r} was embedded with {built_with!r}, not "
+                f"{self.embedder.model_name!r}; re-create it and ingest its documents again.",
+                code="embedding_model_mismatch",
+            )
 
     async def ingest(self, name: str, upload: Upload, progress: Progress | None = None) -> dict[str, Any]:
         """Store a document durably and index it; returns its JSON (``duplicate`` when already there)."""
@@ -242,8 +276,9 @@ class RagService:
             return document_json(existing, duplicate=True)
         parsed, chunks = await self._on_embedder(self._prepare, upload)
         vectors = await self._encode_chunks(parsed.title, chunks, progress)
-        doc = NewDocument(f"doc_{uuid.uuid4().hex[:24]}", parsed.title, sha256, parsed.format, len(upload.data),
-                          upload.metadata)
+        doc = NewDocument(
+            f"doc_{uuid.uuid4().hex[:24]}", parsed.title, sha256, parsed.format, len(upload.data), upload.metadata
+        )
         try:
             row = await self._on_store(self._commit, name, doc, chunks, vectors)
         except DuplicateDocument:
@@ -262,8 +297,9 @@ class RagService:
         parsed = extract(upload.data, upload.format, fallback)
         if upload.title:
             parsed = ParsedDocument(upload.title, parsed.format, parsed.sections)
-        chunks = chunk_sections(parsed.sections, self.embedder.token_offsets, self.settings.chunk_tokens,
-                                self.settings.chunk_overlap)
+        chunks = chunk_sections(
+            parsed.sections, self.embedder.token_offsets, self.settings.chunk_tokens, self.settings.chunk_overlap
+        )
         if not chunks:
             raise bad_request("The document contains no text.", code="empty_document")
         return parsed, chunks
@@ -274,7 +310,7 @@ class RagService:
         step = self.settings.embed_batch_size
         parts = []
         for start in range(0, len(texts), step):
-            parts.append(await self._timed_encode(texts[start:start + step]))
+            parts.append(await self._timed_encode(texts[start : start + step]))
             if progress is not None:
                 progress(min(start + step, len(texts)), len(texts))
         return np.concatenate(parts) if parts else np.zeros((0, self.embedder.dimension), dtype=np.float32)

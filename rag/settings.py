@@ -14,9 +14,7 @@ __all__ = ["RagSettings"]
 
 
 class RagSettings(CommonSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="APPLIANCE_RAG_", frozen=True, extra="ignore", populate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix="APPLIANCE_RAG_", frozen=True, extra="ignore", populate_by_name=True)
     toml_section: ClassVar[str] = "rag"
 
     host: str = "127.0.0.1"
@@ -29,13 +27,17 @@ class RagSettings(CommonSettings):
         default=0, ge=0, description="Threads for torch and FAISS; 0 = the libraries' default (all cores)."
     )
     embedding_backend: Literal["auto", "torch", "onnx"] = Field(
-        default="auto", description="auto: ONNX Runtime on CPU (exported once to data_dir/rag/onnx), torch on a GPU "
-        "or when ONNX is unavailable; torch: sentence-transformers; onnx: ONNX Runtime or fail.")
+        default="auto",
+        description="auto: ONNX Runtime on CPU (exported once to data_dir/rag/onnx), torch on a GPU "
+        "or when ONNX is unavailable; torch: sentence-transformers; onnx: ONNX Runtime or fail.",
+    )
     query_threads: int = Field(default=1, ge=0, description="ONNX threads for a search query; 0 = compute_threads.")
     query_int8: bool = Field(
-        default=False, description="Search queries through an int8-quantised copy of the model (ONNX only).")
+        default=False, description="Search queries through an int8-quantised copy of the model (ONNX only)."
+    )
     faiss_gpu: Literal["auto", "off"] = Field(
-        default="auto", description="auto: search a GPU copy of flat indexes when faiss sees a GPU.")
+        default="auto", description="auto: search a GPU copy of flat indexes when faiss sees a GPU."
+    )
     embed_batch_size: int = Field(default=32, ge=1, le=1024)
     chunk_tokens: int = Field(default=192, ge=16, le=8192)
     chunk_overlap: int = Field(default=32, ge=0)

@@ -32,8 +32,9 @@ class RagState:
     def ready(self) -> RagService:
         if self.service is None:
             if self.failure:
-                raise APIError(503, f"The RAG service failed to start: {self.failure}", type_="server_error",
-                               code="unavailable")
+                raise APIError(
+                    503, f"The RAG service failed to start: {self.failure}", type_="server_error", code="unavailable"
+                )
             raise overloaded("The embedding model is still loading.", retry_after=2)
         return self.service
 

@@ -93,8 +93,17 @@ class ChunkHit:
 
 
 def _document(row: sqlite3.Row) -> DocumentRow:
-    return DocumentRow(row["id"], row["collection"], row["title"], row["sha256"], row["format"], row["bytes"],
-                       json.loads(row["metadata"]), row["created_at"], row["chunk_count"])
+    return DocumentRow(
+        row["id"],
+        row["collection"],
+        row["title"],
+        row["sha256"],
+        row["format"],
+        row["bytes"],
+        json.loads(row["metadata"]),
+        row["created_at"],
+        row["chunk_count"],
+    )
 
 
 class DocumentStore:
@@ -116,7 +125,8 @@ class DocumentStore:
         """False when it already exists."""
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO collections (name, created_at, dimension, model) VALUES (?, ?, ?, ?)",
-            (name, time.time(), dimension, model))
+            (name, time.time(), dimension, model),
+        )
         return cursor.rowcount == 1
 
     def collections(self, name: str | None = None) -> list[CollectionRow]:
@@ -124,7 +134,9 @@ class DocumentStore:
             """SELECT c.name, c.created_at, c.dimension, c.model,
                       (SELECT COUNT(*) FROM documents d WHERE d.collection = c.name) AS documents,
                       (SELECT COUNT(*) FROM chunks k WHERE k.collection = c.name) AS chunks
-               FROM collections c WHERE ? IS NULL OR c.name = ? ORDER BY c.name""", (name, name)).fetchall()
+               FROM collections c WHERE ? IS NULL OR c.name = ? ORDER BY c.name""",
+            (name, name),
+        ).fetchall()
         return [CollectionRow(*row) for row in rows]
 
     def delete_collection(self, name: str) -> bool:
@@ -136,12 +148,14 @@ class DocumentStore:
     # -- documents -----------------------------------------------------------------------------
 
     def find_by_sha256(self, collection: str, sha256: str) -> DocumentRow | None:
-        row = self._db.execute("SELECT * FROM documents WHERE collection = ? AND sha256 = ?",
-                               (collection, sha256)).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM documents WHERE collection = ? AND sha256 = ?", (collection, sha256)
+        ).fetchone()
         return _document(row) if row else None
 
-    def add_document(self, collection: str, doc: NewDocument, chunks: Sequence[Chunk],
-                     vectors: Vectors) -> tuple[DocumentRow, npt.NDArray[np.int64]]:
+    def add_document(
+        self, collection: str, doc: NewDocument, chunks: Sequence[Chunk], vectors: Vectors
+    ) -> tuple[DocumentRow, npt.NDArray[np.int64]]:
         """Insert a document and its chunks in one durable transaction; returns the new chunk ids."""
         if len(chunks) != len(vectors):
             raise ValueError("one vector per chunk")
@@ -151,41 +165,67 @@ class DocumentStore:
                 self._db.execute(
                     "INSERT INTO documents (id, collection, title, sha256, format, bytes, metadata, created_at,"
                     " chunk_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (doc.id, collection, doc.title, doc.sha256, doc.format, doc.bytes,
-                     json.dumps(doc.metadata, ensure_ascii=False), now, len(chunks)))
+                    (
+                        doc.id,
+                        collection,
+                        doc.title,
+                        doc.sha256,
+                        doc.format,
+                        doc.bytes,
+                        json.dumps(doc.metadata, ensure_ascii=False),
+                        now,
+                        len(chunks),
+                    ),
+                )
                 ids = []
                 for chunk, vector in zip(chunks, vectors, strict=True):
                     cursor = self._db.execute(
                         "INSERT INTO chunks (document_id, collection, chunk_index, text, heading_path, tokens,"
                         " embedding) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (doc.id, collection, chunk.index, chunk.text, json.dumps(list(chunk.heading_path)),
-                         chunk.tokens, np.asarray(vector, dtype="<f4").tobytes()))
+                        (
+                            doc.id,
+                            collection,
+                            chunk.index,
+                            chunk.text,
+                            json.dumps(list(chunk.heading_path)),
+                            chunk.tokens,
+                            np.asarray(vector, dtype="<f4").tobytes(),
+                        ),
+                    )
                     ids.append(cursor.lastrowid)
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" in str(exc):
                 raise DuplicateDocument(doc.sha256) from None
             raise KeyError(collection) from None
-        row = DocumentRow(doc.id, collection, doc.title, doc.sha256, doc.format, doc.bytes, doc.metadata, now,
-                          len(chunks))
+        row = DocumentRow(
+            doc.id, collection, doc.title, doc.sha256, doc.format, doc.bytes, doc.metadata, now, len(chunks)
+        )
         return row, np.asarray(ids, dtype=np.int64)
 
     def documents(self, collection: str) -> list[DocumentRow]:
-        rows = self._db.execute("SELECT * FROM documents WHERE collection = ? ORDER BY created_at, id",
-                                (collection,)).fetchall()
+        rows = self._db.execute(
+            "SELECT * FROM documents WHERE collection = ? ORDER BY created_at, id", (collection,)
+        ).fetchall()
         return [_document(row) for row in rows]
 
     def document(self, collection: str, document_id: str) -> DocumentRow | None:
-        row = self._db.execute("SELECT * FROM documents WHERE collection = ? AND id = ?",
-                               (collection, document_id)).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM documents WHERE collection = ? AND id = ?", (collection, document_id)
+        ).fetchone()
         return _document(row) if row else None
 
     def delete_document(self, collection: str, document_id: str) -> npt.NDArray[np.int64] | None:
         """The chunk ids removed, or None when there was no such document."""
         with self._transaction():
-            ids = [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE document_id = ? AND collection = ?",
-                                                  (document_id, collection))]
-            deleted = self._db.execute("DELETE FROM documents WHERE id = ? AND collection = ?",
-                                       (document_id, collection)).rowcount
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT id FROM chunks WHERE document_id = ? AND collection = ?", (document_id, collection)
+                )
+            ]
+            deleted = self._db.execute(
+                "DELETE FROM documents WHERE id = ? AND collection = ?", (document_id, collection)
+            ).rowcount
         return np.asarray(ids, dtype=np.int64) if deleted else None
 
     # -- chunks --------------------------------------------------------------------------------
@@ -194,17 +234,20 @@ class DocumentStore:
         rows = self._db.execute("SELECT id FROM chunks WHERE collection = ? ORDER BY id", (collection,))
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
-    def embeddings(self, collection: str, ids: npt.NDArray[np.int64] | None = None,
-                   batch: int = 4096) -> Iterator[tuple[npt.NDArray[np.int64], Vectors]]:
+    def embeddings(
+        self, collection: str, ids: npt.NDArray[np.int64] | None = None, batch: int = 4096
+    ) -> Iterator[tuple[npt.NDArray[np.int64], Vectors]]:
         """(ids, vectors) in batches: every chunk of the collection, or only ``ids``."""
         if ids is None:
-            cursor = self._db.execute("SELECT id, embedding FROM chunks WHERE collection = ? ORDER BY id",
-                                      (collection,))
+            cursor = self._db.execute(
+                "SELECT id, embedding FROM chunks WHERE collection = ? ORDER BY id", (collection,)
+            )
             yield from _batched(cursor, batch)
             return
         cursor = self._db.execute(
             "SELECT id, embedding FROM chunks WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
-            (json.dumps([int(i) for i in ids]),))
+            (json.dumps([int(i) for i in ids]),),
+        )
         yield from _batched(cursor, batch)
 
     def chunks(self, ids: Sequence[int]) -> dict[int, ChunkHit]:
@@ -213,7 +256,8 @@ class DocumentStore:
         rows = self._db.execute(
             "SELECT k.id, k.document_id, d.title, k.chunk_index, k.text, k.heading_path FROM chunks k"
             " JOIN documents d ON d.id = k.document_id WHERE k.id IN (SELECT value FROM json_each(?))",
-            (json.dumps([int(i) for i in ids]),))
+            (json.dumps([int(i) for i in ids]),),
+        )
         return {r[0]: ChunkHit(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows}
 
     def _transaction(self) -> _Transaction:

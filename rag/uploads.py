@@ -28,8 +28,9 @@ async def read_upload(request: web.Request, limit: int) -> Upload:
         return _from_json(await _json(request), limit)
     if request.content_type == "multipart/form-data":
         return await _from_form(request, limit)
-    raise unsupported_media_type("Send the document as multipart/form-data (field 'file') or as JSON "
-                                 "{'title', 'text', 'metadata'}.")
+    raise unsupported_media_type(
+        "Send the document as multipart/form-data (field 'file') or as JSON {'title', 'text', 'metadata'}."
+    )
 
 
 async def _json(request: web.Request) -> Any:

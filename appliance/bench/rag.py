@@ -30,11 +30,13 @@ from typing import Any
 
 import numpy as np
 
-_VOCABULARY = ("river mountain engine harbour market winter garden library bridge forest signal copper glass "
-         "weather orchard railway lantern compass valley island factory voyage canal museum mineral "
-         "harvest theatre bicycle telescope furnace meadow quarry village castle journal ferry cathedral "
-         "the of and to in is was for on that by with as at from it this an are be or which their "
-         "built carried measured grew opened crossed repaired painted counted traded studied described")
+_VOCABULARY = (
+    "river mountain engine harbour market winter garden library bridge forest signal copper glass "
+    "weather orchard railway lantern compass valley island factory voyage canal museum mineral "
+    "harvest theatre bicycle telescope furnace meadow quarry village castle journal ferry cathedral "
+    "the of and to in is was for on that by with as at from it this an are be or which their "
+    "built carried measured grew opened crossed repaired painted counted traded studied described"
+)
 WORDS = tuple(_VOCABULARY.split())
 
 
@@ -45,11 +47,12 @@ def corpus(docs: int, seed: int) -> list[dict[str, str]]:
     for n in range(docs):
         sections = []
         for s in range(3):
-            sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 18))).capitalize() + "."
-                         for _ in range(rng.randint(14, 22))]
+            sentences = [
+                " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 18))).capitalize() + "."
+                for _ in range(rng.randint(14, 22))
+            ]
             sections.append(f"## Part {s + 1} of record {n}\n\n" + " ".join(sentences))
-        out.append({"title": f"Record {n}", "text": f"# Record {n}\n\n" + "\n\n".join(sections),
-                    "format": "markdown"})
+        out.append({"title": f"Record {n}", "text": f"# Record {n}\n\n" + "\n\n".join(sections), "format": "markdown"})
     return out
 
 
@@ -67,9 +70,15 @@ def rag_service(data_dir: Path, threads: int, **extra: str) -> Iterator[tuple[st
     import httpx
 
     port, token = _free_port(), secrets.token_urlsafe(16)
-    env = {**os.environ, "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_RAG_PORT": str(port),
-           "APPLIANCE_INTERNAL_TOKEN": token, "APPLIANCE_RAG_COMPUTE_THREADS": str(threads),
-           "APPLIANCE_LOG_LEVEL": "WARNING", **{f"APPLIANCE_RAG_{k.upper()}": v for k, v in extra.items()}}
+    env = {
+        **os.environ,
+        "APPLIANCE_DATA_DIR": str(data_dir),
+        "APPLIANCE_RAG_PORT": str(port),
+        "APPLIANCE_INTERNAL_TOKEN": token,
+        "APPLIANCE_RAG_COMPUTE_THREADS": str(threads),
+        "APPLIANCE_LOG_LEVEL": "WARNING",
+        **{f"APPLIANCE_RAG_{k.upper()}": v for k, v in extra.items()},
+    }
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "rag-bench.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "rag"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -117,8 +126,9 @@ def service_rate(url: str, token: str, docs: list[dict[str, str]], concurrency: 
 
     import httpx
 
-    with httpx.Client(base_url=url, headers={"X-Internal-Token": token}, timeout=600,
-                      limits=httpx.Limits(max_connections=concurrency)) as http:
+    with httpx.Client(
+        base_url=url, headers={"X-Internal-Token": token}, timeout=600, limits=httpx.Limits(max_connections=concurrency)
+    ) as http:
         http.post("/collections", json={"name": "warmup"}).raise_for_status()
         http.post("/collections/warmup/documents", json={"title": "w", "text": "warm up the model"})
         http.post("/collections", json={"name": "ingest"}).raise_for_status()
@@ -165,12 +175,13 @@ def build_bulk(data_dir: Path, texts: list[str], vectors: np.ndarray, bulk: int,
     store = DocumentStore(data_dir / "rag" / "store.sqlite3")
     store.create_collection("bulk", vectors.shape[1], "all-MiniLM-L6-v2")
     real_chunks = [Chunk(i, t, (), 0) for i, t in enumerate(texts)]
-    _, real_ids = store.add_document("bulk", NewDocument("doc_real", "real", "real", "markdown", 0, {}),
-                                     real_chunks, vectors)
+    _, real_ids = store.add_document(
+        "bulk", NewDocument("doc_real", "real", "real", "markdown", 0, {}), real_chunks, vectors
+    )
     extra = synthetic(vectors, max(0, bulk - len(texts)), seed=7)
     all_ids, all_vectors = [real_ids], [vectors]
     for part, start in enumerate(range(0, len(extra), 10_000)):
-        block = extra[start:start + 10_000]
+        block = extra[start : start + 10_000]
         chunks = [Chunk(i, f"synthetic chunk {start + i}", (), 0) for i in range(len(block))]
         doc = NewDocument(f"doc_syn{part}", f"synthetic {part}", f"syn{part}", "text", 0, {})
         _, ids = store.add_document("bulk", doc, chunks, block)
@@ -203,8 +214,9 @@ def _sums(http: Any) -> dict[str, float]:
     out = {}
     for line in http.get("/metrics").text.splitlines():
         name, _, value = line.partition(" ")
-        if name.startswith(("appliance_rag_embed_seconds_", "appliance_rag_search_seconds_")) and \
-                name.endswith(("_sum", "_count")):
+        if name.startswith(("appliance_rag_embed_seconds_", "appliance_rag_search_seconds_")) and name.endswith(
+            ("_sum", "_count")
+        ):
             out[name] = float(value)
     return out
 
@@ -226,12 +238,16 @@ def service_breakdown(url: str, token: str, queries: list[str]) -> dict[str, flo
         total = after[f"appliance_rag_{kind}_seconds_sum"] - before[f"appliance_rag_{kind}_seconds_sum"]
         return round(1000 * total / max(count, 1), 2)
 
-    return {"service_embed_mean_ms": mean_ms("embed"), "service_search_mean_ms": mean_ms("search"),
-            "http_health_p50_ms": health}
+    return {
+        "service_embed_mean_ms": mean_ms("embed"),
+        "service_search_mean_ms": mean_ms("search"),
+        "http_health_p50_ms": health,
+    }
 
 
-def approx_vs_flat(index: Any, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
-                   ef_start: int) -> dict[str, Any]:
+def approx_vs_flat(
+    index: Any, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, ef_start: int
+) -> dict[str, Any]:
     import faiss
 
     from rag.index import recall_at_k
@@ -247,9 +263,13 @@ def approx_vs_flat(index: Any, ids: np.ndarray, vectors: np.ndarray, queries: np
         if recall >= 0.95 or ef >= 4096:
             break
         ef *= 2
-    return {"flat_search_ms": round(flat_ms, 3), "approx_search_ms": round(approx_ms, 3),
-            "approx_ef_search": ef, "approx_recall_at_10": round(recall, 4),
-            "flat_over_approx": round(flat_ms / approx_ms, 2)}
+    return {
+        "flat_search_ms": round(flat_ms, 3),
+        "approx_search_ms": round(approx_ms, 3),
+        "approx_ef_search": ef,
+        "approx_recall_at_10": round(recall, 4),
+        "flat_over_approx": round(flat_ms / approx_ms, 2),
+    }
 
 
 def _p50_ms(fn: Any, repeat: int) -> float:
@@ -275,9 +295,12 @@ def embed_breakdown(reference: Any, fast: Any, query: str, repeat: int = 50) -> 
         with torch.inference_mode():
             encoder(**features)
 
-    out = {"st_encode_ms": _p50_ms(lambda: reference.encode([query]), repeat),
-           "st_tokenize_ms": _p50_ms(lambda: model.tokenizer([query], padding=True, return_tensors="pt"), repeat),
-           "torch_forward_ms": _p50_ms(forward, repeat), "torch_threads": torch.get_num_threads()}
+    out = {
+        "st_encode_ms": _p50_ms(lambda: reference.encode([query]), repeat),
+        "st_tokenize_ms": _p50_ms(lambda: model.tokenizer([query], padding=True, return_tensors="pt"), repeat),
+        "torch_forward_ms": _p50_ms(forward, repeat),
+        "torch_threads": torch.get_num_threads(),
+    }
     if fast is not None:
         out["onnx_tokenize_ms"] = _p50_ms(lambda: fast._feeds([query]), repeat)
         out["onnx_query_ms"] = _p50_ms(lambda: fast.encode_queries([query]), repeat)
@@ -318,10 +341,17 @@ def measure_ingest(args: argparse.Namespace, reference: Any, fast: Any, cache: P
         served, served_chunks = service_rate(url, token, docs, args.concurrency)
     raw_after = raw_rate(model, texts, defaults.embed_batch_size)
     raw = (raw_before + raw_after) / 2
-    result = {"device": reference.device, "threads": args.threads or os.cpu_count(), "chunks": len(texts),
-              "raw_encode_chunks_s": round(raw, 2), "raw_encode_spread": round(abs(raw_before - raw_after) / raw, 3),
-              "service_ingest_chunks_s": round(served, 2), "service_chunks": served_chunks,
-              "ingest_concurrency": args.concurrency, "ingest_efficiency": round(served / raw, 3)}
+    result = {
+        "device": reference.device,
+        "threads": args.threads or os.cpu_count(),
+        "chunks": len(texts),
+        "raw_encode_chunks_s": round(raw, 2),
+        "raw_encode_spread": round(abs(raw_before - raw_after) / raw, 3),
+        "service_ingest_chunks_s": round(served, 2),
+        "service_chunks": served_chunks,
+        "ingest_concurrency": args.concurrency,
+        "ingest_efficiency": round(served / raw, 3),
+    }
     if fast is not None:
         started = time.perf_counter()
         fast.encode(texts)
@@ -344,8 +374,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         return result
     texts = chunk_texts(reference, corpus(args.docs, seed=1), defaults.chunk_tokens, defaults.chunk_overlap)
     vectors = reference.encode(texts)
-    params = ApproxParams(threshold=min(defaults.approx_threshold, args.bulk - 1), m=defaults.hnsw_m,
-                          ef_construction=defaults.hnsw_ef_construction, ef_search=defaults.hnsw_ef_search)
+    params = ApproxParams(
+        threshold=min(defaults.approx_threshold, args.bulk - 1),
+        m=defaults.hnsw_m,
+        ef_construction=defaults.hnsw_ef_construction,
+        ef_search=defaults.hnsw_ef_search,
+    )
     started = time.perf_counter()
     index, ids, bulk_vectors = build_bulk(_link_cache(base / "bulk", cache), texts, vectors, args.bulk, params)
     result["bulk_chunks"] = len(ids)
@@ -368,8 +402,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance bench rag", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--docs", type=int, default=24, help="documents ingested (about 5 chunks each)")
-    parser.add_argument("--bulk", type=int, default=100_000,
-                        help="chunks in the query-latency collection (0: ingest part only)")
+    parser.add_argument(
+        "--bulk", type=int, default=100_000, help="chunks in the query-latency collection (0: ingest part only)"
+    )
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=1, help="uploads in flight during the ingest test")
     parser.add_argument("--threads", type=int, default=0, help="torch/FAISS threads (0 = all cores)")
@@ -393,17 +428,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     print(f"embedding on {result['device']}, {result['threads']} threads, {result['chunks']} chunks")
-    print(f"ingest   raw encode {result['raw_encode_chunks_s']:.1f} chunks/s (onnx "
-          f"{result.get('onnx_encode_chunks_s', '-')})   service "
-          f"{result['service_ingest_chunks_s']:.1f} chunks/s ({result['ingest_concurrency']} in flight)   "
-          f"ingest_efficiency = {result['ingest_efficiency']}")
+    print(
+        f"ingest   raw encode {result['raw_encode_chunks_s']:.1f} chunks/s (onnx "
+        f"{result.get('onnx_encode_chunks_s', '-')})   service "
+        f"{result['service_ingest_chunks_s']:.1f} chunks/s ({result['ingest_concurrency']} in flight)   "
+        f"ingest_efficiency = {result['ingest_efficiency']}"
+    )
     if "bulk_chunks" not in result:
         return 0
-    print(f"search   {result['bulk_chunks']} chunks: flat {result['flat_search_ms']} ms, HNSW "
-          f"{result['approx_search_ms']} ms (efSearch {result['approx_ef_search']}, recall@10 "
-          f"{result['approx_recall_at_10']})   flat_over_approx = {result['flat_over_approx']}")
-    print(f"query    sentence-transformers embed p50 {result['query_embed_p50_ms']} ms   through the service "
-          f"(embed + search + lookup) query_p50_ms = {result['query_p50_ms']}")
+    print(
+        f"search   {result['bulk_chunks']} chunks: flat {result['flat_search_ms']} ms, HNSW "
+        f"{result['approx_search_ms']} ms (efSearch {result['approx_ef_search']}, recall@10 "
+        f"{result['approx_recall_at_10']})   flat_over_approx = {result['flat_over_approx']}"
+    )
+    print(
+        f"query    sentence-transformers embed p50 {result['query_embed_p50_ms']} ms   through the service "
+        f"(embed + search + lookup) query_p50_ms = {result['query_p50_ms']}"
+    )
     print("         " + "   ".join(f"{k} {v}" for k, v in result["query_breakdown"].items()))
     return 0
 

@@ -31,8 +31,9 @@ COLLECTION = "crashy"
 
 @pytest.fixture
 def rag_only(tmp_path: Path) -> Iterator[Stack]:
-    with appliance_stack(tmp_path, upstream="none", workers=0, rag="real",
-                         rag_settings={"max_top_k": str(TOP_K)}) as stack:
+    with appliance_stack(
+        tmp_path, upstream="none", workers=0, rag="real", rag_settings={"max_top_k": str(TOP_K)}
+    ) as stack:
         yield stack
 
 
@@ -83,15 +84,22 @@ def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: Stack) ->
         listed = {d["id"] for d in client.get(f"/collections/{COLLECTION}/documents").json()["documents"]}
         # The documents differ only by a number, which embeddings barely see: search with a top_k above
         # the collection's size, so the check is "is it in the index", not "does it rank first".
-        results = client.post(f"/collections/{COLLECTION}/search",
-                              json={"query": "ingest test document", "top_k": TOP_K}).json()["results"]
+        results = client.post(
+            f"/collections/{COLLECTION}/search", json={"query": "ingest test document", "top_k": TOP_K}
+        ).json()["results"]
     in_index = {r["document_id"] for r in results}
     not_found = sorted(word for doc_id, word in acked.items() if doc_id not in in_index)
     missing = sorted(set(acked) - listed)
-    record_figures("chaos_rag_kill9_ingest", kills=KILLS, acknowledged_documents=len(acked),
-                   acknowledged_lost=len(missing), not_in_index=len(not_found),
-                   restart_s=restarts, restart_max_s=max(restarts),
-                   kill_loop_s=round(time.monotonic() - began, 1))
+    record_figures(
+        "chaos_rag_kill9_ingest",
+        kills=KILLS,
+        acknowledged_documents=len(acked),
+        acknowledged_lost=len(missing),
+        not_in_index=len(not_found),
+        restart_s=restarts,
+        restart_max_s=max(restarts),
+        kill_loop_s=round(time.monotonic() - began, 1),
+    )
     assert len(acked) >= 3 * KILLS, "too few documents were acknowledged between kills to test anything"
     assert len(results) < TOP_K, "top_k no longer covers the whole collection: lower the ingest rate"
     assert not missing, missing[:10]

@@ -29,8 +29,13 @@ pytestmark = pytest.mark.integration
 
 # Small chunks and a low HNSW threshold so the crash phase converts the index mid-ingest;
 # one compute thread keeps torch from spinning against other processes on a small host.
-SETTINGS = {"chunk_tokens": "64", "chunk_overlap": "8", "approx_threshold": "60",
-            "index_flush_interval_s": "0.05", "compute_threads": "1"}
+SETTINGS = {
+    "chunk_tokens": "64",
+    "chunk_overlap": "8",
+    "approx_threshold": "60",
+    "index_flush_interval_s": "0.05",
+    "compute_threads": "1",
+}
 QUESTIONS = {
     "How do bees tell each other where the flowers are?": "honeybees.md",
     "Who invented the lens that lighthouses use to make a beam?": "lighthouses.txt",
@@ -47,11 +52,17 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     docs = tmp_path_factory.mktemp("docs")
     for path in CORPUS.iterdir():
         shutil.copy(path, docs / path.name)
-    (docs / "rosetta.pdf").write_bytes(make_pdf([
-        "The Rosetta Stone is a granodiorite stele found in 1799 by French soldiers",
-        "near the town of Rashid (Rosetta) in the Nile Delta of Egypt. Its decree of",
-        "196 BC is written in hieroglyphic, demotic and ancient Greek, which let",
-        "Jean-Francois Champollion decipher Egyptian hieroglyphs in 1822."], title="The Rosetta Stone"))
+    (docs / "rosetta.pdf").write_bytes(
+        make_pdf(
+            [
+                "The Rosetta Stone is a granodiorite stele found in 1799 by French soldiers",
+                "near the town of Rashid (Rosetta) in the Nile Delta of Egypt. Its decree of",
+                "196 BC is written in hieroglyphic, demotic and ancient Greek, which let",
+                "Jean-Francois Champollion decipher Egyptian hieroglyphs in 1822.",
+            ],
+            title="The Rosetta Stone",
+        )
+    )
     (docs / "notes.docx").write_bytes(b"PK\x03\x04 not supported")
     return docs
 
@@ -79,7 +90,8 @@ def ingested(client: RagClient, folder: Path) -> dict[str, dict[str, Any]]:
     final = {s.path.name: s for s in steps if s.state in ("done", "duplicate", "failed", "skipped")}
     assert final["notes.docx"].state == "skipped"
     assert {name: s.state for name, s in final.items() if name != "notes.docx"} == {
-        name: "done" for name in QUESTIONS.values()}
+        name: "done" for name in QUESTIONS.values()
+    }
     assert all(s.file_index <= s.files_total == 7 for s in steps)
     return {name: s.document for name, s in final.items() if s.document is not None}
 
@@ -102,8 +114,10 @@ def test_reupload_is_not_duplicated(client: RagClient, folder: Path, ingested: d
 
 def test_embeddings_with_the_official_openai_client(first: tuple[Service, str]) -> None:
     openai = OpenAI(base_url=f"{first[1]}/v1", api_key="unused", default_headers={"X-Internal-Token": TOKEN})
-    answer = openai.embeddings.create(model="all-MiniLM-L6-v2", input=[
-        "The cat sat on the mat.", "A kitten was sitting on the rug.", "Quarterly tax filing deadlines."])
+    answer = openai.embeddings.create(
+        model="all-MiniLM-L6-v2",
+        input=["The cat sat on the mat.", "A kitten was sitting on the rug.", "Quarterly tax filing deadlines."],
+    )
     vectors = np.array([item.embedding for item in answer.data])
     assert vectors.shape == (3, 384) and answer.usage.prompt_tokens > 10
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
@@ -142,8 +156,22 @@ def test_graceful_restart_keeps_everything(second: tuple[Service, str], ingested
     check_library(second[1], ingested)
 
 
-TOPICS = ["astronomy", "botany", "chemistry", "geology", "medicine", "music", "navigation", "oceans",
-          "physics", "poetry", "railways", "textiles", "weather", "zoology"]
+TOPICS = [
+    "astronomy",
+    "botany",
+    "chemistry",
+    "geology",
+    "medicine",
+    "music",
+    "navigation",
+    "oceans",
+    "physics",
+    "poetry",
+    "railways",
+    "textiles",
+    "weather",
+    "zoology",
+]
 
 
 def note(n: int) -> dict[str, str]:
@@ -166,7 +194,8 @@ def uploader(url: str, start: int, acked: dict[str, str], stop: threading.Event)
 
 
 def test_kill_9_during_ingest_keeps_every_acknowledged_document(
-        second: tuple[Service, str], data_dir: Path, ingested: dict[str, dict[str, Any]]) -> None:
+    second: tuple[Service, str], data_dir: Path, ingested: dict[str, dict[str, Any]]
+) -> None:
     service, url = second
     httpx.post(f"{url}/collections", json={"name": "notes"}, headers={"X-Internal-Token": TOKEN}).raise_for_status()
     acked: dict[str, str] = {}
@@ -184,17 +213,23 @@ def test_kill_9_during_ingest_keeps_every_acknowledged_document(
         thread.join(30)
     assert len(acked) >= 24
 
-    with rag_process(data_dir, **SETTINGS) as (_, url), \
-            httpx.Client(base_url=url, headers={"X-Internal-Token": TOKEN}, timeout=60) as http:
+    with (
+        rag_process(data_dir, **SETTINGS) as (_, url),
+        httpx.Client(base_url=url, headers={"X-Internal-Token": TOKEN}, timeout=60) as http,
+    ):
         stored = {d["id"]: d["title"] for d in http.get("/collections/notes/documents").json()["documents"]}
         assert acked.items() <= stored.items()  # every acknowledged document survived
         notes = http.get("/collections/notes").json()
         assert notes["index_type"] == "hnsw" and notes["index_vectors"] == notes["chunks"] > 60
         for doc_id, title in list(acked.items())[-3:]:
             n = int(title.split("-")[1])
-            hits = http.post("/collections/notes/search", json={
-                "query": f"Archive note {n} about {TOPICS[n % len(TOPICS)]}: record number {n * 100 + 7}",
-                "top_k": 5}).json()["results"]
+            hits = http.post(
+                "/collections/notes/search",
+                json={
+                    "query": f"Archive note {n} about {TOPICS[n % len(TOPICS)]}: record number {n * 100 + 7}",
+                    "top_k": 5,
+                },
+            ).json()["results"]
             assert doc_id in {h["document_id"] for h in hits}
         check_library(url, ingested)
     assert not list((data_dir / "rag" / "indexes").glob(".*.tmp"))

@@ -23,9 +23,15 @@ HEADERS = {"X-Internal-Token": TOKEN}
 
 
 def settings(tmp_path: Path, **overrides: Any) -> RagSettings:
-    values: dict[str, Any] = {"data_dir": tmp_path, "internal_token": TOKEN, "chunk_tokens": 40,
-                              "chunk_overlap": 8, "max_upload_bytes": 64 * 1024, "job_threshold_bytes": 16 * 1024,
-                              "index_flush_interval_s": 0.1}
+    values: dict[str, Any] = {
+        "data_dir": tmp_path,
+        "internal_token": TOKEN,
+        "chunk_tokens": 40,
+        "chunk_overlap": 8,
+        "max_upload_bytes": 64 * 1024,
+        "job_threshold_bytes": 16 * 1024,
+        "index_flush_interval_s": 0.1,
+    }
     values.update(overrides)
     return RagSettings(**values)
 
@@ -107,8 +113,13 @@ async def test_collections_lifecycle_and_name_rules(client: TestClient[Any, Any]
 async def test_every_format_is_ingested_with_heading_paths(client: TestClient[Any, Any]) -> None:
     await client.post("/collections", json={"name": "kb"})
     docs = {p.name: await upload(client, "kb", p) for p in sorted(CORPUS.iterdir())}
-    pdf = make_pdf(["The Rosetta Stone was found in 1799 near the town of Rashid.",
-                    "Its decree is written in hieroglyphic, demotic and Greek scripts."], title="Rosetta Stone")
+    pdf = make_pdf(
+        [
+            "The Rosetta Stone was found in 1799 near the town of Rashid.",
+            "Its decree is written in hieroglyphic, demotic and Greek scripts.",
+        ],
+        title="Rosetta Stone",
+    )
     response = await client.post("/collections/kb/documents", data=form("rosetta.pdf", pdf))
     assert response.status == 201
     assert (await response.json())["title"] == "Rosetta Stone"
@@ -162,8 +173,9 @@ async def test_bad_inputs_get_the_right_status(client: TestClient[Any, Any]) -> 
     empty_pdf = await client.post("/collections/kb/documents", data=form("blank.pdf", make_pdf([])))
     assert empty_pdf.status == 400 and "no text" in (await empty_pdf.json())["error"]["message"]
     assert (await client.post("/collections/missing/documents", data=form("a.txt", b"hello"))).status == 404
-    assert (await client.post("/collections/kb/documents", data=b"raw", headers={"Content-Type": "text/plain"})
-            ).status == 415
+    assert (
+        await client.post("/collections/kb/documents", data=b"raw", headers={"Content-Type": "text/plain"})
+    ).status == 415
     assert (await client.post("/collections/kb/documents", json={"title": "t", "text": ""})).status == 400
     assert (await client.post("/collections/kb/search", json={"query": "x", "top_k": 0})).status == 400
     assert (await client.post("/collections/kb/search", json={"top_k": 3})).status == 400
@@ -174,9 +186,15 @@ async def test_bad_inputs_get_the_right_status(client: TestClient[Any, Any]) -> 
 
 async def test_json_documents_and_large_uploads_as_jobs(client: TestClient[Any, Any]) -> None:
     await client.post("/collections", json={"name": "kb"})
-    response = await client.post("/collections/kb/documents", json={
-        "title": "Tides", "text": "# Tides\n\nTides are caused by the gravity of the Moon and the Sun.",
-        "format": "markdown", "metadata": {"source": "unit"}})
+    response = await client.post(
+        "/collections/kb/documents",
+        json={
+            "title": "Tides",
+            "text": "# Tides\n\nTides are caused by the gravity of the Moon and the Sun.",
+            "format": "markdown",
+            "metadata": {"source": "unit"},
+        },
+    )
     assert response.status == 201
     doc = await response.json()
     assert doc["metadata"] == {"source": "unit"} and doc["title"] == "Tides"
@@ -206,8 +224,9 @@ async def test_embeddings_are_openai_shaped(client: TestClient[Any, Any]) -> Non
     assert (await client.post("/v1/embeddings", json={"model": "other", "input": "x"})).status == 404
     assert (await client.post("/v1/embeddings", json={"model": "hash-embedder", "input": [1, 2]})).status == 400
     assert (await client.post("/v1/embeddings", json={"model": "hash-embedder", "input": []})).status == 400
-    b64 = await (await client.post("/v1/embeddings", json={"model": "hash-embedder", "input": "x",
-                                                          "encoding_format": "base64"})).json()
+    b64 = await (
+        await client.post("/v1/embeddings", json={"model": "hash-embedder", "input": "x", "encoding_format": "base64"})
+    ).json()
     assert isinstance(b64["data"][0]["embedding"], str)
 
 
@@ -261,9 +280,11 @@ async def test_client_ingest_path_reports_progress_jobs_skips_and_failures(tmp_p
     (folder / "e.md").write_text("# Alpha\n\nAlpha particles are helium nuclei.")  # same bytes as a.md
     c = await started(settings(tmp_path / "data"))
     try:
+
         def run() -> list[Any]:
             with RagClient(str(c.make_url("")), TOKEN) as rag:
                 return list(ingest_path(rag, folder, "new", poll_interval_s=0.01))
+
         steps = await asyncio.to_thread(run)
     finally:
         await c.close()

@@ -58,7 +58,11 @@ def test_markdown_headings_become_paths_and_code_fences_are_not_headings() -> No
     doc = extract(text.encode(), "markdown", "fallback")
     assert doc.title == "Guide"
     assert [s.heading_path for s in doc.sections] == [
-        ("Guide",), ("Guide", "Install"), ("Guide", "Install", "Linux"), ("Guide", "Use")]
+        ("Guide",),
+        ("Guide", "Install"),
+        ("Guide", "Install", "Linux"),
+        ("Guide", "Use"),
+    ]
     assert "# not a heading" in doc.sections[1].text
 
 
@@ -76,12 +80,15 @@ def test_pdf_pages_are_extracted() -> None:
     assert "Alpha beta gamma." in doc.sections[0].text
 
 
-@pytest.mark.parametrize(("data", "fmt", "code"), [
-    (b"", "text", "empty_document"),
-    (b"<html><script>x()</script></html>", "html", "empty_document"),
-    (b"\xff\xfe\x00a", "text", "unreadable_document"),
-    (b"not a pdf", "pdf", "unreadable_document"),
-])
+@pytest.mark.parametrize(
+    ("data", "fmt", "code"),
+    [
+        (b"", "text", "empty_document"),
+        (b"<html><script>x()</script></html>", "html", "empty_document"),
+        (b"\xff\xfe\x00a", "text", "unreadable_document"),
+        (b"not a pdf", "pdf", "unreadable_document"),
+    ],
+)
 def test_empty_or_unreadable_documents_are_400_with_a_reason(data: bytes, fmt: str, code: str) -> None:
     with pytest.raises(APIError) as caught:
         extract(data, fmt, "x")

@@ -69,6 +69,7 @@ def fetcher(all_ids: Ids, all_vectors: npt.NDArray[np.float32]):  # type: ignore
     def fetch(wanted: Ids | None) -> Iterator[tuple[Ids, npt.NDArray[np.float32]]]:
         mask = np.ones(len(all_ids), bool) if wanted is None else np.isin(all_ids, wanted)
         yield all_ids[mask], all_vectors[mask]
+
     return fetch
 
 

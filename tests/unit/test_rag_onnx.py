@@ -25,12 +25,16 @@ from tests.support.rag_corpus import CORPUS
 pytestmark = pytest.mark.timeout(600)
 
 FORMATS = {".md": "markdown", ".txt": "text", ".html": "html"}
-QUESTIONS = ["How do bees tell each other where the flowers are?",
-             "Who invented the lens that lighthouses use to make a beam?",
-             "Why are some volcanic eruptions so violent?",
-             "What did Lincoln say about government of the people?",
-             "How often do I need to feed my starter?",
-             "waggle dance direction and distance of food", "crust", "Fresnel"]
+QUESTIONS = [
+    "How do bees tell each other where the flowers are?",
+    "Who invented the lens that lighthouses use to make a beam?",
+    "Why are some volcanic eruptions so violent?",
+    "What did Lincoln say about government of the people?",
+    "How often do I need to feed my starter?",
+    "waggle dance direction and distance of food",
+    "crust",
+    "Fresnel",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +61,16 @@ def chunks(reference: SentenceTransformerEmbedder) -> list[str]:
     texts = []
     for path in sorted(CORPUS.iterdir()):
         parsed = extract(path.read_bytes(), FORMATS[path.suffix], path.stem)
-        texts += [embedding_text(parsed.title, c) for c in chunk_sections(parsed.sections, reference.token_offsets,
-                                                                           64, 8)]
+        texts += [
+            embedding_text(parsed.title, c) for c in chunk_sections(parsed.sections, reference.token_offsets, 64, 8)
+        ]
     assert len(texts) > 20
     return texts
 
 
-def test_same_vectors_as_sentence_transformers(onnx: OnnxEmbedder, reference: SentenceTransformerEmbedder,
-                                                chunks: list[str]) -> None:
+def test_same_vectors_as_sentence_transformers(
+    onnx: OnnxEmbedder, reference: SentenceTransformerEmbedder, chunks: list[str]
+) -> None:
     long_text = " ".join(chunks)  # past the model's 256 tokens: both must truncate at the same place
     texts = [*chunks, *QUESTIONS, long_text]
     ours, theirs = onnx.encode(texts), reference.encode(texts)
@@ -74,8 +80,9 @@ def test_same_vectors_as_sentence_transformers(onnx: OnnxEmbedder, reference: Se
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_same_tokens_so_chunks_do_not_move(onnx: OnnxEmbedder, reference: SentenceTransformerEmbedder,
-                                           chunks: list[str]) -> None:
+def test_same_tokens_so_chunks_do_not_move(
+    onnx: OnnxEmbedder, reference: SentenceTransformerEmbedder, chunks: list[str]
+) -> None:
     for path in sorted(CORPUS.iterdir()):
         text = path.read_text(encoding="utf-8")
         assert onnx.token_offsets(text) == reference.token_offsets(text), path.name
@@ -83,8 +90,9 @@ def test_same_tokens_so_chunks_do_not_move(onnx: OnnxEmbedder, reference: Senten
     assert onnx.count_tokens([]) == 0 and onnx.encode([]).shape == (0, 384)
 
 
-def test_int8_queries_are_close_but_may_swap_near_ties(onnx: OnnxEmbedder, reference: SentenceTransformerEmbedder,
-                                                       chunks: list[str]) -> None:
+def test_int8_queries_are_close_but_may_swap_near_ties(
+    onnx: OnnxEmbedder, reference: SentenceTransformerEmbedder, chunks: list[str]
+) -> None:
     """Why ``query_int8`` is off by default: cosine >= 0.99 and the same best chunk, but chunks whose exact
     scores differ by a hair can trade places in the top 5 (seen: 0.5659 vs 0.5643)."""
     stored = reference.encode(chunks)
