@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, post
 from litestar.background_tasks import BackgroundTask
+from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
 from pydantic import BaseModel, Field
 
-from appliance.core.errors import bad_request
+from appliance.core.errors import bad_request, payload_too_large
 from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.keys import Principal
@@ -25,7 +27,32 @@ __all__ = ["collections_router"]
 _FORWARDED_HEADERS = ("content-type", "accept")
 
 
-async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, target: str) -> Response[Any]:
+class _StreamedUpload:
+    """An upload passed on to the RAG service as it arrives, so the gateway never holds it whole.
+
+    Litestar enforces the size limit while streaming; when it refuses, the upstream request is
+    aborted mid-body (RAG sees a broken chunked body and ingests nothing) and the client gets a 413.
+    """
+
+    def __init__(self, request: Request[Any, Any, Any]) -> None:
+        self._request = request
+        self.refused: HTTPException | None = None
+        limit = request.route_handler.resolve_request_max_body_size()
+        declared = request.content_length
+        if limit and declared is not None and declared > limit:  # refused before RAG is even contacted
+            raise payload_too_large("Request body too large.")
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._request.stream():
+                yield chunk
+        except HTTPException as exc:
+            self.refused = exc
+            raise
+
+
+async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, target: str,
+                   *, streamed: bool = False) -> Response[Any]:
     if ".." in target.split("/") or "%" in target or "\\" in target:
         raise bad_request("Invalid collection path.", param="path")
     record = access_record(request)
@@ -36,11 +63,19 @@ async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, target
         if name is not None:
             writes = request.method not in ("GET", "HEAD") and not target.rstrip("/").endswith("/search")
             await svc.owners.check(name, ticket.principal, write=writes)
-        body = await request.body() if request.method in ("POST", "PUT", "PATCH") else None
+        upload = _StreamedUpload(request) if streamed else None
+        body = await request.body() if request.method == "POST" and upload is None else None
         headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
         started = time.perf_counter()
-        reply = await svc.rag.request(request.method, target, body=body, headers=headers,
-                                      params=dict(request.query_params))
+        try:
+            reply = await svc.rag.request(request.method, target, body=upload.chunks() if upload else body,
+                                          headers=headers, params=dict(request.query_params))
+        except Exception:
+            # Cutting the upload off aborts the RAG request (seen here as a payload or connection error):
+            # the client's answer is the 413, not a 503 about the RAG service.
+            if upload is not None and upload.refused is not None:
+                raise upload.refused from None
+            raise
         record.upstream_s = time.perf_counter() - started
     except BaseException:
         svc.tasks.spawn(svc.admission.settle(ticket))
@@ -156,20 +191,11 @@ async def list_documents(request: Request[Any, Any, Any], svc: Services, name: F
     return await _forward(request, svc, f"/collections/{name}/documents")
 
 
-@post(
-    "/collections/{name:str}/documents",
-    summary="Upload a document (multipart file or JSON text)",
-    opt=documented(
-        body={"multipart/form-data": FileDocument, JSON: TextDocument},
-        answers={200: None, 201: None, 202: None},
-        errors=(*_ERRORS, 413, 415),
-        links={status: _DOCUMENT_LINKS for status in (200, 201)},
-    ),
-)
 async def upload_document(
     request: Request[Any, Any, Any], svc: Services, name: FromPath[str], background: FromQuery[bool] = False
 ) -> Response[Any]:
-    return await _forward(request, svc, f"/collections/{name}/documents")
+    """Registered by :func:`collections_router`, which knows the upload size limit."""
+    return await _forward(request, svc, f"/collections/{name}/documents", streamed=True)
 
 
 @get("/collections/{name:str}/documents/{document_id:str}", summary="One document", opt=documented(errors=_ERRORS))
@@ -207,19 +233,19 @@ async def job_status(request: Request[Any, Any, Any], svc: Services, job_id: Fro
 
 
 def collections_router(max_upload_bytes: int) -> Router:
-    return Router(
-        path="/v1",
+    """The collections API; uploads may be up to ``max_upload_bytes`` (streamed through), every other
+    body has the app's own limit."""
+    upload = post(
+        "/collections/{name:str}/documents",
+        summary="Upload a document (multipart file or JSON text)",
         request_max_body_size=max_upload_bytes,
-        route_handlers=[
-            list_collections,
-            create_collection,
-            get_collection,
-            delete_collection,
-            list_documents,
-            upload_document,
-            get_document,
-            delete_document,
-            search,
-            job_status,
-        ],
-    )
+        opt=documented(
+            body={"multipart/form-data": FileDocument, JSON: TextDocument},
+            answers={200: None, 201: None, 202: None},
+            errors=(*_ERRORS, 413, 415),
+            links={status: _DOCUMENT_LINKS for status in (200, 201)},
+        ),
+    )(upload_document)
+    return Router(path="/v1", route_handlers=[
+        list_collections, create_collection, get_collection, delete_collection, list_documents, upload,
+        get_document, delete_document, search, job_status])
