@@ -24,8 +24,12 @@ LIMIT = 1 << 20  # the gateway's max_upload_bytes here; the RAG service's own li
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with appliance_stack(tmp_path_factory.mktemp("uploads"), upstream="fake", rag="real",
-                         gateway_settings={"max_upload_bytes": str(LIMIT)}) as running:
+    with appliance_stack(
+        tmp_path_factory.mktemp("uploads"),
+        upstream="fake",
+        rag="real",
+        gateway_settings={"max_upload_bytes": str(LIMIT)},
+    ) as running:
         yield running
 
 
@@ -47,8 +51,11 @@ def _rss_kib(pid: int) -> int:
 def test_multipart_upload_under_the_limit_is_streamed_through_and_searchable(api: httpx.Client) -> None:
     text = "The pump's pressure relief valve opens at 6 bar. " + "Routine maintenance notes. " * 20_000
     assert LIMIT // 2 < len(text) < LIMIT
-    reply = api.post("/v1/collections/manuals/documents",
-                     files={"file": ("pump.txt", text.encode(), "text/plain")}, data={"title": "Pump"})
+    reply = api.post(
+        "/v1/collections/manuals/documents",
+        files={"file": ("pump.txt", text.encode(), "text/plain")},
+        data={"title": "Pump"},
+    )
     assert reply.status_code == 201, reply.text[:300]
     document = reply.json()
     assert document["chunks"] >= 1
@@ -71,17 +78,25 @@ def test_chunked_upload_over_the_limit_is_refused_and_nothing_is_ingested(stack:
         yield b'"}'
 
     try:
-        status = api.post("/v1/collections/manuals/documents", content=body(),
-                          headers={"Content-Type": "application/json"}).status_code
+        status = api.post(
+            "/v1/collections/manuals/documents", content=body(), headers={"Content-Type": "application/json"}
+        ).status_code
     except (httpx.RemoteProtocolError, httpx.WriteError) as exc:
         status = 413 if "413" in str(exc) else -1
     after = api.get("/v1/collections/manuals/documents").json()["documents"]
     health = httpx.get(f"{stack.rag}/health", timeout=10)
-    record_figures("gateway_chunked_upload_over_limit", sent_mib=8, limit_mib=LIMIT >> 20, status=status,
-                   documents_before=len(before), documents_after=len(after),
-                   gateway_rss_peak_growth_mib=round((peak - rss_before) / 1024, 1))
+    record_figures(
+        "gateway_chunked_upload_over_limit",
+        sent_mib=8,
+        limit_mib=LIMIT >> 20,
+        status=status,
+        documents_before=len(before),
+        documents_after=len(after),
+        gateway_rss_peak_growth_mib=round((peak - rss_before) / 1024, 1),
+    )
     assert status == 413
     assert [d["id"] for d in after] == [d["id"] for d in before], "a cut-off upload must not be ingested"
     assert health.status_code == 200 and json.loads(health.content)["status"] == "ok"
-    assert api.post("/v1/collections/manuals/documents", json={"title": "small", "text": "still works"}
-                    ).status_code == 201
+    assert (
+        api.post("/v1/collections/manuals/documents", json={"title": "small", "text": "still works"}).status_code == 201
+    )

@@ -24,8 +24,12 @@ def document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    return [(method.upper(), path, op) for path, item in document["paths"].items()
-            for method, op in item.items() if isinstance(op, dict) and "responses" in op]
+    return [
+        (method.upper(), path, op)
+        for path, item in document["paths"].items()
+        for method, op in item.items()
+        if isinstance(op, dict) and "responses" in op
+    ]
 
 
 def _without_null_defaults(schema: Any) -> Any:
@@ -49,11 +53,18 @@ def test_every_error_answer_is_the_openai_error_body(document: dict[str, Any]) -
     assert set(detail["required"]) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.parametrize(("path", "model"), [("/v1/chat/completions", ChatCompletionRequest),
-                                             ("/v1/completions", CompletionRequest),
-                                             ("/v1/embeddings", EmbeddingRequest), ("/admin/keys", NewKey)])
-def test_request_bodies_are_the_models_the_handlers_validate_with(document: dict[str, Any], path: str,
-                                                                  model: Any) -> None:
+@pytest.mark.parametrize(
+    ("path", "model"),
+    [
+        ("/v1/chat/completions", ChatCompletionRequest),
+        ("/v1/completions", CompletionRequest),
+        ("/v1/embeddings", EmbeddingRequest),
+        ("/admin/keys", NewKey),
+    ],
+)
+def test_request_bodies_are_the_models_the_handlers_validate_with(
+    document: dict[str, Any], path: str, model: Any
+) -> None:
     body = document["paths"][path]["post"]["requestBody"]
     assert body["required"] is True
     assert body["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model.__name__}"}
@@ -74,10 +85,15 @@ def test_generation_routes_document_their_streams(document: dict[str, Any]) -> N
 def test_collections_are_routed_on_the_rag_services_paths_only(document: dict[str, Any]) -> None:
     routed = {(m, p) for m, p, _ in _operations(document) if p.startswith(("/v1/collections", "/v1/jobs"))}
     assert routed == {
-        ("GET", "/v1/collections"), ("POST", "/v1/collections"), ("GET", "/v1/collections/{name}"),
-        ("DELETE", "/v1/collections/{name}"), ("GET", "/v1/collections/{name}/documents"),
-        ("POST", "/v1/collections/{name}/documents"), ("GET", "/v1/collections/{name}/documents/{document_id}"),
-        ("DELETE", "/v1/collections/{name}/documents/{document_id}"), ("POST", "/v1/collections/{name}/search"),
+        ("GET", "/v1/collections"),
+        ("POST", "/v1/collections"),
+        ("GET", "/v1/collections/{name}"),
+        ("DELETE", "/v1/collections/{name}"),
+        ("GET", "/v1/collections/{name}/documents"),
+        ("POST", "/v1/collections/{name}/documents"),
+        ("GET", "/v1/collections/{name}/documents/{document_id}"),
+        ("DELETE", "/v1/collections/{name}/documents/{document_id}"),
+        ("POST", "/v1/collections/{name}/search"),
         ("GET", "/v1/jobs/{job_id}"),
     }
     upload = document["paths"]["/v1/collections/{name}/documents"]["post"]
