@@ -92,6 +92,8 @@ def cached_export(layout: ModelLayout, cache_dir: Path, int8: bool) -> Path:
     if all((target / name).is_file() for name in wanted):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*cache_dir.glob(".tmp-*"), *cache_dir.glob(".old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process killed mid-export
     work = cache_dir / f".tmp-{uuid.uuid4().hex}"
     work.mkdir()
     try:

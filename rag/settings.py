@@ -31,7 +31,9 @@ class RagSettings(CommonSettings):
         description="auto: ONNX Runtime on CPU (exported once to data_dir/rag/onnx), torch on a GPU "
         "or when ONNX is unavailable; torch: sentence-transformers; onnx: ONNX Runtime or fail.",
     )
-    query_threads: int = Field(default=1, ge=0, description="ONNX threads for a search query; 0 = compute_threads.")
+    query_threads: int = Field(
+        default=0, ge=0, description="ONNX threads for a search query; 0 = compute_threads (one shared session)."
+    )
     query_int8: bool = Field(
         default=False, description="Search queries through an int8-quantised copy of the model (ONNX only)."
     )

@@ -175,3 +175,18 @@ def test_hnsw_collections_search_an_exact_copy_and_filter_deleted() -> None:
         index.remove(ids[50:60])  # after the copy was made: filtered by id, no new copy
     _, found = approx.search(vectors[:60], 10)
     assert found.tolist() == exact.search(vectors[:60], 10)[1].tolist() and copier.copies == 1
+
+
+def test_a_single_query_search_leaves_the_callers_openmp_threads_as_they_were() -> None:
+    import faiss
+
+    index = CollectionIndex(8, ApproxParams(threshold=50))
+    vectors = clustered(100, 8, seed=9)
+    index.add(np.arange(1, 101, dtype=np.int64), vectors)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        assert index.search(vectors[:1], 1)[1].tolist() == [[1]]  # searched with one thread …
+        assert faiss.omp_get_max_threads() == 2  # … and the owner thread's setting (for builds) is back
+    finally:
+        faiss.omp_set_num_threads(before)

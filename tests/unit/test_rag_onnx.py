@@ -39,7 +39,10 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("onnx-cache")
+    folder = tmp_path_factory.mktemp("onnx-cache")
+    (folder / ".tmp-killed-mid-export").mkdir()  # what a kill -9 during an export leaves
+    (folder / ".tmp-killed-mid-export" / ENCODER).write_bytes(b"half an onnx file")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,7 @@ def test_the_export_is_cached_by_the_model_files_hash(onnx: OnnxEmbedder, cache:
     path, _ = model_directory("")
     folder = cache / fingerprint(path)
     assert {p.name for p in folder.iterdir()} == {ENCODER, ENCODER_INT8}
-    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp dir left, ours or a dead one
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     started = time.perf_counter()
     again = load_embedder(EmbedderOptions(device="cpu", backend="onnx", cache_dir=cache, query_int8=True))
