@@ -223,7 +223,8 @@ class Scheduler:
         if handle.grammar is None:
             token = model.llama.llama_sampler_sample(handle.sampler, model.ctx, seq.batch_index)
         else:
-            token = self._constrained.sample(handle.sampler, handle.grammar, seq.batch_index, request.sampling)
+            token = self._constrained.sample(handle.sampler, handle.grammar, seq.batch_index, request.sampling,
+                                             first=seq.generated == 0)
         if not request.ignore_eos and model.is_eog(token):
             return self._event(seq, seq.stream.finish(), 0, "stop")
         seq.generated += 1
