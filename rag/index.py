@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +88,14 @@ def gpu_mirror(setting: str, num_gpus: int) -> Mirror | None:
 class CollectionIndex:
     """A collection's vectors, keyed by chunk id. Not thread-safe: one owner thread."""
 
-    def __init__(self, dimension: int, params: ApproxParams, kind: str = "flat", mirror: Mirror | None = None) -> None:
+    def __init__(
+        self,
+        dimension: int,
+        params: ApproxParams,
+        kind: str = "flat",
+        mirror: Mirror | None = None,
+        builder: Executor | None = None,
+    ) -> None:
         self.dimension = dimension
         self.params = params
         self.kind = kind
@@ -97,6 +105,11 @@ class CollectionIndex:
         self.dirty = False
         self._to_mirror = mirror
         self._mirror: Any = None  # the search copy; dropped on a change it cannot follow, rebuilt on next search
+        # Crossing the threshold builds the HNSW index on ``builder`` (None: right here) while the flat one
+        # keeps answering; what changes meanwhile is journaled and replayed onto it when it is swapped in.
+        self._builder = builder
+        self._pending: Future[Any] | None = None
+        self._journal: list[tuple[Ids, Vectors | None]] = []  # (ids, vectors) added, (ids, None) removed
 
     def _empty(self, kind: str) -> Any:
         faiss = _faiss()
@@ -118,17 +131,70 @@ class CollectionIndex:
     def add(self, ids: Ids, vectors: Vectors) -> None:
         if len(ids) == 0:
             return
-        if self.kind == "flat" and self.index.ntotal + len(ids) > self.params.threshold:
+        self.poll()
+        over = self.kind == "flat" and self.index.ntotal + len(ids) > self.params.threshold
+        if over and self._builder is None:
             self._convert([*self._all_vectors(), (ids, vectors)], "hnsw")
         else:
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            self.index.add_with_ids(vectors, ids)
             if self._mirror is not None:
-                self._mirror.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+                self._mirror.add_with_ids(vectors, ids)
+            if self._pending is not None:
+                self._journal.append((ids.copy(), vectors.copy()))
+            elif over:
+                self.start_build()
         self.dirty = True
+
+    def start_build(self) -> None:
+        """Build the HNSW index off this thread from a copy of the vectors (when past the threshold)."""
+        if self._builder is None or self._pending is not None or self.kind != "flat":
+            return
+        if self.index.ntotal <= self.params.threshold:
+            return
+        parts = self._all_vectors()  # copies: the flat index goes on changing meanwhile
+        log.info("building hnsw index in the background", extra={"vectors": sum(len(i) for i, _ in parts)})
+        self._journal = []
+        self._pending = self._builder.submit(self._build, parts)
+
+    def _build(self, parts: list[tuple[Ids, Vectors]]) -> Any:
+        """On the builder thread: touches nothing of ``self`` but its parameters."""
+        index = self._empty("hnsw")
+        for ids, vectors in parts:
+            index.add_with_ids(vectors, ids)
+        return index
+
+    @property
+    def building(self) -> bool:
+        return self._pending is not None
+
+    def poll(self) -> bool:
+        """Swap in a finished background build, replaying the journal onto it; True when it did."""
+        if self._pending is None or not self._pending.done():
+            return False
+        pending, journal = self._pending, self._journal
+        self._pending, self._journal = None, []
+        try:
+            index = pending.result()
+        except Exception:  # e.g. out of memory: stay flat; the next add past the threshold tries again
+            log.exception("background hnsw build failed; the collection stays flat")
+            return False
+        deleted: set[int] = set()
+        for ids, vectors in journal:
+            if vectors is None:
+                deleted.update(int(i) for i in ids)
+            else:
+                index.add_with_ids(vectors, ids)
+        self.kind, self.index, self.deleted, self._mirror = "hnsw", index, deleted, None
+        self.dirty = True
+        return True
 
     def remove(self, ids: Ids) -> None:
         if len(ids) == 0:
             return
+        self.poll()
+        if self._pending is not None:
+            self._journal.append((np.array(ids, dtype=np.int64), None))
         if self.kind == "flat":
             self.index.remove_ids(_faiss().IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
             self._mirror = None  # GPU flat indexes cannot remove ids
@@ -153,6 +219,7 @@ class CollectionIndex:
         self.index = self._empty(kind)
         self.deleted = set()
         self._mirror = None
+        self._pending, self._journal = None, []  # a build still running is now stale: its result is dropped
         for ids, vectors in parts:
             if len(ids):
                 self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
@@ -167,6 +234,7 @@ class CollectionIndex:
 
     def search(self, queries: Vectors, k: int) -> tuple[npt.NDArray[np.float32], Ids]:
         """Top ``k`` (scores, chunk ids) per query, best first; missing slots are id -1."""
+        self.poll()
         n = len(queries)
         fetch = min(int(self.index.ntotal), k + len(self.deleted))
         if fetch == 0:
@@ -222,7 +290,12 @@ class CollectionIndex:
 
     @classmethod
     def load(
-        cls, path: Path, dimension: int, params: ApproxParams, mirror: Mirror | None = None
+        cls,
+        path: Path,
+        dimension: int,
+        params: ApproxParams,
+        mirror: Mirror | None = None,
+        builder: Executor | None = None,
     ) -> CollectionIndex | None:
         """The saved index, or None when it is missing, unreadable or of another dimension."""
         if not path.is_file():
@@ -239,7 +312,7 @@ class CollectionIndex:
         if index.d != dimension or not hasattr(index, "id_map"):
             return None
         kind = "hnsw" if isinstance(inner, faiss.IndexHNSWFlat) else "flat"
-        loaded = cls(dimension, params, kind, mirror)
+        loaded = cls(dimension, params, kind, mirror, builder)
         loaded.index = index
         loaded.set_ef_search(params.ef_search)
         return loaded

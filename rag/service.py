@@ -96,6 +96,8 @@ class RagService:
         )
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-store")
         self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-embed")
+        # HNSW builds past approx_threshold (~1 min per 100k vectors) run here, not on rag-store.
+        self._build_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-build")
         self._store: DocumentStore | None = None
         self._indexes: dict[str, CollectionIndex] = {}
         self._models: dict[str, str] = {}  # collection → the embedding model its vectors came from
@@ -142,9 +144,9 @@ class RagService:
 
     def _load_index(self, row: CollectionRow) -> CollectionIndex:
         path = self._index_path(row.name)
-        index = CollectionIndex.load(path, row.dimension, self._params, self._mirror)
+        index = CollectionIndex.load(path, row.dimension, self._params, self._mirror, self._build_thread)
         if index is None:
-            index = CollectionIndex(row.dimension, self._params, mirror=self._mirror)
+            index = CollectionIndex(row.dimension, self._params, mirror=self._mirror, builder=self._build_thread)
         added, dropped = index.reconcile(
             self.store.chunk_ids(row.name), lambda ids: self.store.embeddings(row.name, ids)
         )
@@ -153,6 +155,7 @@ class RagService:
                 "index reconciled with the store", extra={"collection": row.name, "added": added, "dropped": dropped}
             )
             index.save(path)
+        index.start_build()  # a flat index past the threshold: killed mid-build last time
         return index
 
     async def flush(self) -> None:
@@ -160,6 +163,7 @@ class RagService:
 
     def _flush(self) -> None:
         for name, index in list(self._indexes.items()):
+            index.poll()  # persist a finished background build even when no request comes
             if index.dirty:
                 index.save(self._index_path(name))
 
@@ -170,6 +174,8 @@ class RagService:
             self._store = None
         self._store_thread.shutdown(wait=True)
         self._embed_thread.shutdown(wait=True)
+        # A build still running is dropped (the flat index was saved; the next start builds again).
+        self._build_thread.shutdown(wait=False, cancel_futures=True)
 
     # -- collections ---------------------------------------------------------------------------
 
@@ -196,7 +202,7 @@ class RagService:
     def _create_collection(self, name: str) -> dict[str, Any]:
         if not self.store.create_collection(name, self.embedder.dimension, self.embedder.model_name):
             raise APIError(409, f"Collection {name!r} already exists.", param="name", code="collection_exists")
-        index = CollectionIndex(self.embedder.dimension, self._params, mirror=self._mirror)
+        index = CollectionIndex(self.embedder.dimension, self._params, mirror=self._mirror, builder=self._build_thread)
         index.save(self._index_path(name))
         self._models[name] = self.embedder.model_name
         self._indexes[name] = index

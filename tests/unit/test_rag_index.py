@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -190,3 +192,62 @@ def test_a_single_query_search_leaves_the_callers_openmp_threads_as_they_were() 
         assert faiss.omp_get_max_threads() == 2  # … and the owner thread's setting (for builds) is back
     finally:
         faiss.omp_set_num_threads(before)
+
+
+# -- crossing the threshold builds HNSW off the owner thread ---------------------------------------------
+
+
+class ManualBuilder(Executor):
+    """An executor that runs its jobs only when told: the moment the build finishes is the test's choice."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self.jobs.append((future, fn, args))
+        return future
+
+    def finish(self) -> None:
+        for future, fn, args in self.jobs:
+            future.set_result(fn(*args))
+        self.jobs.clear()
+
+
+def test_the_flat_index_answers_while_hnsw_builds_and_changes_meanwhile_are_replayed() -> None:
+    dim = 16
+    vectors = clustered(400, dim, seed=10)
+    ids = np.arange(1, 401, dtype=np.int64)
+    builder = ManualBuilder()
+    index = CollectionIndex(dim, ApproxParams(threshold=200), builder=builder)
+    exact = CollectionIndex(dim, ApproxParams(threshold=10_000))
+    for target in (index, exact):
+        target.add(ids[:250], vectors[:250])  # past the threshold: the build starts, the upload does not wait
+    assert index.kind == "flat" and index.building and len(builder.jobs) == 1
+    assert index.search(vectors[:20], 10)[1].tolist() == exact.search(vectors[:20], 10)[1].tolist()
+    for target in (index, exact):  # while it builds: more vectors, and removals old and new
+        target.add(ids[250:], vectors[250:])
+        target.remove(np.concatenate([ids[:30], ids[300:310]]))
+    assert len(builder.jobs) == 1 and index.size == exact.size == 360
+    builder.finish()
+    _, found = index.search(vectors, 10)  # the next operation swaps the finished build in
+    assert index.kind == "hnsw" and not index.building and index.dirty and index.size == 360
+    gone = set(range(1, 31)) | set(range(301, 311))
+    assert not set(found.ravel().tolist()) & gone
+    _, truth = exact.search(vectors, 10)
+    assert recall_at_k(truth, found, 10) >= 0.95
+
+
+def test_a_failed_build_leaves_the_collection_flat_and_a_later_add_tries_again() -> None:
+    dim = 8
+    vectors = clustered(300, dim, seed=11)
+    builder = ManualBuilder()
+    index = CollectionIndex(dim, ApproxParams(threshold=100), builder=builder)
+    index.add(np.arange(1, 151, dtype=np.int64), vectors[:150])
+    future, _, _ = builder.jobs.pop()
+    future.set_exception(MemoryError("no room"))
+    assert not index.poll() and index.kind == "flat" and not index.building and index.size == 150
+    index.add(np.arange(151, 301, dtype=np.int64), vectors[150:])
+    assert index.building
+    builder.finish()
+    assert index.poll() and index.kind == "hnsw" and index.size == 300
