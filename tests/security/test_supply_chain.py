@@ -3,8 +3,9 @@
 A GGUF's ``tokenizer.chat_template`` and the ``chat_template`` setting reach the same
 renderer (``inference.service`` → ``ChatTemplate(source)``). Known server-side template
 injection payloads (CVE-2024-34359 and friends) are rendered by it, in-process and in a
-real worker process; each must fail closed (a 400 for the request), leave no side
-effect on disk, and leave the worker serving.
+real worker process, and from a real GGUF file whose metadata carries the payload;
+each must fail closed (a 400 for the request), leave no side effect on disk, and
+leave the worker serving.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from inference.model import ModelRefused, load_model
 from inference.settings import WorkerSettings
 from inference.templates import ChatTemplate
 from tests.support.figures import record_figures
+from tests.support.gguf_meta import read_string_metadata, write_with_string_metadata
 from tests.support.processes import free_port, python_module, run_service
 
 MARKER = "/tmp/appliance-ssti-{tag}"
@@ -116,3 +118,44 @@ def test_worker_process_with_unlisted_hash_never_serves(model_path: Path, tmp_pa
         log = service.logs()
     assert 200 not in statuses, "a worker with an unlisted model hash served /health 200"
     assert "allowed_sha256" in log, log[-2000:]
+
+
+GGUF_PAYLOADS = {
+    "gguf-cycler-popen": "{{ cycler.__init__.__globals__.os.popen('touch " + MARKER + "').read() }}",
+    "gguf-subclasses": "{% for c in ().__class__.__base__.__subclasses__() %}{% if c.__name__ == 'Popen' %}"
+                       "{{ c(['touch', '" + MARKER + "']) }}{% endif %}{% endfor %}",
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(GGUF_PAYLOADS))
+def test_gguf_carrying_a_hostile_template_cannot_run_it(model_path: Path, tmp_path: Path, name: str) -> None:
+    """A real model file whose tokenizer.chat_template is a payload: the worker loads it, refuses to render it."""
+    marker = Path(MARKER.format(tag=name))
+    marker.unlink(missing_ok=True)
+    hostile = tmp_path / "hostile.gguf"
+    payload = GGUF_PAYLOADS[name].replace("{tag}", name)
+    write_with_string_metadata(model_path, hostile, {"tokenizer.chat_template": payload})
+    assert read_string_metadata(hostile, "tokenizer.chat_template") == payload
+    port = free_port()
+    (tmp_path / "empty.toml").write_text("")
+    env = {"APPLIANCE_CONFIG": str(tmp_path / "empty.toml"), "APPLIANCE_DATA_DIR": str(tmp_path),
+           "APPLIANCE_INTERNAL_TOKEN": "supply-chain", "APPLIANCE_WORKER_PORT": str(port),
+           "APPLIANCE_WORKER_MODEL_PATH": str(hostile), "APPLIANCE_WORKER_N_THREADS": "1",
+           "APPLIANCE_WORKER_SLOTS": "1", "APPLIANCE_WORKER_N_CTX": "256",
+           # The operator allow-listed this exact file: the hash check passes, the sandbox must still hold.
+           "APPLIANCE_WORKER_ALLOWED_SHA256": sha256_file(hostile)}
+    url, headers = f"http://127.0.0.1:{port}", {"X-Internal-Token": "supply-chain"}
+    with run_service(python_module("inference"), env=env, log_path=tmp_path / "worker.log",
+                     ready_url=f"{url}/health", ready_timeout=120) as service:
+        chat = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={
+            "model": "gemma-3-270m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        completion = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60, json={
+            "model": "gemma-3-270m", "max_tokens": 2, "prompt": "hi"})
+        health = httpx.get(f"{url}/health", timeout=10)
+        alive = service.proc.poll() is None
+    assert health.status_code == 200 and health.json()["model_sha256"] == sha256_file(hostile)
+    assert chat.status_code == 400, chat.text
+    assert "chat template" in chat.json()["error"]["message"]  # the GGUF's own template was the one rendered
+    assert completion.status_code == 200 and alive  # the worker keeps serving
+    assert not marker.exists(), f"{name} ran code"
