@@ -107,3 +107,17 @@ def test_tool_call_round_trip_and_usage_chunk(client: openai.OpenAI) -> None:
     answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert answer
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_logprobs_pass_through_the_gateway(client: openai.OpenAI) -> None:
+    ask: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}],
+                           "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert whole.logprobs is not None and whole.logprobs.content
+    assert "".join(t.token for t in whole.logprobs.content) == whole.message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in whole.logprobs.content)
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
+    assert [t.token for t in streamed] == [t.token for t in whole.logprobs.content]
+    legacy = client.completions.create(model=MODEL, prompt="Red, green and", max_tokens=4, temperature=0, logprobs=2)
+    assert legacy.choices[0].logprobs is not None and legacy.choices[0].logprobs.token_logprobs
