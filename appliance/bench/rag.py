@@ -309,6 +309,14 @@ def embed_breakdown(reference: Any, fast: Any, query: str, repeat: int = 50) -> 
         "torch_forward_ms": _p50_ms(forward, repeat),
         "torch_threads": torch.get_num_threads(),
     }
+    # OpenMP barriers are what collapse when another process holds a core: the same with one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out["st_encode_1thread_ms"] = _p50_ms(lambda: reference.encode([query]), repeat)
+        out["torch_forward_1thread_ms"] = _p50_ms(forward, repeat)
+    finally:
+        torch.set_num_threads(threads)
     if fast is not None:
         out["onnx_tokenize_ms"] = _p50_ms(lambda: fast._feeds([query]), repeat)
         out["onnx_query_ms"] = _p50_ms(lambda: fast.encode_queries([query]), repeat)
