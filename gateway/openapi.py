@@ -80,26 +80,6 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class ChatCompletion(_Open):
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[dict[str, Any]]
-    usage: dict[str, int] | None = None
-    citations: list[dict[str, Any]] | None = None
-
-
-class ChatCompletionChunk(_Open):
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[dict[str, Any]]
-    usage: dict[str, int] | None = None
-    citations: list[dict[str, Any]] | None = None
-
-
 class TextCompletion(_Open):
     id: str
     object: str
@@ -107,6 +87,14 @@ class TextCompletion(_Open):
     model: str
     choices: list[dict[str, Any]]
     usage: dict[str, int] | None = None
+
+
+class ChatCompletion(TextCompletion):
+    citations: list[dict[str, Any]] | None = None  # with "rag": the retrieved passages the answer may cite
+
+
+class ChatCompletionChunk(ChatCompletion):
+    """One streamed event; the last content chunk of a RAG answer carries the citations."""
 
 
 class EmbeddingList(_Open):

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.chat_load import ChatLoad
 from tests.support.processes import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -92,42 +92,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         stack.cli("down", check=False, timeout=120)
 
 
-class ChatLoad:
-    """8 clients chatting in a loop until stopped; counts successes and failures."""
-
-    def __init__(self, stack: Stack, key: str, clients: int = 8) -> None:
-        self._stop = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(stack.openai(key),)) for _ in range(clients)]
-
-    def _run(self, client: openai.OpenAI) -> None:
-        while not self._stop.is_set():
-            try:
-                reply = client.chat.completions.create(
-                    model="gemma-3-270m",
-                    messages=[{"role": "user", "content": "Say something."}],
-                    max_tokens=8,
-                    temperature=0.7,
-                    extra_headers={"Cache-Control": "no-cache"},
-                )
-                assert reply.choices[0].finish_reason in {"stop", "length"}
-                with self._lock:
-                    self.ok += 1
-            except Exception as exc:
-                with self._lock:
-                    self.failures.append(repr(exc)[:300])
-
-    def __enter__(self) -> ChatLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(180)
+# the load must reach the workers: a non-zero temperature and no response cache
+NO_CACHE: dict[str, Any] = {"temperature": 0.7, "extra_headers": {"Cache-Control": "no-cache"}}
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> float:
@@ -232,7 +198,7 @@ def test_lifecycle(stack: Stack) -> None:
     print(f"killed worker healthy again after {back:.1f}s")
 
     # Rolling restart while 8 clients chat: no request fails.
-    with ChatLoad(stack, admin) as load:
+    with ChatLoad(lambda: stack.openai(admin), clients=8, **NO_CACHE) as load:
         time.sleep(2)
         stack.cli("restart", "inference")
         time.sleep(1)
@@ -242,7 +208,7 @@ def test_lifecycle(stack: Stack) -> None:
     # Live scaling while 4 clients chat: workers join and leave through the Redis registry, so the
     # balancer keeps its process (no restart, no cut stream) and no request fails.
     balancer_pid = _pid(stack, "balancer")
-    with ChatLoad(stack, admin, clients=4) as load:
+    with ChatLoad(lambda: stack.openai(admin), clients=4, **NO_CACHE) as load:
         time.sleep(2)
         started = time.monotonic()
         stack.cli("scale", "inference=3")
@@ -267,7 +233,7 @@ def test_lifecycle(stack: Stack) -> None:
     assert _workers_in_balancer(stack) == 1
 
     # Backup while clients chat.
-    with ChatLoad(stack, admin, clients=4) as load:
+    with ChatLoad(lambda: stack.openai(admin), clients=4, **NO_CACHE) as load:
         backup = json.loads(stack.cli("backup", "--json").stdout)
     assert load.failures == []
     archive = Path(backup["archive"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ import openai
 import pytest
 import redis
 
+from tests.support.chat_load import ChatLoad
 from tests.support.processes import Service, free_port, python_module, redis_server, run_service, wait_http_ok
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -140,44 +140,6 @@ def chat(base_url: str) -> openai.OpenAI:
     )
 
 
-class ChatLoad:
-    """A few clients chatting through the balancer until stopped; every failure is kept."""
-
-    def __init__(self, base_url: str, clients: int = 4) -> None:
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.ok = 0
-        self.failures: list[str] = []
-        self._threads = [threading.Thread(target=self._run, args=(chat(base_url),)) for _ in range(clients)]
-
-    def _run(self, client: openai.OpenAI) -> None:
-        with client:
-            self._loop(client)
-
-    def _loop(self, client: openai.OpenAI) -> None:
-        while not self._stop.is_set():
-            try:
-                reply = client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=8
-                )
-                assert reply.choices[0].finish_reason in {"stop", "length"}
-                with self._lock:
-                    self.ok += 1
-            except Exception as exc:
-                with self._lock:
-                    self.failures.append(repr(exc)[:300])
-
-    def __enter__(self) -> ChatLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(180)
-
-
 def test_worker_joins_the_balancer_once_ready_and_serves_chat(cluster: Cluster, registry: redis.Redis) -> None:
     with ExitStack() as stack:
         service, url = cluster.start_worker(stack, "join")
@@ -217,7 +179,7 @@ def test_sigterm_withdraws_first_then_the_balancer_drains_without_failed_request
         both = lambda: cluster.routable(leaving_url) and cluster.routable(staying_url)  # noqa: E731
         wait_until(both, 180, "both workers routable")
 
-        with ChatLoad(cluster.balancer, clients=4) as load:
+        with ChatLoad(lambda: chat(cluster.balancer), clients=4, model=MODEL) as load:
             wait_until(lambda: cluster.workers()[leaving_url]["requests"] >= 2, 60, "load on the leaving worker")
             leaving.signal(signal.SIGTERM)
             signalled = time.monotonic()
