@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,15 +61,14 @@ class Worker:
         return json.loads(self.get("/health", token=None)[1])
 
 
-@pytest.fixture(scope="module")
-def worker(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+@contextmanager
+def spawn_worker(model_path: Path, logs: Path, **settings: str) -> Iterator[Worker]:
+    """A real worker process on the real model; ``settings`` are APPLIANCE_WORKER_* values by field name."""
     port = free_port()
-    logs = tmp_path_factory.mktemp("worker")
     env = {
         "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
-        "APPLIANCE_WORKER_SLOTS": "8", "APPLIANCE_WORKER_QUEUE_SIZE": "8", "APPLIANCE_WORKER_N_CTX": str(N_CTX),
-        "APPLIANCE_WORKER_MAX_TOKENS_CAP": str(CAP), "APPLIANCE_INTERNAL_TOKEN": TOKEN,
-        "APPLIANCE_DATA_DIR": str(logs), "APPLIANCE_LOG_JSON": "false",
+        "APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_DATA_DIR": str(logs), "APPLIANCE_LOG_JSON": "false",
+        **{f"APPLIANCE_WORKER_{field.upper()}": value for field, value in settings.items()},
     }
     url = f"http://127.0.0.1:{port}"
     with run_service(python_module("inference"), env=env, log_path=logs / "worker.log",
@@ -77,6 +77,13 @@ def worker(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                            default_headers={"X-Internal-Token": TOKEN}) as sdk:
             yield Worker(url, sdk)
         assert service.proc.poll() is None, service.logs()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def worker(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    with spawn_worker(model_path, tmp_path_factory.mktemp("worker"), slots="8", queue_size="8",
+                      n_ctx=str(N_CTX), max_tokens_cap=str(CAP)) as worker:
+        yield worker
 
 
 def wait_idle(worker: Worker, timeout: float = 1.0) -> float:
@@ -398,20 +405,9 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "paramet
 
 @pytest.fixture(scope="module")
 def tool_worker(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    port = free_port()
-    logs = tmp_path_factory.mktemp("tool-worker")
-    env = {
-        "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
-        "APPLIANCE_WORKER_SLOTS": "2", "APPLIANCE_WORKER_N_CTX": "1024", "APPLIANCE_INTERNAL_TOKEN": TOKEN,
-        "APPLIANCE_DATA_DIR": str(logs), "APPLIANCE_LOG_JSON": "false", "APPLIANCE_WORKER_CHAT_TEMPLATE": TOOL_TEMPLATE,
-    }
-    url = f"http://127.0.0.1:{port}"
-    with run_service(python_module("inference"), env=env, log_path=logs / "worker.log",
-                     ready_url=f"{url}/health") as service:
-        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
-                           default_headers={"X-Internal-Token": TOKEN}) as sdk:
-            yield Worker(url, sdk)
-        assert service.proc.poll() is None, service.logs()[-3000:]
+    with spawn_worker(model_path, tmp_path_factory.mktemp("tool-worker"), slots="2", n_ctx="1024",
+                      chat_template=TOOL_TEMPLATE) as worker:
+        yield worker
 
 
 def test_auto_tool_choice_returns_the_call_the_model_writes(tool_worker: Worker) -> None:
