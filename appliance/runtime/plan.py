@@ -98,24 +98,7 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
     """Every program of the local stack, in start order."""
     data = settings.data_dir.resolve()
     redis_url = f"redis://127.0.0.1:{settings.redis_port}/0"
-    redis_argv = [
-        find_redis_server(),
-        "--port",
-        str(settings.redis_port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(data / "redis"),
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-        "--save",
-        "300 1",
-        "--protected-mode",
-        "yes",
-    ]
-    plan = [Program("redis", "redis", redis_argv, redis_port=settings.redis_port)]
+    plan = [_redis(settings, data)]
     if settings.with_rag:
         plan.append(
             Program(
@@ -136,8 +119,26 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
             f"http://127.0.0.1:{settings.balancer_port}/health",
         )
     )
-    scheme = "https" if settings.tls else "http"
-    gateway_env = {
+    plan.append(_gateway(settings, redis_url))
+    plan += _observability(settings, data)
+    if settings.backup_every:
+        plan.append(_backup(settings, settings.backup_every))
+    for program in plan:
+        program.env.setdefault("APPLIANCE_DATA_DIR", str(data))
+    return plan
+
+
+def _redis(settings: RuntimeSettings, data: Path) -> Program:
+    argv = [
+        find_redis_server(),
+        *("--port", str(settings.redis_port), "--bind", "127.0.0.1", "--dir", str(data / "redis")),
+        *("--appendonly", "yes", "--appendfsync", "everysec", "--save", "300 1", "--protected-mode", "yes"),
+    ]
+    return Program("redis", "redis", argv, redis_port=settings.redis_port)
+
+
+def _gateway(settings: RuntimeSettings, redis_url: str) -> Program:
+    env = {
         "APPLIANCE_GATEWAY_HOST": settings.gateway_host,
         "APPLIANCE_GATEWAY_PORT": str(settings.gateway_port),
         "APPLIANCE_GATEWAY_BALANCER_URL": f"http://127.0.0.1:{settings.balancer_port}",
@@ -145,32 +146,16 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
         "APPLIANCE_GATEWAY_REDIS_URL": redis_url,
     }
     if settings.tls:
-        gateway_env["APPLIANCE_GATEWAY_TLS_SELF_SIGNED"] = "true"
-    plan.append(
-        Program(
-            "gateway",
-            "gateway",
-            _python("gateway"),
-            gateway_env,
-            f"{scheme}://127.0.0.1:{settings.gateway_port}/healthz",
-        )
-    )
-    plan += _observability(settings, data)
-    if settings.backup_every:
-        argv = [
-            *_python("appliance.cli"),
-            "backup",
-            "--every",
-            settings.backup_every,
-            "--keep",
-            str(settings.backup_keep),
-        ]
-        if settings.backup_offsite:
-            argv += ["--offsite", str(settings.backup_offsite)]
-        plan.append(Program("backup", "maintenance", argv, {"APPLIANCE_RUNTIME_REDIS_PORT": str(settings.redis_port)}))
-    for program in plan:
-        program.env.setdefault("APPLIANCE_DATA_DIR", str(data))
-    return plan
+        env["APPLIANCE_GATEWAY_TLS_SELF_SIGNED"] = "true"
+    scheme = "https" if settings.tls else "http"
+    return Program("gateway", "gateway", _python("gateway"), env, f"{scheme}://127.0.0.1:{settings.gateway_port}/healthz")
+
+
+def _backup(settings: RuntimeSettings, every: str) -> Program:
+    argv = [*_python("appliance.cli"), "backup", "--every", every, "--keep", str(settings.backup_keep)]
+    if settings.backup_offsite:
+        argv += ["--offsite", str(settings.backup_offsite)]
+    return Program("backup", "maintenance", argv, {"APPLIANCE_RUNTIME_REDIS_PORT": str(settings.redis_port)})
 
 
 def _observability(settings: RuntimeSettings, data: Path) -> list[Program]:
