@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from rag.durable import fsync_path
 from rag.embedder import Vectors
 
 __all__ = ["GPU_MAX_K", "ApproxParams", "CollectionIndex", "Mirror", "gpu_mirror", "recall_at_k"]
@@ -279,13 +280,9 @@ class CollectionIndex:
         tmp = path.with_name(f".{path.name}.tmp")
         # Vectors of deleted chunks may stay in an HNSW file: reconcile() drops them on load.
         faiss.write_index(self.index, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
         self.dirty = False
 
     @classmethod
@@ -329,14 +326,6 @@ class CollectionIndex:
         if self.needs_rebuild():
             self.rebuild(fetch(None))
         return len(missing), len(extra)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def recall_at_k(exact: Ids, approx: Ids, k: int) -> float:

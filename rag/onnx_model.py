@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rag.durable import fsync_path
+
 __all__ = ["EXPORT_FORMAT", "ModelLayout", "OnnxUnavailable", "cached_export", "fingerprint", "read_layout"]
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,7 @@ def cached_export(layout: ModelLayout, cache_dir: Path, int8: bool) -> Path:
         if int8:
             _quantize(work / ENCODER, work / ENCODER_INT8)
         for name in wanted:
-            _fsync(work / name)
+            fsync_path(work / name)
         _replace_dir(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -185,13 +187,6 @@ def _quantize(fp32: Path, out: Path) -> None:
     )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _replace_dir(work: Path, target: Path) -> None:
     """Move ``work`` to ``target``; an existing ``target`` (a smaller earlier export) is set aside first."""
@@ -199,5 +194,5 @@ def _replace_dir(work: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, old)
     os.replace(work, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     shutil.rmtree(old, ignore_errors=True)
