@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -11,6 +12,9 @@ from typing import Any
 from appliance.core.request_id import request_id_var
 
 __all__ = ["JsonFormatter", "configure_logging"]
+
+# Client text can hold lone UTF-16 surrogates (JSON "\ud800"): a line must still encode, whatever the stream.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -36,14 +40,18 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        line = json.dumps(entry, default=str, ensure_ascii=False)
+        if _SURROGATE.search(line):
+            line = json.dumps(entry, default=str)  # escaped as \ud800: the JSON still says what came in
+        return line
 
 
 class _PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         request_id = request_id_var.get()
         prefix = f"[{request_id}] " if request_id else ""
-        return f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {prefix}{record.getMessage()}"
+        line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {prefix}{record.getMessage()}"
+        return _SURROGATE.sub("\ufffd", line)
 
 
 def configure_logging(service: str, level: str = "INFO", json_lines: bool = True) -> None:

@@ -8,6 +8,7 @@ it began ends with ``event: error`` and an OpenAI error body and *no*
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,17 @@ __all__ = [
 ]
 
 DONE = b"data: [DONE]\n\n"
+
+# Text a client controls can hold lone UTF-16 surrogates (JSON spells them "\ud800"); they have no UTF-8
+# form, so an event must encode without them rather than raise mid-stream.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +56,20 @@ def encode_event(data: str, event: str | None = None) -> bytes:
     """Encode one event; multi-line data becomes several ``data:`` lines."""
     lines = [] if event is None else [f"event: {event}"]
     lines.extend(f"data: {line}" for line in data.split("\n"))
-    return ("\n".join(lines) + "\n\n").encode()
+    return _utf8("\n".join(lines) + "\n\n")
 
 
 def encode_data(payload: dict[str, Any]) -> bytes:
-    """Encode a JSON chunk the way OpenAI does (one compact ``data:`` line)."""
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+    """Encode a JSON chunk the way OpenAI does (one compact ``data:`` line).
+
+    A lone surrogate in a string is written as its JSON escape, so the client decodes the same text.
+    """
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    try:
+        encoded = text.encode()
+    except UnicodeEncodeError:
+        encoded = json.dumps(payload, separators=(",", ":")).encode()
+    return b"data: " + encoded + b"\n\n"
 
 
 def encode_error(error_body: dict[str, Any]) -> bytes:
