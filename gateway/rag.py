@@ -73,7 +73,7 @@ def build_context(collection: str, results: list[dict[str, Any]], max_chars: int
     citations: list[dict[str, Any]] = []
     budget = max_chars
     for result in results:
-        text = neutralise(str(result.get("text", "")))[:budget]
+        text = neutralise(str(result.get("text", "")))[:budget].replace(f"doc-{nonce}", "doc-(fence)")  # if guessed
         if not text:
             break
         budget -= len(text)
