@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,6 +16,7 @@ from appliance.backup.archive import ArchiveWriter, copy_offsite, extract_verifi
 from appliance.backup.manifest import Manifest
 from appliance.backup.snapshot import copy_rag_store, redis_bgsave
 from appliance.core.model_files import sha256_file
+from appliance.core.ports import free_port
 from appliance.runtime.plan import find_redis_server
 from appliance.runtime.settings import RuntimeSettings
 
@@ -88,15 +88,9 @@ def create_backup(settings: RuntimeSettings, to: Path | None = None, *, with_mod
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _load_rdb_into_aof(redis_dir: Path) -> None:
     """Turn a restored dump.rdb into the AOF the runtime's Redis loads (AOF wins over RDB at start)."""
-    port = _free_port()
+    port = free_port()
     argv = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
             "--appendonly", "no", "--save", ""]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603

@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from appliance.core.hop import INTERNAL_TOKEN_HEADER
+
 __all__ = ["MODEL", "new_loop", "percentile", "run_load", "serve_naive_proxy", "serve_upstreams"]
 
 MODEL = "bench-fake"
@@ -193,7 +195,7 @@ async def run_load(targets: list[tuple[str, int]], *, client: str, path: str, to
             latencies.append(time.perf_counter() - started)
             statuses[str(status)] = statuses.get(str(status), 0) + 1
 
-    headers = {"Content-Type": "application/json", "X-Internal-Token": token}
+    headers = {"Content-Type": "application/json", INTERNAL_TOKEN_HEADER: token}
     if client == "raw":
         def raw_request(host: str, port: int) -> bytes:
             head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())

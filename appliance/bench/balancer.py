@@ -25,13 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from appliance.bench import harness
 from appliance.bench._balancer_roles import new_loop, percentile, run_load, serve_naive_proxy, serve_upstreams
 
 __all__ = ["main"]
@@ -40,59 +39,18 @@ _ROLE = [sys.executable, "-m", "appliance.bench", "balancer", "--role"]
 
 # -- orchestration -------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback only
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
-
-
-def _wait_until(check: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout}s")
-        time.sleep(0.1)
-
-
-@contextmanager
-def _process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as sink:
-        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=sink, stderr=subprocess.STDOUT)  # noqa: S603
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @contextmanager
 def _balancer(workers: list[str], token: str, tmp: Path) -> Iterator[str]:
-    port = _free_port()
+    port = harness.free_port()
     config = tmp / "empty.toml"
     config.write_text("")
     env = {"APPLIANCE_CONFIG": str(config), "APPLIANCE_DATA_DIR": str(tmp), "APPLIANCE_INTERNAL_TOKEN": token,
            "APPLIANCE_LOG_LEVEL": "WARNING", "APPLIANCE_BALANCER_PORT": str(port),
            "APPLIANCE_BALANCER_WORKERS": json.dumps(workers), "APPLIANCE_BALANCER_PROBE_INTERVAL_S": "2"}
     url = f"http://127.0.0.1:{port}"
-    with _process([sys.executable, "-m", "balancer"], env, tmp / "balancer.log") as proc:
-        _wait_until(lambda: (_get_json(f"{url}/health")[1] or {}).get("healthy_workers") == len(workers),
-                    30, "balancer", proc)
+    with harness.service(harness.python("balancer"), env, log=tmp / "balancer.log") as proc:
+        harness.wait_until(lambda: (harness.get_json(f"{url}/health")[1] or {}).get("healthy_workers")
+                           == len(workers), 30, "balancer", proc)
         yield url
 
 
@@ -106,10 +64,10 @@ def _run_loadgen(targets: list[str], token: str, args: argparse.Namespace) -> di
 
 @contextmanager
 def _naive_proxy(upstreams: list[str], tmp: Path) -> Iterator[str]:
-    port = _free_port()
+    port = harness.free_port()
     argv = [*_ROLE, "naive-proxy", "--port", str(port), "--targets", ",".join(upstreams)]
-    with _process(argv, {}, tmp / "naive.log") as proc:
-        _wait_until(lambda: _port_open(port), 30, "naive proxy", proc)
+    with harness.service(argv, log=tmp / "naive.log") as proc:
+        harness.wait_until(lambda: _port_open(port), 30, "naive proxy", proc)
         yield f"127.0.0.1:{port}"
 
 
@@ -122,14 +80,15 @@ def _port_open(port: int) -> bool:
 
 
 def routing_capacity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    ports = [_free_port() for _ in range(args.upstreams)]
+    ports = [harness.free_port() for _ in range(args.upstreams)]
     fakes = [f"127.0.0.1:{p}" for p in ports]
     token = secrets.token_urlsafe(16)
     argv = [*_ROLE, "upstreams", "--fakes", args.fakes, "--ports", ",".join(map(str, ports))]
     rounds: list[dict[str, Any]] = []
     with ExitStack() as stack:
-        proc = stack.enter_context(_process(argv, {}, tmp / "upstreams.log"))
-        _wait_until(lambda: all(_get_json(f"http://{f}/health")[0] == 200 for f in fakes), 30, "fake upstreams", proc)
+        proc = stack.enter_context(harness.service(argv, log=tmp / "upstreams.log"))
+        harness.wait_until(lambda: all(harness.http_ok(f"http://{f}/health") for f in fakes), 30, "fake upstreams",
+                           proc)
         balancer = stack.enter_context(_balancer([f"http://{f}" for f in fakes], token, tmp)).removeprefix("http://")
         naive = stack.enter_context(_naive_proxy([f"http://{f}" for f in fakes], tmp)) if args.baseline else None
         sides = {"direct": fakes, "balancer": [balancer], **({"naive_proxy": [naive]} if naive else {})}
@@ -154,7 +113,7 @@ async def _timed_completions(direct: str, through: str, model: str, token: str, 
     import aiohttp
 
     body = {"model": model, "prompt": "The three primary colours are", "max_tokens": 16, "temperature": 0}
-    headers = {"X-Internal-Token": token}
+    headers = harness.internal_headers(token)
     timings: dict[str, list[float]] = {"direct": [], "through": []}
     async with aiohttp.ClientSession() as session:
 
@@ -178,7 +137,7 @@ def real_worker_overhead(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from appliance.core.model_files import prepare_default_model
 
     model_path = Path(args.model_path) if args.model_path else prepare_default_model(Path(args.data_dir))
-    port, token = _free_port(), secrets.token_urlsafe(16)
+    port, token = harness.free_port(), secrets.token_urlsafe(16)
     config = tmp / "empty.toml"
     config.write_text("")
     env = {"APPLIANCE_CONFIG": str(config), "APPLIANCE_DATA_DIR": str(tmp), "APPLIANCE_INTERNAL_TOKEN": token,
@@ -186,9 +145,9 @@ def real_worker_overhead(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
            "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_SLOTS": "2",
            "APPLIANCE_WORKER_N_THREADS": str(args.worker_threads)}
     worker = f"http://127.0.0.1:{port}"
-    with _process([sys.executable, "-m", "inference"], env, tmp / "worker.log") as proc:
-        _wait_until(lambda: _get_json(f"{worker}/health")[0] == 200, 300, "inference worker", proc)
-        model = str(_get_json(f"{worker}/health")[1]["model"])
+    with harness.service(harness.python("inference"), env, log=tmp / "worker.log") as proc:
+        harness.wait_until(lambda: harness.get_json(f"{worker}/health")[0] == 200, 300, "inference worker", proc)
+        model = str(harness.get_json(f"{worker}/health")[1]["model"])
         with _balancer([worker], token, tmp) as url, asyncio.Runner(loop_factory=new_loop) as runner:
             timings = runner.run(_timed_completions(worker, url, model, token, args.requests))
     result: dict[str, Any] = {"model": model, "requests_each": args.requests}

@@ -17,29 +17,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
-import socket
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from appliance.bench import harness
 
 PROMPT = "The history of the printing press begins"
 
 
 def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    harness.progress("batching", message)
 
 
 def _model_path(args: argparse.Namespace) -> Path:
@@ -118,26 +111,19 @@ class RawLoop:
         self.ll.llama_model_free(self.model)
 
 
-def _start_worker(args: argparse.Namespace, path: Path, port: int, token: str) -> subprocess.Popen[bytes]:
+@contextmanager
+def worker(args: argparse.Namespace, path: Path, **extra: str) -> Iterator[tuple[int, str]]:
+    """A real worker on ``path`` (``APPLIANCE_WORKER_<KEY>`` overrides in ``extra``); yields (port, token)."""
+    port, token = harness.free_port(), secrets.token_urlsafe(16)
     env = {
-        **os.environ, "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(path),
+        "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(path),
         "APPLIANCE_WORKER_SLOTS": str(args.slots), "APPLIANCE_WORKER_N_THREADS": str(args.threads),
         "APPLIANCE_WORKER_N_CTX": str(args.n_ctx), "APPLIANCE_INTERNAL_TOKEN": token,
-        "APPLIANCE_DATA_DIR": args.data_dir, "APPLIANCE_LOG_LEVEL": "WARNING",
+        "APPLIANCE_DATA_DIR": str(args.data_dir), "APPLIANCE_LOG_LEVEL": "WARNING",
+        **{f"APPLIANCE_WORKER_{key.upper()}": value for key, value in extra.items()},
     }
-    proc = subprocess.Popen([sys.executable, "-m", "inference"], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the worker did not become ready in 120 s")
+    with harness.service(harness.python("inference"), env, ready=f"http://127.0.0.1:{port}/health", timeout=120):
+        yield port, token
 
 
 async def _one_stream(session: Any, url: str, token: str, alias: str, tokens: int) -> int:
@@ -146,7 +132,7 @@ async def _one_stream(session: Any, url: str, token: str, alias: str, tokens: in
     body = {"model": alias, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     decoder, completion = SSEDecoder(), 0
-    async with session.post(url, json=body, headers={"X-Internal-Token": token}) as response:
+    async with session.post(url, json=body, headers=harness.internal_headers(token)) as response:
         response.raise_for_status()
         async for chunk in response.content.iter_any():
             for event in decoder.feed(chunk):
@@ -165,7 +151,7 @@ async def _one_grammar(session: Any, url: str, token: str, alias: str, tokens: i
     body = {"model": alias, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
             "temperature": 0.7, "seed": 1,
             "response_format": {"type": "json_schema", "json_schema": {"name": "notes", "schema": GRAMMAR_SCHEMA}}}
-    async with session.post(url, json=body, headers={"X-Internal-Token": token}) as response:
+    async with session.post(url, json=body, headers=harness.internal_headers(token)) as response:
         response.raise_for_status()
         return int((await response.json())["usage"]["completion_tokens"])
 
@@ -218,8 +204,7 @@ async def _worker_rates(port: int, token: str, alias: str, levels: list[int], *,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="appliance bench batching", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser = harness.parser("batching", __doc__)
     parser.add_argument("--model", default="", help="GGUF file (default: the bundled Gemma 3 270M)")
     parser.add_argument("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -247,18 +232,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             _progress(f"raw c{level}: {raw_rates[level]:.1f} tok/s")
     finally:
         raw.close()
-    port, token, alias = _free_port(), secrets.token_urlsafe(16), "gemma-3-270m"
-    proc = _start_worker(args, path, port, token)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-            alias = json.loads(response.read())["model"]
+    with worker(args, path) as (port, token):
+        alias = harness.get_json(f"http://127.0.0.1:{port}/health", timeout=5)[1]["model"]
         worker_rates = asyncio.run(_worker_rates(port, token, alias, levels, tokens=args.tokens, rounds=args.rounds))
         pairs = asyncio.run(_grammar_pairs(port, token, alias, max(levels), tokens=args.tokens,
                                             pairs=args.grammar_pairs)) \
             if args.grammar else []
-    finally:
-        proc.terminate()
-        proc.wait(30)
     result: dict[str, Any] = {"model": path.name, "threads": args.threads, "tokens_per_request": args.tokens}
     for level in levels:
         result[f"raw_c{level}_tok_s"] = round(raw_rates[level], 1)
@@ -279,19 +258,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     result = measure(args)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"model {result['model']}, {args.threads} threads, {args.tokens} tokens x {args.rounds} rounds per client")
-    print(f"{'concurrency':>12} {'raw tok/s':>10} {'worker tok/s':>13} {'worker/raw':>11}")
-    for level in (int(level) for level in args.levels.split(",")):
-        raw_rate, worker_rate = result[f"raw_c{level}_tok_s"], result[f"worker_c{level}_tok_s"]
-        print(f"{level:>12} {raw_rate:>10.1f} {worker_rate:>13.1f} {worker_rate / raw_rate:>11.3f}")
-    for key, value in result.items():
-        if "/" in key or key == "grammar_pair_ratios":
-            print(f"{key} = {value}")
-    return 0
+    return harness.emit(result, args.json, _render)
 
 
-def run(argv: list[str] | None = None) -> int:
-    return main(argv)
+def _render(result: Mapping[str, Any]) -> str:
+    lines = [f"model {result['model']}, {result['threads']} threads, {result['tokens_per_request']} tokens per "
+             f"request", f"{'concurrency':>12} {'raw tok/s':>10} {'worker tok/s':>13} {'worker/raw':>11}"]
+    for key in result:
+        if key.startswith("raw_c") and key.endswith("_tok_s"):
+            level = key.removeprefix("raw_c").removesuffix("_tok_s")
+            raw_rate, worker_rate = result[key], result[f"worker_c{level}_tok_s"]
+            lines.append(f"{level:>12} {raw_rate:>10.1f} {worker_rate:>13.1f} {worker_rate / raw_rate:>11.3f}")
+    lines += [f"{key} = {value}" for key, value in result.items() if "/" in key or key == "grammar_pair_ratios"]
+    return "\n".join(lines)

@@ -138,7 +138,7 @@ def _create_key(base: str, admin: str) -> str:
 
 def _loadgen(url: str, headers: dict[str, str], body: dict[str, Any], concurrency: int,
              duration: float) -> dict[str, Any]:
-    argv = _py("appliance.bench.gateway_loadgen", "--url", url, "--concurrency", str(concurrency),
+    argv = _py("appliance.bench._gateway_loadgen", "--url", url, "--concurrency", str(concurrency),
                "--duration", str(duration), "--body", json.dumps(body), "--headers", json.dumps(headers))
     done = subprocess.run(argv, capture_output=True, check=True, timeout=duration + 120)  # noqa: S603
     return dict(json.loads(done.stdout))
@@ -149,7 +149,7 @@ def efficiency(tmp: Path, redis_url: str, concurrency: int, duration: float) -> 
     fake = f"http://127.0.0.1:{fport}"
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "bench {n}"}], "temperature": 0,
             "max_tokens": 16}
-    argv = _py("appliance.bench.gateway_fakes", "--port", str(fport), "--token", TOKEN, "--slots", "1024")
+    argv = _py("appliance.bench._gateway_fakes", "--port", str(fport), "--token", TOKEN, "--slots", "1024")
     with _service(argv, {}, fake + "/health", tmp / "fake.log"), _stack(tmp, fake, redis_url, "fake") as (gw, key):
         direct_headers = {"X-Internal-Token": TOKEN}
         _loadgen(fake + "/v1/chat/completions", direct_headers, body, concurrency, 1.0)  # warm-up

@@ -11,16 +11,16 @@ import asyncio
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from appliance.bench.batching import _free_port, _model_path, _start_worker, _worker_rates
+from appliance.bench import harness
+from appliance.bench.batching import _model_path, _worker_rates, worker
 
 __all__ = ["main"]
 
@@ -53,17 +53,9 @@ def gpu_facts() -> dict[str, Any]:
 
 
 def worker_rates(args: argparse.Namespace, path: Path, gpu_layers: int) -> dict[str, Any]:
-    port, token = _free_port(), secrets.token_urlsafe(16)
-    os.environ["APPLIANCE_WORKER_N_GPU_LAYERS"] = str(gpu_layers)
-    proc = _start_worker(args, path, port, token)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-            health = json.loads(response.read())
+    with worker(args, path, n_gpu_layers=str(gpu_layers)) as (port, token):
+        health = harness.get_json(f"http://127.0.0.1:{port}/health", timeout=5)[1]
         rates = asyncio.run(_worker_rates(port, token, health["model"], [1, 8], tokens=args.tokens, rounds=2))
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        os.environ.pop("APPLIANCE_WORKER_N_GPU_LAYERS", None)
     return {"gpu_layers": health.get("gpu_layers"), "c1_tok_s": round(rates[1], 1), "c8_tok_s": round(rates[8], 1)}
 
 
@@ -78,22 +70,12 @@ def _nvidia_smi() -> list[dict[str, str]]:
 
 
 def exporter_vs_smi() -> dict[str, Any]:
-    port = _free_port()
-    env = {**os.environ, "APPLIANCE_GPU_EXPORTER_PORT": str(port), "APPLIANCE_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "observability.gpu_exporter"], env=env,
-                            stderr=subprocess.DEVNULL)
-    try:
-        text = ""
-        for _ in range(100):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-                    text = response.read().decode()
-                break
-            except OSError:
-                time.sleep(0.1)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    port = harness.free_port()
+    env = {"APPLIANCE_GPU_EXPORTER_PORT": str(port), "APPLIANCE_LOG_LEVEL": "WARNING"}
+    url = f"http://127.0.0.1:{port}/metrics"
+    with harness.service(harness.python("observability.gpu_exporter"), env, ready=url, timeout=10), \
+            urllib.request.urlopen(url, timeout=2) as response:
+        text = response.read().decode()
     series = {m.group(1): float(m.group(2)) for m in
               re.finditer(r"^(nvidia_smi_\w+|appliance_gpu_\w+)(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.M)}
     smi = _nvidia_smi()
@@ -143,7 +125,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _table(result: dict[str, Any]) -> str:
+def _table(result: Mapping[str, Any]) -> str:
     cpu, gpu = result["cpu"], result.get("gpu")
     lines = [f"model {result['model']}; facts {result['facts']}",
              f"{'':24}{'CPU':>12}{'GPU':>12}{'GPU/CPU':>10}"]
@@ -159,8 +141,7 @@ def _table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="appliance bench gpu", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true")
+    parser = harness.parser("gpu", __doc__)
     parser.add_argument("--out", default="", help="also write the JSON here")
     parser.add_argument("--model", default="")
     parser.add_argument("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
@@ -172,5 +153,4 @@ def main(argv: list[str] | None = None) -> int:
     result = measure(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result) if args.json else _table(result))
-    return 0
+    return harness.emit(result, args.json, _table)

@@ -15,20 +15,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import secrets
-import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from appliance.bench import harness
 
 _VOCABULARY = (
     "river mountain engine harbour market winter garden library bridge forest signal copper glass "
@@ -57,22 +57,10 @@ def corpus(docs: int, seed: int) -> list[dict[str, str]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def rag_service(data_dir: Path, threads: int, **extra: str) -> Iterator[tuple[str, str]]:
-    import subprocess
-    import sys
-
-    import httpx
-
-    port, token = _free_port(), secrets.token_urlsafe(16)
+    port, token = harness.free_port(), secrets.token_urlsafe(16)
     env = {
-        **os.environ,
         "APPLIANCE_DATA_DIR": str(data_dir),
         "APPLIANCE_RAG_PORT": str(port),
         "APPLIANCE_INTERNAL_TOKEN": token,
@@ -81,25 +69,11 @@ def rag_service(data_dir: Path, threads: int, **extra: str) -> Iterator[tuple[st
         **{f"APPLIANCE_RAG_{k.upper()}": v for k, v in extra.items()},
     }
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = (data_dir / "rag-bench.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "rag"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"rag service did not start; see {data_dir / 'rag-bench.log'}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    with harness.service(
+        harness.python("rag"), env, log=data_dir / "rag-bench.log", ready=f"{url}/health", timeout=300
+    ):
         yield url, token
-    finally:
-        proc.terminate()
-        proc.wait(60)
-        log.close()
 
 
 def chunk_texts(embedder: Any, docs: list[dict[str, str]], size: int, overlap: int) -> list[str]:
@@ -128,7 +102,10 @@ def service_rate(url: str, token: str, docs: list[dict[str, str]], concurrency: 
     import httpx
 
     with httpx.Client(
-        base_url=url, headers={"X-Internal-Token": token}, timeout=600, limits=httpx.Limits(max_connections=concurrency)
+        base_url=url,
+        headers=harness.internal_headers(token),
+        timeout=600,
+        limits=httpx.Limits(max_connections=concurrency),
     ) as http:
         http.post("/collections", json={"name": "warmup"}).raise_for_status()
         http.post("/collections/warmup/documents", json={"title": "w", "text": "warm up the model"})
@@ -206,7 +183,7 @@ def build_bulk(data_dir: Path, texts: list[str], vectors: np.ndarray, bulk: int,
 def query_latency(url: str, token: str, queries: list[str]) -> float:
     import httpx
 
-    with httpx.Client(base_url=url, headers={"X-Internal-Token": token}, timeout=60) as http:
+    with httpx.Client(base_url=url, headers=harness.internal_headers(token), timeout=60) as http:
         for query in queries[:3]:
             http.post("/collections/bulk/search", json={"query": query, "top_k": 10}).raise_for_status()
         times = []
@@ -234,7 +211,7 @@ def service_breakdown(url: str, token: str, queries: list[str]) -> dict[str, flo
     bare HTTP round trip (GET /health) — the rest of query_p50_ms is request parsing and the JSON answer."""
     import httpx
 
-    with httpx.Client(base_url=url, headers={"X-Internal-Token": token}, timeout=60) as http:
+    with httpx.Client(base_url=url, headers=harness.internal_headers(token), timeout=60) as http:
         health = _p50_ms(lambda: http.get("/health").raise_for_status(), len(queries))
         before = _sums(http)
         for query in queries:
@@ -415,8 +392,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="appliance bench rag", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser = harness.parser("rag", __doc__)
     parser.add_argument("--docs", type=int, default=24, help="documents ingested (about 5 chunks each)")
     parser.add_argument(
         "--bulk", type=int, default=100_000, help="chunks in the query-latency collection (0: ingest part only)"
@@ -440,30 +416,24 @@ def main(argv: list[str] | None = None) -> int:
             result = measure(args)
         finally:
             shutil.rmtree(args.data_dir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"embedding on {result['device']}, {result['threads']} threads, {result['chunks']} chunks")
-    print(
+    return harness.emit(result, args.json, _render)
+
+
+def _render(result: Mapping[str, Any]) -> str:
+    lines = [
+        f"embedding on {result['device']}, {result['threads']} threads, {result['chunks']} chunks",
         f"ingest   raw encode {result['raw_encode_chunks_s']:.1f} chunks/s (onnx "
         f"{result.get('onnx_encode_chunks_s', '-')})   service "
         f"{result['service_ingest_chunks_s']:.1f} chunks/s ({result['ingest_concurrency']} in flight)   "
-        f"ingest_efficiency = {result['ingest_efficiency']}"
-    )
-    if "bulk_chunks" not in result:
-        return 0
-    print(
-        f"search   {result['bulk_chunks']} chunks: flat {result['flat_search_ms']} ms, HNSW "
-        f"{result['approx_search_ms']} ms (efSearch {result['approx_ef_search']}, recall@10 "
-        f"{result['approx_recall_at_10']})   flat_over_approx = {result['flat_over_approx']}"
-    )
-    print(
-        f"query    sentence-transformers embed p50 {result['query_embed_p50_ms']} ms   through the service "
-        f"(embed + search + lookup) query_p50_ms = {result['query_p50_ms']}"
-    )
-    print("         " + "   ".join(f"{k} {v}" for k, v in result["query_breakdown"].items()))
-    return 0
-
-
-def run(argv: list[str] | None = None) -> int:
-    return main(argv)
+        f"ingest_efficiency = {result['ingest_efficiency']}",
+    ]
+    if "bulk_chunks" in result:
+        lines += [
+            f"search   {result['bulk_chunks']} chunks: flat {result['flat_search_ms']} ms, HNSW "
+            f"{result['approx_search_ms']} ms (efSearch {result['approx_ef_search']}, recall@10 "
+            f"{result['approx_recall_at_10']})   flat_over_approx = {result['flat_over_approx']}",
+            f"query    sentence-transformers embed p50 {result['query_embed_p50_ms']} ms   through the service "
+            f"(embed + search + lookup) query_p50_ms = {result['query_p50_ms']}",
+            "         " + "   ".join(f"{k} {v}" for k, v in result["query_breakdown"].items()),
+        ]
+    return "\n".join(lines)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from typing import Annotated
 
 import typer
@@ -20,9 +19,9 @@ def bench(
     list_: Annotated[bool, typer.Option("--list", help="list the benchmarks")] = False,
 ) -> None:
     """Run a benchmark that measures side by side in one run and prints ratios."""
-    import appliance.bench as benches
+    from appliance.bench.harness import benchmarks
 
-    available = sorted(m.name for m in pkgutil.iter_modules(benches.__path__) if not m.name.startswith("_"))
+    available = benchmarks()
     if list_ or not name:
         typer.echo("\n".join(available))
         return

@@ -38,10 +38,10 @@ class Gateway:
 
 @contextmanager
 def fake_upstream(tmp: Path, model: str = "fake-model") -> Iterator[str]:
-    """The fast fake balancer + RAG service (appliance.bench.gateway_fakes) as its own process."""
+    """The fast fake balancer + RAG service (appliance.bench._gateway_fakes) as its own process."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = python_module("appliance.bench.gateway_fakes", "--port", str(port), "--token", TOKEN, "--model", model)
+    argv = python_module("appliance.bench._gateway_fakes", "--port", str(port), "--token", TOKEN, "--model", model)
     with run_service(argv, env={}, log_path=tmp / f"fake-{port}.log", ready_url=f"{url}/health"):
         yield url
 

@@ -9,7 +9,7 @@ Usage::
 
 Every process binds 127.0.0.1 on a free port, writes its log under ``tmp/logs`` and is
 stopped when the context exits. ``upstream="fake"`` replaces balancer, workers and RAG
-with the instant fake upstream (``appliance.bench.gateway_fakes``) for fuzzing and load
+with the instant fake upstream (``appliance.bench._gateway_fakes``) for fuzzing and load
 tests of the gateway alone; ``fake_workers=N`` puts N failure-mode fake workers
 (``tests.support.fake_worker``) behind the real balancer instead of real ones.
 ``rag`` is ``"real"`` (the real service and embedding model), ``"fake"`` (the fake
@@ -203,7 +203,7 @@ def start_rag(stack: Stack, exits: ExitStack, settings: Mapping[str, str] | None
 def start_fake_upstream(stack: Stack, exits: ExitStack) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = python_module("appliance.bench.gateway_fakes", "--port", str(port), "--token", stack.token,
+    argv = python_module("appliance.bench._gateway_fakes", "--port", str(port), "--token", stack.token,
                          "--model", FAKE_MODEL)
     stack.services["upstream"] = exits.enter_context(run_service(
         argv, env={}, log_path=stack.tmp / "logs" / "upstream.log", ready_url=f"{url}/health"))

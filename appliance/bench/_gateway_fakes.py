@@ -4,7 +4,7 @@ One aiohttp app plays both the balancer (OpenAI endpoints, ``/health``,
 ``/v1/models``) and the RAG service (collections, search, embeddings). Answers
 are instant and carry a counter, so a replayed (cached) answer is told apart
 from a fresh one. ``GET /_last`` returns the last generation body it received.
-Run as a process: ``python -m appliance.bench.gateway_fakes --port N [--token T]``.
+Run as a process: ``python -m appliance.bench._gateway_fakes --port N [--token T]``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from appliance.core.hop import INTERNAL_TOKEN_HEADER
 
 __all__ = ["FakeState", "create_fake_upstream"]
 
@@ -49,7 +51,7 @@ def _data(payload: dict[str, Any]) -> bytes:
 async def _token_check(request: web.Request, handler: Any) -> web.StreamResponse:
     state = request.app[STATE]
     if state.token and request.path not in ("/health", "/_last") and not hmac.compare_digest(
-        request.headers.get("X-Internal-Token", ""), state.token
+        request.headers.get(INTERNAL_TOKEN_HEADER, ""), state.token
     ):
         return web.json_response({"error": {"message": "bad internal token", "type": "authentication_error",
                                              "param": None, "code": "invalid_internal_token"}}, status=401)

@@ -1,6 +1,6 @@
 """Closed-loop HTTP load generator, run in its own process by the gateway benchmark.
 
-``python -m appliance.bench.gateway_loadgen --url U --concurrency C --duration S --body JSON --headers JSON``
+``python -m appliance.bench._gateway_loadgen --url U --concurrency C --duration S --body JSON --headers JSON``
 prints ``{"requests", "errors", "rps", "p50_ms"}``. ``{n}`` in the body's strings becomes a request counter,
 so every request is distinct (a cache lookup that misses).
 """

@@ -1,0 +1,236 @@
+"""The one harness of ``appliance bench``: free ports, service processes, readiness, teardown, JSON output.
+
+Every benchmark module uses these instead of its own copies::
+
+    from appliance.bench import harness
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = harness.parser("rag", __doc__)          # argparse with --json already added
+        args = parser.parse_args(argv)
+        port = harness.free_port()
+        env = {"APPLIANCE_RAG_PORT": str(port), ...}       # merged over os.environ
+        with harness.service(harness.python("rag"), env, log=tmp / "rag.log",
+                             ready=f"http://127.0.0.1:{port}/health", timeout=300):
+            harness.progress("rag", "measuring ingest")     # progress goes to stderr
+            result = {...}
+        return harness.emit(result, args.json, render)    # one JSON object, or render(result) as text
+
+API (all synchronous; safe to call from any benchmark process):
+
+* ``free_port()``: a TCP port on 127.0.0.1 that was free a moment ago (``appliance.core.ports``).
+* ``python(module, *args)``: argv running ``python -m module args`` with this interpreter.
+* ``service(argv, env=None, *, log=None, ready=None, timeout=60, headers=None)``: context manager that
+  starts a process (``env`` over ``os.environ``; output to ``log`` or discarded), waits until ``ready``
+  (a URL answering 200, or a callable returning True), raises if the process exits or ``timeout`` passes
+  first, yields the ``Popen``, and always stops it on exit (SIGTERM, then SIGKILL after 15 s).
+* ``wait_until(check, timeout, what, proc=None)``: poll ``check()`` every 0.1 s.
+* ``http_ok(url, headers=None)`` / ``get_json(url, headers=None)``: one loopback GET, never raising
+  (``get_json`` returns ``(status, body)``, status 0 when nothing answered).
+* ``redis_server(directory)``: context manager; a throwaway ``redis-server`` (no persistence), yields its URL.
+* ``internal_headers(token)``: the internal hop's token header (``appliance.core.hop``) for direct calls.
+* ``parser(name, doc)``: an ``ArgumentParser`` for ``appliance bench NAME`` with ``--json``.
+* ``progress(name, message)``: one progress line on stderr (stdout carries only the result).
+* ``emit(result, as_json, render=None)``: print the result (JSON with ``--json``, else ``render(result)``
+  or indented JSON); returns the exit status 0.
+* ``benchmarks()``: the names ``appliance bench --list`` shows.
+
+What counts as a benchmark: a module of this package whose name does not start with ``_`` and that
+defines ``main(argv)`` at top level. Helper modules (load generators, fake upstreams, roles run in
+their own processes) start with ``_``; this module has no ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from appliance.core.hop import INTERNAL_TOKEN_HEADER
+from appliance.core.ports import free_port
+
+__all__ = [
+    "benchmarks",
+    "emit",
+    "free_port",
+    "get_json",
+    "http_ok",
+    "internal_headers",
+    "parser",
+    "progress",
+    "python",
+    "redis_server",
+    "service",
+    "wait_until",
+]
+
+_STOP_TIMEOUT_S = 15.0
+
+
+def python(module: str, *args: str) -> list[str]:
+    """``python -m module args`` with the running interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def internal_headers(token: str) -> dict[str, str]:
+    """Headers for a direct call to an internal service (worker, balancer, RAG)."""
+    return {INTERNAL_TOKEN_HEADER: token}
+
+
+def get_json(url: str, headers: Mapping[str, str] | None = None, timeout: float = 2.0) -> tuple[int, Any]:
+    """GET ``url``: (status, parsed body); status 0 when nothing answered, body None when not JSON."""
+    request = urllib.request.Request(url, headers=dict(headers or {}))  # noqa: S310 - loopback URLs we built
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            status, raw = int(response.status), response.read()
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code, None
+    except OSError:
+        return 0, None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def http_ok(url: str, headers: Mapping[str, str] | None = None, timeout: float = 2.0) -> bool:
+    """True when ``url`` answers 200."""
+    return get_json(url, headers, timeout)[0] == 200
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll ``check`` until it returns True; raise if ``proc`` exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {proc.returncode} before it was ready")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready after {timeout:g} s")
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def service(
+    argv: list[str],
+    env: Mapping[str, str] | None = None,
+    *,
+    log: Path | None = None,
+    ready: str | Callable[[], bool] | None = None,
+    timeout: float = 60.0,
+    headers: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``argv`` (``env`` over ``os.environ``), wait until ready, yield the process, always stop it."""
+    full_env = {**os.environ, **(env or {})}
+    if log is None:
+        proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    else:
+        with log.open("ab") as sink:
+            proc = subprocess.Popen(argv, env=full_env, stdout=sink, stderr=subprocess.STDOUT)  # noqa: S603
+    try:
+        if ready is not None:
+            what = f"{Path(argv[0]).name} {' '.join(argv[1:3])}".strip() + (f" (log {log})" if log else "")
+            check = ready if callable(ready) else (lambda url=ready: http_ok(url, headers))
+            wait_until(check, timeout, what, proc)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def redis_server(directory: Path, timeout: float = 10.0) -> Iterator[str]:
+    """A throwaway Redis on loopback (no RDB/AOF); yields ``redis://127.0.0.1:PORT/0``."""
+    import redis
+
+    from appliance.runtime.plan import find_redis_server
+
+    port = free_port()
+    argv = [
+        find_redis_server(),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(directory),
+    ]
+
+    def pong() -> bool:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+        finally:
+            client.close()
+
+    with service(argv, log=directory / "redis.log", ready=pong, timeout=timeout):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of ``appliance bench NAME``, with ``--json``; the module docstring is its help."""
+    built = argparse.ArgumentParser(
+        prog=f"appliance bench {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    built.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return built
+
+
+def progress(name: str, message: str) -> None:
+    """One progress line on stderr, so stdout carries only the result."""
+    print(f"bench {name}: {message}", file=sys.stderr, flush=True)
+
+
+def emit(result: Mapping[str, Any], as_json: bool, render: Callable[[Mapping[str, Any]], str] | None = None) -> int:
+    """Print the result: one JSON object with ``--json``, else ``render(result)`` (default: indented JSON)."""
+    if as_json:
+        print(json.dumps(result))
+    elif render is not None:
+        print(render(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+_MAIN = re.compile(r"^def main\(", re.MULTILINE)
+
+
+def benchmarks() -> list[str]:
+    """The benchmark modules of this package: public names that define ``main`` (read, not imported)."""
+    import appliance.bench as package
+
+    names = []
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_") or info.ispkg:
+            continue
+        source = Path(package.__path__[0], f"{info.name}.py")
+        if source.is_file() and _MAIN.search(source.read_text(encoding="utf-8")):
+            names.append(info.name)
+    return sorted(names)

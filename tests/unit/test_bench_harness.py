@@ -1,0 +1,50 @@
+"""The benchmark harness: `appliance bench --list` lists benchmarks only; a service process is always stopped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.bench import harness
+from appliance.bench.__main__ import main as bench_main
+
+
+def test_list_shows_benchmarks_and_no_helper_module(capsys: pytest.CaptureFixture[str]) -> None:
+    names = harness.benchmarks()
+    assert {"balancer", "batching", "gateway", "rag"} <= set(names)
+    assert not {"harness", "_gateway_fakes", "_gateway_loadgen", "_balancer_roles"} & set(names)
+    assert bench_main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == names
+    assert bench_main(["harness"]) == 2  # a helper module is not a benchmark
+
+
+def test_service_waits_for_readiness_and_stops_the_process(tmp_path: Path) -> None:
+    port = harness.free_port()
+    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    with harness.service(argv, log=tmp_path / "server.log", ready=f"http://127.0.0.1:{port}/", timeout=60) as proc:
+        assert harness.http_ok(f"http://127.0.0.1:{port}/")
+    assert proc.poll() is not None  # stopped on exit
+    assert harness.get_json(f"http://127.0.0.1:{port}/")[0] == 0  # nothing answers any more
+
+
+def test_service_reports_a_process_that_exits_before_it_is_ready(tmp_path: Path) -> None:
+    argv = [sys.executable, "-c", "raise SystemExit(3)"]
+    with pytest.raises(RuntimeError, match="exited with 3"), \
+            harness.service(argv, ready=lambda: False, timeout=60):
+        pass
+
+
+def test_emit_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:
+    assert harness.emit({"ratio": 0.5}, as_json=True) == 0
+    assert capsys.readouterr().out == '{"ratio": 0.5}\n'
+    harness.emit({"ratio": 0.5}, as_json=False, render=lambda r: f"ratio = {r['ratio']}")
+    assert capsys.readouterr().out == "ratio = 0.5\n"
+
+
+def test_bench_help_goes_to_stderr() -> None:
+    done = subprocess.run([sys.executable, "-m", "appliance.bench", "--help"], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 2 and "gateway" in done.stderr and not done.stdout
