@@ -24,13 +24,21 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # member -> {sha256, size}
     models: list[dict[str, Any]] = field(default_factory=list)  # {path, sha256, size, included}
     redis_keys: int | None = None
+    derived: list[dict[str, Any]] = field(default_factory=list)  # {path, files, bytes, recreated_by}: left out
 
     def add(self, member: str, data_sha256: str, size: int) -> None:
         self.files[member] = {"sha256": data_sha256, "size": size}
 
     def to_json(self) -> bytes:
-        body = {"format": FORMAT, "created": self.created, "appliance_version": self.appliance_version,
-                "files": self.files, "models": self.models, "redis_keys": self.redis_keys}
+        body = {
+            "format": FORMAT,
+            "created": self.created,
+            "appliance_version": self.appliance_version,
+            "files": self.files,
+            "models": self.models,
+            "redis_keys": self.redis_keys,
+            "derived": self.derived,
+        }
         return json.dumps(body, indent=2, sort_keys=True).encode()
 
     @classmethod
@@ -39,8 +47,14 @@ class Manifest:
             body = json.loads(raw)
             if body.get("format") != FORMAT:
                 raise ManifestError(f"unknown manifest format {body.get('format')!r}")
-            manifest = cls(float(body["created"]), str(body["appliance_version"]), dict(body["files"]),
-                           list(body["models"]), body.get("redis_keys"))
+            manifest = cls(
+                float(body["created"]),
+                str(body["appliance_version"]),
+                dict(body["files"]),
+                list(body["models"]),
+                body.get("redis_keys"),
+                list(body.get("derived", [])),
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"the manifest is unreadable ({exc})") from None
         for member, entry in manifest.files.items():

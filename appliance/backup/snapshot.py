@@ -10,9 +10,17 @@ from pathlib import Path
 
 import redis
 
-__all__ = ["SnapshotError", "copy_rag_store", "redis_bgsave"]
+from appliance.backup.manifest import Manifest
+
+__all__ = ["DERIVED", "SnapshotError", "copy_rag_store", "record_derived", "redis_bgsave"]
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# Caches re-created from what the backup does hold: left out of archives, named in the manifest with how.
+# (A backup of a fresh stack was 83 MB, nearly all of it the ONNX export of the embedding model.)
+DERIVED = {
+    "onnx": "the RAG service exports its embedding model (settings rag.embedding_model) to ONNX at start when "
+    "this directory lacks it (rag/onnx_model.py cached_export, keyed by the model files' fingerprint)",
+}
 
 
 class SnapshotError(Exception):
@@ -58,6 +66,8 @@ def copy_rag_store(source: Path, target: Path, progress: Callable[[str], None] |
     for path in sorted(source.rglob("*")):
         if not path.is_file() or path.name.endswith(("-wal", "-shm", "-journal", ".tmp")):
             continue
+        if path.relative_to(source).parts[0] in DERIVED:
+            continue
         dest = target / path.relative_to(source)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with path.open("rb") as handle:
@@ -76,3 +86,21 @@ def copy_rag_store(source: Path, target: Path, progress: Callable[[str], None] |
         if progress:
             progress(str(path.relative_to(source)))
     return copied
+
+
+def record_derived(manifest: Manifest, source: Path, prefix: str) -> None:
+    """Name in the manifest each derived directory left out of ``source``: its size and what re-creates it."""
+    for name, recreated_by in DERIVED.items():
+        directory = source / name
+        if not directory.is_dir():
+            continue
+        files = [p for p in directory.rglob("*") if p.is_file()]
+        manifest.derived.append(
+            {
+                "path": f"{prefix}/{name}",
+                "files": len(files),
+                "bytes": sum(p.stat().st_size for p in files),
+                "recreated_by": recreated_by,
+                "entries": sorted(p.name for p in directory.iterdir() if p.is_dir()),
+            }
+        )

@@ -70,6 +70,9 @@ class LocalRuntime:
     # -- up -----------------------------------------------------------------------------------
     def up(self) -> list[Program]:
         """Start whatever is not running; a second call on a running stack changes nothing."""
+        from appliance.backup.restore import recover_interrupted_restore  # (backup imports the runtime)
+
+        recover_interrupted_restore(self.settings.data_dir)  # a restore killed mid-swap finishes before Redis starts
         plan = self.plan()
         self.write_files(plan)
         client = self.supervisor

@@ -6,13 +6,17 @@ from pathlib import Path
 import pytest
 
 from appliance.backup.archive import ArchiveWriter, extract_verified, rotate, verify_archive
-from appliance.backup.manifest import ManifestError
+from appliance.backup.manifest import MANIFEST_NAME, Manifest, ManifestError, sha256_bytes
+from appliance.backup.snapshot import copy_rag_store, record_derived
 
 
 def _write_tar_gz(path: Path, members: dict[str, bytes]) -> None:
     """A tar.gz with the same fixed gzip header the appliance writes, so only the content differs."""
-    with path.open("wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
-            tarfile.open(fileobj=gz, mode="w") as tar:
+    with (
+        path.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -84,3 +88,67 @@ def test_rotation_keeps_the_newest(tmp_path: Path) -> None:
     removed = rotate(tmp_path, keep=2)
     assert sorted(removed) == sorted(archives[2:])
     assert all(p.exists() for p in archives[:2])
+
+
+def _forged(path: Path, evil: tarfile.TarInfo, data: bytes = b"x") -> Path:
+    """A well-formed archive whose manifest vouches for one hostile member (so only its shape can refuse it)."""
+    manifest = Manifest(created=0.0, appliance_version="test")
+    manifest.add("rag/ok.txt", sha256_bytes(b"fine"), 4)
+    manifest.add(evil.name, sha256_bytes(data), len(data))
+    with (
+        path.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
+        ok = tarfile.TarInfo("rag/ok.txt")
+        ok.size = 4
+        tar.addfile(ok, io.BytesIO(b"fine"))
+        tar.addfile(evil, io.BytesIO(data) if evil.isfile() else None)
+        body = manifest.to_json()
+        info = tarfile.TarInfo(MANIFEST_NAME)
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, target, 1 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "where"),
+    [
+        (_member("rag/../../escaped.txt"), "escaped.txt"),
+        (_member("../escaped.txt"), "escaped.txt"),
+        (_member("/tmp/appliance-restore-absolute.txt"), "/tmp/appliance-restore-absolute.txt"),
+        (_member("rag/link", tarfile.SYMTYPE, "/etc/passwd"), "rag/link"),
+        (_member("rag/hard", tarfile.LNKTYPE, "rag/ok.txt"), "rag/hard"),
+    ],
+    ids=["dotdot-inside", "dotdot", "absolute", "symlink", "hardlink"],
+)
+def test_hostile_members_are_refused_before_anything_is_written(
+    tmp_path: Path, member: tarfile.TarInfo, where: str
+) -> None:
+    archive = _forged(tmp_path / "forged.tar.gz", member)
+    target = tmp_path / "restore" / "here"
+    with pytest.raises(ManifestError, match="not a plain relative file"):
+        extract_verified(archive, target)
+    assert not target.exists()  # verification runs before extraction: not even the good member
+    for place in (target / where, tmp_path / "restore" / where, tmp_path / where):  # an absolute `where` wins
+        assert not place.exists(), place
+
+
+def test_derived_files_are_left_out_and_named_in_the_manifest(tmp_path: Path) -> None:
+    rag = tmp_path / "data" / "rag"
+    (rag / "onnx" / "0123abcd").mkdir(parents=True)
+    (rag / "onnx" / "0123abcd" / "encoder.onnx").write_bytes(b"\0" * 300_000)
+    (rag / "store.sqlite").write_bytes(b"documents")
+    copied = copy_rag_store(rag, tmp_path / "copy")
+    assert [p.relative_to(tmp_path / "copy").as_posix() for p in copied] == ["store.sqlite"]
+    manifest = Manifest(created=0.0, appliance_version="test")
+    record_derived(manifest, rag, "rag")
+    (entry,) = Manifest.from_json(manifest.to_json()).derived
+    assert entry["path"] == "rag/onnx" and entry["bytes"] == 300_000 and entry["entries"] == ["0123abcd"]
+    assert "embedding_model" in entry["recreated_by"]

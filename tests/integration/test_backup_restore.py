@@ -1,0 +1,170 @@
+"""Restore is crash-safe: killed at every step, the data is wholly the old state or, once committed, the new one.
+
+Real redis-server processes throughout. The "new" state is a real archive written by ``create_backup``
+from a scratch Redis and data directory; the "old" state is a live data directory (Redis AOF, RAG store,
+admin key) that differs in every part. A restore runs in its own process and SIGKILLs itself at one
+milestone (``restore_backup``'s ``step``); then each part is read back, ``recover_interrupted_restore``
+runs (as ``appliance up`` does before it starts Redis), and each part is read again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from appliance.backup.archive import verify_archive
+from appliance.backup.restore import RESTORE_DIR, recover_interrupted_restore
+from appliance.backup.service import create_backup
+from appliance.runtime.settings import RuntimeSettings
+from tests.support.processes import REPO, redis_server
+
+pytestmark = pytest.mark.integration
+
+ONNX_BYTES = 2_000_000  # stands in for the 90 MB export of the embedding model
+STEPS_BEFORE_COMMIT = ["extracted", "staged"]
+STEPS_AFTER_COMMIT = [
+    "journal",
+    "swap:redis:aside",
+    "swap:redis:in",
+    "swap:rag:aside",
+    "swap:rag:in",
+    "swap:admin_key:aside",
+    "swap:admin_key:in",
+    "committed",
+]
+
+
+def _settings(data_dir: Path, redis_port: int = 6379) -> RuntimeSettings:
+    return RuntimeSettings(data_dir=data_dir, redis_port=redis_port)
+
+
+def _fill(data_dir: Path, state: str) -> None:
+    """A data directory whose Redis, RAG store and admin key all say ``state``."""
+    with redis_server(data_dir / "redis") as (_, url):
+        client = redis.Redis.from_url(url)
+        client.set("state", state)
+        client.mset({f"{state}:{i}": i for i in range(20)})
+        client.set("ephemeral", "x", ex=3600)  # keys with a TTL may lapse; the persistent ones are compared
+        client.close()
+    (data_dir / "rag").mkdir(parents=True, exist_ok=True)
+    (data_dir / "rag" / "state.txt").write_text(state)
+    (data_dir / "rag" / "onnx" / f"fp-{state}").mkdir(parents=True)
+    (data_dir / "rag" / "onnx" / f"fp-{state}" / "encoder.onnx").write_bytes(os.urandom(ONNX_BYTES))
+    (data_dir / "admin_key").write_text(f"admin-{state}")
+
+
+def _read(data_dir: Path) -> dict[str, str | None]:
+    """What each part holds now, as a fresh Redis start would see it."""
+    state: dict[str, str | None] = {"redis": None, "rag": None, "admin_key": None}
+    if (data_dir / "redis").is_dir():
+        with redis_server(data_dir / "redis") as (_, url):
+            client = redis.Redis.from_url(url)
+            value = client.get("state")
+            state["redis"] = value.decode() if value else None
+            client.close()
+    if (data_dir / "rag" / "state.txt").is_file():
+        state["rag"] = (data_dir / "rag" / "state.txt").read_text()
+    if (data_dir / "admin_key").is_file():
+        state["admin_key"] = (data_dir / "admin_key").read_text().removeprefix("admin-")
+    return state
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    tmp = tmp_path_factory.mktemp("backup-source")
+    (tmp / "empty.toml").write_text("")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("APPLIANCE_CONFIG", str(tmp / "empty.toml"))
+        _fill(tmp / "data", "new")
+        with redis_server(tmp / "data" / "redis") as (_, url):
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+            result = create_backup(_settings(tmp / "data", port), tmp / "backups")
+    yield result.archive
+
+
+def test_the_backup_leaves_the_onnx_export_out_and_says_what_recreates_it(archive: Path) -> None:
+    manifest = verify_archive(archive)
+    assert not [name for name in manifest.files if name.startswith("rag/onnx")]
+    assert "rag/state.txt" in manifest.files and "redis/dump.rdb" in manifest.files
+    (derived,) = manifest.derived
+    assert derived["path"] == "rag/onnx" and derived["bytes"] == ONNX_BYTES and derived["entries"] == ["fp-new"]
+    assert archive.stat().st_size < ONNX_BYTES / 10  # random bytes do not compress: they are not in it
+
+
+def _restore_killed_at(data_dir: Path, archive: Path, step: str) -> subprocess.CompletedProcess[str]:
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from appliance.backup.restore import restore_backup
+        from appliance.runtime.settings import RuntimeSettings
+
+        def step(name):
+            if name == {step!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        restore_backup(RuntimeSettings(data_dir=Path({str(data_dir)!r})), Path({str(archive)!r}), step=step)
+        print("finished")
+    """)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "empty.toml").write_text("")
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(tmp_path / "empty.toml"))
+    _fill(tmp_path / "data", "old")
+    return tmp_path / "data"
+
+
+OLD = {"redis": "old", "rag": "old", "admin_key": "old"}
+NEW = {"redis": "new", "rag": "new", "admin_key": "new"}
+
+
+@pytest.mark.parametrize("step", STEPS_BEFORE_COMMIT + STEPS_AFTER_COMMIT)
+def test_restore_killed_at_each_step_leaves_old_or_new_never_a_mix(live: Path, archive: Path, step: str) -> None:
+    killed = _restore_killed_at(live, archive, step)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stdout, killed.stderr[-2000:])
+    assert (live / RESTORE_DIR).exists(), "killed mid-restore: its work directory is still there"
+    if step in STEPS_BEFORE_COMMIT:
+        assert _read(live) == OLD, "before the commit point the live data is untouched"
+    recovered = recover_interrupted_restore(live)
+    assert not (live / RESTORE_DIR).exists()
+    if step in STEPS_BEFORE_COMMIT:
+        assert recovered == [] and _read(live) == OLD
+    else:
+        # Killed at "committed": the journal was gone already, only the old parts were left to delete.
+        assert recovered == ([] if step == "committed" else ["redis", "rag", "admin_key"])
+        assert _read(live) == NEW
+        # The derived export was carried over from the old store rather than left to be redone.
+        assert (live / "rag" / "onnx" / "fp-old" / "encoder.onnx").stat().st_size == ONNX_BYTES
+        assert (live / "admin_key").stat().st_mode & 0o777 == 0o600
+    # And a restore after the crash runs to the end.
+    finished = _restore_killed_at(live, archive, "never")
+    assert finished.returncode == 0 and "finished" in finished.stdout, finished.stderr[-2000:]
+    assert _read(live) == NEW and not (live / RESTORE_DIR).exists()
+
+
+def test_a_restore_that_fails_its_checks_changes_nothing(live: Path, archive: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.tar.gz"
+    raw = bytearray(archive.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    damaged.write_bytes(bytes(raw))
+    result = _restore_killed_at(live, damaged, "never")
+    assert result.returncode == 1 and "ManifestError" in result.stderr
+    assert _read(live) == OLD and not (live / RESTORE_DIR).exists()
