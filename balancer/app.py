@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,8 @@ from balancer.health import Prober
 from balancer.http import error_middleware, json_response, require_token
 from balancer.metrics import BalancerMetrics
 from balancer.pool import WorkerPool
-from balancer.proxy import Proxy, ProxyTimeouts
+from balancer.prefix import PrefixTable
+from balancer.proxy import Proxy, ProxyTimeouts, QueueNotices
 from balancer.registry import RegistryWatcher
 from balancer.retry import RetryBudget
 from balancer.settings import BalancerSettings
@@ -40,7 +42,9 @@ def create_app(settings: BalancerSettings, *, session: aiohttp.ClientSession | N
                redis: Redis | None = None, rng: random.Random | None = None) -> web.Application:
     """Build the app. ``session``/``redis`` are used as given (and not closed) when passed."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
-    pool = WorkerPool(settings.strategy, settings.queue_size, rng)
+    prefixes = PrefixTable(settings.prefix_table_size) if settings.routing == "prefix" else None
+    pool = WorkerPool(settings.strategy, settings.queue_size, rng, fair=settings.scheduling == "fair",
+                      prefixes=prefixes, max_imbalance=settings.prefix_max_imbalance)
     for url in settings.workers:
         pool.add(url, source="static")
     budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst)
@@ -48,7 +52,8 @@ def create_app(settings: BalancerSettings, *, session: aiohttp.ClientSession | N
     token = settings.resolved_internal_token()
     proxy = Proxy(pool, budget, metrics, token=token, max_attempts=settings.max_attempts,
                   timeouts=ProxyTimeouts(first_byte_s=settings.first_byte_timeout_s,
-                                         queue_s=settings.queue_timeout_s))
+                                         queue_s=settings.queue_timeout_s),
+                  notices=QueueNotices(settings.queue_notice_after_s, settings.queue_notice_interval_s))
     admin = WorkerAdmin(pool, token)
     app[SETTINGS], app[POOL], app[BUDGET], app[METRICS] = settings, pool, budget, metrics
 
@@ -59,6 +64,7 @@ def create_app(settings: BalancerSettings, *, session: aiohttp.ClientSession | N
 
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/queue", _queue_handler(token))
     app.router.add_routes(admin.routes())
     app.router.add_get("/v1/models", _models_handler(token))
     app.router.add_route("*", "/v1/{tail:.*}", proxy.handle)
@@ -151,6 +157,22 @@ async def _health(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _queue_handler(token: str) -> Callable[[web.Request], Coroutine[Any, Any, web.Response]]:
+    token_bytes = token.encode()
+
+    async def queue(request: web.Request) -> web.Response:
+        """Who waits and who runs, per model and key (internal token): the admin page's queue view."""
+        require_token(request, token_bytes)
+        pool = request.app[POOL]
+        now = time.monotonic()
+        models = [{"model": model, "waiting": len(q), "virtual_time": round(q.vtime, 1), "keys": q.describe(now)}
+                  for model, q in sorted(pool.queues().items())]
+        return json_response({"queue_depth": pool.queue_depth, "scheduling": request.app[SETTINGS].scheduling,
+                              "routing": request.app[SETTINGS].routing, "models": models})
+
+    return queue
 
 
 def _models_handler(token: str) -> Callable[[web.Request], Coroutine[Any, Any, web.Response]]:

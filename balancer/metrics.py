@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from appliance.core.metrics import LATENCY_BUCKETS, new_registry, render
+from balancer.fairqueue import PRIORITIES
 from balancer.pool import WorkerPool
 from balancer.retry import RetryBudget
 from balancer.worker import Worker, WorkerState
@@ -29,8 +30,9 @@ class BalancerMetrics:
         self.unrouted: Counter[tuple[str, int]] = Counter()  # (model, status) answered without a worker
         self.queue_wait = Histogram(
             "appliance_balancer_queue_wait_seconds", "Time requests that found every worker full spent queued.",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            ["priority"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self.queue_wait_by_priority = tuple(self.queue_wait.labels(priority=name) for name in PRIORITIES)
         self._upstream = Histogram(
             "appliance_balancer_upstream_latency_seconds",
             "Time from sending a request to a worker until its first response body byte.",
@@ -82,3 +84,10 @@ class _PoolCollector(Collector):
                                   value=self._budget.granted)
         yield GaugeMetricFamily("appliance_balancer_queue_depth", "Requests waiting for a free slot.",
                                 value=self._pool.queue_depth)
+        by_priority = GaugeMetricFamily("appliance_balancer_queue_waiting",
+                                        "Requests waiting for a free slot, by model and priority class.",
+                                        labels=["model", "priority"])
+        for model, queue in self._pool.queues().items():
+            for name, depth in zip(PRIORITIES, queue.depth_by_priority(), strict=True):
+                by_priority.add_metric([model, name], depth)
+        yield by_priority

@@ -2,24 +2,29 @@
 
 Every lease taken with :meth:`WorkerPool.try_acquire` or :meth:`WorkerPool.wait_for_worker`
 is given back exactly once with :meth:`WorkerPool.release`; a released slot goes straight
-to the oldest waiter that can use it (no thundering herd, no lost wake-ups).
+to the waiter the model's :class:`~balancer.fairqueue.FairQueue` puts first (no thundering
+herd, no lost wake-ups). With prefix routing a request prefers the worker that was sent the
+longest prefix of its conversation, unless that worker is much busier than the least busy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
-from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Literal
 
+from balancer.fairqueue import Demand, FairQueue, Waiter
+from balancer.prefix import PrefixTable
 from balancer.worker import Worker, WorkerState
 
 __all__ = ["NoHealthyWorker", "QueueFull", "QueueTimeout", "Strategy", "WorkerPool"]
 
 Strategy = Literal["least_connections", "round_robin"]
 _NO_EXCLUDE: frozenset[Worker] = frozenset()
+_SERVICE_EWMA = 0.1
+Notice = Callable[[Waiter], Awaitable[None]]
 
 
 class NoHealthyWorker(Exception):
@@ -34,23 +39,22 @@ class QueueTimeout(Exception):
     """Every worker stayed at capacity for longer than the queue timeout."""
 
 
-@dataclass(eq=False, slots=True)
-class _Waiter:
-    future: asyncio.Future[Worker]
-    exclude: Collection[Worker] = field(default=_NO_EXCLUDE)
-
-
 class WorkerPool:
     """Workers grouped by the model they serve; all methods are synchronous except waiting."""
 
     def __init__(self, strategy: Strategy = "least_connections", queue_size: int = 256,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, *, fair: bool = True, prefixes: PrefixTable | None = None,
+                 max_imbalance: float = 0.5) -> None:
         self._strategy = strategy
         self._queue_size = queue_size
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
+        self._fair = fair
+        self._prefixes = prefixes
+        self._max_imbalance = max_imbalance
         self._workers: dict[str, Worker] = {}
         self._routable: dict[str, list[Worker]] = {}
-        self._waiters: dict[str, deque[_Waiter]] = {}
+        self._queues: dict[str, FairQueue] = {}
+        self._service_s: dict[str, float] = {}  # EWMA of lease durations per model (queue ETAs)
         self._queued = 0
         self._rr: dict[str, int] = {}
 
@@ -82,6 +86,8 @@ class WorkerPool:
         worker.draining = True
         if worker.inflight == 0:
             del self._workers[url]
+            if self._prefixes is not None:
+                self._prefixes.forget(worker)
         self._reindex()
         return worker
 
@@ -98,6 +104,20 @@ class WorkerPool:
     @property
     def queue_depth(self) -> int:
         return self._queued
+
+    @property
+    def prefix_routing(self) -> bool:
+        return self._prefixes is not None
+
+    def queue(self, model: str) -> FairQueue:
+        """The model's queue and fair-share counters (created on first use; kept while the process lives)."""
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = self._queues[model] = FairQueue(self._fair)
+        return queue
+
+    def queues(self) -> dict[str, FairQueue]:
+        return dict(self._queues)
 
     @property
     def healthy_count(self) -> int:
@@ -124,41 +144,82 @@ class WorkerPool:
             if worker.routable and worker.model is not None:
                 routable.setdefault(worker.model, []).append(worker)
         self._routable = routable
-        for model in list(self._waiters):
+        for model, queue in self._queues.items():
+            if not queue:
+                continue
             if routable.get(model):
                 self._dispatch(model)
             else:
                 self._fail_waiters(model)
 
     # -- leases ------------------------------------------------------------------------------
-    def try_acquire(self, model: str, exclude: Collection[Worker] = _NO_EXCLUDE) -> Worker | None:
+    def try_acquire(self, model: str, exclude: Collection[Worker] = _NO_EXCLUDE,
+                    demand: Demand | None = None) -> Worker | None:
         """Take a slot on the best worker with room now, or None."""
         candidates = self._routable.get(model)
         if not candidates:
             return None
-        worker = self._pick(model, candidates, exclude)
+        worker = self._pick(model, candidates, exclude, demand.route if demand is not None else ())
         if worker is not None:
-            worker.inflight += 1
+            self._lease(model, worker, demand)
         return worker
 
     def can_serve(self, model: str, exclude: Collection[Worker] = _NO_EXCLUDE) -> bool:
         """Whether some routable worker (full or not) could take this request."""
         return any(w not in exclude for w in self._routable.get(model, ()))
 
-    def release(self, worker: Worker) -> None:
+    def _lease(self, model: str, worker: Worker, demand: Demand | None) -> None:
+        worker.inflight += 1
+        if demand is None:
+            return
+        demand.model = model
+        self.queue(model).charge(demand)
+        demand.leased_at = time.monotonic()
+        if self._prefixes is not None and demand.route:
+            self._prefixes.record(demand.route, worker)
+
+    def release(self, worker: Worker, demand: Demand | None = None, *, prompt_tokens: int | None = None,
+                completion_tokens: int | None = None, refund: bool = False) -> None:
+        """Give a slot back; the tokens the worker reported (if any) correct the caller's estimate,
+        ``refund`` when nothing was served (the attempt failed or the client left first)."""
         if worker.inflight <= 0:
             raise RuntimeError(f"release without a lease on {worker.url}")
         worker.inflight -= 1
+        if demand is not None:
+            self._settle(demand, prompt_tokens, completion_tokens, refund)
         if worker.draining and worker.inflight == 0 and self._workers.get(worker.url) is worker:
             del self._workers[worker.url]
+            if self._prefixes is not None:
+                self._prefixes.forget(worker)
             return
         model = worker.model
-        if model is not None and self._queued and self._waiters.get(model):
-            self._dispatch(model)
+        if model is not None and self._queued:
+            queue = self._queues.get(model)
+            if queue:
+                self._dispatch(model)
 
-    def _pick(self, model: str, candidates: list[Worker], exclude: Collection[Worker]) -> Worker | None:
+    def _settle(self, demand: Demand, prompt_tokens: int | None, completion_tokens: int | None,
+                refund: bool) -> None:
+        queue = demand.held
+        if queue is None:
+            return
+        if not refund and demand.model:
+            took = time.monotonic() - demand.leased_at
+            previous = self._service_s.get(demand.model)
+            self._service_s[demand.model] = took if previous is None else previous + _SERVICE_EWMA * (took - previous)
+        queue.settle(demand, prompt_tokens, completion_tokens, refund=refund)
+
+    def _pick(self, model: str, candidates: list[Worker], exclude: Collection[Worker],
+              route: tuple[int, ...] = ()) -> Worker | None:
         if self._strategy == "round_robin":
-            return self._pick_round_robin(model, candidates, exclude)
+            best = self._pick_round_robin(model, candidates, exclude)
+        else:
+            best = self._pick_least_loaded(candidates, exclude)
+        if best is None or not route or self._prefixes is None:
+            return best
+        return self._pick_by_prefix(model, route, best, exclude) or best
+
+    def _pick_least_loaded(self, candidates: list[Worker], exclude: Collection[Worker]) -> Worker | None:
         best: Worker | None = None
         ties = 0
         for worker in candidates:
@@ -178,6 +239,23 @@ class WorkerPool:
                     best = worker
         return best
 
+    def _pick_by_prefix(self, model: str, route: tuple[int, ...], least: Worker,
+                        exclude: Collection[Worker]) -> Worker | None:
+        """The least busy holder of the longest known prefix, unless it is much busier than ``least``."""
+        assert self._prefixes is not None
+        bound = least.inflight / least.slots + self._max_imbalance
+        for holders in self._prefixes.holders(route):
+            chosen: Worker | None = None
+            for worker in holders:
+                if (worker.model != model or not worker.routable or worker.inflight >= worker.slots
+                        or worker.inflight > bound * worker.slots or (exclude and worker in exclude)):
+                    continue
+                if chosen is None or worker.inflight * chosen.slots < chosen.inflight * worker.slots:
+                    chosen = worker
+            if chosen is not None:
+                return chosen
+        return None
+
     def _pick_round_robin(self, model: str, candidates: list[Worker], exclude: Collection[Worker]) -> Worker | None:
         start = self._rr.get(model, 0)
         count = len(candidates)
@@ -189,70 +267,105 @@ class WorkerPool:
         return None
 
     # -- waiting -----------------------------------------------------------------------------
-    async def wait_for_worker(self, model: str, patience_s: float,
-                              exclude: Collection[Worker] = _NO_EXCLUDE) -> Worker:
-        """Queue until a worker of ``model`` has room; the slot is already taken on return."""
-        worker = self.try_acquire(model, exclude)
+    async def wait_for_worker(self, model: str, patience_s: float, exclude: Collection[Worker] = _NO_EXCLUDE,
+                              demand: Demand | None = None, *, notice: Notice | None = None,
+                              notice_after_s: float = 1.0, notice_every_s: float = 1.0) -> Worker:
+        """Queue until a worker of ``model`` has room; the slot is already taken on return.
+
+        ``notice`` (streaming requests) is awaited after ``notice_after_s`` of waiting and then
+        every ``notice_every_s`` with the waiter, to tell the client where it stands."""
+        demand = demand if demand is not None else Demand()
+        demand.model = model
+        queue = self.queue(model)
+        queue.arrive(demand.caller)
+        worker = self.try_acquire(model, exclude, demand)
         if worker is not None:
             return worker
         if not self.can_serve(model, exclude):
             raise NoHealthyWorker(model)
         if self._queued >= self._queue_size:
-            raise QueueFull(model)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), exclude)
-        self._waiters.setdefault(model, deque()).append(waiter)
+            self._make_room(model, queue, demand)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), demand, exclude, time.monotonic())
+        queue.push(waiter)
         self._queued += 1
         try:
             async with asyncio.timeout(patience_s):
-                return await waiter.future
+                if notice is None:
+                    return await waiter.future
+                return await _wait_with_notices(waiter, notice, notice_after_s, notice_every_s)
         except TimeoutError:
             if _handed_a_slot(waiter):
                 return waiter.future.result()  # the slot came just as the timer fired
             raise QueueTimeout(model) from None
-        except asyncio.CancelledError:
-            if _handed_a_slot(waiter):
-                self.release(waiter.future.result())  # cancelled after the hand-off
+        except BaseException:
+            if _handed_a_slot(waiter):  # cancelled (or the client left) after the hand-off
+                self.release(waiter.future.result(), demand, refund=True)
             raise
         finally:
-            self._forget(model, waiter)
+            self._forget(queue, waiter)
 
-    def _forget(self, model: str, waiter: _Waiter) -> None:
-        queue = self._waiters.get(model)
-        if queue is None:
-            return
-        if waiter in queue:
-            queue.remove(waiter)
+    def _make_room(self, model: str, queue: FairQueue, demand: Demand) -> None:
+        """Full queue: push out the newest waiter of the longest lower-or-equal flow, or refuse."""
+        victim = queue.victim(demand.caller) if self._queue_size else None
+        if victim is None:
+            raise QueueFull(model)
+        queue.remove(victim)
+        self._queued -= 1
+        if not victim.future.done():
+            victim.future.set_exception(QueueFull(model))
+
+    def position(self, model: str, waiter: Waiter) -> tuple[int, float]:
+        """(waiters ahead, estimated seconds until a slot) for a queued request."""
+        queue = self._queues.get(model)
+        ahead = queue.position(waiter) if queue is not None else 0
+        slots = sum(w.slots for w in self._routable.get(model, ())) or 1
+        service = self._service_s.get(model, 1.0)
+        return ahead, (ahead + 1) * service / slots
+
+    def _forget(self, queue: FairQueue, waiter: Waiter) -> None:
+        if queue.remove(waiter):
             self._queued -= 1
-        if not queue:
-            del self._waiters[model]
 
     def _dispatch(self, model: str) -> None:
-        queue = self._waiters.get(model)
+        queue = self._queues.get(model)
         candidates = self._routable.get(model)
         if not queue or not candidates:
             return
-        for waiter in list(queue):
-            if waiter.future.done():
-                continue
-            worker = self._pick(model, candidates, waiter.exclude)
-            if worker is None:
-                if not waiter.exclude:
-                    return  # nothing free for anyone
-                continue
-            worker.inflight += 1
-            queue.remove(waiter)
-            self._queued -= 1
-            waiter.future.set_result(worker)
+        while queue:
+            for waiter in queue.order():
+                worker = self._pick(model, candidates, waiter.exclude, waiter.demand.route)
+                if worker is None:
+                    if not waiter.exclude:
+                        return  # nothing free for anyone
+                    continue
+                queue.remove(waiter)
+                self._queued -= 1
+                self._lease(model, worker, waiter.demand)
+                waiter.future.set_result(worker)
+                break
+            else:
+                return
 
     def _fail_waiters(self, model: str) -> None:
-        queue = self._waiters.pop(model, None)
-        while queue:
-            waiter = queue.popleft()
+        queue = self._queues.get(model)
+        if queue is None:
+            return
+        for waiter in queue.drain():
             self._queued -= 1
             if not waiter.future.done():
                 waiter.future.set_exception(NoHealthyWorker(model))
 
 
-def _handed_a_slot(waiter: _Waiter) -> bool:
+async def _wait_with_notices(waiter: Waiter, notice: Notice, after_s: float, every_s: float) -> Worker:
+    delay = after_s
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), delay)
+        except TimeoutError:
+            await notice(waiter)
+            delay = every_s
+
+
+def _handed_a_slot(waiter: Waiter) -> bool:
     future = waiter.future
     return future.done() and not future.cancelled() and future.exception() is None

@@ -13,6 +13,7 @@ import itertools
 import logging
 import re
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -22,17 +23,20 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from appliance.core.errors import APIError, bad_request, error_body, not_found, overloaded
+from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER
 from appliance.core.request_id import HEADER as REQUEST_ID
 from appliance.core.request_id import request_id_var
 from appliance.core.sse import encode_error
+from balancer.fairqueue import ANONYMOUS, BATCH, INTERACTIVE, PRIORITIES, Caller, Demand, Waiter
 from balancer.health import note_failure
 from balancer.http import TOKEN_HEADER, require_token
 from balancer.metrics import BalancerMetrics
 from balancer.pool import NoHealthyWorker, QueueFull, QueueTimeout, WorkerPool
+from balancer.prefix import prefix_chain, prompt_blocks
 from balancer.retry import RetryBudget
 from balancer.worker import Worker
 
-__all__ = ["Proxy", "ProxyTimeouts"]
+__all__ = ["QUEUE_WAIT_HEADER", "Proxy", "ProxyTimeouts", "QueueNotices"]
 
 log = logging.getLogger("balancer.proxy")
 
@@ -44,6 +48,8 @@ _HOP_BY_HOP = frozenset({
 _SSE = "text/event-stream"
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # as appliance.core.request_id: ids land in logs
 _TAIL = 2048  # bytes of a stream's end kept to see how it ended
+QUEUE_WAIT_HEADER = "X-Appliance-Queue-Wait"  # seconds this request waited for a slot (when it waited)
+_MAX_WEIGHT = 1000.0
 
 
 class _Target(msgspec.Struct):
@@ -51,7 +57,29 @@ class _Target(msgspec.Struct):
     stream: bool = False
 
 
+class _Routed(msgspec.Struct):
+    """What routing and scheduling read from a body (the worker validates the rest)."""
+
+    model: str = ""
+    stream: bool = False
+    messages: list[msgspec.Raw] | None = None
+    prompt: msgspec.Raw | None = None
+    max_tokens: int | float | str | None = None
+    max_completion_tokens: int | float | str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _WithUsage(msgspec.Struct):
+    usage: _Usage | None = None
+
+
 _decode_target = msgspec.json.Decoder(_Target).decode
+_decode_routed = msgspec.json.Decoder(_Routed).decode
+_decode_usage = msgspec.json.Decoder(_WithUsage).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +89,14 @@ class ProxyTimeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueNotices:
+    """Streaming requests queued ``after_s`` get 200 and SSE comments every ``every_s`` while they wait."""
+
+    after_s: float = 1.0
+    every_s: float = 1.0
+
+
+@dataclass(slots=True)
 class _Call:
     """One client request, as forwarded to every attempt."""
 
@@ -69,6 +105,10 @@ class _Call:
     headers: dict[str, str]
     model: str
     stream: bool
+    demand: Demand
+    out: web.StreamResponse | None = None  # committed early (queue notices): errors become SSE events
+    usage: _Usage | None = None
+    waited_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -82,8 +122,9 @@ class _Failure:
 
 class Proxy:
     def __init__(self, pool: WorkerPool, budget: RetryBudget, metrics: BalancerMetrics, *, token: str,
-                 timeouts: ProxyTimeouts, max_attempts: int) -> None:
+                 timeouts: ProxyTimeouts, max_attempts: int, notices: QueueNotices | None = None) -> None:
         self._pool = pool
+        self._notices = notices or QueueNotices()
         self._budget = budget
         self._metrics = metrics
         self._token = token
@@ -103,8 +144,10 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         require_token(request, self._token_bytes)
         body = await request.read()
-        model, stream = self._target(body)
         incoming = request.headers
+        caller = _caller(incoming)
+        demand = Demand(caller)
+        model, stream = self._target(body, demand)
         given = incoming.get(REQUEST_ID)
         request_id = given if given and _SANE_ID.match(given) else f"{self._id_prefix}{next(self._id_counter):x}"
         request_id_var.set(request_id)
@@ -114,35 +157,82 @@ class Proxy:
             REQUEST_ID: request_id,
             TOKEN_HEADER: self._token,
         }
-        call = _Call(request, body, headers, model, stream)
+        if caller.key_id:
+            headers[KEY_ID_HEADER] = caller.key_id  # the worker scopes prompt-prefix reuse by key
+        call = _Call(request, body, headers, model, stream, demand)
+        try:
+            return await self._serve(call)
+        except APIError as exc:
+            if call.out is None:
+                raise
+            return await _end_with_error(call.out, exc.body())  # the client already has 200 and queue notices
+        except (ConnectionError, aiohttp.ClientConnectionError):
+            if call.out is None:
+                raise
+            return call.out  # the client left while it waited (a queue notice found the socket closed)
+
+    async def _serve(self, call: _Call) -> web.StreamResponse:
+        model = call.model
         self._budget.deposit()
         tried: list[Worker] = []
         failure: _Failure | None = None
         for attempt in range(self._max_attempts):
             if attempt and not (self._pool.can_serve(model, tried) and self._budget.try_spend()):
                 break  # nobody else to try, or retries would add more load than the budget allows
-            worker = await self._lease(model, tried, first=not attempt)
+            worker = await self._lease(call, tried, first=not attempt)
             if worker is None:
                 break  # nobody else to try
+            outcome: web.StreamResponse | _Failure | None = None
+            call.usage = None
             try:
                 outcome = await self._attempt(call, worker)
             finally:
-                self._pool.release(worker)
+                usage = call.usage
+                if usage is not None:
+                    self._pool.release(worker, call.demand, prompt_tokens=usage.prompt_tokens,
+                                       completion_tokens=usage.completion_tokens)
+                else:
+                    self._pool.release(worker, call.demand, refund=outcome is None or isinstance(outcome, _Failure))
             if not isinstance(outcome, _Failure):
-                return outcome
+                return await self._committed(call, outcome)
             failure = outcome
             tried.append(worker)
             log.warning("attempt failed", extra={"worker": worker.url, "kind": outcome.kind, "attempt": attempt + 1})
         assert failure is not None
-        return self._give_up(model, failure)
+        return await self._committed(call, self._give_up(model, failure))
 
-    def _target(self, body: bytes) -> tuple[str, bool]:
+    async def _committed(self, call: _Call, response: web.StreamResponse) -> web.StreamResponse:
+        """A worker's plain answer to a request that already got 200 and queue notices: as an SSE event."""
+        out = call.out
+        if out is None or response is out or not isinstance(response, web.Response):
+            return response
+        raw = response.body if isinstance(response.body, bytes) else b""
+        try:
+            document = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            document = None
+        if not (isinstance(document, dict) and isinstance(document.get("error"), dict)):
+            document = error_body(f"The worker answered {response.status} without a stream.", "server_error",
+                                  code="upstream_error")
+        return await _end_with_error(out, document)
+
+    def _target(self, body: bytes, demand: Demand) -> tuple[str, bool]:
+        parts: list[bytes] = []
         if body:
             try:
-                target = _decode_target(body)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
-            model, stream = target.model, target.stream
+                routed = _decode_routed(body)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                routed = None  # odd field types: the worker answers those; route on model and stream alone
+            if routed is not None:
+                model, stream = routed.model, routed.stream
+                parts = self._describe(demand, body, routed)
+            else:
+                try:
+                    target = _decode_target(body)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+                model, stream = target.model, target.stream
+                demand.prompt_tokens = len(body) / 4
         else:
             model, stream = "", False
         if not model:
@@ -150,17 +240,36 @@ class Proxy:
             if len(served) != 1:
                 raise bad_request("The request must name a model.", param="model", code="missing_model")
             model = served[0]
+        if parts:
+            demand.route = prefix_chain(demand.caller.key_id, model, parts)
         return model, stream
 
-    async def _lease(self, model: str, tried: list[Worker], *, first: bool) -> Worker | None:
-        pool = self._pool
-        worker = pool.try_acquire(model, tried)
+    def _describe(self, demand: Demand, body: bytes, routed: _Routed) -> list[bytes]:
+        """Token estimate (about 4 bytes a token); the parts of the prompt for prefix routing."""
+        demand.prompt_tokens = len(body) / 4
+        limit = routed.max_completion_tokens if routed.max_completion_tokens is not None else routed.max_tokens
+        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit >= 0:
+            demand.max_tokens = int(limit)
+        if not self._pool.prefix_routing:
+            return []
+        if routed.messages:
+            return [bytes(message) for message in routed.messages]
+        if routed.prompt is not None:
+            return list(prompt_blocks(bytes(routed.prompt)))
+        return []
+
+    async def _lease(self, call: _Call, tried: list[Worker], *, first: bool) -> Worker | None:
+        pool, model, demand = self._pool, call.model, call.demand
+        worker = pool.try_acquire(model, tried, demand)
         if worker is not None:
             return worker
         loop = asyncio.get_running_loop()
         started = loop.time()
+        notice = self._notice(call) if call.stream and call.out is None else None
         try:
-            worker = await pool.wait_for_worker(model, self._timeouts.queue_s, tried)
+            worker = await pool.wait_for_worker(model, self._timeouts.queue_s, tried, demand, notice=notice,
+                                                notice_after_s=self._notices.after_s,
+                                                notice_every_s=self._notices.every_s)
         except NoHealthyWorker:
             if not first:
                 return None
@@ -173,8 +282,22 @@ class Proxy:
             raise self._reject(model, overloaded("Every worker is busy and the queue is full.")) from None
         except QueueTimeout:
             raise self._reject(model, overloaded("Every worker stayed busy for too long.")) from None
-        self._metrics.queue_wait.observe(loop.time() - started)
+        waited = loop.time() - started
+        call.waited_s = waited if call.waited_s is None else call.waited_s + waited
+        self._metrics.queue_wait_by_priority[demand.caller.priority].observe(waited)
         return worker
+
+    def _notice(self, call: _Call) -> Callable[[Waiter], Awaitable[None]]:
+        async def notice(waiter: Waiter) -> None:
+            out = call.out
+            if out is None:
+                out = web.StreamResponse(status=200, headers={"Content-Type": _SSE, "Cache-Control": "no-cache"})
+                await out.prepare(call.request)
+                call.out = out
+            ahead, eta = self._pool.position(call.model, waiter)
+            await out.write(f": queued position={ahead} eta_s={eta:.1f}\n\n".encode())
+
+        return notice
 
     def _reject(self, model: str, error: APIError) -> APIError:
         self._metrics.unrouted[(model, error.status)] += 1
@@ -190,9 +313,14 @@ class Proxy:
         status = upstream.status
         worker.responses[(call.model, status)] += 1
         if sse and first:
-            return await self._stream(call.request, worker, upstream, first)
+            return await self._stream(call, worker, upstream, first)
         upstream.release()
-        response = web.Response(body=first, status=status, headers=_copy_headers(upstream.headers))
+        headers = _copy_headers(upstream.headers)
+        if call.waited_s is not None:
+            headers[QUEUE_WAIT_HEADER] = f"{call.waited_s:.3f}"
+        response = web.Response(body=first, status=status, headers=headers)
+        if status == 200:
+            call.usage = _usage_of(first)
         if status in RETRYABLE_STATUS:
             note_failure(self._pool, worker, f"status_{status}")
             return _Failure(f"status_{status}", f"worker answered {status}", response)
@@ -248,14 +376,21 @@ class Proxy:
         note_failure(self._pool, worker, kind, detail)
         return _Failure(kind, detail)
 
-    async def _stream(self, request: web.Request, worker: Worker, upstream: aiohttp.ClientResponse,
+    async def _stream(self, call: _Call, worker: Worker, upstream: aiohttp.ClientResponse,
                       first: bytes) -> web.StreamResponse:
-        out = web.StreamResponse(status=upstream.status, headers=_copy_headers(upstream.headers))
+        out = call.out
+        if out is None:
+            headers = _copy_headers(upstream.headers)
+            if call.waited_s is not None:
+                headers[QUEUE_WAIT_HEADER] = f"{call.waited_s:.3f}"
+            out = web.StreamResponse(status=upstream.status, headers=headers)
         clean = False
+        events = first.count(b"data: ")
+        tail = first[-_TAIL:]
         try:
-            await out.prepare(request)
+            if not out.prepared:
+                await out.prepare(call.request)
             await out.write(first)
-            tail = first[-_TAIL:]
             reader = upstream.content
             while True:
                 try:
@@ -272,6 +407,7 @@ class Proxy:
                         await out.write(_stream_error("The worker ended the stream early."))
                     break
                 await out.write(chunk)
+                events += chunk.count(b"data: ")
                 tail = (tail + chunk)[-_TAIL:] if len(chunk) < _TAIL else chunk[-_TAIL:]
             await out.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionError):
@@ -281,6 +417,8 @@ class Proxy:
                 upstream.release()
             else:
                 upstream.close()
+            # Tokens for the fair queue: the final usage chunk when the stream has one, else ~1 per event.
+            call.usage = _stream_usage(tail) or _Usage(round(call.demand.prompt_tokens), max(0, events - 2))
         return out
 
     def _give_up(self, model: str, failure: _Failure) -> web.StreamResponse:
@@ -292,6 +430,56 @@ class Proxy:
             error = APIError(502, f"The worker failed: {failure.detail}", type_="server_error", code="upstream_error")
         self._metrics.unrouted[(model, error.status)] += 1
         raise error
+
+
+def _caller(headers: CIMultiDictProxy[str]) -> Caller:
+    """Who is asking, from the gateway's hop headers (trusted behind the internal token)."""
+    key_id = headers.get(KEY_ID_HEADER)
+    priority = headers.get(PRIORITY_HEADER)
+    if key_id is None and priority is None:
+        return ANONYMOUS
+    if key_id is None or not _SANE_ID.match(key_id):
+        key_id = ""
+    weight = 1.0
+    raw = headers.get(WEIGHT_HEADER)
+    if raw:
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = 1.0
+        if not 0 < weight <= _MAX_WEIGHT:  # also rejects nan
+            weight = 1.0
+    return Caller(key_id, BATCH if priority == PRIORITIES[BATCH] else INTERACTIVE, weight)
+
+
+def _usage_of(body: bytes) -> _Usage | None:
+    if b'"usage"' not in body:
+        return None
+    try:
+        return _decode_usage(body).usage
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _stream_usage(tail: bytes) -> _Usage | None:
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = tail.rfind(b"data: ", 0, at)
+    end = tail.find(b"\n", at)
+    if start < 0 or end < 0:
+        return None
+    return _usage_of(tail[start + 6 : end])
+
+
+async def _end_with_error(out: web.StreamResponse, document: dict[str, object]) -> web.StreamResponse:
+    """End a response that is already an event stream with the error event (no ``[DONE]``)."""
+    try:
+        await out.write(encode_error(document))
+        await out.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionError):
+        pass  # the client left while it waited
+    return out
 
 
 def _timeout_kind(exc: TimeoutError) -> str:

@@ -33,6 +33,29 @@ class BalancerSettings(CommonSettings):
     port: int = Field(default=8100, ge=1, le=65535)
     workers: Annotated[tuple[str, ...], NoDecode] = ()
     strategy: Literal["least_connections", "round_robin"] = "least_connections"
+    routing: Literal["prefix", "least_connections"] = Field(
+        default="prefix",
+        description="prefix: send a conversation to the worker that served its earlier turns (hash chain over the "
+        "messages, scoped by key id) unless that worker is much busier than the least busy one; "
+        "least_connections: ignore prefixes (``strategy`` picks).",
+    )
+    prefix_max_imbalance: float = Field(
+        default=0.5, ge=0,
+        description="Prefix affinity holds while the worker's load (in-flight / slots) is at most this much above "
+        "the least busy worker's.",
+    )
+    prefix_table_size: int = Field(default=65536, ge=16, description="Prefix hashes remembered (LRU).")
+    scheduling: Literal["fair", "fifo"] = Field(
+        default="fair",
+        description="fair: weighted fair queue between API keys (tokens, interactive before batch); "
+        "fifo: arrival order.",
+    )
+    queue_notice_after_s: float = Field(
+        default=1.0, ge=0,
+        description="A streaming request queued this long gets '200' and ': queued position=N eta_s=X' SSE "
+        "comments while it waits (0 = from the start).",
+    )
+    queue_notice_interval_s: float = Field(default=1.0, gt=0, description="Seconds between queue comments.")
     queue_size: int = Field(default=256, ge=0, description="Requests that may wait for a free slot.")
     queue_timeout_s: float = Field(default=30.0, gt=0)
     probe_interval_s: float = Field(default=2.0, gt=0)

@@ -1,0 +1,309 @@
+"""The balancer's weighted fair queue: nothing lost or served twice, interactive first, shares follow weights."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from balancer.fairqueue import BATCH, INTERACTIVE, Caller, Demand, FairQueue, Waiter
+from balancer.pool import QueueFull, QueueTimeout, WorkerPool
+from balancer.worker import Worker, WorkerState
+
+MODEL = "m"
+
+
+def healthy_pool(slots: list[int], queue_size: int = 64, fair: bool = True) -> tuple[WorkerPool, list[Worker]]:
+    pool = WorkerPool("least_connections", queue_size, random.Random(0), fair=fair)
+    workers = []
+    for index, count in enumerate(slots):
+        worker = pool.add(f"http://w{index}")
+        pool.mark(worker, WorkerState.HEALTHY, model=MODEL, slots=count)
+        workers.append(worker)
+    return pool, workers
+
+
+async def settle_loop() -> None:
+    for _ in range(4):
+        await asyncio.sleep(0)
+
+
+class FairPoolMachine(RuleBasedStateMachine):
+    """Requests of several keys and classes arrive, finish and give up in any order against 3 slots."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.pool, self.workers = healthy_pool([2, 1], queue_size=5)
+        self.requests: list[tuple[Demand, asyncio.Task[Worker]]] = []
+        self.released: set[int] = set()
+
+    def _run(self) -> None:
+        self.loop.run_until_complete(settle_loop())
+
+    def _holding(self) -> list[tuple[Demand, asyncio.Task[Worker]]]:
+        return [
+            (d, t)
+            for d, t in self.requests
+            if t.done() and not t.cancelled() and t.exception() is None and id(t) not in self.released
+        ]
+
+    def _waiting(self) -> list[tuple[Demand, asyncio.Task[Worker]]]:
+        return [(d, t) for d, t in self.requests if not t.done()]
+
+    @rule(
+        key=st.sampled_from(["a", "b", "c"]),
+        batch=st.booleans(),
+        weight=st.sampled_from([1.0, 3.0]),
+        prompt=st.integers(1, 500),
+    )
+    def arrive(self, key: str, batch: bool, weight: float, prompt: int) -> None:
+        demand = Demand(Caller(key, BATCH if batch else INTERACTIVE, weight), prompt_tokens=prompt)
+        task = self.loop.create_task(self.pool.wait_for_worker(MODEL, 1000.0, demand=demand))
+        self.requests.append((demand, task))
+        self._run()
+
+    @precondition(lambda self: bool(self._holding()))
+    @rule(data=st.data(), completion=st.integers(0, 300))
+    def finish(self, data: st.DataObject, completion: int) -> None:
+        demand, task = data.draw(st.sampled_from(self._holding()))
+        waiting_interactive = {id(t) for d, t in self._waiting() if d.caller.priority == INTERACTIVE}
+        waiting_before = {id(t) for _, t in self._waiting()}
+        self.released.add(id(task))
+        self.pool.release(
+            task.result(), demand, prompt_tokens=round(demand.prompt_tokens), completion_tokens=completion
+        )
+        self._run()
+        started = [(d, t) for d, t in self._holding() if id(t) in waiting_before]
+        assert len(started) <= 1, "one released slot, one waiter served"
+        if any(d.caller.priority == BATCH for d, _ in started):
+            still = {id(t) for _, t in self._waiting()}
+            assert not waiting_interactive & still, "a batch request went before a waiting interactive one"
+
+    @precondition(lambda self: bool(self._waiting()))
+    @rule(data=st.data())
+    def give_up(self, data: st.DataObject) -> None:
+        _, task = data.draw(st.sampled_from(self._waiting()))
+        task.cancel()
+        self._run()
+
+    @invariant()
+    def nothing_lost_nothing_twice(self) -> None:
+        holding = self._holding()
+        assert sum(w.inflight for w in self.workers) == len(holding)
+        assert self.pool.queue_depth == len(self._waiting())
+        for _, task in self.requests:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                assert isinstance(task.exception(), QueueFull)
+
+    @invariant()
+    def no_idle_slot_while_someone_waits(self) -> None:
+        if self.pool.queue_depth:
+            assert all(w.inflight == w.slots for w in self.workers)
+
+    @invariant()
+    def running_counts_per_key_are_exact(self) -> None:
+        queue = self.pool.queue(MODEL)
+        held = Counter(d.caller.key_id for d, _ in self._holding())
+        for key in ("a", "b", "c"):
+            assert queue.running(key) == held[key]
+
+    def teardown(self) -> None:
+        try:
+            for _ in range(len(self.requests) + 1):  # every waiter is served once slots come back
+                holding = self._holding()
+                if not holding:
+                    break
+                for demand, task in holding:
+                    self.released.add(id(task))
+                    self.pool.release(task.result(), demand, prompt_tokens=1, completion_tokens=1)
+                self._run()
+            assert all(t.done() for _, t in self.requests)
+            assert self.pool.queue_depth == 0 and all(w.inflight == 0 for w in self.workers)
+        finally:
+            self.loop.close()
+
+
+TestFairPoolMachine = FairPoolMachine.TestCase
+TestFairPoolMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+
+
+def _simulate(weights: tuple[float, float], costs: tuple[int, int], slots: int, rounds: int) -> Counter[str]:
+    """Two keys that always have work queued; tokens served per key after a warm-up."""
+    loop = asyncio.new_event_loop()
+    try:
+        queue = FairQueue()
+        callers = {"a": Caller("a", INTERACTIVE, weights[0]), "b": Caller("b", INTERACTIVE, weights[1])}
+        cost = {"a": costs[0], "b": costs[1]}
+
+        def enqueue(key: str) -> None:
+            queue.arrive(callers[key])
+            queue.push(Waiter(loop.create_future(), Demand(callers[key], prompt_tokens=cost[key] // 2)))
+
+        for key in callers:
+            for _ in range(slots + 2):
+                enqueue(key)
+        running: list[Demand] = []
+        served: Counter[str] = Counter()
+        for step in range(rounds):
+            while len(running) < slots:
+                waiter = next(queue.order())
+                queue.remove(waiter)
+                queue.charge(waiter.demand)
+                running.append(waiter.demand)
+                enqueue(waiter.demand.caller.key_id)
+            done = running.pop(0)
+            key = done.caller.key_id
+            queue.settle(done, cost[key] // 2, cost[key] - cost[key] // 2)
+            if step >= rounds // 5:
+                served[key] += cost[key]
+        return served
+    finally:
+        loop.close()
+
+
+@given(
+    weights=st.tuples(st.sampled_from([0.5, 1.0, 2.0, 3.0, 4.0]), st.sampled_from([0.5, 1.0, 2.0, 3.0, 4.0])),
+    costs=st.tuples(st.integers(2, 300), st.integers(2, 300)),
+    slots=st.integers(1, 8),
+)
+@example(weights=(1.0, 3.0), costs=(100, 100), slots=4)
+@example(weights=(1.0, 3.0), costs=(300, 2), slots=8)
+@settings(max_examples=40, deadline=None)
+def test_token_shares_converge_to_the_weights(weights: tuple[float, float], costs: tuple[int, int], slots: int) -> None:
+    served = _simulate(weights, costs, slots, rounds=3000)
+    share = served["a"] / (served["a"] + served["b"])
+    wanted = weights[0] / (weights[0] + weights[1])
+    # Within 10 % of the weight ratio, plus one request of slack per slot in the measured window.
+    slack = slots * max(costs) / (served["a"] + served["b"])
+    assert abs(share - wanted) <= 0.1 * wanted + slack, (share, wanted)
+
+
+def test_an_idle_key_banks_no_credit() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        queue = FairQueue()
+        busy, idle = Caller("busy"), Caller("idle")
+        for _ in range(200):  # busy alone for a long time
+            queue.arrive(busy)
+            demand = Demand(busy, prompt_tokens=50)
+            queue.charge(demand)
+            queue.settle(demand, 50, 50)
+        waiters = []
+        for caller in [busy, idle] * 20:
+            queue.arrive(caller)
+            waiter = Waiter(loop.create_future(), Demand(caller, prompt_tokens=50))
+            queue.push(waiter)
+            waiters.append(waiter)
+        order = []
+        for _ in range(20):
+            waiter = next(queue.order())
+            queue.remove(waiter)
+            queue.charge(waiter.demand)
+            queue.settle(waiter.demand, 50, 50)
+            order.append(waiter.demand.caller.key_id)
+        assert abs(order.count("idle") - 10) <= 1, order  # alternation, not 20 in a row for the returning key
+    finally:
+        loop.close()
+
+
+async def test_interactive_goes_first_and_batch_takes_idle_slots() -> None:
+    pool, (worker,) = healthy_pool([1])
+    batch = Demand(Caller("bulk", BATCH))
+    assert await pool.wait_for_worker(MODEL, 5, demand=batch) is worker  # batch alone: idle slot, no wait
+    later_batch = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("bulk", BATCH))))
+    await settle_loop()
+    interactive = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("person"))))
+    await settle_loop()
+    pool.release(worker, batch, prompt_tokens=1, completion_tokens=1)
+    await settle_loop()
+    assert interactive.done() and not later_batch.done()
+    pool.release(worker, completion_tokens=None)
+    assert await later_batch is worker
+
+
+async def test_light_key_overtakes_a_heavy_backlog() -> None:
+    pool, (worker,) = healthy_pool([1])
+    assert pool.try_acquire(MODEL, demand=Demand(Caller("heavy"), prompt_tokens=100)) is worker
+    heavy = [
+        asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("heavy"), prompt_tokens=100)))
+        for _ in range(5)
+    ]
+    await settle_loop()
+    light = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("light"), prompt_tokens=100)))
+    await settle_loop()
+    pool.release(worker)
+    await settle_loop()
+    assert light.done() and not any(task.done() for task in heavy)
+    assert pool.queue(MODEL).position(next(pool.queue(MODEL).order())) == 0
+    for task in heavy:
+        task.cancel()
+    await asyncio.gather(*heavy, return_exceptions=True)
+    assert pool.queue_depth == 0
+
+
+async def test_fifo_mode_keeps_arrival_order() -> None:
+    pool, (worker,) = healthy_pool([1], fair=False)
+    assert pool.try_acquire(MODEL) is worker
+    heavy = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("heavy"))))
+    await settle_loop()
+    light = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("light", BATCH))))
+    await settle_loop()
+    pool.release(worker)
+    assert await heavy is worker and not light.done()
+    pool.release(worker)
+    assert await light is worker
+
+
+async def test_a_full_queue_pushes_out_the_longest_flow() -> None:
+    pool, (worker,) = healthy_pool([1], queue_size=2)
+    assert pool.try_acquire(MODEL, demand=Demand(Caller("flood"), prompt_tokens=100)) is worker
+    flood = [asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("flood")))) for _ in range(2)]
+    await settle_loop()
+    light = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("light"))))
+    await settle_loop()
+    with pytest.raises(QueueFull):
+        await flood[1]  # the flood's newest waiter makes room
+    with pytest.raises(QueueFull):  # the flood may not push the light key back out
+        await pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("flood")))
+    assert pool.queue_depth == 2 and not light.done()
+    pool.release(worker)
+    await settle_loop()
+    assert light.done() and not flood[0].done()
+    pool.release(worker)
+    assert await flood[0] is worker
+
+
+async def test_queue_timeout_refunds_nothing_and_forgets_the_waiter() -> None:
+    pool, (worker,) = healthy_pool([1])
+    assert pool.try_acquire(MODEL) is worker
+    with pytest.raises(QueueTimeout):
+        await pool.wait_for_worker(MODEL, 0.01, demand=Demand(Caller("k")))
+    assert pool.queue_depth == 0 and pool.queue(MODEL).running("k") == 0
+
+
+async def test_position_and_eta_are_reported_while_waiting() -> None:
+    pool, (worker,) = healthy_pool([1])
+    assert pool.try_acquire(MODEL) is worker
+    seen: list[tuple[int, float]] = []
+    first = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("a"))))
+    await settle_loop()
+
+    async def notice(waiter: Waiter) -> None:
+        seen.append(pool.position(MODEL, waiter))
+
+    second = asyncio.create_task(
+        pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("a")), notice=notice, notice_after_s=0, notice_every_s=0.01)
+    )
+    while not seen:  # waiting on the notice callback itself
+        await asyncio.sleep(0.005)
+    assert seen[0][0] == 1 and seen[0][1] > 0
+    pool.release(worker)
+    assert await first is worker
+    pool.release(worker)
+    assert await second is worker
