@@ -3,6 +3,10 @@
 A key is ``sk-app-<43 url-safe chars>`` (256 random bits), so a plain SHA-256
 is enough: there is nothing to brute-force. The record lives at
 ``gw:key:<sha256>``; ``gw:keyids`` maps the public id (``key_…``) to the hash.
+
+Each key has a scheduling ``priority`` (``interactive`` or ``batch``) and a fair-share
+``weight``: the gateway passes them with the key's id to the balancer, whose wait queue
+shares the workers between keys by weight, interactive work first.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 __all__ = [
+    "PRIORITIES",
     "SCOPES",
     "KeyLimits",
     "KeyStore",
@@ -26,6 +31,10 @@ __all__ = [
 ]
 
 SCOPES = frozenset({"chat", "embeddings", "collections", "admin"})
+PRIORITIES = ("interactive", "batch")  # best first
+# What a request may ask for to lower its own priority (header X-Priority, or OpenAI's service_tier).
+_LOWER = frozenset({"batch", "flex", "low"})
+MAX_WEIGHT = 1000.0
 KEY_PREFIX = "sk-app-"
 IDS = "gw:keyids"
 
@@ -61,6 +70,8 @@ class Principal:
     models: frozenset[str] = frozenset()
     limits: KeyLimits = field(default_factory=KeyLimits)
     expires_at: float = 0.0
+    priority: str = PRIORITIES[0]
+    weight: float = 1.0
 
     @classmethod
     def from_record(cls, digest: str, record: dict[str, str]) -> Principal:
@@ -77,7 +88,15 @@ class Principal:
                 max_concurrent=int(record.get("max_concurrent", 0) or 0),
             ),
             expires_at=float(record.get("expires_at", 0) or 0),
+            priority=_priority(record.get("priority", "")),
+            weight=_weight(record.get("weight", "")),
         )
+
+    def scheduled_priority(self, asked: object) -> str:
+        """The key's priority, or batch when the request asks to be lowered (never raised)."""
+        if isinstance(asked, str) and asked.strip().lower() in _LOWER:
+            return PRIORITIES[-1]
+        return self.priority
 
     def allows_model(self, model: str) -> bool:
         return not self.models or not model or model in self.models
@@ -88,6 +107,18 @@ class Principal:
 
 def _csv(value: str) -> frozenset[str]:
     return frozenset(item for item in value.split(",") if item)
+
+
+def _priority(value: str) -> str:
+    return value if value in PRIORITIES else PRIORITIES[0]
+
+
+def _weight(value: str) -> float:
+    try:
+        weight = float(value)
+    except ValueError:
+        return 1.0
+    return weight if 0 < weight <= MAX_WEIGHT else 1.0  # also refuses nan and inf
 
 
 def public_view(record: dict[str, str]) -> dict[str, Any]:
@@ -105,6 +136,8 @@ def public_view(record: dict[str, str]) -> dict[str, Any]:
             "tpd": int(record.get("tpd", 0) or 0),
             "max_concurrent": int(record.get("max_concurrent", 0) or 0),
         },
+        "priority": _priority(record.get("priority", "")),
+        "weight": _weight(record.get("weight", "")),
         "created_at": float(record.get("created_at", 0) or 0),
         "expires_at": expires or None,
         "revoked": record.get("revoked") == "1",
@@ -117,7 +150,7 @@ class KeyStore:
 
     async def create(
         self, name: str, scopes: set[str], limits: KeyLimits, *, models: set[str] | None = None,
-        expires_at: float = 0.0, secret: str | None = None,
+        expires_at: float = 0.0, secret: str | None = None, priority: str = PRIORITIES[0], weight: float = 1.0,
     ) -> tuple[str, dict[str, Any]]:
         """Store a new key; return the secret (shown once) and its public view."""
         secret = secret or generate_secret()
@@ -128,6 +161,7 @@ class KeyStore:
             "scopes": ",".join(sorted(scopes)), "models": ",".join(sorted(models or ())),
             "rpm": str(limits.rpm), "tpm": str(limits.tpm), "tpd": str(limits.tpd),
             "max_concurrent": str(limits.max_concurrent),
+            "priority": _priority(priority), "weight": repr(_weight(repr(weight))),
             "created_at": f"{time.time():.3f}", "expires_at": f"{expires_at:.3f}", "revoked": "0",
         }
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -156,6 +190,17 @@ class KeyStore:
             return None
         record = await self._redis.hgetall(record_key(_text(digest)))
         return public_view(_decode(record)) if record else None
+
+    async def update(self, key_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
+        """Change a key's scheduling or limits (``priority``, ``weight``, ``rpm``...); effective at its next request."""
+        digest = await self._redis.hget(IDS, key_id)
+        if digest is None:
+            return None
+        record = record_key(_text(digest))
+        if fields:
+            await self._redis.hset(record, mapping=dict[Any, Any](fields))
+        stored = await self._redis.hgetall(record)
+        return public_view(_decode(stored)) if stored else None
 
     async def revoke(self, key_id: str) -> bool:
         """Mark revoked: the next request with it fails, on every gateway."""

@@ -25,7 +25,8 @@ local flat = redis.call('HGETALL', KEYS[1])
 if #flat == 0 then return {'unknown', '0', 0, 0, '0'} end
 local r = {}
 for i = 1, #flat, 2 do r[flat[i]] = flat[i + 1] end
-local FIELDS = {'id', 'name', 'scopes', 'models', 'rpm', 'tpm', 'tpd', 'max_concurrent', 'expires_at'}
+local FIELDS = {'id', 'name', 'scopes', 'models', 'rpm', 'tpm', 'tpd', 'max_concurrent', 'expires_at', 'priority',
+                'weight'}
 local function reply(status, retry, limit, remaining, reset)
   local out = {status, tostring(retry), limit, remaining, tostring(reset)}
   for _, f in ipairs(FIELDS) do

@@ -19,6 +19,10 @@ from appliance.core.sse import DONE, SSEDecoder, SSEEvent, encode_data, encode_e
 
 __all__ = ["StreamOutcome", "relay_stream"]
 
+# ": queued position=N eta_s=X" comments the balancer sends while a streaming request waits for a
+# worker: passed on to the client (SDKs ignore comments; the chat UI shows "waiting: N ahead").
+_QUEUED = b": queued "
+
 
 @dataclass(slots=True)
 class StreamOutcome:
@@ -70,6 +74,12 @@ class _EventFilter:
         return encode_event(event.data)
 
 
+def _queue_notes(raw: bytes) -> bytes:
+    if _QUEUED not in raw:
+        return b""
+    return b"".join(line + b"\n\n" for line in raw.split(b"\n") if line.startswith(_QUEUED))
+
+
 def _loads(data: str) -> dict[str, Any] | None:
     try:
         obj = json.loads(data)
@@ -89,6 +99,8 @@ async def relay_stream(
     ended = False
     try:
         async for raw in resp.content.iter_any():
+            if not outcome.chunks and (notes := _queue_notes(raw)):  # the balancer's, before any event
+                yield notes
             for event in decoder.feed(raw):
                 out = to_client(event)
                 if out is None:

@@ -16,7 +16,7 @@ from appliance.runtime.settings import RuntimeSettings
 
 __all__ = ["register"]
 
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create, list, update and revoke API keys.", no_args_is_help=True)
 
 
 def _gateway(settings: RuntimeSettings, key: str | None) -> httpx.Client:
@@ -46,6 +46,24 @@ AdminKey = Annotated[
     str | None, typer.Option("--admin-key", envvar="APPLIANCE_ADMIN_KEY", help="default: data/admin_key")
 ]
 Json = Annotated[bool, typer.Option("--json")]
+Priority = Annotated[str | None, typer.Option(
+    help="interactive (served first when workers are busy) or batch (uses idle capacity)")]
+Weight = Annotated[float | None, typer.Option(help="fair share against other busy keys (default 1)", min=0.001)]
+
+
+def _limits(rpm: int | None, tpm: int | None, tpd: int | None, concurrency: int | None) -> dict[str, int]:
+    limits = {"rpm": rpm, "tpm": tpm, "tpd": tpd, "max_concurrent": concurrency}
+    return {k: v for k, v in limits.items() if v is not None}
+
+
+def _scheduling(body: dict[str, Any], priority: str | None, weight: float | None) -> dict[str, Any]:
+    if priority is not None:
+        if priority not in ("interactive", "batch"):
+            fail("--priority must be interactive or batch")
+        body["priority"] = priority
+    if weight is not None:
+        body["weight"] = weight
+    return body
 
 
 @keys_app.command("create")
@@ -58,14 +76,15 @@ def keys_create(
     tpd: Annotated[int | None, typer.Option(help="tokens per day")] = None,
     concurrency: Annotated[int | None, typer.Option(help="max concurrent requests")] = None,
     expires_days: Annotated[int | None, typer.Option(help="expire after N days")] = None,
+    priority: Priority = None, weight: Weight = None,
     key: AdminKey = None, as_json: Json = False,
 ) -> None:
     """Create a key; its secret is printed once."""
     body: dict[str, Any] = {"name": name, "scopes": [s.strip() for s in scopes.split(",") if s.strip()]}
     if models:
         body["models"] = [m.strip() for m in models.split(",") if m.strip()]
-    limits = {"rpm": rpm, "tpm": tpm, "tpd": tpd, "max_concurrent": concurrency}
-    body["limits"] = {k: v for k, v in limits.items() if v is not None}
+    body["limits"] = _limits(rpm, tpm, tpd, concurrency)
+    _scheduling(body, priority, weight)
     if expires_days:
         body["expires_in_s"] = expires_days * 86400
     created = _call(load(), key, "POST", "/admin/keys", json=body)
@@ -76,6 +95,26 @@ def keys_create(
     err.print("Store it now: it is not shown again.")
 
 
+@keys_app.command("update")
+def keys_update(
+    key_id: Annotated[str, typer.Argument(help="the key's id (key_...)")],
+    priority: Priority = None, weight: Weight = None,
+    rpm: Annotated[int | None, typer.Option(help="requests per minute")] = None,
+    tpm: Annotated[int | None, typer.Option(help="tokens per minute")] = None,
+    tpd: Annotated[int | None, typer.Option(help="tokens per day")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="max concurrent requests")] = None,
+    key: AdminKey = None, as_json: Json = False,
+) -> None:
+    """Change a key's priority, weight or limits; effective at its next request."""
+    body = _scheduling({"limits": _limits(rpm, tpm, tpd, concurrency)}, priority, weight)
+    updated = _call(load(), key, "PATCH", f"/admin/keys/{key_id}", json=body)
+    if as_json:
+        print_json(updated)
+        return
+    err.print(f"[green]Updated[/] {key_id}: priority {updated.get('priority')}, weight {updated.get('weight')}, "
+              f"limits {updated.get('limits')}.")
+
+
 @keys_app.command("list")
 def keys_list(key: AdminKey = None, as_json: Json = False) -> None:
     """List keys (never their secrets)."""
@@ -84,10 +123,11 @@ def keys_list(key: AdminKey = None, as_json: Json = False) -> None:
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "name", "scopes", "models", "limits", "expires", "revoked")
+    table = Table("id", "name", "scopes", "models", "limits", "priority", "weight", "expires", "revoked")
     for row in rows:
         table.add_row(str(row.get("id")), str(row.get("name")), ",".join(row.get("scopes", [])),
                       ",".join(row.get("models") or []) or "all", str(row.get("limits") or {}),
+                      str(row.get("priority", "interactive")), f"{row.get('weight', 1)}",
                       str(row.get("expires_at") or "-"), str(row.get("revoked", False)))
     out.print(table)
 

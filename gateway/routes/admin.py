@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import Any, Literal
 
-from litestar import Request, Response, delete, get, post
+from litestar import Request, Response, delete, get, patch, post
 from litestar.params import FromPath, FromQuery
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.core.errors import bad_request, not_found
+from appliance.core.errors import APIError, bad_request, not_found
 from appliance.core.wire import parse_request
 from gateway.access import access_record
 from gateway.admission import STATS, parse_bearer, usage_key
 from gateway.generation import decode_body
-from gateway.keys import SCOPES, KeyLimits
+from gateway.keys import MAX_WEIGHT, SCOPES, KeyLimits
 from gateway.openapi import documented, link
 from gateway.redis_guard import RedisUnavailable
 from gateway.services import GatewayServices, Services
+from gateway.upstream import decode_json_object
 
-__all__ = ["admin_status", "create_key", "get_key", "list_keys", "revoke_key", "usage"]
+__all__ = ["admin_status", "create_key", "get_key", "list_keys", "queue", "revoke_key", "update_key", "usage"]
+
+Priority = Literal["interactive", "batch"]
 
 
 class LimitsIn(BaseModel):
@@ -38,6 +41,17 @@ class NewKey(BaseModel):
     models: list[str] = Field(default_factory=list)
     limits: LimitsIn = Field(default_factory=LimitsIn)
     expires_in_s: float | None = Field(default=None, gt=0)
+    priority: Priority = Field(default="interactive", description="Scheduling class when workers are busy.")
+    weight: float = Field(default=1.0, gt=0, le=MAX_WEIGHT, description="Fair share among busy keys.")
+
+
+class KeyUpdate(BaseModel):
+    """What an admin may change on a live key (effective at its next request)."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: Priority | None = None
+    weight: float | None = Field(default=None, gt=0, le=MAX_WEIGHT)
+    limits: LimitsIn = Field(default_factory=LimitsIn)
 
 
 async def _admin(request: Request[Any, Any, Any], svc: GatewayServices) -> None:
@@ -68,8 +82,24 @@ async def create_key(request: Request[Any, Any, Any], svc: Services) -> dict[str
     )
     expires_at = time.time() + spec.expires_in_s if spec.expires_in_s else 0.0
     secret, view = await svc.keys.create(spec.name, set(spec.scopes), limits, models=set(spec.models),
-                                              expires_at=expires_at)
+                                         expires_at=expires_at, priority=spec.priority, weight=spec.weight)
     return {**view, "key": secret}
+
+
+@patch("/admin/keys/{key_id:str}", summary="Change a key's priority, weight or limits",
+       opt=documented(body=KeyUpdate, errors=(400, 404, 413, *_ADMIN_ERRORS)))
+async def update_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
+    await _admin(request, svc)
+    spec = parse_request(KeyUpdate, decode_body(await request.body()))
+    fields = {name: str(value) for name, value in spec.limits.model_dump(exclude_none=True).items()}
+    if spec.priority is not None:
+        fields["priority"] = spec.priority
+    if spec.weight is not None:
+        fields["weight"] = repr(spec.weight)
+    view = await svc.keys.update(key_id, fields)
+    if view is None:
+        raise not_found(f"No key with id {key_id!r}.", param="key_id")
+    return view
 
 
 @get("/admin/keys", summary="List API keys (never their secrets)", opt=documented(errors=_ADMIN_ERRORS))
@@ -127,6 +157,22 @@ def _usage_rows(date: dt.date, raw: dict[Any, Any], names: dict[str, str],
                                        "requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
         row[metric] = int(value)
     return sorted(per_key.values(), key=lambda row: row["key_id"])
+
+
+@get("/admin/queue", summary="Who waits for a worker (per model, per key), from the balancer",
+     opt=documented(errors=(502, *_ADMIN_ERRORS)))
+async def queue(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any]:
+    await _admin(request, svc)
+    reply = await svc.balancer.request("GET", "/queue")
+    if reply.status != 200:
+        raise APIError(502, f"The balancer answered {reply.status} for its queue.", type_="server_error",
+                       code="bad_upstream_response")
+    document = decode_json_object(reply.body, "balancer")
+    names = await svc.keys.names()
+    for model in document.get("models") or []:
+        for row in model.get("keys") or []:
+            row["name"] = names.get(str(row.get("key_id")), "")
+    return document
 
 
 @get("/admin/status", summary="Dependencies, workers behind the balancer, cache hit rate",
