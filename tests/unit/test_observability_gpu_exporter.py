@@ -144,7 +144,21 @@ def test_init_is_retried_only_after_the_interval() -> None:
     assert nvml.shutdowns == 1
 
 
-async def test_real_pynvml_on_this_cpu_only_host_serves_the_no_gpu_gauges() -> None:
+def _gpus_on_this_host() -> int | None:
+    """What NVML itself says, asked directly: the GPU count, or None where NVML is unavailable."""
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        return int(pynvml.nvmlDeviceGetCount())
+    finally:
+        pynvml.nvmlShutdown()
+
+
+async def test_real_pynvml_serves_what_this_host_has() -> None:
+    """On a CPU-only host the no-GPU gauges; on a GPU host (the product's target) one series per GPU."""
+    gpus = _gpus_on_this_host()
     app = create_app(GpuExporterSettings(internal_token="x"), pynvml)
     async with TestClient(TestServer(app)) as client:
         metrics = await client.get("/metrics")
@@ -154,11 +168,12 @@ async def test_real_pynvml_on_this_cpu_only_host_serves_the_no_gpu_gauges() -> N
         health = await client.get("/health")
         body = await health.json()
     assert got[("appliance_gpu_exporter_up", ())] == 1
-    assert got[("appliance_gpu_count", ())] == 0
+    assert got[("appliance_gpu_count", ())] == (gpus or 0)
     available = [value for (name, _), value in got.items() if name == "appliance_gpu_nvml_available"]
-    assert available == [0]
+    assert available == [0 if gpus is None else 1]
     assert health.status == 200
-    assert body["status"] == "ok" and body["nvml_available"] is False and body["gpu_count"] == 0
+    assert body["status"] == "ok" and body["nvml_available"] is (gpus is not None) and body["gpu_count"] == (gpus or 0)
+    assert len([key for key in got if key[0] == "nvidia_smi_gpu_info"]) == (gpus or 0)  # one identity per GPU
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
