@@ -21,7 +21,8 @@ def main() -> int:
     except ImportError:  # uvloop is an optimisation, not a requirement
         pass
     web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log=None,
-                handler_cancellation=True, print=None, loop=loop, shutdown_timeout=10)
+                handler_cancellation=True, print=None, loop=loop, shutdown_timeout=settings.shutdown_drain_s,
+                reuse_port=True)  # `appliance upgrade` starts a second balancer beside this one
     return 0
 
 

@@ -74,6 +74,9 @@ class BalancerSettings(CommonSettings):
     retry_budget_burst: float = Field(default=10.0, ge=0, description="Retry tokens held at most.")
     redis_url: str = Field(default="", description="Optional worker registry (heartbeat keys with TTL).")
     registry_poll_s: float = Field(default=2.0, gt=0)
+    shutdown_drain_s: float = Field(
+        default=300.0, gt=0, description="On SIGTERM, in-flight requests (long streams) get this long to finish."
+    )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="413 past this; above the gateway's 1 MiB (room for RAG context)."
     )

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from appliance.core.settings import CommonSettings
 
@@ -27,11 +27,16 @@ class GatewaySettings(CommonSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_self_signed: bool = False
+    tls_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="names/IPs the self-signed certificate covers (comma-separated in env)"
+    )
+    shutdown_drain_s: int = Field(
+        default=300, ge=1, description="on SIGTERM, in-flight requests (long streams) get this long to finish"
+    )
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="413 past this, before reading it all")
     max_upload_bytes: int = Field(default=64 << 20, ge=1024, description="limit for /v1/collections uploads")
     max_messages: int = Field(default=256, ge=1)
-    max_tokens_cap: int = Field(default=4096, ge=1)
 
     cache_enabled: bool = True
     cache_ttl_s: int = Field(default=3600, ge=1)
@@ -56,3 +61,10 @@ class GatewaySettings(CommonSettings):
 
     log_prompts: bool = False
     rag_max_context_chars: int = Field(default=12000, ge=256)
+
+    @field_validator("tls_names", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value

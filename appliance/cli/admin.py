@@ -20,10 +20,9 @@ keys_app = typer.Typer(help="Create, list, update and revoke API keys.", no_args
 
 
 def _gateway(settings: RuntimeSettings, key: str | None) -> httpx.Client:
-    scheme = "https" if settings.tls else "http"
     token = key or admin_key(settings)
-    # Loopback to our own gateway, whose certificate may be self-signed.
-    return httpx.Client(base_url=f"{scheme}://127.0.0.1:{settings.gateway_port}", timeout=30, verify=False,  # noqa: S501
+    # Our own gateway (HTTPS after `up --tls`, remembered), whose certificate may be self-signed.
+    return httpx.Client(base_url=settings.gateway_local_url, timeout=30, verify=False,  # noqa: S501
                         headers={"Authorization": f"Bearer {token}"})
 
 

@@ -135,7 +135,12 @@ def _describe(exc: ValidationError, cls: type[CommonSettings]) -> str:
     for err in exc.errors():
         field = ".".join(str(part) for part in err["loc"]) or "(settings)"
         env = f"{prefix}{field.upper()}" if prefix else field
-        lines.append(f"  {field} (env {env} or [{cls.toml_section}] {field}): {err['msg']}")
+        where = f"[{cls.toml_section}] {field}"
+        info = cls.model_fields.get(field)
+        if info is not None and isinstance(info.validation_alias, AliasChoices):  # a shared field
+            env = next((str(c) for c in info.validation_alias.choices if str(c).startswith("APPLIANCE_")), env)
+            where = f"top-level {field} in appliance.toml"
+        lines.append(f"  {field} (env {env} or {where}): {err['msg']}")
     return f"invalid {cls.toml_section or 'appliance'} configuration:\n" + "\n".join(lines)
 
 

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.core.model_files import prepare_default_model
+from appliance.core.entry import CONFIG_ERROR_EXIT
+from appliance.core.model_files import DEFAULT_MODEL_ALIAS, default_model_path, prepare_default_model
+from appliance.core.settings import ConfigError, load_settings
 from appliance.runtime.health import Probe, probe_http, probe_redis
-from appliance.runtime.plan import STAGES, Program, build_plan
+from appliance.runtime.plan import STAGES, STANDBY_SUFFIX, WORKER_STOP_WAIT_S, Program, build_plan
 from appliance.runtime.prometheus_conf import WORKER_TARGETS_FILE, render_prometheus_conf, render_worker_targets
-from appliance.runtime.settings import RuntimeSettings
+from appliance.runtime.settings import RuntimeSettings, WorkerModelView
 from appliance.runtime.supervisor_client import SupervisorClient
 from appliance.runtime.supervisor_conf import render_supervisor_conf, socket_path
 
@@ -57,15 +59,41 @@ class LocalRuntime:
     def supervisor(self) -> SupervisorClient:
         return SupervisorClient(socket_path(self.settings.run_dir))
 
-    def model_path(self) -> Path:
-        if self.settings.model_path is not None:
-            if not self.settings.model_path.is_file():
-                raise RuntimeFailure(f"model file {self.settings.model_path} does not exist")
-            return self.settings.model_path
-        return prepare_default_model(self.settings.data_dir)
+    def served_model(self) -> RuntimeSettings:
+        """The settings with the model resolved: `up --model/--served-name/--slots` over ``[worker]``.
+
+        A model file without an alias is served under its file name (without ``.gguf``).
+        """
+        settings = self.settings
+        try:
+            view = load_settings(WorkerModelView)
+        except ConfigError as exc:
+            raise RuntimeFailure(str(exc)) from None
+        path = settings.model_path or (Path(view.model_path) if view.model_path else None)
+        if path is None:
+            path = default_model_path(settings.data_dir)
+            alias = settings.model_alias or view.model_alias
+        else:
+            if not path.is_file():
+                source = "--model" if settings.model_path else "[worker] model_path"
+                raise RuntimeFailure(f"model file {path} (from {source}) does not exist")
+            path = path.resolve()
+            named = settings.model_alias or ("model_alias" in view.model_fields_set and view.model_alias)
+            alias = named or (path.stem if path != default_model_path(settings.data_dir).resolve() else "")
+        return settings.model_copy(
+            update={
+                "model_path": path,
+                "model_alias": alias or DEFAULT_MODEL_ALIAS,
+                "worker_slots": settings.worker_slots or view.slots,
+            }
+        )
 
     def plan(self) -> list[Program]:
-        return build_plan(self.settings, self.model_path())
+        served = self.served_model()
+        path = served.model_path or default_model_path(self.settings.data_dir)
+        if path == default_model_path(self.settings.data_dir):
+            path = prepare_default_model(self.settings.data_dir)  # assembled once; a hash check afterwards
+        return build_plan(served, path.resolve())
 
     # -- up -----------------------------------------------------------------------------------
     def up(self) -> list[Program]:
@@ -81,7 +109,7 @@ class LocalRuntime:
         else:
             self._apply_config_changes(client)
         for stage in STAGES:
-            programs = [p for p in plan if p.stage == stage]
+            programs = [p for p in plan if p.stage == stage and not p.standby]
             for program in programs:
                 if client.process(program.name)["statename"] != "RUNNING":
                     self.progress(program.name, "starting", "")
@@ -142,6 +170,10 @@ class LocalRuntime:
                 self.progress(program.name, "ready", "")
                 return
             info = self.supervisor.process(program.name)
+            if info["statename"] in {"EXITED", "BACKOFF", "FATAL"} and info.get("exitstatus") == CONFIG_ERROR_EXIT:
+                self.supervisor.stop(program.name)  # no more retries: the same configuration fails the same way
+                self.progress(program.name, "failed", "configuration error")
+                raise RuntimeFailure(f"{program.name} refused its configuration:\n{self._log_tail(program.name)}")
             if info["statename"] in {"FATAL", "BACKOFF"} and time.monotonic() + 5 > deadline:
                 break
             detail = "loading" if last.status == 503 else (last.error or f"HTTP {last.status}")
@@ -150,6 +182,14 @@ class LocalRuntime:
         self.progress(program.name, "failed", last.error or f"HTTP {last.status}")
         log = self.settings.log_dir / f"{program.name}.log"
         raise RuntimeFailure(f"{program.name} did not become ready in {self.settings.ready_timeout_s:.0f}s; see {log}")
+
+    def _log_tail(self, name: str, lines: int = 12) -> str:
+        log = self.settings.log_dir / f"{name}.log"
+        try:
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"(no log at {log})"
+        return "\n".join(text)
 
     # -- down ---------------------------------------------------------------------------------
     def down(self, timeout: float = 60.0) -> bool:
@@ -169,8 +209,10 @@ class LocalRuntime:
             raise RuntimeFailure(f"supervisord (pid {pid}) did not exit in {timeout:.0f}s")
         return True
 
-    def stop_together(self, names: list[str], timeout: float = 120.0) -> None:
+    def stop_together(self, names: list[str], timeout: float | None = None) -> None:
         """Stop programs in parallel (workers each withdraw and drain on SIGTERM: no need to queue them)."""
+        if timeout is None:  # what supervisord itself may wait before SIGKILL, plus a margin
+            timeout = max(WORKER_STOP_WAIT_S, self.settings.drain_s) + 30.0
         client = self.supervisor
         for name in names:
             self.progress(name, "stopping", "")
@@ -191,7 +233,7 @@ class LocalRuntime:
             return sorted(n for n in names if n in {"prometheus", "gpu-exporter"})
         if stage == "maintenance":
             return ["backup"] if "backup" in names else []
-        return [stage] if stage in names else []
+        return [n for n in (stage, stage + STANDBY_SUFFIX) if n in names]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -6,21 +6,38 @@ starting anything.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.core.model_files import DEFAULT_MODEL_ALIAS
+from appliance.core.settings import config_path
 from appliance.runtime.settings import RuntimeSettings
 
-__all__ = ["Program", "build_plan", "find_redis_server", "prometheus_binary", "worker_names"]
+__all__ = [
+    "Program",
+    "build_plan",
+    "certificate_names",
+    "find_redis_server",
+    "lan_addresses",
+    "prometheus_binary",
+    "worker_names",
+]
 
 # Start order; stop order is the reverse.
 STAGES = ("redis", "rag", "inference", "balancer", "gateway", "observability", "maintenance")
 # A stopping worker withdraws, keeps serving while balancers drain it (withdraw_grace_s), then
 # finishes its in-flight generations: give it time before supervisord kills it.
 WORKER_STOP_WAIT_S = 90
+# Past the gateway's and balancer's own drain (drain_s), supervisord waits this much more before SIGKILL.
+DRAIN_MARGIN_S = 15
+# `appliance upgrade` starts these beside the running gateway and balancer on the same port (SO_REUSEPORT).
+STANDBY_SUFFIX = "-next"
 
 
 @dataclass(frozen=True)
@@ -32,6 +49,7 @@ class Program:
     health_url: str | None = None  # HTTP 200 means ready; None means "running" is enough
     redis_port: int | None = None  # readiness by PING instead of HTTP
     stop_wait_s: int = 30
+    standby: bool = False  # started only by `appliance upgrade`, beside the program it stands in for
 
     @property
     def priority(self) -> int:
@@ -73,14 +91,16 @@ def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str) -> lis
         port = settings.worker_port(index)
         env = {
             "APPLIANCE_WORKER_PORT": str(port),
+            # The resolved model: [worker] settings of appliance.toml unless `up --model/...` overrode them.
             "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
-            "APPLIANCE_WORKER_MODEL_ALIAS": settings.model_alias,
-            "APPLIANCE_WORKER_SLOTS": str(settings.worker_slots),
+            "APPLIANCE_WORKER_MODEL_ALIAS": settings.model_alias or DEFAULT_MODEL_ALIAS,
             "APPLIANCE_WORKER_N_THREADS": str(_worker_threads(settings)),
             # The worker announces itself once ready and withdraws on SIGTERM: the balancer
             # follows the registry, so adding or stopping a worker never touches the balancer.
             "APPLIANCE_WORKER_REDIS_URL": redis_url,
         }
+        if settings.worker_slots is not None:
+            env["APPLIANCE_WORKER_SLOTS"] = str(settings.worker_slots)
         programs.append(
             Program(
                 name,
@@ -110,22 +130,34 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
             )
         )
     plan += _workers(settings, model_path, redis_url)
-    plan.append(
-        Program(  # no static worker list: the registry is the membership (scaling keeps this process)
-            "balancer",
-            "balancer",
-            _python("balancer"),
-            {"APPLIANCE_BALANCER_PORT": str(settings.balancer_port), "APPLIANCE_BALANCER_REDIS_URL": redis_url},
-            f"http://127.0.0.1:{settings.balancer_port}/health",
-        )
+    balancer_env = {
+        "APPLIANCE_BALANCER_PORT": str(settings.balancer_port),
+        "APPLIANCE_BALANCER_REDIS_URL": redis_url,
+        "APPLIANCE_BALANCER_SHUTDOWN_DRAIN_S": str(settings.drain_s),
+    }
+    balancer = Program(  # no static worker list: the registry is the membership (scaling keeps this process)
+        "balancer",
+        "balancer",
+        _python("balancer"),
+        balancer_env,
+        f"http://127.0.0.1:{settings.balancer_port}/health",
+        stop_wait_s=settings.drain_s + DRAIN_MARGIN_S,
     )
-    plan.append(_gateway(settings, redis_url))
+    gateway = _gateway(settings, redis_url)
+    plan += [balancer, _standby(balancer), gateway, _standby(gateway)]
     plan += _observability(settings, data)
     if settings.backup_every:
         plan.append(_backup(settings, settings.backup_every))
+    config = config_path()
     for program in plan:
         program.env.setdefault("APPLIANCE_DATA_DIR", str(data))
+        if config is not None:  # services run in the repository: they read the admin's file by its full path
+            program.env.setdefault("APPLIANCE_CONFIG", str(config.resolve()))
     return plan
+
+
+def _standby(program: Program) -> Program:
+    return dataclasses.replace(program, name=program.name + STANDBY_SUFFIX, env=dict(program.env), standby=True)
 
 
 def _redis(settings: RuntimeSettings, data: Path) -> Program:
@@ -144,11 +176,44 @@ def _gateway(settings: RuntimeSettings, redis_url: str) -> Program:
         "APPLIANCE_GATEWAY_BALANCER_URL": f"http://127.0.0.1:{settings.balancer_port}",
         "APPLIANCE_GATEWAY_RAG_URL": f"http://127.0.0.1:{settings.rag_port}",
         "APPLIANCE_GATEWAY_REDIS_URL": redis_url,
+        "APPLIANCE_GATEWAY_SHUTDOWN_DRAIN_S": str(settings.drain_s),
     }
-    if settings.tls:
+    if settings.tls_cert and settings.tls_key:
+        env["APPLIANCE_GATEWAY_TLS_CERT"] = str(settings.tls_cert.resolve())
+        env["APPLIANCE_GATEWAY_TLS_KEY"] = str(settings.tls_key.resolve())
+    elif settings.tls:
         env["APPLIANCE_GATEWAY_TLS_SELF_SIGNED"] = "true"
-    scheme = "https" if settings.tls else "http"
-    return Program("gateway", "gateway", _python("gateway"), env, f"{scheme}://127.0.0.1:{settings.gateway_port}/healthz")
+        env["APPLIANCE_GATEWAY_TLS_NAMES"] = ",".join(certificate_names(settings))
+    return Program(
+        "gateway",
+        "gateway",
+        _python("gateway"),
+        env,
+        f"{settings.gateway_local_url}/healthz",
+        stop_wait_s=settings.drain_s + DRAIN_MARGIN_S,
+    )
+
+
+def certificate_names(settings: RuntimeSettings) -> list[str]:
+    """Names the self-signed certificate covers: this host's names, the bind address and `tls_names`."""
+    names = [socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1", *settings.tls_names]
+    if settings.gateway_host not in ("0.0.0.0", "::"):  # noqa: S104 - comparing names
+        names.append(settings.gateway_host)
+    else:
+        names += lan_addresses()
+    return sorted(dict.fromkeys(n for n in names if n))
+
+
+def lan_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 addresses (what a LAN client would type)."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(str(info[4][0]))
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET address: no packet is sent, the route picks the interface
+        found.add(str(probe.getsockname()[0]))
+    return sorted(a for a in found if not a.startswith("127."))
 
 
 def _backup(settings: RuntimeSettings, every: str) -> Program:

@@ -17,7 +17,7 @@ WORKER_TARGETS_FILE = "prometheus-workers.json"
 def scrape_targets(settings: RuntimeSettings) -> dict[str, list[str]]:
     workers = [f"127.0.0.1:{settings.worker_port(i)}" for i in range(1, settings.workers + 1)]
     targets = {
-        "gateway": [f"127.0.0.1:{settings.gateway_port}"],
+        "gateway": [settings.gateway_local_url.split("://", 1)[1]],
         "balancer": [f"127.0.0.1:{settings.balancer_port}"],
         "inference": workers,
         "gpu-exporter": [f"127.0.0.1:{settings.exporter_port}"],

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from appliance.core.hop import INTERNAL_TOKEN_HEADER
 from appliance.runtime.local import LocalRuntime, RuntimeFailure
 from appliance.runtime.plan import Program
 
@@ -23,7 +24,7 @@ class BalancerView:
     """The balancer's `/workers` listing (internal token)."""
 
     def __init__(self, base_url: str, token: str, timeout: float = 10.0) -> None:
-        self._client = httpx.Client(base_url=base_url, headers={"X-Internal-Token": token}, timeout=timeout)
+        self._client = httpx.Client(base_url=base_url, headers={INTERNAL_TOKEN_HEADER: token}, timeout=timeout)
 
     def close(self) -> None:
         self._client.close()
@@ -82,15 +83,25 @@ def _replace(runtime: LocalRuntime, view: BalancerView, program: Program, reload
     _start_and_admit(runtime, view, program)
 
 
-def rolling_restart(runtime: LocalRuntime) -> list[str]:
-    """Restart workers one at a time, each drained before it stops and admitted again before the next."""
-    plan = runtime.plan()
+def rolling_restart(runtime: LocalRuntime, allow_outage: bool = False) -> list[str]:
+    """Restart workers one at a time, each drained before it stops and admitted again before the next.
+
+    Refused with a single worker (nobody would serve meanwhile) unless ``allow_outage``.
+    """
     supervisor = runtime.supervisor
     names = sorted((i["name"] for i in supervisor.processes() if i["name"].startswith("inference-")), key=_index)
+    if len(names) < 2 and not allow_outage:
+        raise RuntimeFailure(
+            "only one inference worker: restarting it leaves no one serving; run `appliance scale inference=2` "
+            "first (or pass --allow-outage)"
+        )
+    plan = runtime.plan()
+    runtime.write_files(plan)  # an edited appliance.toml ([worker] model...) applies worker by worker
+    _added, changed, _removed = supervisor.reload_config()
     view = _view(runtime)
     try:
         for name in names:
-            _replace(runtime, view, _program(plan, name), reload_group=False)
+            _replace(runtime, view, _program(plan, name), reload_group=name in changed)
     finally:
         view.close()
     return names

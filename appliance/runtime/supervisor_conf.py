@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from appliance.core.entry import CONFIG_ERROR_EXIT
 from appliance.runtime.plan import Program
 
 __all__ = ["render_supervisor_conf", "socket_path"]
@@ -36,9 +37,12 @@ def _program(program: Program, log_dir: Path, cwd: Path) -> str:
             f"environment={_env_line(program.env)}" if program.env else "",
             f"priority={program.priority}",
             "autostart=false",  # the CLI starts programs in dependency order and waits for each stage
-            "autorestart=true",
+            # A crash is restarted; exit status 2 is a configuration error (appliance.core.entry): restarting
+            # cannot fix it, so it stays down (EXITED) and `appliance up` reports it at once.
+            "autorestart=unexpected",
+            f"exitcodes={CONFIG_ERROR_EXIT}",
             "startsecs=1",
-            "startretries=1000",
+            "startretries=3",
             "stopsignal=TERM",
             f"stopwaitsecs={program.stop_wait_s}",
             "stopasgroup=true",

@@ -50,7 +50,10 @@ def test_supervisor_conf_parses_and_autostarts_nothing(settings: RuntimeSettings
     assert len(programs) == len(plan)
     for section in programs:
         assert parser.get(section, "autostart") == "false"
-        assert parser.get(section, "autorestart") == "true"
+        # crashes restart; a configuration error (exit 2) does not, and fast failures stop after 3 tries
+        assert parser.get(section, "autorestart") == "unexpected"
+        assert parser.get(section, "exitcodes") == "2"
+        assert parser.get(section, "startretries") == "3"
     assert "100%%.gguf" in parser.get("program:inference-1", "environment")
 
 
@@ -115,3 +118,99 @@ def test_scaling_rewrites_only_worker_programs(settings: RuntimeSettings, tmp_pa
     for name, section in one.items():
         if not name.startswith("program:inference-"):
             assert five[name] == section, name
+
+
+def _toml(tmp_path: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "appliance.toml"
+    path.write_text(text)
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(path))
+    return path
+
+
+def test_the_worker_table_names_the_model_and_flags_override_it(
+    settings: RuntimeSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.runtime.local import LocalRuntime
+
+    own = tmp_path / "llama.gguf"
+    own.write_bytes(b"GGUF")
+    config = _toml(tmp_path, f'[worker]\nmodel_path = "{own}"\nmodel_alias = "my-llama"\nslots = 3\n', monkeypatch)
+    served = LocalRuntime(settings).served_model()
+    assert (served.model_path, served.model_alias, served.worker_slots) == (own, "my-llama", 3)
+    worker = next(p for p in build_plan(served, own) if p.name == "inference-1")
+    assert worker.env["APPLIANCE_WORKER_MODEL_PATH"] == str(own)
+    assert worker.env["APPLIANCE_WORKER_MODEL_ALIAS"] == "my-llama"
+    assert worker.env["APPLIANCE_WORKER_SLOTS"] == "3"
+    assert worker.env["APPLIANCE_CONFIG"] == str(config)  # services read the admin's file wherever they run
+
+    other = tmp_path / "Other-Model-Q4.gguf"
+    other.write_bytes(b"GGUF")
+    flagged = LocalRuntime(settings.model_copy(update={"model_path": other, "worker_slots": 2})).served_model()
+    assert (flagged.model_path, flagged.worker_slots) == (other, 2)
+    assert flagged.model_alias == "my-llama"  # the file's alias still applies; --served-name would override it
+    _toml(tmp_path, f'[worker]\nmodel_path = "{other}"\n', monkeypatch)
+    assert LocalRuntime(settings).served_model().model_alias == "Other-Model-Q4"  # no alias: the file name
+
+
+def test_a_missing_model_file_is_named(
+    settings: RuntimeSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.runtime.local import LocalRuntime, RuntimeFailure
+
+    _toml(tmp_path, '[worker]\nmodel_path = "/nowhere/x.gguf"\n', monkeypatch)
+    with pytest.raises(RuntimeFailure, match=r"/nowhere/x.gguf \(from \[worker\] model_path\)"):
+        LocalRuntime(settings).served_model()
+
+
+def test_shared_fields_name_their_shared_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.core.settings import ConfigError, load_settings
+    from inference.settings import WorkerSettings
+
+    monkeypatch.chdir(tmp_path)
+    _toml(tmp_path, 'log_level = "LOUD"\n[worker]\nslots = 0\n', monkeypatch)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(WorkerSettings)
+    message = str(caught.value)
+    assert "env APPLIANCE_LOG_LEVEL " in message and "APPLIANCE_WORKER_LOG_LEVEL" not in message
+    assert "env APPLIANCE_WORKER_SLOTS or [worker] slots" in message
+
+
+def test_tls_flags_reach_the_gateway(settings: RuntimeSettings, tmp_path: Path) -> None:
+    lan = settings.model_copy(update={"tls": True, "gateway_host": "192.0.2.10", "tls_names": ["chat.corp"]})
+    gateway = next(p for p in build_plan(lan, tmp_path / "m.gguf") if p.name == "gateway")
+    assert gateway.env["APPLIANCE_GATEWAY_HOST"] == "192.0.2.10"
+    assert gateway.env["APPLIANCE_GATEWAY_TLS_SELF_SIGNED"] == "true"
+    assert {"192.0.2.10", "chat.corp", "localhost"} <= set(gateway.env["APPLIANCE_GATEWAY_TLS_NAMES"].split(","))
+    assert gateway.health_url == "https://192.0.2.10:8000/healthz"  # bound to one address: probed there
+    assert gateway.stop_wait_s > lan.drain_s  # supervisord lets the gateway drain long streams first
+    assert gateway.env["APPLIANCE_GATEWAY_SHUTDOWN_DRAIN_S"] == str(lan.drain_s)
+    others = [p for p in build_plan(lan, tmp_path / "m.gguf") if p.stage != "gateway"]  # gateway and stand-in
+    assert all(p.env.get("APPLIANCE_WORKER_HOST", "127.0.0.1") == "127.0.0.1" for p in others)
+    assert "192.0.2.10" not in str([p.env for p in others])  # internal services stay on loopback
+
+    own = RuntimeSettings(data_dir=tmp_path, tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem")
+    assert own.tls and own.scheme == "https"
+    gateway = next(p for p in build_plan(own, tmp_path / "m.gguf") if p.name == "gateway")
+    assert gateway.env["APPLIANCE_GATEWAY_TLS_CERT"] == str(tmp_path / "c.pem")
+    assert "APPLIANCE_GATEWAY_TLS_SELF_SIGNED" not in gateway.env
+
+
+def test_self_signed_certificate_covers_the_served_names(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from gateway.tls import self_signed_pair
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = self_signed_pair(tmp_path, ["chat.corp", "192.0.2.10"])
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(cert), "-noout", "-text"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("DNS:chat.corp", "IP Address:192.0.2.10", "DNS:localhost", "IP Address:127.0.0.1"):
+        assert name in text
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    before = cert.read_bytes()
+    assert self_signed_pair(tmp_path, ["192.0.2.10", "chat.corp"])[0].read_bytes() == before  # same names: kept
+    self_signed_pair(tmp_path, ["chat.corp", "192.0.2.11"])
+    assert cert.read_bytes() != before  # a new address: a new certificate
