@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from yarl import URL
 
 from appliance.core.errors import APIError, bad_request, error_body, not_found, overloaded
 from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER
-from appliance.core.request_id import HEADER as REQUEST_ID
-from appliance.core.request_id import request_id_var
+from appliance.core.hop import REQUEST_ID_HEADER as REQUEST_ID
+from appliance.core.request_id import is_sane, request_id_var
 from appliance.core.sse import encode_error
 from balancer.fairqueue import ANONYMOUS, BATCH, INTERACTIVE, PRIORITIES, Caller, Demand, Waiter
 from balancer.health import note_failure
@@ -46,7 +45,6 @@ _HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "content-length", "date", "server",
 })
 _SSE = "text/event-stream"
-_SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # as appliance.core.request_id: ids land in logs
 _TAIL = 2048  # bytes of a stream's end kept to see how it ended
 QUEUE_WAIT_HEADER = "X-Appliance-Queue-Wait"  # seconds this request waited for a slot (when it waited)
 _MAX_WEIGHT = 1000.0
@@ -149,7 +147,7 @@ class Proxy:
         demand = Demand(caller)
         model, stream = self._target(body, demand)
         given = incoming.get(REQUEST_ID)
-        request_id = given if given and _SANE_ID.match(given) else f"{self._id_prefix}{next(self._id_counter):x}"
+        request_id = given if given and is_sane(given) else f"{self._id_prefix}{next(self._id_counter):x}"
         request_id_var.set(request_id)
         headers = {
             "Content-Type": incoming.get("Content-Type", "application/json"),
@@ -438,7 +436,7 @@ def _caller(headers: CIMultiDictProxy[str]) -> Caller:
     priority = headers.get(PRIORITY_HEADER)
     if key_id is None and priority is None:
         return ANONYMOUS
-    if key_id is None or not _SANE_ID.match(key_id):
+    if key_id is None or not is_sane(key_id):
         key_id = ""
     weight = 1.0
     raw = headers.get(WEIGHT_HEADER)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import error_body
+from appliance.core.hop import REQUEST_ID_HEADER
 from appliance.core.request_id import accept_or_mint, request_id_var
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from gateway.metrics import GatewayMetrics
 
 __all__ = ["AccessRecord", "access_middleware", "access_record"]
+
+_REQUEST_ID_RAW = REQUEST_ID_HEADER.lower().encode()  # ASGI header names are lower-case bytes
 
 _log = logging.getLogger("gateway.access")
 _STATE_KEY = "gateway_access"
@@ -54,7 +57,7 @@ def access_record(request: Request[Any, Any, Any]) -> AccessRecord:
 
 def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
+        if name == _REQUEST_ID_RAW:
             return value.decode("latin-1")
     return None
 
@@ -86,7 +89,7 @@ def access_middleware(metrics: GatewayMetrics) -> Any:
             token = request_id_var.set(request_id)
             record = AccessRecord(request_id=request_id)
             scope.setdefault("state", {})[_STATE_KEY] = record
-            id_header = (b"x-request-id", request_id.encode())
+            id_header = (_REQUEST_ID_RAW, request_id.encode())
             if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
                 request_id_var.reset(token)
                 await _refuse_headers(send, id_header)

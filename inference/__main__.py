@@ -8,8 +8,7 @@ import sys
 
 from aiohttp import web
 
-from appliance.core.logging import configure_logging
-from appliance.core.settings import ConfigError, load_settings
+from appliance.core.entry import load_or_exit
 from inference.app import create_app
 from inference.keys import SERVICE
 from inference.registration import withdraw_before_stop
@@ -42,12 +41,7 @@ async def serve(settings: WorkerSettings) -> int:
 
 
 def main() -> int:
-    try:
-        settings = load_settings(WorkerSettings)
-    except ConfigError as exc:
-        sys.stderr.write(f"{exc}\n")  # logging is not configured yet
-        return 2
-    configure_logging("worker", settings.log_level, settings.log_json)
+    settings = load_or_exit(WorkerSettings, "worker")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     return asyncio.run(serve(settings))
 

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from appliance.core.logging import configure_logging
-from appliance.core.settings import ConfigError, load_settings
+from appliance.core.entry import load_or_exit
 
 
 def main() -> int:
     from rag.settings import RagSettings
 
-    try:
-        settings = load_settings(RagSettings)
-    except ConfigError as exc:
-        sys.stderr.write(f"rag: {exc}\n")
-        return 2
-    configure_logging("rag", settings.log_level, settings.log_json)
+    settings = load_or_exit(RagSettings, "rag")
     from aiohttp import web
 
     from rag.app import create_app

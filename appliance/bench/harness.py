@@ -152,8 +152,8 @@ def service(
     try:
         if ready is not None:
             what = f"{Path(argv[0]).name} {' '.join(argv[1:3])}".strip() + (f" (log {log})" if log else "")
-            check = ready if callable(ready) else (lambda url=ready: http_ok(url, headers))
-            wait_until(check, timeout, what, proc)
+            url = ready
+            wait_until(ready if callable(ready) else lambda: http_ok(str(url), headers), timeout, what, proc)
         yield proc
     finally:
         _stop(proc)

@@ -1,4 +1,4 @@
-"""Request ids: accepted from the client when sane, minted otherwise, passed to every hop."""
+"""Request ids: accepted from the client when sane, minted otherwise, passed to every hop (header: core.hop)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import re
 import uuid
 from contextvars import ContextVar
 
-__all__ = ["HEADER", "accept_or_mint", "current_request_id", "mint", "request_id_var"]
+__all__ = ["accept_or_mint", "current_request_id", "is_sane", "mint", "request_id_var"]
 
-HEADER = "X-Request-Id"
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -18,11 +17,13 @@ def mint() -> str:
     return uuid.uuid4().hex
 
 
+def is_sane(incoming: str | None) -> bool:
+    """A client's id is kept only if it is short and plain (it lands in logs)."""
+    return bool(incoming) and _SANE.match(incoming or "") is not None
+
+
 def accept_or_mint(incoming: str | None) -> str:
-    """Keep a client's id only if it is short and plain (it lands in logs)."""
-    if incoming and _SANE.match(incoming):
-        return incoming
-    return mint()
+    return incoming if incoming and is_sane(incoming) else mint()
 
 
 def current_request_id() -> str | None:
