@@ -9,16 +9,38 @@ error passes through with its status.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
 
 from appliance.core.errors import APIError, error_body, overloaded
-from appliance.core.hop import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
+from appliance.core.hop import INTERNAL_TOKEN_HEADER, KEY_ID_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, WEIGHT_HEADER
 from appliance.core.request_id import current_request_id
 
-__all__ = ["Upstream", "UpstreamReply", "decode_json_object", "ensure_error_body"]
+if TYPE_CHECKING:
+    from gateway.keys import Principal
+
+__all__ = ["CLIENT_PRIORITY_HEADER", "Upstream", "UpstreamReply", "decode_json_object", "ensure_error_body",
+           "use_caller"]
+
+# A client may lower its request's priority with this header (or OpenAI's ``service_tier: "flex"``).
+CLIENT_PRIORITY_HEADER = "X-Priority"
+_IDENTITY = (KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER)
+_IDENTITY_LOWER = frozenset(name.lower() for name in _IDENTITY)
+# The caller of the request being handled, as hop headers (set once admission knows the key).
+_caller: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("gateway_caller", default=())
+
+
+def use_caller(principal: Principal, asked_priority: object = None) -> None:
+    """From here on in this request, calls upstream say who is asking: the key's id (never the key),
+    its priority (lowered to batch when the request asks) and its fair-share weight."""
+    _caller.set((
+        (KEY_ID_HEADER, principal.key_id),
+        (PRIORITY_HEADER, principal.scheduled_priority(asked_priority)),
+        (WEIGHT_HEADER, f"{principal.weight:g}"),
+    ))
 
 # Hop-by-hop and framing headers never copied between hops.
 _DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
@@ -74,8 +96,9 @@ class Upstream:
         request_id = current_request_id()
         if request_id:
             headers[REQUEST_ID_HEADER] = request_id
-        if extra:
-            headers.update(extra)
+        if extra:  # identity comes from the authenticated key only, never from what a caller passed along
+            headers.update((k, v) for k, v in extra.items() if k.lower() not in _IDENTITY_LOWER)
+        headers.update(_caller.get())
         return headers
 
     def _unreachable(self, exc: BaseException) -> APIError:

@@ -83,15 +83,25 @@ def _replace(runtime: LocalRuntime, view: BalancerView, program: Program, reload
     _start_and_admit(runtime, view, program)
 
 
-def rolling_restart(runtime: LocalRuntime) -> list[str]:
-    """Restart workers one at a time, each drained before it stops and admitted again before the next."""
-    plan = runtime.plan()
+def rolling_restart(runtime: LocalRuntime, allow_outage: bool = False) -> list[str]:
+    """Restart workers one at a time, each drained before it stops and admitted again before the next.
+
+    Refused with a single worker (nobody would serve meanwhile) unless ``allow_outage``.
+    """
     supervisor = runtime.supervisor
     names = sorted((i["name"] for i in supervisor.processes() if i["name"].startswith("inference-")), key=_index)
+    if len(names) < 2 and not allow_outage:
+        raise RuntimeFailure(
+            "only one inference worker: restarting it leaves no one serving; run `appliance scale inference=2` "
+            "first (or pass --allow-outage)"
+        )
+    plan = runtime.plan()
+    runtime.write_files(plan)  # an edited appliance.toml ([worker] model...) applies worker by worker
+    _added, changed, _removed = supervisor.reload_config()
     view = _view(runtime)
     try:
         for name in names:
-            _replace(runtime, view, _program(plan, name), reload_group=False)
+            _replace(runtime, view, _program(plan, name), reload_group=name in changed)
     finally:
         view.close()
     return names

@@ -32,6 +32,8 @@ def _services(runtime: LocalRuntime, plan: list[Program]) -> list[dict[str, Any]
     log = runtime.settings.log_dir / "supervisord.log"
     rows = []
     for program in plan:
+        if program.standby and infos.get(program.name, {}).get("statename") != "RUNNING":
+            continue  # a stand-in, shown only while `appliance upgrade` runs it
         info = infos.get(program.name, {})
         state = info.get("statename", "ABSENT")
         probe = runtime.probe(program) if state == "RUNNING" else None
@@ -142,14 +144,13 @@ def collect_status(runtime: LocalRuntime) -> tuple[int, dict[str, Any]]:
         for s in services
         if s["name"].startswith("inference-")
     ]
-    scheme = "https" if settings.tls else "http"
     report: dict[str, Any] = {
         "services": services,
         "workers": workers,
         "redis": _redis(settings.redis_port),
         "rag": _rag(settings.rag_port, settings.resolved_internal_token()) if settings.with_rag else None,
         "gpu": gpu_summary(),
-        "cache_hit_rate": _cache_hit_rate(f"{scheme}://127.0.0.1:{settings.gateway_port}"),
+        "cache_hit_rate": _cache_hit_rate(settings.gateway_local_url),
     }
     healthy = [s["healthy"] for s in services]
     gateway_ok = any(s["healthy"] for s in services if s["name"] == "gateway")
