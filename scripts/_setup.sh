@@ -1,4 +1,5 @@
 # Sourced by scripts/run and scripts/test: a .venv with the project installed.
+# Usage: source scripts/_setup.sh [EXTRAS]   (e.g. "test,dev"; none = what running needs)
 # Re-running is fast: pip skips what is already satisfied (the llama-cpp-python
 # wheel, built once from source, is reused from pip's cache).
 set -euo pipefail
@@ -10,10 +11,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip wheel
 fi
-stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-$1
+extras="${1:-}"
+spec="."
+[ -z "$extras" ] || spec=".[$extras]"
+stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras:-run}
 if [ ! -f "$stamp" ]; then
-  echo "==> installing the project ($1) — the first time builds llama-cpp-python (~10 min on 2 cores)" >&2
-  .venv/bin/pip install --quiet --disable-pip-version-check -e ".[$1]"
+  echo "==> installing the project (${extras:-run}) — the first time builds llama-cpp-python (~10 min on 2 cores)" >&2
+  .venv/bin/pip install --quiet --disable-pip-version-check -e "$spec"
   touch "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"
