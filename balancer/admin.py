@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from appliance.core import strict_json
 from appliance.core.errors import bad_request, not_found
 from balancer.health import Prober
 from balancer.http import json_response, require_token
@@ -73,7 +74,7 @@ async def _url_from(request: web.Request) -> str:
     raw = request.query.get("url")
     if raw is None and request.can_read_body:
         try:
-            payload = await request.json()
+            payload = await request.json(loads=strict_json.loads)
         except ValueError:
             raise bad_request("Body must be JSON like {\"url\": \"http://host:port\"}.") from None
         raw = payload.get("url") if isinstance(payload, dict) else None

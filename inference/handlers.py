@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from appliance.core import strict_json
 from appliance.core.errors import APIError, bad_request
 from appliance.core.sse import DONE, encode_data, encode_error
 from appliance.core.wire import (
@@ -33,7 +34,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 async def _json_body(request: web.Request) -> Any:
     try:
-        return await request.json(loads=json.loads)
+        return await request.json(loads=strict_json.loads)  # lone surrogates: a 400 here, not a 500 later
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad_request("The request body is not valid JSON.") from None
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from appliance.core import strict_json
 from appliance.core.errors import bad_request, not_found
 from appliance.core.metrics import CONTENT_TYPE, render
 from appliance.core.wire import EmbeddingRequest, parse_request
@@ -31,7 +32,7 @@ def _service(request: web.Request) -> RagService:
 
 async def _body(request: web.Request) -> Any:
     try:
-        return await request.json()
+        return await request.json(loads=strict_json.loads)  # lone surrogates: a 400 here, not a 500 later
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad_request("The request body is not valid JSON.") from None
 

@@ -3,8 +3,8 @@
 The routes are enumerated from each service's own app factory (so a route added later is
 checked without editing this file), then probed on the live processes: a route not on
 the public list must answer 401 without credentials (and with a wrong one); a gateway
-route must also answer 403 to some valid key that lacks its scope, unless it is on the
-short "any valid key" list.
+route must let a key with its declared scope past the scope check and answer 403, naming
+that scope, to a key of every other scope, unless it is on the short "any valid key" list.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ pytestmark = pytest.mark.integration
 GATEWAY_PUBLIC = {"/healthz", "/readyz", "/metrics"}
 GATEWAY_UI_PAGES = {"/", "/admin"}  # static HTML of the web UI; every call it makes needs a key
 GATEWAY_PUBLIC_PREFIXES = ("/schema", "/static")  # OpenAPI document + viewers; web UI assets
-GATEWAY_ANY_KEY = {"/v1/models"}  # any valid key may list models (filtered by the key's allowed models)
+GATEWAY_ANY_KEY = ("/v1/models",)  # any valid key may list and read models (filtered by the key's allowed models)
+# The scope each protected gateway route declares (docs/CONTRACTS.md "Keys"); a route matching none is a failure.
+DECLARED_SCOPES = (
+    (re.compile(r"^/v1/(chat/)?completions$"), "chat"),
+    (re.compile(r"^/v1/embeddings$"), "embeddings"),
+    (re.compile(r"^(/v1)?/(collections|jobs)(/|$)"), "collections"),
+    (re.compile(r"^/admin/"), "admin"),
+)
 INTERNAL_PUBLIC = {"/health", "/metrics"}  # docs/CONTRACTS.md "Internal token"
 SCOPES = ("chat", "embeddings", "collections", "admin")
 PARAM_VALUES = {"key_id": "k-0", "path": "docs", "job_id": "job-0", "name": "docs", "document_id": "doc-0",
@@ -103,6 +110,27 @@ def test_every_internal_route_is_public_or_needs_the_token(security_stack: Stack
     assert not failures, failures
 
 
+def declared_scope(path: str) -> str | None:
+    return next((scope for pattern, scope in DECLARED_SCOPES if pattern.match(path)), None)
+
+
+def _scope_failures(client: httpx.Client, method: str, path: str, keys: dict[str, str]) -> list[str]:
+    """Its own scope's key gets past the scope check; every other scope's key gets a 403 naming that scope."""
+    scope = declared_scope(path)
+    if scope is None:
+        return [f"{method} {path}: no declared scope (add it to DECLARED_SCOPES)"]
+    failures = []
+    for holder, key in keys.items():
+        response = client.request(method, concrete(path), content=b"{}" if method in ("POST", "PUT", "PATCH") else None,
+                                  headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        if holder == scope:
+            if response.status_code in (401, 403):
+                failures.append(f"{method} {path}: its own scope {scope!r} got {response.status_code}")
+        elif response.status_code != 403 or f"'{scope}' scope" not in response.text:
+            failures.append(f"{method} {path} ({scope}): a {holder!r} key got {response.status_code}, want 403")
+    return failures
+
+
 def test_every_gateway_route_is_public_or_needs_key_and_scope(security_stack: Stack, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     _empty_config(tmp_path, monkeypatch)
@@ -120,12 +148,13 @@ def test_every_gateway_route_is_public_or_needs_key_and_scope(security_stack: St
             for headers in (None, {"Authorization": "Bearer sk-not-a-real-key"}, {"Authorization": "Basic eDp5"}):
                 if (status := probe(client, method, url, headers)) != 401:
                     failures.append(f"{method} {path} with {headers}: {status}, want 401")
-            if path in GATEWAY_ANY_KEY:
+            if path.startswith(GATEWAY_ANY_KEY):
+                statuses = {scope: probe(client, method, url, {"Authorization": f"Bearer {key}"})
+                            for scope, key in keys.items()}
+                failures += [f"{method} {path}: any valid key, but {statuses}" for s in statuses.values()
+                             if s in (401, 403)][:1]
                 continue
-            statuses = {scope: probe(client, method, url, {"Authorization": f"Bearer {key}"})
-                        for scope, key in keys.items()}
-            if 403 not in statuses.values():
-                failures.append(f"{method} {path}: no key lacking its scope got 403: {statuses}")
+            failures += _scope_failures(client, method, path, keys)
     record_figures("route_inventory_gateway", routes=len(routes), protected=protected, public=public,
                    failures=len(failures))
     assert not failures, failures
