@@ -16,12 +16,12 @@ from typing import Any
 import msgspec
 
 from appliance.core.errors import APIError, bad_request
+from appliance.core.rag_wire import DEFAULT_TOP_K, validate_collection_name
 from appliance.core.wire import ChatCompletionRequest, ChatMessage, message_text
 from gateway.upstream import Upstream, decode_json_object, ensure_error_body
 
 __all__ = ["RagOptions", "augment", "build_context", "fence_nonce", "neutralise", "parse_rag_options"]
 
-_COLLECTION = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _MARKERS = [
     re.compile(r"<\|[^|<>\n]{1,40}\|>"),                  # <|im_start|>, <|eot_id|>, <|start_header_id|>
     re.compile(r"</?(?:start_of_turn|end_of_turn|s|bos|eos|think)>", re.IGNORECASE),  # Gemma, Llama 2
@@ -39,14 +39,12 @@ PREAMBLE = (
 
 class RagOptions(msgspec.Struct, frozen=True):
     collection: str
-    top_k: int = 4
+    top_k: int = DEFAULT_TOP_K
 
 
 def parse_rag_options(raw: dict[str, Any]) -> RagOptions:
-    collection = raw.get("collection")
-    if not isinstance(collection, str) or not _COLLECTION.match(collection):
-        raise bad_request("rag.collection must match ^[a-z0-9][a-z0-9_-]{0,62}$.", param="rag.collection")
-    top_k = raw.get("top_k", 4)
+    collection = validate_collection_name(raw.get("collection"), param="rag.collection")
+    top_k = raw.get("top_k", DEFAULT_TOP_K)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 20:
         raise bad_request("rag.top_k must be an integer between 1 and 20.", param="rag.top_k")
     return RagOptions(collection=collection, top_k=top_k)

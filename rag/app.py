@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from appliance.core.edge import edge_middleware
-from rag.embedder import Embedder, EmbedderOptions, load_embedder
+from rag.embedder import load_embedder
+from rag.embedding import Embedder, EmbedderOptions
 from rag.metrics import RagMetrics
 from rag.routes import add_routes
 from rag.service import RagService

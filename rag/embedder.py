@@ -11,12 +11,13 @@ import logging
 import os
 import re
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from rag.embedding import Embedder, EmbedderOptions, Vectors
 
 __all__ = [
     "Embedder",
@@ -31,29 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-Vectors = npt.NDArray[np.float32]
-
-
-class Embedder(Protocol):
-    """Turns texts into L2-normalised float32 vectors; knows its own tokenizer."""
-
-    @property
-    def model_name(self) -> str: ...
-
-    @property
-    def dimension(self) -> int: ...
-
-    def encode(self, texts: list[str]) -> Vectors: ...
-
-    def encode_queries(self, texts: list[str]) -> Vectors:
-        """Like ``encode``, for a few short search queries (may use a faster, close approximation)."""
-        ...
-
-    def token_offsets(self, text: str) -> list[tuple[int, int]]:
-        """Character spans of the model's tokens in ``text`` (for chunking by tokens)."""
-        ...
-
-    def count_tokens(self, texts: list[str]) -> int: ...
 
 
 def _normalise(vectors: npt.NDArray[Any]) -> Vectors:
@@ -136,20 +114,6 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass(frozen=True)
-class EmbedderOptions:
-    """How to load the embedding model (from RagSettings; the bench builds its own)."""
-
-    model_path: str = ""
-    device: str = "auto"
-    batch_size: int = 32
-    threads: int = 0
-    backend: str = "auto"  # auto | torch | onnx
-    cache_dir: Path | None = None  # where ONNX exports are kept; None: the torch backend only
-    query_threads: int = 0
-    query_int8: bool = False
 
 
 def load_embedder(options: EmbedderOptions) -> Embedder:

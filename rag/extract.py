@@ -9,27 +9,9 @@ from html.parser import HTMLParser
 from pathlib import PurePath
 
 from appliance.core.errors import bad_request, unsupported_media_type
+from appliance.core.rag_wire import format_of
 
 __all__ = ["ParsedDocument", "Section", "detect_format", "extract"]
-
-FORMATS = ("text", "markdown", "html", "pdf")
-_BY_SUFFIX = {
-    ".txt": "text",
-    ".text": "text",
-    ".md": "markdown",
-    ".markdown": "markdown",
-    ".html": "html",
-    ".htm": "html",
-    ".pdf": "pdf",
-}
-_BY_MIME = {
-    "text/plain": "text",
-    "text/markdown": "markdown",
-    "text/x-markdown": "markdown",
-    "text/html": "html",
-    "application/xhtml+xml": "html",
-    "application/pdf": "pdf",
-}
 
 
 @dataclass(frozen=True)
@@ -51,13 +33,10 @@ class ParsedDocument:
 
 def detect_format(filename: str | None, content_type: str | None) -> str:
     """The format from the file name, else the part's media type; 415 when neither is known."""
-    suffix = PurePath(filename or "").suffix.lower()
-    if suffix in _BY_SUFFIX:
-        return _BY_SUFFIX[suffix]
-    mime = (content_type or "").split(";")[0].strip().lower()
-    if not suffix and mime in _BY_MIME:
-        return _BY_MIME[mime]
-    shown = suffix or mime or "unknown"
+    fmt = format_of(filename, content_type)
+    if fmt is not None:
+        return fmt
+    shown = PurePath(filename or "").suffix.lower() or (content_type or "").split(";")[0].strip().lower() or "unknown"
     raise unsupported_media_type(f"Unsupported document type {shown!r}; upload .txt, .md, .pdf or .html files.")
 
 

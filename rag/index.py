@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rag.durable import fsync_path
-from rag.embedder import Vectors
+from rag.embedding import Vectors
 
 __all__ = ["GPU_MAX_K", "ApproxParams", "CollectionIndex", "Mirror", "gpu_mirror", "recall_at_k"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from rag.embedder import EmbedderOptions, Vectors
+from rag.embedding import EmbedderOptions, Vectors
 from rag.onnx_model import ENCODER, ENCODER_INT8, ModelLayout, OnnxUnavailable, cached_export
 
 __all__ = ["OnnxEmbedder", "load_onnx_embedder"]

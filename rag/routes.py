@@ -14,6 +14,7 @@ from aiohttp import web
 from appliance.core import strict_json
 from appliance.core.errors import bad_request, not_found
 from appliance.core.metrics import CONTENT_TYPE, render
+from appliance.core.rag_wire import SearchQuery
 from appliance.core.wire import EmbeddingRequest, parse_request
 from rag.embedder import Vectors
 from rag.jobs import Job
@@ -181,13 +182,8 @@ async def delete_document(request: web.Request) -> web.Response:
 
 
 async def search(request: web.Request) -> web.Response:
-    body = await _body(request)
-    if not isinstance(body, dict) or not isinstance(body.get("query"), str):
-        raise bad_request("query is required.", param="query")
-    top_k = body.get("top_k", 4)
-    if not isinstance(top_k, int) or isinstance(top_k, bool):
-        raise bad_request("top_k must be an integer.", param="top_k")
-    results = await _service(request).search(request.match_info["name"], body["query"], top_k)
+    query = parse_request(SearchQuery, await _body(request))
+    results = await _service(request).search(request.match_info["name"], query.query, query.top_k)
     return web.json_response({"object": "list", "results": results})
 
 

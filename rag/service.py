@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -23,30 +22,20 @@ from typing import Any, TypeVar
 import numpy as np
 
 from appliance.core.errors import APIError, bad_request, not_found
+from appliance.core.rag_wire import validate_collection_name
 from rag.chunker import Chunk, chunk_sections, embedding_text
-from rag.embedder import Embedder, Vectors
+from rag.embedding import Embedder, Vectors
 from rag.extract import ParsedDocument, extract
 from rag.index import ApproxParams, CollectionIndex, Mirror, gpu_mirror
 from rag.metrics import CollectionStats, RagMetrics
 from rag.settings import RagSettings
 from rag.store import ChunkHit, CollectionRow, DocumentRow, DocumentStore, DuplicateDocument, NewDocument
 
-__all__ = ["Progress", "RagService", "Upload", "validate_collection_name"]
+__all__ = ["Progress", "RagService", "Upload"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Progress = Callable[[int, int], None]
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-
-def validate_collection_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise bad_request(
-            "Invalid collection name: use 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit.",
-            param="name",
-            code="invalid_collection_name",
-        )
-    return name
 
 
 @dataclass(frozen=True)

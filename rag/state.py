@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from appliance.core.errors import APIError, overloaded
-from rag.embedder import Embedder
+from rag.embedding import Embedder
 from rag.jobs import JobRunner
 from rag.metrics import RagMetrics
 from rag.service import RagService

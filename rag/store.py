@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rag.chunker import Chunk
-from rag.embedder import Vectors
+from rag.embedding import Vectors
 
 __all__ = ["ChunkHit", "CollectionRow", "DocumentRow", "DocumentStore", "DuplicateDocument", "NewDocument"]
 

@@ -8,12 +8,12 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from appliance.core.errors import bad_request, payload_too_large, unsupported_media_type
+from appliance.core.rag_wire import JSON_FORMATS
 from rag.extract import detect_format
 from rag.service import Upload
 
 __all__ = ["read_upload"]
 
-_JSON_FORMATS = ("text", "markdown", "html")
 _FORM_SLACK = 64 * 1024  # multipart headers and small fields around the file
 
 
@@ -61,8 +61,8 @@ def _from_json(body: Any, limit: int) -> Upload:
         raise bad_request("text must be a non-empty string.", param="text", code="empty_document")
     if not isinstance(title, str):
         raise bad_request("title must be a string.", param="title")
-    if fmt not in _JSON_FORMATS:
-        raise bad_request(f"format must be one of {', '.join(_JSON_FORMATS)}.", param="format")
+    if fmt not in JSON_FORMATS:
+        raise bad_request(f"format must be one of {', '.join(JSON_FORMATS)}.", param="format")
     data = text.encode("utf-8")
     if len(data) > limit:
         raise _too_large(limit)

@@ -161,7 +161,7 @@ def ingest(
     if not path.exists():
         fail(f"{path} does not exist")
     settings = load()
-    from rag.client import RagClient, RagClientError, ingest_path  # the RAG service's own client
+    from appliance.cli.rag_client import RagClient, RagClientError, ingest_path  # over HTTP, no rag/ import
 
     results: list[dict[str, Any]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from litestar import Request, Response, Router, delete, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
-from pydantic import BaseModel, Field
 
 from appliance.core.errors import bad_request, payload_too_large
+from appliance.core.rag_wire import FileDocument, NewCollection, SearchQuery, TextDocument
 from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.keys import Principal
@@ -113,28 +113,6 @@ async def _owned_view(svc: GatewayServices, principal: Principal, method: str, b
 _ERRORS = (400, 401, 403, 404, 429, 502, 503)
 
 
-class NewCollection(BaseModel):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-
-class TextDocument(BaseModel):
-    text: str = Field(min_length=1)
-    title: str = ""
-    format: Literal["text", "markdown", "html"] = "text"
-    metadata: dict[str, Any] | None = None
-
-
-class FileDocument(BaseModel):
-    file: bytes = Field(description="The document: .txt, .md, .pdf or .html (by name, else by media type)")
-    title: str = ""
-    metadata: str | None = Field(default=None, description="A JSON object, as text")
-
-
-class SearchQuery(BaseModel):
-    query: str
-    top_k: int = 4
-
-
 _DOCUMENT_LINKS = {
     "GetDocument": link("GET", "/v1/collections/{name}/documents/{document_id}", name="$request.path.name",
                         document_id="$response.body#/id"),
@@ -143,7 +121,7 @@ _DOCUMENT_LINKS = {
 }
 
 
-# The RAG service validates these bodies (docs/CONTRACTS.md); the models above only document them.
+# The RAG service validates these bodies (appliance.core.rag_wire, docs/CONTRACTS.md); here they document them.
 @get("/collections", summary="Collections this key may see (RAG)", opt=documented(errors=_ERRORS))
 async def list_collections(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
     return await _forward(request, svc, "/collections")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
-from rag.client import RagClient, ingest_path
+from appliance.cli.rag_client import RagClient, ingest_path
 from tests.support.processes import Service
 from tests.support.rag_corpus import CORPUS, make_pdf
 from tests.support.rag_service import TOKEN, rag_process

@@ -269,7 +269,7 @@ async def test_switches_to_hnsw_past_the_threshold_and_survives_restart(tmp_path
 
 
 async def test_client_ingest_path_reports_progress_jobs_skips_and_failures(tmp_path: Path) -> None:
-    from rag.client import RagClient, ingest_path
+    from appliance.cli.rag_client import RagClient, ingest_path
 
     folder = tmp_path / "docs"
     folder.mkdir()

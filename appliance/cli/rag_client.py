@@ -1,5 +1,7 @@
 """A small typed client of the RAG service's HTTP API, for the CLI (``appliance ingest``) and tools.
 
+It speaks only the wire format of :mod:`appliance.core.rag_wire` and imports nothing from ``rag/``.
+
 Synchronous (httpx); the transport is a constructor parameter. Errors come back
 as :class:`RagClientError` carrying the service's OpenAI-shaped error.
 """
@@ -15,9 +17,10 @@ from typing import Any
 
 import httpx
 
-__all__ = ["SUPPORTED_SUFFIXES", "IngestProgress", "RagClient", "RagClientError", "ingest_path"]
+from appliance.core.hop import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
+from appliance.core.rag_wire import DEFAULT_TOP_K, SUPPORTED_SUFFIXES, Job, NewCollection, SearchQuery
 
-SUPPORTED_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf"})
+__all__ = ["SUPPORTED_SUFFIXES", "IngestProgress", "RagClient", "RagClientError", "ingest_path"]
 
 
 class RagClientError(Exception):
@@ -51,9 +54,9 @@ class RagClient:
         timeout: float = 300.0,
         request_id: str | None = None,
     ) -> None:
-        headers = {"X-Internal-Token": token}
+        headers = {INTERNAL_TOKEN_HEADER: token}
         if request_id:
-            headers["X-Request-Id"] = request_id
+            headers[REQUEST_ID_HEADER] = request_id
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers=headers,
@@ -86,7 +89,7 @@ class RagClient:
         return list(self._call("GET", "/collections")["collections"])
 
     def create_collection(self, name: str) -> dict[str, Any]:
-        return self._call("POST", "/collections", json={"name": name})
+        return self._call("POST", "/collections", json=NewCollection.model_construct(name=name).model_dump())
 
     def ensure_collection(self, name: str) -> None:
         try:
@@ -104,8 +107,10 @@ class RagClient:
     def delete_document(self, collection: str, document_id: str) -> dict[str, Any]:
         return self._call("DELETE", f"/collections/{collection}/documents/{document_id}")
 
-    def search(self, collection: str, query: str, top_k: int = 4) -> list[dict[str, Any]]:
-        body = self._call("POST", f"/collections/{collection}/search", json={"query": query, "top_k": top_k})
+    def search(self, collection: str, query: str, top_k: int = DEFAULT_TOP_K) -> list[dict[str, Any]]:
+        body = self._call(
+            "POST", f"/collections/{collection}/search", json=SearchQuery(query=query, top_k=top_k).model_dump()
+        )
         return list(body["results"])
 
     def upload(self, collection: str, path: Path, *, background: bool = False) -> dict[str, Any]:
@@ -165,12 +170,11 @@ def _follow_job(
     client: RagClient, job_id: str, step: IngestProgress, poll_interval_s: float
 ) -> Generator[IngestProgress, None, dict[str, Any]]:
     while True:
-        job = client.job(job_id)
-        if job["state"] == "succeeded":
-            result: dict[str, Any] = job["result"]
-            return result
-        if job["state"] == "failed":
-            error = job.get("error") or {}
+        job = Job.model_validate(client.job(job_id))
+        if job.state == "succeeded":
+            return dict(job.result or {})
+        if job.state == "failed":
+            error = job.error or {}
             raise RagClientError(int(error.get("status", 500)), str(error.get("message")), error.get("code"))
-        yield replace(step, state="indexing", fraction=float(job.get("progress", 0.0)))
+        yield replace(step, state="indexing", fraction=job.progress)
         time.sleep(poll_interval_s)
