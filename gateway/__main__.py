@@ -8,8 +8,9 @@ import sys
 
 import uvicorn
 
+from appliance.core.entry import CONFIG_ERROR_EXIT, load_or_exit
 from appliance.core.logging import configure_logging
-from appliance.core.settings import ConfigError, load_settings
+from appliance.core.settings import ConfigError
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gateway.tls import resolve_tls
@@ -28,13 +29,13 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 
 
 def main() -> int:
-    try:
-        settings = load_settings(GatewaySettings)
+    settings = load_or_exit(GatewaySettings, "gateway", configure_logs=False)
+    try:  # a TLS mistake is a configuration error too: reported before logging is configured, exit 2
         names = [*settings.tls_names, *([settings.host] if settings.host not in ("0.0.0.0", "::") else [])]  # noqa: S104
         tls = resolve_tls(settings.tls_cert, settings.tls_key, settings.tls_self_signed, settings.data_dir, names)
     except ConfigError as exc:
-        sys.stderr.write(f"{exc}\n")
-        return 2
+        sys.stderr.write(f"gateway: {exc}\n")
+        return CONFIG_ERROR_EXIT
     configure_logging("gateway", settings.log_level, settings.log_json)
     app = create_app(settings)
     # uvicorn re-raises SIGTERM after its graceful shutdown (exit -15); a clean drain is a clean exit.
