@@ -1,6 +1,6 @@
 // The admin dashboard: workers, throughput and latency charts, cache, GPU, keys, collections.
 import { ApiError, getJSON, request } from "./api.js";
-import { KeysPanel } from "./admin_keys.js";
+import { KeysPanel, renderQueue } from "./admin_keys.js";
 import { Series, drawChart } from "./charts.js";
 import { parseMetrics, sum } from "./prom.js";
 import { setupSignIn } from "./signin.js";
@@ -92,6 +92,7 @@ async function tick() {
     ]);
     renderWorkers(status);
     updateCharts(sample(parseMetrics(metricsText)));
+    renderQueue().catch((err) => { $("queue-summary").textContent = err instanceof ApiError ? err.friendly : String(err); });
     $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
     if (err.status === 401 || err.status === 403) return lost(err);

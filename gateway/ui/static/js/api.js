@@ -1,5 +1,5 @@
 // HTTP calls to the gateway with the signed-in key, and errors a person can read.
-import { readSSE } from "./sse.js";
+import { parseQueued, readSSE } from "./sse.js";
 
 const KEY = "appliance.apiKey";
 
@@ -81,6 +81,10 @@ export async function getJSON(path, options) {
 export async function streamChat(body, { signal, onChunk }) {
   const response = await request("/v1/chat/completions", { method: "POST", body: { ...body, stream: true }, signal });
   for await (const event of readSSE(response.body)) {
+    if (event.event === "queued") { // every worker is busy: where this request stands in the queue
+      window.dispatchEvent(new CustomEvent("appliance:queued", { detail: parseQueued(event.data) }));
+      continue;
+    }
     if (event.event === "error") {
       let message = "The model stream failed.";
       let code = "stream_interrupted";

@@ -71,11 +71,16 @@ async function run(conversation) {
   state.controller = new AbortController();
   setBusy(true);
   announce("");
+  const queued = (e) => {
+    if (!assistant.content) el.querySelector(".meta").textContent = `waiting: ${e.detail.ahead} ahead`;
+  };
+  window.addEventListener("appliance:queued", queued);
   const error = await streamAnswer({
     conversation, assistant, model: $("model").value, collection: rag.collection,
     maxTokens: Number($("max-tokens").value) || undefined, signal: state.controller.signal,
     onUpdate: () => { updateMessage(el, assistant); log.scrollTop = log.scrollHeight; },
   });
+  window.removeEventListener("appliance:queued", queued);
   state.controller = null;
   setBusy(false);
   el.removeAttribute("aria-busy");

@@ -1,4 +1,5 @@
-// Server-sent events from a fetch body: yields {event, data} per blank-line-separated block.
+// Server-sent events from a fetch body: yields {event, data} per blank-line-separated block
+// (and {event: "queued", data} for the balancer's ": queued ..." comments while a request waits).
 
 export async function* readSSE(stream) {
   const reader = stream.getReader();
@@ -22,11 +23,22 @@ export async function* readSSE(stream) {
   }
 }
 
+/** A ": queued position=N eta_s=X" comment (the balancer, while the request waits) as {ahead, etaS}. */
+export function parseQueued(text) {
+  const ahead = Number(/position=(\d+)/.exec(text)?.[1]);
+  const etaS = Number(/eta_s=([\d.]+)/.exec(text)?.[1]);
+  return { ahead: Number.isFinite(ahead) ? ahead : 0, etaS: Number.isFinite(etaS) ? etaS : null };
+}
+
 function parseBlock(block) {
   let event = "message";
   const data = [];
+  let comment = null;
   for (const line of block.split("\n")) {
-    if (line.startsWith(":")) continue;
+    if (line.startsWith(":")) {
+      comment = line.slice(1).trim();
+      continue;
+    }
     const colon = line.indexOf(":");
     const field = colon < 0 ? line : line.slice(0, colon);
     let value = colon < 0 ? "" : line.slice(colon + 1);
@@ -34,5 +46,6 @@ function parseBlock(block) {
     if (field === "event") event = value;
     else if (field === "data") data.push(value);
   }
-  return data.length ? { event, data: data.join("\n") } : null;
+  if (data.length) return { event, data: data.join("\n") };
+  return comment?.startsWith("queued ") ? { event: "queued", data: comment.slice(7) } : null;
 }
