@@ -168,7 +168,9 @@ async def _balancer(workers: list[str], token: str, scheduling: str, queue_size:
 async def _drive(
     url: str, token: str, model: str, loads: list[Load], *, warmup_s: float, duration_s: float, stagger_s: float
 ) -> dict[str, Samples]:
-    """Run every load at once; keep what started after the warm-up and ended before the stop.
+    """Run every load at once. Throughput and tokens count what ended between the warm-up and the stop;
+    latency counts what started in that window, and a one-at-a-time load's last request is awaited
+    (so a slow policy still yields samples) while the flood is cut at the stop.
 
     A load's loops start spread over ``stagger_s`` (one service time): with fixed service times, loops
     started together would finish together for ever, and a slot would free only in waves."""
@@ -206,11 +208,22 @@ async def _drive(
                 if ended <= stop and ended >= start:
                     mine.completed += 1
                     mine.tokens += int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))
-                if began >= start and ended <= stop:
+                if began >= start:
                     mine.latencies.append(ended - began)
                     mine.waits.append(waited)
 
-        await asyncio.gather(*(loop(load, index) for load in loads for index in range(load.concurrency)))
+        probes = [asyncio.create_task(loop(load, 0)) for load in loads if load.concurrency == 1]
+        flood = [
+            asyncio.create_task(loop(load, index))
+            for load in loads
+            if load.concurrency > 1
+            for index in range(load.concurrency)
+        ]
+        await asyncio.sleep(max(0.0, stop - time.perf_counter()))
+        await asyncio.gather(*probes)
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
     return samples
 
 
@@ -353,32 +366,39 @@ def _parser() -> Any:
     add("--duration", type=float, default=12.0, help="seconds measured per policy scenario")
     add("--warmup", type=float, default=2.0)
     add("--skip-real", action="store_true", help="leave out the real-worker phase")
+    add("--skip-policy", action="store_true", help="leave out the fake-worker phase")
     add("--real-slots", type=int, default=4)
-    add("--real-duration", type=float, default=30.0)
+    add("--real-duration", type=float, default=45.0)
     add("--real-warmup", type=float, default=5.0)
-    add("--real-heavy-tokens", type=int, default=24)
+    add("--real-heavy-tokens", type=int, default=16)
     add("--real-light-tokens", type=int, default=8)
-    add("--worker-threads", type=int, default=0, help="llama.cpp threads of the real worker (0 = all cores)")
+    add("--worker-threads", type=int, default=1, help="llama.cpp threads of the real worker (0 = all cores)")
     add("--model-path", default="")
     add("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
     return parser
 
 
 def _render(result: Mapping[str, Any]) -> str:
-    policy = result["policy"]
-    lines = [
-        f"fake workers: {policy['workers']} x {policy['slots_per_worker']} slots, {policy['service_s']} s each; "
-        f"heavy keys keep {policy['heavy_in_flight']} in flight",
-        f"light alone p50 {policy['light_alone']['p50_s']:.3f} s",
-        f"light_slowdown_fifo = {policy['light_slowdown_fifo']:.2f}   light_slowdown_fair = "
-        f"{policy['light_slowdown_fair']:.2f} (target <= 1.5)",
-        f"heavy_throughput_ratio = {policy['heavy_throughput_ratio']:.3f} (fair / fifo, target >= 0.95)",
-        f"weight_ratio_fair = {policy['weight_ratio_fair']:.2f} (target 3 +- 10 %; fifo "
-        f"{policy['weight_ratio_fifo']:.2f})",
-        f"interactive_flood_ratio_fair = {policy['interactive_flood_ratio_fair']:.2f} (target <= 1.3; fifo "
-        f"{policy['interactive_flood_ratio_fifo']:.2f})",
-    ]
+    policy = result.get("policy")
+    lines = (
+        []
+        if policy is None
+        else [
+            f"fake workers: {policy['workers']} x {policy['slots_per_worker']} slots, {policy['service_s']} s each; "
+            f"heavy keys keep {policy['heavy_in_flight']} in flight",
+            f"light alone p50 {policy['light_alone']['p50_s']:.3f} s",
+            f"light_slowdown_fifo = {policy['light_slowdown_fifo']:.2f}   light_slowdown_fair = "
+            f"{policy['light_slowdown_fair']:.2f} (target <= 1.5)",
+            f"heavy_throughput_ratio = {policy['heavy_throughput_ratio']:.3f} (fair / fifo, target >= 0.95)",
+            f"weight_ratio_fair = {policy['weight_ratio_fair']:.2f} (target 3 +- 10 %; fifo "
+            f"{policy['weight_ratio_fifo']:.2f})",
+            f"interactive_flood_ratio_fair = {policy['interactive_flood_ratio_fair']:.2f} (target <= 1.3; fifo "
+            f"{policy['interactive_flood_ratio_fifo']:.2f})",
+        ]
+    )
     real = result.get("real")
+    if policy is None:
+        lines.append("fake workers: skipped")
     if real is None:
         lines.append("real worker: skipped")
     elif "error" in real:
@@ -398,14 +418,15 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp_name:
         tmp = Path(tmp_name)
-        with asyncio.Runner(loop_factory=new_loop) as runner:
-            result["policy"] = runner.run(_policy(args, tmp))
+        if not args.skip_policy:
+            with asyncio.Runner(loop_factory=new_loop) as runner:
+                result["policy"] = runner.run(_policy(args, tmp))
         if not args.skip_real:
             try:
                 result["real"] = real_workers(args, tmp)
             except (RuntimeError, TimeoutError, OSError, ImportError) as exc:
                 result["real"] = {"error": f"{type(exc).__name__}: {exc}"}
-    policy = result["policy"]
+    policy = result.get("policy") or {}
     for name in (
         "light_slowdown_fifo",
         "light_slowdown_fair",
@@ -415,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "interactive_flood_ratio_fair",
         "interactive_flood_ratio_fifo",
     ):
-        result[name] = policy[name]
+        result[name] = policy.get(name)
     real = result.get("real") or {}
     result["light_speedup_real"] = real.get("light_speedup_real")
     result["light_queue_wait_p50_s"] = real.get("light_queue_wait_p50_s")
