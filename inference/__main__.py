@@ -20,7 +20,7 @@ SWITCH_INTERVAL_S = 0.001
 
 async def serve(settings: WorkerSettings) -> int:
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_drain_s)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -59,6 +59,9 @@ class WorkerSettings(CommonSettings):
     withdraw_grace_s: float = Field(
         default=3.0, ge=0, description="keep serving this long after withdrawing (above the balancers' registry_poll_s)"
     )
+    shutdown_drain_s: float = Field(
+        default=300.0, gt=0, description="on SIGTERM, in-flight generations (long streams) get this long to finish"
+    )
 
     @field_validator("tensor_split", "allowed_sha256", mode="before")
     @classmethod

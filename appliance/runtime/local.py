@@ -14,7 +14,7 @@ from appliance.core.entry import CONFIG_ERROR_EXIT
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS, default_model_path, prepare_default_model
 from appliance.core.settings import ConfigError, load_settings
 from appliance.runtime.health import Probe, probe_http, probe_redis
-from appliance.runtime.plan import STAGES, STANDBY_SUFFIX, WORKER_STOP_WAIT_S, Program, build_plan
+from appliance.runtime.plan import DRAIN_MARGIN_S, STAGES, STANDBY_SUFFIX, WORKER_WITHDRAW_S, Program, build_plan
 from appliance.runtime.prometheus_conf import WORKER_TARGETS_FILE, render_prometheus_conf, render_worker_targets
 from appliance.runtime.settings import RuntimeSettings, WorkerModelView
 from appliance.runtime.supervisor_client import SupervisorClient
@@ -212,7 +212,7 @@ class LocalRuntime:
     def stop_together(self, names: list[str], timeout: float | None = None) -> None:
         """Stop programs in parallel (workers each withdraw and drain on SIGTERM: no need to queue them)."""
         if timeout is None:  # what supervisord itself may wait before SIGKILL, plus a margin
-            timeout = max(WORKER_STOP_WAIT_S, self.settings.drain_s) + 30.0
+            timeout = self.settings.drain_s + WORKER_WITHDRAW_S + DRAIN_MARGIN_S + 30.0
         client = self.supervisor
         for name in names:
             self.progress(name, "stopping", "")

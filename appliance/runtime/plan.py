@@ -31,9 +31,9 @@ __all__ = [
 
 # Start order; stop order is the reverse.
 STAGES = ("redis", "rag", "inference", "balancer", "gateway", "observability", "maintenance")
-# A stopping worker withdraws, keeps serving while balancers drain it (withdraw_grace_s), then
-# finishes its in-flight generations: give it time before supervisord kills it.
-WORKER_STOP_WAIT_S = 90
+# A stopping worker withdraws, keeps serving while balancers drain it (withdraw_grace_s, 3 s), then
+# finishes its in-flight generations (drain_s): supervisord waits that long, plus a margin, before SIGKILL.
+WORKER_WITHDRAW_S = 10
 # Past the gateway's and balancer's own drain (drain_s), supervisord waits this much more before SIGKILL.
 DRAIN_MARGIN_S = 15
 # `appliance upgrade` starts these beside the running gateway and balancer on the same port (SO_REUSEPORT).
@@ -98,6 +98,7 @@ def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str) -> lis
             # The worker announces itself once ready and withdraws on SIGTERM: the balancer
             # follows the registry, so adding or stopping a worker never touches the balancer.
             "APPLIANCE_WORKER_REDIS_URL": redis_url,
+            "APPLIANCE_WORKER_SHUTDOWN_DRAIN_S": str(settings.drain_s),
         }
         if settings.worker_slots is not None:
             env["APPLIANCE_WORKER_SLOTS"] = str(settings.worker_slots)
@@ -108,7 +109,7 @@ def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str) -> lis
                 _python("inference"),
                 env,
                 f"http://127.0.0.1:{port}/health",
-                stop_wait_s=WORKER_STOP_WAIT_S,
+                stop_wait_s=settings.drain_s + WORKER_WITHDRAW_S + DRAIN_MARGIN_S,
             )
         )
     return programs

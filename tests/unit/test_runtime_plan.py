@@ -102,6 +102,9 @@ def test_workers_register_at_the_url_the_runtime_waits_for(
     assert parsed.resolved_advertise_url() == "http://127.0.0.1:9202" == worker.health_url.removesuffix("/health")
     # supervisord must not kill a worker while it withdraws and lets the balancer drain it
     assert worker.stop_wait_s > parsed.withdraw_grace_s + 30
+    # ... nor while it finishes a long generation: its own drain is the runtime's, and supervisord waits longer
+    assert parsed.shutdown_drain_s == settings.drain_s
+    assert worker.stop_wait_s > parsed.withdraw_grace_s + parsed.shutdown_drain_s
 
 
 def test_scaling_rewrites_only_worker_programs(settings: RuntimeSettings, tmp_path: Path) -> None:
