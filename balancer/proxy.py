@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from appliance.core.errors import APIError, bad_request, error_body, not_found, overloaded
-from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER
+from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, QUEUE_WAIT_HEADER, WEIGHT_HEADER
 from appliance.core.hop import REQUEST_ID_HEADER as REQUEST_ID
 from appliance.core.request_id import is_sane, request_id_var
 from appliance.core.sse import encode_error
@@ -46,7 +46,6 @@ _HOP_BY_HOP = frozenset({
 })
 _SSE = "text/event-stream"
 _TAIL = 2048  # bytes of a stream's end kept to see how it ended
-QUEUE_WAIT_HEADER = "X-Appliance-Queue-Wait"  # seconds this request waited for a slot (when it waited)
 _MAX_WEIGHT = 1000.0
 
 

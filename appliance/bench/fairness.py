@@ -36,13 +36,12 @@ from typing import Any
 
 from appliance.bench import harness
 from appliance.bench._balancer_roles import new_loop
-from appliance.core.hop import INTERNAL_TOKEN_HEADER, KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER
+from appliance.core.hop import INTERNAL_TOKEN_HEADER, KEY_ID_HEADER, PRIORITY_HEADER, QUEUE_WAIT_HEADER, WEIGHT_HEADER
 
 __all__ = ["main"]
 
 NAME = "fairness"
 FAKE_MODEL = "fairness-fake"
-_QUEUE_WAIT = "X-Appliance-Queue-Wait"
 _PROMPT_TOKENS = 20
 
 
@@ -198,7 +197,7 @@ async def _drive(
             while (began := time.perf_counter()) < stop:
                 async with session.post(f"{url}/v1/chat/completions", data=body, headers=headers) as response:
                     payload = await response.read()
-                    waited = float(response.headers.get(_QUEUE_WAIT, "0") or 0)
+                    waited = float(response.headers.get(QUEUE_WAIT_HEADER, "0") or 0)
                 ended = time.perf_counter()
                 if response.status != 200:
                     mine.errors += 1

@@ -12,6 +12,7 @@ __all__ = [
     "INTERNAL_TOKEN_HEADER",
     "KEY_ID_HEADER",
     "PRIORITY_HEADER",
+    "QUEUE_WAIT_HEADER",
     "REQUEST_ID_HEADER",
     "WEIGHT_HEADER",
 ]
@@ -24,3 +25,5 @@ KEY_ID_HEADER = "X-Appliance-Key-Id"
 PRIORITY_HEADER = "X-Appliance-Priority"
 # The key's fair-share weight (a positive number).
 WEIGHT_HEADER = "X-Appliance-Weight"
+# On an answer: seconds the request waited at the balancer for a slot (set only when it waited).
+QUEUE_WAIT_HEADER = "X-Appliance-Queue-Wait"
