@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.core.metrics import CONTENT_TYPE
-from appliance.core.wire import model_list
+from appliance.core.wire import model_list, strictest_limits
 from balancer.admin import WorkerAdmin
 from balancer.health import Prober
 from balancer.http import error_middleware, json_response, require_token
@@ -180,6 +180,8 @@ def _models_handler(token: str) -> Callable[[web.Request], Coroutine[Any, Any, w
 
     async def models(request: web.Request) -> web.Response:
         require_token(request, token_bytes)
-        return json_response(model_list(request.app[POOL].models()))
+        pool = request.app[POOL]
+        known = [(w.model, w.limits) for w in pool if w.model is not None and w.limits is not None and not w.draining]
+        return json_response(model_list(pool.models(), limits=strictest_limits(known)))
 
     return models

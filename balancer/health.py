@@ -11,6 +11,7 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
+from appliance.core.wire import ModelLimits
 from balancer.pool import WorkerPool
 from balancer.worker import Worker, WorkerState
 
@@ -27,6 +28,8 @@ class _Health(msgspec.Struct):
     model: str | None = None
     slots_total: int | None = None
     slots_busy: int | None = None
+    context_length: int | None = None  # the worker's published limits (appliance.core.wire.ModelLimits)
+    max_tokens: int | None = None
 
 
 _decode_health = msgspec.json.Decoder(_Health).decode
@@ -98,6 +101,8 @@ class Prober:
         worker.last_probe_ok, worker.bad_probes = True, 0
         worker.good_probes += 1
         worker.slots_busy_reported = health.slots_busy or 0
+        if health.context_length and health.max_tokens:
+            worker.limits = ModelLimits(context_length=health.context_length, max_tokens=health.max_tokens)
         state = worker.state
         if state is WorkerState.EJECTED and worker.good_probes < self._readmit_after:
             self._pool.mark(worker, state, model=health.model, slots=health.slots_total)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from appliance.core.wire import ModelLimits
+
 __all__ = ["Worker", "WorkerState"]
 
 
@@ -36,6 +38,7 @@ class Worker:
     last_probe_ok: bool | None = None
     last_error: str = ""
     slots_busy_reported: int = 0
+    limits: ModelLimits | None = None  # what the worker accepts, from its /health (published on /v1/models)
     responses: Counter[tuple[str, int]] = field(default_factory=Counter)  # (model, status) → count
     errors: Counter[str] = field(default_factory=Counter)  # kind → count
     # Requests waiting for this worker's first byte, and those aborted because it was ejected.

@@ -114,7 +114,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         return state["svc"]
 
     handlers: list[Any] = [
-        openai.chat_completions, openai.completions, openai.embeddings, openai.list_models,
+        openai.chat_completions, openai.completions, openai.embeddings, openai.list_models, openai.retrieve_model,
         admin.create_key, admin.list_keys, admin.get_key, admin.revoke_key, admin.usage, admin.admin_status,
         admin.update_key, admin.queue,
         ops.healthz, ops.readyz, ops.metrics,

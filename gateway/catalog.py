@@ -1,8 +1,11 @@
-"""What the balancer knows about models: their ids and the sha256 of each model file.
+"""What the balancer knows about models: their ids, the sha256 of each model file, and their limits.
 
 The response cache keys on the model's file hash, so replacing the weights
-behind an alias never replays an old answer. Refreshed in the background
-(owner: the app lifespan); a failed refresh keeps the last known values.
+behind an alias never replays an old answer. The limits (``context_length``,
+``max_tokens``) are the workers' own, published on ``/v1/models``: the
+gateway refuses what the worker would refuse, with the same error, and the
+chat UI sizes its controls from them. Refreshed in the background (owner:
+the app lifespan); a failed refresh keeps the last known values.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import aiohttp
 import msgspec
 
 from appliance.core.errors import APIError
+from appliance.core.wire import ModelLimits, model_limits
 from gateway.upstream import Upstream
 
 __all__ = ["ModelCatalog", "find_model_hashes"]
@@ -61,6 +65,7 @@ class ModelCatalog:
         self._session = session
         self._refresh_s = refresh_s
         self._hashes: dict[str, str] = {}
+        self._limits: dict[str, ModelLimits] = {}
         self.balancer_health: dict[str, Any] | None = None
         self.balancer_up = False
         self.workers: list[dict[str, Any]] = []  # the balancer's /workers view, for the admin dashboard
@@ -68,6 +73,10 @@ class ModelCatalog:
 
     def model_sha256(self, model: str) -> str:
         return self._hashes.get(model, "")
+
+    def limits(self, model: str) -> ModelLimits | None:
+        """The limits the workers serving ``model`` publish (None until one has been seen)."""
+        return self._limits.get(model)
 
     async def _json(self, path: str) -> Any:
         reply = await self._balancer.request("GET", path)
@@ -95,7 +104,10 @@ class ModelCatalog:
             self.balancer_health = health if isinstance(health, dict) else None
             self.balancer_up = status == 200
             hashes.update(find_model_hashes(health))
-            hashes.update(find_model_hashes((await self._json("/v1/models"))[1]))
+            status, models = await self._json("/v1/models")
+            hashes.update(find_model_hashes(models))
+            if status == 200:
+                self._limits.update(model_limits(models))
             status, workers = await self._json("/workers")
             if status == 200:
                 self.workers = [w for w in (workers or {}).get("workers", []) if isinstance(w, dict)]

@@ -16,6 +16,7 @@ from appliance.core.errors import APIError, bad_request
 from appliance.core.wire import (
     ChatCompletionRequest,
     CompletionRequest,
+    check_max_tokens,
     message_text,
     parse_request,
     reject_unsupported,
@@ -26,7 +27,7 @@ from gateway.cache import CachePolicy, cache_key, cache_policy
 from gateway.rag import augment, parse_rag_options
 from gateway.relay import StreamOutcome, relay_stream
 from gateway.services import GatewayServices
-from gateway.upstream import CLIENT_PRIORITY_HEADER, decode_json_object, ensure_error_body, use_caller
+from gateway.upstream import decode_json_object, ensure_error_body
 
 __all__ = ["decode_body", "generate"]
 
@@ -86,7 +87,6 @@ async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: 
     lookup = svc.cache.get_command(key) if key and policy.lookup else None
     ticket = await svc.admission.admit(secret, "chat", record.model, extra=lookup)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
-    use_caller(ticket.principal, request.headers.get(CLIENT_PRIORITY_HEADER) or payload.get("service_tier"))
     try:
         if invalid is not None:
             raise invalid
@@ -109,11 +109,10 @@ def _validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
                               code="too_many_messages")
     else:
         parsed = parse_request(CompletionRequest, payload)
-    limit = parsed.token_limit()
-    if limit is not None and limit > settings.max_tokens_cap:
-        raise bad_request(f"max_tokens must be at most {settings.max_tokens_cap}.", param="max_tokens",
-                          code="max_tokens_exceeded")
     reject_unsupported(parsed)
+    limits = svc.catalog.limits(parsed.model)  # the worker's own limit, refused here exactly as it would refuse
+    if limits is not None:
+        check_max_tokens(parsed, limits.max_tokens)
     headers = {name: request.headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
     return parsed, cache_policy(parsed, headers, settings.cache_enabled, settings.cache_ttl_s)
 

@@ -109,6 +109,15 @@ class ModelList(_Open):
     data: list[dict[str, Any]]
 
 
+class ModelObject(_Open):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    context_length: int | None = None  # appliance: tokens per request (prompt and answer), the worker's limit
+    max_tokens: int | None = None  # appliance: the longest answer a request may ask for
+
+
 Body = type[BaseModel] | Mapping[str, type[BaseModel]]
 
 

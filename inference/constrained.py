@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.sampling import SamplingParams
+from inference.sampling import LazyGrammar, SamplingParams
 
 __all__ = ["CANDIDATE_TIERS", "ConstrainedSampler"]
 
@@ -78,11 +78,31 @@ class ConstrainedSampler:
         self._last_full_allowed: Any = None  # ids the grammar allowed in the last whole-vocabulary pass
         self.full_passes = 0  # whole-vocabulary grammar passes (the slow path), for tests and profiling
         self._first_allowed: OrderedDict[str, Any] = OrderedDict()  # grammar text -> ids allowed at its start
+        self._vocab = llama.llama_model_get_vocab(llama.llama_get_model(ctx))
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
 
     def sample(self, chain: Any, grammar: Any, index: int, params: SamplingParams, *, first: bool = False) -> int:
-        """The sequence's next token; ``first``: the grammar is still in its initial state."""
+        """The sequence's next token; ``first``: the grammar is still in its initial state.
+
+        The token returned is the one accepted into the chain (whose penalties
+        remember it) and into the grammar, also when the grammar rejected the
+        chain's first pick.
+        """
         llama = self.llama
-        token = int(llama.llama_sampler_sample(chain, self.ctx, index))
+        if isinstance(grammar, LazyGrammar) and grammar.dormant:
+            token = int(llama.llama_sampler_sample(chain, self.ctx, index))
+            replay = grammar.observe(token, self._piece(token))
+            for spelled in replay or ():  # the trigger is out: the llama.cpp grammar takes over from it
+                llama.llama_sampler_accept(grammar, spelled)
+            return token
+        stateful = _has_penalties(params)  # the only chain samplers that remember accepted tokens
+        if stateful:  # pick without accepting: the chain must remember the token finally emitted
+            logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+            llama.llama_sampler_apply(chain, self._all.load(self._ids, logits))
+            token = self._all.selected()
+        else:  # llama_sampler_sample accepts its pick, which a chain without penalties forgets at once
+            token = int(llama.llama_sampler_sample(chain, self.ctx, index))
         if self._rejects(grammar, token):
             logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
             key = params.grammar if first and params.grammar_trigger is None else None
@@ -94,8 +114,19 @@ class ConstrainedSampler:
                 token = self._resample(chain, grammar, logits, params)
                 if key is not None and self._last_full_allowed is not None:
                     self._remember(key, self._last_full_allowed)
+        if stateful:
+            llama.llama_sampler_accept(chain, token)
         llama.llama_sampler_accept(grammar, token)
         return token
+
+    def _piece(self, token: int) -> bytes:
+        """The token's text as llama.cpp's grammar sees it (special tokens spelled out)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            size = self.llama.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, True)
+            cached = self._piece_buf.raw[:max(size, 0)]
+            self._pieces[token] = cached
+        return cached
 
     def _remember(self, key: str, ids: Any) -> None:
         if len(ids) > MAX_REMEMBERED:
@@ -158,3 +189,7 @@ class ConstrainedSampler:
         self._last_full_allowed = np.flatnonzero(np.isfinite(self._all.view["logit"])).astype(np.int32)
         self.llama.llama_sampler_apply(chain, array)
         return self._all.selected()
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return bool(params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)

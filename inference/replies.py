@@ -10,17 +10,59 @@ it looks like a call (inference.toolcalls), the rest is held and parsed.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from appliance.core.wire import Usage, chat_chunk, chat_response, completion_chunk, completion_response
+from appliance.core.wire import Usage
 from inference.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from inference.structured import StructuredPlan, parse_tool_call
 from inference.toolcalls import ToolCallStream, find_tool_calls, openai_tool_calls
 
-__all__ = ["ChatReply", "CompletionReply", "Emitter"]
+__all__ = ["ChatReply", "CompletionReply", "Emitter", "new_id"]
 
 Chunk = dict[str, Any]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chat_response(
+    *, id_: str, model: str, created: int, content: str | None, finish_reason: str, usage: Usage,
+    tool_calls: list[dict[str, Any]] | None = None, logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": id_, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}],
+        "usage": usage.model_dump(),
+    }
+
+
+def chat_chunk(
+    *, id_: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+    return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None,
+                      logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def completion_body(*, id_: str, model: str, created: int, choices: list[dict[str, Any]],
+                    usage: Usage | None = None) -> dict[str, Any]:
+    """A ``text_completion`` object: the whole answer (with usage) or one streamed chunk."""
+    body: dict[str, Any] = {"id": id_, "object": "text_completion", "created": created, "model": model,
+                            "choices": choices}
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body
 
 
 class Emitter(Protocol):
@@ -162,32 +204,27 @@ class _AutoTools:
 
 @dataclass(slots=True)
 class CompletionReply:
+    """One choice of a text completion (``index``: its place among the request's prompts)."""
+
     id_: str
     model: str
     created: int
     logprobs: bool
+    index: int = 0
     offset: int = 0  # text_offset of the next token
 
-    def whole(self, text: str, logprobs: list[TokenLogprob], finish_reason: str, usage: Usage) -> dict[str, Any]:
+    def choice(self, text: str, logprobs: list[TokenLogprob], finish_reason: str) -> dict[str, Any]:
+        """This choice in a whole (non-streamed) answer."""
         shown = completion_logprobs(logprobs, 0) if self.logprobs else None
-        return completion_response(
-            id_=self.id_,
-            model=self.model,
-            created=self.created,
-            text=text,
-            finish_reason=finish_reason,
-            usage=usage,
-            logprobs=shown,
-        )
+        return completion_choice(self.index, text, finish_reason, shown)
 
     def chunk(self, text: str, finish_reason: str | None = None, logprobs: list[TokenLogprob] | None = None) -> Chunk:
         shown = None
         if self.logprobs and logprobs is not None:
             shown = completion_logprobs(logprobs, self.offset)
             self.offset += sum(len(item.text) for item in logprobs)
-        return completion_chunk(
-            id_=self.id_, model=self.model, created=self.created, text=text, finish_reason=finish_reason, logprobs=shown
-        )
+        choices = [completion_choice(self.index, text, finish_reason, shown)]
+        return completion_body(id_=self.id_, model=self.model, created=self.created, choices=choices)
 
     def start(self) -> list[Chunk]:
         return []

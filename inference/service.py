@@ -1,23 +1,42 @@
-"""The worker's domain layer: model lifecycle, request validation, admission to the scheduler."""
+"""The worker's domain layer: model lifecycle, request validation, admission, and the answer to send.
+
+The HTTP handlers parse a body and write what :meth:`WorkerService.chat` or
+:meth:`WorkerService.complete` returns (inference.answers); everything in
+between is here. Work that takes milliseconds (schema to grammar, grammar
+compilation, Jinja rendering and tokenisation of long prompts) runs off the
+event loop, and a repeated schema reuses its compiled grammar.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from appliance.core.errors import APIError, bad_request, not_found, overloaded
-from appliance.core.wire import ChatCompletionRequest, CompletionRequest
+from appliance.core.wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelLimits,
+    check_max_tokens,
+    model_list,
+    model_object,
+    reject_unsupported,
+)
+from inference.answers import Answer, Streamed, Whole, stream, usage, whole
 from inference.metrics import WorkerMetrics
 from inference.model import LoadedModel, load_model
-from inference.sampling import SamplingParams
+from inference.replies import ChatReply, CompletionReply, Emitter, completion_body, new_id
+from inference.sampling import SamplingParams, compile_grammar
 from inference.scheduler import Event, QueueFull, Scheduler
 from inference.sequence import GenerationRequest, SequenceHandle
 from inference.settings import WorkerSettings
-from inference.structured import StructuredPlan
+from inference.structured import LAZY_TRIGGER, StructuredPlan, plan_structured
 from inference.templates import ChatTemplate, RenderedPrompt
 
 __all__ = ["ModelLoader", "WorkerService"]
@@ -25,8 +44,10 @@ __all__ = ["ModelLoader", "WorkerService"]
 log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[WorkerSettings], LoadedModel]
-# Tokenizing a long prompt takes milliseconds: do it off the event loop past this size.
+# Rendering and tokenizing a long prompt takes milliseconds: do it off the event loop past this size.
 TOKENIZE_INLINE_CHARS = 4096
+# Structured-output plans (schema -> GBNF) remembered per distinct tools/response_format.
+PLAN_CACHE_SIZE = 64
 
 
 class WorkerService:
@@ -41,6 +62,7 @@ class WorkerService:
         self.model: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self.template = ChatTemplate(None)
+        self._plans: OrderedDict[str, StructuredPlan] = OrderedDict()
 
     # -- lifecycle --
 
@@ -82,6 +104,7 @@ class WorkerService:
             "slots_busy": self.scheduler.slots_busy, "queue_depth": self.scheduler.queue_depth,
             "queue_limit": self.settings.queue_size, "model_sha256": self.model.sha256,
             "n_ctx": self.settings.n_ctx, "gpu_layers": self.model.gpu_layers,
+            **self.limits().model_dump(),
         }
 
     def _on_step(self, events: list[Event], batch_size: int, busy: int, waiting: int) -> None:
@@ -105,6 +128,19 @@ class WorkerService:
         if generated:
             metrics.generated_tokens.inc(generated)
 
+    # -- models --
+
+    def limits(self) -> ModelLimits:
+        """The worker's limits: the truth the balancer, the gateway and the chat UI read from /v1/models."""
+        return ModelLimits(context_length=self.settings.n_ctx, max_tokens=self.settings.max_tokens_cap)
+
+    def models(self) -> dict[str, Any]:
+        return model_list([self.alias], limits={self.alias: self.limits()})
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        self.check_model(name)
+        return model_object(self.alias, self.limits())
+
     # -- requests --
 
     def ready(self) -> tuple[LoadedModel, Scheduler]:
@@ -117,38 +153,112 @@ class WorkerService:
             raise not_found(f"The model {name!r} does not exist on this worker (it serves {self.alias!r}).",
                             param="model", code="model_not_found")
 
+    async def chat(self, body: ChatCompletionRequest) -> Answer:
+        reject_unsupported(body)
+        self.check_model(body.model)
+        top_logprobs = _chat_top_logprobs(body)
+        plan = await self._plan(body)
+        tokens, template_stops = await self.chat_prompt(body, plan)
+        lazy = plan.grammar is None and plan.lazy_grammar is not None
+        generation = self.generation(
+            body, tokens, template_stops, ignore_eos=body.ignore_eos,
+            grammar=plan.lazy_grammar if lazy else plan.grammar, grammar_trigger=LAZY_TRIGGER if lazy else None,
+            logprobs=top_logprobs,
+        )
+        [handle] = await self.submit_all([generation])
+        reply = ChatReply(new_id("chatcmpl"), self.alias, int(time.time()), plan, top_logprobs is not None)
+        if not body.stream:
+            [(text, logprobs)] = await whole([handle])
+            return Whole(reply.whole(text, logprobs, handle.finish_reason or "stop", usage([handle])))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        usage_chunk = {**reply.chunk({}), "choices": []} if include_usage else None
+        return Streamed(stream([(handle, reply.emitter())], usage_chunk), (handle,))
+
+    async def complete(self, body: CompletionRequest) -> Answer:
+        """A text completion: one choice per prompt, all decoded together."""
+        reject_unsupported(body)
+        self.check_model(body.model)
+        if body.echo:
+            raise bad_request("echo is not supported.", param="echo")
+        prompts = await self.completion_prompts(body)
+        generations = [self.generation(body, tokens, ignore_eos=body.ignore_eos, logprobs=body.logprobs)
+                       for tokens in prompts]
+        handles = await self.submit_all(generations)
+        id_, created, wants_logprobs = new_id("cmpl"), int(time.time()), body.logprobs is not None
+        replies = [CompletionReply(id_, self.alias, created, wants_logprobs, index=i) for i in range(len(handles))]
+        if not body.stream:
+            results = await whole(handles)
+            choices = [reply.choice(text, logprobs, handle.finish_reason or "stop")
+                       for reply, handle, (text, logprobs) in zip(replies, handles, results, strict=True)]
+            return Whole(completion_body(id_=id_, model=self.alias, created=created, choices=choices,
+                                         usage=usage(handles)))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        usage_chunk = completion_body(id_=id_, model=self.alias, created=created, choices=[]) if include_usage else None
+        pairs: list[tuple[SequenceHandle, Emitter]] = list(zip(handles, replies, strict=True))
+        return Streamed(stream(pairs, usage_chunk), tuple(handles))
+
+    async def _plan(self, body: ChatCompletionRequest) -> StructuredPlan:
+        """The request's structured-output plan; schema to grammar runs off the loop, once per distinct schema."""
+        if not body.tools and (body.response_format is None or body.response_format.type == "text"):
+            return plan_structured(body)  # nothing to compile (tool_choice without tools is refused there)
+        key = json.dumps(body.model_dump(mode="json", include={"tools", "tool_choice", "response_format"},
+                                         by_alias=True), sort_keys=True)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = await asyncio.to_thread(plan_structured, body)
+            self._plans[key] = plan
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
     async def chat_prompt(self, body: ChatCompletionRequest, plan: StructuredPlan
                           ) -> tuple[list[int], tuple[str, ...]]:
         model, _ = self.ready()
-        rendered = self.template.render(list(body.messages), plan.offered_tools)
+        messages = list(body.messages)
+        size = sum(len(m.content) if isinstance(m.content, str) else len(str(m.content)) for m in messages)
+        if size <= TOKENIZE_INLINE_CHARS and not plan.offered_tools:
+            rendered = self.template.render(messages, plan.offered_tools)
+            tokens = _tokenize(model, rendered)
+        else:
+            rendered, tokens = await asyncio.to_thread(self._render_and_tokenize, model, messages, plan)
         # A grammar decides where the answer ends; the template's stop strings would only cut it short.
         stops = () if plan.grammar is not None else rendered.stops
-        return await self._tokenize(model, rendered), stops
+        return tokens, stops
 
-    async def completion_prompt(self, body: CompletionRequest) -> list[int]:
+    def _render_and_tokenize(self, model: LoadedModel, messages: list[Any], plan: StructuredPlan
+                             ) -> tuple[RenderedPrompt, list[int]]:
+        rendered = self.template.render(messages, plan.offered_tools)
+        return rendered, _tokenize(model, rendered)
+
+    async def completion_prompts(self, body: CompletionRequest) -> list[list[int]]:
+        """The token ids of each prompt (a string, a list of strings, token ids, or a list of those)."""
         model, _ = self.ready()
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            tokens = [int(t) for t in prompt]
-            if any(t < 0 or t >= model.n_vocab for t in tokens):
-                raise bad_request(f"Token ids must be in [0, {model.n_vocab}).", param="prompt")
-            return tokens
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise bad_request("Send one prompt per request (a list of prompts is not supported).",
-                                  param="prompt")
-            text = str(prompt[0])
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts: list[Any] = [prompt]
         else:
-            text = prompt
-        return await self._tokenize(model, RenderedPrompt(text=text, add_special=True, parse_special=True))
-
-    @staticmethod
-    async def _tokenize(model: LoadedModel, prompt: RenderedPrompt) -> list[int]:
-        if len(prompt.text) <= TOKENIZE_INLINE_CHARS:
-            return model.tokenize(prompt.text, add_special=prompt.add_special, parse_special=prompt.parse_special)
-        return await asyncio.to_thread(
-            model.tokenize, prompt.text, add_special=prompt.add_special, parse_special=prompt.parse_special,
-        )
+            prompts = list(prompt)
+        if not prompts:
+            raise bad_request("The prompt is empty.", param="prompt")
+        if len(prompts) > self.settings.slots + self.settings.queue_size:
+            raise bad_request(f"At most {self.settings.slots + self.settings.queue_size} prompts per request.",
+                              param="prompt")
+        out: list[list[int]] = []
+        for item in prompts:
+            if isinstance(item, list):
+                tokens = [int(t) for t in item]
+                if any(t < 0 or t >= model.n_vocab for t in tokens):
+                    raise bad_request(f"Token ids must be in [0, {model.n_vocab}).", param="prompt")
+                out.append(tokens)
+                continue
+            rendered = RenderedPrompt(text=item, add_special=True, parse_special=True)
+            if len(item) <= TOKENIZE_INLINE_CHARS:
+                out.append(_tokenize(model, rendered))
+            else:
+                out.append(await asyncio.to_thread(_tokenize, model, rendered))
+        return out
 
     def generation(self, body: ChatCompletionRequest | CompletionRequest, tokens: list[int],
                    extra_stops: tuple[str, ...] = (), *, ignore_eos: bool = False, grammar: str | None = None,
@@ -164,11 +274,8 @@ class WorkerService:
                 param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                 code="context_length_exceeded",
             )
-        limit = body.token_limit()
-        if limit is not None and limit > cap:
-            raise bad_request(f"max_tokens is {limit}, above this worker's cap of {cap}.",
-                              param="max_tokens", code="max_tokens_exceeded")
-        max_tokens = min(limit or cap, n_ctx - len(tokens))
+        check_max_tokens(body, cap)
+        max_tokens = min(body.token_limit() or cap, n_ctx - len(tokens))
         stops = tuple(body.stop_list()) + tuple(s for s in extra_stops if s not in body.stop_list())
         sampling = self._sampling(body, grammar, grammar_trigger)
         return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stops=stops,
@@ -188,6 +295,25 @@ class WorkerService:
             repeat_penalty=body.repeat_penalty, logit_bias=bias, grammar=grammar, grammar_trigger=grammar_trigger,
         )
 
+    async def submit_all(self, requests: list[GenerationRequest]) -> list[SequenceHandle]:
+        """Admit every sequence of a request, or none: a refusal cancels those already queued."""
+        model, _ = self.ready()
+        for request in requests:
+            if request.sampling.grammar is not None:  # compiled off the loop; submit then clones the cached one
+                try:
+                    await asyncio.to_thread(compile_grammar, model.llama, model.vocab, request.sampling)
+                except ValueError as exc:
+                    raise bad_request(str(exc), param="response_format") from None
+        handles: list[SequenceHandle] = []
+        try:
+            for request in requests:
+                handles.append(self.submit(request))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
+
     def submit(self, request: GenerationRequest) -> SequenceHandle:
         _, scheduler = self.ready()
         try:
@@ -199,3 +325,14 @@ class WorkerService:
             raise bad_request(str(exc), param="response_format") from None
         self.metrics.prompt_tokens.inc(handle.prompt_tokens)
         return handle
+
+
+def _tokenize(model: LoadedModel, prompt: RenderedPrompt) -> list[int]:
+    return model.tokenize(prompt.text, add_special=prompt.add_special, parse_special=prompt.parse_special)
+
+
+def _chat_top_logprobs(body: ChatCompletionRequest) -> int | None:
+    """How many alternatives per token the request wants (None: no logprobs at all)."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true.", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None

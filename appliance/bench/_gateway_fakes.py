@@ -30,6 +30,7 @@ class FakeState:
     token: str = ""
     tokens_out: int = 16
     slots: int = 8
+    max_tokens: int = 64  # the limit it publishes on /v1/models, as a worker does (the gateway enforces it)
     served: int = 0
     last: dict[str, Any] = field(default_factory=dict)
     collections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -95,8 +96,9 @@ async def _generate(request: web.Request) -> web.StreamResponse:
 
 async def _models(request: web.Request) -> web.Response:
     model = request.app[STATE].model
+    limits = {"context_length": 2048, "max_tokens": request.app[STATE].max_tokens}
     return web.json_response({"object": "list", "data": [{"id": model, "object": "model", "created": 0,
-                                                          "owned_by": "fake"}]})
+                                                          "owned_by": "fake", **limits}]})
 
 
 async def _health(request: web.Request) -> web.Response:

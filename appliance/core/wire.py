@@ -9,7 +9,7 @@ honour are rejected explicitly by :func:`reject_unsupported`.
 from __future__ import annotations
 
 import time
-import uuid
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,20 +24,21 @@ __all__ = [
     "CompletionRequest",
     "EmbeddingRequest",
     "JsonSchemaFormat",
+    "ModelLimits",
     "ResponseFormat",
     "StreamOptions",
     "Tool",
     "ToolCall",
     "Usage",
-    "chat_chunk",
-    "chat_response",
-    "completion_chunk",
-    "completion_response",
+    "check_max_tokens",
     "message_text",
+    "model_limits",
     "model_list",
-    "new_id",
+    "model_object",
+    "parse_json",
     "parse_request",
     "reject_unsupported",
+    "strictest_limits",
 ]
 
 
@@ -113,6 +114,7 @@ class _Sampling(_Wire):
     repeat_penalty: float = Field(default=1.0, ge=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    ignore_eos: bool = False  # appliance extension (benchmarks): generate max_tokens whatever the model says
 
     @field_validator("stop")
     @classmethod
@@ -150,7 +152,8 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int]
+    # One prompt (text or token ids) or a list of them: one choice per prompt.
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
@@ -211,74 +214,83 @@ def parse_request(model: type[T], payload: Any) -> T:
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def parse_json(model: type[T], raw: bytes) -> T:
+    """Decode and validate a raw JSON body in one pass (the body is parsed once per hop)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        raise APIError(400, f"Invalid request: {param}: {first['msg']}", param=param, code="invalid_value") from None
+        if first["type"] == "json_invalid":
+            raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise bad_request("The request body must be a JSON object.", code="invalid_json") from None
+        raise _invalid(exc) from None
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def _invalid(exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    return APIError(400, f"Invalid request: {param}: {first['msg']}", param=param, code="invalid_value")
 
 
-def chat_response(
-    *, id_: str, model: str, created: int, content: str | None, finish_reason: str, usage: Usage,
-    tool_calls: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    body: dict[str, Any] = {
-        "id": id_, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}],
-        "usage": usage.model_dump(),
-    }
-    if extra:
-        body.update(extra)
+def check_max_tokens(request: ChatCompletionRequest | CompletionRequest, cap: int) -> None:
+    """The one ``max_tokens`` rule, applied alike by the worker (its setting) and the gateway (the worker's
+    published limit): the same status, code and message wherever a request is refused."""
+    limit = request.token_limit()
+    if limit is not None and limit > cap:
+        param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+        raise bad_request(f"{param} is {limit}, above this model's limit of {cap} tokens per answer.",
+                          param=param, code="max_tokens_exceeded")
+
+
+class ModelLimits(_Wire):
+    """What a worker accepts, published with its model on ``/v1/models`` (the one authority for limits)."""
+
+    context_length: int = Field(ge=1)  # tokens per request, prompt and answer together (the per-slot context)
+    max_tokens: int = Field(ge=1)  # the longest answer a request may ask for
+
+
+def model_object(model_id: str, limits: ModelLimits | None = None, *, created: int | None = None,
+                 owned_by: str = "appliance") -> dict[str, Any]:
+    """One OpenAI model object; the appliance adds ``context_length`` and ``max_tokens`` when known."""
+    body: dict[str, Any] = {"id": model_id, "object": "model", "created": created or int(time.time()),
+                            "owned_by": owned_by}
+    if limits is not None:
+        body.update(limits.model_dump())
     return body
 
 
-def chat_chunk(
-    *, id_: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
-    usage: Usage | None = None, include_choice: bool = True, logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
-    choices = [choice] if include_choice else []
-    body: dict[str, Any] = {
-        "id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
-    }
-    if usage is not None:
-        body["usage"] = usage.model_dump()
-    return body
-
-
-def completion_response(
-    *, id_: str, model: str, created: int, text: str, finish_reason: str, usage: Usage,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": id_, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
-        "usage": usage.model_dump(),
-    }
-
-
-def completion_chunk(
-    *, id_: str, model: str, created: int, text: str, finish_reason: str | None = None, usage: Usage | None = None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": id_, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}],
-    }
-    if usage is not None:
-        body["usage"] = usage.model_dump()
-    return body
-
-
-def model_list(model_ids: list[str], owned_by: str = "appliance") -> dict[str, Any]:
+def model_list(model_ids: list[str], owned_by: str = "appliance",
+               limits: Mapping[str, ModelLimits] | None = None) -> dict[str, Any]:
     now = int(time.time())
-    return {
-        "object": "list",
-        "data": [{"id": m, "object": "model", "created": now, "owned_by": owned_by} for m in model_ids],
-    }
+    known = limits or {}
+    return {"object": "list",
+            "data": [model_object(m, known.get(m), created=now, owned_by=owned_by) for m in model_ids]}
+
+
+def strictest_limits(known: Iterable[tuple[str, ModelLimits]]) -> dict[str, ModelLimits]:
+    """Per model, the limits every worker serving it accepts (the smallest of each)."""
+    found: dict[str, ModelLimits] = {}
+    for model, limits in known:
+        seen = found.get(model)
+        found[model] = limits if seen is None else ModelLimits(
+            context_length=min(seen.context_length, limits.context_length),
+            max_tokens=min(seen.max_tokens, limits.max_tokens))
+    return found
+
+
+def model_limits(document: Any) -> dict[str, ModelLimits]:
+    """The limits each model object of a ``/v1/models`` list publishes (models without them are left out)."""
+    found: dict[str, ModelLimits] = {}
+    data = document.get("data") if isinstance(document, dict) else None
+    for item in data if isinstance(data, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        try:
+            found[item["id"]] = ModelLimits.model_validate(item)
+        except ValidationError:
+            continue
+    return found

@@ -8,16 +8,26 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
+from litestar.params import FromPath
 
+from appliance.core.errors import not_found
 from appliance.core.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.generation import decode_body, generate
-from gateway.openapi import ChatCompletion, ChatCompletionChunk, EmbeddingList, ModelList, TextCompletion, documented
+from gateway.openapi import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    EmbeddingList,
+    ModelList,
+    ModelObject,
+    TextCompletion,
+    documented,
+)
 from gateway.services import Services
 from gateway.upstream import decode_json_object, ensure_error_body
 
-__all__ = ["chat_completions", "completions", "embeddings", "list_models"]
+__all__ = ["chat_completions", "completions", "embeddings", "list_models", "retrieve_model"]
 
 JSON = "application/json"
 _GENERATION_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
@@ -85,3 +95,21 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
     allowed = ticket.principal.models
     document["data"] = [m for m in document.get("data", []) if m.get("id") in allowed]
     return Response(msgspec.json.encode(document), media_type=JSON)
+
+
+@get("/v1/models/{model:str}", summary="One model served by the workers, with its limits (context_length, max_tokens)",
+     opt=documented(answers={200: ModelObject}, errors=(401, 404, 502, 503)))
+async def retrieve_model(request: Request[Any, Any, Any], svc: Services, model: FromPath[str]) -> Response[Any]:
+    record = access_record(request)
+    secret = parse_bearer(request.headers.get("authorization"))
+    ticket = await svc.admission.admit(secret, "", limited=False)
+    record.key_name, record.key_id, record.model = ticket.principal.name, ticket.principal.key_id, model
+    reply = await svc.balancer.request("GET", "/v1/models")
+    if reply.status != 200:
+        return Response(ensure_error_body(reply.status, reply.body), status_code=reply.status, media_type=JSON)
+    document = decode_json_object(reply.body, "balancer")
+    allowed = ticket.principal.models
+    for item in document.get("data") or []:
+        if isinstance(item, dict) and item.get("id") == model and (not allowed or model in allowed):
+            return Response(msgspec.json.encode(item), media_type=JSON)
+    raise not_found(f"The model {model!r} does not exist.", param="model", code="model_not_found")

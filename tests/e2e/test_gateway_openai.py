@@ -15,6 +15,7 @@ import pytest
 from tests.integration.gateway_harness import Gateway, gateway, sse_events
 from tests.support.processes import free_port, python_module, run_service
 from tests.support.rag_service import TOKEN, rag_process
+from tests.support.stack import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -26,6 +27,7 @@ CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 class Stack:
     gateways: list[Gateway]
     balancer: str
+    worker: str
 
     @property
     def gw(self) -> Gateway:
@@ -54,7 +56,7 @@ def stack(model_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFac
             rag_process(tmp / "rag") as (_, rag_url), \
             gateway(tmp, redis_url, balancer, rag_url, token=TOKEN, data_dir=tmp / "gw") as first, \
             gateway(tmp, redis_url, balancer, rag_url, token=TOKEN, data_dir=tmp / "gw") as second:
-        yield Stack([first, second], balancer)
+        yield Stack([first, second], balancer, worker)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +149,60 @@ def test_embeddings_through_the_gateway(stack: Stack, key: str) -> None:
         result = sdk.embeddings.create(model="all-MiniLM-L6-v2", input=["first text", "second text"])
     assert len(result.data) == 2 and len(result.data[0].embedding) == 384
 
+
+
+def _worker_requests(stack: Stack, endpoint: str, status: int) -> float:
+    """The worker's own count of requests it answered on ``endpoint`` with ``status``."""
+    text = httpx.get(f"{stack.worker}/metrics", timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("appliance_worker_requests_total{") and f'endpoint="{endpoint}"' in line \
+                and f'status="{status}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_the_workers_limits_are_published_and_enforced_alike_at_the_gateway(stack: Stack, key: str) -> None:
+    """A 3000-token max_tokens request gets the same answer from the gateway as from the worker itself."""
+    internal = {"X-Internal-Token": TOKEN}
+    published = httpx.get(f"{stack.worker}/v1/models/{MODEL}", headers=internal, timeout=30).json()
+    assert (published["context_length"], published["max_tokens"]) == (512, 128)
+    with stack.sdk(key) as sdk:
+        listed = {m.id: m.model_extra for m in sdk.models.list()}
+        assert listed[MODEL] is not None and listed[MODEL]["max_tokens"] == 128  # balancer and gateway pass it on
+        one = sdk.models.retrieve(MODEL)
+        assert one.id == MODEL and one.model_extra is not None and one.model_extra["context_length"] == 512
+        with pytest.raises(openai.NotFoundError):
+            sdk.models.retrieve("no-such-model")
+    body = {"model": MODEL, "max_tokens": 3000, "messages": [{"role": "user", "content": "Hi"}]}
+    direct = httpx.post(f"{stack.worker}/v1/chat/completions", json=body, headers=internal, timeout=60)
+    assert direct.status_code == 400 and direct.json()["error"]["code"] == "max_tokens_exceeded"
+
+    def refused_by_the_gateway_itself() -> bool:
+        before = _worker_requests(stack, "/v1/chat/completions", 400)
+        with stack.gw.client(key) as client:
+            through = client.post("/v1/chat/completions", json=body)
+        assert (through.status_code, through.json()) == (direct.status_code, direct.json())
+        return _worker_requests(stack, "/v1/chat/completions", 400) == before
+
+    wait_until(refused_by_the_gateway_itself, 30, interval=0.5, what="the gateway's catalog to hold the limits")
+    with stack.sdk(key) as sdk:
+        at_limit = sdk.chat.completions.create(model=MODEL, max_tokens=128, temperature=0,
+                                               messages=[{"role": "user", "content": "Hi"}])
+    assert at_limit.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_list_of_prompts_through_the_gateway(stack: Stack, key: str) -> None:
+    prompts = ["The sky is", "Bread is made of", "Bees make"]
+    with stack.sdk(key) as sdk:
+        whole = sdk.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0)
+        streamed = list(sdk.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}))
+    assert [c.index for c in whole.choices] == [0, 1, 2] and all(c.text for c in whole.choices)
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert all(texts)
+    assert streamed[-1].usage is not None and whole.usage is not None
+    assert streamed[-1].usage.completion_tokens == whole.usage.completion_tokens

@@ -36,7 +36,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, redis_url: str, upstream: str) -> Iterator[Gateway]:
-    settings = {"max_body_bytes": "65536", "max_messages": "4", "max_tokens_cap": "64"}
+    settings = {"max_body_bytes": "65536", "max_messages": "4"}  # max_tokens: the fake publishes 64
     with gateway(tmp_path_factory.mktemp("gw"), redis_url, upstream, settings=settings) as running:
         yield running
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import openai
 import pytest
 
@@ -99,8 +100,59 @@ def test_health_and_models_follow_the_contract(worker: Worker) -> None:
     health = worker.health()
     assert health["status"] == "ok" and health["model"] == MODEL
     assert health["slots_total"] == 8 and health["queue_limit"] == 8 and health["n_ctx"] == N_CTX
-    assert len(health["model_sha256"]) == 64 and health["gpu_layers"] == 0
+    # Every layer offloaded where this llama.cpp build can use a GPU (the product's target), none elsewhere.
+    offload = 999 if llama_cpp.llama_supports_gpu_offload() else 0
+    assert len(health["model_sha256"]) == 64 and health["gpu_layers"] == offload
     assert [m.id for m in worker.client().models.list().data] == [MODEL]
+
+
+def test_models_publish_the_limits_the_worker_enforces(worker: Worker) -> None:
+    health = worker.health()
+    assert (health["context_length"], health["max_tokens"]) == (N_CTX, CAP)
+    listed = worker.client().models.list().data[0]
+    assert listed.model_extra is not None
+    assert (listed.model_extra["context_length"], listed.model_extra["max_tokens"]) == (N_CTX, CAP)
+    one = worker.client().models.retrieve(MODEL)
+    assert one.id == MODEL and one.model_extra is not None and one.model_extra["max_tokens"] == CAP
+    with pytest.raises(openai.NotFoundError) as caught:
+        worker.client().models.retrieve("no-such-model")
+    assert caught.value.code == "model_not_found"
+    # The published max_tokens is the one enforced: at it, an answer; one above, the shared refusal.
+    status, body = worker.post("/v1/chat/completions", {"model": MODEL, "max_tokens": CAP, "temperature": 0,
+                                                        "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200, body
+    status, body = worker.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 3000,
+                                                        "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and body["error"] == {
+        "message": f"max_tokens is 3000, above this model's limit of {CAP} tokens per answer.",
+        "type": "invalid_request_error", "param": "max_tokens", "code": "max_tokens_exceeded"}
+
+
+def test_a_list_of_prompts_gets_one_choice_per_prompt(worker: Worker) -> None:
+    client = worker.client()
+    prompts = ["The sky is", "Two plus two is", "My favourite fruit is"]
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0,
+                                         extra_body={"ignore_eos": True}) for p in prompts]
+    batch = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert [c.index for c in batch.choices] == [0, 1, 2]  # (texts may differ from singles': batched arithmetic)
+    assert all(c.text and c.finish_reason == "length" for c in batch.choices)
+    assert batch.usage is not None and batch.usage.completion_tokens == 18
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles if s.usage is not None)
+    stream = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    texts, finishes, usage = ["", "", ""], [None, None, None], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+        usage = chunk.usage or usage
+    assert all(texts) and finishes == ["length"] * 3
+    assert usage is not None and usage.completion_tokens == 18
+    ids = client.completions.create(model=MODEL, prompt=[[2, 818, 7217, 563], [2, 818]], max_tokens=2,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    assert [c.index for c in ids.choices] == [0, 1] and ids.usage is not None and ids.usage.prompt_tokens == 6
+    wait_idle(worker)
 
 
 def test_internal_token_is_required_except_on_health_and_metrics(worker: Worker) -> None:
@@ -216,6 +268,9 @@ def test_client_disconnect_frees_the_slot_within_a_second(worker: Worker) -> Non
         ({"model": "no-such-model", "prompt": "hi"}, 404, "model_not_found"),
         ({"model": MODEL}, 400, "invalid_value"),
         ({"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "invalid_value"),
+        ({"model": MODEL, "prompt": ["hi", "word " * (N_CTX + 10)]}, 400, "context_length_exceeded"),
+        ({"model": MODEL, "prompt": ["hi"] * 17}, 400, None),
+        ({"model": MODEL, "prompt": [[1, 10**7]]}, 400, None),
     ],
 )
 def test_bad_completion_requests_get_openai_errors(worker: Worker, payload: Any, status: int, code: str | None

@@ -10,7 +10,7 @@ from inference.settings import WorkerSettings
 
 def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(WorkerSettings)
-    assert (settings.host, settings.port, settings.slots, settings.n_ctx) == ("127.0.0.1", 8201, 8, 2048)
+    assert (settings.host, settings.port, settings.slots, settings.n_ctx) == ("127.0.0.1", 8201, 8, 8192)
     assert settings.model_alias == "gemma-3-270m"
     assert settings.n_gpu_layers == -1 and settings.queue_size == 64 and settings.max_tokens_cap == 2048
     assert settings.threads() >= 1

@@ -77,7 +77,7 @@ async function run(conversation) {
   window.addEventListener("appliance:queued", queued);
   const error = await streamAnswer({
     conversation, assistant, model: $("model").value, collection: rag.collection,
-    maxTokens: Number($("max-tokens").value) || undefined, signal: state.controller.signal,
+    maxTokens: answerLimit(), signal: state.controller.signal,
     onUpdate: () => { updateMessage(el, assistant); log.scrollTop = log.scrollHeight; },
   });
   window.removeEventListener("appliance:queued", queued);
@@ -122,11 +122,36 @@ async function showChunk(messageIndex, citationIndex) {
   return rag.passage(message.rag.collection, message.rag.query, message.rag.top_k, citation);
 }
 
+/** The selected model's longest answer, as its workers publish it on /v1/models (null: not published). */
+function modelMaxTokens() {
+  const model = state.models.find((m) => m.id === $("model").value);
+  return model && Number.isInteger(model.max_tokens) && model.max_tokens > 0 ? model.max_tokens : null;
+}
+
+/** The "Longest answer" control follows the selected model's limit: its maximum, and a value within it. */
+function applyLimits() {
+  const field = $("max-tokens");
+  const cap = modelMaxTokens();
+  if (cap === null) {
+    field.removeAttribute("max");
+    return;
+  }
+  field.max = String(cap);
+  if (Number(field.value) > cap) field.value = String(cap);
+}
+
+function answerLimit() {
+  const asked = Number($("max-tokens").value) || undefined;
+  const cap = modelMaxTokens();
+  return asked && cap !== null ? Math.min(asked, cap) : asked;
+}
+
 async function loadModels() {
   const select = $("model");
   const remembered = localStorage.getItem("appliance.model");
   select.replaceChildren(...state.models.map((m) => new Option(m.id, m.id)));
   if (state.models.some((m) => m.id === remembered)) select.value = remembered;
+  applyLimits();
 }
 
 async function verify(key) {
@@ -156,7 +181,11 @@ document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.co
 $("stop").addEventListener("click", stop);
 $("regenerate").addEventListener("click", regenerate);
 $("new-chat").addEventListener("click", () => { store.create(); renderAll(); input.focus(); });
-$("model").addEventListener("change", (e) => localStorage.setItem("appliance.model", e.target.value));
+$("model").addEventListener("change", (e) => {
+  localStorage.setItem("appliance.model", e.target.value);
+  applyLimits();
+});
+$("max-tokens").addEventListener("change", applyLimits);
 $("export-md").addEventListener("click", () => {
   const c = store.current;
   if (c) download(`${c.title.replace(/[^\w-]+/g, "_")}.md`, toMarkdown(c), "text/markdown");

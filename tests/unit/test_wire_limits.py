@@ -1,0 +1,79 @@
+"""The one max_tokens rule and the published model limits (appliance.core.wire), and one-pass body parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.core.errors import APIError
+from appliance.core.wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelLimits,
+    check_max_tokens,
+    model_limits,
+    model_list,
+    parse_json,
+    strictest_limits,
+)
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_check_max_tokens_names_the_limit_and_the_field_asked() -> None:
+    check_max_tokens(ChatCompletionRequest.model_validate({**CHAT, "max_tokens": 2048}), 2048)
+    with pytest.raises(APIError) as caught:
+        check_max_tokens(ChatCompletionRequest.model_validate({**CHAT, "max_tokens": 3000}), 2048)
+    error = caught.value
+    assert (error.status, error.code, error.param) == (400, "max_tokens_exceeded", "max_tokens")
+    assert error.message == "max_tokens is 3000, above this model's limit of 2048 tokens per answer."
+    with pytest.raises(APIError) as caught:
+        check_max_tokens(ChatCompletionRequest.model_validate({**CHAT, "max_completion_tokens": 3000}), 2048)
+    assert caught.value.param == "max_completion_tokens"
+    check_max_tokens(CompletionRequest.model_validate({"model": "m", "prompt": "x"}), 1)  # no ask: no refusal
+
+
+def test_model_list_publishes_limits_and_they_read_back() -> None:
+    limits = ModelLimits(context_length=8192, max_tokens=2048)
+    document = model_list(["a", "b"], limits={"a": limits})
+    first, second = document["data"]
+    assert first["context_length"] == 8192 and first["max_tokens"] == 2048 and first["object"] == "model"
+    assert "max_tokens" not in second
+    assert model_limits(document) == {"a": limits}
+    assert model_limits({"data": [{"id": "x", "max_tokens": "lots"}, "junk", {"id": 3}]}) == {}
+    assert model_limits(None) == {} and model_limits({"data": 5}) == {}
+
+
+def test_strictest_limits_take_the_smallest_per_model() -> None:
+    small = ModelLimits(context_length=4096, max_tokens=2048)
+    large = ModelLimits(context_length=8192, max_tokens=1024)
+    other = ModelLimits(context_length=100, max_tokens=10)
+    found = strictest_limits([("m", small), ("m", large), ("n", other)])
+    assert found == {"m": ModelLimits(context_length=4096, max_tokens=1024), "n": other}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"{not json", "The request body is not valid JSON."),
+        (b"[1, 2]", "The request body must be a JSON object."),
+        (b'"text"', "The request body must be a JSON object."),
+        (b"", "The request body is not valid JSON."),
+        (b'{"model": "m", "prompt": "\xff"}', "The request body is not valid JSON."),
+        (b'{"model": "m", "prompt": "a\\ud800b"}', "The request body is not valid JSON."),  # lone surrogate
+    ],
+)
+def test_parse_json_refuses_bad_bodies_with_a_400(raw: bytes, message: str) -> None:
+    with pytest.raises(APIError) as caught:
+        parse_json(CompletionRequest, raw)
+    assert caught.value.status == 400 and caught.value.message == message
+
+
+def test_parse_json_names_the_wrong_field_and_reads_every_prompt_shape() -> None:
+    with pytest.raises(APIError) as caught:
+        parse_json(CompletionRequest, b'{"model": "m", "prompt": "x", "temperature": "hot"}')
+    assert caught.value.param == "temperature" and caught.value.code == "invalid_value"
+    for prompt in ("x", ["x", "y"], [1, 2], [[1, 2], [3]]):
+        body = parse_json(CompletionRequest, CompletionRequest(model="m", prompt=prompt).model_dump_json().encode())
+        assert body.prompt == prompt
+    assert parse_json(ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user"}], "ignore_eos": true}'
+                      ).ignore_eos
