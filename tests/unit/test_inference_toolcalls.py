@@ -116,6 +116,25 @@ def test_schema_checker_subset() -> None:
         assert schema_error(bad, schema) is not None, bad
 
 
+@pytest.mark.parametrize(
+    ("schema", "bad", "good"),
+    [
+        ({"type": "integer", "minimum": 3}, 1, 3),
+        ({"type": "object", "patternProperties": {"^x": {"type": "integer"}}}, {"xa": "s"}, {"xa": 1}),
+        ({"type": "array", "uniqueItems": True}, [1, 1], [1, 2]),
+        ({"not": {"type": "string"}}, "s", 1),
+        ({"type": "object", "propertyNames": {"maxLength": 2}}, {"abc": 1}, {"ab": 1}),
+    ],
+)
+def test_schema_checker_is_the_whole_specification(schema: dict[str, object], bad: object, good: object) -> None:
+    """jsonschema-rs: keywords the former hand-written subset ignored are enforced."""
+    assert schema_error(bad, schema) is not None and schema_error(good, schema) is None
+
+
+def test_an_invalid_schema_rejects_nothing() -> None:
+    assert schema_error({"a": 1}, {"type": "no-such-type"}) is None
+
+
 def _stream(pieces: list[str]) -> tuple[str, ToolCallStream]:
     watch = ToolCallStream()
     return "".join(watch.feed(piece) for piece in pieces), watch
