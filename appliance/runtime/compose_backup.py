@@ -1,0 +1,119 @@
+"""Backup and restore of the compose stack's data volume, in the local runtime's archive format.
+
+Redis is not published on the host, so its BGSAVE runs through ``docker exec`` in the Redis container
+and the RDB is read from the bind-mounted ``data/redis``; the RAG store is copied through SQLite's
+online backup API (same host, same files); the admin key lives in ``data/gateway/admin_key``. Restore
+verifies the archive first, stops gateway, RAG and Redis, puts the data back with the local runtime's
+restore (which turns the RDB into the AOF Redis loads), hands the files to the containers' user and
+starts the stack again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.backup.archive import ArchiveWriter, verify_archive
+from appliance.backup.service import BackupResult, RestoreResult, restore_backup
+from appliance.backup.snapshot import SnapshotError, copy_rag_store, record_derived
+from appliance.core.model_files import sha256_file
+from appliance.runtime.compose import ComposeRuntime
+from appliance.runtime.compose_engine import EngineError
+
+__all__ = ["compose_backup", "compose_restore"]
+
+Step = Callable[[str], None]
+
+
+def _redis_cli(runtime: ComposeRuntime, *argv: str) -> str:
+    return runtime.exec("redis", "redis-cli", "--no-raw", *argv).strip().strip('"')
+
+
+def _integer(text: str) -> int:
+    return int(text.removeprefix("(integer)").strip())
+
+
+def _bgsave(runtime: ComposeRuntime, timeout: float = 120.0) -> tuple[Path, int]:
+    """BGSAVE in the Redis container, waited for; the RDB's path on the host and the key count."""
+    before = _integer(_redis_cli(runtime, "LASTSAVE"))
+    while int(time.time()) <= before:  # LASTSAVE has one-second resolution
+        time.sleep(0.05)
+    keys = _integer(_redis_cli(runtime, "DBSIZE"))
+    reply = _redis_cli(runtime, "BGSAVE")
+    if "ERR" in reply and "already in progress" not in reply:
+        raise SnapshotError(f"Redis BGSAVE was refused: {reply}")
+    deadline = time.monotonic() + timeout
+    while _integer(_redis_cli(runtime, "LASTSAVE")) <= before:
+        if time.monotonic() > deadline:
+            raise SnapshotError(f"Redis BGSAVE did not finish in {timeout:.0f}s")
+        time.sleep(0.2)
+    if "rdb_last_bgsave_status:ok" not in runtime.exec("redis", "redis-cli", "INFO", "persistence"):
+        raise SnapshotError("Redis BGSAVE failed (rdb_last_bgsave_status is not ok)")
+    return runtime.data_path() / "redis" / "dump.rdb", keys
+
+
+def compose_backup(
+    runtime: ComposeRuntime, to: Path | None = None, *, with_models: bool = False, step: Step | None = None
+) -> BackupResult:
+    """One verified archive from the running stack: Redis, the RAG store, the admin key, the model manifest."""
+    data = runtime.data_path()
+    directory = to or data / "backups"
+    writer = ArchiveWriter(directory, step)
+    try:
+        rdb, keys = _bgsave(runtime)
+        writer.manifest.redis_keys = keys
+        writer.add_file(rdb, "redis/dump.rdb")
+        with tempfile.TemporaryDirectory(prefix=".backup-rag-", dir=data) as staging:
+            copy_rag_store(data / "rag", Path(staging) / "rag")
+            writer.add_tree(Path(staging) / "rag", "rag")
+        record_derived(writer.manifest, data / "rag", "rag")  # the ONNX export is left out: named, not stored
+        if runtime.admin_key_file.is_file():
+            writer.add_file(runtime.admin_key_file, "secrets/admin_key")
+        for model in sorted((data / "models").glob("*.gguf")):
+            writer.manifest.models.append(
+                {
+                    "path": model.name,
+                    "sha256": sha256_file(model),
+                    "size": model.stat().st_size,
+                    "included": with_models,
+                }
+            )
+            if with_models:
+                writer.add_file(model, f"models/{model.name}")
+        archive = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    verify_archive(archive)
+    return BackupResult(archive, len(writer.manifest.files), archive.stat().st_size, keys)
+
+
+def compose_restore(runtime: ComposeRuntime, archive: Path, *, dry_run: bool = False) -> RestoreResult:
+    """Verify, stop what holds the data, restore, give the files back to the containers' user, start."""
+    settings = runtime.settings.model_copy(update={"data_dir": runtime.data_path()})
+    running = bool(runtime.containers()) and not dry_run
+
+    def stop(names: list[str]) -> None:
+        if running:
+            runtime.compose("stop", "-t", "90", *names)
+
+    def start() -> None:
+        key = settings.data_dir / "admin_key"
+        if key.is_file():
+            target = runtime.admin_key_file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(key), str(target))
+            target.chmod(0o600)
+        runtime.prepare_data()  # owner and directories as the containers expect them
+        if running:
+            runtime.up()
+
+    if not dry_run:
+        runtime.data_path().mkdir(parents=True, exist_ok=True)
+    try:
+        return restore_backup(settings, archive, dry_run=dry_run, stop=stop, start=start)
+    except OSError as exc:
+        raise EngineError(f"restore failed: {exc}") from exc
