@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -83,11 +83,11 @@ class FairQueue:
         self.fair = fair
         self._classes: tuple[dict[str, deque[Waiter]], ...] = ({}, {})
         self._counters: dict[str, float] = {}
-        self._running: Counter[str] = Counter()  # leases held per key
+        self._running: dict[str, int] = {}  # leases held per key
         self._completion: dict[str, float] = {}  # EWMA of generated tokens per request, per key
         self._vtime = 0.0
         self._len = 0
-        self.tokens: Counter[str] = Counter()  # tokens served per key (reported, else estimated)
+        self.tokens: dict[str, int] = {}  # tokens served per key (reported, else estimated)
 
     def __len__(self) -> int:
         return self._len
@@ -100,7 +100,7 @@ class FairQueue:
         return self._counters.get(key_id, self._vtime)
 
     def running(self, key_id: str) -> int:
-        return self._running[key_id]
+        return self._running.get(key_id, 0)
 
     def _flow(self, caller: Caller) -> tuple[int, str]:
         return (caller.priority, caller.key_id) if self.fair else (INTERACTIVE, "")
@@ -216,12 +216,17 @@ class FairQueue:
         """A lease begins: the key pays its estimate now (in-flight work counts at once)."""
         caller = demand.caller
         key = caller.key_id
-        counter = self._counters.get(key, self._vtime)
-        self._vtime = max(self._vtime, counter)  # the start tag of the request now served
-        cost = self.estimate(demand)
+        vtime = self._vtime
+        counter = self._counters.get(key, vtime)
+        if counter > vtime:
+            self._vtime = counter  # the start tag of the request now served
+        expected = self._completion.get(key, _DEFAULT_COMPLETION)
+        limit = demand.max_tokens
+        cost = demand.prompt_tokens + (expected if limit is None or limit > expected else limit)
         demand.charged, demand.held = cost, self
         self._counters[key] = counter + cost / caller.weight
-        self._running[key] += 1
+        running = self._running
+        running[key] = running.get(key, 0) + 1
 
     def settle(
         self, demand: Demand, prompt_tokens: int | None, completion_tokens: int | None, *, refund: bool = False
@@ -233,7 +238,7 @@ class FairQueue:
         demand.held = None
         caller = demand.caller
         key = caller.key_id
-        running = self._running[key] - 1
+        running = self._running.get(key, 0) - 1
         if running > 0:
             self._running[key] = running
         else:
@@ -252,7 +257,8 @@ class FairQueue:
             if key in self._counters:
                 self._counters[key] += (used - demand.charged) / caller.weight
         demand.charged = 0.0
-        self.tokens[key] += round(used)
+        tokens = self.tokens
+        tokens[key] = tokens.get(key, 0) + int(used)
         if len(self._counters) > _PRUNE_AT:
             self._prune()
 
@@ -263,7 +269,8 @@ class FairQueue:
             del self._counters[key]
             self._completion.pop(key, None)
         if len(self.tokens) > _PRUNE_AT:
-            self.tokens = Counter(dict(self.tokens.most_common(_PRUNE_AT // 2)))
+            kept = sorted(self.tokens.items(), key=lambda item: item[1], reverse=True)[: _PRUNE_AT // 2]
+            self.tokens = dict(kept)
 
     # -- operators --------------------------------------------------------------------------
     def describe(self, now: float) -> list[dict[str, Any]]:

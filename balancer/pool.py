@@ -50,6 +50,7 @@ class WorkerPool:
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
         self._fair = fair
         self._prefixes = prefixes
+        self.prefix_routing = prefixes is not None
         self._max_imbalance = max_imbalance
         self._workers: dict[str, Worker] = {}
         self._routable: dict[str, list[Worker]] = {}
@@ -105,9 +106,6 @@ class WorkerPool:
     def queue_depth(self) -> int:
         return self._queued
 
-    @property
-    def prefix_routing(self) -> bool:
-        return self._prefixes is not None
 
     def queue(self, model: str) -> FairQueue:
         """The model's queue and fair-share counters (created on first use; kept while the process lives)."""
@@ -203,7 +201,7 @@ class WorkerPool:
         queue = demand.held
         if queue is None:
             return
-        if not refund and demand.model:
+        if not refund and self._queued:  # the service time feeds queue ETAs: only wanted while some wait
             took = time.monotonic() - demand.leased_at
             previous = self._service_s.get(demand.model)
             self._service_s[demand.model] = took if previous is None else previous + _SERVICE_EWMA * (took - previous)
@@ -221,22 +219,19 @@ class WorkerPool:
 
     def _pick_least_loaded(self, candidates: list[Worker], exclude: Collection[Worker]) -> Worker | None:
         best: Worker | None = None
-        ties = 0
-        for worker in candidates:
+        best_inflight = best_slots = 0
+        count = len(candidates)
+        start = int(self._rng.random() * count)  # ties go to the first from a random place: spread evenly
+        for index in range(start, start + count):
+            worker = candidates[index % count] if index >= count else candidates[index]
             inflight, slots = worker.inflight, worker.slots
             if inflight >= slots or (exclude and worker in exclude):
                 continue
-            if best is None:
-                best, ties = worker, 1
-                continue
-            # inflight/slots < best.inflight/best.slots, without floats
-            lhs, rhs = inflight * best.slots, best.inflight * slots
-            if lhs < rhs:
-                best, ties = worker, 1
-            elif lhs == rhs:
-                ties += 1
-                if self._rng.random() * ties < 1.0:  # reservoir sampling: uniform among ties
-                    best = worker
+            # inflight/slots < best's, without floats
+            if best is None or inflight * best_slots < best_inflight * slots:
+                best, best_inflight, best_slots = worker, inflight, slots
+                if not inflight:
+                    break  # an idle worker: nothing is less busy
         return best
 
     def _pick_by_prefix(self, model: str, route: tuple[int, ...], least: Worker,
@@ -245,6 +240,8 @@ class WorkerPool:
         assert self._prefixes is not None
         bound = least.inflight / least.slots + self._max_imbalance
         for holders in self._prefixes.holders(route):
+            if least in holders:
+                return least  # the least busy worker holds this prefix: nothing to weigh
             chosen: Worker | None = None
             for worker in holders:
                 if (worker.model != model or not worker.routable or worker.inflight >= worker.slots

@@ -245,7 +245,7 @@ class Proxy:
         """Token estimate (about 4 bytes a token); the parts of the prompt for prefix routing."""
         demand.prompt_tokens = len(body) / 4
         limit = routed.max_completion_tokens if routed.max_completion_tokens is not None else routed.max_tokens
-        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit >= 0:
+        if isinstance(limit, int | float) and type(limit) is not bool and limit >= 0:
             demand.max_tokens = int(limit)
         if not self._pool.prefix_routing:
             return []
