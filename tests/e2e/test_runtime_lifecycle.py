@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -52,7 +53,7 @@ class Stack:
         self.env.pop("APPLIANCE_CONFIG", None)
         self.port = int(self.env["APPLIANCE_RUNTIME_GATEWAY_PORT"])
         self.gateway = f"http://127.0.0.1:{self.port}"
-        self.verify: bool | str = True
+        self.verify: bool | ssl.SSLContext = True
 
     def cli(self, *args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
