@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.core.errors import APIError
-from appliance.core.wire import Usage
+from appliance.core.wire import PromptTokensDetails, Usage
 from inference.logprobs import TokenLogprob
 from inference.replies import Emitter
 from inference.sequence import GenerationFailed, SequenceHandle
@@ -55,7 +55,9 @@ def _failed(exc: GenerationFailed) -> APIError:
 def usage(handles: list[SequenceHandle]) -> Usage:
     prompt = sum(h.prompt_tokens for h in handles)
     completion = sum(h.completion_tokens for h in handles)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = PromptTokensDetails(cached_tokens=sum(h.cached_tokens for h in handles))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=cached)
 
 
 async def whole(handles: list[SequenceHandle]) -> list[tuple[str, list[TokenLogprob]]]:

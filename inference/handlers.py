@@ -9,10 +9,12 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from appliance.core.errors import APIError
+from appliance.core.hop import KEY_ID_HEADER
 from appliance.core.sse import DONE, encode_data, encode_error
 from appliance.core.wire import ChatCompletionRequest, CompletionRequest, parse_json
 from inference.answers import Answer, Whole
 from inference.keys import SERVICE
+from inference.prefix import caller_scope
 
 __all__ = ["chat_completions", "completions", "model", "models"]
 
@@ -48,11 +50,13 @@ async def _send(request: web.Request, answer: Answer) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _body(request, ChatCompletionRequest)
+    caller_scope.set(request.headers.get(KEY_ID_HEADER, ""))  # prefix reuse stays within one API key
     return await _send(request, await request.app[SERVICE].chat(body))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await _body(request, CompletionRequest)
+    caller_scope.set(request.headers.get(KEY_ID_HEADER, ""))
     return await _send(request, await request.app[SERVICE].complete(body))
 
 

@@ -16,25 +16,55 @@ class WorkerMetrics:
         self.registry = registry or new_registry()
         self.model = model
         r = self.registry
-        self.requests = Counter("appliance_worker_requests", "Requests by endpoint and status",
-                                ["model", "endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter("appliance_worker_prompt_tokens", "Prompt tokens processed",
-                                     ["model"], registry=r).labels(model)
-        self.generated_tokens = Counter("appliance_worker_generated_tokens", "Tokens generated",
-                                        ["model"], registry=r).labels(model)
-        self.ttft = Histogram("appliance_worker_ttft_seconds", "Time to first token", ["model"],
-                              buckets=TOKEN_LATENCY_BUCKETS, registry=r).labels(model)
-        self.inter_token = Histogram("appliance_worker_inter_token_seconds", "Time between tokens", ["model"],
-                                     buckets=TOKEN_LATENCY_BUCKETS, registry=r).labels(model)
-        self.slots_busy = Gauge("appliance_worker_slots_busy", "Slots holding a sequence", ["model"],
-                                registry=r).labels(model)
+        self.requests = Counter(
+            "appliance_worker_requests", "Requests by endpoint and status", ["model", "endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "appliance_worker_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        ).labels(model)
+        self.generated_tokens = Counter(
+            "appliance_worker_generated_tokens", "Tokens generated", ["model"], registry=r
+        ).labels(model)
+        # prompt_tokens = prefilled + reused (cells of a cached prefix a prompt started from).
+        self.prompt_tokens_prefilled = Counter(
+            "appliance_worker_prompt_tokens_prefilled", "Prompt tokens computed by a prefill", ["model"], registry=r
+        ).labels(model)
+        self.prompt_tokens_reused = Counter(
+            "appliance_worker_prompt_tokens_reused",
+            "Prompt tokens taken from cached KV cells instead of a prefill",
+            ["model"],
+            registry=r,
+        ).labels(model)
+        self.ttft = Histogram(
+            "appliance_worker_ttft_seconds", "Time to first token", ["model"], buckets=TOKEN_LATENCY_BUCKETS, registry=r
+        ).labels(model)
+        self.inter_token = Histogram(
+            "appliance_worker_inter_token_seconds",
+            "Time between tokens",
+            ["model"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(model)
+        self.slots_busy = Gauge(
+            "appliance_worker_slots_busy", "Slots holding a sequence", ["model"], registry=r
+        ).labels(model)
         self.slots_total = Gauge("appliance_worker_slots_total", "Slots", ["model"], registry=r).labels(model)
-        self.queue_depth = Gauge("appliance_worker_queue_depth", "Requests waiting for a slot", ["model"],
-                                 registry=r).labels(model)
-        self.batch_size = Histogram("appliance_worker_batch_size", "Sequences per decode step",
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.rejected = Counter("appliance_worker_rejected", "Requests refused before generation", ["reason"],
-                                registry=r)
+        self.queue_depth = Gauge(
+            "appliance_worker_queue_depth", "Requests waiting for a slot", ["model"], registry=r
+        ).labels(model)
+        self.batch_size = Histogram(
+            "appliance_worker_batch_size", "Sequences per decode step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.rejected = Counter(
+            "appliance_worker_rejected", "Requests refused before generation", ["reason"], registry=r
+        )
+
+    def count_prompt(self, prefilled: int, reused: int) -> None:
+        """Called by the decode thread (prometheus_client counters are thread-safe)."""
+        if prefilled:
+            self.prompt_tokens_prefilled.inc(prefilled)
+        if reused:
+            self.prompt_tokens_reused.inc(reused)
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(self.model, endpoint, str(status)).inc()

@@ -61,9 +61,12 @@ class LoadedModel:
         self.path = path
         self.sha256 = sha256
         self.shape = ContextShape(
-            slots=settings.slots, n_ctx_per_slot=settings.n_ctx,
-            n_batch=settings.slots + settings.prefill_chunk, threads=settings.threads(),
+            slots=settings.slots,
+            n_ctx_per_slot=settings.n_ctx,
+            n_batch=settings.slots + settings.prefill_chunk,
+            threads=settings.threads(),
         )
+        self.swa_full = settings.prefix_reuse
         llama_cpp.llama_backend_init()
         self.gpu_layers = _gpu_layers(llama_cpp, settings.n_gpu_layers)
         self._split = (ctypes.c_float * max(1, len(settings.tensor_split)))(*settings.tensor_split)
@@ -78,6 +81,7 @@ class LoadedModel:
         self.ctx = self._new_context()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self.model))  # sliding window (0: every layer sees all)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -93,6 +97,14 @@ class LoadedModel:
         params.n_threads = shape.threads
         params.n_threads_batch = shape.threads
         params.kv_unified = True
+        # Prefix reuse needs every cell of a kept prefix: a full-size sliding-window cache keeps them all
+        # (the window is applied by the attention mask), a small one drops what left the window.
+        params.swa_full = self.swa_full
+        if self.gpu_layers == 0:
+            # On the CPU, flash attention picks a tiled kernel by batch size, so the same tokens come out
+            # differently when prefilled in other chunks; the plain path gives reused and recomputed cells
+            # the same numbers.
+            params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
         ctx = llama.llama_init_from_model(self.model, params)
         if not ctx:
@@ -111,7 +123,13 @@ class LoadedModel:
             capacity = -count
             tokens = (self.llama.llama_token * capacity)()
             count = self.llama.llama_tokenize(
-                self.vocab, data, len(data), tokens, capacity, add_special, parse_special,
+                self.vocab,
+                data,
+                len(data),
+                tokens,
+                capacity,
+                add_special,
+                parse_special,
             )
         return list(tokens[:count])
 

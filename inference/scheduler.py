@@ -6,12 +6,19 @@ Every step packs one token for each generating sequence plus up to
 hands the step's text to the event loop in a single ``call_soon_threadsafe``.
 Sequences join and leave only at step boundaries, so a short request never
 waits for a long one and a long prompt never stalls the others for long.
+
+With prefix reuse on, a slot keeps its KV cells when its sequence ends; a new
+prompt goes to the free slot that already holds the longest part of it (see
+inference.prefix), copies a prefix another slot holds, or waits for a slot
+that is prefilling the same prefix right now, and prefills only the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import dataclasses
 import logging
 import threading
 from collections import deque
@@ -19,8 +26,10 @@ from collections.abc import Callable
 from typing import Any
 
 from inference.constrained import ConstrainedSampler
+from inference.kvstore import HostPromptCache
 from inference.logprobs import LogprobReader, TokenLogprob
 from inference.model import LoadedModel
+from inference.prefix import Admission, SlotTokens, caller_scope, common_prefix, plan_admission
 from inference.sampling import build_grammar, build_sampler_chain
 from inference.sequence import ActiveSequence, GenerationRequest, SequenceHandle
 from inference.textstream import TextStream
@@ -33,8 +42,12 @@ log = logging.getLogger(__name__)
 Event = tuple[SequenceHandle, str, int, str | None, str | None, list[TokenLogprob] | None]
 # Called on the event loop after every step: (events, sequences in the batch, slots busy, queue depth).
 StepReport = Callable[[list[Event], int, int, int], None]
+# Called on the decode thread: (prompt tokens prefilled, prompt tokens reused from cached cells).
+PromptCounter = Callable[[int, int], None]
 
 IDLE_WAIT_S = 0.5
+# Prefixes shorter than this are not worth a trip through host RAM (saving, or restoring instead of copying).
+MIN_SAVED_TOKENS = 32
 
 
 class QueueFull(Exception):
@@ -42,13 +55,29 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, model: LoadedModel, *, queue_size: int, prefill_chunk: int) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        queue_size: int,
+        prefill_chunk: int,
+        reuse: bool = False,
+        share_across_keys: bool = False,
+        count_prompt: PromptCounter | None = None,
+        host_cache_bytes: int = 0,
+    ) -> None:
         self.model = model
+        self._host = HostPromptCache(host_cache_bytes, model.sha256) if reuse and host_cache_bytes else None
+        self.reuse = reuse
+        self.share_across_keys = share_across_keys
+        self._count_prompt = count_prompt
         self.slots_total = model.shape.slots
         self.n_ctx = model.shape.n_ctx_per_slot
         self.queue_size = queue_size
         self.prefill_chunk = prefill_chunk
         self._slots: list[ActiveSequence | None] = [None] * self.slots_total
+        self._held = [SlotTokens() for _ in range(self.slots_total)]  # what each slot's KV cells hold
+        self._tick = 0
         self._waiting: deque[SequenceHandle] = deque()
         self._active = 0
         self._lock = threading.Lock()
@@ -87,6 +116,9 @@ class Scheduler:
         with self._lock:
             if self._active + len(self._waiting) >= self.slots_total + self.queue_size:
                 raise QueueFull
+        scope = "" if self.share_across_keys else (request.scope or caller_scope.get())
+        if scope != request.scope:
+            request = dataclasses.replace(request, scope=scope)
         model = self.model
         grammar = build_grammar(model.llama, model.vocab, request.sampling)
         sampler = build_sampler_chain(model.llama, model.vocab, model.n_vocab, request.sampling)
@@ -138,18 +170,122 @@ class Scheduler:
                 for handle in [h for h in self._waiting if h.cancelled]:
                     self._waiting.remove(handle)
                     self._free_samplers(handle)
-            for index, seq in enumerate(self._slots):
-                if seq is not None:
+            while self._waiting and self._active < self.slots_total:
+                handle = self._waiting.popleft()
+                if handle.cancelled:
+                    self._free_samplers(handle)
                     continue
-                while self._waiting:
-                    handle = self._waiting.popleft()
-                    if handle.cancelled:
-                        self._free_samplers(handle)
-                        continue
-                    self._slots[index] = ActiveSequence(handle, index, TextStream(handle.request.stops))
-                    self._active += 1
-                    break
+                self._place(handle, [i for i, seq in enumerate(self._slots) if seq is None])
             return self._active > 0
+
+    def _place(self, handle: SequenceHandle, free: list[int]) -> None:
+        """Put a sequence in a free slot, starting from the longest prefix the KV cache holds for it."""
+        prompt, scope = handle.request.prompt_tokens, handle.request.scope
+        self._tick += 1
+        if self.reuse:
+            plan = plan_admission(self._held, free, prompt, scope)
+        else:
+            plan = Admission(slot=free[0], keep=0, source=-1, copy=0, follow=-1, wait=0)
+        slot, follow = plan.slot, plan.follow
+        llama, memory = self.model.llama, self.model.memory
+        start = plan.keep if self._holds(slot, plan.keep) else 0
+        self._save_evicted(slot, start)
+        copy = plan.copy if plan.source >= 0 and self._holds(plan.source, plan.copy) else 0
+        restored = self._restore(slot, scope, prompt, max(start, copy, plan.wait if follow >= 0 else 0))
+        if restored:
+            start, follow = restored, -1
+        elif not self._held[slot].tokens:  # a failed restore emptied the slot
+            start = 0
+        if not restored and copy > start:
+            llama.llama_memory_seq_rm(memory, slot, -1, -1)
+            llama.llama_memory_seq_cp(memory, plan.source, slot, 0, copy)
+            start = copy
+        elif not restored and not llama.llama_memory_seq_rm(memory, slot, start, -1):  # may be refused
+            llama.llama_memory_seq_rm(memory, slot, -1, -1)
+            start = 0
+        held = self._held[slot]
+        held.tokens, held.scope, held.used, held.planned = prompt[:start], scope, self._tick, prompt
+        seq = ActiveSequence(
+            handle, slot, TextStream(handle.request.stops), prefilled=start, n_past=start, follow=follow, wait=plan.wait
+        )
+        handle.cached_tokens = start
+        if start and self._count_prompt is not None:
+            self._count_prompt(0, start)
+        self._slots[slot] = seq
+        self._active += 1
+
+    def _save_evicted(self, slot: int, keep: int) -> None:
+        """Before a slot's cells past ``keep`` are removed, copy the slot's state to host RAM if worth it."""
+        held = self._held[slot]
+        if self._host is None or len(held.tokens) - keep < MIN_SAVED_TOKENS or not self._holds(slot, len(held.tokens)):
+            return
+        llama, ctx = self.model.llama, self.model.ctx
+        size = int(llama.llama_state_seq_get_size(ctx, slot))
+        if size <= 0 or size > self._host.capacity:
+            return
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(llama.llama_state_seq_get_data(ctx, buffer, size, slot))
+        if written > 0:
+            self._host.put(held.scope, held.tokens, bytes(buffer)[:written])
+
+    def _restore(self, slot: int, scope: str, prompt: list[int], have: int) -> int:
+        """Write a saved prefix back into ``slot`` when it covers more of ``prompt`` than ``have``; its length."""
+        if self._host is None:
+            return 0
+        entry_id, match = self._host.best(scope, prompt)
+        usable = min(match, len(prompt) - 1)
+        if usable < have + MIN_SAVED_TOKENS:
+            return 0
+        entry = self._host.take(entry_id)
+        llama, memory, ctx = self.model.llama, self.model.memory, self.model.ctx
+        llama.llama_memory_seq_rm(memory, slot, -1, -1)
+        data = (ctypes.c_uint8 * len(entry.state)).from_buffer_copy(entry.state)
+        held = self._held[slot]
+        if llama.llama_state_seq_set_data(ctx, data, len(entry.state), slot) == 0:  # no room: prefill instead
+            llama.llama_memory_seq_rm(memory, slot, -1, -1)
+            held.tokens = []
+            return 0
+        held.tokens = list(entry.tokens)
+        if not self._holds(slot, usable) or not llama.llama_memory_seq_rm(memory, slot, usable, -1):
+            llama.llama_memory_seq_rm(memory, slot, -1, -1)
+            held.tokens = []
+            return 0
+        return usable
+
+    def _holds(self, slot: int, count: int) -> bool:
+        """Whether the KV cache really still holds what a prompt needs to continue from the slot's first
+        ``count`` cells.
+
+        llama.cpp keeps each sequence's positions contiguous, from ``seq_pos_min`` to ``seq_pos_max``. A
+        sliding-window cache may drop (and then purge up to) cells that left a sequence's window; the full
+        layers keep everything. So the first ``count`` positions can be reused only when the window cells
+        that the next position attends to are still there: ``seq_pos_min`` is 0, or at most
+        ``count - n_swa`` on a sliding-window model.
+        """
+        if count <= 0 or len(self._held[slot].tokens) < count:
+            return False
+        llama, memory = self.model.llama, self.model.memory
+        if llama.llama_memory_seq_pos_max(memory, slot) != len(self._held[slot].tokens) - 1:
+            return False
+        low = int(llama.llama_memory_seq_pos_min(memory, slot))
+        return low == 0 or (self.model.n_swa > 0 and low <= count - self.model.n_swa)
+
+    def _resolve_follow(self, seq: ActiveSequence) -> None:
+        """A sequence waiting for another slot's prefill: copy those cells once they are there."""
+        source, held = self._held[seq.follow], self._held[seq.seq_id]
+        prompt, scope = seq.prompt, seq.handle.request.scope
+        if source.scope == scope and common_prefix(source.tokens, prompt) >= seq.wait:
+            if self._holds(seq.follow, seq.wait):
+                llama, memory = self.model.llama, self.model.memory
+                llama.llama_memory_seq_rm(memory, seq.seq_id, -1, -1)
+                llama.llama_memory_seq_cp(memory, seq.follow, seq.seq_id, 0, seq.wait)
+                if self._count_prompt is not None:
+                    self._count_prompt(0, seq.wait - seq.prefilled)
+                seq.prefilled = seq.n_past = seq.handle.cached_tokens = seq.wait
+                held.tokens = prompt[: seq.wait]
+            seq.follow = -1
+        elif source.planned is None or source.scope != scope or common_prefix(source.planned, prompt) < seq.wait:
+            seq.follow = -1  # that slot will not get there (cancelled, reused): prefill it here
 
     def _free_samplers(self, handle: SequenceHandle) -> None:
         llama = self.model.llama
@@ -158,8 +294,11 @@ class Scheduler:
             llama.llama_sampler_free(handle.grammar)
 
     def _release(self, seq: ActiveSequence) -> None:
-        llama = self.model.llama
-        llama.llama_memory_seq_rm(self.model.memory, seq.seq_id, -1, -1)
+        held = self._held[seq.seq_id]
+        held.planned = None
+        if not self.reuse:  # else the cells stay for the next prompt that starts the same way
+            self.model.llama.llama_memory_seq_rm(self.model.memory, seq.seq_id, -1, -1)
+            held.tokens = []
         self._free_samplers(seq.handle)
         with self._lock:
             self._slots[seq.seq_id] = None
@@ -168,12 +307,16 @@ class Scheduler:
     def _fill_batch(self) -> int:
         """Generating sequences first (one token each), then prompt chunks within the prefill budget."""
         token, pos, n_seq_id, seq_ids, logits = self._arrays
+        for seq in self._slots:
+            if seq is not None and seq.follow >= 0:
+                self._resolve_follow(seq)
         n = 0
         for seq in self._slots:
             if seq is None or seq.prefilling:
                 continue
             token[n], pos[n], n_seq_id[n], logits[n] = seq.last_token, seq.n_past, 1, 1
             seq_ids[n][0] = seq.seq_id
+            self._held[seq.seq_id].tokens.append(seq.last_token)
             seq.batch_index = n
             seq.n_past += 1
             n += 1
@@ -182,10 +325,13 @@ class Scheduler:
         for seq in self._slots:
             if budget <= 0:
                 break
-            if seq is None or not seq.prefilling:
+            if seq is None or not seq.prefilling or seq.follow >= 0:
                 continue
             prompt, start = seq.prompt, seq.prefilled
             take = min(budget, len(prompt) - start)
+            self._held[seq.seq_id].tokens.extend(prompt[start : start + take])
+            if self._count_prompt is not None:
+                self._count_prompt(take, 0)
             for offset in range(take):
                 token[n], pos[n], n_seq_id[n], logits[n] = prompt[start + offset], start + offset, 1, 0
                 seq_ids[n][0] = seq.seq_id
@@ -196,11 +342,14 @@ class Scheduler:
             if not seq.prefilling:
                 logits[n - 1] = 1
                 seq.batch_index = n - 1
+                self._held[seq.seq_id].planned = None
         self._batch.n_tokens = n
         return sequences
 
     def _step(self) -> None:
         sequences = self._fill_batch()
+        if self._batch.n_tokens == 0:  # only sequences waiting for another slot's prefill (resolved next step)
+            return
         rc = self.model.llama.llama_decode(self.model.ctx, self._batch)
         if rc != 0:
             log.error("llama_decode failed", extra={"rc": rc, "tokens": self._batch.n_tokens})
@@ -223,8 +372,9 @@ class Scheduler:
         if handle.grammar is None:
             token = model.llama.llama_sampler_sample(handle.sampler, model.ctx, seq.batch_index)
         else:
-            token = self._constrained.sample(handle.sampler, handle.grammar, seq.batch_index, request.sampling,
-                                             first=seq.generated == 0)
+            token = self._constrained.sample(
+                handle.sampler, handle.grammar, seq.batch_index, request.sampling, first=seq.generated == 0
+            )
         if not request.ignore_eos and model.is_eog(token):
             return self._event(seq, seq.stream.finish(), 0, "stop")
         seq.generated += 1
@@ -267,4 +417,6 @@ class Scheduler:
                 self._free_samplers(handle)
                 events.append((handle, "", 0, None, message, None))
         self.model.llama.llama_memory_clear(self.model.memory, True)
+        for held in self._held:
+            held.tokens, held.planned = [], None
         self._deliver(events, 0)

@@ -32,6 +32,7 @@ class GenerationRequest:
     stops: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n: each token's logprob and its n likeliest alternatives
+    scope: str = ""  # whose cached prefixes this prompt may reuse (an API key's id, or "" shared by all)
 
 
 class SequenceHandle:
@@ -42,6 +43,7 @@ class SequenceHandle:
         self.sampler = sampler  # built on submit; owned by the decode thread from then on
         self.grammar = grammar  # grammar sampler for structured output, or None
         self.prompt_tokens = len(request.prompt_tokens)
+        self.cached_tokens = 0  # prompt tokens whose KV cells were reused, not prefilled (set on admission)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -62,8 +64,14 @@ class SequenceHandle:
         if not self.done:
             self.cancelled = True
 
-    def push(self, text: str, new_tokens: int, finish_reason: str | None, error: str | None,
-             logprobs: list[TokenLogprob] | None = None) -> None:
+    def push(
+        self,
+        text: str,
+        new_tokens: int,
+        finish_reason: str | None,
+        error: str | None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> None:
         """Called on the event loop with one decode step's output."""
         if text:
             self._buffer.append(text)
@@ -123,6 +131,8 @@ class ActiveSequence:
     last_token: int = -1  # sampled, not yet decoded
     generated: int = 0
     batch_index: int = -1  # where this step's logits are, -1 = none
+    follow: int = -1  # slot prefilling this prompt's prefix right now: wait, then copy its cells (-1: none)
+    wait: int = 0  # how many of that slot's cells to copy
     # Logprobs wait here until the text of their token is sent (text is held back at stop-sequence prefixes).
     held_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)  # (start byte, logprob)
     token_bytes: int = 0  # bytes of all generated tokens

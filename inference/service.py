@@ -78,7 +78,10 @@ class WorkerService:
         source = self.settings.template_source() or model.metadata("tokenizer.chat_template")
         self.template = ChatTemplate(source, bos_token=model.bos_text(), eos_token=model.eos_text())
         self.scheduler = Scheduler(model, queue_size=self.settings.queue_size,
-                                   prefill_chunk=self.settings.prefill_chunk)
+                                   prefill_chunk=self.settings.prefill_chunk, reuse=self.settings.prefix_reuse,
+                                   share_across_keys=self.settings.prefix_share_across_keys,
+                                   count_prompt=self.metrics.count_prompt,
+                                   host_cache_bytes=self.settings.prompt_cache_bytes)
         self.scheduler.start(asyncio.get_running_loop(), self._on_step)
         self.metrics.slots_total.set(self.settings.slots)
         self.state = "ok"

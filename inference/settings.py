@@ -48,6 +48,14 @@ class WorkerSettings(CommonSettings):
     prefill_chunk: int = Field(default=256, ge=16, description="prompt tokens per decode step (chunked prefill)")
     chat_template: str = Field(default="", description="Jinja chat template, or a path to one; empty = model's own")
     allowed_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Prompt-prefix reuse (docs/CONTRACTS.md): finished sequences keep their KV cells for the next prompt.
+    prefix_reuse: bool = Field(default=True, description="reuse cached prompt prefixes (exact; off = prefill all)")
+    prefix_share_across_keys: bool = Field(
+        default=False, description="let one API key's requests reuse prefixes another key's requests left"
+    )
+    prompt_cache_bytes: int = Field(
+        default=256 << 20, ge=0, description="host-RAM cache of prefixes evicted from slots; 0 = none"
+    )
     # Worker registry (docs/CONTRACTS.md): announce this worker to balancers through Redis once ready.
     redis_url: str = Field(default="", repr=False, description="empty = no registration (static balancer list)")
     advertise_url: str = Field(

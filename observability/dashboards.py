@@ -89,6 +89,14 @@ SERVICE = Dashboard(
             Panel("Prompt tokens/s by model", (
                 (f"sum by (model) (rate(appliance_worker_prompt_tokens_total{{{MODEL}}}[{RI}]))", "{{model}}"),),
                 "short"),
+            Panel("Prompt prefix hit rate", (
+                (f"sum by (model) (rate(appliance_worker_prompt_tokens_reused_total{{{MODEL}}}[{RI}]))"
+                 f" / sum by (model) (rate(appliance_worker_prompt_tokens_total{{{MODEL}}}[{RI}]))", "{{model}}"),),
+                "percentunit", description="Share of prompt tokens taken from cached KV cells (prefix reuse) "
+                "instead of being prefilled."),
+            Panel("Prompt tokens/s prefilled and reused", (
+                (f"sum(rate(appliance_worker_prompt_tokens_prefilled_total{{{MODEL}}}[{RI}]))", "prefilled"),
+                (f"sum(rate(appliance_worker_prompt_tokens_reused_total{{{MODEL}}}[{RI}]))", "reused")), "short"),
             Panel("Gateway tokens/s by kind", (
                 (f"sum by (kind) (rate(appliance_gateway_tokens_total{{{MODEL}}}[{RI}]))", "{{kind}}"),), "short"),
             Panel("Batch size (sequences per decode step)", (

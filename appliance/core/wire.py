@@ -25,6 +25,7 @@ __all__ = [
     "EmbeddingRequest",
     "JsonSchemaFormat",
     "ModelLimits",
+    "PromptTokensDetails",
     "ResponseFormat",
     "StreamOptions",
     "Tool",
@@ -171,10 +172,15 @@ class EmbeddingRequest(_Wire):
     user: str | None = None
 
 
+class PromptTokensDetails(_Wire):
+    cached_tokens: int = 0  # prompt tokens taken from cached KV cells (prefix reuse), not prefilled
+
+
 class Usage(_Wire):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 def reject_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:

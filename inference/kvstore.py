@@ -1,0 +1,78 @@
+"""A host-RAM cache of prompt prefixes evicted from slots: their KV cells as llama.cpp sequence state.
+
+When a slot is taken for an unrelated prompt, the scheduler saves what the
+slot held (``llama_state_seq_get_data``: its tokens' K and V for every layer)
+here before removing it. A later prompt that starts with more of a saved
+entry than any slot holds gets it written back into its slot
+(``llama_state_seq_set_data``), a memory copy instead of a prefill.
+
+Bounded in bytes, least recently used first out; entries are keyed by the
+model's sha256 and the caller's scope, so a state is only ever restored into
+the model that wrote it and for the key that computed it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from inference.prefix import common_prefix
+
+__all__ = ["HostPromptCache", "SavedPrefix"]
+
+
+@dataclass(frozen=True, slots=True)
+class SavedPrefix:
+    model: str
+    scope: str
+    tokens: tuple[int, ...]
+    state: bytes
+
+
+class HostPromptCache:
+    def __init__(self, capacity_bytes: int, model: str) -> None:
+        self.capacity = capacity_bytes
+        self.model = model
+        self.used = 0
+        self._entries: OrderedDict[int, SavedPrefix] = OrderedDict()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, scope: str, tokens: Sequence[int], state: bytes) -> bool:
+        """Keep a slot's state; False when it is larger than the whole cache."""
+        if not state or len(state) > self.capacity:
+            return False
+        key = tuple(tokens)
+        for entry_id, entry in list(self._entries.items()):  # a saved prefix of this one is now redundant
+            if entry.scope == scope and len(entry.tokens) <= len(key) and key[: len(entry.tokens)] == entry.tokens:
+                self._drop(entry_id)
+        while self.used + len(state) > self.capacity and self._entries:
+            self._drop(next(iter(self._entries)))
+        self._entries[self._next] = SavedPrefix(self.model, scope, key, state)
+        self._next += 1
+        self.used += len(state)
+        return True
+
+    def best(self, scope: str, prompt: Sequence[int]) -> tuple[int, int]:
+        """(entry id, prompt tokens it covers) of the entry sharing the longest prefix with ``prompt``."""
+        best_id, best = -1, 0
+        for entry_id, entry in self._entries.items():
+            if entry.scope != scope or entry.model != self.model:
+                continue
+            match = common_prefix(entry.tokens, prompt)
+            if match > best:
+                best_id, best = entry_id, match
+        return best_id, best
+
+    def take(self, entry_id: int) -> SavedPrefix:
+        """Remove and return an entry (it goes back into a slot, which will save it again if evicted)."""
+        entry = self._entries[entry_id]
+        self._drop(entry_id)
+        return entry
+
+    def _drop(self, entry_id: int) -> None:
+        entry = self._entries.pop(entry_id)
+        self.used -= len(entry.state)

@@ -1,0 +1,107 @@
+"""Which slot a new prompt goes to, and which cached prefix it starts from (pure bookkeeping, no llama.cpp).
+
+Every slot remembers the tokens whose KV cells it holds (:class:`SlotTokens`)
+and whose they are (``scope``: one API key's id, or one scope for everyone
+when the site shares prefixes across keys). A finished sequence keeps its
+cells, so the next turn of the same conversation finds its history there.
+
+:func:`plan_admission` picks, for one waiting prompt, the free slot to run it
+in and the best place to take its prefix from: the slot itself, another slot
+(free or busy: the cells are copied, which in a unified KV cache only tags
+them), or a slot still prefilling the same prefix (the new sequence waits for
+those cells and then copies them, so prompts that arrive together prefill
+their shared part once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+__all__ = ["Admission", "SlotTokens", "caller_scope", "common_prefix", "plan_admission"]
+
+# The calling API key's id for the request being handled (set by the HTTP handler from the internal hop's
+# header; "" when absent: one anonymous scope). The scheduler stamps it on each sequence it is given, so a
+# prompt only reuses cells computed for the same key unless the site shares prefixes across keys.
+caller_scope: ContextVar[str] = ContextVar("caller_scope", default="")
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass(slots=True)
+class SlotTokens:
+    """What one slot's KV cells hold: ``tokens[i]`` at position ``i``, computed for ``scope``."""
+
+    tokens: list[int] = field(default_factory=list)
+    scope: str = ""
+    used: int = 0  # admission tick of the last sequence that ran here (LRU order)
+    planned: list[int] | None = None  # a prefilling sequence's whole prompt (the cells it will hold)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    slot: int  # the free slot the sequence runs in
+    keep: int  # leading cells of that slot it keeps (the rest are removed)
+    source: int  # slot to copy cells [0, copy) from now (-1: none)
+    copy: int
+    follow: int  # slot still prefilling cells [0, wait) this prompt needs (-1: none)
+    wait: int
+
+
+# A slot whose cells past the match are this few holds nothing worth keeping (a re-rendered answer's end).
+SPARE_TAIL = 8
+
+
+def _usable(match: int, prompt: Sequence[int]) -> int:
+    # The last prompt token is always decoded again: its logits pick the first answer token.
+    return min(match, len(prompt) - 1)
+
+
+def plan_admission(slots: Sequence[SlotTokens], free: Sequence[int], prompt: Sequence[int], scope: str) -> Admission:
+    """Where ``prompt`` (of ``scope``) runs, among the ``free`` slots, and where its prefix comes from.
+
+    The slot: one that loses nothing of value (empty, or its cells past the match are few), holding the
+    most of the prompt; else one holding the longest prefix; else the least recently used one.
+    """
+    own = {i: _usable(common_prefix(slots[i].tokens, prompt), prompt) if slots[i].scope == scope else 0 for i in free}
+    best_done, best_done_slot = 0, -1
+    best_plan, best_plan_slot = 0, -1
+    for index, held in enumerate(slots):
+        if held.scope != scope:
+            continue
+        done = _usable(common_prefix(held.tokens, prompt), prompt)
+        if done > best_done:
+            best_done, best_done_slot = done, index
+        if held.planned is not None:
+            planned = _usable(common_prefix(held.planned, prompt), prompt)
+            if planned > best_plan:
+                best_plan, best_plan_slot = planned, index
+
+    def lost(i: int) -> int:  # cells this prompt would destroy in slot i
+        return len(slots[i].tokens) - own[i] if slots[i].scope == scope else len(slots[i].tokens)
+
+    # A slot that loses (almost) nothing, holding most of the prompt; else one holding the best prefix
+    # (a regenerated answer: its old tail goes); else the least recently used. Copies between slots only
+    # tag cells, so a new conversation goes to a spare slot rather than evict the one it shares a prefix with.
+    spare = [i for i in free if lost(i) <= SPARE_TAIL]
+    if spare:
+        slot = min(spare, key=lambda i: (-own[i], slots[i].used))
+    else:
+        slot = min(free, key=lambda i: (own[i] != best_done or best_done == 0, slots[i].used))
+    keep = own[slot]
+    source, copy = -1, 0
+    if best_done > keep:
+        source, copy = best_done_slot, best_done
+    start = max(keep, copy)
+    follow, wait = -1, 0
+    if best_plan > start and best_plan_slot != slot:
+        follow, wait = best_plan_slot, best_plan
+    return Admission(slot=slot, keep=keep, source=source, copy=copy, follow=follow, wait=wait)
