@@ -1,4 +1,5 @@
 import configparser
+import json
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,23 @@ def test_self_signed_certificate_covers_the_served_names(tmp_path: Path) -> None
     assert self_signed_pair(tmp_path, ["192.0.2.10", "chat.corp"])[0].read_bytes() == before  # same names: kept
     self_signed_pair(tmp_path, ["chat.corp", "192.0.2.11"])
     assert cert.read_bytes() != before  # a new address: a new certificate
+
+
+def test_up_flags_are_remembered_until_reset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `up --model/--served-name/--tls/--host` was told, a later `scale`/`keys` (a bare load()) uses."""
+    from appliance.cli.context import forget, load, remember, state_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
+    monkeypatch.setenv("APPLIANCE_DATA_DIR", str(tmp_path / "data"))
+    model = tmp_path / "llama.gguf"
+    given = {"model_path": model, "model_alias": "llama", "tls": True, "gateway_host": "0.0.0.0", "workers": None}
+    settings = load(**given)
+    remember(settings, given)
+    assert "workers" not in json.loads(state_file(settings).read_text())  # only what was given
+    later = load()
+    assert (later.model_path, later.model_alias, later.tls, later.gateway_host) == (model, "llama", True, "0.0.0.0")
+    assert later.gateway_local_url.startswith("https://127.0.0.1:")
+    assert load(gateway_host="192.0.2.7").gateway_host == "192.0.2.7"  # a flag given again wins
+    forget(later)  # `appliance up --reset`
+    assert (load().model_path, load().tls) == (None, False)
