@@ -29,6 +29,7 @@ SCHEMA = {
     "required": ["notes"],
 }
 PROMPT = "User: The history of the printing press begins\nAssistant:"
+COMPARED = 40  # picks checked against the whole-vocabulary pass
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +94,13 @@ def _generate(model: LoadedModel, fast: ConstrainedSampler, full: ConstrainedSam
     try:
         _decode(model, batch, prompt, 0)
         # The schema bounds the document (two notes of at most 12 characters), so the grammar must end it
-        # well within the context; the output is checked against the schema every time, not only when short.
+        # within the context; the output is checked against the schema every time, not only when short.
+        # The whole-vocabulary reference is slow: it checks the first COMPARED picks, the fast path goes on.
         while len(prompt) + len(out) < model.shape.n_ctx_per_slot - 1:
             index = batch.n_tokens - 1
             token = fast.sample(*pairs[0], index, params, first=not out)
-            assert full.sample(*pairs[1], index, params, first=not out) == token, model.detokenize(out)
+            if len(out) < COMPARED:
+                assert full.sample(*pairs[1], index, params, first=not out) == token, model.detokenize(out)
             if model.is_eog(token):
                 ended = True
                 break
