@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from gateway.bootstrap import ensure_admin_key
 from gateway.cache import ResponseCache
 from gateway.catalog import ModelCatalog
 from gateway.exceptions import exception_handlers
+from gateway.hot_redis import HotRedis
 from gateway.keys import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import complete_openapi
@@ -40,6 +41,8 @@ from gateway.upstream import Upstream
 __all__ = ["create_app", "new_http_session", "new_redis"]
 
 _log = logging.getLogger("gateway")
+# Builds the hot path's Redis client from the settings and the admin paths' redis-py client.
+HotRedisFactory = Callable[[GatewaySettings, Redis], HotRedis]
 UI_STATIC = Path(__file__).resolve().parent / "ui" / "static"
 
 
@@ -55,10 +58,14 @@ def new_http_session(settings: GatewaySettings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
 
+def _pipelined(settings: GatewaySettings, _: Redis) -> HotRedis:
+    return PipelinedRedis.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+
+
 def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSession,
-              metrics: GatewayMetrics) -> GatewayServices:
+              metrics: GatewayMetrics, hot_redis: HotRedisFactory) -> GatewayServices:
     token = settings.resolved_internal_token()
-    guard = RedisGuard(redis, PipelinedRedis.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s))
+    guard = RedisGuard(redis, hot_redis(settings, redis))
     balancer = Upstream("balancer", settings.balancer_url, http, token,
                         connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
     return GatewayServices(
@@ -76,9 +83,10 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
 
 
 def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
-               http: aiohttp.ClientSession | None = None) -> Litestar:
+               http: aiohttp.ClientSession | None = None, hot_redis: HotRedisFactory = _pipelined) -> Litestar:
     """Build the gateway. ``redis`` and ``http`` are injected (tests pass their own); when omitted
-    they are created and closed in the lifespan."""
+    they are created and closed in the lifespan. ``hot_redis`` builds the hot path's Redis client
+    (default: :class:`PipelinedRedis`; ``appliance bench gateway`` also runs redis-py's pipeline)."""
     state: dict[str, GatewayServices] = {}
     metrics = GatewayMetrics()
 
@@ -87,7 +95,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         own_redis, own_http = redis is None, http is None
         redis_client = redis if redis is not None else new_redis(settings)
         session = http if http is not None else new_http_session(settings)
-        svc = _services(settings, redis_client, session, metrics)
+        svc = _services(settings, redis_client, session, metrics, hot_redis)
         state["svc"] = svc
         try:
             await svc.guard.call(lambda: ensure_admin_key(svc.keys, settings.data_dir))

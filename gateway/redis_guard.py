@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.resp import PipelinedRedis
+from gateway.hot_redis import HotRedis
 
 __all__ = ["RedisGuard", "RedisUnavailable"]
 
@@ -30,7 +30,7 @@ class RedisUnavailable(Exception):
 
 
 class RedisGuard:
-    def __init__(self, client: Redis, pipe: PipelinedRedis, backoff_s: float = 1.0) -> None:
+    def __init__(self, client: Redis, pipe: HotRedis, backoff_s: float = 1.0) -> None:
         self.client = client
         self.pipe = pipe
         self._backoff_s = backoff_s

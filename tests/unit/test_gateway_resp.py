@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
@@ -26,6 +26,7 @@ def encode_reply(value: Any) -> bytes:
     return b"*%d\r\n" % len(value) + b"".join(encode_reply(item) for item in value)
 
 
+@settings(deadline=None)  # a loaded machine must not fail a codec test on time
 @given(st.lists(values, min_size=1, max_size=4), st.data())
 def test_replies_split_at_any_point_parse_back_in_order(replies: list[Any], data: st.DataObject) -> None:
     wire = b"".join(encode_reply(r) for r in replies)
@@ -54,6 +55,7 @@ def test_status_and_error_replies() -> None:
     assert parse_reply(b"*2\r\n:1\r\n", 0)[0] is _INCOMPLETE
 
 
+@settings(deadline=None)
 @given(st.lists(st.binary(max_size=30) | st.integers() | st.text(max_size=10), min_size=1, max_size=6))
 def test_commands_encode_as_resp_arrays(args: list[Any]) -> None:
     wire = encode_command(args)
