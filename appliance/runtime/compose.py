@@ -232,6 +232,7 @@ class ComposeRuntime:
         limit = timeout or max(self.settings.ready_timeout_s, 600.0)
         deadline = time.monotonic() + limit
         pending = list(services)
+        baseline: dict[str, int] = {}
         while pending:
             containers = self.containers()
             for service in list(pending):
@@ -240,6 +241,10 @@ class ComposeRuntime:
                     continue
                 state = info.get("State", {})
                 health = (state.get("Health") or {}).get("Status")
+                count = int(info.get("RestartCount") or 0)
+                restarts = count - baseline.setdefault(service, count)
+                if restarts >= 3:
+                    raise EngineError(f"{service} keeps restarting ({restarts} times): {self.tail(service)}")
                 if state.get("Running") and health in (None, "healthy"):
                     pending.remove(service)
                     self.log(f"ready     {service}")
