@@ -100,7 +100,7 @@ class LoadedModel:
         # Prefix reuse needs every cell of a kept prefix: a full-size sliding-window cache keeps them all
         # (the window is applied by the attention mask), a small one drops what left the window.
         params.swa_full = self.swa_full
-        if self.gpu_layers == 0:
+        if self.swa_full and self.gpu_layers == 0:
             # On the CPU, flash attention picks a tiled kernel by batch size, so the same tokens come out
             # differently when prefilled in other chunks; the plain path gives reused and recomputed cells
             # the same numbers.

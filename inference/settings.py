@@ -49,7 +49,9 @@ class WorkerSettings(CommonSettings):
     chat_template: str = Field(default="", description="Jinja chat template, or a path to one; empty = model's own")
     allowed_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Prompt-prefix reuse (docs/CONTRACTS.md): finished sequences keep their KV cells for the next prompt.
-    prefix_reuse: bool = Field(default=True, description="reuse cached prompt prefixes (exact; off = prefill all)")
+    prefix_reuse: bool = Field(
+        default=False, description="reuse cached prompt prefixes (faster later turns; greedy answers may differ)"
+    )
     prefix_share_across_keys: bool = Field(
         default=False, description="let one API key's requests reuse prefixes another key's requests left"
     )

@@ -20,7 +20,9 @@ SYSTEM = "You are the hardware store's assistant. Answer in one short sentence. 
 
 @pytest.fixture(scope="module")
 def worker(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    with spawn_worker(model_path, tmp_path_factory.mktemp("prefix-worker"), slots="4", n_ctx="1024") as worker:
+    with spawn_worker(
+        model_path, tmp_path_factory.mktemp("prefix-worker"), slots="4", n_ctx="1024", prefix_reuse="true"
+    ) as worker:
         yield worker
 
 
