@@ -27,7 +27,7 @@ from gateway.cache import CachePolicy, cache_key, cache_policy
 from gateway.rag import augment, parse_rag_options
 from gateway.relay import StreamOutcome, relay_stream
 from gateway.services import GatewayServices
-from gateway.upstream import decode_json_object, ensure_error_body
+from gateway.upstream import CLIENT_PRIORITY_HEADER, decode_json_object, ensure_error_body, use_caller
 
 __all__ = ["decode_body", "generate"]
 
@@ -87,6 +87,7 @@ async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: 
     lookup = svc.cache.get_command(key) if key and policy.lookup else None
     ticket = await svc.admission.admit(secret, "chat", record.model, extra=lookup)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+    use_caller(ticket.principal, request.headers.get(CLIENT_PRIORITY_HEADER) or payload.get("service_tier"))
     try:
         if invalid is not None:
             raise invalid
