@@ -270,7 +270,7 @@ def test_upgrade_keeps_serving(admin: Stack) -> None:
     pids = {s["name"]: s["pid"] for s in admin.status()[1]["services"]}
 
     def client() -> openai.OpenAI:  # the SDK's default retries, as a client of the appliance has
-        http = httpx.Client(verify=admin.verify, timeout=120)
+        http = openai.DefaultHttpxClient(verify=admin.verify, timeout=120)
         return openai.OpenAI(base_url=f"{admin.gateway}/v1", api_key=admin.admin_key(), timeout=120, http_client=http)
 
     request: dict[str, Any] = {"model": ALIAS, "temperature": 0.7, "extra_headers": {"Cache-Control": "no-cache"}}

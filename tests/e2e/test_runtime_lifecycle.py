@@ -77,7 +77,9 @@ class Stack:
         return (self.data_dir / "admin_key").read_text().strip()
 
     def openai(self, key: str) -> openai.OpenAI:
-        http = httpx.Client(verify=self.verify, timeout=120)
+        if self.verify is True:
+            return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=120)
+        http = openai.DefaultHttpxClient(verify=self.verify, timeout=120)  # closed when collected, as the default
         return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=120, http_client=http)
 
 
