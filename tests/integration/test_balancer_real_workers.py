@@ -168,14 +168,15 @@ async def test_kill_9_mid_stream_ends_streams_with_error_event_and_readmits(stac
                        120, "streams never got going")
         stack.services[0].signal(signal.SIGKILL)
         killed_at = time.monotonic()
-        await asyncio.sleep(1.0)
-        assert stack.worker_view(victim)["state"] == "ejected"  # passively, at once (probes take longer)
+        # Passively, on the broken connections; waited for, not timed (a loaded machine delays everything).
+        await wait_for(lambda: stack.worker_view(victim)["state"] == "ejected", 30, "the killed worker ejected")
         await asyncio.gather(*tasks)
 
     cut = [i for i, o in enumerate(streams.outcome) if o != "done"]
     assert 1 <= len(cut) <= SLOTS, streams.outcome
     assert all(streams.started[i] for i in cut), "a request that had not started streaming was lost"
-    assert all(streams.ended_at[i] - killed_at < 5 for i in cut), "cut streams must end within a few seconds"
+    # Ended by the broken connection, not by a timeout (first byte 60 s): half of it is a bound with margin.
+    assert all(streams.ended_at[i] - killed_at < 60 / 2 for i in cut), "cut streams must end on the kill"
 
     # Readmission: restart it on the same port; probes bring it back without a balancer restart.
     stack.services[0] = stack.start_worker(0)
