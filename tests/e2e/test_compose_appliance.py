@@ -53,22 +53,23 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The Docker daemon: the running one, or one started here (as root) and stopped at the end."""
     if shutil.which("docker") is None:
         pytest.skip("Docker is not installed (./scripts/test installs docker.io on Debian when run as root)")
-    started: subprocess.Popen[bytes] | None = None
-    if _docker("info").returncode != 0:
-        if os.geteuid() != 0 or shutil.which("dockerd") is None:
-            pytest.skip("no Docker daemon answers and this user cannot start one")
-        log = (tmp_path_factory.mktemp("dockerd") / "dockerd.log").open("wb")
-        started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT)
-        _wait(lambda: _docker("info").returncode == 0, 90, "dockerd answering")
-    try:
+    if _docker("info").returncode == 0:
         yield
-    finally:
-        if started is not None:
+        return
+    if os.geteuid() != 0 or shutil.which("dockerd") is None:
+        pytest.skip("no Docker daemon answers and this user cannot start one")
+    with (tmp_path_factory.mktemp("dockerd") / "dockerd.log").open("wb") as log:
+        started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait(lambda: _docker("info").returncode == 0, 90, "dockerd answering")
+            yield
+        finally:
             started.terminate()
             try:
                 started.wait(60)
             except subprocess.TimeoutExpired:
                 started.kill()
+                started.wait(10)
 
 
 class Stack:
