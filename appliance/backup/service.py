@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +10,7 @@ import redis
 
 from appliance.backup.archive import ArchiveWriter, copy_offsite, rotate, verify_archive
 from appliance.backup.restore import RestoreResult, recover_interrupted_restore, restore_backup
-from appliance.backup.snapshot import copy_rag_store, record_derived, redis_bgsave
-from appliance.core.model_files import sha256_file
+from appliance.backup.snapshot import add_models, add_rag_store, redis_bgsave
 from appliance.runtime.settings import RuntimeSettings
 
 __all__ = ["BackupResult", "RestoreResult", "create_backup", "recover_interrupted_restore", "restore_backup"]
@@ -54,26 +52,13 @@ def create_backup(
         rdb, keys = redis_bgsave(client)
         writer.manifest.redis_keys = keys
         writer.add_file(rdb, "redis/dump.rdb")
-        with tempfile.TemporaryDirectory(dir=settings.data_dir) as staging:
-            copy_rag_store(settings.data_dir / "rag", Path(staging) / "rag")
-            writer.add_tree(Path(staging) / "rag", "rag")
-        record_derived(writer.manifest, settings.data_dir / "rag", "rag")
+        add_rag_store(writer, settings.data_dir)
         for name in ("admin_key",):
             if (settings.data_dir / name).is_file():
                 writer.add_file(settings.data_dir / name, f"secrets/{name}")
         if Path("appliance.toml").is_file():
             writer.add_file(Path("appliance.toml"), "config/appliance.toml")
-        for model in _model_files(settings):
-            writer.manifest.models.append(
-                {
-                    "path": model.name,
-                    "sha256": sha256_file(model),
-                    "size": model.stat().st_size,
-                    "included": with_models,
-                }
-            )
-            if with_models:
-                writer.add_file(model, f"models/{model.name}")
+        add_models(writer, _model_files(settings), included=with_models)
         archive = writer.finish()
     except BaseException:
         writer.abort()

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
+from appliance.backup.archive import ArchiveWriter
 from appliance.backup.manifest import Manifest
+from appliance.core.model_files import sha256_file
 
-__all__ = ["DERIVED", "SnapshotError", "copy_rag_store", "record_derived", "redis_bgsave"]
+__all__ = [
+    "DERIVED",
+    "SnapshotError",
+    "add_models",
+    "add_rag_store",
+    "copy_rag_store",
+    "record_derived",
+    "redis_bgsave",
+]
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # Caches re-created from what the backup does hold: left out of archives, named in the manifest with how.
@@ -104,3 +115,21 @@ def record_derived(manifest: Manifest, source: Path, prefix: str) -> None:
                 "entries": sorted(p.name for p in directory.iterdir() if p.is_dir()),
             }
         )
+
+
+def add_rag_store(writer: ArchiveWriter, data_dir: Path) -> None:
+    """The RAG store, copied consistently beside the data, then archived; derived files named, not stored."""
+    with tempfile.TemporaryDirectory(prefix=".backup-rag-", dir=data_dir) as staging:
+        copy_rag_store(data_dir / "rag", Path(staging) / "rag")
+        writer.add_tree(Path(staging) / "rag", "rag")
+    record_derived(writer.manifest, data_dir / "rag", "rag")
+
+
+def add_models(writer: ArchiveWriter, models: list[Path], *, included: bool) -> None:
+    """Every model file in the manifest with its sha256; the bytes themselves only when included."""
+    for model in models:
+        writer.manifest.models.append(
+            {"path": model.name, "sha256": sha256_file(model), "size": model.stat().st_size, "included": included}
+        )
+        if included:
+            writer.add_file(model, f"models/{model.name}")

@@ -11,15 +11,13 @@ starts the stack again.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from appliance.backup.archive import ArchiveWriter, verify_archive
 from appliance.backup.service import BackupResult, RestoreResult, restore_backup
-from appliance.backup.snapshot import SnapshotError, copy_rag_store, record_derived
-from appliance.core.model_files import sha256_file
+from appliance.backup.snapshot import SnapshotError, add_models, add_rag_store
 from appliance.runtime.compose import ComposeRuntime
 from appliance.runtime.compose_engine import EngineError
 
@@ -66,23 +64,10 @@ def compose_backup(
         rdb, keys = _bgsave(runtime)
         writer.manifest.redis_keys = keys
         writer.add_file(rdb, "redis/dump.rdb")
-        with tempfile.TemporaryDirectory(prefix=".backup-rag-", dir=data) as staging:
-            copy_rag_store(data / "rag", Path(staging) / "rag")
-            writer.add_tree(Path(staging) / "rag", "rag")
-        record_derived(writer.manifest, data / "rag", "rag")  # the ONNX export is left out: named, not stored
+        add_rag_store(writer, data)  # the ONNX export is left out: named, not stored
         if runtime.admin_key_file.is_file():
             writer.add_file(runtime.admin_key_file, "secrets/admin_key")
-        for model in sorted((data / "models").glob("*.gguf")):
-            writer.manifest.models.append(
-                {
-                    "path": model.name,
-                    "sha256": sha256_file(model),
-                    "size": model.stat().st_size,
-                    "included": with_models,
-                }
-            )
-            if with_models:
-                writer.add_file(model, f"models/{model.name}")
+        add_models(writer, sorted((data / "models").glob("*.gguf")), included=with_models)
         archive = writer.finish()
     except BaseException:
         writer.abort()
