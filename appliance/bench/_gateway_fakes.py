@@ -107,6 +107,13 @@ async def _health(request: web.Request) -> web.Response:
                               "slots_total": state.slots, "slots_busy": 0})
 
 
+async def _queue(request: web.Request) -> web.Response:
+    """The balancer's queue view (GET /queue): an instant upstream never has anyone waiting."""
+    return web.json_response({"queue_depth": 0, "scheduling": "fair", "routing": "prefix",
+                              "models": [{"model": request.app[STATE].model, "waiting": 0, "virtual_time": 0.0,
+                                          "keys": []}]})
+
+
 async def _last(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE].last)
 
@@ -174,6 +181,7 @@ def create_fake_upstream(state: FakeState | None = None) -> web.Application:
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/_last", _last)
+    app.router.add_get("/queue", _queue)
     app.router.add_route("*", "/collections", _collections)
     app.router.add_route("*", "/collections/{name}/documents", _documents)
     app.router.add_post("/collections/{name}/search", _search)
