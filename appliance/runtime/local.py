@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 # (program name, state, detail) — states: starting, ready, failed, stopping, stopped
 Progress = Callable[[str, str, str], None]
 _STOPPED_STATES = frozenset({"STOPPED", "EXITED", "FATAL"})
+# What appliance.core.entry.load_or_exit writes before exiting with CONFIG_ERROR_EXIT.
+_CONFIG_ERROR_LINE = re.compile(r"^\S+: invalid \S+ configuration:", re.MULTILINE)
 
 
 class RuntimeFailure(Exception):
@@ -170,12 +173,18 @@ class LocalRuntime:
                 self.progress(program.name, "ready", "")
                 return
             info = self.supervisor.process(program.name)
-            if info["statename"] in {"EXITED", "BACKOFF", "FATAL"} and info.get("exitstatus") == CONFIG_ERROR_EXIT:
+            state = info["statename"]
+            # supervisord records no exit status for an exit within startsecs (BACKOFF, then FATAL), so a
+            # configuration error is also recognised by the message load_or_exit writes before exiting 2.
+            if state in {"EXITED", "BACKOFF", "FATAL"} and (
+                info.get("exitstatus") == CONFIG_ERROR_EXIT or _CONFIG_ERROR_LINE.search(self._log_tail(program.name))
+            ):
                 self.supervisor.stop(program.name)  # no more retries: the same configuration fails the same way
                 self.progress(program.name, "failed", "configuration error")
                 raise RuntimeFailure(f"{program.name} refused its configuration:\n{self._log_tail(program.name)}")
-            if info["statename"] in {"FATAL", "BACKOFF"} and time.monotonic() + 5 > deadline:
-                break
+            if state == "FATAL":  # supervisord gave up restarting it: waiting longer cannot help
+                self.progress(program.name, "failed", "exits at start")
+                raise RuntimeFailure(f"{program.name} keeps exiting at start:\n{self._log_tail(program.name)}")
             detail = "loading" if last.status == 503 else (last.error or f"HTTP {last.status}")
             self.progress(program.name, "starting", detail)
             time.sleep(0.25)
