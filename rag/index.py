@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rag.durable import fsync_path
+from appliance.core.durable import fsync_path
 from rag.embedding import Vectors
 
 __all__ = ["GPU_MAX_K", "ApproxParams", "CollectionIndex", "Mirror", "gpu_mirror", "recall_at_k"]

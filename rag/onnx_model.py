@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag.durable import fsync_path
+from appliance.core.durable import fsync_path
 
 __all__ = ["EXPORT_FORMAT", "ModelLayout", "OnnxUnavailable", "cached_export", "fingerprint", "read_layout"]
 

@@ -26,6 +26,7 @@ import redis
 
 from appliance.backup.archive import extract_verified, verify_archive
 from appliance.backup.manifest import Manifest, ManifestError
+from appliance.core.durable import fsync_path
 from appliance.runtime.plan import find_redis_server
 from appliance.runtime.settings import RuntimeSettings
 
@@ -47,12 +48,6 @@ class RestoreResult:
     dry_run: bool
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_journal(work: Path, parts: list[str]) -> None:
@@ -62,7 +57,7 @@ def _write_journal(work: Path, parts: list[str]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(work / JOURNAL)
-    _fsync_dir(work)
+    fsync_path(work)
 
 
 def _swap(staged: Path, live: Path, old: Path, step: Step | None) -> None:
@@ -72,11 +67,11 @@ def _swap(staged: Path, live: Path, old: Path, step: Step | None) -> None:
     if live.exists():
         # Put aside already (killed between the renames) and re-created since: keep it too, never delete.
         live.rename(old.with_name(f"{old.name}.after-crash") if old.exists() else old)
-        _fsync_dir(live.parent)
+        fsync_path(live.parent)
         if step:
             step(f"swap:{live.name}:aside")
     staged.rename(live)
-    _fsync_dir(live.parent)
+    fsync_path(live.parent)
     if step:
         step(f"swap:{live.name}:in")
 
@@ -93,7 +88,7 @@ def _roll_forward(data_dir: Path, work: Path, step: Step | None) -> list[str]:
     if (data_dir / "admin_key").is_file():
         (data_dir / "admin_key").chmod(0o600)
     (work / JOURNAL).unlink()
-    _fsync_dir(work)
+    fsync_path(work)
     if step:
         step("committed")
     shutil.rmtree(work)
