@@ -23,6 +23,9 @@ def _hold(stack: Stack, release: threading.Event, holding: threading.Semaphore) 
         "model": MODEL,
         "stream": True,
         "max_tokens": 900,
+        # Identical greedy streams end on the same token: without this, all four could free their slots at once
+        # and let the queued requests (and the chat one) through before the page shows it waiting.
+        "ignore_eos": True,
         "messages": [{"role": "user", "content": "Write a very long story about ships and the sea."}],
     }
     headers = {"Authorization": f"Bearer {stack.admin_key}"}
@@ -42,8 +45,8 @@ def _hold(stack: Stack, release: threading.Event, holding: threading.Semaphore) 
 def test_a_waiting_answer_shows_its_place_and_the_admin_page_shows_who_waits(page: Any, stack: Stack) -> None:
     slots = 2 * len(stack.workers)
     release, holding = threading.Event(), threading.Semaphore(0)
-    # Every slot busy with a long stream, and two more streams queued behind them (a stream that ends
-    # early frees a slot to one of those, so the chat request below keeps waiting).
+    # Every slot busy with a long stream that cannot end early (ignore_eos), and two more streams queued
+    # behind them, so the chat request below keeps waiting.
     threads = [threading.Thread(target=_hold, args=(stack, release, holding), daemon=True) for _ in range(slots + 2)]
     for thread in threads[:slots]:
         thread.start()
