@@ -75,23 +75,27 @@ def test_usage_accounting_uses_the_workers_own_counts(stack: Stack) -> None:
 
 
 def test_a_streamed_request_debits_its_tokens_per_minute(stack: Stack) -> None:
-    """tpm is debited with the stream's real usage after it ends: the next request is refused (429 tpm)."""
-    secret, _ = _key(stack, "tpm-stream", limits={"rpm": 0, "tpm": 10})
+    """tpm is debited with the stream's real usage after it ends: the very next request is refused (429 tpm),
+    and its Retry-After is the time the bucket needs to earn back what the stream used (no other request
+    could have emptied it: a request that only refreshes the bucket would pass the old looped check)."""
+    tpm = 10
+    secret, key_id = _key(stack, "tpm-stream", limits={"rpm": 0, "tpm": tpm})
     client = _sdk(stack, secret)
     chunks = list(client.chat.completions.create(
         model=stack.model, messages=[{"role": "user", "content": "Write a long story about the sea."}],
         max_tokens=40, temperature=0, stream=True, stream_options={"include_usage": True}, extra_headers=NO_CACHE))
     used = chunks[-1].usage
-    assert used is not None and used.total_tokens > 10  # the prompt alone is over a dozen tokens
-
-    def refused() -> bool:
-        try:
-            client.chat.completions.create(model=stack.model, messages=HELLO, max_tokens=1, extra_headers=NO_CACHE)
-        except openai.RateLimitError as exc:
-            return "tpm" in str(exc.body) or "token" in str(exc).lower()
-        return False
-
-    wait_until(refused, 30, 0.2, "the stream's tokens debited (429 tpm)")
+    assert used is not None and used.total_tokens > 2 * tpm  # the prompt alone is over a dozen tokens
+    # Settlement runs after the last chunk; its one script writes the usage row and the debit together.
+    wait_until(lambda: _usage(stack, key_id)["requests"] == 1, 30, 0.2, "the stream settled")
+    with httpx.Client(base_url=stack.gateway, timeout=120) as api:
+        refused = api.post("/v1/chat/completions", headers={"Authorization": f"Bearer {secret}", **NO_CACHE},
+                           json={"model": stack.model, "messages": HELLO, "max_tokens": 1})
+    assert refused.status_code == 429 and refused.json()["error"]["param"] == "tpm", refused.text
+    # The bucket is at tpm - total (+ what it refilled since, tpm/60 a second) and admits again at 1 token:
+    # Retry-After = (total + 1 - tpm) * 60 / tpm, less the seconds since settlement (allowed: up to 60 s).
+    owed_s = (used.total_tokens + 1 - tpm) * 60 / tpm
+    assert owed_s - 60 <= int(refused.headers["Retry-After"]) <= owed_s + 1, (refused.headers, used)
 
 
 def _stream_holds_slot(stack: Stack, secret: str, hang_up_after: int | None) -> None:
