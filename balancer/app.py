@@ -44,7 +44,8 @@ def create_app(settings: BalancerSettings, *, session: aiohttp.ClientSession | N
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     prefixes = PrefixTable(settings.prefix_table_size) if settings.routing == "prefix" else None
     pool = WorkerPool(settings.strategy, settings.queue_size, rng, fair=settings.scheduling == "fair",
-                      prefixes=prefixes, max_imbalance=settings.prefix_max_imbalance)
+                      prefixes=prefixes, max_imbalance=settings.prefix_max_imbalance,
+                      reserve=settings.interactive_headroom)
     for url in settings.workers:
         pool.add(url, source="static")
     budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst)

@@ -5,6 +5,8 @@ is given back exactly once with :meth:`WorkerPool.release`; a released slot goes
 to the waiter the model's :class:`~balancer.fairqueue.FairQueue` puts first (no thundering
 herd, no lost wake-ups). With prefix routing a request prefers the worker that was sent the
 longest prefix of its conversation, unless that worker is much busier than the least busy.
+With ``reserve`` (fair scheduling), a few slots stay free for an interactive key that has
+nothing running, so a chat request starts at once even behind another key's backlog.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from typing import Literal
 
-from balancer.fairqueue import Demand, FairQueue, Waiter
+from balancer.fairqueue import INTERACTIVE, Demand, FairQueue, Waiter
 from balancer.prefix import PrefixTable
 from balancer.worker import Worker, WorkerState
 
@@ -44,8 +46,9 @@ class WorkerPool:
 
     def __init__(self, strategy: Strategy = "least_connections", queue_size: int = 256,
                  rng: random.Random | None = None, *, fair: bool = True, prefixes: PrefixTable | None = None,
-                 max_imbalance: float = 0.5) -> None:
+                 max_imbalance: float = 0.5, reserve: int = 0) -> None:
         self._strategy = strategy
+        self._reserve = reserve if fair else 0
         self._queue_size = queue_size
         self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
         self._fair = fair
@@ -157,6 +160,8 @@ class WorkerPool:
         candidates = self._routable.get(model)
         if not candidates:
             return None
+        if demand is not None and self._reserve and self._held_back(model, demand, self._free_reserve(candidates)):
+            return None
         worker = self._pick(model, candidates, exclude, demand.route if demand is not None else ())
         if worker is not None:
             self._lease(model, worker, demand)
@@ -206,6 +211,26 @@ class WorkerPool:
             previous = self._service_s.get(demand.model)
             self._service_s[demand.model] = took if previous is None else previous + _SERVICE_EWMA * (took - previous)
         queue.settle(demand, prompt_tokens, completion_tokens, refund=refund)
+
+    # -- interactive headroom ------------------------------------------------------------------
+    def _free_reserve(self, candidates: list[Worker]) -> tuple[int, int]:
+        """(free slots, slots held back for interactive keys with nothing running) of one model's workers:
+        ``reserve`` slots, at most a quarter of the model's slots (a small pool keeps every slot busy)."""
+        total = free = 0
+        for worker in candidates:
+            total += worker.slots
+            free += max(0, worker.slots - worker.inflight)
+        return free, min(self._reserve, total // 4)
+
+    def _held_back(self, model: str, demand: Demand, free_reserve: tuple[int, int]) -> bool:
+        """Whether only the headroom is free and this request may not take it: the headroom is for an
+        interactive key that has nothing running (someone at a chat prompt), never for a key's second
+        request or for batch work, so such a key waits for a regular slot instead of behind a backlog."""
+        free, reserve = free_reserve
+        if free > reserve:
+            return False
+        caller = demand.caller
+        return caller.priority != INTERACTIVE or self.queue(model).running(caller.key_id) > 0
 
     def _pick(self, model: str, candidates: list[Worker], exclude: Collection[Worker],
               route: tuple[int, ...] = ()) -> Worker | None:
@@ -329,7 +354,10 @@ class WorkerPool:
         if not queue or not candidates:
             return
         while queue:
+            free_reserve = self._free_reserve(candidates) if self._reserve else (0, 0)
             for waiter in queue.order():
+                if self._reserve and self._held_back(model, waiter.demand, free_reserve):
+                    continue
                 worker = self._pick(model, candidates, waiter.exclude, waiter.demand.route)
                 if worker is None:
                     if not waiter.exclude:

@@ -50,6 +50,13 @@ class BalancerSettings(CommonSettings):
         description="fair: weighted fair queue between API keys (tokens, interactive before batch); "
         "fifo: arrival order.",
     )
+    interactive_headroom: int = Field(
+        default=1, ge=0,
+        description="fair scheduling only: slots per model kept for an interactive key with nothing running "
+        "(a person at a chat prompt) while other keys' requests wait, capped at a quarter of the model's slots "
+        "(0 = every slot to whoever is first in the fair queue). Without it, a new chat request behind a "
+        "heavy key's backlog waits for the next request to end.",
+    )
     queue_notice_after_s: float = Field(
         default=1.0, ge=0,
         description="A streaming request queued this long gets '200' and ': queued position=N eta_s=X' SSE "

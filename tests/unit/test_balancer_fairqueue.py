@@ -18,8 +18,10 @@ from balancer.worker import Worker, WorkerState
 MODEL = "m"
 
 
-def healthy_pool(slots: list[int], queue_size: int = 64, fair: bool = True) -> tuple[WorkerPool, list[Worker]]:
-    pool = WorkerPool("least_connections", queue_size, random.Random(0), fair=fair)
+def healthy_pool(
+    slots: list[int], queue_size: int = 64, fair: bool = True, reserve: int = 0
+) -> tuple[WorkerPool, list[Worker]]:
+    pool = WorkerPool("least_connections", queue_size, random.Random(0), fair=fair, reserve=reserve)
     workers = []
     for index, count in enumerate(slots):
         worker = pool.add(f"http://w{index}")
@@ -36,10 +38,14 @@ async def settle_loop() -> None:
 class FairPoolMachine(RuleBasedStateMachine):
     """Requests of several keys and classes arrive, finish and give up in any order against 3 slots."""
 
+    SLOTS = (2, 1)
+    RESERVE = 0  # interactive headroom asked for (the pool keeps at most a quarter of its slots)
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.pool, self.workers = healthy_pool([2, 1], queue_size=5)
+        self.pool, self.workers = healthy_pool(list(self.SLOTS), queue_size=5, reserve=self.RESERVE)
+        self.headroom = min(self.RESERVE, sum(self.SLOTS) // 4)
         self.requests: list[tuple[Demand, asyncio.Task[Worker]]] = []
         self.released: set[int] = set()
 
@@ -80,7 +86,9 @@ class FairPoolMachine(RuleBasedStateMachine):
         )
         self._run()
         started = [(d, t) for d, t in self._holding() if id(t) in waiting_before]
-        assert len(started) <= 1, "one released slot, one waiter served"
+        # One released slot serves one waiter; with headroom, the release can also make the releasing key's
+        # next waiter eligible for an idle headroom slot.
+        assert len(started) <= 1 + self.headroom, "one released slot, one waiter served"
         if any(d.caller.priority == BATCH for d, _ in started):
             still = {id(t) for _, t in self._waiting()}
             assert not waiting_interactive & still, "a batch request went before a waiting interactive one"
@@ -103,8 +111,17 @@ class FairPoolMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_idle_slot_while_someone_waits(self) -> None:
-        if self.pool.queue_depth:
-            assert all(w.inflight == w.slots for w in self.workers)
+        """Beyond the headroom no slot idles while someone waits, and the headroom idles only while every
+        waiter is batch or has a request of its key running."""
+        if not self.pool.queue_depth:
+            return
+        free = sum(w.slots - w.inflight for w in self.workers)
+        assert free <= self.headroom
+        if free:
+            queue = self.pool.queue(MODEL)
+            for demand, _ in self._waiting():
+                caller = demand.caller
+                assert caller.priority == BATCH or queue.running(caller.key_id) > 0, (caller, free)
 
     @invariant()
     def running_counts_per_key_are_exact(self) -> None:
@@ -131,6 +148,17 @@ class FairPoolMachine(RuleBasedStateMachine):
 
 TestFairPoolMachine = FairPoolMachine.TestCase
 TestFairPoolMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+
+
+class HeadroomPoolMachine(FairPoolMachine):
+    """The same against 4 slots with one kept for interactive keys that have nothing running."""
+
+    SLOTS = (2, 2)
+    RESERVE = 1
+
+
+TestHeadroomPoolMachine = HeadroomPoolMachine.TestCase
+TestHeadroomPoolMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
 
 
 def _simulate(weights: tuple[float, float], costs: tuple[int, int], slots: int, rounds: int) -> Counter[str]:
@@ -225,6 +253,39 @@ async def test_interactive_goes_first_and_batch_takes_idle_slots() -> None:
     assert interactive.done() and not later_batch.done()
     pool.release(worker, completion_tokens=None)
     assert await later_batch is worker
+
+
+async def test_headroom_starts_a_light_key_at_once_behind_a_heavy_backlog() -> None:
+    pool, workers = healthy_pool([2, 2], reserve=1)
+    heavy = [
+        asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("heavy"), prompt_tokens=10)))
+        for _ in range(8)
+    ]
+    await settle_loop()
+    assert sum(task.done() for task in heavy) == 3, "a key that has something running leaves the headroom free"
+    assert sum(w.inflight for w in workers) == 3
+    bulk = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("bulk", BATCH))))
+    await settle_loop()
+    assert not bulk.done(), "batch work never takes the headroom"
+    light = Demand(Caller("light"), prompt_tokens=10)
+    worker = await asyncio.wait_for(pool.wait_for_worker(MODEL, 5, demand=light), 1)
+    assert sum(w.inflight for w in workers) == 4
+    second = asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("light"))))
+    await settle_loop()
+    pool.release(worker, light, prompt_tokens=10, completion_tokens=1)
+    await settle_loop()
+    assert second.done(), "the light key's next request takes the headroom it gave back"
+    assert sum(task.done() for task in heavy) == 3 and not bulk.done()
+    for task in [*heavy, bulk, second]:
+        task.cancel()
+    await settle_loop()
+
+
+async def test_no_headroom_below_four_slots_or_in_fifo() -> None:
+    for slots, fair in (([2, 1], True), ([2, 2], False)):
+        pool, workers = healthy_pool(slots, fair=fair, reserve=1)
+        held = [await pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("heavy"))) for _ in range(sum(slots))]
+        assert len(held) == sum(slots) and all(w.inflight == w.slots for w in workers)
 
 
 async def test_light_key_overtakes_a_heavy_backlog() -> None:
