@@ -16,8 +16,9 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.access import access_middleware
 from gateway.admission import Admission
@@ -47,9 +48,12 @@ UI_STATIC = Path(__file__).resolve().parent / "ui" / "static"
 
 
 def new_redis(settings: GatewaySettings) -> Redis:
-    # No retries with back-off: a dead Redis must cost milliseconds, not seconds (the guard degrades).
+    # No retries with back-off: a dead Redis must cost milliseconds, not seconds (the guard degrades). One
+    # immediate retry on a dropped connection only: a pooled connection Redis closed when it restarted is
+    # replaced instead of failing the request (a timeout is not retried).
     return Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
-                          socket_connect_timeout=settings.redis_timeout_s, retry=Retry(NoBackoff(), 0),
+                          socket_connect_timeout=settings.redis_timeout_s,
+                          retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
                           max_connections=512)
 
 
