@@ -1,0 +1,228 @@
+"""Restarts of every service of the local runtime, not only workers, on one real stack (`appliance` CLI).
+
+`appliance restart gateway | balancer | rag | redis` each returns with the service back (a new process,
+healthy) and the stack answering a real chat completion at once (official ``openai`` client, no retry);
+keys, usage and RAG documents survive (Redis persistence, the RAG index on disk). supervisord brings a
+SIGKILLed balancer or RAG service back by itself. `appliance keys revoke` makes the key get 401 over HTTP,
+and `appliance usage` shows exactly the tokens the answers reported in their ``usage`` field.
+
+One stack for the module (one worker, no Prometheus); every wait is bounded by a configured timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.test_runtime_lifecycle import Stack
+from tests.support.stack import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+
+READY_S = 180.0  # the runtime's ready_timeout_s: how long `up` itself waits for a service
+SAMPLED: dict[str, Any] = {"temperature": 0.7, "extra_headers": {"Cache-Control": "no-cache"}}  # reaches the worker
+DOCUMENT = "Visitors to the lighthouse must sign the blue ledger kept by the keeper."
+
+
+class Ledger:
+    """A key and the usage its answers reported, to be compared with what `appliance usage` shows."""
+
+    def __init__(self, secret: str, key_id: str) -> None:
+        self.secret, self.key_id = secret, key_id
+        self.expected = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
+
+    def add(self, usage: Any = None) -> None:
+        """One more request; a chat's tokens (collection requests count with none)."""
+        self.expected["requests"] += 1
+        if usage is None:
+            return
+        assert usage.completion_tokens > 0, usage
+        self.expected["prompt_tokens"] += usage.prompt_tokens
+        self.expected["completion_tokens"] += usage.completion_tokens
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("restarts") / "data"
+    (data_dir / "models").mkdir(parents=True)
+    shutil.copy(model_path, data_dir / "models" / model_path.name)
+    stack = Stack(data_dir, env={"APPLIANCE_RUNTIME_WITH_PROMETHEUS": "false"})
+    try:
+        stack.cli("up", "--workers", "1", "--slots", "2")
+        yield stack
+    finally:
+        stack.cli("down", check=False, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def alice(stack: Stack) -> Ledger:
+    created = json.loads(stack.cli("keys", "create", "alice", "--scopes", "chat,collections", "--json").stdout)
+    return Ledger(created["key"], created["id"])
+
+
+def _chat(stack: Stack, ledger: Ledger, stream: bool = False) -> None:
+    """One real chat completion, no retry: it must answer now."""
+    with stack.openai(ledger.secret) as client:
+        request: dict[str, Any] = {
+            "model": "gemma-3-270m",
+            "max_tokens": 4,
+            **SAMPLED,
+            "messages": [{"role": "user", "content": "Say hello."}],
+        }
+        if stream:
+            chunks = list(
+                client.chat.completions.create(**request, stream=True, stream_options={"include_usage": True})
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert chunks[-1].usage is not None
+            ledger.add(chunks[-1].usage)
+        else:
+            reply = client.chat.completions.create(**request)
+            assert reply.choices[0].message.content
+            assert reply.usage is not None
+            ledger.add(reply.usage)
+
+
+def _usage(stack: Stack, key_id: str) -> dict[str, int]:
+    """What `appliance usage --json` shows for the key (today, UTC)."""
+    rows = json.loads(stack.cli("usage", "--json").stdout)["data"]
+    mine = [row for row in rows if row["key_id"] == key_id]
+    return {m: sum(int(row[m]) for row in mine) for m in ("requests", "prompt_tokens", "completion_tokens")}
+
+
+def _settled(stack: Stack, ledger: Ledger) -> None:
+    """Usage is settled after each answer is sent: wait until `appliance usage` shows all of it."""
+    shown: dict[str, int] = {}
+    deadline = time.monotonic() + 60
+    while (shown := _usage(stack, ledger.key_id)) != ledger.expected:
+        assert time.monotonic() < deadline, f"`appliance usage` shows {shown}, the answers reported {ledger.expected}"
+        time.sleep(0.5)
+
+
+def _service(stack: Stack, name: str) -> dict[str, Any]:
+    report = stack.status()[1]
+    return dict(next(s for s in report["services"] if s["name"] == name))
+
+
+def _search(stack: Stack, ledger: Ledger) -> list[str]:
+    response = httpx.post(
+        f"{stack.gateway}/v1/collections/restarts/search",
+        timeout=60,
+        headers={"Authorization": f"Bearer {ledger.secret}"},
+        json={"query": "Who keeps the blue ledger?", "top_k": 3},
+    )
+    assert response.status_code == 200, response.text
+    ledger.add()
+    return [hit["document_id"] for hit in response.json()["results"]]
+
+
+def test_usage_shows_the_tokens_the_answers_reported(stack: Stack, alice: Ledger) -> None:
+    _chat(stack, alice)
+    _chat(stack, alice, stream=True)
+    _settled(stack, alice)
+    table = stack.cli("usage").stdout  # the human table names the key and its numbers too
+    assert "alice" in table and str(alice.expected["completion_tokens"]) in table, table
+
+
+@pytest.mark.parametrize("name", ["gateway", "balancer", "rag", "redis"])
+def test_restart_brings_the_service_back_and_the_stack_answers(stack: Stack, alice: Ledger, name: str) -> None:
+    documents: list[str] = []
+    if name == "rag":  # a document indexed before the restart is found after it
+        headers = {"Authorization": f"Bearer {alice.secret}"}
+        created = httpx.post(f"{stack.gateway}/v1/collections", json={"name": "restarts"}, headers=headers, timeout=60)
+        assert created.status_code in (200, 201), created.text
+        alice.add()
+        doc = httpx.post(
+            f"{stack.gateway}/v1/collections/restarts/documents",
+            headers=headers,
+            timeout=120,
+            json={"title": "Lighthouse rules", "text": DOCUMENT},
+        )
+        assert doc.status_code in (200, 201), doc.text
+        alice.add()
+        documents = _search(stack, alice)
+        assert documents
+    if name == "redis":  # what Redis holds now must be there after it restarts
+        _settled(stack, alice)
+        keys_before = json.loads(stack.cli("keys", "list", "--json").stdout)
+    before = _service(stack, name)
+
+    stack.cli("restart", name, timeout=READY_S + 120)
+
+    after = _service(stack, name)
+    assert after["healthy"] and after["pid"] not in (None, before["pid"]), (before, after)
+    _chat(stack, alice)  # at once: `restart` returns when the service serves again
+    _settled(stack, alice)  # and counts what it served
+    if name == "rag":
+        assert _search(stack, alice) == documents
+    if name == "redis":
+        assert json.loads(stack.cli("keys", "list", "--json").stdout) == keys_before
+        _chat(stack, alice, stream=True)
+        _settled(stack, alice)  # the counters from before the restart, plus these two answers
+    code, report = stack.status()
+    assert code == 0, report
+
+
+@pytest.mark.parametrize("name", ["balancer", "rag"])
+def test_supervisord_restarts_a_killed_service(stack: Stack, alice: Ledger, name: str) -> None:
+    before = _service(stack, name)
+    os.kill(before["pid"], signal.SIGKILL)
+
+    def back() -> bool:
+        service = _service(stack, name)
+        return bool(service["healthy"] and service["pid"] not in (None, before["pid"]))
+
+    wait_until(back, READY_S, 0.5, f"{name} restarted by supervisord")
+
+    def answers() -> bool:
+        try:
+            _chat(stack, alice)
+        except openai.APIStatusError:  # admitted, then failed upstream: counted as a request with no tokens
+            alice.add()
+            return False
+        except openai.APIConnectionError:
+            return False
+        return True
+
+    wait_until(answers, READY_S, 0.5, "the stack answering again")
+    if name == "rag":
+        assert _search(stack, alice)
+    assert stack.status()[0] == 0
+
+
+def test_revoked_key_gets_401(stack: Stack) -> None:
+    created = json.loads(stack.cli("keys", "create", "bob", "--json").stdout)
+    bob = Ledger(created["key"], created["id"])
+    _chat(stack, bob)  # works before
+
+    stack.cli("keys", "revoke", bob.key_id)
+
+    body = {"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    refused = httpx.post(
+        f"{stack.gateway}/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {bob.secret}"}
+    )
+    assert refused.status_code == 401, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["code"], error["message"]) == (
+        "authentication_error",
+        "invalid_api_key",
+        "API key revoked.",
+    ), error
+    with pytest.raises(openai.AuthenticationError):
+        _chat(stack, bob)
+    listed = {row["id"]: row for row in json.loads(stack.cli("keys", "list", "--json").stdout)}
+    assert listed[bob.key_id]["revoked"] is True
+
+
+def test_usage_after_every_restart_is_what_the_answers_reported(stack: Stack, alice: Ledger) -> None:
+    _settled(stack, alice)
