@@ -42,11 +42,7 @@ _ROLE = [sys.executable, "-m", "appliance.bench", "balancer", "--role"]
 @contextmanager
 def _balancer(workers: list[str], token: str, tmp: Path) -> Iterator[str]:
     port = harness.free_port()
-    config = tmp / "empty.toml"
-    config.write_text("")
-    env = {"APPLIANCE_CONFIG": str(config), "APPLIANCE_DATA_DIR": str(tmp), "APPLIANCE_INTERNAL_TOKEN": token,
-           "APPLIANCE_LOG_LEVEL": "WARNING", "APPLIANCE_BALANCER_PORT": str(port),
-           "APPLIANCE_BALANCER_WORKERS": json.dumps(workers), "APPLIANCE_BALANCER_PROBE_INTERVAL_S": "2"}
+    env = harness.service_env("balancer", tmp, token, port=port, workers=workers, probe_interval_s=2)
     url = f"http://127.0.0.1:{port}"
     with harness.service(harness.python("balancer"), env, log=tmp / "balancer.log") as proc:
         harness.wait_until(lambda: (harness.get_json(f"{url}/health")[1] or {}).get("healthy_workers")
@@ -138,12 +134,8 @@ def real_worker_overhead(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     model_path = Path(args.model_path) if args.model_path else prepare_default_model(Path(args.data_dir))
     port, token = harness.free_port(), secrets.token_urlsafe(16)
-    config = tmp / "empty.toml"
-    config.write_text("")
-    env = {"APPLIANCE_CONFIG": str(config), "APPLIANCE_DATA_DIR": str(tmp), "APPLIANCE_INTERNAL_TOKEN": token,
-           "APPLIANCE_LOG_LEVEL": "WARNING", "APPLIANCE_WORKER_PORT": str(port),
-           "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_SLOTS": "2",
-           "APPLIANCE_WORKER_N_THREADS": str(args.worker_threads)}
+    env = harness.service_env("worker", tmp, token, port=port, model_path=model_path, slots=2,
+                              n_threads=args.worker_threads)
     worker = f"http://127.0.0.1:{port}"
     with harness.service(harness.python("inference"), env, log=tmp / "worker.log") as proc:
         harness.wait_until(lambda: harness.get_json(f"{worker}/health")[0] == 200, 300, "inference worker", proc)

@@ -131,22 +131,19 @@ async def _fake_workers(count: int, slots: int, service_s: float) -> AsyncIterat
 async def _balancer(workers: list[str], token: str, scheduling: str, queue_size: int, tmp: Path) -> AsyncIterator[str]:
     """The real balancer, its own process (fresh per policy: a restart starts the queue afresh)."""
     port = harness.free_port()
-    config = tmp / "empty.toml"
-    config.write_text("")
-    env = {
-        "APPLIANCE_CONFIG": str(config),
-        "APPLIANCE_DATA_DIR": str(tmp),
-        "APPLIANCE_INTERNAL_TOKEN": token,
-        "APPLIANCE_LOG_LEVEL": "WARNING",
-        "APPLIANCE_BALANCER_PORT": str(port),
-        "APPLIANCE_BALANCER_WORKERS": json.dumps(workers),
-        "APPLIANCE_BALANCER_SCHEDULING": scheduling,
-        "APPLIANCE_BALANCER_ROUTING": "least_connections",
-        "APPLIANCE_BALANCER_QUEUE_SIZE": str(queue_size),
-        "APPLIANCE_BALANCER_QUEUE_TIMEOUT_S": "300",
-        "APPLIANCE_BALANCER_FIRST_BYTE_TIMEOUT_S": "300",
-        "APPLIANCE_BALANCER_PROBE_INTERVAL_S": "1",
-    }
+    env = harness.service_env(
+        "balancer",
+        tmp,
+        token,
+        port=port,
+        workers=workers,
+        scheduling=scheduling,
+        routing="least_connections",
+        queue_size=queue_size,
+        queue_timeout_s=300,
+        first_byte_timeout_s=300,
+        probe_interval_s=1,
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -332,18 +329,9 @@ def real_workers(args: Any, tmp: Path) -> dict[str, Any]:
 
     model_path = Path(args.model_path) if args.model_path else prepare_default_model(Path(args.data_dir))
     port, token = harness.free_port(), secrets.token_urlsafe(16)
-    config = tmp / "empty.toml"
-    config.write_text("")
-    env = {
-        "APPLIANCE_CONFIG": str(config),
-        "APPLIANCE_DATA_DIR": str(tmp),
-        "APPLIANCE_INTERNAL_TOKEN": token,
-        "APPLIANCE_LOG_LEVEL": "WARNING",
-        "APPLIANCE_WORKER_PORT": str(port),
-        "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
-        "APPLIANCE_WORKER_SLOTS": str(args.real_slots),
-        "APPLIANCE_WORKER_N_THREADS": str(args.worker_threads),
-    }
+    env = harness.service_env(
+        "worker", tmp, token, port=port, model_path=model_path, slots=args.real_slots, n_threads=args.worker_threads
+    )
     worker = f"http://127.0.0.1:{port}"
     with harness.service(
         harness.python("inference"), env, log=tmp / "worker.log", ready=f"{worker}/health", timeout=300

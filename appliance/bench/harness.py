@@ -71,6 +71,7 @@ __all__ = [
     "python",
     "redis_server",
     "service",
+    "service_env",
     "wait_until",
 ]
 
@@ -80,6 +81,25 @@ _STOP_TIMEOUT_S = 15.0
 def python(module: str, *args: str) -> list[str]:
     """``python -m module args`` with the running interpreter."""
     return [sys.executable, "-m", module, *args]
+
+
+def service_env(service: str, data_dir: Path, token: str, **settings: object) -> dict[str, str]:
+    """The environment of one service run by a benchmark: its own data dir, an empty config file (the
+    machine's ``appliance.toml`` stays out of the figures), the internal token, quiet logs, and
+    ``settings`` as ``APPLIANCE_<SERVICE>_<NAME>`` (lists and dicts as JSON)."""
+    config = data_dir / "empty.toml"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config.write_text("")
+    env = {
+        "APPLIANCE_CONFIG": str(config),
+        "APPLIANCE_DATA_DIR": str(data_dir),
+        "APPLIANCE_INTERNAL_TOKEN": token,
+        "APPLIANCE_LOG_LEVEL": "WARNING",
+    }
+    for name, value in settings.items():
+        text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        env[f"APPLIANCE_{service.upper()}_{name.upper()}"] = text
+    return env
 
 
 def internal_headers(token: str) -> dict[str, str]:

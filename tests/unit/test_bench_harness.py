@@ -48,3 +48,18 @@ def test_bench_help_goes_to_stderr() -> None:
     done = subprocess.run([sys.executable, "-m", "appliance.bench", "--help"], capture_output=True, text=True,
                           check=False, timeout=120)
     assert done.returncode == 2 and "gateway" in done.stderr and not done.stdout
+
+
+def test_service_env_is_read_by_the_services_own_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a benchmark sets reaches the balancer's typed settings (names, JSON lists), and the machine's
+    own config file stays out (an empty one is used)."""
+    from balancer.settings import BalancerSettings
+
+    env = harness.service_env("balancer", tmp_path / "data", "tok", port=8123, workers=["http://a:1", "http://b:2"],
+                              scheduling="fifo", interactive_headroom=0)
+    assert (tmp_path / "data" / "empty.toml").read_text() == ""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = BalancerSettings()
+    assert (settings.port, list(settings.workers), settings.scheduling) == (8123, ["http://a:1", "http://b:2"], "fifo")
+    assert settings.interactive_headroom == 0
