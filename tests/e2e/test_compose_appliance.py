@@ -4,8 +4,13 @@
 `appliance up --runtime compose` brings the stack up; then, only through the ports published on
 127.0.0.1: chat, a stream, an embedding, a RAG ingest and a cited answer with the official openai SDK;
 `appliance status --runtime compose --json` healthy; Prometheus (in its container) reports every scrape
-target up; `down` leaves no container or network. Every container and network of the test's own compose
-project is removed at the end, even on failure (the fixture's finally).
+target up; a worker killed during a stream load (SIGKILL of its process, as a crash or the OOM killer does)
+loses no request that had not started, and the engine restarts the container, which rejoins the balancer
+through the Redis registry and serves again (`docker kill` itself would not do: the engine marks a container
+it was told to kill as stopped by hand, and no restart policy brings that one back); a
+backup of the running stack restores into an empty data directory (the stack comes back on it with the
+same search results and keys); `down` leaves no container or network. Every container and network of the
+test's own compose project is removed at the end, even on failure (the fixture's finally).
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +39,10 @@ REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "data" / "corpus"
 MODEL = "gemma-3-270m"
 QUESTION = "How do bees tell each other where the flowers are?"
+# Sampled and uncached, so every request of the load reaches a worker.
+NO_CACHE: dict[str, Any] = {"temperature": 0.7, "extra_headers": {"Cache-Control": "no-cache"}}
+# compose.yaml's worker healthcheck: start_period 180 s, then 3 failures 10 s apart mark it unhealthy.
+WORKER_BACK_S = 180 + 3 * 10 + 120
 
 
 def _docker(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -115,13 +126,7 @@ class Stack:
         return (self.data_dir / "gateway" / "admin_key").read_text().strip()
 
     def sdk(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=f"{self.gateway}/v1",
-            api_key=key,
-            max_retries=0,
-            timeout=180,
-            http_client=httpx.Client(timeout=180),
-        )
+        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=180)
 
     def http(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.gateway, headers={"Authorization": f"Bearer {key}"}, timeout=120)
@@ -262,6 +267,136 @@ def test_prometheus_in_its_container_scrapes_every_target(stack: Stack) -> None:
     jobs = {t["labels"]["job"] for t in targets}
     assert jobs == {"prometheus", "gateway", "balancer", "inference", "rag", "redis", "node", "alertmanager"}
     assert sum(t["labels"]["job"] == "inference" for t in targets) == 2
+
+
+class StreamLoad:
+    """Streaming chats from threads until stopped. A request that fails before its first chunk is lost (the
+    balancer retries those on another worker); one cut after its first chunk is allowed when its worker dies."""
+
+    def __init__(self, stack: Stack, key: str, clients: int) -> None:
+        self.ok = 0
+        self.sent = 0
+        self.cut: list[str] = []
+        self.lost: list[str] = []
+        self.served = threading.Condition()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(stack.sdk(key),)) for _ in range(clients)]
+
+    def _run(self, sdk: openai.OpenAI) -> None:
+        with sdk:
+            while not self._stop.is_set():
+                chunks = 0
+                with self.served:
+                    self.sent += 1
+                    # A new conversation each time: the balancer's prefix routing would send repeats of one
+                    # prompt to the worker that holds it, and the other worker would get no traffic.
+                    prompt = f"Request {self.sent}: tell me about lighthouses."
+                try:
+                    stream = sdk.chat.completions.create(
+                        model=MODEL,
+                        max_tokens=16,
+                        stream=True,
+                        messages=[{"role": "user", "content": prompt}],
+                        **NO_CACHE,
+                    )
+                    for _chunk in stream:
+                        chunks += 1
+                    with self.served:
+                        self.ok += 1
+                        self.served.notify_all()
+                except Exception as exc:  # every failure is recorded and judged by the test
+                    with self.served:
+                        (self.cut if chunks else self.lost).append(repr(exc)[:300])
+
+    def wait_served(self, count: int, timeout: float, what: str) -> None:
+        with self.served:
+            if not self.served.wait_for(lambda: self.ok >= count or bool(self.lost), timeout):
+                raise AssertionError(f"{what}: {self.ok} streams completed, not {count}, within {timeout:.0f} s")
+
+    def __enter__(self) -> StreamLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(300)
+
+
+def _worker_requests(stack: Stack, service: str) -> float:
+    """Requests the worker process in ``service``'s container has answered (its own /metrics, read inside)."""
+    probe = (
+        "import urllib.request; text = urllib.request.urlopen('http://127.0.0.1:8201/metrics', timeout=5).read()"
+        ".decode(); print(sum(float(line.rsplit(' ', 1)[1]) for line in text.splitlines()"
+        " if line.startswith('appliance_worker_requests_total{')))"
+    )
+    result = _docker("exec", stack.container(service)["Id"], "python", "-c", probe)
+    return float(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip() else 0.0
+
+
+def _balancer_view(stack: Stack, name: str) -> dict[str, Any]:
+    """The balancer's entry for worker ``name`` (through the gateway's /admin/status); {} when it is gone."""
+    with stack.http(stack.admin_key()) as client:
+        workers = client.get("/admin/status").json()["workers"]
+    return next((w for w in workers if w.get("url") == f"http://{name}:8201"), {})
+
+
+def _balancer_sees(stack: Stack, name: str) -> str | None:
+    return _balancer_view(stack, name).get("state")
+
+
+def test_a_killed_worker_loses_no_unstarted_request_and_rejoins(stack: Stack) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("killing a container's process from the host needs root (CI runs this module as root)")
+    before = stack.container("inference-1")
+    assert _balancer_sees(stack, "inference-1") == "healthy"
+    with StreamLoad(stack, stack.admin_key(), clients=3) as load:
+        load.wait_served(3, WORKER_BACK_S, "the stream load running")
+        _wait(lambda: _balancer_view(stack, "inference-1").get("inflight", 0) > 0, 120, "inference-1 busy")
+        os.kill(before["State"]["Pid"], signal.SIGKILL)  # the worker process, seen from the host
+        _wait(lambda: _balancer_sees(stack, "inference-1") != "healthy", 60, "the balancer dropping the killed worker")
+
+        def restarted_and_healthy() -> bool:
+            now = stack.container("inference-1")
+            return (
+                now["RestartCount"] > before["RestartCount"]
+                and (now["State"].get("Health") or {}).get("Status") == "healthy"
+            )
+
+        back = _wait(restarted_and_healthy, WORKER_BACK_S, "the killed worker restarted by the engine, healthy")
+        _wait(lambda: _balancer_sees(stack, "inference-1") == "healthy", 120, "the worker back in the balancer")
+        # The restarted process (its counters began at zero) answers requests of the load: it was routed to.
+        _wait(lambda: _worker_requests(stack, "inference-1") > 0, WORKER_BACK_S, "the restarted worker serving")
+        served = load.ok
+        load.wait_served(served + 3, WORKER_BACK_S, "the load still served after the worker came back")
+    print(f"worker healthy again {back:.0f} s after the kill; {load.ok} streams completed, {len(load.cut)} cut")
+    assert not load.lost, load.lost
+    assert stack.container("inference-1")["Id"] == before["Id"]  # the engine restarted it; nothing recreated it
+
+
+def test_a_backup_restores_into_an_empty_data_dir(
+    stack: Stack, shared: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    admin = stack.admin_key()
+    backups = tmp_path_factory.mktemp("backups")
+    made = json.loads(stack.cli("backup", "--runtime", "compose", "--to", str(backups), "--json").stdout)
+    archive = Path(made["archive"])
+    assert archive.is_file() and made["redis_keys"] > 0
+    stack.cli("down", "--runtime", "compose")
+    assert stack.leftovers() == ([], [])
+    stack.use(tmp_path_factory.mktemp("restored") / "data")
+    restored = json.loads(stack.cli("restore", str(archive), "--runtime", "compose", "--json").stdout)
+    assert {"redis", "rag", "secrets"} <= set(restored["restored"]), restored
+    up = json.loads(stack.cli("up", "--runtime", "compose", "--json").stdout)
+    print(f"restored stack healthy in {up['healthy_in_s']} s (up returned after {up['ready_in_s']} s)")
+    assert stack.admin_key() == admin
+    assert _search(stack, admin) == shared["search"]
+    with stack.sdk(shared["alice"]) as sdk:
+        reply = sdk.chat.completions.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+        assert reply.choices[0].finish_reason in {"stop", "length"}
+    with stack.http("sk-app-not-a-key") as client:
+        assert client.get("/v1/models").status_code == 401
 
 
 def test_down_leaves_no_container_or_network(stack: Stack) -> None:
