@@ -4,6 +4,7 @@ and their configuration, and a manifest of sha256 sums that `load` checks before
 Layout of the archive (plain tar: the image layers are compressed already)::
 
     manifest.json              format, version, images (name + id), files (sha256, size)
+    SHA256SUMS                 the same sums for `sha256sum -c` on a host without the appliance CLI
     images.tar                 `docker save` of every image, layers shared once
     models/NAME.gguf           the operator's own models from data/models (the default is in the image)
     compose/compose.yaml ...   compose.yaml, compose.gpu.yaml, .env.example, observability configuration
@@ -32,6 +33,7 @@ __all__ = ["BUNDLE_FORMAT", "COMPOSE_FILES", "BundleResult", "load_bundle", "wri
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"
 IMAGES = "images.tar"
 # What compose needs beside the images: the files and the configuration it mounts.
 COMPOSE_FILES = (
@@ -63,6 +65,17 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _sums(files: dict[str, Any]) -> bytes:
+    """``sha256sum``'s own format: what `sha256sum -c SHA256SUMS` checks in the extracted folder."""
+    return "".join(f"{files[member]['sha256']}  {member}\n" for member in sorted(files)).encode()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, raw: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(raw), int(time.time()), 0o644
+    tar.addfile(info, io.BytesIO(raw))
 
 
 def _compose_members(root: Path) -> list[tuple[Path, str]]:
@@ -114,10 +127,8 @@ def write_bundle(engine: Engine, images: list[str], output: Path, models_dir: Pa
                 log(f"+ {member}")
                 manifest["files"][member] = {"sha256": _sha256(path), "size": path.stat().st_size}
                 tar.add(path, arcname=member, recursive=False)
-            raw = json.dumps(manifest, indent=2, sort_keys=True).encode()
-            info = tarfile.TarInfo(MANIFEST)
-            info.size, info.mtime, info.mode = len(raw), int(time.time()), 0o644
-            tar.addfile(info, io.BytesIO(raw))
+            _add_bytes(tar, SUMS, _sums(manifest["files"]))
+            _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
         partial.replace(output)
     return BundleResult(
         output, output.stat().st_size, images, len(manifest["files"]), round(time.monotonic() - started, 1)
@@ -151,7 +162,10 @@ def _extract_verified(archive: Path, staging: Path) -> dict[str, Any]:
         raise EngineError("refusing the bundle: no readable manifest.json") from None
     if manifest.get("format") != BUNDLE_FORMAT:
         raise EngineError(f"refusing the bundle: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
-    found = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()} - {MANIFEST}
+    sums = staging / SUMS
+    if sums.is_file() and sums.read_bytes() != _sums(manifest["files"]):
+        raise EngineError(f"refusing the bundle: {SUMS} does not match the manifest")
+    found = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()} - {MANIFEST, SUMS}
     listed = set(manifest["files"])
     if found != listed:
         raise EngineError(f"refusing the bundle: files {sorted(found ^ listed)[:5]} do not match the manifest")

@@ -4,6 +4,7 @@ The stack itself runs for real in tests/e2e/test_compose_stack.py."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -342,3 +343,36 @@ def test_a_scratch_redis_that_cannot_load_the_dump_says_why(tmp_path: Path) -> N
 
     with pytest.raises(ManifestError, match="exited with 1: Can't handle RDB format version 10"):
         _scratch_redis(tmp_path, aof=False, convert=True, server=server)
+
+
+def test_a_bundle_carries_sha256sums_that_coreutils_checks_and_load_holds_to_the_manifest(tmp_path: Path) -> None:
+    """A host without the appliance CLI verifies the extracted bundle with `sha256sum -c SHA256SUMS`; a
+    SHA256SUMS that disagrees with the manifest is refused by `bundle load`."""
+    import tarfile
+
+    from appliance.runtime.compose_bundle import load_bundle
+    from appliance.runtime.compose_engine import EngineError
+    from tests.unit.test_compose_runtime import FakeEngine, _bundle
+
+    _, archive = _bundle(tmp_path)
+    extracted = tmp_path / "extracted"
+    with tarfile.open(archive) as tar:
+        tar.extractall(extracted, filter="data")
+    sha256sum = ["sha256sum", "-c", "SHA256SUMS"]
+    checked = subprocess.run(sha256sum, check=False, cwd=extracted, capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "images.tar: OK" in checked.stdout and "models/mine.gguf: OK" in checked.stdout
+    (extracted / "models" / "mine.gguf").write_bytes(b"altered")
+    assert subprocess.run(sha256sum, check=False, cwd=extracted, capture_output=True).returncode != 0
+
+    forged = tmp_path / "forged.tar"
+    with tarfile.open(archive) as source, tarfile.open(forged, "w") as out:
+        for member in source:
+            data = source.extractfile(member)
+            raw = data.read() if data else b""
+            if member.name == "SHA256SUMS":
+                raw = raw.replace(b"images.tar", b"images.tar.gz")
+                member.size = len(raw)
+            out.addfile(member, io.BytesIO(raw))
+    with pytest.raises(EngineError, match="SHA256SUMS does not match the manifest"):
+        load_bundle(FakeEngine(), forged, tmp_path / "site", tmp_path / "site" / "models", lambda _m: None)
