@@ -182,11 +182,13 @@ class ComposeRuntime:
     # -- verbs ------------------------------------------------------------------------------------
 
     def check_ports(self) -> None:
-        """A clear error before compose's own when a published port is taken by something else."""
+        """A clear error before compose's own when a published port is taken by something else (a port this
+        project's own running container publishes is not: restore stops only gateway, RAG and Redis, then
+        brings the stack up while Prometheus still holds its port)."""
         running = self.containers()
-        if running.get("gateway", {}).get("State", {}).get("Running"):
-            return
         for port, what in ((self.settings.gateway_port, "gateway"), (self.settings.prometheus_port, "prometheus")):
+            if running.get(what, {}).get("State", {}).get("Running"):
+                continue
             host = self.settings.gateway_host if what == "gateway" else "127.0.0.1"
             with socket.socket() as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

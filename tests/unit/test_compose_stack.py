@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.processes import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = ("inference-1", "inference-2")
 REQUIRED = re.compile(r"^\$\{[A-Z_]+:\?[^}]+\}$")
@@ -376,3 +378,36 @@ def test_a_bundle_carries_sha256sums_that_coreutils_checks_and_load_holds_to_the
             out.addfile(member, io.BytesIO(raw))
     with pytest.raises(EngineError, match="SHA256SUMS does not match the manifest"):
         load_bundle(FakeEngine(), forged, tmp_path / "site", tmp_path / "site" / "models", lambda _m: None)
+
+
+def test_a_port_held_by_the_projects_own_running_container_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restore stops gateway, RAG and Redis, then `up`: Prometheus, still running, holds its own port (found
+    by the README's `appliance restore ARCHIVE --runtime compose` on a running stack: 'port 9090 taken')."""
+    import socket
+
+    from appliance.runtime.compose import ComposeRuntime
+    from appliance.runtime.compose_engine import EngineError
+    from appliance.runtime.settings import RuntimeSettings
+
+    with socket.socket() as prometheus, socket.socket() as other:
+        for holder in (prometheus, other):
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+
+        def runtime(gateway_port: int) -> ComposeRuntime:
+            settings = RuntimeSettings(
+                data_dir=tmp_path,
+                gateway_host="127.0.0.1",
+                gateway_port=gateway_port,
+                prometheus_port=prometheus.getsockname()[1],
+            )
+            made = ComposeRuntime(settings, engine=_Engine(set()))  # type: ignore[arg-type]
+            monkeypatch.setattr(made, "containers", lambda: {"prometheus": {"State": {"Running": True}}})
+            return made
+
+        runtime(free_port()).check_ports()  # gateway stopped, its port free; Prometheus's port is its own
+        taken = other.getsockname()[1]
+        with pytest.raises(EngineError, match=f"port {taken} on 127.0.0.1 is already taken"):
+            runtime(taken).check_ports()  # the gateway is not running: what holds its port is something else
