@@ -1,14 +1,29 @@
 """One GGUF model and its llama.cpp context, through llama-cpp-python's C API.
 
-The context is sized for the scheduler: ``slots`` sequences share one unified
-KV cache of ``slots * n_ctx`` cells, and one decode call takes a token for
-every running sequence plus a chunk of prompt prefill.
+The context is sized for the scheduler: ``slots`` sequences, ``n_ctx`` KV cells
+each, and one decode call takes a token for every running sequence plus a
+chunk of prompt prefill.
+
+Batch-invariant decoding (``batch_invariant``, on the CPU): a token's numbers
+must not depend on what else is decoded with it, or prompt-prefix reuse could
+not give the answers a fresh prefill gives. Measured on llama.cpp's CPU
+backend (docs/wip/kv_layout_numerics.py.txt), four things make them depend on
+it, and this mode removes each: a unified KV cache (the softmax and the
+attention-weighted sum run over every cell, so other sequences' cells change
+the summation order: one KV stream per slot instead), the K-quant matmul that
+switches to a tiled kernel at 8 rows (forced on for every row count with
+``GGML_CPU_TILED_MM_FORCE``, read once per process), repacked weights (4-row
+kernels plus a remainder path: not used), and flash attention (tile and
+KV-split kernels by batch shape: off). The scheduler does the rest (see
+inference.scheduler): each prompt chunk is decoded on its own, never as a
+single token.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +34,9 @@ from inference.settings import WorkerSettings
 __all__ = ["LoadedModel", "ModelRefused", "load_model", "resolve_model_path"]
 
 log = logging.getLogger(__name__)
+
+# ggml reads this once, at the first matmul of the process: set it before any model computes anything.
+TILED_FORCE_ENV = "GGML_CPU_TILED_MM_FORCE"
 
 
 class ModelRefused(Exception):
@@ -67,14 +85,20 @@ class LoadedModel:
             threads=settings.threads(),
         )
         self.swa_full = settings.prefix_reuse
-        llama_cpp.llama_backend_init()
         self.gpu_layers = _gpu_layers(llama_cpp, settings.n_gpu_layers)
+        # Batch-invariant decoding is a CPU property (GPU kernels pick tiles by batch shape too; not handled).
+        self.exact = settings.batch_invariant and self.gpu_layers == 0
+        if self.exact:
+            os.environ[TILED_FORCE_ENV] = "1"
+        llama_cpp.llama_backend_init()
         self._split = (ctypes.c_float * max(1, len(settings.tensor_split)))(*settings.tensor_split)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = self.gpu_layers
         params.main_gpu = settings.main_gpu
         if settings.tensor_split:
             params.tensor_split = self._split
+        if self.exact:
+            params.use_extra_bufts = False  # repacked weights: 4-row kernels and a remainder path
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise ModelRefused(f"llama.cpp could not load {path}")
@@ -96,15 +120,14 @@ class LoadedModel:
         params.n_seq_max = shape.slots
         params.n_threads = shape.threads
         params.n_threads_batch = shape.threads
-        params.kv_unified = True
+        # One KV stream per slot when exact: a sequence's cells then sit at the same places whatever the
+        # other slots hold (a copy between slots copies the stream).
+        params.kv_unified = not self.exact
         # Prefix reuse needs every cell of a kept prefix: a full-size sliding-window cache keeps them all
         # (the window is applied by the attention mask), a small one drops what left the window.
         params.swa_full = self.swa_full
-        if self.swa_full and self.gpu_layers == 0:
-            # On the CPU, flash attention picks a tiled kernel by batch size, so the same tokens come out
-            # differently when prefilled in other chunks; the plain path gives reused and recomputed cells
-            # the same numbers.
-            params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if self.exact:
+            params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED: its kernels depend on the batch shape
         params.no_perf = True
         ctx = llama.llama_init_from_model(self.model, params)
         if not ctx:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-__all__ = ["Admission", "SlotTokens", "caller_scope", "common_prefix", "plan_admission"]
+__all__ = ["Admission", "SlotTokens", "caller_scope", "common_prefix", "plan_admission", "usable"]
 
 # The calling API key's id for the request being handled (set by the HTTP handler from the internal hop's
 # header; "" when absent: one anonymous scope). The scheduler stamps it on each sequence it is given, so a
@@ -60,17 +60,25 @@ class Admission:
 SPARE_TAIL = 8
 
 
-def _usable(match: int, prompt: Sequence[int]) -> int:
-    # The last prompt token is always decoded again: its logits pick the first answer token.
-    return min(match, len(prompt) - 1)
+def usable(match: int, prompt: Sequence[int], tail: int = 1) -> int:
+    """How much of a ``match``-token cached prefix a prompt can start from: at least ``tail`` tokens are decoded
+    again (the last one's logits pick the first answer token; batch-invariant decoding never decodes a prompt
+    token alone, so it keeps two)."""
+    return max(0, min(match, len(prompt) - tail))
 
 
-def plan_admission(slots: Sequence[SlotTokens], free: Sequence[int], prompt: Sequence[int], scope: str) -> Admission:
+def plan_admission(
+    slots: Sequence[SlotTokens], free: Sequence[int], prompt: Sequence[int], scope: str, tail: int = 1
+) -> Admission:
     """Where ``prompt`` (of ``scope``) runs, among the ``free`` slots, and where its prefix comes from.
 
     The slot: one that loses nothing of value (empty, or its cells past the match are few), holding the
     most of the prompt; else one holding the longest prefix; else the least recently used one.
     """
+
+    def _usable(match: int, prompt: Sequence[int]) -> int:
+        return usable(match, prompt, tail)
+
     own = {i: _usable(common_prefix(slots[i].tokens, prompt), prompt) if slots[i].scope == scope else 0 for i in free}
     best_done, best_done_slot = 0, -1
     best_plan, best_plan_slot = 0, -1

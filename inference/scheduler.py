@@ -11,6 +11,19 @@ With prefix reuse on, a slot keeps its KV cells when its sequence ends; a new
 prompt goes to the free slot that already holds the longest part of it (see
 inference.prefix), copies a prefix another slot holds, or waits for a slot
 that is prefilling the same prefix right now, and prefills only the rest.
+
+Exactness (the model's ``exact``, batch-invariant mode): a reused cell must
+hold the very numbers a fresh prefill would compute, so greedy answers are
+the same with reuse on and off. On llama.cpp's CPU backend a prompt chunk's
+numbers do not depend on the chunk's size or on the other slots (one KV
+stream each), except that a single token runs other attention kernels than
+two or more. So in this mode a step decodes the generating sequences' tokens
+in one call and each prompt chunk in a call of its own (llama.cpp would
+otherwise split a chunk to pair it with the other sequences' tokens), a chunk
+is never one token (the budget bends by one), at least two prompt tokens are
+decoded again after a reused prefix, and only prompt cells are reused: the
+cells of generated tokens (decoded one at a time) are dropped when the
+sequence ends, so the next turn prefills the last answer again.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from inference.constrained import ConstrainedSampler
 from inference.kvstore import HostPromptCache
 from inference.logprobs import LogprobReader, TokenLogprob
 from inference.model import LoadedModel
-from inference.prefix import Admission, SlotTokens, caller_scope, common_prefix, plan_admission
+from inference.prefix import Admission, SlotTokens, caller_scope, common_prefix, plan_admission, usable
 from inference.sampling import build_grammar, build_sampler_chain
 from inference.sequence import ActiveSequence, GenerationRequest, SequenceHandle
 from inference.textstream import TextStream
@@ -46,6 +59,8 @@ StepReport = Callable[[list[Event], int, int, int], None]
 PromptCounter = Callable[[int, int], None]
 
 IDLE_WAIT_S = 0.5
+# One step's work for one sequence: (sequence, prompt tokens to prefill; 0 = decode its last sampled token).
+Work = tuple[ActiveSequence, int]
 # Prefixes shorter than this are not worth a trip through host RAM (saving, or restoring instead of copying).
 MIN_SAVED_TOKENS = 32
 
@@ -69,6 +84,8 @@ class Scheduler:
         self.model = model
         self._host = HostPromptCache(host_cache_bytes, model.sha256) if reuse and host_cache_bytes else None
         self.reuse = reuse
+        self.exact = bool(getattr(model, "exact", False))
+        self.tail = 2 if self.exact else 1  # prompt tokens always decoded again after a reused prefix
         self.share_across_keys = share_across_keys
         self._count_prompt = count_prompt
         self.slots_total = model.shape.slots
@@ -183,7 +200,7 @@ class Scheduler:
         prompt, scope = handle.request.prompt_tokens, handle.request.scope
         self._tick += 1
         if self.reuse:
-            plan = plan_admission(self._held, free, prompt, scope)
+            plan = plan_admission(self._held, free, prompt, scope, self.tail)
         else:
             plan = Admission(slot=free[0], keep=0, source=-1, copy=0, follow=-1, wait=0)
         slot, follow = plan.slot, plan.follow
@@ -197,8 +214,7 @@ class Scheduler:
         elif not self._held[slot].tokens:  # a failed restore emptied the slot
             start = 0
         if not restored and copy > start:
-            llama.llama_memory_seq_rm(memory, slot, -1, -1)
-            llama.llama_memory_seq_cp(memory, plan.source, slot, 0, copy)
+            self._copy(plan.source, slot, copy)
             start = copy
         elif not restored and not llama.llama_memory_seq_rm(memory, slot, start, -1):  # may be refused
             llama.llama_memory_seq_rm(memory, slot, -1, -1)
@@ -233,8 +249,8 @@ class Scheduler:
         if self._host is None:
             return 0
         entry_id, match = self._host.best(scope, prompt)
-        usable = min(match, len(prompt) - 1)
-        if usable < have + MIN_SAVED_TOKENS:
+        count = usable(match, prompt, self.tail)
+        if count < have + MIN_SAVED_TOKENS:
             return 0
         entry = self._host.take(entry_id)
         llama, memory, ctx = self.model.llama, self.model.memory, self.model.ctx
@@ -246,11 +262,21 @@ class Scheduler:
             held.tokens = []
             return 0
         held.tokens = list(entry.tokens)
-        if not self._holds(slot, usable) or not llama.llama_memory_seq_rm(memory, slot, usable, -1):
+        if not self._holds(slot, count) or not llama.llama_memory_seq_rm(memory, slot, count, -1):
             llama.llama_memory_seq_rm(memory, slot, -1, -1)
             held.tokens = []
             return 0
-        return usable
+        return count
+
+    def _copy(self, source: int, slot: int, count: int) -> None:
+        """Make ``slot`` hold the first ``count`` cells of ``source``."""
+        llama, memory = self.model.llama, self.model.memory
+        llama.llama_memory_seq_rm(memory, slot, -1, -1)
+        if self.exact:  # one KV stream per slot: llama.cpp copies the whole stream (at the next decode), cut back
+            llama.llama_memory_seq_cp(memory, source, slot, -1, -1)
+            llama.llama_memory_seq_rm(memory, slot, count, -1)
+        else:  # one unified cache: the cells are only tagged with the slot too
+            llama.llama_memory_seq_cp(memory, source, slot, 0, count)
 
     def _holds(self, slot: int, count: int) -> bool:
         """Whether the KV cache really still holds what a prompt needs to continue from the slot's first
@@ -260,12 +286,14 @@ class Scheduler:
         sliding-window cache may drop (and then purge up to) cells that left a sequence's window; the full
         layers keep everything. So the first ``count`` positions can be reused only when the window cells
         that the next position attends to are still there: ``seq_pos_min`` is 0, or at most
-        ``count - n_swa`` on a sliding-window model.
+        ``count - n_swa`` on a sliding-window model. (In exact mode a running sequence's generated tokens have
+        cells past the tracked tokens, which nothing reuses.)
         """
         if count <= 0 or len(self._held[slot].tokens) < count:
             return False
         llama, memory = self.model.llama, self.model.memory
-        if llama.llama_memory_seq_pos_max(memory, slot) != len(self._held[slot].tokens) - 1:
+        high = int(llama.llama_memory_seq_pos_max(memory, slot))
+        if high < len(self._held[slot].tokens) - 1 or (high != len(self._held[slot].tokens) - 1 and not self.exact):
             return False
         low = int(llama.llama_memory_seq_pos_min(memory, slot))
         return low == 0 or (self.model.n_swa > 0 and low <= count - self.model.n_swa)
@@ -276,9 +304,7 @@ class Scheduler:
         prompt, scope = seq.prompt, seq.handle.request.scope
         if source.scope == scope and common_prefix(source.tokens, prompt) >= seq.wait:
             if self._holds(seq.follow, seq.wait):
-                llama, memory = self.model.llama, self.model.memory
-                llama.llama_memory_seq_rm(memory, seq.seq_id, -1, -1)
-                llama.llama_memory_seq_cp(memory, seq.follow, seq.seq_id, 0, seq.wait)
+                self._copy(seq.follow, seq.seq_id, seq.wait)
                 if self._count_prompt is not None:
                     self._count_prompt(0, seq.wait - seq.prefilled)
                 seq.prefilled = seq.n_past = seq.handle.cached_tokens = seq.wait
@@ -299,37 +325,55 @@ class Scheduler:
         if not self.reuse:  # else the cells stay for the next prompt that starts the same way
             self.model.llama.llama_memory_seq_rm(self.model.memory, seq.seq_id, -1, -1)
             held.tokens = []
+        elif self.exact:  # generated tokens' cells were decoded one at a time: not what a prefill computes
+            self.model.llama.llama_memory_seq_rm(self.model.memory, seq.seq_id, len(held.tokens), -1)
         self._free_samplers(seq.handle)
         with self._lock:
             self._slots[seq.seq_id] = None
             self._active -= 1
 
-    def _fill_batch(self) -> int:
+    def _plan_step(self) -> list[Work]:
         """Generating sequences first (one token each), then prompt chunks within the prefill budget."""
-        token, pos, n_seq_id, seq_ids, logits = self._arrays
         for seq in self._slots:
             if seq is not None and seq.follow >= 0:
                 self._resolve_follow(seq)
-        n = 0
-        for seq in self._slots:
-            if seq is None or seq.prefilling:
-                continue
-            token[n], pos[n], n_seq_id[n], logits[n] = seq.last_token, seq.n_past, 1, 1
-            seq_ids[n][0] = seq.seq_id
-            self._held[seq.seq_id].tokens.append(seq.last_token)
-            seq.batch_index = n
-            seq.n_past += 1
-            n += 1
-        sequences = n
+        work: list[Work] = [(seq, 0) for seq in self._slots if seq is not None and not seq.prefilling]
         budget = self.prefill_chunk
         for seq in self._slots:
             if budget <= 0:
                 break
             if seq is None or not seq.prefilling or seq.follow >= 0:
                 continue
+            take = self._chunk(len(seq.prompt) - seq.prefilled, budget)
+            work.append((seq, take))
+            budget -= take
+        return work
+
+    def _chunk(self, left: int, budget: int) -> int:
+        """Prompt tokens to prefill now out of ``left``; in exact mode never one alone, now or next time."""
+        take = min(budget, left)
+        if self.exact and take < left:
+            take = max(take, 2)
+            if left - take == 1:
+                take = take - 1 if take > 2 else left
+        return take
+
+    def _fill(self, call: list[Work]) -> None:
+        token, pos, n_seq_id, seq_ids, logits = self._arrays
+        n = 0
+        for seq, take in call:
+            held = self._held[seq.seq_id]
+            if take == 0:
+                token[n], pos[n], n_seq_id[n], logits[n] = seq.last_token, seq.n_past, 1, 1
+                seq_ids[n][0] = seq.seq_id
+                if not self.exact:  # exact mode keeps (and reuses) prompt cells only
+                    held.tokens.append(seq.last_token)
+                seq.batch_index = n
+                seq.n_past += 1
+                n += 1
+                continue
             prompt, start = seq.prompt, seq.prefilled
-            take = min(budget, len(prompt) - start)
-            self._held[seq.seq_id].tokens.extend(prompt[start : start + take])
+            held.tokens.extend(prompt[start : start + take])
             if self._count_prompt is not None:
                 self._count_prompt(take, 0)
             for offset in range(take):
@@ -337,33 +381,43 @@ class Scheduler:
                 seq_ids[n][0] = seq.seq_id
                 n += 1
             seq.prefilled = seq.n_past = start + take
-            budget -= take
-            sequences += 1
             if not seq.prefilling:
                 logits[n - 1] = 1
                 seq.batch_index = n - 1
-                self._held[seq.seq_id].planned = None
+                held.planned = None
         self._batch.n_tokens = n
-        return sequences
 
     def _step(self) -> None:
-        sequences = self._fill_batch()
-        if self._batch.n_tokens == 0:  # only sequences waiting for another slot's prefill (resolved next step)
+        work = self._plan_step()
+        if not work:  # only sequences waiting for another slot's prefill (resolved next step)
             return
+        if self.exact:  # each prompt chunk alone: llama.cpp would split it to pair it with other sequences
+            calls = [[item for item in work if item[1] == 0], *([item] for item in work if item[1] > 0)]
+        else:
+            calls = [work]
+        events: list[Event] = []
+        for call in calls:
+            if call and not self._decode(call, events):
+                return
+        self._deliver(events, len(work))
+
+    def _decode(self, call: list[Work], events: list[Event]) -> bool:
+        """One ``llama_decode`` of ``call``, then sample the sequences that have logits in it."""
+        self._fill(call)
         rc = self.model.llama.llama_decode(self.model.ctx, self._batch)
         if rc != 0:
             log.error("llama_decode failed", extra={"rc": rc, "tokens": self._batch.n_tokens})
+            self._deliver(events, 0)
             self._fail_all(f"llama_decode failed ({rc})")
-            return
-        events: list[Event] = []
-        for seq in self._slots:
-            if seq is not None and seq.batch_index >= 0:
+            return False
+        for seq, _ in call:
+            if seq.batch_index >= 0:
                 event = self._sample(seq)
                 seq.batch_index = -1
                 events.append(event)
                 if event[3] is not None:
                     self._release(seq)
-        self._deliver(events, sequences)
+        return True
 
     def _sample(self, seq: ActiveSequence) -> Event:
         model = self.model

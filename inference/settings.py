@@ -28,7 +28,10 @@ def _list_from_env(value: Any) -> Any:
 
 class WorkerSettings(CommonSettings):
     model_config = SettingsConfigDict(
-        env_prefix="APPLIANCE_WORKER_", frozen=True, extra="ignore", populate_by_name=True,
+        env_prefix="APPLIANCE_WORKER_",
+        frozen=True,
+        extra="ignore",
+        populate_by_name=True,
     )
     toml_section: ClassVar[str] = "worker"
 
@@ -50,7 +53,11 @@ class WorkerSettings(CommonSettings):
     allowed_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Prompt-prefix reuse (docs/CONTRACTS.md): finished sequences keep their KV cells for the next prompt.
     prefix_reuse: bool = Field(
-        default=False, description="reuse cached prompt prefixes (faster later turns; greedy answers may differ)"
+        default=True, description="reuse cached prompt prefixes (faster later turns; exact with batch_invariant)"
+    )
+    batch_invariant: bool = Field(
+        default=True,
+        description="CPU: a token's numbers do not depend on what is batched with it (exact prefix reuse)",
     )
     prefix_share_across_keys: bool = Field(
         default=False, description="let one API key's requests reuse prefixes another key's requests left"
