@@ -11,8 +11,9 @@ backend (docs/wip/kv_layout_numerics.py.txt), four things make them depend on
 it, and this mode removes each: a unified KV cache (the softmax and the
 attention-weighted sum run over every cell, so other sequences' cells change
 the summation order: one KV stream per slot instead), the K-quant matmul that
-switches to a tiled kernel at 8 rows (forced on for every row count with
-``GGML_CPU_TILED_MM_FORCE``, read once per process), repacked weights (4-row
+switches to a tiled kernel at 8 rows (turned off, so every row count takes the
+vec_dot kernel: ``GGML_CPU_TILED_MM=0``, read once per process; forcing the tiled
+kernel everywhere is exact too but decodes one stream ~35 % slower), repacked weights (4-row
 kernels plus a remainder path: not used), and flash attention (tile and
 KV-split kernels by batch shape: off). The scheduler does the rest (see
 inference.scheduler): each prompt chunk is decoded on its own, never as a
@@ -36,7 +37,7 @@ __all__ = ["LoadedModel", "ModelRefused", "load_model", "resolve_model_path"]
 log = logging.getLogger(__name__)
 
 # ggml reads this once, at the first matmul of the process: set it before any model computes anything.
-TILED_FORCE_ENV = "GGML_CPU_TILED_MM_FORCE"
+TILED_SWITCH_ENV = "GGML_CPU_TILED_MM"
 
 
 class ModelRefused(Exception):
@@ -89,7 +90,7 @@ class LoadedModel:
         # Batch-invariant decoding is a CPU property (GPU kernels pick tiles by batch shape too; not handled).
         self.exact = settings.batch_invariant and self.gpu_layers == 0
         if self.exact:
-            os.environ[TILED_FORCE_ENV] = "1"
+            os.environ[TILED_SWITCH_ENV] = "0"
         llama_cpp.llama_backend_init()
         self._split = (ctypes.c_float * max(1, len(settings.tensor_split)))(*settings.tensor_split)
         params = llama_cpp.llama_model_default_params()
