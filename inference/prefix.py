@@ -76,20 +76,21 @@ def plan_admission(
     most of the prompt; else one holding the longest prefix; else the least recently used one.
     """
 
-    def _usable(match: int, prompt: Sequence[int]) -> int:
-        return usable(match, prompt, tail)
+    def reusable(tokens: Sequence[int]) -> int:
+        return usable(common_prefix(tokens, prompt), prompt, tail)
 
-    own = {i: _usable(common_prefix(slots[i].tokens, prompt), prompt) if slots[i].scope == scope else 0 for i in free}
+    held_match = {i: reusable(held.tokens) for i, held in enumerate(slots) if held.scope == scope}
+    own = {i: held_match.get(i, 0) for i in free}
     best_done, best_done_slot = 0, -1
     best_plan, best_plan_slot = 0, -1
     for index, held in enumerate(slots):
         if held.scope != scope:
             continue
-        done = _usable(common_prefix(held.tokens, prompt), prompt)
+        done = held_match[index]
         if done > best_done:
             best_done, best_done_slot = done, index
         if held.planned is not None:
-            planned = _usable(common_prefix(held.planned, prompt), prompt)
+            planned = reusable(held.planned)
             if planned > best_plan:
                 best_plan, best_plan_slot = planned, index
 
