@@ -160,7 +160,8 @@ class WorkerPool:
         candidates = self._routable.get(model)
         if not candidates:
             return None
-        if demand is not None and self._reserve and self._held_back(model, demand, self._free_reserve(candidates)):
+        if (demand is not None and self._reserve and self._needs_regular_slot(model, demand)
+                and self._only_headroom_free(candidates)):
             return None
         worker = self._pick(model, candidates, exclude, demand.route if demand is not None else ())
         if worker is not None:
@@ -213,22 +214,19 @@ class WorkerPool:
         queue.settle(demand, prompt_tokens, completion_tokens, refund=refund)
 
     # -- interactive headroom ------------------------------------------------------------------
-    def _free_reserve(self, candidates: list[Worker]) -> tuple[int, int]:
-        """(free slots, slots held back for interactive keys with nothing running) of one model's workers:
-        ``reserve`` slots, at most a quarter of the model's slots (a small pool keeps every slot busy)."""
+    def _only_headroom_free(self, candidates: list[Worker]) -> bool:
+        """Whether no more than the headroom is free on one model's workers: ``reserve`` slots, at most a
+        quarter of the model's slots (a small pool keeps every slot busy)."""
         total = free = 0
         for worker in candidates:
             total += worker.slots
             free += max(0, worker.slots - worker.inflight)
-        return free, min(self._reserve, total // 4)
+        return free <= min(self._reserve, total // 4)
 
-    def _held_back(self, model: str, demand: Demand, free_reserve: tuple[int, int]) -> bool:
-        """Whether only the headroom is free and this request may not take it: the headroom is for an
-        interactive key that has nothing running (someone at a chat prompt), never for a key's second
-        request or for batch work, so such a key waits for a regular slot instead of behind a backlog."""
-        free, reserve = free_reserve
-        if free > reserve:
-            return False
+    def _needs_regular_slot(self, model: str, demand: Demand) -> bool:
+        """Whether this request may not take the headroom: it is for an interactive key that has nothing
+        running (someone at a chat prompt), never for a key's second request or for batch work, so such a
+        key waits for a regular slot instead of behind a backlog. Checked first: it costs no walk."""
         caller = demand.caller
         return caller.priority != INTERACTIVE or self.queue(model).running(caller.key_id) > 0
 
@@ -354,9 +352,9 @@ class WorkerPool:
         if not queue or not candidates:
             return
         while queue:
-            free_reserve = self._free_reserve(candidates) if self._reserve else (0, 0)
+            only_headroom = bool(self._reserve) and self._only_headroom_free(candidates)
             for waiter in queue.order():
-                if self._reserve and self._held_back(model, waiter.demand, free_reserve):
+                if only_headroom and self._needs_regular_slot(model, waiter.demand):
                     continue
                 worker = self._pick(model, candidates, waiter.exclude, waiter.demand.route)
                 if worker is None:
