@@ -57,6 +57,9 @@ class WorkerPool:
         self._max_imbalance = max_imbalance
         self._workers: dict[str, Worker] = {}
         self._routable: dict[str, list[Worker]] = {}
+        # Per model: free slots on its routable workers, Σ max(0, slots - inflight), kept exact by
+        # _reindex (from scratch) and every lease and release (±1), so the headroom check costs no walk.
+        self._free: dict[str, int] = {}
         self._queues: dict[str, FairQueue] = {}
         self._service_s: dict[str, float] = {}  # EWMA of lease durations per model (queue ETAs)
         self._queued = 0
@@ -145,6 +148,7 @@ class WorkerPool:
             if worker.routable and worker.model is not None:
                 routable.setdefault(worker.model, []).append(worker)
         self._routable = routable
+        self._free = {model: sum(max(0, w.slots - w.inflight) for w in ws) for model, ws in routable.items()}
         for model, queue in self._queues.items():
             if not queue:
                 continue
@@ -161,7 +165,7 @@ class WorkerPool:
         if not candidates:
             return None
         if (demand is not None and self._reserve and self._needs_regular_slot(model, demand)
-                and self._only_headroom_free(candidates)):
+                and self._only_headroom_free(model, candidates)):
             return None
         worker = self._pick(model, candidates, exclude, demand.route if demand is not None else ())
         if worker is not None:
@@ -173,6 +177,8 @@ class WorkerPool:
         return any(w not in exclude for w in self._routable.get(model, ()))
 
     def _lease(self, model: str, worker: Worker, demand: Demand | None) -> None:
+        if worker.inflight < worker.slots:  # worker is one of model's routable workers (just picked)
+            self._free[model] -= 1
         worker.inflight += 1
         if demand is None:
             return
@@ -189,6 +195,9 @@ class WorkerPool:
         if worker.inflight <= 0:
             raise RuntimeError(f"release without a lease on {worker.url}")
         worker.inflight -= 1
+        model = worker.model
+        if model is not None and worker.inflight < worker.slots and worker.routable:
+            self._free[model] += 1
         if demand is not None:
             self._settle(demand, prompt_tokens, completion_tokens, refund)
         if worker.draining and worker.inflight == 0 and self._workers.get(worker.url) is worker:
@@ -196,7 +205,6 @@ class WorkerPool:
             if self._prefixes is not None:
                 self._prefixes.forget(worker)
             return
-        model = worker.model
         if model is not None and self._queued:
             queue = self._queues.get(model)
             if queue:
@@ -214,14 +222,17 @@ class WorkerPool:
         queue.settle(demand, prompt_tokens, completion_tokens, refund=refund)
 
     # -- interactive headroom ------------------------------------------------------------------
-    def _only_headroom_free(self, candidates: list[Worker]) -> bool:
+    def _only_headroom_free(self, model: str, candidates: list[Worker]) -> bool:
         """Whether no more than the headroom is free on one model's workers: ``reserve`` slots, at most a
         quarter of the model's slots (a small pool keeps every slot busy)."""
-        total = free = 0
-        for worker in candidates:
-            total += worker.slots
-            free += max(0, worker.slots - worker.inflight)
-        return free <= min(self._reserve, total // 4)
+        free = self._free[model]
+        if free > self._reserve:
+            return False  # the common case, decided without a walk
+        return free <= min(self._reserve, sum(w.slots for w in candidates) // 4)
+
+    def free_slots(self, model: str) -> int:
+        """Free slots on the routable workers of ``model`` (the count the headroom check reads)."""
+        return self._free.get(model, 0)
 
     def _needs_regular_slot(self, model: str, demand: Demand) -> bool:
         """Whether this request may not take the headroom: it is for an interactive key that has nothing
@@ -352,7 +363,7 @@ class WorkerPool:
         if not queue or not candidates:
             return
         while queue:
-            only_headroom = bool(self._reserve) and self._only_headroom_free(candidates)
+            only_headroom = bool(self._reserve) and self._only_headroom_free(model, candidates)
             for waiter in queue.order():
                 if only_headroom and self._needs_regular_slot(model, waiter.demand):
                     continue

@@ -116,6 +116,7 @@ class FairPoolMachine(RuleBasedStateMachine):
         if not self.pool.queue_depth:
             return
         free = sum(w.slots - w.inflight for w in self.workers)
+        assert self.pool.free_slots(MODEL) == free
         assert free <= self.headroom
         if free:
             queue = self.pool.queue(MODEL)

@@ -78,6 +78,12 @@ class PoolMachine(RuleBasedStateMachine):
             assert worker.inflight == self.held[id(worker)]
 
     @invariant()
+    def free_slot_counts_are_exact(self) -> None:
+        for model in ("a", "b"):
+            walked = sum(max(0, w.slots - w.inflight) for w in self.pool if w.routable and w.model == model)
+            assert self.pool.free_slots(model) == walked, model
+
+    @invariant()
     def drained_workers_leave(self) -> None:
         for worker in self.pool:
             assert not (worker.draining and worker.inflight == 0)
