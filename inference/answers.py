@@ -1,9 +1,9 @@
 """What the worker answers: one JSON body, or the chunks of an SSE stream; the handler only writes them.
 
-A request becomes one or more sequences (a list of prompts on
-``/v1/completions``: one choice per prompt, decoded together). :func:`whole`
-waits for all of them; :func:`stream` interleaves their chunks as they come,
-each choice with its own ``index``.
+A request becomes one or more sequences (``n`` choices per prompt, and a
+list of prompts on ``/v1/completions``: choice ``prompt_index * n + i``),
+all decoded together. :func:`whole` waits for all of them; :func:`stream`
+interleaves their chunks as they come, each choice with its own ``index``.
 """
 
 from __future__ import annotations
@@ -52,10 +52,15 @@ def _failed(exc: GenerationFailed) -> APIError:
     return APIError(500, f"Generation failed: {exc}", type_="server_error", code="generation_failed")
 
 
-def usage(handles: list[SequenceHandle]) -> Usage:
-    prompt = sum(h.prompt_tokens for h in handles)
+def usage(handles: list[SequenceHandle], n: int = 1) -> Usage:
+    """A request's usage; ``handles`` are its prompts' ``n`` choices each, prompt by prompt. As OpenAI counts
+    it, a prompt counts once however many choices it has; completion tokens are every choice's. A prompt's
+    cached tokens are those every one of its choices took from cached cells (the first choice prefills what
+    was not cached; the others copy its cells)."""
+    groups = [handles[i : i + n] for i in range(0, len(handles), n)]
+    prompt = sum(group[0].prompt_tokens for group in groups)
     completion = sum(h.completion_tokens for h in handles)
-    cached = PromptTokensDetails(cached_tokens=sum(h.cached_tokens for h in handles))
+    cached = PromptTokensDetails(cached_tokens=sum(min(h.cached_tokens for h in group) for group in groups))
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details=cached)
 
@@ -71,7 +76,7 @@ async def whole(handles: list[SequenceHandle]) -> list[tuple[str, list[TokenLogp
             handle.cancel()  # no-op when finished; frees the slot when the client went away or one failed
 
 
-async def stream(pairs: list[tuple[SequenceHandle, Emitter]], usage_chunk: Chunk | None
+async def stream(pairs: list[tuple[SequenceHandle, Emitter]], usage_chunk: Chunk | None, n: int = 1
                  ) -> AsyncGenerator[Chunk, None]:
     """Every choice's chunks as its text arrives; the usage chunk (when asked) last."""
     for _, emitter in pairs:
@@ -87,7 +92,7 @@ async def stream(pairs: list[tuple[SequenceHandle, Emitter]], usage_chunk: Chunk
     except GenerationFailed as exc:
         raise _failed(exc) from None
     if usage_chunk is not None:
-        yield {**usage_chunk, "usage": usage(handles).model_dump()}
+        yield {**usage_chunk, "usage": usage(handles, n).model_dump()}
 
 
 async def _merged(handles: list[SequenceHandle]) -> AsyncIterator[tuple[int, str | None, list[TokenLogprob]]]:

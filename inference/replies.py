@@ -1,8 +1,10 @@
 """What a finished or streaming generation looks like on the wire, per endpoint and kind of answer.
 
-A reply turns the sequence's text (and token logprobs, when asked) into
-OpenAI bodies: :meth:`ChatReply.whole` for a non-streamed answer, and an
-:class:`Emitter` for a stream (chunks at start, per decode step, at the end).
+A reply is one choice (a request with ``n`` gets ``n`` of them, each with
+its ``index``): it turns its sequence's text (and token logprobs, when
+asked) into OpenAI bodies: :meth:`ChatReply.choice` for a non-streamed
+answer, and an :class:`Emitter` for a stream (chunks at start, per decode
+step, at the end; each chunk carries the choice's index).
 Tool calls change the shape: a forced call (grammar-constrained) is sent
 whole once it parses; with ``tool_choice: "auto"`` free text streams until
 it looks like a call (inference.toolcalls), the rest is held and parsed.
@@ -19,7 +21,7 @@ from inference.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from inference.structured import StructuredPlan, parse_tool_call
 from inference.toolcalls import ToolCallStream, find_tool_calls, openai_tool_calls
 
-__all__ = ["ChatReply", "CompletionReply", "Emitter", "new_id"]
+__all__ = ["ChatReply", "CompletionReply", "Emitter", "chat_response", "completion_body", "new_id"]
 
 Chunk = dict[str, Any]
 
@@ -28,25 +30,28 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def chat_response(
-    *, id_: str, model: str, created: int, content: str | None, finish_reason: str, usage: Usage,
-    tool_calls: list[dict[str, Any]] | None = None, logprobs: dict[str, Any] | None = None,
+def chat_response(*, id_: str, model: str, created: int, choices: list[dict[str, Any]], usage: Usage
+                  ) -> dict[str, Any]:
+    """A ``chat.completion`` object: every choice (``ChatReply.choice``) and the request's usage."""
+    return {"id": id_, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage.model_dump()}
+
+
+def chat_choice(
+    *, index: int, content: str | None, finish_reason: str, tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": content}
     if tool_calls:
         message["tool_calls"] = tool_calls
-    return {
-        "id": id_, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}],
-        "usage": usage.model_dump(),
-    }
+    return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
 def chat_chunk(
     *, id_: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
-    logprobs: dict[str, Any] | None = None,
+    logprobs: dict[str, Any] | None = None, index: int = 0,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
     return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
@@ -75,11 +80,14 @@ class Emitter(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ChatReply:
+    """One choice of a chat answer (``index``: its place among the request's ``n`` choices)."""
+
     id_: str
     model: str
     created: int
     plan: StructuredPlan
     logprobs: bool
+    index: int = 0
 
     def chunk(
         self, delta: dict[str, Any], finish_reason: str | None = None, logprobs: list[TokenLogprob] | None = None
@@ -92,6 +100,7 @@ class ChatReply:
             delta=delta,
             finish_reason=finish_reason,
             logprobs=shown,
+            index=self.index,
         )
 
     def answer(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
@@ -105,14 +114,12 @@ class ChatReply:
                 return found.content, openai_tool_calls(found)
         return text, None
 
-    def whole(self, text: str, logprobs: list[TokenLogprob], finish_reason: str, usage: Usage) -> dict[str, Any]:
+    def choice(self, text: str, logprobs: list[TokenLogprob], finish_reason: str) -> dict[str, Any]:
+        """This choice in a whole (non-streamed) answer."""
         content, calls = self.answer(text)
-        return chat_response(
-            id_=self.id_,
-            model=self.model,
-            created=self.created,
+        return chat_choice(
+            index=self.index,
             content=content,
-            usage=usage,
             finish_reason="tool_calls" if calls else finish_reason,
             tool_calls=calls,
             logprobs=chat_logprobs(logprobs) if self.logprobs else None,

@@ -10,6 +10,7 @@ event loop, and a repeated schema reuses its compiled grammar.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from appliance.core.wire import (
     CompletionRequest,
     ModelLimits,
     check_max_tokens,
+    check_n,
     model_list,
     model_object,
     reject_unsupported,
@@ -31,7 +33,7 @@ from appliance.core.wire import (
 from inference.answers import Answer, Streamed, Whole, stream, usage, whole
 from inference.metrics import WorkerMetrics
 from inference.model import LoadedModel, load_model
-from inference.replies import ChatReply, CompletionReply, Emitter, completion_body, new_id
+from inference.replies import ChatReply, CompletionReply, Emitter, chat_response, completion_body, new_id
 from inference.sampling import SamplingParams, compile_grammar
 from inference.scheduler import Event, QueueFull, Scheduler
 from inference.sequence import GenerationRequest, SequenceHandle
@@ -39,7 +41,7 @@ from inference.settings import WorkerSettings
 from inference.structured import LAZY_TRIGGER, StructuredPlan, plan_structured
 from inference.templates import ChatTemplate, RenderedPrompt
 
-__all__ = ["ModelLoader", "WorkerService"]
+__all__ = ["ModelLoader", "WorkerService", "choices"]
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +159,10 @@ class WorkerService:
                             param="model", code="model_not_found")
 
     async def chat(self, body: ChatCompletionRequest) -> Answer:
+        """A chat answer with ``n`` choices: one prompt, prefilled once, its cells shared by every choice."""
         reject_unsupported(body)
         self.check_model(body.model)
+        check_n(body, self.settings.slots)
         top_logprobs = _chat_top_logprobs(body)
         plan = await self._plan(body)
         tokens, template_stops = await self.chat_prompt(body, plan)
@@ -168,37 +172,44 @@ class WorkerService:
             grammar=plan.lazy_grammar if lazy else plan.grammar, grammar_trigger=LAZY_TRIGGER if lazy else None,
             logprobs=top_logprobs,
         )
-        [handle] = await self.submit_all([generation])
-        reply = ChatReply(new_id("chatcmpl"), self.alias, int(time.time()), plan, top_logprobs is not None)
+        handles = await self.submit_all(choices(generation, body.n))
+        first = ChatReply(new_id("chatcmpl"), self.alias, int(time.time()), plan, top_logprobs is not None)
+        replies = [dataclasses.replace(first, index=i) for i in range(len(handles))]
         if not body.stream:
-            [(text, logprobs)] = await whole([handle])
-            return Whole(reply.whole(text, logprobs, handle.finish_reason or "stop", usage([handle])))
+            results = await whole(handles)
+            body_choices = [reply.choice(text, logprobs, handle.finish_reason or "stop")
+                            for reply, handle, (text, logprobs) in zip(replies, handles, results, strict=True)]
+            return Whole(chat_response(id_=first.id_, model=self.alias, created=first.created, choices=body_choices,
+                                       usage=usage(handles, body.n)))
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        usage_chunk = {**reply.chunk({}), "choices": []} if include_usage else None
-        return Streamed(stream([(handle, reply.emitter())], usage_chunk), (handle,))
+        usage_chunk = {**first.chunk({}), "choices": []} if include_usage else None
+        pairs = [(handle, reply.emitter()) for handle, reply in zip(handles, replies, strict=True)]
+        return Streamed(stream(pairs, usage_chunk, body.n), tuple(handles))
 
     async def complete(self, body: CompletionRequest) -> Answer:
-        """A text completion: one choice per prompt, all decoded together."""
+        """A text completion: ``n`` choices per prompt (choice ``prompt_index * n + i``), all decoded together."""
         reject_unsupported(body)
         self.check_model(body.model)
+        check_n(body, self.settings.slots)
         if body.echo:
             raise bad_request("echo is not supported.", param="echo")
         prompts = await self.completion_prompts(body)
-        generations = [self.generation(body, tokens, ignore_eos=body.ignore_eos, logprobs=body.logprobs)
-                       for tokens in prompts]
+        generations = [choice for tokens in prompts
+                       for choice in choices(self.generation(body, tokens, ignore_eos=body.ignore_eos,
+                                                             logprobs=body.logprobs), body.n)]
         handles = await self.submit_all(generations)
         id_, created, wants_logprobs = new_id("cmpl"), int(time.time()), body.logprobs is not None
         replies = [CompletionReply(id_, self.alias, created, wants_logprobs, index=i) for i in range(len(handles))]
         if not body.stream:
             results = await whole(handles)
-            choices = [reply.choice(text, logprobs, handle.finish_reason or "stop")
-                       for reply, handle, (text, logprobs) in zip(replies, handles, results, strict=True)]
-            return Whole(completion_body(id_=id_, model=self.alias, created=created, choices=choices,
-                                         usage=usage(handles)))
+            body_choices = [reply.choice(text, logprobs, handle.finish_reason or "stop")
+                            for reply, handle, (text, logprobs) in zip(replies, handles, results, strict=True)]
+            return Whole(completion_body(id_=id_, model=self.alias, created=created, choices=body_choices,
+                                         usage=usage(handles, body.n)))
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         usage_chunk = completion_body(id_=id_, model=self.alias, created=created, choices=[]) if include_usage else None
         pairs: list[tuple[SequenceHandle, Emitter]] = list(zip(handles, replies, strict=True))
-        return Streamed(stream(pairs, usage_chunk), tuple(handles))
+        return Streamed(stream(pairs, usage_chunk, body.n), tuple(handles))
 
     async def _plan(self, body: ChatCompletionRequest) -> StructuredPlan:
         """The request's structured-output plan; schema to grammar runs off the loop, once per distinct schema."""
@@ -245,8 +256,9 @@ class WorkerService:
             prompts = list(prompt)
         if not prompts:
             raise bad_request("The prompt is empty.", param="prompt")
-        if len(prompts) > self.settings.slots + self.settings.queue_size:
-            raise bad_request(f"At most {self.settings.slots + self.settings.queue_size} prompts per request.",
+        most = (self.settings.slots + self.settings.queue_size) // body.n
+        if len(prompts) > most:
+            raise bad_request(f"At most {most} prompts per request" + (f" with n={body.n}." if body.n > 1 else "."),
                               param="prompt")
         out: list[list[int]] = []
         for item in prompts:
@@ -301,8 +313,11 @@ class WorkerService:
     async def submit_all(self, requests: list[GenerationRequest]) -> list[SequenceHandle]:
         """Admit every sequence of a request, or none: a refusal cancels those already queued."""
         model, _ = self.ready()
+        compiled: set[str] = set()
         for request in requests:
-            if request.sampling.grammar is not None:  # compiled off the loop; submit then clones the cached one
+            grammar = request.sampling.grammar
+            if grammar is not None and grammar not in compiled:  # compiled off the loop; submit clones the cached one
+                compiled.add(grammar)
                 try:
                     await asyncio.to_thread(compile_grammar, model.llama, model.vocab, request.sampling)
                 except ValueError as exc:
@@ -328,6 +343,17 @@ class WorkerService:
             raise bad_request(str(exc), param="response_format") from None
         self.metrics.prompt_tokens.inc(handle.prompt_tokens)
         return handle
+
+
+def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The ``n`` sequences of one prompt, submitted together: the first prefills the prompt and the others
+    take its cells (inference.prefix). With a ``seed``, choice ``i`` samples with ``seed + i``, so choices
+    differ yet the same request gives the same choices; at temperature 0 they are all the greedy answer."""
+    seed = request.sampling.seed
+    if seed is None:
+        return [request] * n  # each sequence draws its own random seed
+    return [request if i == 0 else dataclasses.replace(request, sampling=dataclasses.replace(
+        request.sampling, seed=seed + i)) for i in range(n)]
 
 
 def _tokenize(model: LoadedModel, prompt: RenderedPrompt) -> list[int]:

@@ -32,6 +32,7 @@ __all__ = [
     "ToolCall",
     "Usage",
     "check_max_tokens",
+    "check_n",
     "message_text",
     "model_limits",
     "model_list",
@@ -185,8 +186,6 @@ class Usage(_Wire):
 
 def reject_unsupported(request: ChatCompletionRequest | CompletionRequest) -> None:
     """Refuse, with a clear 400, what the appliance would otherwise silently ignore."""
-    if request.n != 1:
-        raise bad_request("n > 1 is not supported; send separate requests.", param="n")
     if isinstance(request, CompletionRequest):
         if request.best_of not in (None, 1):
             raise bad_request("best_of is not supported.", param="best_of")
@@ -250,6 +249,14 @@ def check_max_tokens(request: ChatCompletionRequest | CompletionRequest, cap: in
         param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
         raise bad_request(f"{param} is {limit}, above this model's limit of {cap} tokens per answer.",
                           param=param, code="max_tokens_exceeded")
+
+
+def check_n(request: ChatCompletionRequest | CompletionRequest, slots: int) -> None:
+    """The one ``n`` rule, applied alike by the worker (its slot count) and the gateway (the smallest slot count
+    among the model's workers): the ``n`` choices of a prompt decode together, one slot each."""
+    if request.n > slots:
+        raise bad_request(f"n is {request.n}, above the {slots} choices this model's workers decode together "
+                          f"(one slot per choice).", param="n", code="too_many_choices")
 
 
 class ModelLimits(_Wire):
