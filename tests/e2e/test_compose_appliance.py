@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.processes import free_port
+from tests.support.processes import free_port, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -109,18 +108,7 @@ class Stack:
         self.env["APPLIANCE_DATA_DIR"] = str(data_dir)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "appliance.cli", *args],
-            env=self.env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"appliance {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
-        return result
+        return run_cli(args, env=self.env, timeout=timeout, check=check)
 
     def admin_key(self) -> str:
         return (self.data_dir / "gateway" / "admin_key").read_text().strip()

@@ -9,7 +9,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import openai
 import pytest
 
 from tests.support.chat_load import ChatLoad
-from tests.support.processes import free_port
+from tests.support.processes import free_port, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -56,18 +55,7 @@ class Stack:
         self.verify: bool | ssl.SSLContext = True
 
     def cli(self, *args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [sys.executable, "-m", "appliance.cli", *args],
-            env=self.env,
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"appliance {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
-        return result
+        return run_cli(args, env=self.env, cwd=self.cwd, timeout=timeout, check=check)
 
     def status(self) -> tuple[int, dict[str, Any]]:
         result = self.cli("status", "--json", check=False)

