@@ -271,8 +271,12 @@ def balanced(
     args: argparse.Namespace, path: Path, token: str, routing: str, workdir: Path
 ) -> Iterator[tuple[str, list[str]]]:
     with ExitStack() as stack:
+        # The workers share this machine's cores: each gets its share, not all of them (no oversubscription).
+        threads = str(max(1, args.threads // args.balancer_workers))
         urls = [
-            stack.enter_context(worker(args, path, token, log=workdir / f"worker-{routing}-{i}.log"))
+            stack.enter_context(
+                worker(args, path, token, log=workdir / f"worker-{routing}-{i}.log", n_threads=threads)
+            )
             for i in range(args.balancer_workers)
         ]
         port = harness.free_port()
@@ -352,6 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=16, help="answer tokens per turn")
     parser.add_argument("--system-tokens", type=int, default=600, help="rough size of the system prompt")
     parser.add_argument("--balancer", action="store_true", help="also run the 3-worker balancer phase")
+    parser.add_argument("--balancer-only", action="store_true", help="only the balancer phase (implies --balancer)")
     parser.add_argument("--balancer-workers", type=int, default=3)
     parser.add_argument("--balancer-conversations", type=int, default=24)
     return parser
@@ -367,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         "turns": args.turns,
         "max_tokens": args.max_tokens,
     }
-    result["worker"] = single_worker(args, path)
-    for key in ("ttft_later_over_turn1", "reuse_speedup", "workload_speedup", "burst_prefilled_over_one_prompt"):
-        result[key] = result["worker"][key]
-    if args.balancer:
+    if not args.balancer_only:
+        result["worker"] = single_worker(args, path)
+        for key in ("ttft_later_over_turn1", "reuse_speedup", "workload_speedup", "burst_prefilled_over_one_prompt"):
+            result[key] = result["worker"][key]
+    if args.balancer or args.balancer_only:
         result["balancer"] = through_balancer(args, path)
     return harness.emit(result, args.json)
