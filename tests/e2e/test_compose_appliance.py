@@ -30,6 +30,7 @@ import httpx
 import openai
 import pytest
 
+from tests.support.chat_load import ClientThreads
 from tests.support.processes import free_port, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -257,9 +258,11 @@ def test_prometheus_in_its_container_scrapes_every_target(stack: Stack) -> None:
     assert sum(t["labels"]["job"] == "inference" for t in targets) == 2
 
 
-class StreamLoad:
+class StreamLoad(ClientThreads):
     """Streaming chats from threads until stopped. A request that fails before its first chunk is lost (the
     balancer retries those on another worker); one cut after its first chunk is allowed when its worker dies."""
+
+    join_s = 300.0
 
     def __init__(self, stack: Stack, key: str, clients: int) -> None:
         self.ok = 0
@@ -267,8 +270,7 @@ class StreamLoad:
         self.cut: list[str] = []
         self.lost: list[str] = []
         self.served = threading.Condition()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(stack.sdk(key),)) for _ in range(clients)]
+        super().__init__(lambda: stack.sdk(key), clients)
 
     def _run(self, sdk: openai.OpenAI) -> None:
         with sdk:
@@ -302,14 +304,8 @@ class StreamLoad:
                 raise AssertionError(f"{what}: {self.ok} streams completed, not {count}, within {timeout:.0f} s")
 
     def __enter__(self) -> StreamLoad:
-        for thread in self._threads:
-            thread.start()
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(300)
 
 
 def _worker_requests(stack: Stack, service: str) -> float:
