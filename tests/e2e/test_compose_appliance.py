@@ -31,6 +31,7 @@ import openai
 import pytest
 
 from tests.support.chat_load import ClientThreads
+from tests.support.compose_services import COMPOSE_SERVICES
 from tests.support.processes import free_port, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -225,18 +226,7 @@ def test_status_json_reports_every_service_healthy(stack: Stack) -> None:
     assert result.returncode == 0, report
     assert report["state"] == "healthy" and report["gateway"]["ready"] is True
     names = {s["name"] for s in report["services"]}
-    assert names == {
-        "redis",
-        "inference-1",
-        "inference-2",
-        "balancer",
-        "rag",
-        "gateway",
-        "redis-exporter",
-        "node-exporter",
-        "alertmanager",
-        "prometheus",
-    }
+    assert names == COMPOSE_SERVICES
     assert all(s["healthy"] and s["state"] == "running" for s in report["services"]), report["services"]
 
 

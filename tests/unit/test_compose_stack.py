@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.compose_services import COMPOSE_SERVICES, COMPOSE_WORKERS
 from tests.support.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-WORKERS = ("inference-1", "inference-2")
+WORKERS = COMPOSE_WORKERS
 REQUIRED = re.compile(r"^\$\{[A-Z_]+:\?[^}]+\}$")
 DATA = "${APPLIANCE_DATA_PATH:-./data}"
 FILES = ("compose.yaml", "compose.gpu.yaml")
@@ -78,17 +79,7 @@ def test_no_top_level_name_so_docker_compose_1_29_loads_it(name: str) -> None:
 
 
 def test_the_cpu_profile_runs_the_whole_stack_without_an_nvidia_runtime(cpu: dict[str, Any]) -> None:
-    assert set(cpu) == {
-        "redis",
-        *WORKERS,
-        "balancer",
-        "rag",
-        "gateway",
-        "redis-exporter",
-        "node-exporter",
-        "alertmanager",
-        "prometheus",
-    }
+    assert set(cpu) == COMPOSE_SERVICES
     assert "nvidia" not in (REPO / "compose.yaml").read_text()
     for name in WORKERS:
         assert cpu[name]["environment"]["APPLIANCE_WORKER_N_GPU_LAYERS"] == "0"
