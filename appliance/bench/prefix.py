@@ -284,6 +284,9 @@ def balanced(
             "APPLIANCE_BALANCER_PORT": str(port),
             "APPLIANCE_BALANCER_WORKERS": ",".join(urls),
             "APPLIANCE_BALANCER_ROUTING": routing,
+            # Throughput, not admission: a request that waits for a slot waits (the default 30 s would
+            # turn a slow turn on a loaded machine into an error and end the run).
+            "APPLIANCE_BALANCER_QUEUE_TIMEOUT_S": "600",
             "APPLIANCE_INTERNAL_TOKEN": token,
             "APPLIANCE_DATA_DIR": str(args.data_dir),
             "APPLIANCE_LOG_LEVEL": "WARNING",
