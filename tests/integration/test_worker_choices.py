@@ -1,0 +1,139 @@
+"""``n`` choices on a real worker (official ``openai`` client): one prefill shared by every choice, the greedy
+answer n times, distinct seeded samples, OpenAI's usage, indices whole and streamed, limits, and a hang-up."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from appliance.core.hop import KEY_ID_HEADER
+from tests.integration.test_worker_api import MODEL, Worker, spawn_worker, wait_idle
+
+pytestmark = pytest.mark.integration
+
+SLOTS = 4
+SYSTEM = "You are the garden centre's assistant. Answer in one short sentence. " * 16
+QUESTION = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which plants like shade?"}]
+
+
+@pytest.fixture(scope="module")
+def worker(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    with spawn_worker(model_path, tmp_path_factory.mktemp("choices-worker"), slots=str(SLOTS), n_ctx="1024",
+                      queue_size="4") as worker:
+        yield worker
+
+
+def counter(worker: Worker, name: str) -> float:
+    text = worker.get("/metrics")[1].decode()
+    match = re.search(rf"^appliance_worker_{name}_total{{[^}}]*}} (\S+)$", text, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
+def _key(name: str) -> dict[str, str]:
+    return {KEY_ID_HEADER: name}  # a scope of its own: nothing cached from other tests
+
+
+def _streamed(chunks: Any) -> tuple[dict[int, str], list[Any]]:
+    """Each choice's text by index, and the usage chunks."""
+    texts: dict[int, str] = {}
+    usages = []
+    for chunk in chunks:
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+        for choice in chunk.choices:
+            piece = choice.delta.content if hasattr(choice, "delta") else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + (piece or "")
+    return texts, usages
+
+
+def test_chat_choices_prefill_the_prompt_once_and_are_the_greedy_answer(worker: Worker) -> None:
+    client = worker.client()
+    before = counter(worker, "prompt_tokens_prefilled")
+    many = client.chat.completions.create(model=MODEL, messages=QUESTION, n=3, max_tokens=12, temperature=0,
+                                          extra_headers=_key("n-whole"))
+    prefilled = counter(worker, "prompt_tokens_prefilled") - before
+    single = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
+                                            extra_headers=_key("n-single"))  # prefilled afresh, no reuse
+    answer = single.choices[0].message.content
+    assert answer and [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.message.content for c in many.choices] == [answer] * 3
+    assert many.usage is not None and single.usage is not None
+    prompt = single.usage.prompt_tokens
+    assert many.usage.prompt_tokens == prompt > 150  # counted once, as OpenAI does
+    assert many.usage.completion_tokens == 3 * single.usage.completion_tokens
+    assert many.usage.prompt_tokens_details is not None and many.usage.prompt_tokens_details.cached_tokens == 0
+    # The first choice prefilled the prompt; the others copied its cells (and decode their last tokens again).
+    assert prompt <= prefilled < prompt + 16, (prefilled, prompt)
+
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, n=3, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_headers=_key("n-stream"))
+    texts, usages = _streamed(stream)
+    assert texts == {0: answer, 1: answer, 2: answer}
+    assert len(usages) == 1 and usages[0].prompt_tokens == prompt
+    assert usages[0].completion_tokens == 3 * single.usage.completion_tokens
+
+    again = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=12, temperature=0,
+                                           extra_headers=_key("n-whole"))  # the same key's next request reuses
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert 0 < (again.usage.prompt_tokens_details.cached_tokens or 0) < prompt
+    assert [c.message.content for c in again.choices] == [answer] * 2
+
+
+def test_seeded_choices_differ_repeat_and_stream_the_same(worker: Worker) -> None:
+    client = worker.client()
+    ask: dict[str, Any] = {"model": MODEL, "prompt": "Once upon a time, in a small village by the sea,",
+                           "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    first = client.completions.create(**ask, n=3)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert len(set(texts)) > 1, texts  # choice i samples with seed + i
+    assert [c.text for c in client.completions.create(**ask, n=3).choices] == texts
+    assert client.completions.create(**ask).choices[0].text == texts[0]  # n=1 is choice 0
+    streamed, usages = _streamed(client.completions.create(**ask, n=3, stream=True,
+                                                           stream_options={"include_usage": True}))
+    assert streamed == dict(enumerate(texts)) and len(usages) == 1
+    assert first.usage is not None and usages[0].completion_tokens == first.usage.completion_tokens
+
+
+def test_a_list_of_prompts_times_n_is_indexed_prompt_by_prompt(worker: Worker) -> None:
+    client = worker.client()
+    prompts = ["The capital of France is", "Two plus two equals"]
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    both = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [s.choices[0].text for s in singles for _ in range(2)]
+    assert both.usage is not None and all(s.usage is not None for s in singles)
+    assert both.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles if s.usage)
+    assert both.usage.completion_tokens == 2 * sum(s.usage.completion_tokens for s in singles if s.usage)
+
+
+@pytest.mark.parametrize("n", [0, SLOTS + 1])
+def test_n_outside_one_to_the_slot_count_is_a_400_naming_n(worker: Worker, n: int) -> None:
+    for path, body in (("/v1/chat/completions", {"messages": QUESTION}), ("/v1/completions", {"prompt": "Hi"})):
+        status, reply = worker.post(path, {"model": MODEL, **body, "n": n})
+        assert status == 400 and reply["error"]["param"] == "n", reply
+    with pytest.raises(openai.BadRequestError, match="n is"):
+        worker.client().chat.completions.create(model=MODEL, messages=QUESTION, n=SLOTS + 1, max_tokens=1)
+
+
+def test_a_hang_up_cancels_every_choice(worker: Worker) -> None:
+    client = worker.client()
+    before = counter(worker, "generated_tokens")
+    longest = 600
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, n=3, max_tokens=longest,
+                                            temperature=1.0, stream=True, extra_body={"ignore_eos": True},
+                                            extra_headers=_key("n-hangup"))
+    chunks = iter(stream)
+    for _ in range(8):
+        next(chunks)
+    stream.close()
+    wait_idle(worker, timeout=300)
+    generated = counter(worker, "generated_tokens") - before
+    assert 0 < generated < 3 * longest / 2, generated  # every choice stopped long before its max_tokens
