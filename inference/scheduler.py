@@ -47,7 +47,7 @@ from inference.sampling import build_grammar, build_sampler_chain
 from inference.sequence import ActiveSequence, GenerationRequest, SequenceHandle
 from inference.textstream import TextStream
 
-__all__ = ["QueueFull", "Scheduler", "StepReport"]
+__all__ = ["CHOICES_SCOPE", "QueueFull", "Scheduler", "StepReport"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ PromptCounter = Callable[[int, int], None]
 IDLE_WAIT_S = 0.5
 # One step's work for one sequence: (sequence, prompt tokens to prefill; 0 = decode its last sampled token).
 Work = tuple[ActiveSequence, int]
+# The scope of the n choices of one request when prefix reuse is off (then the only cells a sequence in this
+# scope can copy are its running siblings': released slots hold nothing).
+CHOICES_SCOPE = "\x00choices:"
 # Prefixes shorter than this are not worth a trip through host RAM (saving, or restoring instead of copying).
 MIN_SAVED_TOKENS = 32
 
@@ -133,7 +136,10 @@ class Scheduler:
         with self._lock:
             if self._active + len(self._waiting) >= self.slots_total + self.queue_size:
                 raise QueueFull
-        scope = "" if self.share_across_keys else (request.scope or caller_scope.get())
+        if request.scope.startswith(CHOICES_SCOPE):
+            scope = request.scope  # the n choices of one request share their prompt, even without reuse
+        else:
+            scope = "" if self.share_across_keys else (request.scope or caller_scope.get())
         if scope != request.scope:
             request = dataclasses.replace(request, scope=scope)
         model = self.model
@@ -199,7 +205,7 @@ class Scheduler:
         """Put a sequence in a free slot, starting from the longest prefix the KV cache holds for it."""
         prompt, scope = handle.request.prompt_tokens, handle.request.scope
         self._tick += 1
-        if self.reuse:
+        if self.reuse or scope.startswith(CHOICES_SCOPE):  # without reuse, a request's choices only share
             plan = plan_admission(self._held, free, prompt, scope, self.tail)
         else:
             plan = Admission(slot=free[0], keep=0, source=-1, copy=0, follow=-1, wait=0)

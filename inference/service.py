@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,7 @@ from inference.metrics import WorkerMetrics
 from inference.model import LoadedModel, load_model
 from inference.replies import ChatReply, CompletionReply, Emitter, chat_response, completion_body, new_id
 from inference.sampling import SamplingParams, compile_grammar
-from inference.scheduler import Event, QueueFull, Scheduler
+from inference.scheduler import CHOICES_SCOPE, Event, QueueFull, Scheduler
 from inference.sequence import GenerationRequest, SequenceHandle
 from inference.settings import WorkerSettings
 from inference.structured import LAZY_TRIGGER, StructuredPlan, plan_structured
@@ -172,7 +173,7 @@ class WorkerService:
             grammar=plan.lazy_grammar if lazy else plan.grammar, grammar_trigger=LAZY_TRIGGER if lazy else None,
             logprobs=top_logprobs,
         )
-        handles = await self.submit_all(choices(generation, body.n))
+        handles = await self.submit_all(self._shared(choices(generation, body.n)))
         first = ChatReply(new_id("chatcmpl"), self.alias, int(time.time()), plan, top_logprobs is not None)
         replies = [dataclasses.replace(first, index=i) for i in range(len(handles))]
         if not body.stream:
@@ -195,8 +196,8 @@ class WorkerService:
             raise bad_request("echo is not supported.", param="echo")
         prompts = await self.completion_prompts(body)
         generations = [choice for tokens in prompts
-                       for choice in choices(self.generation(body, tokens, ignore_eos=body.ignore_eos,
-                                                             logprobs=body.logprobs), body.n)]
+                       for choice in self._shared(choices(self.generation(body, tokens, ignore_eos=body.ignore_eos,
+                                                                          logprobs=body.logprobs), body.n))]
         handles = await self.submit_all(generations)
         id_, created, wants_logprobs = new_id("cmpl"), int(time.time()), body.logprobs is not None
         replies = [CompletionReply(id_, self.alias, created, wants_logprobs, index=i) for i in range(len(handles))]
@@ -210,6 +211,13 @@ class WorkerService:
         usage_chunk = completion_body(id_=id_, model=self.alias, created=created, choices=[]) if include_usage else None
         pairs: list[tuple[SequenceHandle, Emitter]] = list(zip(handles, replies, strict=True))
         return Streamed(stream(pairs, usage_chunk, body.n), tuple(handles))
+
+    def _shared(self, group: list[GenerationRequest]) -> list[GenerationRequest]:
+        """With prefix reuse off, the choices of one prompt still share its prefill: a scope of their own."""
+        if len(group) < 2 or self.settings.prefix_reuse:
+            return group  # with reuse on, they share it within the caller's scope like any prompts arriving together
+        scope = CHOICES_SCOPE + uuid.uuid4().hex
+        return [dataclasses.replace(request, scope=scope) for request in group]
 
     async def _plan(self, body: ChatCompletionRequest) -> StructuredPlan:
         """The request's structured-output plan; schema to grammar runs off the loop, once per distinct schema."""

@@ -137,3 +137,22 @@ def test_a_hang_up_cancels_every_choice(worker: Worker) -> None:
     wait_idle(worker, timeout=200)
     generated = counter(worker, "generated_tokens") - before
     assert 0 < generated < 3 * longest / 2, generated  # every choice stopped long before its max_tokens
+
+
+def test_without_prefix_reuse_the_choices_still_prefill_the_prompt_once(
+    model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with spawn_worker(model_path, tmp_path_factory.mktemp("choices-no-reuse"), slots="3", n_ctx="1024",
+                      prefix_reuse="false") as worker:
+        client = worker.client()
+        single = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
+        assert single.usage is not None
+        before = counter(worker, "prompt_tokens_prefilled")
+        many = client.chat.completions.create(model=MODEL, messages=QUESTION, n=3, max_tokens=8, temperature=0)
+        prefilled = counter(worker, "prompt_tokens_prefilled") - before
+        prompt = single.usage.prompt_tokens
+        assert [c.message.content for c in many.choices] == [single.choices[0].message.content] * 3
+        assert prompt <= prefilled < prompt + 16, (prefilled, prompt)  # not 3 x prompt
+        before = counter(worker, "prompt_tokens_prefilled")
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1, temperature=0)
+        assert counter(worker, "prompt_tokens_prefilled") - before == prompt  # nothing reused across requests
