@@ -139,8 +139,8 @@ def test_scope_and_model_restrictions_in_front_of_a_real_worker(stack: Stack) ->
     embeddings_only, _ = _key(stack, "emb-only", ("embeddings",))
     other_model, _ = _key(stack, "other-model", models=["not-this-model"])
     for secret, message in ((embeddings_only, "'chat' scope"), (other_model, "may not use model")):
-        with pytest.raises(openai.PermissionDeniedError) as caught:
-            _sdk(stack, secret).chat.completions.create(model=stack.model, messages=HELLO, max_tokens=1)
+        with _sdk(stack, secret) as sdk, pytest.raises(openai.PermissionDeniedError) as caught:
+            sdk.chat.completions.create(model=stack.model, messages=HELLO, max_tokens=1)
         assert message in str(caught.value)
     allowed, _ = _key(stack, "this-model", models=[stack.model])
     reply = _sdk(stack, allowed).chat.completions.create(model=stack.model, messages=HELLO, max_tokens=2)
@@ -179,36 +179,37 @@ def test_n_choices_through_the_gateway(stack: Stack) -> None:
     tokens in the key's usage, choice indices in a stream, the cache keyed on n, and n above the worker's
     slots refused by the gateway itself (the balancer never sees it)."""
     secret, key_id = _key(stack, "n-real", limits={"rpm": 0})
-    client = _sdk(stack, secret)
-    ask: dict[str, Any] = {"model": stack.model, "messages": [{"role": "user", "content": "Name a fruit."}],
-                           "max_tokens": 8, "temperature": 0}
-    raw = client.chat.completions.with_raw_response.create(**ask, n=3)
-    many = raw.parse()
-    answer = many.choices[0].message.content
-    assert raw.headers["X-Cache"] == "MISS" and answer
-    assert [(c.index, c.message.content) for c in many.choices] == [(i, answer) for i in range(3)]
-    hit = client.chat.completions.with_raw_response.create(**ask, n=3)
-    assert hit.headers["X-Cache"] == "HIT" and [c.message.content for c in hit.parse().choices] == [answer] * 3
-    single = client.chat.completions.with_raw_response.create(**ask)
-    assert single.headers["X-Cache"] == "MISS"  # n is part of the cache key
-    one = single.parse()
-    assert one.choices[0].message.content == answer and len(one.choices) == 1
-    texts: dict[int, str] = {}
-    for chunk in client.chat.completions.create(**ask, n=2, stream=True, extra_headers=NO_CACHE):
-        assert chunk.usage is None  # the gateway asked for usage and hides it, as the client did not
-        for choice in chunk.choices:
-            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
-    assert texts == {0: answer, 1: answer}
-    assert many.usage is not None and one.usage is not None
-    assert many.usage.prompt_tokens == one.usage.prompt_tokens  # counted once
-    assert many.usage.completion_tokens == 3 * one.usage.completion_tokens
-    expected = {"prompt_tokens": 3 * one.usage.prompt_tokens, "completion_tokens": 6 * one.usage.completion_tokens}
-    wait_until(lambda: {k: _usage(stack, key_id)[k] for k in expected} == expected, 30, 0.2, f"usage {expected}")
-    with _admin(stack) as admin:  # /admin/status refreshes the gateway's view of the workers
-        wait_until(lambda: any(w.get("healthy") for w in admin.get("/admin/status").json()["workers"]), 30, 0.5,
-                   "the gateway knows the worker's slots")
-    seen = sum(int(w["requests"]) for w in stack.balancer_workers())
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(**ask, n=5)
-    assert refused.value.status_code == 400 and refused.value.param == "n"
-    assert sum(int(w["requests"]) for w in stack.balancer_workers()) == seen
+    with _sdk(stack, secret) as client:  # closed: no socket left for the garbage collector
+        ask: dict[str, Any] = {"model": stack.model, "messages": [{"role": "user", "content": "Name a fruit."}],
+                               "max_tokens": 8, "temperature": 0}
+        raw = client.chat.completions.with_raw_response.create(**ask, n=3)
+        many = raw.parse()
+        answer = many.choices[0].message.content
+        assert raw.headers["X-Cache"] == "MISS" and answer
+        assert [(c.index, c.message.content) for c in many.choices] == [(i, answer) for i in range(3)]
+        hit = client.chat.completions.with_raw_response.create(**ask, n=3)
+        assert hit.headers["X-Cache"] == "HIT" and [c.message.content for c in hit.parse().choices] == [answer] * 3
+        single = client.chat.completions.with_raw_response.create(**ask)
+        assert single.headers["X-Cache"] == "MISS"  # n is part of the cache key
+        one = single.parse()
+        assert one.choices[0].message.content == answer and len(one.choices) == 1
+        texts: dict[int, str] = {}
+        with client.chat.completions.create(**ask, n=2, stream=True, extra_headers=NO_CACHE) as stream:
+            for chunk in stream:
+                assert chunk.usage is None  # the gateway asked for usage and hides it, as the client did not
+                for choice in chunk.choices:
+                    texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+        assert texts == {0: answer, 1: answer}
+        assert many.usage is not None and one.usage is not None
+        assert many.usage.prompt_tokens == one.usage.prompt_tokens  # counted once
+        assert many.usage.completion_tokens == 3 * one.usage.completion_tokens
+        expected = {"prompt_tokens": 3 * one.usage.prompt_tokens, "completion_tokens": 6 * one.usage.completion_tokens}
+        wait_until(lambda: {k: _usage(stack, key_id)[k] for k in expected} == expected, 30, 0.2, f"usage {expected}")
+        with _admin(stack) as admin:  # /admin/status refreshes the gateway's view of the workers
+            wait_until(lambda: any(w.get("healthy") for w in admin.get("/admin/status").json()["workers"]), 30, 0.5,
+                       "the gateway knows the worker's slots")
+        seen = sum(int(w["requests"]) for w in stack.balancer_workers())
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**ask, n=5)
+        assert refused.value.status_code == 400 and refused.value.param == "n"
+        assert sum(int(w["requests"]) for w in stack.balancer_workers()) == seen
