@@ -47,6 +47,7 @@ _HOP_BY_HOP = frozenset({
 _SSE = "text/event-stream"
 _TAIL = 2048  # bytes of a stream's end kept to see how it ended
 _MAX_WEIGHT = 1000.0
+_MAX_CHOICES = 128  # above any worker's slot count: the worker refuses it, the estimate ignores it
 
 
 class _Target(msgspec.Struct):
@@ -63,6 +64,7 @@ class _Routed(msgspec.Struct):
     prompt: msgspec.Raw | None = None
     max_tokens: int | float | str | None = None
     max_completion_tokens: int | float | str | None = None
+    n: int | float | str | None = None
 
 
 class _Usage(msgspec.Struct):
@@ -246,7 +248,10 @@ class Proxy:
         demand.prompt_tokens = len(body) / 4
         limit = routed.max_completion_tokens if routed.max_completion_tokens is not None else routed.max_tokens
         if isinstance(limit, int | float) and type(limit) is not bool and limit >= 0:
-            demand.max_tokens = int(limit)
+            # n choices answer n times: the fair share is charged for all of them (the worker validates n).
+            n = routed.n
+            choices = n if isinstance(n, int) and type(n) is not bool and 1 < n <= _MAX_CHOICES else 1
+            demand.max_tokens = int(limit) * choices
         if not self._pool.prefix_routing:
             return []
         if routed.messages:

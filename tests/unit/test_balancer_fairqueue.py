@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections import Counter
 
@@ -369,3 +370,30 @@ async def test_position_and_eta_are_reported_while_waiting() -> None:
     assert await first is worker
     pool.release(worker)
     assert await second is worker
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"max_tokens": 40}, 40),
+        ({"max_tokens": 40, "n": 3}, 120),  # three choices answer three times
+        ({"max_completion_tokens": 10, "max_tokens": 99, "n": 2}, 20),
+        ({"max_tokens": 40, "n": True}, None),  # odd field types: routed on model and stream alone (worker: 400)
+        ({"max_tokens": 40, "n": 10_000}, 40),  # above any slot count: the worker refuses it
+        ({"max_tokens": 40, "n": "3"}, 40),
+        ({"n": 3}, None),  # no limit: the key's running average answer length stands
+    ],
+)
+def test_the_fair_share_estimate_counts_every_choice(body: dict[str, object], expected: int | None) -> None:
+    from balancer.metrics import BalancerMetrics
+    from balancer.proxy import Proxy, ProxyTimeouts
+    from balancer.retry import RetryBudget
+
+    pool, _ = healthy_pool([2])
+    budget = RetryBudget(0.2, 5)
+    proxy = Proxy(pool, budget, BalancerMetrics(pool, budget), token="t", max_attempts=2,
+                  timeouts=ProxyTimeouts(first_byte_s=1, queue_s=1))
+    demand = Demand(Caller("key_a", INTERACTIVE, 1.0))
+    raw = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}).encode()
+    assert proxy._target(raw, demand) == (MODEL, False)
+    assert demand.max_tokens == expected
