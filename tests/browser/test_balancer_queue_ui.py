@@ -45,9 +45,13 @@ def _hold(stack: Stack, release: threading.Event, holding: threading.Semaphore) 
 def test_a_waiting_answer_shows_its_place_and_the_admin_page_shows_who_waits(page: Any, stack: Stack) -> None:
     slots = 2 * len(stack.workers)
     release, holding = threading.Event(), threading.Semaphore(0)
-    # Every slot busy with a long stream that cannot end early (ignore_eos), and two more streams queued
-    # behind them, so the chat request below keeps waiting.
-    threads = [threading.Thread(target=_hold, args=(stack, release, holding), daemon=True) for _ in range(slots + 2)]
+    # Every slot busy with a long stream that cannot end early (ignore_eos), and more streams of the same key
+    # queued behind them, so the chat request below keeps waiting even if the first streams end before the
+    # page signs in (900 tokens take 20-40 s here; with only two queued, a slow browser start once found every
+    # earlier stream done and the chat served at once).
+    queued = 6
+    threads = [threading.Thread(target=_hold, args=(stack, release, holding), daemon=True)
+               for _ in range(slots + queued)]
     for thread in threads[:slots]:
         thread.start()
     try:
