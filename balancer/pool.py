@@ -60,6 +60,7 @@ class WorkerPool:
         # Per model: free slots on its routable workers, Σ max(0, slots - inflight), kept exact by
         # _reindex (from scratch) and every lease and release (±1), so the headroom check costs no walk.
         self._free: dict[str, int] = {}
+        self._headroom: dict[str, int] = {}  # per model: min(reserve, its slots // 4), set by _reindex
         self._queues: dict[str, FairQueue] = {}
         self._service_s: dict[str, float] = {}  # EWMA of lease durations per model (queue ETAs)
         self._queued = 0
@@ -149,6 +150,7 @@ class WorkerPool:
                 routable.setdefault(worker.model, []).append(worker)
         self._routable = routable
         self._free = {model: sum(max(0, w.slots - w.inflight) for w in ws) for model, ws in routable.items()}
+        self._headroom = {model: min(self._reserve, sum(w.slots for w in ws) // 4) for model, ws in routable.items()}
         for model, queue in self._queues.items():
             if not queue:
                 continue
@@ -165,7 +167,7 @@ class WorkerPool:
         if not candidates:
             return None
         if (demand is not None and self._reserve and self._needs_regular_slot(model, demand)
-                and self._only_headroom_free(model, candidates)):
+                and self._only_headroom_free(model)):
             return None
         worker = self._pick(model, candidates, exclude, demand.route if demand is not None else ())
         if worker is not None:
@@ -222,13 +224,10 @@ class WorkerPool:
         queue.settle(demand, prompt_tokens, completion_tokens, refund=refund)
 
     # -- interactive headroom ------------------------------------------------------------------
-    def _only_headroom_free(self, model: str, candidates: list[Worker]) -> bool:
+    def _only_headroom_free(self, model: str) -> bool:
         """Whether no more than the headroom is free on one model's workers: ``reserve`` slots, at most a
         quarter of the model's slots (a small pool keeps every slot busy)."""
-        free = self._free[model]
-        if free > self._reserve:
-            return False  # the common case, decided without a walk
-        return free <= min(self._reserve, sum(w.slots for w in candidates) // 4)
+        return self._free[model] <= self._headroom[model]
 
     def free_slots(self, model: str) -> int:
         """Free slots on the routable workers of ``model`` (the count the headroom check reads)."""
@@ -363,7 +362,7 @@ class WorkerPool:
         if not queue or not candidates:
             return
         while queue:
-            only_headroom = bool(self._reserve) and self._only_headroom_free(model, candidates)
+            only_headroom = bool(self._reserve) and self._only_headroom_free(model)
             for waiter in queue.order():
                 if only_headroom and self._needs_regular_slot(model, waiter.demand):
                     continue
