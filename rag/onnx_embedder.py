@@ -89,8 +89,8 @@ class OnnxEmbedder:
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         return {name: feeds[name] for name in self._inputs}
 
-    def _run(self, session: Any, texts: list[str]) -> Vectors:
-        out: Vectors = np.ascontiguousarray(session.run(None, self._feeds(texts))[0], dtype=np.float32)
+    def _run(self, session: Any, feeds: dict[str, Any]) -> Vectors:
+        out: Vectors = np.ascontiguousarray(session.run(None, feeds)[0], dtype=np.float32)
         return out
 
     def encode(self, texts: list[str]) -> Vectors:
@@ -99,13 +99,13 @@ class OnnxEmbedder:
         encoded = self._encoding.encode_batch(texts)  # once: the batches are cut by these token counts
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for rows in length_batches([len(e.ids) for e in encoded], self._batch_size, RUN_COST_TOKENS):
-            out[rows] = self._batch_session.run(None, self._pack([encoded[i] for i in rows]))[0]
+            out[rows] = self._run(self._batch_session, self._pack([encoded[i] for i in rows]))
         return out
 
     def encode_queries(self, texts: list[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        return self._run(self._query_session, texts)
+        return self._run(self._query_session, self._feeds(texts))
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         encoded = self._counting.encode(text, add_special_tokens=False)
