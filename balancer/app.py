@@ -24,6 +24,7 @@ from balancer.proxy import Proxy, ProxyTimeouts, QueueNotices
 from balancer.registry import RegistryWatcher
 from balancer.retry import RetryBudget
 from balancer.settings import BalancerSettings
+from balancer.upstream import Upstream
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -86,12 +87,14 @@ def _session_ctx(settings: BalancerSettings, given: aiohttp.ClientSession | None
                                           sock_read=settings.read_timeout_s),
             auto_decompress=False,
         )
-        app[SESSION] = session
-        proxy.attach(session)
+        app[SESSION] = session  # probes and the admin API
+        upstream = Upstream(connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
+        proxy.attach(upstream)  # the proxied requests
         try:
             yield
         finally:
             proxy.attach(None)
+            await upstream.close()
             if given is None:
                 await session.close()
 

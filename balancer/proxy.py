@@ -19,7 +19,6 @@ import aiohttp
 import msgspec
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from appliance.core.errors import APIError, bad_request, error_body, not_found, overloaded
 from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, QUEUE_WAIT_HEADER, WEIGHT_HEADER
@@ -33,6 +32,7 @@ from balancer.metrics import BalancerMetrics
 from balancer.pool import NoHealthyWorker, QueueFull, QueueTimeout, WorkerPool
 from balancer.prefix import prefix_chain, prompt_blocks
 from balancer.retry import RetryBudget
+from balancer.upstream import Upstream, UpstreamError, UpstreamResponse
 from balancer.worker import Worker
 
 __all__ = ["QUEUE_WAIT_HEADER", "Proxy", "ProxyTimeouts", "QueueNotices"]
@@ -130,15 +130,14 @@ class Proxy:
         self._token_bytes = token.encode()
         self._timeouts = timeouts
         self._max_attempts = max_attempts
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._upstream: Upstream | None = None
         # Ids for requests that came without one: a random per-process prefix and a counter
         # (unique, cheaper than a uuid4 per request; the gateway normally sends its own).
         self._id_prefix = f"bal-{secrets.token_hex(6)}-"
         self._id_counter = itertools.count(1)
 
-    def attach(self, session: aiohttp.ClientSession | None) -> None:
-        self._session = session
+    def attach(self, upstream: Upstream | None) -> None:
+        self._upstream = upstream
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         require_token(request, self._token_bytes)
@@ -330,32 +329,30 @@ class Proxy:
             return self._failed(worker, "reset", "empty event stream")
         return response
 
-    async def _first_byte(self, call: _Call, worker: Worker) -> tuple[aiohttp.ClientResponse, bytes, bool] | _Failure:
+    async def _first_byte(self, call: _Call, worker: Worker) -> tuple[UpstreamResponse, bytes, bool] | _Failure:
         """Send, then wait for the first body byte (all of a non-SSE body); nothing reached the client yet."""
-        session = self._session
-        assert session is not None, "proxy used before the app started"
+        client = self._upstream
+        assert client is not None, "proxy used before the app started"
         task = asyncio.current_task()
         assert task is not None
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         worker.pending.add(task)  # ejecting the worker aborts this wait (a hung worker's requests move on)
         try:
-            pending = session.request(call.request.method, self._url(worker, call.request),
-                                      data=call.body, headers=call.headers)
+            pending = client.request(worker.url, call.request.method, call.request.raw_path, call.body, call.headers)
             if not call.stream:  # no first-byte deadline: the answer comes whole (read_timeout_s applies)
                 upstream = await pending
                 return upstream, await upstream.read(), False
             async with asyncio.timeout(self._timeouts.first_byte_s):
                 upstream = await pending
                 sse = upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(_SSE)
-                first = await upstream.content.readany() if sse else await upstream.read()
+                first = await upstream.readany() if sse else await upstream.read()
             return upstream, first, sse
-        except TimeoutError as exc:
+        except TimeoutError:  # only the first-byte deadline raises this; the client's own are UpstreamError
             _close(upstream)
-            return self._failed(worker, _timeout_kind(exc), str(exc) or "no response in time")
-        except aiohttp.ClientError as exc:
+            return self._failed(worker, "first_byte_timeout", "no first byte in time")
+        except UpstreamError as exc:
             _close(upstream)
-            kind = "connect" if isinstance(exc, aiohttp.ClientConnectorError) else "reset"
-            return self._failed(worker, kind, f"{type(exc).__name__}: {exc}")
+            return self._failed(worker, exc.kind, str(exc))
         except asyncio.CancelledError:
             _close(upstream)  # client gone (handler cancelled) or worker ejected: free the slot now
             if task in worker.aborted and task.uncancel() == 0:
@@ -365,20 +362,11 @@ class Proxy:
             worker.pending.discard(task)
             worker.aborted.discard(task)
 
-    def _url(self, worker: Worker, request: web.Request) -> URL:
-        key = (worker.url, request.raw_path)
-        url = self._urls.get(key)
-        if url is None:
-            if len(self._urls) > 4096:
-                self._urls.clear()
-            url = self._urls[key] = URL(worker.url + request.raw_path, encoded=True)
-        return url
-
     def _failed(self, worker: Worker, kind: str, detail: str) -> _Failure:
         note_failure(self._pool, worker, kind, detail)
         return _Failure(kind, detail)
 
-    async def _stream(self, call: _Call, worker: Worker, upstream: aiohttp.ClientResponse,
+    async def _stream(self, call: _Call, worker: Worker, upstream: UpstreamResponse,
                       first: bytes) -> web.StreamResponse:
         out = call.out
         if out is None:
@@ -393,13 +381,12 @@ class Proxy:
             if not out.prepared:
                 await out.prepare(call.request)
             await out.write(first)
-            reader = upstream.content
             while True:
                 try:
-                    chunk = await reader.readany()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    kind = "timeout" if isinstance(exc, TimeoutError) else "reset"
-                    note_failure(self._pool, worker, kind, f"mid-stream: {type(exc).__name__}: {exc}")
+                    chunk = await upstream.readany()
+                except UpstreamError as exc:
+                    kind = exc.kind
+                    note_failure(self._pool, worker, kind, f"mid-stream: {exc}")
                     await out.write(_stream_error(f"The worker failed mid-stream ({kind})."))
                     break
                 if not chunk:
@@ -484,23 +471,17 @@ async def _end_with_error(out: web.StreamResponse, document: dict[str, object]) 
     return out
 
 
-def _timeout_kind(exc: TimeoutError) -> str:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return "connect"
-    return "timeout" if isinstance(exc, aiohttp.ServerTimeoutError) else "first_byte_timeout"
-
-
-def _close(upstream: aiohttp.ClientResponse | None) -> None:
+def _close(upstream: UpstreamResponse | None) -> None:
     if upstream is not None:
         upstream.close()
 
 
-def _copy_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    copied = headers.copy()  # C-level copy, then drop the few hop-by-hop names
+def _copy_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """The worker's headers minus hop-by-hop names (in place: each answer has its own headers)."""
     for name in _HOP_BY_HOP:
-        if name in copied:
-            del copied[name]
-    return copied
+        if name in headers:
+            del headers[name]
+    return headers
 
 
 def _ended_properly(tail: bytes) -> bool:

@@ -47,9 +47,9 @@ _WEB = ("litestar", "uvicorn")
 EXCLUDE: dict[str, tuple[str, ...]] = {
     "gateway": (*_NEVER, *_MODELS, "jinja2"),
     "balancer": (*_NEVER, *_MODELS, *_WEB, "jinja2"),
-    "inference": (*_NEVER, "faiss-cpu", "onnxruntime", "pypdf", *_WEB),
-    "rag": (*_NEVER, "llama-cpp-python", *_WEB, "jinja2"),
-    "exporter": (*(n for n in _NEVER if n != "nvidia-ml-py"), *_MODELS, *_WEB, "jinja2"),
+    "inference": (*_NEVER, "faiss-cpu", "onnxruntime", "pypdf", *_WEB, "httptools"),
+    "rag": (*_NEVER, "llama-cpp-python", *_WEB, "jinja2", "httptools"),
+    "exporter": (*(n for n in _NEVER if n != "nvidia-ml-py"), *_MODELS, *_WEB, "jinja2", "httptools"),
 }
 EXTRA: dict[str, tuple[str, ...]] = {"balancer": ("uvloop",), "rag": ("tokenizers",)}
 

@@ -92,6 +92,9 @@ def routing_capacity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for index in range(args.rounds):  # rotate the order each round: no side always runs first or last
             order = names[index % len(names):] + names[: index % len(names)]
             runs = {name: _run_loadgen(sides[name], token, args) for name in order}
+            failed = {name: run["statuses"] for name, run in runs.items() if set(run["statuses"]) - {"200"}}
+            if failed:  # an error answer is fast: counting it as throughput would flatter a broken proxy
+                raise RuntimeError(f"round {index + 1}: answers other than 200: {failed}")
             direct = runs["direct"]["rps"] or float("nan")
             rounds.append({**runs, "routing_efficiency": runs["balancer"]["rps"] / direct,
                            "naive_proxy_efficiency": runs["naive_proxy"]["rps"] / direct if naive else None})

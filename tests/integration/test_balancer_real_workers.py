@@ -130,8 +130,9 @@ async def test_uniform_load_is_spread_evenly(stack: Stack) -> None:
 class Streams:
     """24 concurrent streaming chats through the openai client, with what each one saw."""
 
-    def __init__(self, count: int, max_tokens: int) -> None:
+    def __init__(self, count: int, max_tokens: int, *, ignore_eos: bool = False) -> None:
         self.max_tokens = max_tokens
+        self.extra_body = {"ignore_eos": True} if ignore_eos else None
         self.started = [False] * count
         self.outcome = [""] * count
         self.ended_at = [0.0] * count
@@ -140,7 +141,7 @@ class Streams:
         try:
             stream = await api.chat.completions.create(
                 model="gemma-3-270m", messages=[{"role": "user", "content": f"Count to {index}."}],
-                max_tokens=self.max_tokens, stream=True)
+                max_tokens=self.max_tokens, stream=True, extra_body=self.extra_body)
             async for _ in stream:
                 self.started[index] = True
             self.outcome[index] = "done"
@@ -161,7 +162,9 @@ async def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 async def test_kill_9_mid_stream_ends_streams_with_error_event_and_readmits(stack: Stack) -> None:
     victim = stack.workers[0]
-    streams = Streams(3 * SLOTS, max_tokens=24)
+    # Every stream runs its 24 tokens: one that counted to 2 and stopped could leave the victim below
+    # SLOTS in flight before 2 * SLOTS streams started, and the wait below would never see both at once.
+    streams = Streams(3 * SLOTS, max_tokens=24, ignore_eos=True)
     async with client(stack) as api:
         tasks = streams.run(api)
         await wait_for(lambda: stack.worker_view(victim)["inflight"] == SLOTS and sum(streams.started) >= 2 * SLOTS,

@@ -1,0 +1,339 @@
+"""The worker hop's HTTP/1.1 client: keep-alive connections per worker, parsed by httptools.
+
+The proxy's only client on its hot path. aiohttp's ``ClientSession`` did the same job at about
+a quarter of the balancer's CPU per proxied request (URL objects, tracing hooks, cookie jar,
+per-request timeout objects, a stream reader per response); this client writes one request
+head, parses the answer with llhttp (``httptools``) and hands body bytes over as they come
+(``Content-Length``, chunked and read-until-close bodies alike).
+
+Failures are ``UpstreamError`` with the balancer's failure kinds: ``connect`` (refused, or no
+connection within ``connect_timeout_s``), ``reset`` (the connection dropped or the answer is
+not HTTP) and ``timeout`` (``read_timeout_s`` of silence). A kept-alive connection that the
+worker closed while idle is retried once on a new connection, but only when the worker sent
+nothing back on it (it never read the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+__all__ = ["Upstream", "UpstreamError", "UpstreamResponse"]
+
+_HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the worker pauses
+_ENCODING = ("utf-8", "surrogateescape")  # how aiohttp's server hands header values over
+
+
+class UpstreamError(Exception):
+    """A failed exchange with a worker; ``kind`` is ``connect``, ``reset`` or ``timeout``."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class _Stale(Exception):
+    """A reused connection was closed by the worker before it answered anything."""
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection; one exchange at a time. The parser calls the ``on_*`` methods."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, base: str) -> None:
+        self._loop = loop
+        self.base = base
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.status = 0
+        self.raw_headers: list[tuple[str, str]] = []
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received = 0
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.error: UpstreamError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._framed = False  # Content-Length or chunked: the end is in the stream, not the close
+
+    def begin(self) -> None:
+        """Get ready for the next exchange on this connection (the parser goes on to the next message)."""
+        self._reset_exchange()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's TCPTransport is not a registered subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail("the worker asked to upgrade the connection")
+        except httptools.HttpParserError as exc:
+            self._fail(f"not an HTTP answer: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.head_done and not self.complete and not self._framed and self.error is None:
+            self.complete = True  # a body without Content-Length or chunks ends with the connection
+        elif not self.complete and self.error is None:
+            self.error = UpstreamError("reset", f"connection closed by the worker{f': {exc}' if exc else ''}")
+        self._wake()
+
+    def pause_writing(self) -> None:  # the request body is buffered by the transport; nothing to hold back
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name.decode(*_ENCODING), value.decode(*_ENCODING)))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self.status = parser.get_status_code()
+        self.keep_alive = parser.should_keep_alive()
+        for name, value in self.raw_headers:
+            lower = name.lower()
+            if lower == "content-length" or (lower == "transfer-encoding" and "chunked" in value.lower()):
+                self._framed = True
+        self.head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    # -- used by the response ------------------------------------------------------------------
+
+    def _fail(self, detail: str) -> None:
+        self.error = UpstreamError("reset", detail)
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> bytes:
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the parser makes progress, the connection ends, or ``timeout_s`` of silence."""
+        waiter = self.waiter = self._loop.create_future()
+        timer = self._loop.call_later(timeout_s, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def close(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamError("timeout", "the worker sent nothing for read_timeout_s"))
+
+
+class UpstreamResponse:
+    """A worker's answer: status and headers now, the body as it arrives."""
+
+    __slots__ = ("_conn", "_done", "_pool", "_read_timeout_s", "headers", "status")
+
+    def __init__(self, conn: _Connection, pool: Upstream, read_timeout_s: float) -> None:
+        self._conn = conn
+        self._pool = pool
+        self._read_timeout_s = read_timeout_s
+        self._done = False
+        self.status = conn.status
+        self.headers: CIMultiDict[str] = CIMultiDict(conn.raw_headers)
+
+    async def readany(self) -> bytes:
+        """The body bytes that arrived since the last call (waiting for some); ``b""`` at the end."""
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                return conn.take()
+            if conn.complete:
+                return b""
+            if conn.error is not None:
+                raise conn.error
+            await conn.wait(self._read_timeout_s)
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        parts: list[bytes] = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def release(self) -> None:
+        """Done with the answer: the connection goes back to the pool if it can carry another."""
+        if self._done:
+            return
+        self._done = True
+        conn = self._conn
+        if conn.complete and not conn.chunks and conn.keep_alive and not conn.lost and conn.error is None:
+            self._pool.put_back(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Drop the connection (the worker sees the hang-up and frees the slot)."""
+        if not self._done:
+            self._done = True
+            self._conn.close()
+
+
+class Upstream:
+    """Keep-alive connections per worker ``scheme://host:port``; no limit (the workers' slots bound them)."""
+
+    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, keepalive_s: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._keepalive_s = keepalive_s
+        self._ssl_context = ssl_context
+        self._idle: dict[str, list[_Connection]] = {}
+        self._targets: dict[str, tuple[str, int, bool, str]] = {}
+        self._closed = False
+
+    async def request(self, base: str, method: str, path: str, body: bytes,
+                      headers: dict[str, str]) -> UpstreamResponse:
+        """Send ``method path`` with ``body`` to the worker at ``base``; return once the status line and
+        headers are in."""
+        head = self._head(base, method, path, headers) + b"Content-Length: %d\r\n\r\n" % len(body)
+        conn = self._reuse(base)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, head, body)
+            except _Stale:
+                pass  # the worker closed it while idle, before reading the request: one fresh try
+        conn = await self._connect(base)
+        try:
+            return await self._exchange(conn, head, body)
+        except _Stale:
+            raise UpstreamError("reset", "connection closed by the worker before it answered") from None
+
+    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> UpstreamResponse:
+        transport = conn.transport
+        assert transport is not None
+        conn.begin()
+        try:
+            transport.write(head + body if len(body) < 65536 else head)
+            if len(body) >= 65536:
+                transport.write(body)
+            while not conn.head_done:
+                if conn.error is not None:
+                    if conn.reused and conn.received == 0:
+                        raise _Stale
+                    raise conn.error
+                await conn.wait(self._read_timeout_s)
+        except BaseException:
+            conn.close()  # cancelled (client gone, worker ejected) or failed: nothing reuses it
+            raise
+        return UpstreamResponse(conn, self, self._read_timeout_s)
+
+    def _reuse(self, base: str) -> _Connection | None:
+        idle = self._idle.get(base)
+        if not idle:
+            return None
+        expired_before = time.monotonic() - self._keepalive_s
+        while idle:
+            conn = idle.pop()
+            if conn.lost or conn.idle_since < expired_before:
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    async def _connect(self, base: str) -> _Connection:
+        if self._closed:
+            raise UpstreamError("connect", "the balancer is shutting down")
+        host, port, tls, _ = self._target(base)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop, base), host, port,
+                    ssl=(self._ssl_context or ssl.create_default_context()) if tls else None)
+        except TimeoutError:
+            raise UpstreamError("connect", f"no connection within {self._connect_timeout_s} s") from None
+        except OSError as exc:
+            raise UpstreamError("connect", f"{type(exc).__name__}: {exc}") from None
+        return conn
+
+    def put_back(self, conn: _Connection) -> None:
+        if self._closed:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.setdefault(conn.base, []).append(conn)
+
+    def _target(self, base: str) -> tuple[str, int, bool, str]:
+        target = self._targets.get(base)
+        if target is None:
+            parts = urlsplit(base)
+            tls = parts.scheme == "https"
+            host = parts.hostname or "127.0.0.1"
+            port = parts.port or (443 if tls else 80)
+            target = self._targets[base] = (host, port, tls, parts.netloc)
+        return target
+
+    def _head(self, base: str, method: str, path: str, headers: dict[str, str]) -> bytes:
+        """The request head up to (not including) Content-Length."""
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {self._target(base)[3]}\r\n"]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value:
+                continue  # never forward a header that could split the request
+            lines.append(f"{name}: {value}\r\n")
+        return "".join(lines).encode(*_ENCODING)
+
+    async def close(self) -> None:
+        """Close every idle connection; connections in use close when their exchange ends."""
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
