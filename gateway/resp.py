@@ -11,8 +11,10 @@ the connection is dropped so replies can never be mismatched) and
 ``ResponseError`` (an ``-ERR`` reply).
 
 Kept over redis-py because ``appliance bench gateway`` shows the gain side by side (same Redis, same
-load, redis-py's pipeline in ``gateway/hot_redis.py``; 2026-12-01, 2 cores at load ~12-18): the hot
-path alone 1851 vs 419 admissions/s (4.4x), the whole gateway 81.3 vs 43.1 req/s at concurrency 64 (1.9x).
+load, redis-py's pipeline in ``gateway/hot_redis.py``; quiet 2 cores, 2026-12-01 23:15): the hot path
+alone 17081 vs 3189 admissions/s (5.4x), the whole gateway 822.6 vs 653.8 req/s at concurrency 64 (1.26x;
+1.14x in the run before). While the balancer's worker hop still went through aiohttp's client it was the
+bound, and the whole-gateway figure sat at 0.98x.
 """
 
 from __future__ import annotations
