@@ -60,6 +60,7 @@ class Demand:
     charged: float = 0.0  # tokens charged to the caller's counter for the current lease
     held: FairQueue | None = None  # the queue charged, until the lease is settled
     leased_at: float = 0.0
+    headroom: bool = False  # the current lease is one of the model's headroom slots (WorkerPool)
 
 
 _seq = itertools.count()

@@ -6,7 +6,9 @@ to the waiter the model's :class:`~balancer.fairqueue.FairQueue` puts first (no 
 herd, no lost wake-ups). With prefix routing a request prefers the worker that was sent the
 longest prefix of its conversation, unless that worker is much busier than the least busy.
 With ``reserve`` (fair scheduling), a few slots stay free for an interactive key that has
-nothing running, so a chat request starts at once even behind another key's backlog.
+nothing running, so a chat request starts at once even behind another key's backlog. A slot
+such a request takes that way counts as headroom in use until it is released: the pool does
+not hold a further slot back for the next one (only ``reserve`` slots ever idle for it).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class WorkerPool:
         # _reindex (from scratch) and every lease and release (±1), so the headroom check costs no walk.
         self._free: dict[str, int] = {}
         self._headroom: dict[str, int] = {}  # per model: min(reserve, its slots // 4), set by _reindex
+        self._headroom_used: dict[str, int] = {}  # per model: leases running in the headroom
         self._queues: dict[str, FairQueue] = {}
         self._service_s: dict[str, float] = {}  # EWMA of lease durations per model (queue ETAs)
         self._queued = 0
@@ -179,6 +182,10 @@ class WorkerPool:
         return any(w not in exclude for w in self._routable.get(model, ()))
 
     def _lease(self, model: str, worker: Worker, demand: Demand | None) -> None:
+        if (demand is not None and self._headroom.get(model) and self._only_headroom_free(model)
+                and not self._needs_regular_slot(model, demand)):
+            demand.headroom = True  # taken from the headroom: it is in use until this lease ends
+            self._headroom_used[model] = self._headroom_used.get(model, 0) + 1
         if worker.inflight < worker.slots:  # worker is one of model's routable workers (just picked)
             self._free[model] -= 1
         worker.inflight += 1
@@ -201,6 +208,9 @@ class WorkerPool:
         if model is not None and worker.inflight < worker.slots and worker.routable:
             self._free[model] += 1
         if demand is not None:
+            if demand.headroom:
+                demand.headroom = False
+                self._headroom_used[demand.model] -= 1
             self._settle(demand, prompt_tokens, completion_tokens, refund)
         if worker.draining and worker.inflight == 0 and self._workers.get(worker.url) is worker:
             del self._workers[worker.url]
@@ -225,9 +235,14 @@ class WorkerPool:
 
     # -- interactive headroom ------------------------------------------------------------------
     def _only_headroom_free(self, model: str) -> bool:
-        """Whether no more than the headroom is free on one model's workers: ``reserve`` slots, at most a
-        quarter of the model's slots (a small pool keeps every slot busy)."""
-        return self._free[model] <= self._headroom[model]
+        """Whether no more than the unused headroom is free on one model's workers: ``reserve`` slots, at
+        most a quarter of the model's slots (a small pool keeps every slot busy), less those in use."""
+        return self._free[model] <= self._headroom[model] - self._headroom_used.get(model, 0)
+
+    def headroom_in_use(self, model: str) -> int:
+        """Leases of ``model`` running in its headroom (an interactive key's only request, taken when
+        nothing but the headroom was free)."""
+        return self._headroom_used.get(model, 0)
 
     def free_slots(self, model: str) -> int:
         """Free slots on the routable workers of ``model`` (the count the headroom check reads)."""

@@ -107,14 +107,23 @@ class FairPoolMachine(RuleBasedStateMachine):
                 assert isinstance(task.exception(), QueueFull)
 
     @invariant()
+    def headroom_in_use_is_exact(self) -> None:
+        """Only interactive requests run in the headroom (the key's only one when it got there; it may send
+        more since), never more of them than the headroom, and the pool counts each."""
+        taken = [d for d, _ in self._holding() if d.headroom]
+        assert self.pool.headroom_in_use(MODEL) == len(taken) <= self.headroom
+        assert all(demand.caller.priority == INTERACTIVE for demand in taken)
+
+    @invariant()
     def no_idle_slot_while_someone_waits(self) -> None:
-        """Beyond the headroom no slot idles while someone waits, and the headroom idles only while every
-        waiter is batch or has a request of its key running."""
+        """Beyond the unused headroom no slot idles while someone waits (a headroom slot in use is not held
+        back a second time), and the headroom idles only while every waiter is batch or has a request of its
+        key running."""
         if not self.pool.queue_depth:
             return
         free = sum(w.slots - w.inflight for w in self.workers)
         assert self.pool.free_slots(MODEL) == free
-        assert free <= self.headroom
+        assert free <= self.headroom - self.pool.headroom_in_use(MODEL)
         if free:
             queue = self.pool.queue(MODEL)
             for demand, _ in self._waiting():
@@ -275,6 +284,30 @@ async def test_headroom_starts_a_light_key_at_once_behind_a_heavy_backlog() -> N
     assert second.done(), "the light key's next request takes the headroom it gave back"
     assert sum(task.done() for task in heavy) == 3 and not bulk.done()
     for task in [*heavy, bulk, second]:
+        task.cancel()
+    await settle_loop()
+
+
+async def test_a_headroom_slot_in_use_is_not_held_back_twice() -> None:
+    """While the light key runs in the headroom, a slot a heavy request gives back goes to the heavy
+    backlog: holding it free too would idle a second slot for as long as the light key keeps asking."""
+    pool, workers = healthy_pool([2, 2], reserve=1)
+    heavy = [
+        asyncio.create_task(pool.wait_for_worker(MODEL, 5, demand=Demand(Caller("heavy"), prompt_tokens=10)))
+        for _ in range(8)
+    ]
+    await settle_loop()
+    running = [task for task in heavy if task.done()]
+    assert len(running) == 3
+    light = Demand(Caller("light"), prompt_tokens=10)
+    await asyncio.wait_for(pool.wait_for_worker(MODEL, 5, demand=light), 1)
+    assert light.headroom and pool.headroom_in_use(MODEL) == 1
+    first = running[0]
+    pool.release(first.result(), completion_tokens=1)
+    await settle_loop()
+    assert sum(task.done() for task in heavy) == 4, "the freed slot went to the heavy backlog"
+    assert sum(w.inflight for w in workers) == 4
+    for task in heavy:
         task.cancel()
     await settle_loop()
 
