@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 import time
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -46,9 +48,12 @@ class _Stale(Exception):
 class _Connection(asyncio.Protocol):
     """One TCP connection; one exchange at a time. The parser calls the ``on_*`` methods."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, base: str) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, base: str,
+                 on_idle_lost: Callable[[_Connection], None]) -> None:
         self._loop = loop
         self.base = base
+        self._on_idle_lost = on_idle_lost
+        self.idle = False  # in the pool, between exchanges
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.lost = False
@@ -90,6 +95,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.idle:  # the worker closed a kept-alive connection (its idle timeout, a restart)
+            self._on_idle_lost(self)
+            return
         if self.head_done and not self.complete and not self._framed and self.error is None:
             self.complete = True  # a body without Content-Length or chunks ends with the connection
         elif not self.complete and self.error is None:
@@ -207,6 +215,11 @@ class UpstreamResponse:
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def end_without_body(self) -> None:
+        """The answer to HEAD: no body follows, and the connection is not reused."""
+        self._conn.complete = True
+        self._conn.keep_alive = False
+
     def release(self) -> None:
         """Done with the answer: the connection goes back to the pool if it can carry another."""
         if self._done:
@@ -244,16 +257,19 @@ class Upstream:
         headers are in."""
         head = self._head(base, method, path, headers) + b"Content-Length: %d\r\n\r\n" % len(body)
         conn = self._reuse(base)
+        response: UpstreamResponse | None = None
         if conn is not None:
+            with contextlib.suppress(_Stale):  # closed by the worker before it read the request: one fresh try
+                response = await self._exchange(conn, head, body)
+        if response is None:
+            conn = await self._connect(base)
             try:
-                return await self._exchange(conn, head, body)
+                response = await self._exchange(conn, head, body)
             except _Stale:
-                pass  # the worker closed it while idle, before reading the request: one fresh try
-        conn = await self._connect(base)
-        try:
-            return await self._exchange(conn, head, body)
-        except _Stale:
-            raise UpstreamError("reset", "connection closed by the worker before it answered") from None
+                raise UpstreamError("reset", "connection closed by the worker before it answered") from None
+        if method == "HEAD":  # headers only, whatever Content-Length says; the parser cannot know: not reused
+            response.end_without_body()
+        return response
 
     async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> UpstreamResponse:
         transport = conn.transport
@@ -281,6 +297,7 @@ class Upstream:
         expired_before = time.monotonic() - self._keepalive_s
         while idle:
             conn = idle.pop()
+            conn.idle = False
             if conn.lost or conn.idle_since < expired_before:
                 conn.close()
                 continue
@@ -296,7 +313,7 @@ class Upstream:
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, base), host, port,
+                    lambda: _Connection(loop, base, self._forget), host, port,
                     ssl=(self._ssl_context or ssl.create_default_context()) if tls else None)
         except TimeoutError:
             raise UpstreamError("connect", f"no connection within {self._connect_timeout_s} s") from None
@@ -309,7 +326,17 @@ class Upstream:
             conn.close()
             return
         conn.idle_since = time.monotonic()
+        conn.idle = True
         self._idle.setdefault(conn.base, []).append(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        """An idle connection the worker closed leaves the pool (a removed worker's too)."""
+        conn.idle = False
+        idle = self._idle.get(conn.base)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self._idle[conn.base]
 
     def _target(self, base: str) -> tuple[str, int, bool, str]:
         target = self._targets.get(base)

@@ -261,3 +261,44 @@ def test_closing_mid_answer_hangs_up_on_the_worker(run: Run) -> None:
             await up.close()
 
     run(main())
+
+
+def test_head_answer_has_no_body_whatever_its_length_says(run: Run) -> None:
+    async def main() -> None:
+        async with serve(answer(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 40\r\n\r\n")) as (_, base):
+            up = client(read_timeout_s=30)
+            response = await asyncio.wait_for(up.request(base, "HEAD", "/v1/chat/completions", b"", {}), 5)
+            assert response.status == 405
+            assert await asyncio.wait_for(response.read(), 5) == b""  # not a 30 s wait for 40 bytes
+            response.release()
+            assert not up._idle.get(base)  # the parser still expects a body: never reused
+            await up.close()
+
+    run(main())
+
+
+def test_an_idle_connection_the_worker_closes_leaves_the_pool(run: Run) -> None:
+    async def close_after_answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OK)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # an idle timeout on the worker's side, after the client kept the connection
+
+    async def main() -> None:
+        async with serve(close_after_answer) as (server, base):
+            up = client()
+            response = await up.request(base, "POST", "/v1/x", b"{}", {})
+            await response.read()
+            response.release()
+            assert len(up._idle[base]) == 1
+            for _ in range(100):
+                if base not in up._idle:
+                    break
+                await asyncio.sleep(0.02)
+            assert base not in up._idle, "a connection the worker closed stays in the pool"
+            server.script = answer(OK)
+            response = await up.request(base, "POST", "/v1/x", b"{}", {})
+            assert await response.read() == b'{"ok": 1}\r\n' and server.connections == 2
+            await up.close()
+
+    run(main())
