@@ -44,6 +44,7 @@ class SlotTokens:
     scope: str = ""
     used: int = 0  # admission tick of the last sequence that ran here (LRU order)
     planned: list[int] | None = None  # a prefilling sequence's whole prompt (the cells it will hold)
+    group: str = ""  # the request group (GenerationRequest.group) of the last sequence that ran here
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,23 +69,34 @@ def usable(match: int, prompt: Sequence[int], tail: int = 1) -> int:
 
 
 def plan_admission(
-    slots: Sequence[SlotTokens], free: Sequence[int], prompt: Sequence[int], scope: str, tail: int = 1
+    slots: Sequence[SlotTokens],
+    free: Sequence[int],
+    prompt: Sequence[int],
+    scope: str,
+    tail: int = 1,
+    *,
+    group: str | None = None,
 ) -> Admission:
     """Where ``prompt`` (of ``scope``) runs, among the ``free`` slots, and where its prefix comes from.
 
     The slot: one that loses nothing of value (empty, or its cells past the match are few), holding the
-    most of the prompt; else one holding the longest prefix; else the least recently used one.
+    most of the prompt; else one holding the longest prefix; else the least recently used one. With a
+    ``group`` only the cells of that group's slots count (prefix reuse off: the choices of one request
+    share their prompt with each other only).
     """
 
     def reusable(tokens: Sequence[int]) -> int:
         return usable(common_prefix(tokens, prompt), prompt, tail)
 
-    held_match = {i: reusable(held.tokens) for i, held in enumerate(slots) if held.scope == scope}
+    def ours(held: SlotTokens) -> bool:
+        return held.scope == scope and (group is None or held.group == group)
+
+    held_match = {i: reusable(held.tokens) for i, held in enumerate(slots) if ours(held)}
     own = {i: held_match.get(i, 0) for i in free}
     best_done, best_done_slot = 0, -1
     best_plan, best_plan_slot = 0, -1
     for index, held in enumerate(slots):
-        if held.scope != scope:
+        if not ours(held):
             continue
         done = held_match[index]
         if done > best_done:
@@ -95,7 +107,7 @@ def plan_admission(
                 best_plan, best_plan_slot = planned, index
 
     def lost(i: int) -> int:  # cells this prompt would destroy in slot i
-        return len(slots[i].tokens) - own[i] if slots[i].scope == scope else len(slots[i].tokens)
+        return len(slots[i].tokens) - own[i] if ours(slots[i]) else len(slots[i].tokens)
 
     # A slot that loses (almost) nothing, holding most of the prompt; else one holding the best prefix
     # (a regenerated answer: its old tail goes); else the least recently used. Copies between slots only

@@ -47,7 +47,7 @@ from inference.sampling import build_grammar, build_sampler_chain
 from inference.sequence import ActiveSequence, GenerationRequest, SequenceHandle
 from inference.textstream import TextStream
 
-__all__ = ["CHOICES_SCOPE", "QueueFull", "Scheduler", "StepReport"]
+__all__ = ["QueueFull", "Scheduler", "StepReport"]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,6 @@ PromptCounter = Callable[[int, int], None]
 IDLE_WAIT_S = 0.5
 # One step's work for one sequence: (sequence, prompt tokens to prefill; 0 = decode its last sampled token).
 Work = tuple[ActiveSequence, int]
-# The scope of the n choices of one request when prefix reuse is off (then the only cells a sequence in this
-# scope can copy are its running siblings': released slots hold nothing).
-CHOICES_SCOPE = "\x00choices:"
 # Prefixes shorter than this are not worth a trip through host RAM (saving, or restoring instead of copying).
 MIN_SAVED_TOKENS = 32
 
@@ -136,10 +133,7 @@ class Scheduler:
         with self._lock:
             if self._active + len(self._waiting) >= self.slots_total + self.queue_size:
                 raise QueueFull
-        if request.scope.startswith(CHOICES_SCOPE):
-            scope = request.scope  # the n choices of one request share their prompt, even without reuse
-        else:
-            scope = "" if self.share_across_keys else (request.scope or caller_scope.get())
+        scope = "" if self.share_across_keys else (request.scope or caller_scope.get())
         if scope != request.scope:
             request = dataclasses.replace(request, scope=scope)
         model = self.model
@@ -203,10 +197,14 @@ class Scheduler:
 
     def _place(self, handle: SequenceHandle, free: list[int]) -> None:
         """Put a sequence in a free slot, starting from the longest prefix the KV cache holds for it."""
-        prompt, scope = handle.request.prompt_tokens, handle.request.scope
+        request = handle.request
+        prompt, scope = request.prompt_tokens, request.scope
         self._tick += 1
-        if self.reuse or scope.startswith(CHOICES_SCOPE):  # without reuse, a request's choices only share
+        if self.reuse:
             plan = plan_admission(self._held, free, prompt, scope, self.tail)
+        elif request.group:  # without reuse, the choices of one request share with each other only (the only
+            # cells they can find are their running siblings': released slots hold nothing)
+            plan = plan_admission(self._held, free, prompt, scope, self.tail, group=request.group)
         else:
             plan = Admission(slot=free[0], keep=0, source=-1, copy=0, follow=-1, wait=0)
         slot, follow = plan.slot, plan.follow
@@ -227,6 +225,7 @@ class Scheduler:
             start = 0
         held = self._held[slot]
         held.tokens, held.scope, held.used, held.planned = prompt[:start], scope, self._tick, prompt
+        held.group = request.group
         seq = ActiveSequence(
             handle, slot, TextStream(handle.request.stops), prefilled=start, n_past=start, follow=follow, wait=plan.wait
         )
@@ -307,8 +306,9 @@ class Scheduler:
     def _resolve_follow(self, seq: ActiveSequence) -> None:
         """A sequence waiting for another slot's prefill: copy those cells once they are there."""
         source, held = self._held[seq.follow], self._held[seq.seq_id]
-        prompt, scope = seq.prompt, seq.handle.request.scope
-        if source.scope == scope and common_prefix(source.tokens, prompt) >= seq.wait:
+        prompt, request = seq.prompt, seq.handle.request
+        ours = source.scope == request.scope and (self.reuse or source.group == request.group)
+        if ours and common_prefix(source.tokens, prompt) >= seq.wait:
             if self._holds(seq.follow, seq.wait):
                 self._copy(seq.follow, seq.seq_id, seq.wait)
                 if self._count_prompt is not None:
@@ -316,7 +316,7 @@ class Scheduler:
                 seq.prefilled = seq.n_past = seq.handle.cached_tokens = seq.wait
                 held.tokens = prompt[: seq.wait]
             seq.follow = -1
-        elif source.planned is None or source.scope != scope or common_prefix(source.planned, prompt) < seq.wait:
+        elif source.planned is None or not ours or common_prefix(source.planned, prompt) < seq.wait:
             seq.follow = -1  # that slot will not get there (cancelled, reused): prefill it here
 
     def _free_samplers(self, handle: SequenceHandle) -> None:

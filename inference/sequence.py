@@ -33,6 +33,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n: each token's logprob and its n likeliest alternatives
     scope: str = ""  # whose cached prefixes this prompt may reuse (an API key's id, or "" shared by all)
+    # Sequences submitted together for one prompt (the n choices of a request): they may copy each other's KV
+    # cells even with prefix reuse off ("": none; with reuse on, the scope alone decides what is shared).
+    group: str = ""
 
 
 class SequenceHandle:

@@ -36,7 +36,7 @@ from inference.metrics import WorkerMetrics
 from inference.model import LoadedModel, load_model
 from inference.replies import ChatReply, CompletionReply, Emitter, chat_response, completion_body, new_id
 from inference.sampling import SamplingParams, compile_grammar
-from inference.scheduler import CHOICES_SCOPE, Event, QueueFull, Scheduler
+from inference.scheduler import Event, QueueFull, Scheduler
 from inference.sequence import GenerationRequest, SequenceHandle
 from inference.settings import WorkerSettings
 from inference.structured import LAZY_TRIGGER, StructuredPlan, plan_structured
@@ -110,7 +110,7 @@ class WorkerService:
             "slots_busy": self.scheduler.slots_busy, "queue_depth": self.scheduler.queue_depth,
             "queue_limit": self.settings.queue_size, "model_sha256": self.model.sha256,
             "n_ctx": self.settings.n_ctx, "gpu_layers": self.model.gpu_layers,
-            **self.limits().model_dump(),
+            **self.limits().model_dump(exclude_none=True),
         }
 
     def _on_step(self, events: list[Event], batch_size: int, busy: int, waiting: int) -> None:
@@ -138,7 +138,9 @@ class WorkerService:
 
     def limits(self) -> ModelLimits:
         """The worker's limits: the truth the balancer, the gateway and the chat UI read from /v1/models."""
-        return ModelLimits(context_length=self.settings.n_ctx, max_tokens=self.settings.max_tokens_cap)
+        settings = self.settings
+        return ModelLimits(context_length=settings.n_ctx, max_tokens=settings.max_tokens_cap,
+                           max_choices=settings.slots)
 
     def models(self) -> dict[str, Any]:
         return model_list([self.alias], limits={self.alias: self.limits()})
@@ -212,12 +214,14 @@ class WorkerService:
         pairs: list[tuple[SequenceHandle, Emitter]] = list(zip(handles, replies, strict=True))
         return Streamed(stream(pairs, usage_chunk, body.n), tuple(handles))
 
-    def _shared(self, group: list[GenerationRequest]) -> list[GenerationRequest]:
-        """With prefix reuse off, the choices of one prompt still share its prefill: a scope of their own."""
-        if len(group) < 2 or self.settings.prefix_reuse:
-            return group  # with reuse on, they share it within the caller's scope like any prompts arriving together
-        scope = CHOICES_SCOPE + uuid.uuid4().hex
-        return [dataclasses.replace(request, scope=scope) for request in group]
+    @staticmethod
+    def _shared(requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """The choices of one prompt form a group: with prefix reuse off they still share its prefill (with reuse
+        on, the scheduler shares it within the caller's scope like any prompts arriving together)."""
+        if len(requests) < 2:
+            return requests
+        group = uuid.uuid4().hex
+        return [dataclasses.replace(request, group=group) for request in requests]
 
     async def _plan(self, body: ChatCompletionRequest) -> StructuredPlan:
         """The request's structured-output plan; schema to grammar runs off the loop, once per distinct schema."""

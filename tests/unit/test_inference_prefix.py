@@ -67,6 +67,21 @@ def test_a_prompt_waits_for_a_slot_prefilling_its_prefix() -> None:
     assert (plan.follow, plan.wait) == (0, len(SYSTEM))
 
 
+def test_with_a_group_only_that_groups_cells_are_found() -> None:
+    """Prefix reuse off: the choices of one request copy (or wait for) each other's cells, never another's."""
+    stranger = SlotTokens([*SYSTEM, 1], "k", used=1, group="")  # the same key, another request
+    sibling = SlotTokens(SYSTEM[:10], "k", used=2, planned=[*SYSTEM, 1], group="g")  # still prefilling
+    slots = [stranger, sibling, SlotTokens([], "k", used=0)]
+    plan = plan_admission(slots, [2], [*SYSTEM, 1], "k", group="g")
+    assert (plan.source, plan.copy, plan.follow, plan.wait) == (1, 10, 1, len(SYSTEM))
+    plan = plan_admission(slots, [2], [*SYSTEM, 1], "k", group="h")
+    assert (plan.keep, plan.source, plan.copy, plan.follow) == (0, -1, 0, -1)
+    other_key = [SlotTokens([*SYSTEM, 1], "other", group="g"), SlotTokens([], "k")]
+    plan = plan_admission(other_key, [1], [*SYSTEM, 1], "k", group="g")  # the group stays in the caller's scope
+    assert (plan.source, plan.follow) == (-1, -1)
+    assert plan_admission(slots, [2], [*SYSTEM, 1], "k").source == 0  # no group (reuse on): the scope decides
+
+
 prompts = st.lists(st.integers(0, 3), min_size=1, max_size=12)
 
 
