@@ -30,6 +30,7 @@ class _Health(msgspec.Struct):
     slots_busy: int | None = None
     context_length: int | None = None  # the worker's published limits (appliance.core.wire.ModelLimits)
     max_tokens: int | None = None
+    max_choices: int | None = None  # absent on older workers: no n limit known here (the worker refuses)
 
 
 _decode_health = msgspec.json.Decoder(_Health).decode
@@ -102,7 +103,9 @@ class Prober:
         worker.good_probes += 1
         worker.slots_busy_reported = health.slots_busy or 0
         if health.context_length and health.max_tokens:
-            worker.limits = ModelLimits(context_length=health.context_length, max_tokens=health.max_tokens)
+            choices = health.max_choices if health.max_choices is not None and health.max_choices > 0 else None
+            worker.limits = ModelLimits(context_length=health.context_length, max_tokens=health.max_tokens,
+                                        max_choices=choices)
         state = worker.state
         if state is WorkerState.EJECTED and worker.good_probes < self._readmit_after:
             self._pool.mark(worker, state, model=health.model, slots=health.slots_total)

@@ -30,7 +30,7 @@ from gateway.relay import StreamOutcome, relay_stream
 from gateway.services import GatewayServices
 from gateway.upstream import CLIENT_PRIORITY_HEADER, decode_json_object, ensure_error_body, use_caller
 
-__all__ = ["choice_slots", "decode_body", "generate"]
+__all__ = ["decode_body", "generate"]
 
 Kind = Literal["chat", "completions"]
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -112,21 +112,13 @@ def _validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
     else:
         parsed = parse_request(CompletionRequest, payload)
     reject_unsupported(parsed)
-    limits = svc.catalog.limits(parsed.model)  # the worker's own limit, refused here exactly as it would refuse
+    limits = svc.catalog.limits(parsed.model)  # the workers' own limits, refused here exactly as they would refuse
     if limits is not None:
         check_max_tokens(parsed, limits.max_tokens)
-    if parsed.n > 1 and (slots := choice_slots(svc.catalog.workers, parsed.model)) is not None:
-        check_n(parsed, slots)  # refused here exactly as the worker would refuse it
+        if limits.max_choices is not None:
+            check_n(parsed, limits.max_choices)
     headers = {name: request.headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
     return parsed, cache_policy(parsed, headers, settings.cache_enabled, settings.cache_ttl_s)
-
-
-def choice_slots(workers: list[dict[str, Any]], model: str) -> int | None:
-    """The most choices (``n``) a request for ``model`` may ask: the fewest slots among the healthy workers
-    serving it (the balancer may route it to any; from its ``/workers`` view), None while none is known."""
-    slots = [w["slots"] for w in workers
-             if w.get("model") == model and w.get("healthy") and isinstance(w.get("slots"), int)]
-    return min(slots) if slots else None
 
 
 async def _prepare(request: Request[Any, Any, Any], job: _Job, payload: dict[str, Any]) -> None:

@@ -252,8 +252,8 @@ def check_max_tokens(request: ChatCompletionRequest | CompletionRequest, cap: in
 
 
 def check_n(request: ChatCompletionRequest | CompletionRequest, slots: int) -> None:
-    """The one ``n`` rule, applied alike by the worker (its slot count) and the gateway (the smallest slot count
-    among the model's workers): the ``n`` choices of a prompt decode together, one slot each."""
+    """The one ``n`` rule, applied alike by the worker (its slot count) and the gateway (the model's published
+    ``max_choices``): the ``n`` choices of a prompt decode together, one slot each."""
     if request.n > slots:
         raise bad_request(f"n is {request.n}, above the {slots} choices this model's workers decode together "
                           f"(one slot per choice).", param="n", code="too_many_choices")
@@ -264,15 +264,18 @@ class ModelLimits(_Wire):
 
     context_length: int = Field(ge=1)  # tokens per request, prompt and answer together (the per-slot context)
     max_tokens: int = Field(ge=1)  # the longest answer a request may ask for
+    # The most choices (``n``) a request may ask: the worker's slots. None where a worker did not publish it
+    # (an older one): then no layer in front knows it, and the worker alone refuses.
+    max_choices: int | None = Field(default=None, ge=1)
 
 
 def model_object(model_id: str, limits: ModelLimits | None = None, *, created: int | None = None,
                  owned_by: str = "appliance") -> dict[str, Any]:
-    """One OpenAI model object; the appliance adds ``context_length`` and ``max_tokens`` when known."""
+    """One OpenAI model object; the appliance adds its limits (:class:`ModelLimits`) when known."""
     body: dict[str, Any] = {"id": model_id, "object": "model", "created": created or int(time.time()),
                             "owned_by": owned_by}
     if limits is not None:
-        body.update(limits.model_dump())
+        body.update(limits.model_dump(exclude_none=True))
     return body
 
 
@@ -285,14 +288,20 @@ def model_list(model_ids: list[str], owned_by: str = "appliance",
 
 
 def strictest_limits(known: Iterable[tuple[str, ModelLimits]]) -> dict[str, ModelLimits]:
-    """Per model, the limits every worker serving it accepts (the smallest of each)."""
+    """Per model, the limits every worker serving it accepts (the smallest of each; ``max_choices``: the
+    smallest published, as a worker that does not publish it still refuses on its own)."""
     found: dict[str, ModelLimits] = {}
     for model, limits in known:
         seen = found.get(model)
         found[model] = limits if seen is None else ModelLimits(
             context_length=min(seen.context_length, limits.context_length),
-            max_tokens=min(seen.max_tokens, limits.max_tokens))
+            max_tokens=min(seen.max_tokens, limits.max_tokens),
+            max_choices=_smallest(seen.max_choices, limits.max_choices))
     return found
+
+
+def _smallest(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 def model_limits(document: Any) -> dict[str, ModelLimits]:

@@ -97,7 +97,8 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
     return Response(msgspec.json.encode(document), media_type=JSON)
 
 
-@get("/v1/models/{model:str}", summary="One model served by the workers, with its limits (context_length, max_tokens)",
+@get("/v1/models/{model:str}",
+     summary="One model served by the workers, with its limits (context_length, max_tokens, max_choices)",
      opt=documented(answers={200: ModelObject}, errors=(401, 404, 502, 503)))
 async def retrieve_model(request: Request[Any, Any, Any], svc: Services, model: FromPath[str]) -> Response[Any]:
     record = access_record(request)

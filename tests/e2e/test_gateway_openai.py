@@ -166,12 +166,14 @@ def test_the_workers_limits_are_published_and_enforced_alike_at_the_gateway(stac
     """A 3000-token max_tokens request gets the same answer from the gateway as from the worker itself."""
     internal = {"X-Internal-Token": TOKEN}
     published = httpx.get(f"{stack.worker}/v1/models/{MODEL}", headers=internal, timeout=30).json()
-    assert (published["context_length"], published["max_tokens"]) == (512, 128)
+    assert (published["context_length"], published["max_tokens"], published["max_choices"]) == (512, 128, 8)
     with stack.sdk(key) as sdk:
         listed = {m.id: m.model_extra for m in sdk.models.list()}
         assert listed[MODEL] is not None and listed[MODEL]["max_tokens"] == 128  # balancer and gateway pass it on
+        assert listed[MODEL]["max_choices"] == 8  # the worker's slots: the largest n
         one = sdk.models.retrieve(MODEL)
         assert one.id == MODEL and one.model_extra is not None and one.model_extra["context_length"] == 512
+        assert one.model_extra["max_choices"] == 8
         with pytest.raises(openai.NotFoundError):
             sdk.models.retrieve("no-such-model")
     body = {"model": MODEL, "max_tokens": 3000, "messages": [{"role": "user", "content": "Hi"}]}

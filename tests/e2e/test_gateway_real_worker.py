@@ -205,9 +205,10 @@ def test_n_choices_through_the_gateway(stack: Stack) -> None:
         assert many.usage.completion_tokens == 3 * one.usage.completion_tokens
         expected = {"prompt_tokens": 3 * one.usage.prompt_tokens, "completion_tokens": 6 * one.usage.completion_tokens}
         wait_until(lambda: {k: _usage(stack, key_id)[k] for k in expected} == expected, 30, 0.2, f"usage {expected}")
-        with _admin(stack) as admin:  # /admin/status refreshes the gateway's view of the workers
+        assert (client.models.retrieve(stack.model).model_extra or {}).get("max_choices") == 4  # the worker's slots
+        with _admin(stack) as admin:  # /admin/status refreshes the gateway's catalog (the published limits)
             wait_until(lambda: any(w.get("healthy") for w in admin.get("/admin/status").json()["workers"]), 30, 0.5,
-                       "the gateway knows the worker's slots")
+                       "the gateway knows the model's limits")
         seen = sum(int(w["requests"]) for w in stack.balancer_workers())
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(**ask, n=5)

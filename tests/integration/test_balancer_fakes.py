@@ -117,6 +117,23 @@ async def test_proxies_json_and_streams_with_ids_and_token() -> None:
         assert sum(float(line.rsplit(" ", 1)[1]) for line in served) == 2  # one JSON answer, one stream
 
 
+async def test_the_models_limits_are_the_strictest_its_workers_publish() -> None:
+    """max_choices (n) like the other limits: the smallest over the workers; one that does not publish it
+    (an older worker) adds no limit, and a model none of whose workers publish it shows none."""
+    small = FakeState(name="a", limits={"context_length": 512, "max_tokens": 128, "max_choices": 4})
+    large = FakeState(name="b", limits={"context_length": 1024, "max_tokens": 64, "max_choices": 8})
+    older = FakeState(name="c", limits={"context_length": 2048, "max_tokens": 256})
+    alone = FakeState(name="d", model="other", limits={"context_length": 2048, "max_tokens": 256})
+    async with fakes(small, large, older, alone) as urls, balancer(urls) as (url, app), \
+            aiohttp.ClientSession() as client:
+        await until(lambda: all(w.limits is not None for w in app[POOL]))
+        async with client.get(f"{url}/v1/models", headers=AUTH) as response:
+            listed = {m["id"]: m for m in (await response.json())["data"]}
+    assert {k: listed[MODEL].get(k) for k in ("context_length", "max_tokens", "max_choices")} == {
+        "context_length": 512, "max_tokens": 64, "max_choices": 4}
+    assert listed["other"]["max_tokens"] == 256 and "max_choices" not in listed["other"]
+
+
 async def test_client_errors_are_openai_shaped() -> None:
     async with fakes(FakeState()) as urls, balancer(urls, max_body_bytes=2048) as (url, _), \
             aiohttp.ClientSession() as client:

@@ -46,6 +46,7 @@ class FakeState:
     last_request_id: str | None = None
     last_token: str | None = None
     paths: list[str] = field(default_factory=list)
+    limits: dict[str, int] = field(default_factory=dict)  # published on /health like a worker's ModelLimits
 
 
 STATE = web.AppKey("state", FakeState)
@@ -78,7 +79,7 @@ async def health(request: web.Request) -> web.Response:
     if state.mode == "loading":
         return web.json_response({"status": "loading", "model": state.model}, status=503)
     return web.json_response({"status": "ok", "model": state.model, "slots_total": state.slots,
-                              "slots_busy": state.active, "queue_depth": 0, "queue_limit": 64})
+                              "slots_busy": state.active, "queue_depth": 0, "queue_limit": 64, **state.limits})
 
 
 async def generate(request: web.Request) -> web.StreamResponse:

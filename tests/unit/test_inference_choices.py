@@ -9,7 +9,6 @@ import pytest
 from appliance.core.errors import APIError
 from appliance.core.wire import ChatCompletionRequest, CompletionRequest, check_n, reject_unsupported
 from gateway.cache import cache_key
-from gateway.generation import choice_slots
 from inference.answers import stream, usage
 from inference.replies import ChatReply, CompletionReply
 from inference.sampling import SamplingParams
@@ -79,17 +78,6 @@ def test_streamed_chunks_carry_their_choice_index_and_usage_comes_once() -> None
     assert [c for c in out if "usage" in c] == [out[-1]]
     assert out[-1]["usage"]["prompt_tokens"] == 5 and out[-1]["usage"]["completion_tokens"] == 2  # type: ignore[index]
     assert CompletionReply("cmpl-x", "m", 0, False, index=3).choice("a", [], "stop")["index"] == 3
-
-
-def test_the_gateway_takes_the_fewest_slots_of_the_models_healthy_workers() -> None:
-    workers = [
-        {"model": "m", "healthy": True, "slots": 8},
-        {"model": "m", "healthy": True, "slots": 4},
-        {"model": "m", "healthy": False, "slots": 2},
-        {"model": "other", "healthy": True, "slots": 1},
-    ]
-    assert choice_slots(workers, "m") == 4
-    assert choice_slots(workers, "unknown") is None
 
 
 def test_the_response_cache_keys_on_n() -> None:

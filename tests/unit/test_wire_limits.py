@@ -33,22 +33,29 @@ def test_check_max_tokens_names_the_limit_and_the_field_asked() -> None:
 
 
 def test_model_list_publishes_limits_and_they_read_back() -> None:
-    limits = ModelLimits(context_length=8192, max_tokens=2048)
-    document = model_list(["a", "b"], limits={"a": limits})
-    first, second = document["data"]
+    limits = ModelLimits(context_length=8192, max_tokens=2048, max_choices=4)
+    older = ModelLimits(context_length=4096, max_tokens=512)  # a worker that does not publish max_choices
+    document = model_list(["a", "b", "c"], limits={"a": limits, "c": older})
+    first, second, third = document["data"]
     assert first["context_length"] == 8192 and first["max_tokens"] == 2048 and first["object"] == "model"
+    assert first["max_choices"] == 4
     assert "max_tokens" not in second
-    assert model_limits(document) == {"a": limits}
+    assert third["max_tokens"] == 512 and "max_choices" not in third  # not published as null: absent
+    assert model_limits(document) == {"a": limits, "c": older}
+    assert model_limits({"data": [{"id": "d", "context_length": 9, "max_tokens": 1}]})["d"].max_choices is None
     assert model_limits({"data": [{"id": "x", "max_tokens": "lots"}, "junk", {"id": 3}]}) == {}
     assert model_limits(None) == {} and model_limits({"data": 5}) == {}
 
 
 def test_strictest_limits_take_the_smallest_per_model() -> None:
-    small = ModelLimits(context_length=4096, max_tokens=2048)
-    large = ModelLimits(context_length=8192, max_tokens=1024)
+    small = ModelLimits(context_length=4096, max_tokens=2048, max_choices=8)
+    large = ModelLimits(context_length=8192, max_tokens=1024, max_choices=4)
+    older = ModelLimits(context_length=8192, max_tokens=4096)  # no max_choices: adds no limit on n
     other = ModelLimits(context_length=100, max_tokens=10)
-    found = strictest_limits([("m", small), ("m", large), ("n", other)])
-    assert found == {"m": ModelLimits(context_length=4096, max_tokens=1024), "n": other}
+    found = strictest_limits([("m", small), ("m", older), ("m", large), ("n", other), ("n", older)])
+    assert found == {"m": ModelLimits(context_length=4096, max_tokens=1024, max_choices=4),
+                     "n": ModelLimits(context_length=100, max_tokens=10)}
+    assert strictest_limits([("m", older), ("m", small)])["m"].max_choices == 8
 
 
 @pytest.mark.parametrize(
