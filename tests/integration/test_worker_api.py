@@ -108,10 +108,11 @@ def test_health_and_models_follow_the_contract(worker: Worker) -> None:
 
 def test_models_publish_the_limits_the_worker_enforces(worker: Worker) -> None:
     health = worker.health()
-    assert (health["context_length"], health["max_tokens"]) == (N_CTX, CAP)
+    assert (health["context_length"], health["max_tokens"], health["max_choices"]) == (N_CTX, CAP, 8)
     listed = worker.client().models.list().data[0]
     assert listed.model_extra is not None
     assert (listed.model_extra["context_length"], listed.model_extra["max_tokens"]) == (N_CTX, CAP)
+    assert listed.model_extra["max_choices"] == 8  # the slots: n above it is refused (too_many_choices below)
     one = worker.client().models.retrieve(MODEL)
     assert one.id == MODEL and one.model_extra is not None and one.model_extra["max_tokens"] == CAP
     with pytest.raises(openai.NotFoundError) as caught:
