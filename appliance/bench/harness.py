@@ -23,6 +23,9 @@ API (all synchronous; safe to call from any benchmark process):
   starts a process (``env`` over ``os.environ``; output to ``log`` or discarded), waits until ``ready``
   (a URL answering 200, or a callable returning True), raises if the process exits or ``timeout`` passes
   first, yields the ``Popen``, and always stops it on exit (SIGTERM, then SIGKILL after 15 s).
+* ``run_json(argv, env=None, *, log=None, timeout=600)``: run a one-shot process (a measurement run in its
+  own process, such as ``python -m rag.measure``) and return the one JSON object it prints on stdout
+  (stderr to ``log``); RuntimeError when it fails, times out or prints anything else.
 * ``wait_until(check, timeout, what, proc=None)``: poll ``check()`` every 0.1 s.
 * ``http_ok(url, headers=None)`` / ``get_json(url, headers=None)``: one loopback GET, never raising
   (``get_json`` returns ``(status, body)``, status 0 when nothing answered).
@@ -70,6 +73,7 @@ __all__ = [
     "progress",
     "python",
     "redis_server",
+    "run_json",
     "service",
     "service_env",
     "wait_until",
@@ -177,6 +181,32 @@ def service(
         yield proc
     finally:
         _stop(proc)
+
+
+def run_json(
+    argv: list[str], env: Mapping[str, str] | None = None, *, log: Path | None = None, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Run a one-shot process (``env`` over ``os.environ``) that prints one JSON object on stdout: that
+    object. Its stderr goes to ``log`` (else discarded); a non-zero exit, a timeout or anything but one
+    JSON object raises RuntimeError."""
+    what = f"{Path(argv[0]).name} {' '.join(argv[1:4])}".strip() + (f" (log {log})" if log else "")
+    full_env = {**os.environ, **(env or {})}
+    try:
+        with log.open("ab") if log is not None else Path(os.devnull).open("wb") as sink:
+            done = subprocess.run(  # noqa: S603
+                argv, env=full_env, stdout=subprocess.PIPE, stderr=sink, timeout=timeout, check=False
+            )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what}: no answer after {timeout:g} s") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"{what}: exited with {done.returncode}")
+    try:
+        result = json.loads(done.stdout)
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):
+        raise RuntimeError(f"{what}: stdout is not one JSON object: {done.stdout[:200]!r}")
+    return result
 
 
 @contextmanager

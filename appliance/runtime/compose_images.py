@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -213,14 +214,16 @@ def ensure_wheelhouse(engine: Engine, log: Log) -> Path:
 def ensure_onnx_export(log: Log) -> Path:
     """``.build/onnx/encoder.onnx``: the bundled embedding model as one ONNX graph, exported on the host."""
     target = BUILD_DIR / "onnx" / "encoder.onnx"
-    from rag.embedder import model_directory
-    from rag.onnx_model import ENCODER, cached_export, read_layout
-
-    path, _name = model_directory("")
     cache = BUILD_DIR / "onnx-cache"
-    if not any(cache.glob(f"*/{ENCODER}")):
+    if not any(cache.glob(f"*/{target.name}")):
         log("exporting the embedding model to ONNX on the host (once)")
-    exported = cached_export(read_layout(path), cache, int8=False) / ENCODER
+    # The RAG package's own command (``python -m rag.export``), not its internals: one JSON line on stdout.
+    argv = [sys.executable, "-m", "rag.export", str(cache)]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)  # noqa: S603
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+        raise EngineError(f"ONNX export of the embedding model failed (exit {result.returncode}):\n{tail}")
+    exported = Path(json.loads(result.stdout)["encoder"])
     if not target.is_file() or target.stat().st_size != exported.stat().st_size:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(exported, target)

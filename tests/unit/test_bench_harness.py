@@ -63,3 +63,19 @@ def test_service_env_is_read_by_the_services_own_settings(tmp_path: Path, monkey
     settings = BalancerSettings()
     assert (settings.port, list(settings.workers), settings.scheduling) == (8123, ["http://a:1", "http://b:2"], "fifo")
     assert settings.interactive_headroom == 0
+
+
+def test_run_json_returns_the_one_object_a_process_prints_and_refuses_anything_else(tmp_path: Path) -> None:
+    """How a benchmark reads a reference measured in its own process (``python -m rag.measure``)."""
+    log = tmp_path / "one-shot.log"
+    printed = "import sys; sys.stderr.write('progress\\n'); print('{\"rate\": 2.5}')"
+    assert harness.run_json([sys.executable, "-c", printed], log=log) == {"rate": 2.5}
+    assert log.read_text() == "progress\n"  # stderr to the log, stdout parsed
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        harness.run_json([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="not one JSON object"):
+        harness.run_json([sys.executable, "-c", "print('[1, 2]')"])
+    with pytest.raises(RuntimeError, match="not one JSON object"):
+        harness.run_json([sys.executable, "-c", "print('rate: 2.5')"])
+    with pytest.raises(RuntimeError, match="no answer after 1 s"):
+        harness.run_json([sys.executable, "-c", "import time; time.sleep(60)"], timeout=1)
