@@ -61,7 +61,7 @@ def _run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_bench_rag_end_to_end_on_a_tiny_workload(tmp_path: Path) -> None:
+def test_bench_rag_end_to_end_on_a_tiny_workload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "run"
     tiny = ["--docs", "3", "--bulk", "600", "--queries", "6", "--threads", "1", "--json"]
     done = _run("-m", "appliance.bench", "rag", *tiny, "--data-dir", str(run), timeout=840)
@@ -88,6 +88,17 @@ def test_bench_rag_end_to_end_on_a_tiny_workload(tmp_path: Path) -> None:
     export = json.loads(done.stdout)
     assert export["exported"] is False and export["model"] == "all-MiniLM-L6-v2"
     assert Path(export["encoder"]).is_file() and Path(export["encoder"]).parent.parent == (run / "onnx-cache").resolve()
+    # and `appliance images build` copies it from there for the RAG image, through that command
+    from appliance.runtime import compose_images
+
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "onnx-cache").symlink_to(run / "onnx-cache", target_is_directory=True)
+    monkeypatch.setattr(compose_images, "BUILD_DIR", build)
+    said: list[str] = []
+    baked = compose_images.ensure_onnx_export(said.append)
+    assert baked == build / "onnx" / "encoder.onnx" and said == []  # found in the cache, not exported again
+    assert baked.read_bytes() == Path(export["encoder"]).read_bytes()
 
 
 def test_measure_refuses_bad_arguments_without_a_traceback(tmp_path: Path) -> None:
