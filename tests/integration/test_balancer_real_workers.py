@@ -77,7 +77,11 @@ def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                         "APPLIANCE_BALANCER_PROBE_INTERVAL_S": "0.5",
                         "APPLIANCE_BALANCER_READMIT_AFTER_GOOD_PROBES": "2",
                         "APPLIANCE_BALANCER_FIRST_BYTE_TIMEOUT_S": "60",
-                        "APPLIANCE_BALANCER_QUEUE_TIMEOUT_S": "120"}
+                        "APPLIANCE_BALANCER_QUEUE_TIMEOUT_S": "120",
+                        # Every slot to whoever asks: the kill tests need all 3 x SLOTS streams running at once
+                        # (each worker full). The default headroom keeps one slot for another key, so one
+                        # stream of this single caller would wait, and the victim could hold SLOTS - 1.
+                        "APPLIANCE_BALANCER_INTERACTIVE_HEADROOM": "0"}
         balancer_url = f"http://127.0.0.1:{port}"
         stack_.enter_context(run_service(python_module("balancer"), env=balancer_env, log_path=tmp / "balancer.log",
                                          ready_url=f"{balancer_url}/health"))
