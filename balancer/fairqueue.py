@@ -2,8 +2,10 @@
 
 A virtual token counter per key (start-time fair queuing in token units):
 
-- every lease charges the key's counter its estimated tokens ÷ its weight, and the
-  worker's reported usage corrects the estimate when the request ends;
+- a request costs the slots it occupies (``Demand.slots``: prompts x ``n``, one sequence each);
+- every lease charges the key's counter its estimated tokens ÷ its weight (its prompt tokens, every
+  prompt's, plus the key's mean generated tokens per sequence, capped by ``max_tokens``, for every
+  sequence), and the worker's reported usage corrects the estimate when the request ends;
 - a waiting request of the key with the lowest counter goes first, interactive
   always before batch (batch still takes every slot that no interactive request wants);
 - on every arrival the key's counter is lifted to the queue's virtual time (the counter
@@ -50,17 +52,20 @@ ANONYMOUS = Caller()
 
 @dataclass(slots=True)
 class Demand:
-    """One request's claim on a slot: who, its estimated tokens, and its prefix chain for routing."""
+    """One request's claim on slots: who, how many (``slots`` = prompts x ``n``), its estimated tokens, and its
+    prefix chain for routing."""
 
     caller: Caller = ANONYMOUS
-    prompt_tokens: float = 0.0
-    max_tokens: int | None = None
+    prompt_tokens: float = 0.0  # every prompt's, together
+    max_tokens: int | None = None  # per sequence (each choice of each prompt)
+    slots: int = 1  # sequences the worker will run: prompts x n
     route: tuple[int, ...] = ()
     model: str = ""
     charged: float = 0.0  # tokens charged to the caller's counter for the current lease
     held: FairQueue | None = None  # the queue charged, until the lease is settled
     leased_at: float = 0.0
-    headroom: bool = False  # the current lease is one of the model's headroom slots (WorkerPool)
+    leased: int = 0  # worker slots the current lease holds: min(slots, the worker's slots) (WorkerPool)
+    headroom: int = 0  # of those, slots taken from the model's headroom (WorkerPool)
 
 
 _seq = itertools.count()
@@ -78,17 +83,20 @@ class Waiter:
 class FairQueue:
     """Waiters of one model, in per-class, per-key flows; counters outlive the waiters."""
 
-    __slots__ = ("_classes", "_completion", "_counters", "_len", "_running", "_vtime", "fair", "tokens")
+    __slots__ = ("_classes", "_completion", "_counters", "_len", "_running", "_slots", "_vtime", "fair",
+                 "slots_charged", "tokens")
 
     def __init__(self, fair: bool = True) -> None:
         self.fair = fair
         self._classes: tuple[dict[str, deque[Waiter]], ...] = ({}, {})
         self._counters: dict[str, float] = {}
         self._running: dict[str, int] = {}  # leases held per key
-        self._completion: dict[str, float] = {}  # EWMA of generated tokens per request, per key
+        self._slots: dict[str, int] = {}  # sequences those leases run per key (Σ Demand.slots)
+        self._completion: dict[str, float] = {}  # EWMA of generated tokens per sequence, per key
         self._vtime = 0.0
         self._len = 0
         self.tokens: dict[str, int] = {}  # tokens served per key (reported, else estimated)
+        self.slots_charged: dict[str, int] = {}  # sequences charged per key (prompts x n of each lease kept)
 
     def __len__(self) -> int:
         return self._len
@@ -102,6 +110,10 @@ class FairQueue:
 
     def running(self, key_id: str) -> int:
         return self._running.get(key_id, 0)
+
+    def slots(self, key_id: str) -> int:
+        """Sequences the key's running requests occupy (prompts x n each)."""
+        return self._slots.get(key_id, 0)
 
     def _flow(self, caller: Caller) -> tuple[int, str]:
         return (caller.priority, caller.key_id) if self.fair else (INTERACTIVE, "")
@@ -193,25 +205,28 @@ class FairQueue:
         index = next((i for i, w in enumerate(flow) if w is waiter), len(flow))
         if not self.fair:
             return ahead + index
-        start = self.counter(key) + index * self._step(waiter.demand.caller)
+        start = self.counter(key) + index * self._step(waiter.demand)
         for other, queued in flows.items():
             if other == key:
                 ahead += index
                 continue
-            step = self._step(queued[0].demand.caller)
+            step = self._step(queued[0].demand)
             behind = start - self.counter(other)
             ahead += 0 if behind < 0 else min(len(queued), math.floor(behind / step) + 1)
         return ahead
 
-    def _step(self, caller: Caller) -> float:
-        return max(1.0, self._completion.get(caller.key_id, _DEFAULT_COMPLETION)) / caller.weight
+    def _step(self, demand: Demand) -> float:
+        caller = demand.caller
+        return max(1.0, self._completion.get(caller.key_id, _DEFAULT_COMPLETION) * demand.slots) / caller.weight
 
     # -- accounting -------------------------------------------------------------------------
     def estimate(self, demand: Demand) -> float:
+        """Tokens a lease is charged up front: every prompt, and the expected answer of every sequence."""
         expected = self._completion.get(demand.caller.key_id, _DEFAULT_COMPLETION)
-        if demand.max_tokens is not None:
-            expected = min(expected, float(demand.max_tokens))
-        return demand.prompt_tokens + expected
+        limit = demand.max_tokens
+        if limit is not None and limit < expected:
+            expected = float(limit)
+        return demand.prompt_tokens + expected * demand.slots
 
     def charge(self, demand: Demand) -> None:
         """A lease begins: the key pays its estimate now (in-flight work counts at once)."""
@@ -221,13 +236,13 @@ class FairQueue:
         counter = self._counters.get(key, vtime)
         if counter > vtime:
             self._vtime = counter  # the start tag of the request now served
-        expected = self._completion.get(key, _DEFAULT_COMPLETION)
-        limit = demand.max_tokens
-        cost = demand.prompt_tokens + (expected if limit is None or limit > expected else limit)
+        cost = self.estimate(demand)
         demand.charged, demand.held = cost, self
         self._counters[key] = counter + cost / caller.weight
-        running = self._running
+        running, slots, charged = self._running, self._slots, self.slots_charged
         running[key] = running.get(key, 0) + 1
+        slots[key] = slots.get(key, 0) + demand.slots
+        charged[key] = charged.get(key, 0) + demand.slots
 
     def settle(
         self, demand: Demand, prompt_tokens: int | None, completion_tokens: int | None, *, refund: bool = False
@@ -239,20 +254,19 @@ class FairQueue:
         demand.held = None
         caller = demand.caller
         key = caller.key_id
-        running = self._running.get(key, 0) - 1
-        if running > 0:
-            self._running[key] = running
-        else:
-            self._running.pop(key, None)
+        _take(self._running, key, 1)
+        _take(self._slots, key, demand.slots)
         used = demand.charged
         if refund:
             if key in self._counters:
                 self._counters[key] -= used / caller.weight
+            _take(self.slots_charged, key, demand.slots)
             demand.charged = 0.0
             return
         if completion_tokens is not None:
             previous = self._completion.get(key, _DEFAULT_COMPLETION)
-            self._completion[key] = previous + _EWMA * (completion_tokens - previous)
+            per_sequence = completion_tokens / demand.slots
+            self._completion[key] = previous + _EWMA * (per_sequence - previous)
             prompt = demand.prompt_tokens if prompt_tokens is None else float(prompt_tokens)
             used = prompt + completion_tokens
             if key in self._counters:
@@ -272,6 +286,7 @@ class FairQueue:
         if len(self.tokens) > _PRUNE_AT:
             kept = sorted(self.tokens.items(), key=lambda item: item[1], reverse=True)[: _PRUNE_AT // 2]
             self.tokens = dict(kept)
+            self.slots_charged = {k: self.slots_charged[k] for k, _ in kept if k in self.slots_charged}
 
     # -- operators --------------------------------------------------------------------------
     def describe(self, now: float) -> list[dict[str, Any]]:
@@ -299,10 +314,22 @@ class FairQueue:
                 }
             row["running"] = count
         for row in rows.values():
+            key = row["key_id"]
             row.setdefault("running", 0)
-            row["counter"] = round(self.counter(row["key_id"]) - self._vtime, 1)
-            row["tokens"] = self.tokens.get(row["key_id"], 0)
+            row["slots"] = self._slots.get(key, 0)
+            row["counter"] = round(self.counter(key) - self._vtime, 1)
+            row["tokens"] = self.tokens.get(key, 0)
+            row["slots_charged"] = self.slots_charged.get(key, 0)
         return sorted(rows.values(), key=lambda r: (-r["waiting"], r["key_id"]))
 
     def depth_by_priority(self) -> tuple[int, ...]:
         return tuple(sum(len(flow) for flow in flows.values()) for flows in self._classes)
+
+
+def _take(counts: dict[str, int], key: str, amount: int) -> None:
+    """Lower a per-key count, forgetting the key at zero (never below)."""
+    left = counts.get(key, 0) - amount
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

@@ -31,6 +31,7 @@ class _Health(msgspec.Struct):
     context_length: int | None = None  # the worker's published limits (appliance.core.wire.ModelLimits)
     max_tokens: int | None = None
     max_choices: int | None = None  # absent on older workers: no n limit known here (the worker refuses)
+    max_prompts: int | None = None  # the same for prompts per completions request
 
 
 _decode_health = msgspec.json.Decoder(_Health).decode
@@ -104,8 +105,9 @@ class Prober:
         worker.slots_busy_reported = health.slots_busy or 0
         if health.context_length and health.max_tokens:
             choices = health.max_choices if health.max_choices is not None and health.max_choices > 0 else None
+            prompts = health.max_prompts if health.max_prompts is not None and health.max_prompts > 0 else None
             worker.limits = ModelLimits(context_length=health.context_length, max_tokens=health.max_tokens,
-                                        max_choices=choices)
+                                        max_choices=choices, max_prompts=prompts)
         state = worker.state
         if state is WorkerState.EJECTED and worker.good_probes < self._readmit_after:
             self._pool.mark(worker, state, model=health.model, slots=health.slots_total)

@@ -3,8 +3,12 @@
 Every lease taken with :meth:`WorkerPool.try_acquire` or :meth:`WorkerPool.wait_for_worker`
 is given back exactly once with :meth:`WorkerPool.release`; a released slot goes straight
 to the waiter the model's :class:`~balancer.fairqueue.FairQueue` puts first (no thundering
-herd, no lost wake-ups). With prefix routing a request prefers the worker that was sent the
-longest prefix of its conversation, unless that worker is much busier than the least busy.
+herd, no lost wake-ups). A lease holds the slots its request will occupy on the worker: one per
+sequence (``Demand.slots``, prompts x ``n``), at most the worker's slots (the worker queues the rest of
+its sequences itself), so a worker is never sent more than it has free. A waiter that needs more free
+slots than any worker has lets smaller waiters behind it go first. With prefix routing a request
+prefers the worker that was sent the longest prefix of its conversation, unless that worker is much
+busier than the least busy.
 With ``reserve`` (fair scheduling), a few slots stay free for an interactive key that has
 nothing running, so a chat request starts at once even behind another key's backlog. A slot
 such a request takes that way counts as headroom in use until it is released: the pool does
@@ -60,10 +64,10 @@ class WorkerPool:
         self._workers: dict[str, Worker] = {}
         self._routable: dict[str, list[Worker]] = {}
         # Per model: free slots on its routable workers, Σ max(0, slots - inflight), kept exact by
-        # _reindex (from scratch) and every lease and release (±1), so the headroom check costs no walk.
+        # _reindex (from scratch) and every lease and release, so the headroom check costs no walk.
         self._free: dict[str, int] = {}
         self._headroom: dict[str, int] = {}  # per model: min(reserve, its slots // 4), set by _reindex
-        self._headroom_used: dict[str, int] = {}  # per model: leases running in the headroom
+        self._headroom_used: dict[str, int] = {}  # per model: headroom slots held by running leases
         self._queues: dict[str, FairQueue] = {}
         self._service_s: dict[str, float] = {}  # EWMA of lease durations per model (queue ETAs)
         self._queued = 0
@@ -169,12 +173,16 @@ class WorkerPool:
         candidates = self._routable.get(model)
         if not candidates:
             return None
+        wanted = demand.slots if demand is not None else 1
         if (demand is not None and self._reserve and self._needs_regular_slot(model, demand)
                 and self._only_headroom_free(model)):
             return None
-        worker = self._pick(model, candidates, exclude, demand.route if demand is not None else ())
-        if worker is not None:
-            self._lease(model, worker, demand)
+        worker = self._pick(model, candidates, exclude, demand.route if demand is not None else (), wanted)
+        if worker is None:
+            return None
+        if demand is not None and self._reserve and self._would_take_headroom(model, worker, demand):
+            return None
+        self._lease(model, worker, demand)
         return worker
 
     def can_serve(self, model: str, exclude: Collection[Worker] = _NO_EXCLUDE) -> bool:
@@ -182,15 +190,19 @@ class WorkerPool:
         return any(w not in exclude for w in self._routable.get(model, ()))
 
     def _lease(self, model: str, worker: Worker, demand: Demand | None) -> None:
-        if (demand is not None and self._headroom.get(model) and self._only_headroom_free(model)
-                and not self._needs_regular_slot(model, demand)):
-            demand.headroom = True  # taken from the headroom: it is in use until this lease ends
-            self._headroom_used[model] = self._headroom_used.get(model, 0) + 1
-        if worker.inflight < worker.slots:  # worker is one of model's routable workers (just picked)
-            self._free[model] -= 1
-        worker.inflight += 1
+        need = _need(worker, demand)
+        if demand is not None and self._headroom.get(model) and not self._needs_regular_slot(model, demand):
+            unused = self._headroom[model] - self._headroom_used.get(model, 0)
+            taken = min(unused, need - min(need, max(0, self._free[model] - unused)))
+            if taken > 0:  # taken from the headroom: in use until this lease ends
+                demand.headroom = taken
+                self._headroom_used[model] = self._headroom_used.get(model, 0) + taken
+        # worker is one of model's routable workers (just picked)
+        self._free[model] -= max(0, worker.slots - worker.inflight) - max(0, worker.slots - worker.inflight - need)
+        worker.inflight += need
         if demand is None:
             return
+        demand.leased = need
         demand.model = model
         self.queue(model).charge(demand)
         demand.leased_at = time.monotonic()
@@ -201,16 +213,19 @@ class WorkerPool:
                 completion_tokens: int | None = None, refund: bool = False) -> None:
         """Give a slot back; the tokens the worker reported (if any) correct the caller's estimate,
         ``refund`` when nothing was served (the attempt failed or the client left first)."""
-        if worker.inflight <= 0:
+        held = demand.leased if demand is not None and demand.leased else 1
+        if worker.inflight < held:
             raise RuntimeError(f"release without a lease on {worker.url}")
-        worker.inflight -= 1
+        before = worker.inflight
+        worker.inflight = before - held
         model = worker.model
-        if model is not None and worker.inflight < worker.slots and worker.routable:
-            self._free[model] += 1
+        if model is not None and worker.routable:
+            self._free[model] += max(0, worker.slots - worker.inflight) - max(0, worker.slots - before)
         if demand is not None:
+            demand.leased = 0
             if demand.headroom:
-                demand.headroom = False
-                self._headroom_used[demand.model] -= 1
+                self._headroom_used[demand.model] -= demand.headroom
+                demand.headroom = 0
             self._settle(demand, prompt_tokens, completion_tokens, refund)
         if worker.draining and worker.inflight == 0 and self._workers.get(worker.url) is worker:
             del self._workers[worker.url]
@@ -239,8 +254,16 @@ class WorkerPool:
         most a quarter of the model's slots (a small pool keeps every slot busy), less those in use."""
         return self._free[model] <= self._headroom[model] - self._headroom_used.get(model, 0)
 
+    def _would_take_headroom(self, model: str, worker: Worker, demand: Demand) -> bool:
+        """Whether leasing ``demand`` on ``worker`` would leave less free than the unused headroom while the
+        request may not take the headroom (a request of several slots may not eat into it either)."""
+        if not self._needs_regular_slot(model, demand):
+            return False
+        unused = self._headroom.get(model, 0) - self._headroom_used.get(model, 0)
+        return self._free[model] - _need(worker, demand) < unused
+
     def headroom_in_use(self, model: str) -> int:
-        """Leases of ``model`` running in its headroom (an interactive key's only request, taken when
+        """Headroom slots of ``model`` held by running leases (an interactive key's only request, taken when
         nothing but the headroom was free)."""
         return self._headroom_used.get(model, 0)
 
@@ -256,16 +279,18 @@ class WorkerPool:
         return caller.priority != INTERACTIVE or self.queue(model).running(caller.key_id) > 0
 
     def _pick(self, model: str, candidates: list[Worker], exclude: Collection[Worker],
-              route: tuple[int, ...] = ()) -> Worker | None:
+              route: tuple[int, ...] = (), wanted: int = 1) -> Worker | None:
+        """A worker with room for ``wanted`` sequences (all its slots free when it has fewer)."""
         if self._strategy == "round_robin":
-            best = self._pick_round_robin(model, candidates, exclude)
+            best = self._pick_round_robin(model, candidates, exclude, wanted)
         else:
-            best = self._pick_least_loaded(candidates, exclude)
+            best = self._pick_least_loaded(candidates, exclude, wanted)
         if best is None or not route or self._prefixes is None:
             return best
-        return self._pick_by_prefix(model, route, best, exclude) or best
+        return self._pick_by_prefix(model, route, best, exclude, wanted) or best
 
-    def _pick_least_loaded(self, candidates: list[Worker], exclude: Collection[Worker]) -> Worker | None:
+    def _pick_least_loaded(self, candidates: list[Worker], exclude: Collection[Worker],
+                           wanted: int = 1) -> Worker | None:
         best: Worker | None = None
         best_inflight = best_slots = 0
         count = len(candidates)
@@ -273,7 +298,7 @@ class WorkerPool:
         for index in range(start, start + count):
             worker = candidates[index % count] if index >= count else candidates[index]
             inflight, slots = worker.inflight, worker.slots
-            if inflight >= slots or (exclude and worker in exclude):
+            if slots - inflight < (wanted if wanted < slots else slots) or (exclude and worker in exclude):
                 continue
             # inflight/slots < best's, without floats
             if best is None or inflight * best_slots < best_inflight * slots:
@@ -283,7 +308,7 @@ class WorkerPool:
         return best
 
     def _pick_by_prefix(self, model: str, route: tuple[int, ...], least: Worker,
-                        exclude: Collection[Worker]) -> Worker | None:
+                        exclude: Collection[Worker], wanted: int = 1) -> Worker | None:
         """The least busy holder of the longest known prefix, unless it is much busier than ``least``."""
         assert self._prefixes is not None
         bound = least.inflight / least.slots + self._max_imbalance
@@ -292,7 +317,8 @@ class WorkerPool:
                 return least  # the least busy worker holds this prefix: nothing to weigh
             chosen: Worker | None = None
             for worker in holders:
-                if (worker.model != model or not worker.routable or worker.inflight >= worker.slots
+                if (worker.model != model or not worker.routable
+                        or worker.slots - worker.inflight < min(wanted, worker.slots)
                         or worker.inflight > bound * worker.slots or (exclude and worker in exclude)):
                     continue
                 if chosen is None or worker.inflight * chosen.slots < chosen.inflight * worker.slots:
@@ -301,12 +327,13 @@ class WorkerPool:
                 return chosen
         return None
 
-    def _pick_round_robin(self, model: str, candidates: list[Worker], exclude: Collection[Worker]) -> Worker | None:
+    def _pick_round_robin(self, model: str, candidates: list[Worker], exclude: Collection[Worker],
+                          wanted: int = 1) -> Worker | None:
         start = self._rr.get(model, 0)
         count = len(candidates)
         for offset in range(count):
             worker = candidates[(start + offset) % count]
-            if worker.inflight < worker.slots and worker not in exclude:
+            if worker.slots - worker.inflight >= min(wanted, worker.slots) and worker not in exclude:
                 self._rr[model] = (start + offset + 1) % count
                 return worker
         return None
@@ -379,12 +406,15 @@ class WorkerPool:
         while queue:
             only_headroom = bool(self._reserve) and self._only_headroom_free(model)
             for waiter in queue.order():
-                if only_headroom and self._needs_regular_slot(model, waiter.demand):
+                demand = waiter.demand
+                if only_headroom and self._needs_regular_slot(model, demand):
                     continue
-                worker = self._pick(model, candidates, waiter.exclude, waiter.demand.route)
+                worker = self._pick(model, candidates, waiter.exclude, demand.route, demand.slots)
                 if worker is None:
-                    if not waiter.exclude:
+                    if not waiter.exclude and demand.slots <= 1:
                         return  # nothing free for anyone
+                    continue  # a worker it may not use, or not room enough for its sequences: the next may fit
+                if self._reserve and self._would_take_headroom(model, worker, demand):
                     continue
                 queue.remove(waiter)
                 self._queued -= 1
@@ -412,6 +442,13 @@ async def _wait_with_notices(waiter: Waiter, notice: Notice, after_s: float, eve
         except TimeoutError:
             await notice(waiter)
             delay = every_s
+
+
+def _need(worker: Worker, demand: Demand | None) -> int:
+    """Slots a lease of ``demand`` holds on ``worker``: one per sequence, at most all of the worker's."""
+    if demand is None:
+        return 1
+    return demand.slots if demand.slots < worker.slots else worker.slots
 
 
 def _handed_a_slot(waiter: Waiter) -> bool:

@@ -25,6 +25,7 @@ from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, QUEUE_WAIT_HEADER
 from appliance.core.hop import REQUEST_ID_HEADER as REQUEST_ID
 from appliance.core.request_id import is_sane, request_id_var
 from appliance.core.sse import encode_error
+from appliance.core.wire import prompt_count
 from balancer.fairqueue import ANONYMOUS, BATCH, INTERACTIVE, PRIORITIES, Caller, Demand, Waiter
 from balancer.health import note_failure
 from balancer.http import TOKEN_HEADER, require_token
@@ -47,7 +48,8 @@ _HOP_BY_HOP = frozenset({
 _SSE = "text/event-stream"
 _TAIL = 2048  # bytes of a stream's end kept to see how it ended
 _MAX_WEIGHT = 1000.0
-_MAX_CHOICES = 128  # above any worker's slot count: the worker refuses it, the estimate ignores it
+_MAX_CHOICES = 256  # a worker's most slots: the worker refuses more, the estimate ignores it
+_MAX_PROMPTS = 4096  # a worker's most max_prompts: the same
 
 
 class _Target(msgspec.Struct):
@@ -61,7 +63,7 @@ class _Routed(msgspec.Struct):
     model: str = ""
     stream: bool = False
     messages: list[msgspec.Raw] | None = None
-    prompt: msgspec.Raw | None = None
+    prompt: msgspec.Raw = msgspec.Raw()  # empty: none (msgspec cannot decode Raw | None: a string failed it)
     max_tokens: int | float | str | None = None
     max_completion_tokens: int | float | str | None = None
     n: int | float | str | None = None
@@ -243,19 +245,24 @@ class Proxy:
         return model, stream
 
     def _describe(self, demand: Demand, body: bytes, routed: _Routed) -> list[bytes]:
-        """Token estimate (about 4 bytes a token); the parts of the prompt for prefix routing."""
+        """Cost and token estimate (about 4 bytes a token); the parts of the prompt for prefix routing.
+
+        The body is the one source of a request's cost: its sequences are prompts x ``n``, counted by the rule
+        the gateway and the worker apply (:func:`appliance.core.wire.prompt_count`); values the worker will
+        refuse count as one."""
         demand.prompt_tokens = len(body) / 4
+        n = routed.n
+        choices = n if isinstance(n, int) and type(n) is not bool and 1 < n <= _MAX_CHOICES else 1
+        prompts = _prompts(routed.prompt)
+        demand.slots = choices * (prompts if prompts <= _MAX_PROMPTS else 1)
         limit = routed.max_completion_tokens if routed.max_completion_tokens is not None else routed.max_tokens
         if isinstance(limit, int | float) and type(limit) is not bool and limit >= 0:
-            # n choices answer n times: the fair share is charged for all of them (the worker validates n).
-            n = routed.n
-            choices = n if isinstance(n, int) and type(n) is not bool and 1 < n <= _MAX_CHOICES else 1
-            demand.max_tokens = int(limit) * choices
+            demand.max_tokens = int(limit)  # per sequence: the fair queue charges it for every one
         if not self._pool.prefix_routing:
             return []
         if routed.messages:
             return [bytes(message) for message in routed.messages]
-        if routed.prompt is not None:
+        if routed.prompt:
             return list(prompt_blocks(bytes(routed.prompt)))
         return []
 
@@ -301,7 +308,7 @@ class Proxy:
         return notice
 
     def _reject(self, model: str, error: APIError) -> APIError:
-        self._metrics.unrouted[(model, error.status)] += 1
+        self._metrics.unrouted[(self._metrics.model_label(model), error.status)] += 1
         return error
 
     async def _attempt(self, call: _Call, worker: Worker) -> web.StreamResponse | _Failure:
@@ -417,7 +424,7 @@ class Proxy:
             error = APIError(504, "The worker did not answer in time.", type_="server_error", code="upstream_timeout")
         else:
             error = APIError(502, f"The worker failed: {failure.detail}", type_="server_error", code="upstream_error")
-        self._metrics.unrouted[(model, error.status)] += 1
+        self._metrics.unrouted[(self._metrics.model_label(model), error.status)] += 1
         raise error
 
 
@@ -439,6 +446,17 @@ def _caller(headers: CIMultiDictProxy[str]) -> Caller:
         if not 0 < weight <= _MAX_WEIGHT:  # also rejects nan
             weight = 1.0
     return Caller(key_id, BATCH if priority == PRIORITIES[BATCH] else INTERACTIVE, weight)
+
+
+def _prompts(raw: msgspec.Raw) -> int:
+    """Prompts in a completions ``prompt`` (one unless it is a JSON list: only then is it decoded)."""
+    view = memoryview(raw)
+    if not view or view[0] != 0x5B:  # "["
+        return 1
+    try:
+        return prompt_count(msgspec.json.decode(view))
+    except (msgspec.DecodeError, RecursionError):
+        return 1
 
 
 def _usage_of(body: bytes) -> _Usage | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from appliance.core.errors import APIError, forbidden, overloaded, rate_limited, unauthorized
+from appliance.core.errors import APIError, bad_request, forbidden, overloaded, rate_limited, unauthorized
 from gateway.keys import Principal, hash_secret, record_key
 from gateway.lua import ADMIT, SETTLE
 from gateway.redis_guard import RedisGuard, RedisUnavailable
@@ -30,7 +30,7 @@ __all__ = ["Admission", "Ticket", "parse_bearer"]
 
 STATS = "gw:stats"
 _LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "tpd": "tokens per day",
-                "concurrency": "concurrent requests"}
+                "concurrency": "concurrent slots (one per sequence: prompts x n)"}
 
 
 @dataclass(slots=True)
@@ -42,6 +42,7 @@ class Ticket:
     rate_headers: dict[str, str]
     limited: bool
     prefetched: Any = None  # the reply to the command sent along with admission (None: Redis down)
+    slots: int = 1  # concurrency units held: the request's cost (prompts x n)
 
 
 def parse_bearer(header: str | None) -> str:
@@ -85,25 +86,28 @@ class Admission:
         return replies
 
     async def admit(self, secret: str, scope: str, model: str = "", limited: bool = True,
-                    extra: Sequence[Arg] | None = None) -> Ticket:
+                    extra: Sequence[Arg] | None = None, *, slots: int = 1) -> Ticket:
         """Verify and count the request; ``extra`` (a cache GET) rides in the same round trip.
 
-        The extra command's reply is ``ticket.prefetched`` (None when Redis is down)."""
+        ``slots``: what the request occupies (:class:`appliance.core.wire.RequestCost`), the units it takes of
+        the key's concurrency limit. The extra command's reply is ``ticket.prefetched`` (None when Redis is
+        down)."""
+        slots = max(1, slots)
         digest = hash_secret(secret)
         member = f"{self._member_prefix}{next(self._counter)}"
         keys: list[Arg] = [record_key(digest), f"gw:rl:{digest}:req", f"gw:rl:{digest}:tpm",
                            f"gw:rl:{digest}:tpd", f"gw:rl:{digest}:inflight"]
-        args: list[Arg] = [scope, model, member, self._inflight_ttl_s, "1" if limited else "0"]
+        args: list[Arg] = [scope, model, member, self._inflight_ttl_s, "1" if limited else "0", slots]
         try:
             replies = await self._run(self._admit, keys, args, extra)
         except RedisUnavailable:
             return self._admit_degraded(digest, scope, model, member, limited)
-        ticket = self._interpret(digest, (scope, model), member, replies[0], limited)
+        ticket = self._interpret(digest, (scope, model), member, replies[0], limited, slots=slots)
         ticket.prefetched = replies[1] if extra else None
         return ticket
 
     def _interpret(self, digest: str, wanted: tuple[str, str], member: str, reply: list[Any],
-                   limited: bool) -> Ticket:
+                   limited: bool, *, slots: int = 1) -> Ticket:
         scope, model = wanted
         status = reply[0].decode()
         if status == "unknown":
@@ -118,12 +122,12 @@ class Admission:
         if not hmac.compare_digest(principal.digest, digest):
             raise unauthorized("Invalid API key.")
         self._verified[digest] = (principal, time.monotonic())
-        if status in _LIMIT_NAMES:
-            self._on_refused(status)
-        _check_status(status, scope, model, reply)
+        if status in _LIMIT_NAMES or status == "slots":
+            self._on_refused("concurrency" if status == "slots" else status)
+        _check_status(status, scope, model, reply, slots)
         limit, remaining, reset = int(reply[2]), int(reply[3]), float(reply[4].decode())
         headers = _rate_headers(limit, remaining, reset) if limit > 0 else {}
-        return Ticket(principal, member, headers, limited)
+        return Ticket(principal, member, headers, limited, slots=slots)
 
     def _admit_degraded(self, digest: str, scope: str, model: str, member: str, limited: bool) -> Ticket:
         cached = self._verified.get(digest)
@@ -154,19 +158,22 @@ class Admission:
                            usage_key(dt.datetime.now(dt.UTC).date()), STATS]
         args: list[Arg] = [
             ticket.member, prompt_tokens + completion_tokens, limits.tpm, limits.tpd, principal.key_id,
-            prompt_tokens, completion_tokens, cache_result, "1",
+            prompt_tokens, completion_tokens, cache_result, "1", ticket.slots,
         ]
         with contextlib.suppress(RedisUnavailable, ResponseError):
             await self._run(self._settle, keys, args, extra)
 
 
-def _check_status(status: str, scope: str, model: str, reply: list[Any]) -> None:
+def _check_status(status: str, scope: str, model: str, reply: list[Any], slots: int = 1) -> None:
     if status == "ok":
         return
     if status == "scope":
         raise forbidden(f"This API key lacks the '{scope}' scope.")
     if status == "model":
         raise forbidden(f"This API key may not use model '{model}'.")
+    if status == "slots":
+        raise bad_request(f"This request runs {slots} sequences (prompts x n), above this key's limit of "
+                          f"{int(reply[2])} concurrent slots.", param="n", code="too_many_slots")
     retry_after = max(1.0, math.ceil(float(reply[1].decode())))
     limit, remaining, reset = int(reply[2]), int(reply[3]), float(reply[4].decode())
     headers = _rate_headers(limit, remaining, reset) if limit > 0 else {}

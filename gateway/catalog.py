@@ -2,7 +2,7 @@
 
 The response cache keys on the model's file hash, so replacing the weights
 behind an alias never replays an old answer. The limits (``context_length``,
-``max_tokens``, ``max_choices``) are the workers' own, published on
+``max_tokens``, ``max_choices``, ``max_prompts``) are the workers' own, published on
 ``/v1/models``: the gateway refuses what the worker would refuse, with the
 same error, and the chat UI sizes its controls from them. Refreshed in the background (owner:
 the app lifespan); a failed refresh keeps the last known values.

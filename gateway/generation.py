@@ -16,8 +16,10 @@ from appliance.core.errors import APIError, bad_request
 from appliance.core.wire import (
     ChatCompletionRequest,
     CompletionRequest,
+    RequestCost,
     check_max_tokens,
     check_n,
+    check_prompts,
     message_text,
     parse_request,
     reject_unsupported,
@@ -86,7 +88,9 @@ async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: 
     if invalid is None and policy.active and not (isinstance(parsed, ChatCompletionRequest) and parsed.rag):
         key = cache_key(kind, parsed, svc.catalog.model_sha256(parsed.model))
     lookup = svc.cache.get_command(key) if key and policy.lookup else None
-    ticket = await svc.admission.admit(secret, "chat", record.model, extra=lookup)
+    # What the request occupies counts against the key's concurrency limit: a slot per sequence.
+    slots = RequestCost.of(parsed).slots if invalid is None else 1
+    ticket = await svc.admission.admit(secret, "chat", record.model, extra=lookup, slots=slots)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
     use_caller(ticket.principal, request.headers.get(CLIENT_PRIORITY_HEADER) or payload.get("service_tier"))
     try:
@@ -117,6 +121,8 @@ def _validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
         check_max_tokens(parsed, limits.max_tokens)
         if limits.max_choices is not None:
             check_n(parsed, limits.max_choices)
+        if limits.max_prompts is not None:
+            check_prompts(parsed, limits.max_prompts)
     headers = {name: request.headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
     return parsed, cache_policy(parsed, headers, settings.cache_enabled, settings.cache_ttl_s)
 

@@ -8,9 +8,12 @@ Limits, all per key (0 = unlimited):
 - tokens/minute and tokens/day: token buckets refilled continuously; a request
   is admitted while the bucket is above zero and its real usage is debited
   after the response (so one request may overdraw, the next waits);
-- concurrency: a sorted set of in-flight request ids scored by start time;
-  entries older than the safety TTL are dropped, so a crashed gateway cannot
-  leak slots for ever.
+- concurrency, in slots: a request takes one per sequence it will run
+  (prompts x ``n``, :class:`appliance.core.wire.RequestCost`), as members
+  ``<request id>#1..k`` of a sorted set scored by start time; settle removes all
+  k; entries older than the safety TTL are dropped, so a crashed gateway cannot
+  leak slots for ever. A request of more slots than the limit is refused
+  (``slots``): waiting would never admit it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 __all__ = ["ADMIT", "SETTLE"]
 
 # KEYS: record, req log, tpm bucket, tpd bucket, inflight set
-# ARGV: scope, model, member, inflight ttl, apply limits ("1"/"0")
+# ARGV: scope, model, member, inflight ttl, apply limits ("1"/"0"), slots (the request's cost, >= 1)
 # Returns {status, retry_after, limit, remaining, reset, field, value, ...}
 ADMIT = r"""
 local flat = redis.call('HGETALL', KEYS[1])
@@ -74,9 +77,18 @@ if left <= 0 then return reply('tpd', (1 - left) / rate, rpm, math.max(rpm - use
 local conc = tonumber(r.max_concurrent or '0') or 0
 if conc > 0 then
   local ttl = tonumber(ARGV[4])
+  local want = math.max(1, math.floor(tonumber(ARGV[6]) or 1))
+  if want > conc then return reply('slots', 0, conc, 0, 0) end
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
-  if redis.call('ZCARD', KEYS[5]) >= conc then return reply('concurrency', 1, rpm, math.max(rpm - used, 0), reset) end
-  redis.call('ZADD', KEYS[5], now, ARGV[3])
+  if redis.call('ZCARD', KEYS[5]) + want > conc then
+    return reply('concurrency', 1, rpm, math.max(rpm - used, 0), reset)
+  end
+  local add = {}
+  for i = 1, want do
+    add[#add + 1] = now
+    add[#add + 1] = ARGV[3] .. '#' .. i
+  end
+  redis.call('ZADD', KEYS[5], unpack(add))
   redis.call('EXPIRE', KEYS[5], ttl)
 end
 if rpm > 0 then
@@ -87,11 +99,14 @@ return reply('ok', 0, rpm, math.max(rpm - used - 1, 0), reset)
 """
 
 # KEYS: tpm bucket, tpd bucket, inflight set, usage hash (per day), stats hash
-# ARGV: member, tokens, tpm, tpd, key id, prompt, completion, cache result ('' = none), count request ('1'/'0')
+# ARGV: member, tokens, tpm, tpd, key id, prompt, completion, cache result ('' = none), count request ('1'/'0'),
+#       slots (as admitted)
 SETTLE = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZREM', KEYS[3], ARGV[1])
+local held = {}
+for i = 1, math.max(1, math.floor(tonumber(ARGV[10]) or 1)) do held[#held + 1] = ARGV[1] .. '#' .. i end
+redis.call('ZREM', KEYS[3], unpack(held))
 local spent = tonumber(ARGV[2])
 local function debit(key, cap, per)
   if cap <= 0 or spent <= 0 then return end

@@ -117,6 +117,7 @@ class ModelObject(_Open):
     context_length: int | None = None  # appliance: tokens per request (prompt and answer), the worker's limit
     max_tokens: int | None = None  # appliance: the longest answer a request may ask for
     max_choices: int | None = None  # appliance: the most choices (n) a request may ask (the workers' slots)
+    max_prompts: int | None = None  # appliance: the most prompts a /v1/completions request may hold
 
 
 Body = type[BaseModel] | Mapping[str, type[BaseModel]]

@@ -27,6 +27,7 @@ from appliance.core.wire import (
     ModelLimits,
     check_max_tokens,
     check_n,
+    check_prompts,
     model_list,
     model_object,
     reject_unsupported,
@@ -140,7 +141,7 @@ class WorkerService:
         """The worker's limits: the truth the balancer, the gateway and the chat UI read from /v1/models."""
         settings = self.settings
         return ModelLimits(context_length=settings.n_ctx, max_tokens=settings.max_tokens_cap,
-                           max_choices=settings.slots)
+                           max_choices=settings.slots, max_prompts=settings.max_prompts)
 
     def models(self) -> dict[str, Any]:
         return model_list([self.alias], limits={self.alias: self.limits()})
@@ -194,6 +195,7 @@ class WorkerService:
         reject_unsupported(body)
         self.check_model(body.model)
         check_n(body, self.settings.slots)
+        check_prompts(body, self.settings.max_prompts)
         if body.echo:
             raise bad_request("echo is not supported.", param="echo")
         prompts = await self.completion_prompts(body)

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS
+from appliance.core.redis_auth import checked_password_file, login_kwargs
 from appliance.core.settings import CommonSettings
 
 __all__ = ["WorkerSettings"]
@@ -48,6 +49,8 @@ class WorkerSettings(CommonSettings):
     tensor_split: Annotated[list[float], NoDecode] = Field(default_factory=list)
     max_tokens_cap: int = Field(default=2048, ge=1, description="longest answer a request may ask for")
     queue_size: int = Field(default=64, ge=0, description="requests waiting for a slot before 503")
+    max_prompts: int = Field(default=16, ge=1, le=4096,
+                             description="prompts one /v1/completions request may hold (each takes n slots)")
     prefill_chunk: int = Field(default=256, ge=16, description="prompt tokens per decode step (chunked prefill)")
     chat_template: str = Field(default="", description="Jinja chat template, or a path to one; empty = model's own")
     allowed_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -67,6 +70,11 @@ class WorkerSettings(CommonSettings):
     )
     # Worker registry (docs/CONTRACTS.md): announce this worker to balancers through Redis once ready.
     redis_url: str = Field(default="", repr=False, description="empty = no registration (static balancer list)")
+    redis_username: str = Field(default="worker", description="Redis ACL user this service logs in as")
+    redis_password_file: Path | None = Field(
+        default=None, description="file holding that user's Redis password (0600; a Docker or Kubernetes secret); "
+        "unset: the URL's own credentials, if any"
+    )
     advertise_url: str = Field(
         default="", validate_default=True, description="base URL balancers use; empty = http://host:port"
     )
@@ -94,6 +102,15 @@ class WorkerSettings(CommonSettings):
             if len(item) != 64 or any(c not in "0123456789abcdef" for c in item):
                 raise ValueError(f"not a sha256 hex digest: {item!r}")
         return digests
+
+    @field_validator("redis_password_file")
+    @classmethod
+    def _readable_password(cls, value: Path | None) -> Path | None:
+        return checked_password_file(value)
+
+    def redis_login(self) -> dict[str, Any]:
+        """Keyword arguments that log the Redis client in as this service's user."""
+        return login_kwargs(self.redis_username, self.redis_password_file)
 
     @field_validator("redis_url")
     @classmethod

@@ -26,6 +26,7 @@ __all__ = [
     "JsonSchemaFormat",
     "ModelLimits",
     "PromptTokensDetails",
+    "RequestCost",
     "ResponseFormat",
     "StreamOptions",
     "Tool",
@@ -33,12 +34,14 @@ __all__ = [
     "Usage",
     "check_max_tokens",
     "check_n",
+    "check_prompts",
     "message_text",
     "model_limits",
     "model_list",
     "model_object",
     "parse_json",
     "parse_request",
+    "prompt_count",
     "reject_unsupported",
     "strictest_limits",
 ]
@@ -259,6 +262,44 @@ def check_n(request: ChatCompletionRequest | CompletionRequest, slots: int) -> N
                           f"(one slot per choice).", param="n", code="too_many_choices")
 
 
+def prompt_count(prompt: object) -> int:
+    """Prompts in a ``/v1/completions`` ``prompt``: a string or one list of token ids is one; a list of strings
+    or of token-id lists is its length (at least one: an empty list is the worker's to refuse)."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+class RequestCost(_Wire):
+    """What a generation request occupies: one slot per sequence, ``prompts`` x ``choices`` (``n``).
+
+    The body is the one source: the gateway reads it from the validated request, the balancer from the body it
+    forwards (the same rule, :func:`prompt_count`), so no layer can be told another cost than the worker runs."""
+
+    prompts: int = Field(default=1, ge=1)
+    choices: int = Field(default=1, ge=1)
+
+    @property
+    def slots(self) -> int:
+        return self.prompts * self.choices
+
+    @classmethod
+    def of(cls, request: ChatCompletionRequest | CompletionRequest) -> RequestCost:
+        prompts = prompt_count(request.prompt) if isinstance(request, CompletionRequest) else 1
+        return cls(prompts=prompts, choices=request.n)
+
+
+def check_prompts(request: ChatCompletionRequest | CompletionRequest, cap: int) -> None:
+    """The one prompts-per-request rule, applied alike by the worker (its ``max_prompts``) and the gateway (the
+    model's published ``max_prompts``)."""
+    if not isinstance(request, CompletionRequest):
+        return
+    count = prompt_count(request.prompt)
+    if count > cap:
+        raise bad_request(f"prompt holds {count} prompts, above this model's limit of {cap} prompts per request.",
+                          param="prompt", code="too_many_prompts")
+
+
 class ModelLimits(_Wire):
     """What a worker accepts, published with its model on ``/v1/models`` (the one authority for limits)."""
 
@@ -267,6 +308,8 @@ class ModelLimits(_Wire):
     # The most choices (``n``) a request may ask: the worker's slots. None where a worker did not publish it
     # (an older one): then no layer in front knows it, and the worker alone refuses.
     max_choices: int | None = Field(default=None, ge=1)
+    # The most prompts a ``/v1/completions`` request may hold (each takes ``n`` slots); None: not published.
+    max_prompts: int | None = Field(default=None, ge=1)
 
 
 def model_object(model_id: str, limits: ModelLimits | None = None, *, created: int | None = None,
@@ -288,15 +331,16 @@ def model_list(model_ids: list[str], owned_by: str = "appliance",
 
 
 def strictest_limits(known: Iterable[tuple[str, ModelLimits]]) -> dict[str, ModelLimits]:
-    """Per model, the limits every worker serving it accepts (the smallest of each; ``max_choices``: the
-    smallest published, as a worker that does not publish it still refuses on its own)."""
+    """Per model, the limits every worker serving it accepts (the smallest of each; ``max_choices`` and
+    ``max_prompts``: the smallest published, as a worker that does not publish one still refuses on its own)."""
     found: dict[str, ModelLimits] = {}
     for model, limits in known:
         seen = found.get(model)
         found[model] = limits if seen is None else ModelLimits(
             context_length=min(seen.context_length, limits.context_length),
             max_tokens=min(seen.max_tokens, limits.max_tokens),
-            max_choices=_smallest(seen.max_choices, limits.max_choices))
+            max_choices=_smallest(seen.max_choices, limits.max_choices),
+            max_prompts=_smallest(seen.max_prompts, limits.max_prompts))
     return found
 
 

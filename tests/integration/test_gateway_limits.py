@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from appliance.core.errors import APIError
 from gateway.admission import Admission, Ticket
-from gateway.keys import KeyLimits, KeyStore
+from gateway.keys import KeyLimits, KeyStore, hash_secret
 from gateway.redis_guard import RedisGuard
 from gateway.resp import PipelinedRedis
 
@@ -104,3 +104,31 @@ async def test_degraded_mode_uses_recently_verified_keys_only(guard: RedisGuard)
     assert (await refused(gate.admit(secret, "admin"))).status == 403
     assert (await refused(closed.admit(other, "chat"))).status == 503
     assert (await refused(gate.admit(other, "chat"))).status == 503  # never verified by this gateway
+
+
+async def test_concurrency_counts_slots_and_settle_frees_them_all(guard: RedisGuard) -> None:
+    """A request of k sequences (prompts x n) takes k of the key's concurrency units, atomically; settling it
+    frees all k; a request of more sequences than the limit is refused with a 400 (waiting would never admit it)."""
+    secret, _ = await KeyStore(guard.client).create("slots", {"chat"}, KeyLimits(max_concurrent=8))
+    gate = admission(guard)
+    inflight = f"gw:rl:{hash_secret(secret)}:inflight"
+    big = await gate.admit(secret, "chat", slots=6)
+    assert await guard.client.zcard(inflight) == 6
+    results = await asyncio.gather(*(gate.admit(secret, "chat", slots=2) for _ in range(5)), return_exceptions=True)
+    tickets = [r for r in results if isinstance(r, Ticket)]
+    assert len(tickets) == 1 and {r.param for r in results if isinstance(r, APIError)} == {"concurrency"}
+    error = await refused(gate.admit(secret, "chat", slots=3))
+    assert (error.status, error.param) == (429, "concurrency")
+    await gate.settle(big)
+    await gate.settle(big)  # twice: frees nothing more
+    assert await guard.client.zcard(inflight) == 2
+    await gate.settle(tickets[0])
+    assert await guard.client.zcard(inflight) == 0
+    too_big = await refused(gate.admit(secret, "chat", slots=9))
+    assert (too_big.status, too_big.code, too_big.param) == (400, "too_many_slots", "n")
+    assert "9 sequences" in too_big.message and "8 concurrent slots" in too_big.message
+    assert await guard.client.zcard(inflight) == 0
+    whole = await gate.admit(secret, "chat", slots=8)
+    assert await guard.client.zcard(inflight) == 8
+    await gate.settle(whole)
+    assert await guard.client.zcard(inflight) == 0

@@ -402,18 +402,24 @@ async def test_position_and_eta_are_reported_while_waiting() -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "expected"),
+    ("body", "max_tokens", "slots"),
     [
-        ({"max_tokens": 40}, 40),
-        ({"max_tokens": 40, "n": 3}, 120),  # three choices answer three times
-        ({"max_completion_tokens": 10, "max_tokens": 99, "n": 2}, 20),
-        ({"max_tokens": 40, "n": True}, None),  # odd field types: routed on model and stream alone (worker: 400)
-        ({"max_tokens": 40, "n": 10_000}, 40),  # above any slot count: the worker refuses it
-        ({"max_tokens": 40, "n": "3"}, 40),
-        ({"n": 3}, None),  # no limit: the key's running average answer length stands
+        ({"max_tokens": 40}, 40, 1),
+        ({"max_tokens": 40, "n": 3}, 40, 3),  # three choices: three sequences of up to 40 tokens each
+        ({"max_completion_tokens": 10, "max_tokens": 99, "n": 2}, 10, 2),
+        ({"max_tokens": 40, "n": True}, None, 1),  # odd field types: routed on model and stream alone (worker: 400)
+        ({"max_tokens": 40, "n": 10_000}, 40, 1),  # above any slot count: the worker refuses it
+        ({"max_tokens": 40, "n": "3"}, 40, 1),
+        ({"n": 3}, None, 3),  # no limit: the key's running average answer length stands
+        ({"prompt": "one", "n": 2}, None, 2),  # a completions prompt string: one prompt
+        ({"prompt": ["a", "b", "c"], "n": 2}, None, 6),  # every prompt x every choice
+        ({"prompt": [[1, 2], [3], [4], [5]], "n": 4}, None, 16),
+        ({"prompt": [1, 2, 3, 4]}, None, 1),  # one prompt of token ids
+        ({"prompt": ["x"] * 5000}, None, 1),  # past any worker's max_prompts: the worker refuses it
     ],
 )
-def test_the_fair_share_estimate_counts_every_choice(body: dict[str, object], expected: int | None) -> None:
+def test_the_cost_is_every_prompt_times_every_choice(body: dict[str, object], max_tokens: int | None,
+                                                     slots: int) -> None:
     from balancer.metrics import BalancerMetrics
     from balancer.proxy import Proxy, ProxyTimeouts
     from balancer.retry import RetryBudget
@@ -425,4 +431,69 @@ def test_the_fair_share_estimate_counts_every_choice(body: dict[str, object], ex
     demand = Demand(Caller("key_a", INTERACTIVE, 1.0))
     raw = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}).encode()
     assert proxy._target(raw, demand) == (MODEL, False)
-    assert demand.max_tokens == expected
+    assert (demand.max_tokens, demand.slots) == (max_tokens, slots)
+
+
+def test_a_lease_is_charged_for_every_sequence() -> None:
+    queue = FairQueue()
+    caller = Caller("flood", INTERACTIVE, 2.0)
+    queue.arrive(caller)
+    demand = Demand(caller, prompt_tokens=100.0, max_tokens=10, slots=16 * 4)
+    queue.charge(demand)
+    assert demand.charged == 100 + 16 * 4 * 10  # every prompt's tokens, and up to max_tokens for each sequence
+    assert queue.counter("flood") - queue.vtime == demand.charged / 2
+    assert (queue.running("flood"), queue.slots("flood"), queue.slots_charged["flood"]) == (1, 64, 64)
+    queue.settle(demand, prompt_tokens=100, completion_tokens=640)
+    assert (queue.running("flood"), queue.slots("flood"), queue.slots_charged["flood"]) == (0, 0, 64)
+    assert queue.tokens["flood"] == 740
+    row = queue.describe(0.0)
+    assert row == []  # nothing waits or runs: no row (the counters stay)
+
+
+@given(costs=st.lists(st.tuples(st.integers(1, 16), st.integers(1, 8), st.sampled_from(["done", "refund"])),
+                      min_size=1, max_size=12),
+       order=st.randoms(use_true_random=False))
+@example(costs=[(16, 8, "done")], order=random.Random(0))
+def test_charged_slots_are_prompts_times_n_and_in_flight_never_negative(
+        costs: list[tuple[int, int, str]], order: random.Random) -> None:
+    """Leases of any cost end in any order: the key is charged prompts x n for each lease it kept, the slots
+    in flight follow every lease and end, never below zero."""
+    queue = FairQueue()
+    caller = Caller("k")
+    queue.arrive(caller)
+    leases = []
+    for prompts, n, end in costs:
+        demand = Demand(caller, prompt_tokens=float(prompts), max_tokens=4, slots=prompts * n)
+        queue.charge(demand)
+        leases.append((demand, end))
+    assert queue.slots("k") == sum(d.slots for d, _ in leases) and queue.running("k") == len(leases)
+    order.shuffle(leases)
+    for index, (demand, end) in enumerate(leases):
+        queue.settle(demand, None, 1, refund=end == "refund")
+        queue.settle(demand, None, 1)  # settling twice changes nothing
+        rest = leases[index + 1:]
+        assert queue.slots("k") == sum(d.slots for d, _ in rest) >= 0
+        assert queue.running("k") == len(rest)
+    kept = sum(prompts * n for prompts, n, end in costs if end == "done")
+    assert queue.slots_charged.get("k", 0) == kept
+
+
+async def test_a_multi_slot_lease_holds_its_slots_and_leaves_the_headroom() -> None:
+    """A request of 16 sequences holds a whole 4-slot worker (the worker queues the rest itself); the next one
+    may not take the other worker's last free slots, which stay for a chat from another key."""
+    pool, (first, second) = healthy_pool([4, 4], reserve=2)
+    flood = Caller("flood")
+    big = Demand(flood, slots=16)
+    worker = await pool.wait_for_worker(MODEL, 5.0, demand=big)
+    assert worker.inflight == 4 and big.leased == 4 and pool.free_slots(MODEL) == 4
+    other = second if worker is first else first
+    queued = asyncio.create_task(pool.wait_for_worker(MODEL, 5.0, demand=Demand(flood, slots=16)))
+    await settle_loop()
+    assert not queued.done() and other.inflight == 0, "the headroom stays free"
+    chat = Demand(Caller("person"), slots=2)
+    assert await pool.wait_for_worker(MODEL, 5.0, demand=chat) is other and other.inflight == 2
+    pool.release(worker, big, prompt_tokens=10, completion_tokens=160)
+    assert await queued is worker and worker.inflight == 4
+    assert pool.queue(MODEL).slots("flood") == 16 and pool.queue(MODEL).slots_charged["flood"] == 32
+    pool.release(other, chat)
+    assert other.inflight == 0 and pool.free_slots(MODEL) == 4

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from appliance.core.errors import APIError
 from appliance.core.wire import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelLimits,
+    RequestCost,
     check_max_tokens,
+    check_prompts,
     model_limits,
     model_list,
     parse_json,
+    prompt_count,
     strictest_limits,
 )
 
@@ -56,6 +61,45 @@ def test_strictest_limits_take_the_smallest_per_model() -> None:
     assert found == {"m": ModelLimits(context_length=4096, max_tokens=1024, max_choices=4),
                      "n": ModelLimits(context_length=100, max_tokens=10)}
     assert strictest_limits([("m", older), ("m", small)])["m"].max_choices == 8
+    capped = ModelLimits(context_length=8192, max_tokens=1024, max_prompts=4)
+    assert strictest_limits([("m", small), ("m", capped), ("m", older)])["m"].max_prompts == 4
+    assert strictest_limits([("m", older), ("m", small)])["m"].max_prompts is None
+    assert model_limits(model_list(["m"], limits={"m": capped}))["m"].max_prompts == 4
+
+
+_prompts = st.one_of(
+    st.text(max_size=5).map(lambda text: (text, 1)),
+    st.lists(st.integers(0, 50_000), min_size=1, max_size=6).map(lambda ids: (ids, 1)),
+    st.lists(st.text(max_size=5), min_size=1, max_size=20).map(lambda texts: (texts, len(texts))),
+    st.lists(st.lists(st.integers(0, 50_000), min_size=1, max_size=4), min_size=1, max_size=20)
+    .map(lambda lists: (lists, len(lists))),
+)
+
+
+@given(prompt=_prompts, n=st.integers(1, 16))
+def test_a_completions_request_costs_one_slot_per_prompt_and_choice(prompt: tuple[object, int], n: int) -> None:
+    value, prompts = prompt
+    request = parse_json(CompletionRequest, CompletionRequest(model="m", prompt=value, n=n).model_dump_json().encode())
+    cost = RequestCost.of(request)
+    assert (cost.prompts, cost.choices, cost.slots) == (prompts, n, prompts * n)
+    assert prompt_count(request.prompt) == prompts
+
+
+@given(n=st.integers(1, 16))
+def test_a_chat_request_is_one_prompt_with_n_choices(n: int) -> None:
+    cost = RequestCost.of(ChatCompletionRequest.model_validate({**CHAT, "n": n}))
+    assert cost.slots == n and cost.prompts == 1
+
+
+def test_check_prompts_refuses_past_the_published_cap() -> None:
+    check_prompts(CompletionRequest(model="m", prompt=["a"] * 4), 4)
+    check_prompts(CompletionRequest(model="m", prompt=list(range(100))), 1)  # one prompt of token ids
+    check_prompts(ChatCompletionRequest.model_validate(CHAT), 1)  # chat holds one prompt
+    with pytest.raises(APIError) as caught:
+        check_prompts(CompletionRequest(model="m", prompt=[[1], [2], [3], [4], [5]]), 4)
+    error = caught.value
+    assert (error.status, error.code, error.param) == (400, "too_many_prompts", "prompt")
+    assert error.message == "prompt holds 5 prompts, above this model's limit of 4 prompts per request."
 
 
 @pytest.mark.parametrize(
