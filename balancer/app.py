@@ -122,8 +122,10 @@ def _registry_ctx(settings: BalancerSettings, given: Redis | None) -> Ctx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         from redis.asyncio import Redis
 
-        client = given or Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        watcher = RegistryWatcher(app[POOL], app[PROBER], client, settings.registry_poll_s)
+        client = given or Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
+                                         **settings.redis_login())
+        watcher = RegistryWatcher(app[POOL], app[PROBER], client, settings.registry_poll_s,
+                                  settings.resolved_internal_token())
         try:
             async with _owned_task(watcher.run()):
                 yield

@@ -1,4 +1,9 @@
-"""Membership from the Redis registry: workers on other hosts join and leave without a restart."""
+"""Membership from the Redis registry: workers on other hosts join and leave without a restart.
+
+Only entries signed with the internal token count (``appliance.core.registry``); one that is not is
+ignored and logged once (its key, never its contents), so a process that can write Redis cannot add
+itself as a worker.
+"""
 
 from __future__ import annotations
 
@@ -22,11 +27,13 @@ log = logging.getLogger("balancer.registry")
 class RegistryWatcher:
     """Adds workers whose heartbeat key appears; drains registry workers whose key expired."""
 
-    def __init__(self, pool: WorkerPool, prober: Prober, client: Redis, poll_s: float) -> None:
+    def __init__(self, pool: WorkerPool, prober: Prober, client: Redis, poll_s: float, token: str) -> None:
         self._pool = pool
         self._prober = prober
         self._client = client
         self._poll_s = poll_s
+        self._token = token
+        self._refused: set[str] = set()  # keys already logged as refused (forgotten once they disappear)
 
     async def run(self) -> None:
         while True:
@@ -37,8 +44,10 @@ class RegistryWatcher:
             await asyncio.sleep(self._poll_s)
 
     async def sync(self) -> None:
+        snapshot = await registered_workers(self._client, self._token)
+        self._log_refused(snapshot.refused)
         alive: set[str] = set()
-        for raw_url in await registered_workers(self._client):
+        for raw_url in snapshot.workers:
             try:
                 alive.add(normalise_worker_url(raw_url))
             except ValueError:
@@ -55,3 +64,10 @@ class RegistryWatcher:
         if fresh:
             log.info("registry workers joined", extra={"workers": [w.url for w in fresh]})
             await asyncio.gather(*(self._prober.probe(worker) for worker in fresh))
+
+    def _log_refused(self, refused: list[str]) -> None:
+        current = set(refused)
+        for key in sorted(current - self._refused)[:20]:
+            log.warning("ignoring a worker registry entry that is not signed with the internal token",
+                        extra={"key": key[:200]})
+        self._refused = current if len(current) <= 10_000 else set()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from appliance.core.redis_auth import checked_password_file, login_kwargs
 from appliance.core.settings import CommonSettings
 
 __all__ = ["BalancerSettings", "normalise_worker_url"]
@@ -79,7 +81,12 @@ class BalancerSettings(CommonSettings):
     max_attempts: int = Field(default=3, ge=1, le=3)
     retry_budget_ratio: float = Field(default=0.2, ge=0, description="Retry tokens earned per request.")
     retry_budget_burst: float = Field(default=10.0, ge=0, description="Retry tokens held at most.")
-    redis_url: str = Field(default="", description="Optional worker registry (heartbeat keys with TTL).")
+    redis_url: str = Field(default="", repr=False, description="Optional worker registry (heartbeat keys with TTL).")
+    redis_username: str = Field(default="balancer", description="Redis ACL user this service logs in as")
+    redis_password_file: Path | None = Field(
+        default=None, description="file holding that user's Redis password (0600; a Docker or Kubernetes secret); "
+        "unset: the URL's own credentials, if any"
+    )
     registry_poll_s: float = Field(default=2.0, gt=0)
     shutdown_drain_s: float = Field(
         default=300.0, gt=0, description="On SIGTERM, in-flight requests (long streams) get this long to finish."
@@ -87,6 +94,15 @@ class BalancerSettings(CommonSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="413 past this; above the gateway's 1 MiB (room for RAG context)."
     )
+
+    @field_validator("redis_password_file")
+    @classmethod
+    def _readable_password(cls, value: Path | None) -> Path | None:
+        return checked_password_file(value)
+
+    def redis_login(self) -> dict[str, Any]:
+        """Keyword arguments that log the Redis client in as this service's user."""
+        return login_kwargs(self.redis_username, self.redis_password_file)
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -54,7 +54,7 @@ def new_redis(settings: GatewaySettings) -> Redis:
     return Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_s,
                           socket_connect_timeout=settings.redis_timeout_s,
                           retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-                          max_connections=512)
+                          max_connections=512, **settings.redis_login())
 
 
 def new_http_session(settings: GatewaySettings) -> aiohttp.ClientSession:
@@ -63,7 +63,7 @@ def new_http_session(settings: GatewaySettings) -> aiohttp.ClientSession:
 
 
 def _pipelined(settings: GatewaySettings, _: Redis) -> HotRedis:
-    return PipelinedRedis.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+    return PipelinedRedis.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s, **settings.redis_login())
 
 
 def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSession,
@@ -77,7 +77,8 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
         admission=Admission(guard, key_cache_ttl_s=settings.key_cache_ttl_s,
                             fail_open=settings.rate_limit_fail_open, inflight_ttl_s=settings.concurrency_ttl_s,
                             on_refused=lambda limit: metrics.rate_limited.labels(limit).inc()),
-        cache=ResponseCache(guard, settings.cache_max_entry_bytes), keys=KeyStore(redis),
+        cache=ResponseCache(guard, settings.cache_max_entry_bytes, max_bytes=settings.cache_max_bytes,
+                            max_ttl_s=settings.cache_max_ttl_s), keys=KeyStore(redis),
         balancer=balancer,
         rag=Upstream("rag service", settings.rag_url, http, token,
                      connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s),

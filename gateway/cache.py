@@ -6,6 +6,13 @@ messages or prompt, every sampling parameter, tools and response format, and
 whether it streams. Only deterministic requests are cached by default
 (``temperature == 0`` or a ``seed``). A stored entry is the exact body
 (JSON, or the SSE bytes of a stream, replayed as SSE).
+
+Bounded so that it can never crowd out keys and usage: Redis runs with ``maxmemory`` and ``noeviction``
+(nothing is ever evicted, by Redis), and every store goes through :data:`CACHE_PUT`, a Lua script that
+keeps the cache's own bytes under ``cache_max_bytes`` by deleting the oldest cache entries first (an
+index of entries by store time and their sizes; entries that already expired count until they are
+pruned, so the count errs high, never low). A client's ``X-Cache-TTL`` above ``cache_max_ttl_s`` is
+lowered to it (the request is served, its entry lives at most that long).
 """
 
 from __future__ import annotations
@@ -20,7 +27,47 @@ from appliance.core.wire import ChatCompletionRequest, CompletionRequest
 from gateway.redis_guard import RedisGuard, RedisUnavailable
 from gateway.resp import Arg
 
-__all__ = ["CachePolicy", "ResponseCache", "cache_key", "cache_policy"]
+__all__ = ["CACHE_BYTES", "CACHE_INDEX", "CACHE_PUT", "CACHE_SIZES", "CachePolicy", "ResponseCache", "cache_key",
+           "cache_policy"]
+
+CACHE_INDEX = "gw:cache-meta:index"  # sorted set: entry key -> store time
+CACHE_SIZES = "gw:cache-meta:sizes"  # hash: entry key -> bytes counted
+CACHE_BYTES = "gw:cache-meta:bytes"  # the sum of CACHE_SIZES
+# Counted per entry on top of its value: the key in the entry, the index and the sizes hash.
+ENTRY_OVERHEAD_BYTES = 256
+
+# KEYS: entry, index, sizes, total. ARGV: value, ttl_s, cap bytes, max ttl s, overhead bytes.
+# Returns 1 when stored, 0 when the entry alone is above the cap.
+CACHE_PUT = r"""
+local size = string.len(ARGV[1]) + tonumber(ARGV[5])
+local cap = tonumber(ARGV[3])
+if size > cap then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+local function forget(victim)
+  total = total - tonumber(redis.call('HGET', KEYS[3], victim) or '0')
+  redis.call('ZREM', KEYS[2], victim)
+  redis.call('HDEL', KEYS[3], victim)
+end
+forget(KEYS[1])
+-- entries stored longer ago than the longest TTL have expired: forget a bounded number of them
+for _, victim in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, 64)) do
+  forget(victim)
+end
+while total + size > cap do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+  if #oldest == 0 then total = 0 break end
+  forget(oldest[1])
+  redis.call('DEL', oldest[1])
+end
+if total < 0 then total = 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[2], now, KEYS[1])
+redis.call('HSET', KEYS[3], KEYS[1], size)
+redis.call('SET', KEYS[4], total + size)
+return 1
+"""
 
 # Fields that do not change what the model produces.
 _IGNORED = frozenset({"stream", "stream_options", "user", "rag"})
@@ -75,9 +122,12 @@ class ResponseCache:
     """Entries are ``b"j" + JSON body`` or ``b"s" + SSE bytes``. Commands are built here and sent by the
     caller alongside admission and settlement, so the cache adds no round trip of its own."""
 
-    def __init__(self, guard: RedisGuard, max_entry_bytes: int) -> None:
+    def __init__(self, guard: RedisGuard, max_entry_bytes: int, *, max_bytes: int = 64 << 20,
+                 max_ttl_s: int = 86400) -> None:
         self._guard = guard
         self._max_entry_bytes = max_entry_bytes
+        self._max_bytes = max_bytes
+        self._max_ttl_s = max_ttl_s
 
     @staticmethod
     def get_command(key: str) -> tuple[Arg, ...]:
@@ -90,9 +140,14 @@ class ResponseCache:
         return CachedResponse(body=value[1:], stream=value[:1] == b"s")
 
     def put_command(self, key: str, body: bytes, stream: bool, ttl_s: int) -> tuple[Arg, ...] | None:
+        """The store, as one command sent alongside the settlement (EVAL: a Redis restarted since the last
+        store cannot lose it to NOSCRIPT; Redis keeps the compiled script by its hash)."""
         if len(body) > self._max_entry_bytes:
             return None
-        return ("SET", key, (b"s" if stream else b"j") + body, "EX", ttl_s)
+        value = (b"s" if stream else b"j") + body
+        ttl = max(1, min(ttl_s, self._max_ttl_s))
+        return ("EVAL", CACHE_PUT, 4, key, CACHE_INDEX, CACHE_SIZES, CACHE_BYTES,
+                value, ttl, self._max_bytes, self._max_ttl_s, ENTRY_OVERHEAD_BYTES)
 
     async def get(self, key: str) -> CachedResponse | None:
         try:

@@ -105,14 +105,18 @@ class PipelinedRedis(PipelineClient):
         self._buffer = bytearray()
 
     @classmethod
-    def from_url(cls, url: str, timeout_s: float = 1.0) -> PipelinedRedis:
+    def from_url(cls, url: str, timeout_s: float = 1.0, *, username: str | None = None,
+                 password: str | None = None) -> PipelinedRedis:
+        """``username``/``password`` (a service's ACL login, read from its password file) win over the URL's."""
         parsed = urlparse(url)
         if parsed.scheme not in ("redis", ""):
             raise ValueError(f"only redis:// URLs are supported here, not {parsed.scheme}://")
         db = int(parsed.path.lstrip("/") or 0)
-        return cls(parsed.hostname or "127.0.0.1", parsed.port or 6379, db=db,
-                   password=unquote(parsed.password) if parsed.password else None,
-                   username=unquote(parsed.username) if parsed.username else None, timeout_s=timeout_s)
+        if password is None:
+            password = unquote(parsed.password) if parsed.password else None
+            username = unquote(parsed.username) if parsed.username else None
+        return cls(parsed.hostname or "127.0.0.1", parsed.port or 6379, db=db, password=password,
+                   username=username, timeout_s=timeout_s)
 
     async def _connect(self) -> None:
         if self._connecting is None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from appliance.core.redis_auth import checked_password_file, login_kwargs
 from appliance.core.settings import CommonSettings
 
 __all__ = ["GatewaySettings"]
@@ -23,7 +24,12 @@ class GatewaySettings(CommonSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     balancer_url: str = "http://127.0.0.1:8100"
     rag_url: str = "http://127.0.0.1:8300"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    redis_username: str = Field(default="gateway", description="Redis ACL user this service logs in as")
+    redis_password_file: Path | None = Field(
+        default=None, description="file holding that user's Redis password (0600; a Docker or Kubernetes secret); "
+        "unset: the URL's own credentials, if any"
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_self_signed: bool = False
@@ -40,7 +46,15 @@ class GatewaySettings(CommonSettings):
 
     cache_enabled: bool = True
     cache_ttl_s: int = Field(default=3600, ge=1)
+    cache_max_ttl_s: int = Field(
+        default=86400, ge=1, description="a client's X-Cache-TTL above this is lowered to it"
+    )
     cache_max_entry_bytes: int = Field(default=1 << 20, ge=1024)
+    cache_max_bytes: int = Field(
+        default=64 << 20, ge=1 << 16,
+        description="the response cache's own cap in Redis (oldest entries go first); keep it well under "
+        "Redis maxmemory, which never evicts keys or usage",
+    )
 
     rate_limit_fail_open: bool = Field(
         default=True, description="Redis down: admit (true) or refuse with 503 (false) rate-limited requests"
@@ -61,6 +75,23 @@ class GatewaySettings(CommonSettings):
 
     log_prompts: bool = False
     rag_max_context_chars: int = Field(default=12000, ge=256)
+    @field_validator("redis_password_file")
+    @classmethod
+    def _readable_password(cls, value: Path | None) -> Path | None:
+        return checked_password_file(value)
+
+    def redis_login(self) -> dict[str, Any]:
+        """Keyword arguments that log the Redis client in as this service's user."""
+        return login_kwargs(self.redis_username, self.redis_password_file)
+
+    @model_validator(mode="after")
+    def _cache_bounds(self) -> GatewaySettings:
+        if self.cache_ttl_s > self.cache_max_ttl_s:
+            raise ValueError(f"cache_ttl_s ({self.cache_ttl_s}) is above cache_max_ttl_s ({self.cache_max_ttl_s})")
+        if self.cache_max_entry_bytes > self.cache_max_bytes:
+            raise ValueError(f"cache_max_entry_bytes ({self.cache_max_entry_bytes}) is above cache_max_bytes "
+                             f"({self.cache_max_bytes})")
+        return self
 
     @field_validator("tls_names", mode="before")
     @classmethod

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from appliance.core import registry
-from inference.keys import SERVICE, SETTINGS
+from inference.keys import SERVICE, SETTINGS, TOKEN
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -53,6 +53,7 @@ class Registration:
         model: str,
         ready: Callable[[], bool],
         *,
+        token: str,
         heartbeat_s: float,
         ttl_s: float,
         grace_s: float,
@@ -61,6 +62,7 @@ class Registration:
         self._client = client
         self.url = url
         self._model = model
+        self._token = token
         self._ready = ready
         self._heartbeat_s = heartbeat_s
         self._ttl_s = ttl_s
@@ -80,7 +82,7 @@ class Registration:
                 await asyncio.sleep(min(self._heartbeat_s, READY_POLL_S))
                 continue
             try:
-                await self._call(registry.announce(self._client, self.url, self._model, self._ttl_s))
+                await self._call(registry.announce(self._client, self.url, self._model, self._token, self._ttl_s))
             except RedisFailure as exc:
                 failures += 1
                 if failures == 1:
@@ -144,14 +146,15 @@ class Registration:
 REGISTRATION = web.AppKey("registration", Registration)
 
 
-def _client(url: str) -> Redis:
+def _client(url: str, login: dict[str, Any]) -> Redis:
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
     # No hidden retries: the heartbeat has its own backoff, and shutdown must not wait on a dead Redis.
     return Redis.from_url(
-        url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+        url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
+        **login,
     )
 
 
@@ -161,13 +164,14 @@ async def registration_ctx(app: web.Application) -> AsyncIterator[None]:
     if not settings.redis_url:
         yield
         return
-    client = _client(settings.redis_url)
+    client = _client(settings.redis_url, settings.redis_login())
     service = app[SERVICE]
     registration = Registration(
         client,
         settings.resolved_advertise_url(),
         settings.model_alias,
         lambda: service.health()[0] == 200,
+        token=app[TOKEN],
         heartbeat_s=settings.heartbeat_s,
         ttl_s=settings.registry_ttl_s,
         grace_s=settings.withdraw_grace_s,

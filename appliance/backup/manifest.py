@@ -1,4 +1,8 @@
-"""The backup manifest: every member's SHA-256 and size, checked before anything is restored."""
+"""The backup manifest: every member's SHA-256 and size, checked before anything is restored.
+
+Format 2 (this one) names the key whose HMAC, in the member ``manifest.hmac``, covers the manifest's
+exact bytes (see key.py). Format 1 archives carry no MAC: restore refuses them unless told otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MANIFEST_NAME", "Manifest", "ManifestError", "sha256_bytes"]
+__all__ = ["FORMAT", "LEGACY_FORMAT", "MAC_NAME", "MANIFEST_LIMIT", "MANIFEST_NAME", "Manifest", "ManifestError",
+           "sha256_bytes"]  # fmt: skip
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = 1
+MAC_NAME = "manifest.hmac"
+MANIFEST_LIMIT = 16 << 20  # read whole, so bounded: a million members' sums fit
+FORMAT = 2
+LEGACY_FORMAT = 1  # no MAC: restored only with --insecure-unsigned
 
 
 class ManifestError(Exception):
@@ -25,19 +33,23 @@ class Manifest:
     models: list[dict[str, Any]] = field(default_factory=list)  # {path, sha256, size, included}
     redis_keys: int | None = None
     derived: list[dict[str, Any]] = field(default_factory=list)  # {path, files, bytes, recreated_by}: left out
+    key_id: str | None = None  # the backup key whose MAC covers this manifest
+    format: int = FORMAT
+    authenticated: bool = field(default=False, compare=False)  # set by verification, never serialized
 
     def add(self, member: str, data_sha256: str, size: int) -> None:
         self.files[member] = {"sha256": data_sha256, "size": size}
 
     def to_json(self) -> bytes:
         body = {
-            "format": FORMAT,
+            "format": self.format,
             "created": self.created,
             "appliance_version": self.appliance_version,
             "files": self.files,
             "models": self.models,
             "redis_keys": self.redis_keys,
             "derived": self.derived,
+            "key_id": self.key_id,
         }
         return json.dumps(body, indent=2, sort_keys=True).encode()
 
@@ -45,7 +57,7 @@ class Manifest:
     def from_json(cls, raw: bytes) -> Manifest:
         try:
             body = json.loads(raw)
-            if body.get("format") != FORMAT:
+            if body.get("format") not in (FORMAT, LEGACY_FORMAT):
                 raise ManifestError(f"unknown manifest format {body.get('format')!r}")
             manifest = cls(
                 float(body["created"]),
@@ -54,11 +66,17 @@ class Manifest:
                 list(body["models"]),
                 body.get("redis_keys"),
                 list(body.get("derived", [])),
+                body.get("key_id"),
+                int(body["format"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"the manifest is unreadable ({exc})") from None
         for member, entry in manifest.files.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("sha256"), str)
+                or not isinstance(entry.get("size"), int)
+            ):
                 raise ManifestError(f"the manifest entry for {member} is malformed")
         return manifest
 

@@ -1,6 +1,7 @@
 """`appliance restore`: crash-safe at every step.
 
-The archive is verified, then everything new is staged beside the live data in
+The archive is opened once and verified (its manifest's MAC with the backup key, every member's
+SHA-256) before anything is written; then, from that same open file, everything new is staged beside the live data in
 ``data_dir/.restore/staged`` and checked there (the Redis dump turned into the AOF the runtime
 loads, and that AOF loaded back by a scratch Redis with the same persistent keys). Only then is
 the journal written (the commit point) and the live parts swapped for the staged ones, each with
@@ -26,11 +27,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import redis
 
-from appliance.backup.archive import extract_verified, verify_archive
+from appliance.backup.archive import extract_stream, verify_stream
+from appliance.backup.key import default_key_path, load_key
 from appliance.backup.manifest import Manifest, ManifestError
 from appliance.core.durable import fsync_path
 from appliance.runtime.plan import find_redis_server
@@ -61,12 +65,14 @@ class RestoreResult:
     restored: list[str]
     models_missing: list[str]
     dry_run: bool
+    authenticated: bool = True  # False only for a legacy archive restored with allow_unsigned
 
 
-def _write_journal(work: Path, parts: list[str]) -> None:
+def _write_journal(work: Path, parts: list[str], places: dict[str, str]) -> None:
+    """The commit point: the parts to swap in and where each lives, so recovery needs no runtime's knowledge."""
     tmp = work / f"{JOURNAL}.tmp"
     with tmp.open("w") as handle:
-        json.dump({"parts": parts}, handle)
+        json.dump({"parts": parts, "places": {name: places.get(name, name) for name in parts}}, handle)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(work / JOURNAL)
@@ -83,23 +89,33 @@ def _swap(staged: Path, live: Path, old: Path, step: Step | None) -> None:
         fsync_path(live.parent)
         if step:
             step(f"swap:{live.name}:aside")
+    live.parent.mkdir(parents=True, exist_ok=True)
     staged.rename(live)
     fsync_path(live.parent)
     if step:
         step(f"swap:{live.name}:in")
 
 
+def _place(data_dir: Path, relative: str) -> Path:
+    path = Path(relative)
+    if not relative or path.is_absolute() or ".." in path.parts:
+        raise ManifestError(f"the restore journal names {relative!r}, not a path inside the data directory")
+    return data_dir / path
+
+
 def _roll_forward(data_dir: Path, work: Path, step: Step | None) -> list[str]:
-    parts = list(json.loads((work / JOURNAL).read_text())["parts"])
+    journal = json.loads((work / JOURNAL).read_text())
+    parts = list(journal["parts"])
+    places = {name: _place(data_dir, journal.get("places", {}).get(name, name)) for name in parts}
     (work / "old").mkdir(exist_ok=True)
     for name in parts:
-        _swap(work / "staged" / PARTS[name], data_dir / name, work / "old" / name, step)
+        _swap(work / "staged" / PARTS[name], places[name], work / "old" / name, step)
     old_rag = work / "old" / "rag"
     for derived in DERIVED_CARRIED_OVER:  # the new rag dir has none: keep the export rather than redo it
         if (old_rag / derived).is_dir() and (data_dir / "rag").is_dir() and not (data_dir / "rag" / derived).exists():
             (old_rag / derived).rename(data_dir / "rag" / derived)
-    if (data_dir / "admin_key").is_file():
-        (data_dir / "admin_key").chmod(0o600)
+    if "admin_key" in places and places["admin_key"].is_file():
+        places["admin_key"].chmod(0o600)
     (work / JOURNAL).unlink()
     fsync_path(work)
     if step:
@@ -204,9 +220,11 @@ def _stage_redis(redis_dir: Path, server: RedisServer) -> None:
         raise ManifestError(f"the staged Redis AOF holds {from_aof} persistent keys, the dump {from_rdb}")
 
 
-def _stage(archive: Path, data_dir: Path, staged: Path, step: Step | None, server: RedisServer) -> list[str]:
-    """Extract and prepare everything new under ``staged``; the parts to swap in."""
-    extract_verified(archive, staged)
+def _stage(
+    handle: BinaryIO, manifest: Manifest, *, data_dir: Path, staged: Path, step: Step | None, server: RedisServer
+) -> list[str]:
+    """Extract (from the verified open archive) and prepare everything new under ``staged``; the parts to swap in."""
+    extract_stream(handle, manifest, staged)
     if step:
         step("extracted")
     parts = []
@@ -232,44 +250,60 @@ def restore_backup(
     settings: RuntimeSettings,
     archive: Path,
     *,
+    key_file: Path | None = None,
+    allow_unsigned: bool = False,
     dry_run: bool = False,
     stop: Callable[[list[str]], None] | None = None,
     start: Callable[[], None] | None = None,
     step: Step | None = None,
     redis_server: RedisServer = host_redis_server,
+    places: dict[str, str] | None = None,
 ) -> RestoreResult:
     """Verify, stage and check, stop the services (``stop``), swap, start them (``start``).
+
+    The manifest's MAC is checked with the key in ``key_file`` (default ``data/run/backup_key``): on a
+    fresh host, the key of the host that wrote the archive. ``allow_unsigned`` lets a legacy (format 1,
+    MAC-less) archive through on its sums alone; an archive of the current format always needs its MAC.
 
     ``redis_server`` starts the scratch Redis that turns the dump into an AOF and checks it: it must be
     the Redis that will load the data (see the module's docstring).
 
+    ``places`` says where a part lives when not at its own name under the data directory (the compose
+    runtime's admin key is ``gateway/admin_key``); the journal records it, so recovery puts it there too.
+
     ``step`` is told each milestone: ``extracted``, ``staged``, ``journal``, ``swap:<part>:aside`` and
     ``swap:<part>:in`` for each part, ``committed``.
     """
-    manifest: Manifest = verify_archive(archive)
-    parts = sorted({name.split("/", 1)[0] for name in manifest.files})
-    models_dir = settings.data_dir / "models"
-    missing = [m["path"] for m in manifest.models if not m.get("included") and not (models_dir / m["path"]).is_file()]
-    if dry_run:
-        return RestoreResult(archive, parts, missing, True)
     data_dir = settings.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_restore(data_dir)
-    work = data_dir / RESTORE_DIR
-    work.mkdir()
-    try:
-        swapped = _stage(archive, data_dir, work / "staged", step, redis_server)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # nothing live was touched
-        raise
+    key = partial(load_key, key_file or default_key_path(data_dir))
+    with archive.open("rb") as handle:  # one open file for both passes: what was verified is what is staged
+        manifest = verify_stream(handle, key, allow_unsigned=allow_unsigned)
+        parts = sorted({name.split("/", 1)[0] for name in manifest.files})
+        models_dir = data_dir / "models"
+        missing = [
+            m["path"] for m in manifest.models if not m.get("included") and not (models_dir / m["path"]).is_file()
+        ]
+        if dry_run:
+            return RestoreResult(archive, parts, missing, True, manifest.authenticated)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        recover_interrupted_restore(data_dir)
+        work = data_dir / RESTORE_DIR
+        work.mkdir(mode=0o700)
+        try:
+            swapped = _stage(
+                handle, manifest, data_dir=data_dir, staged=work / "staged", step=step, server=redis_server
+            )
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)  # nothing live was touched
+            raise
     if step:
         step("staged")
     if stop:
         stop(["gateway", "rag", "redis"])
-    _write_journal(work, swapped)
+    _write_journal(work, swapped, places or {})
     if step:
         step("journal")
     _roll_forward(data_dir, work, step)
     if start:
         start()
-    return RestoreResult(archive, parts, missing, False)
+    return RestoreResult(archive, parts, missing, False, manifest.authenticated)

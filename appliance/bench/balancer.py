@@ -78,7 +78,7 @@ def _port_open(port: int) -> bool:
 def routing_capacity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     ports = [harness.free_port() for _ in range(args.upstreams)]
     fakes = [f"127.0.0.1:{p}" for p in ports]
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)
     argv = [*_ROLE, "upstreams", "--fakes", args.fakes, "--ports", ",".join(map(str, ports))]
     rounds: list[dict[str, Any]] = []
     with ExitStack() as stack:
@@ -136,7 +136,7 @@ def real_worker_overhead(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from appliance.core.model_files import prepare_default_model
 
     model_path = Path(args.model_path) if args.model_path else prepare_default_model(Path(args.data_dir))
-    port, token = harness.free_port(), secrets.token_urlsafe(16)
+    port, token = harness.free_port(), secrets.token_urlsafe(32)
     env = harness.service_env("worker", tmp, token, port=port, model_path=model_path, slots=2,
                               n_threads=args.worker_threads)
     worker = f"http://127.0.0.1:{port}"

@@ -114,7 +114,7 @@ class RawLoop:
 @contextmanager
 def worker(args: argparse.Namespace, path: Path, **extra: str) -> Iterator[tuple[int, str]]:
     """A real worker on ``path`` (``APPLIANCE_WORKER_<KEY>`` overrides in ``extra``); yields (port, token)."""
-    port, token = harness.free_port(), secrets.token_urlsafe(16)
+    port, token = harness.free_port(), secrets.token_urlsafe(32)
     env = {
         "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(path),
         "APPLIANCE_WORKER_SLOTS": str(args.slots), "APPLIANCE_WORKER_N_THREADS": str(args.threads),

@@ -242,7 +242,7 @@ def _summary(samples: Samples, duration_s: float) -> dict[str, Any]:
 
 
 async def _policy(args: Any, tmp: Path) -> dict[str, Any]:
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)
     slots_total = args.workers * args.slots
     flood = 4 * slots_total
     duration, warmup = args.duration, args.warmup
@@ -328,7 +328,7 @@ def real_workers(args: Any, tmp: Path) -> dict[str, Any]:
     from appliance.core.model_files import prepare_default_model
 
     model_path = Path(args.model_path) if args.model_path else prepare_default_model(Path(args.data_dir))
-    port, token = harness.free_port(), secrets.token_urlsafe(16)
+    port, token = harness.free_port(), secrets.token_urlsafe(32)
     env = harness.service_env(
         "worker", tmp, token, port=port, model_path=model_path, slots=args.real_slots, n_threads=args.worker_threads
     )

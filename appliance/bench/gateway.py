@@ -34,7 +34,7 @@ from appliance.bench import harness
 
 __all__ = ["main"]
 
-TOKEN = "bench-internal-token"  # noqa: S105 - a throwaway token for loopback processes
+TOKEN = "bench-internal-token-for-loopback-processes"  # noqa: S105 - a throwaway token for loopback processes
 
 
 @contextmanager

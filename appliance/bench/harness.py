@@ -29,7 +29,8 @@ API (all synchronous; safe to call from any benchmark process):
 * ``wait_until(check, timeout, what, proc=None)``: poll ``check()`` every 0.1 s.
 * ``http_ok(url, headers=None)`` / ``get_json(url, headers=None)``: one loopback GET, never raising
   (``get_json`` returns ``(status, body)``, status 0 when nothing answered).
-* ``redis_server(directory)``: context manager; a throwaway ``redis-server`` (no persistence), yields its URL.
+* ``redis_server(directory, user='gateway')``: context manager; a throwaway ``redis-server`` (no persistence,
+  the runtime's ACL users), yields its URL with ``user``'s credentials.
 * ``internal_headers(token)``: the internal hop's token header (``appliance.core.hop``) for direct calls.
 * ``parser(name, doc)``: an ``ArgumentParser`` for ``appliance bench NAME`` with ``--json``.
 * ``progress(name, message)``: one progress line on stderr (stdout carries only the result).
@@ -58,6 +59,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from appliance.core.hop import INTERNAL_TOKEN_HEADER
 from appliance.core.ports import free_port
@@ -210,29 +212,26 @@ def run_json(
 
 
 @contextmanager
-def redis_server(directory: Path, timeout: float = 10.0) -> Iterator[str]:
-    """A throwaway Redis on loopback (no RDB/AOF); yields ``redis://127.0.0.1:PORT/0``."""
+def redis_server(directory: Path, timeout: float = 10.0, user: str = "gateway") -> Iterator[str]:
+    """A throwaway Redis on loopback (no RDB/AOF) locked the way the local runtime locks it (its ACL file,
+    the default user off); yields ``redis://USER:PASSWORD@127.0.0.1:PORT/0`` for the ACL user ``user``."""
     import redis
 
+    from appliance.core.redis_auth import ensure_redis_users, read_login
+    from appliance.core.redis_auth import password_file as redis_password_file
     from appliance.runtime.plan import find_redis_server
 
     port = free_port()
+    acl = ensure_redis_users(directory)
     argv = [
         find_redis_server(),
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(directory),
+        *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        *("--dir", str(directory), "--aclfile", str(acl)),
     ]
+    admin = read_login("admin", redis_password_file(directory, "admin"))
 
     def pong() -> bool:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, **admin.kwargs())
         try:
             return bool(client.ping())
         except redis.ConnectionError:
@@ -240,8 +239,9 @@ def redis_server(directory: Path, timeout: float = 10.0) -> Iterator[str]:
         finally:
             client.close()
 
+    login = read_login(user, redis_password_file(directory, user))
     with service(argv, log=directory / "redis.log", ready=pong, timeout=timeout):
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://{quote(login.username)}:{quote(login.password, safe='')}@127.0.0.1:{port}/0"
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:

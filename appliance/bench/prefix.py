@@ -220,7 +220,7 @@ def _model_path(args: argparse.Namespace) -> Path:
 
 
 def single_worker(args: argparse.Namespace, path: Path) -> dict[str, Any]:
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)
     headers = harness.internal_headers(token)
     out: dict[str, Any] = {}
     system = system_prompt(args.system_tokens, "house")
@@ -307,7 +307,7 @@ def balanced(
 def through_balancer(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     import tempfile
 
-    token = secrets.token_urlsafe(16)
+    token = secrets.token_urlsafe(32)
     headers = harness.internal_headers(token)
     out: dict[str, Any] = {}
     system = system_prompt(args.system_tokens, "house")

@@ -68,7 +68,7 @@ def _env(data_dir: Path, threads: int, token: str = "", **settings: object) -> d
 
 @contextmanager
 def rag_service(data_dir: Path, threads: int, **extra: object) -> Iterator[tuple[str, str]]:
-    port, token = harness.free_port(), secrets.token_urlsafe(16)
+    port, token = harness.free_port(), secrets.token_urlsafe(32)
     env = _env(data_dir, threads, token, port=port, **extra)
     url = f"http://127.0.0.1:{port}"
     with harness.service(

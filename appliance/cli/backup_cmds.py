@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
+from appliance.backup.key import created_notice
 from appliance.backup.manifest import ManifestError
-from appliance.backup.service import create_backup, restore_backup
+from appliance.backup.service import RestoreResult, create_backup, restore_backup
 from appliance.backup.snapshot import SnapshotError
 from appliance.cli import compose_verbs
 from appliance.cli.context import load, runtime
@@ -41,29 +42,47 @@ def backup(
     settings = load(runtime=runtime_name)
     if settings.runtime == "compose":
         if every or offsite:
-            fail("--every and --offsite are for the local runtime; on compose run `appliance backup --runtime "
-                 "compose` from cron and copy the archive")
+            fail(
+                "--every and --offsite are for the local runtime; on compose run `appliance backup --runtime "
+                "compose` from cron and copy the archive"
+            )
         compose_verbs.backup(settings, to, with_models, as_json)
         return
     period = _interval(every) if every else None
     while True:
         err.print("[bold]Backing up[/] (Redis BGSAVE, RAG store, secrets, model manifest)")
         try:
-            result = create_backup(settings, to, with_models=with_models, keep=keep, offsite=offsite,
-                                   step=lambda member: err.print(f"  + {member}", highlight=False))
+            result = create_backup(
+                settings,
+                to,
+                with_models=with_models,
+                keep=keep,
+                offsite=offsite,
+                step=lambda member: err.print(f"  + {member}", highlight=False),
+            )
         except (SnapshotError, ManifestError, OSError) as exc:
             if period is None:
                 fail(f"backup failed: {exc}")
             err.print(f"[red]backup failed[/]: {exc}; retrying at the next period")
         else:
-            summary = {"archive": str(result.archive), "files": result.files, "bytes": result.bytes,
-                       "redis_keys": result.redis_keys, "offsite": str(result.offsite) if result.offsite else None,
-                       "rotated": [str(p) for p in result.rotated]}
+            if result.key_created:
+                err.print(f"[yellow]{created_notice(result.key_file)}[/]", highlight=False)
+            summary = {
+                "archive": str(result.archive),
+                "files": result.files,
+                "bytes": result.bytes,
+                "redis_keys": result.redis_keys,
+                "offsite": str(result.offsite) if result.offsite else None,
+                "rotated": [str(p) for p in result.rotated],
+                "key_file": str(result.key_file),
+            }
             if as_json:
                 print_json(summary)
             else:
-                out.print(f"Backup written: {result.archive} ({result.files} files, {result.bytes} bytes, "
-                          f"{result.redis_keys} Redis keys)")
+                out.print(
+                    f"Backup written: {result.archive} ({result.files} files, {result.bytes} bytes, "
+                    f"{result.redis_keys} Redis keys)"
+                )
         if period is None:
             return
         time.sleep(period)
@@ -72,15 +91,29 @@ def backup(
 def restore(
     archive: Annotated[Path, typer.Argument(help="a backup archive")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="verify and say what would be restored")] = False,
+    key_file: Annotated[
+        Path | None,
+        typer.Option("--key", help="the backup key of the host that wrote the archive (default data/run/backup_key)"),
+    ] = None,
+    insecure_unsigned: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-unsigned",
+            help="accept an archive in the old format, which has no MAC (its sums are still checked): only one "
+            "that never left storage you trust",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     runtime_name: Annotated[str | None, typer.Option("--runtime", help="local (default) or compose")] = None,
 ) -> None:
-    """Verify the archive's manifest, then restore and restart the affected services."""
+    """Verify the archive (its manifest's MAC with the backup key, every sha256), then restore and restart."""
     if not archive.is_file():
         fail(f"{archive} is not a file")
+    if key_file is not None and not key_file.is_file():
+        fail(f"--key {key_file} is not a file")
     settings = load(runtime=runtime_name)
     if settings.runtime == "compose":
-        compose_verbs.restore(settings, archive, dry_run, as_json)
+        report_restore(compose_verbs.restore(settings, archive, dry_run, key_file, insecure_unsigned), as_json)
         return
     rt = runtime(settings)
 
@@ -94,18 +127,43 @@ def restore(
             rt.up()
 
     try:
-        result = restore_backup(settings, archive, dry_run=dry_run, stop=stop, start=start)
+        result = restore_backup(
+            settings,
+            archive,
+            key_file=key_file,
+            allow_unsigned=insecure_unsigned,
+            dry_run=dry_run,
+            stop=stop,
+            start=start,
+        )
     except ManifestError as exc:
         fail(f"refusing to restore {archive.name}: {exc}")
     except RuntimeFailure as exc:
         fail(f"restored the data but a service did not come back: {exc}")
-    summary = {"archive": str(archive), "dry_run": result.dry_run, "restored": result.restored,
-               "models_missing": result.models_missing}
+    except OSError as exc:
+        fail(f"restore failed, the live data is unchanged or rolled forward by the next `appliance up`: {exc}")
+    report_restore(result, as_json)
+
+
+def report_restore(result: RestoreResult, as_json: bool) -> None:
+    """The restore's outcome, the same for both runtimes."""
+    summary = {
+        "archive": str(result.archive),
+        "dry_run": result.dry_run,
+        "restored": result.restored,
+        "models_missing": result.models_missing,
+        "authenticated": result.authenticated,
+    }
+    if not result.authenticated:
+        err.print(
+            "[yellow]an unsigned legacy archive: its sums were checked, not who wrote it[/] (--insecure-unsigned)"
+        )
     if as_json:
         print_json(summary)
         return
-    verb = "Would restore" if dry_run else "Restored"
-    out.print(f"{verb}: {', '.join(result.restored)} from {archive.name} (manifest verified)")
+    verb = "Would restore" if result.dry_run else "Restored"
+    checked = "manifest MAC and every sha256 verified" if result.authenticated else "every sha256 verified"
+    out.print(f"{verb}: {', '.join(result.restored)} from {result.archive.name} ({checked})")
     if result.models_missing:
         err.print(f"[yellow]models not in the archive and not on disk:[/] {', '.join(result.models_missing)}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -15,6 +15,9 @@ from appliance.runtime.compose_engine import find_engine
 from appliance.runtime.compose_images import build_images
 from appliance.runtime.local import RuntimeFailure
 from appliance.runtime.settings import RuntimeSettings
+
+if TYPE_CHECKING:
+    from appliance.backup.service import RestoreResult
 
 __all__ = ["down", "images_app", "logs", "register", "restart", "scale", "status", "up"]
 
@@ -114,6 +117,7 @@ def logs(settings: RuntimeSettings, service: str, follow: bool, lines: int) -> N
 
 
 def backup(settings: RuntimeSettings, to: Path | None, with_models: bool, as_json: bool) -> None:
+    from appliance.backup.key import created_notice
     from appliance.backup.manifest import ManifestError
     from appliance.backup.snapshot import SnapshotError
     from appliance.runtime.compose_backup import compose_backup
@@ -127,11 +131,14 @@ def backup(settings: RuntimeSettings, to: Path | None, with_models: bool, as_jso
         )
     except (RuntimeFailure, SnapshotError, ManifestError, OSError) as exc:
         fail(f"backup failed: {exc}")
+    if result.key_created:
+        err.print(f"[yellow]{created_notice(result.key_file)}[/]", highlight=False)
     summary: dict[str, Any] = {
         "archive": str(result.archive),
         "files": result.files,
         "bytes": result.bytes,
         "redis_keys": result.redis_keys,
+        "key_file": str(result.key_file),
     }
     if as_json:
         print_json(summary)
@@ -142,29 +149,21 @@ def backup(settings: RuntimeSettings, to: Path | None, with_models: bool, as_jso
         )
 
 
-def restore(settings: RuntimeSettings, archive: Path, dry_run: bool, as_json: bool) -> None:
+def restore(
+    settings: RuntimeSettings, archive: Path, dry_run: bool, key_file: Path | None, allow_unsigned: bool
+) -> RestoreResult:
+    """`appliance restore --runtime compose`; the caller reports the result as for the local runtime."""
     from appliance.backup.manifest import ManifestError
     from appliance.runtime.compose_backup import compose_restore
 
     try:
-        result = compose_restore(_runtime(settings), archive, dry_run=dry_run)
+        return compose_restore(
+            _runtime(settings), archive, dry_run=dry_run, key_file=key_file, allow_unsigned=allow_unsigned
+        )
     except ManifestError as exc:
         fail(f"refusing to restore {archive.name}: {exc}")
     except RuntimeFailure as exc:
         fail(str(exc))
-    summary = {
-        "archive": str(archive),
-        "dry_run": result.dry_run,
-        "restored": result.restored,
-        "models_missing": result.models_missing,
-    }
-    if as_json:
-        print_json(summary)
-        return
-    out.print(
-        f"{'Would restore' if dry_run else 'Restored'}: {', '.join(result.restored)} from {archive.name} "
-        "(manifest verified)"
-    )
 
 
 images_app = typer.Typer(help="The compose runtime's images (built locally, no registry).", no_args_is_help=True)

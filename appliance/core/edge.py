@@ -25,6 +25,7 @@ from aiohttp.typedefs import Handler, Middleware
 from appliance.core.errors import APIError, not_found, payload_too_large, unauthorized, unsupported_media_type
 from appliance.core.hop import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
 from appliance.core.request_id import accept_or_mint, request_id_var
+from appliance.core.settings import MIN_INTERNAL_TOKEN_CHARS
 
 __all__ = [
     "PUBLIC_PATHS",
@@ -87,6 +88,8 @@ def edge_middleware(
     themselves with :func:`require_token`). ``request_ids=False`` for a service that sets the
     request id itself on its hot path (the balancer's proxy). ``observe`` runs after each request.
     """
+    if token is not None and len(token) < MIN_INTERNAL_TOKEN_CHARS:  # an empty token would admit everyone
+        raise ValueError(f"the internal token must be at least {MIN_INTERNAL_TOKEN_CHARS} characters")
     expected = token.encode("utf-8") if token is not None else None
     internal_error = f"Internal error in the {service}."
 

@@ -20,6 +20,7 @@ def load_or_exit(cls: type[S], service: str, *, configure_logs: bool = True) -> 
     """Parse ``cls`` from env/TOML, or explain the mistake on stderr and exit 2; then configure logging."""
     try:
         settings = load_settings(cls)
+        settings.resolved_internal_token()  # a missing, empty or short token refuses to start here, exit 2
     except ConfigError as exc:
         sys.stderr.write(f"{service}: {exc}\n")  # logging is not configured yet
         raise SystemExit(CONFIG_ERROR_EXIT) from None

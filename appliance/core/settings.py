@@ -18,11 +18,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["CommonSettings", "ConfigError", "config_path", "load_settings"]
+__all__ = ["MIN_INTERNAL_TOKEN_CHARS", "CommonSettings", "ConfigError", "config_path", "load_settings"]
+
+# The internal token guards every internal hop and signs worker registrations: shorter than this is refused
+# (a typo or a placeholder), never read as "no authentication". The generated one has 43 characters.
+MIN_INTERNAL_TOKEN_CHARS = 32
 
 S = TypeVar("S", bound="CommonSettings")
 
@@ -86,13 +90,24 @@ class CommonSettings(BaseSettings):
     internal_token: str = Field(
         default="",
         validation_alias=_shared("internal_token"),
-        description="Shared secret for internal hops; empty means read or create data/run/internal_token.",
+        description="Shared secret for internal hops (at least 32 characters); empty means read or create "
+        "data/run/internal_token.",
         repr=False,
     )
     log_level: str = Field(
         default="INFO", validation_alias=_shared("log_level"), pattern=r"^(DEBUG|INFO|WARNING|ERROR)$"
     )
     log_json: bool = Field(default=True, validation_alias=_shared("log_json"))
+
+    @field_validator("internal_token")
+    @classmethod
+    def _strong_token(cls, value: str) -> str:
+        if value and len(value.strip()) < MIN_INTERNAL_TOKEN_CHARS:
+            raise ValueError(
+                f"must be at least {MIN_INTERNAL_TOKEN_CHARS} characters (it has {len(value.strip())}); "
+                "generate one with: openssl rand -hex 32"
+            )
+        return value.strip()
 
     @classmethod
     def settings_customise_sources(
@@ -106,12 +121,16 @@ class CommonSettings(BaseSettings):
         return (init_settings, env_settings, _TomlSection(settings_cls, cls.toml_section))
 
     def resolved_internal_token(self) -> str:
-        """The internal token, created once (mode 0600) under the data dir if unset."""
+        """The internal token, created once (mode 0600) under the data dir if unset.
+
+        Raises :class:`ConfigError` when the file holds fewer than 32 characters (emptied, truncated or
+        hand-edited): an empty token would let any request through the internal hops.
+        """
         if self.internal_token:
             return self.internal_token
         path = self.data_dir / "run" / "internal_token"
         if path.is_file():
-            return path.read_text().strip()
+            return _checked_token_file(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
         tmp = path.with_suffix(".tmp")
@@ -126,7 +145,17 @@ class CommonSettings(BaseSettings):
             pass
         finally:
             tmp.unlink(missing_ok=True)
-        return path.read_text().strip()
+        return _checked_token_file(path)
+
+
+def _checked_token_file(path: Path) -> str:
+    token = path.read_text().strip()
+    if len(token) < MIN_INTERNAL_TOKEN_CHARS:
+        raise ConfigError(
+            f"the internal token in {path} has {len(token)} characters, fewer than {MIN_INTERNAL_TOKEN_CHARS}: "
+            "refusing to start (delete the file to generate a new one, and restart every service)"
+        )
+    return token
 
 
 def _describe(exc: ValidationError, cls: type[CommonSettings]) -> str:

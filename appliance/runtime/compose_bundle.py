@@ -1,5 +1,6 @@
 """The offline install bundle: one tar with the images (`docker save`), the model files, the compose files
-and their configuration, and a manifest of sha256 sums that `load` checks before anything is used.
+and their configuration, and a manifest of sha256 sums and sizes that `load` checks before it writes a
+member (and again as it writes it) and before anything is used.
 
 Layout of the archive (plain tar: the image layers are compressed already)::
 
@@ -16,14 +17,13 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 from appliance import __version__
 from appliance.runtime.compose_engine import Engine, EngineError
@@ -35,6 +35,7 @@ BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 IMAGES = "images.tar"
+MANIFEST_LIMIT = 16 << 20  # the manifest and SHA256SUMS are read whole: bounded
 # What compose needs beside the images: the files and the configuration it mounts.
 COMPOSE_FILES = (
     "compose.yaml",
@@ -140,38 +141,89 @@ def _safe(name: str) -> bool:
     return not path.is_absolute() and ".." not in path.parts and bool(path.parts)
 
 
+def _refuse(reason: str) -> EngineError:
+    return EngineError(f"refusing the bundle: {reason}")
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
+    """A small member (the manifest, SHA256SUMS) read whole, bounded by ``limit``."""
+    source = tar.extractfile(member)
+    if source is None or member.size > limit:
+        raise _refuse(f"{member.name} is unreadable or larger than {limit} bytes")
+    return source.read()
+
+
+def _read_manifest(tar: tarfile.TarFile) -> tuple[dict[str, Any], list[tarfile.TarInfo]]:
+    """The manifest and the members it lists, every member's shape and size checked; nothing written."""
+    members = tar.getmembers()  # headers only: tarfile seeks over the data of an uncompressed tar
+    by_name: dict[str, tarfile.TarInfo] = {}
+    for member in members:
+        if not member.isfile() or not _safe(member.name):
+            raise _refuse(f"unexpected member {member.name!r}")
+        if member.name in by_name:
+            raise _refuse(f"the member {member.name!r} appears twice")
+        by_name[member.name] = member
+    if MANIFEST not in by_name:
+        raise _refuse("no readable manifest.json")
+    try:
+        manifest: dict[str, Any] = json.loads(_member_bytes(tar, by_name[MANIFEST], MANIFEST_LIMIT))
+        files: dict[str, dict[str, Any]] = manifest["files"]
+        for entry in files.values():
+            if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("size"), int):
+                raise TypeError(entry)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise _refuse("no readable manifest.json") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise _refuse(f"format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
+    if SUMS in by_name and _member_bytes(tar, by_name[SUMS], MANIFEST_LIMIT) != _sums(files):
+        raise _refuse(f"{SUMS} does not match the manifest")
+    found = set(by_name) - {MANIFEST, SUMS}
+    if found != set(files):
+        raise _refuse(f"files {sorted(found ^ set(files))[:5]} do not match the manifest")
+    for name in sorted(found):
+        if by_name[name].size != files[name]["size"]:
+            raise _refuse(f"{name} is {by_name[name].size} bytes, the manifest says {files[name]['size']}")
+    return manifest, [by_name[name] for name in sorted(found)]
+
+
+def _copy_hashed(tar: tarfile.TarFile, member: tarfile.TarInfo, sink: IO[bytes] | None) -> str:
+    """Stream one member (into ``sink`` when given) in 1 MiB blocks; its sha256."""
+    source = tar.extractfile(member)
+    if source is None:
+        raise _refuse(f"unreadable member {member.name!r}")
+    digest = hashlib.sha256()
+    with source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+            if sink is not None:
+                sink.write(block)
+    return digest.hexdigest()
+
+
 def _extract_verified(archive: Path, staging: Path) -> dict[str, Any]:
-    """Extract regular files only, then check every one against the manifest (and nothing extra or missing)."""
+    """Check every member's size, then its sha256, before writing any; then write them into ``staging``.
+
+    One open file throughout. The first pass writes nothing; the second hashes each member again as it
+    writes it (0600, in the caller's private staging folder), so a bundle changed on disk between the
+    passes is refused too. The price is reading the bundle twice.
+    """
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                if not member.isfile() or not _safe(member.name):
-                    raise EngineError(f"refusing the bundle: unexpected member {member.name!r}")
+            manifest, members = _read_manifest(tar)
+            files = manifest["files"]
+            for member in members:
+                if _copy_hashed(tar, member, None) != files[member.name]["sha256"]:
+                    raise _refuse(f"{member.name} does not match its sha256 (corrupted or altered)")
+            for member in members:
                 target = staging / member.name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                if source is None:
-                    raise EngineError(f"refusing the bundle: unreadable member {member.name!r}")
-                with source, target.open("wb") as handle:
-                    shutil.copyfileobj(source, handle, 1 << 20)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    digest = _copy_hashed(tar, member, handle)
+                if digest != files[member.name]["sha256"]:
+                    raise _refuse(f"{member.name} changed while it was loaded")
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise EngineError(f"refusing the bundle: not a readable archive ({exc})") from None
-    try:
-        manifest: dict[str, Any] = json.loads((staging / MANIFEST).read_text())
-    except (OSError, ValueError):
-        raise EngineError("refusing the bundle: no readable manifest.json") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise EngineError(f"refusing the bundle: format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
-    sums = staging / SUMS
-    if sums.is_file() and sums.read_bytes() != _sums(manifest["files"]):
-        raise EngineError(f"refusing the bundle: {SUMS} does not match the manifest")
-    found = {p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file()} - {MANIFEST, SUMS}
-    listed = set(manifest["files"])
-    if found != listed:
-        raise EngineError(f"refusing the bundle: files {sorted(found ^ listed)[:5]} do not match the manifest")
-    for member, expected in manifest["files"].items():
-        if _sha256(staging / member) != expected["sha256"]:
-            raise EngineError(f"refusing the bundle: {member} does not match its sha256 (corrupted or altered)")
+        raise _refuse(f"not a readable archive ({exc})") from None
     return manifest
 
 

@@ -39,4 +39,5 @@ def probe_redis(port: int, timeout: float = 1.0) -> Probe:
             reply = sock.recv(64)
     except OSError as exc:
         return Probe(False, error=type(exc).__name__)
-    return Probe(reply.startswith(b"+PONG"), body=reply.decode(errors="replace").strip())
+    # The default user is off: an anonymous PING gets NOAUTH, which says Redis is up and serving.
+    return Probe(reply.startswith((b"+PONG", b"-NOAUTH")), body=reply.decode(errors="replace").strip())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from appliance.core.entry import CONFIG_ERROR_EXIT
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS, default_model_path, prepare_default_model
+from appliance.core.redis_auth import ensure_redis_users
 from appliance.core.settings import ConfigError, load_settings
 from appliance.runtime.health import Probe, probe_http, probe_redis
 from appliance.runtime.plan import DRAIN_MARGIN_S, STAGES, STANDBY_SUFFIX, WORKER_WITHDRAW_S, Program, build_plan
@@ -131,6 +132,7 @@ class LocalRuntime:
         _atomic_write(settings.run_dir / "prometheus.yml", render_prometheus_conf(settings, REPO), 0o644)
         _atomic_write(settings.run_dir / WORKER_TARGETS_FILE, render_worker_targets(settings), 0o644)
         settings.resolved_internal_token()  # created once here so every service reads the same file
+        ensure_redis_users(settings.data_dir)  # one password per service; redis-server loads the ACL file
 
     def _start_supervisord(self) -> None:
         conf = self.settings.run_dir / "supervisord.conf"

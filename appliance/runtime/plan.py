@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS
+from appliance.core.redis_auth import acl_file, password_file
 from appliance.core.settings import config_path
 from appliance.runtime.settings import RuntimeSettings
 
@@ -26,6 +27,7 @@ __all__ = [
     "find_redis_server",
     "lan_addresses",
     "prometheus_binary",
+    "redis_argv",
     "worker_names",
 ]
 
@@ -85,7 +87,7 @@ def _worker_threads(settings: RuntimeSettings) -> int:
     return max(1, (os.cpu_count() or 1) // settings.workers)
 
 
-def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str) -> list[Program]:
+def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str, data: Path) -> list[Program]:
     programs = []
     for index, name in enumerate(worker_names(settings.workers), start=1):
         port = settings.worker_port(index)
@@ -98,6 +100,7 @@ def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str) -> lis
             # The worker announces itself once ready and withdraws on SIGTERM: the balancer
             # follows the registry, so adding or stopping a worker never touches the balancer.
             "APPLIANCE_WORKER_REDIS_URL": redis_url,
+            "APPLIANCE_WORKER_REDIS_PASSWORD_FILE": str(password_file(data, "worker")),
             "APPLIANCE_WORKER_SHUTDOWN_DRAIN_S": str(settings.drain_s),
         }
         if settings.worker_slots is not None:
@@ -130,10 +133,11 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
                 f"http://127.0.0.1:{settings.rag_port}/health",
             )
         )
-    plan += _workers(settings, model_path, redis_url)
+    plan += _workers(settings, model_path, redis_url, data)
     balancer_env = {
         "APPLIANCE_BALANCER_PORT": str(settings.balancer_port),
         "APPLIANCE_BALANCER_REDIS_URL": redis_url,
+        "APPLIANCE_BALANCER_REDIS_PASSWORD_FILE": str(password_file(data, "balancer")),
         "APPLIANCE_BALANCER_SHUTDOWN_DRAIN_S": str(settings.drain_s),
     }
     balancer = Program(  # no static worker list: the registry is the membership (scaling keeps this process)
@@ -144,7 +148,7 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
         f"http://127.0.0.1:{settings.balancer_port}/health",
         stop_wait_s=settings.drain_s + DRAIN_MARGIN_S,
     )
-    gateway = _gateway(settings, redis_url)
+    gateway = _gateway(settings, redis_url, data)
     plan += [balancer, _standby(balancer), gateway, _standby(gateway)]
     plan += _observability(settings, data)
     if settings.backup_every:
@@ -161,22 +165,32 @@ def _standby(program: Program) -> Program:
     return dataclasses.replace(program, name=program.name + STANDBY_SUFFIX, env=dict(program.env), standby=True)
 
 
-def _redis(settings: RuntimeSettings, data: Path) -> Program:
-    argv = [
+def redis_argv(settings: RuntimeSettings, data: Path) -> list[str]:
+    """redis-server as the local runtime runs it: loopback only, AOF, one ACL user per service (the file
+    ``appliance.core.redis_auth.ensure_redis_users`` writes; the passwordless default user is off), and a
+    memory cap that refuses writes rather than evicting anything (keys and usage are never dropped; the
+    gateway keeps the response cache under its own cap)."""
+    return [
         find_redis_server(),
         *("--port", str(settings.redis_port), "--bind", "127.0.0.1", "--dir", str(data / "redis")),
         *("--appendonly", "yes", "--appendfsync", "everysec", "--save", "300 1", "--protected-mode", "yes"),
+        *("--aclfile", str(acl_file(data))),
+        *("--maxmemory", settings.redis_maxmemory, "--maxmemory-policy", "noeviction"),
     ]
-    return Program("redis", "redis", argv, redis_port=settings.redis_port)
 
 
-def _gateway(settings: RuntimeSettings, redis_url: str) -> Program:
+def _redis(settings: RuntimeSettings, data: Path) -> Program:
+    return Program("redis", "redis", redis_argv(settings, data), redis_port=settings.redis_port)
+
+
+def _gateway(settings: RuntimeSettings, redis_url: str, data: Path) -> Program:
     env = {
         "APPLIANCE_GATEWAY_HOST": settings.gateway_host,
         "APPLIANCE_GATEWAY_PORT": str(settings.gateway_port),
         "APPLIANCE_GATEWAY_BALANCER_URL": f"http://127.0.0.1:{settings.balancer_port}",
         "APPLIANCE_GATEWAY_RAG_URL": f"http://127.0.0.1:{settings.rag_port}",
         "APPLIANCE_GATEWAY_REDIS_URL": redis_url,
+        "APPLIANCE_GATEWAY_REDIS_PASSWORD_FILE": str(password_file(data, "gateway")),
         "APPLIANCE_GATEWAY_SHUTDOWN_DRAIN_S": str(settings.drain_s),
     }
     if settings.tls_cert and settings.tls_key:

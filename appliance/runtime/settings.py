@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS
+from appliance.core.redis_auth import login_kwargs, password_file
 from appliance.core.settings import CommonSettings
 
 __all__ = ["LOOPBACK_HOSTS", "RuntimeSettings", "WorkerModelView"]
@@ -48,6 +49,11 @@ class RuntimeSettings(CommonSettings):
     worker_base_port: int = Field(default=8201, ge=1, le=65535)
     rag_port: int = Field(default=8300, ge=1, le=65535)
     redis_port: int = Field(default=6379, ge=1, le=65535)
+    redis_maxmemory: str = Field(
+        default="1gb", pattern=r"^[1-9][0-9]*(b|kb|mb|gb)?$",
+        description="Redis memory cap (noeviction: past it writes fail, nothing is evicted); above the "
+        "gateway's cache_max_bytes",
+    )
     prometheus_port: int = Field(default=9090, ge=1, le=65535)
     exporter_port: int = Field(default=9835, ge=1, le=65535)
     with_rag: bool = True
@@ -101,6 +107,12 @@ class RuntimeSettings(CommonSettings):
         elif ":" in host:
             host = f"[{host}]"
         return f"{self.scheme}://{host}:{self.gateway_port}"
+
+    def redis_admin_login(self) -> dict[str, Any]:
+        """Keyword arguments logging a redis-py client in as the ``admin`` ACL user (CLI status, backup);
+        none before the runtime first created the Redis users."""
+        path = password_file(self.data_dir, "admin")
+        return login_kwargs("admin", path) if path.is_file() else {}
 
     def worker_port(self, index: int) -> int:
         """Port of worker number ``index`` (1-based)."""

@@ -52,11 +52,11 @@ def _services(runtime: LocalRuntime, plan: list[Program]) -> list[dict[str, Any]
     return rows
 
 
-def _redis(port: int) -> dict[str, Any]:
+def _redis(port: int, login: dict[str, Any]) -> dict[str, Any]:
     import redis
 
     try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, **login)
         info = client.info()
         persistence = client.info("persistence")
         client.close()
@@ -147,7 +147,7 @@ def collect_status(runtime: LocalRuntime) -> tuple[int, dict[str, Any]]:
     report: dict[str, Any] = {
         "services": services,
         "workers": workers,
-        "redis": _redis(settings.redis_port),
+        "redis": _redis(settings.redis_port, settings.redis_admin_login()),
         "rag": _rag(settings.rag_port, settings.resolved_internal_token()) if settings.with_rag else None,
         "gpu": gpu_summary(),
         "cache_hit_rate": _cache_hit_rate(settings.gateway_local_url),

@@ -14,7 +14,7 @@ import httpx
 
 from tests.support.processes import Service, free_port, python_module, run_service
 
-TOKEN = "gateway-test-internal-token"
+TOKEN = "gateway-test-internal-token-padded-to-32-characters"
 
 
 @dataclass

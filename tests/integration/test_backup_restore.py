@@ -5,14 +5,23 @@ from a scratch Redis and data directory; the "old" state is a live data director
 admin key) that differs in every part. A restore runs in its own process and SIGKILLs itself at one
 milestone (``restore_backup``'s ``step``); then each part is read back, ``recover_interrupted_restore``
 runs (as ``appliance up`` does before it starts Redis), and each part is read again.
+
+The live data directory holds the backup key of the host that wrote the archive (``data/run/backup_key``,
+as on that same host); forgeries of the archive are refused before a byte of the data directory changes.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +29,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from appliance.backup.archive import verify_archive
-from appliance.backup.restore import RESTORE_DIR, recover_interrupted_restore
+from appliance.backup.archive import ArchiveWriter, verify_archive
+from appliance.backup.key import load_key, load_or_create_key
+from appliance.backup.manifest import MAC_NAME, MANIFEST_NAME, ManifestError
+from appliance.backup.restore import RESTORE_DIR, recover_interrupted_restore, restore_backup
 from appliance.backup.service import create_backup
 from appliance.runtime.settings import RuntimeSettings
 from tests.support.processes import REPO, redis_server
@@ -85,13 +96,24 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         patch.setenv("APPLIANCE_CONFIG", str(tmp / "empty.toml"))
         _fill(tmp / "data", "new")
         with redis_server(tmp / "data" / "redis") as (_, url):
+            # The runtime's layout: its Redis users' passwords under data/run/redis (create_backup logs in as admin).
+            if (tmp / "data" / "redis" / "run").is_dir():
+                shutil.copytree(tmp / "data" / "redis" / "run", tmp / "data" / "run", dirs_exist_ok=True)
             port = int(url.rsplit(":", 1)[1].split("/")[0])
             result = create_backup(_settings(tmp / "data", port), tmp / "backups")
     yield result.archive
 
 
+def _key_of(archive: Path) -> Path:
+    """The key the fixture's backup generated on its "host" (data/run/backup_key beside backups/)."""
+    return archive.parents[1] / "data" / "run" / "backup_key"
+
+
 def test_the_backup_leaves_the_onnx_export_out_and_says_what_recreates_it(archive: Path) -> None:
-    manifest = verify_archive(archive)
+    key = load_key(_key_of(archive))
+    assert key.path.stat().st_mode & 0o777 == 0o600
+    manifest = verify_archive(archive, key)
+    assert manifest.authenticated and manifest.key_id == key.key_id
     assert not [name for name in manifest.files if name.startswith("rag/onnx")]
     assert "rag/state.txt" in manifest.files and "redis/dump.rdb" in manifest.files
     (derived,) = manifest.derived
@@ -125,10 +147,12 @@ def _restore_killed_at(data_dir: Path, archive: Path, step: str) -> subprocess.C
 
 
 @pytest.fixture
-def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, archive: Path) -> Path:
     (tmp_path / "empty.toml").write_text("")
     monkeypatch.setenv("APPLIANCE_CONFIG", str(tmp_path / "empty.toml"))
     _fill(tmp_path / "data", "old")
+    (tmp_path / "data" / "run").mkdir(mode=0o700)
+    shutil.copy2(_key_of(archive), tmp_path / "data" / "run" / "backup_key")
     return tmp_path / "data"
 
 
@@ -168,3 +192,94 @@ def test_a_restore_that_fails_its_checks_changes_nothing(live: Path, archive: Pa
     result = _restore_killed_at(live, damaged, "never")
     assert result.returncode == 1 and "ManifestError" in result.stderr
     assert _read(live) == OLD and not (live / RESTORE_DIR).exists()
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
+    """Every path under ``root``: mode, mtime and content (a directory's mtime moves when an entry comes or goes)."""
+    state = {}
+    for path in sorted([root, *root.rglob("*")]):
+        info = path.lstat()
+        if path.is_symlink():
+            content = f"link:{os.readlink(path)}"
+        elif path.is_dir():
+            content = "dir"
+        else:
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
+        state[path.relative_to(root).as_posix()] = (info.st_mode, info.st_mtime_ns, content)
+    return state
+
+
+def _repack(archive: Path, out: Path, how: str) -> Path:
+    """The attacker's edit: an admin key of their own, its sum and size rewritten in the manifest, re-packed with
+    every other member as it was (the MAC, if any, kept, dropped, or the manifest turned into the old format)."""
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+    planted = b"admin-attacker"
+    members["secrets/admin_key"] = planted
+    manifest = json.loads(members[MANIFEST_NAME])
+    manifest["files"]["secrets/admin_key"] = {"sha256": hashlib.sha256(planted).hexdigest(), "size": len(planted)}
+    if how == "legacy-format":
+        manifest["format"] = 1
+    members[MANIFEST_NAME] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if how in ("mac-dropped", "legacy-format"):
+        members.pop(MAC_NAME, None)
+    with (
+        out.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+@pytest.mark.parametrize("how", ["stale-mac", "mac-dropped", "legacy-format"])
+def test_a_repacked_archive_with_valid_sums_is_refused_before_anything_is_written(
+    live: Path, archive: Path, tmp_path: Path, how: str
+) -> None:
+    forged = _repack(archive, tmp_path / "forged.tar.gz", how)
+    before = _snapshot(live)
+    with pytest.raises(ManifestError, match=r"MAC|manifest\.hmac|unsigned"):
+        restore_backup(_settings(live), forged)
+    assert _snapshot(live) == before, "the data directory changed"
+    assert not (live / RESTORE_DIR).exists()
+    assert _read(live) == OLD
+
+
+MEMBER_BYTES = 200 << 20
+
+
+def test_restore_memory_stays_bounded_for_a_large_member(live: Path, tmp_path: Path) -> None:
+    """A 200 MB member is hashed, checked and staged in blocks: the restore's peak RSS grows far less than that."""
+    big = tmp_path / "big.bin"
+    with big.open("wb") as handle:
+        handle.truncate(MEMBER_BYTES)  # sparse: zeros read back, nothing written
+    writer = ArchiveWriter(tmp_path / "big-backups", load_or_create_key(live / "run" / "backup_key"))
+    writer.add_file(big, "rag/big.bin")
+    large = writer.finish()
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from appliance.backup.restore import restore_backup
+        from appliance.runtime.settings import RuntimeSettings
+
+        def kib(field):
+            return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+        settings = RuntimeSettings(data_dir=Path({str(live)!r}))
+        with open("/proc/self/clear_refs", "w") as reset:
+            reset.write("5")  # the peak (VmHWM) starts again from the current RSS
+        before = kib("VmRSS:")
+        restore_backup(settings, Path({str(large)!r}))
+        print(before, kib("VmHWM:"))
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    before_kib, after_kib = map(int, done.stdout.split())
+    growth = (after_kib - before_kib) * 1024
+    print(f"peak RSS {before_kib // 1024} MiB before, {after_kib // 1024} MiB after: +{growth / 2**20:.1f} MiB")
+    assert (live / "rag" / "big.bin").stat().st_size == MEMBER_BYTES
+    assert growth < MEMBER_BYTES / 10, f"restoring a {MEMBER_BYTES >> 20} MiB member grew the peak RSS by {growth}"

@@ -25,7 +25,7 @@ from tests.support.fake_worker import FakeState, start_fake_worker
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-internal-token"
+TOKEN = "test-internal-token-padded-to-32-characters"
 AUTH = {"X-Internal-Token": TOKEN}
 MODEL = "fake-model"
 CONTRACT_METRICS = (
@@ -274,7 +274,7 @@ async def test_workers_join_and_leave_through_the_redis_registry(redis_url: str)
     async with fakes(remote) as urls, balancer([], redis_url=redis_url, registry_poll_s=0.1) as (url, app), \
             aiohttp.ClientSession() as client:
         redis = Redis.from_url(redis_url)
-        beating = asyncio.create_task(heartbeat(redis, urls[0], MODEL, ttl_s=0.6, interval_s=0.15))
+        beating = asyncio.create_task(heartbeat(redis, urls[0], MODEL, TOKEN, ttl_s=0.6, interval_s=0.15))
         try:
             await until(lambda: app[POOL].healthy_count == 1)
             assert (await post(client, url, chat()))[0] == 200 and remote.completed == 1
@@ -282,7 +282,7 @@ async def test_workers_join_and_leave_through_the_redis_registry(redis_url: str)
             assert app[POOL].healthy_count == 1
             beating.cancel()  # the worker "dies" without saying goodbye: its key expires
             await until(lambda: len(app[POOL]) == 0)
-            await announce(redis, urls[0], MODEL, ttl_s=30)
+            await announce(redis, urls[0], MODEL, TOKEN, ttl_s=30)
             await until(lambda: app[POOL].healthy_count == 1)
             await withdraw(redis, urls[0])  # a clean shutdown deletes the key at once
             await until(lambda: len(app[POOL]) == 0)

@@ -25,7 +25,7 @@ from tests.support.processes import Service, free_port, python_module, run_servi
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TOKEN = "real-worker-test-token"
+TOKEN = "real-worker-test-token-padded-to-32-characters"
 SLOTS = 8
 
 

@@ -34,7 +34,7 @@ from tests.support.processes import REPO, Service, free_port, python_module, run
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "observability-test-token"
+TOKEN = "observability-test-token-padded-to-32-characters"
 
 
 @dataclass(frozen=True)

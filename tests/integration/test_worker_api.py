@@ -22,7 +22,7 @@ from tests.support.processes import free_port, python_module, run_service
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-internal-token"
+TOKEN = "test-internal-token-padded-to-32-characters"
 MODEL = "gemma-3-270m"
 N_CTX = 256
 CAP = 128

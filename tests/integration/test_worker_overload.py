@@ -19,7 +19,7 @@ from tests.support.processes import REPO, free_port, python_module, run_service
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "overload-token"
+TOKEN = "overload-token-padded-to-32-characters"
 MODEL = "gemma-3-270m"
 # As long as the context allows (N_CTX 512), so that even a GPU host is still generating when the test acts.
 LONG = {"model": MODEL, "prompt": "Tell a long story:", "max_tokens": 480, "temperature": 0, "ignore_eos": True}

@@ -29,7 +29,7 @@ from tests.support.processes import Service, free_port, python_module, redis_ser
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TOKEN = "registration-test-token"
+TOKEN = "registration-test-token-padded-to-32-characters"
 MODEL = "gemma-3-270m"
 HEARTBEAT_S, TTL_S, POLL_S, GRACE_S = 1.0, 3.0, 1.0, 5.0  # grace: five balancer polls, a margin for load
 KEY_PREFIX = "appliance:workers:"
@@ -155,7 +155,8 @@ def test_worker_joins_the_balancer_once_ready_and_serves_chat(cluster: Cluster, 
 
         joined = wait_until(lambda: cluster.routable(url), 10, "worker routable in the balancer")
         entry = json.loads(registry.get(key) or b"{}")
-        assert entry == {"url": url, "model": MODEL}
+        assert {k: entry.get(k) for k in ("url", "model")} == {"url": url, "model": MODEL}
+        assert set(entry) == {"url", "model", "expires_ms", "sig"} and TOKEN not in json.dumps(entry)  # signed
         assert 0 < registry.pttl(key) <= TTL_S * 1000
         print(
             f"\nregistered worker routable {joined:.2f}s after its /health turned 200 "

@@ -67,7 +67,7 @@ def test_worker_with_hostile_template_refuses_and_keeps_serving(model_path: Path
     port = free_port()
     (tmp_path / "empty.toml").write_text("")
     env = {"APPLIANCE_CONFIG": str(tmp_path / "empty.toml"), "APPLIANCE_DATA_DIR": str(tmp_path),
-           "APPLIANCE_INTERNAL_TOKEN": "supply-chain", "APPLIANCE_WORKER_PORT": str(port),
+           "APPLIANCE_INTERNAL_TOKEN": "supply-chain-test-token-padded-to-32", "APPLIANCE_WORKER_PORT": str(port),
            "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_N_THREADS": "1",
            "APPLIANCE_WORKER_SLOTS": "1", "APPLIANCE_WORKER_N_CTX": "256",
            "APPLIANCE_WORKER_CHAT_TEMPLATE": PAYLOADS["cve-2024-34359"].replace("{tag}", "worker")}
@@ -98,7 +98,7 @@ def test_worker_process_with_unlisted_hash_never_serves(model_path: Path, tmp_pa
     port = free_port()
     (tmp_path / "empty.toml").write_text("")
     env = {**os.environ, "APPLIANCE_CONFIG": str(tmp_path / "empty.toml"), "APPLIANCE_DATA_DIR": str(tmp_path),
-           "APPLIANCE_INTERNAL_TOKEN": "supply-chain", "APPLIANCE_WORKER_PORT": str(port),
+           "APPLIANCE_INTERNAL_TOKEN": "supply-chain-test-token-padded-to-32", "APPLIANCE_WORKER_PORT": str(port),
            "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
            "APPLIANCE_WORKER_ALLOWED_SHA256": "1" * 64 + "," + "2" * 64}
     assert sha256_file(model_path) not in env["APPLIANCE_WORKER_ALLOWED_SHA256"]
@@ -140,7 +140,7 @@ def test_gguf_carrying_a_hostile_template_cannot_run_it(model_path: Path, tmp_pa
     port = free_port()
     (tmp_path / "empty.toml").write_text("")
     env = {"APPLIANCE_CONFIG": str(tmp_path / "empty.toml"), "APPLIANCE_DATA_DIR": str(tmp_path),
-           "APPLIANCE_INTERNAL_TOKEN": "supply-chain", "APPLIANCE_WORKER_PORT": str(port),
+           "APPLIANCE_INTERNAL_TOKEN": "supply-chain-test-token-padded-to-32", "APPLIANCE_WORKER_PORT": str(port),
            "APPLIANCE_WORKER_MODEL_PATH": str(hostile), "APPLIANCE_WORKER_N_THREADS": "1",
            "APPLIANCE_WORKER_SLOTS": "1", "APPLIANCE_WORKER_N_CTX": "256",
            # The operator allow-listed this exact file: the hash check passes, the sandbox must still hold.

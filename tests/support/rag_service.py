@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.support.processes import Service, free_port, python_module, run_service
 
-TOKEN = "rag-integration-token"
+TOKEN = "rag-integration-token-padded-to-at-least-32-characters"
 
 
 @contextmanager

@@ -39,7 +39,7 @@ from tests.support.processes import (
     wait_redis_pong,
 )
 
-TOKEN = "stack-internal-token"
+TOKEN = "stack-internal-token-padded-to-at-least-32-characters"
 FAKE_MODEL = "fake-model"
 
 

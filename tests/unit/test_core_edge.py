@@ -15,7 +15,7 @@ from appliance.core.request_id import current_request_id
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-TOKEN = "s3cret-t0ken"
+TOKEN = "s3cret-t0ken-padded-to-32-characters"
 GOOD = {INTERNAL_TOKEN_HEADER: TOKEN}
 ERROR_KEYS = {"message", "type", "param", "code"}
 

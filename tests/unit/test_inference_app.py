@@ -15,7 +15,7 @@ from inference.settings import WorkerSettings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-TOKEN = "t0ken"
+TOKEN = "t0ken-padded-to-at-least-32-characters"
 
 
 def _app_client(loader: Callable[[WorkerSettings], LoadedModel]) -> TestClient:  # type: ignore[type-arg]

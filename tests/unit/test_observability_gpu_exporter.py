@@ -159,7 +159,7 @@ def _gpus_on_this_host() -> int | None:
 async def test_real_pynvml_serves_what_this_host_has() -> None:
     """On a CPU-only host the no-GPU gauges; on a GPU host (the product's target) one series per GPU."""
     gpus = _gpus_on_this_host()
-    app = create_app(GpuExporterSettings(internal_token="x"), pynvml)
+    app = create_app(GpuExporterSettings(internal_token="x" * 32), pynvml)
     async with TestClient(TestServer(app)) as client:
         metrics = await client.get("/metrics")
         assert metrics.status == 200

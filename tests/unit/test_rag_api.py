@@ -18,7 +18,7 @@ from tests.support.rag_corpus import CORPUS, make_pdf
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-TOKEN = "unit-test-token"
+TOKEN = "unit-test-token-padded-to-32-characters"
 HEADERS = {"X-Internal-Token": TOKEN}
 
 

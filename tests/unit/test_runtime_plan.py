@@ -93,13 +93,16 @@ def test_managed_backups_run_as_a_program(settings: RuntimeSettings, tmp_path: P
 def test_workers_register_at_the_url_the_runtime_waits_for(
     settings: RuntimeSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from appliance.core.redis_auth import ensure_redis_users
     from inference.settings import WorkerSettings
 
+    ensure_redis_users(settings.data_dir.resolve())  # `appliance up` writes the Redis users before starting
     worker = next(p for p in build_plan(settings, tmp_path / "m.gguf") if p.name == "inference-2")
     for key, value in worker.env.items():
         monkeypatch.setenv(key, value)
     parsed = WorkerSettings()
-    assert parsed.redis_url == f"redis://127.0.0.1:{settings.redis_port}/0"
+    assert parsed.redis_url == f"redis://127.0.0.1:{settings.redis_port}/0"  # no password in the URL
+    assert parsed.redis_login()["username"] == "worker" and parsed.redis_login()["password"]
     assert parsed.resolved_advertise_url() == "http://127.0.0.1:9202" == worker.health_url.removesuffix("/health")
     # supervisord must not kill a worker while it withdraws and lets the balancer drain it
     assert worker.stop_wait_s > parsed.withdraw_grace_s + 30
