@@ -55,7 +55,7 @@ def create_backup(
     """
     directory = to or settings.data_dir / "backups"
     key = load_or_create_key(key_file or default_key_path(settings.data_dir))
-    client = redis.Redis(host="127.0.0.1", port=settings.redis_port, socket_timeout=10)
+    client = redis.Redis(host="127.0.0.1", port=settings.redis_port, socket_timeout=10, **settings.redis_admin_login())
     writer = ArchiveWriter(directory, key, step)
     try:
         rdb, keys = redis_bgsave(client)
