@@ -2,6 +2,9 @@
 
 Hot-path cost is a dict increment per request plus one histogram observation; gauges
 (in-flight, health, queue depth) cost nothing until scraped.
+
+Label values come from closed sets, never from a request: ``model`` is a model some registered worker
+serves (anything else is ``other``), ``worker`` a worker in the pool (its series leave with it).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from appliance.core.metrics import LATENCY_BUCKETS, new_registry, render
+from appliance.core.metrics import LATENCY_BUCKETS, OTHER, new_registry, render
 from balancer.fairqueue import PRIORITIES
 from balancer.pool import WorkerPool
 from balancer.retry import RetryBudget
@@ -27,7 +30,9 @@ NO_WORKER = "none"
 class BalancerMetrics:
     def __init__(self, pool: WorkerPool, budget: RetryBudget) -> None:
         self.registry = new_registry()
-        self.unrouted: Counter[tuple[str, int]] = Counter()  # (model, status) answered without a worker
+        self._pool = pool
+        # (model label, status) answered without a worker: key it with model_label, never the client's string.
+        self.unrouted: Counter[tuple[str, int]] = Counter()
         self.queue_wait = Histogram(
             "appliance_balancer_queue_wait_seconds", "Time requests that found every worker full spent queued.",
             ["priority"], buckets=LATENCY_BUCKETS, registry=self.registry,
@@ -41,6 +46,10 @@ class BalancerMetrics:
         self._upstream_children: dict[str, Histogram] = {}
         self.registry.register(_PoolCollector(pool, budget, self.unrouted))
 
+    def model_label(self, model: str) -> str:
+        """``model`` when a worker in the pool serves it, else ``other``: a client names any model it likes."""
+        return model if self._pool.has_model(model) else OTHER
+
     def upstream_latency(self, worker: Worker) -> Histogram:
         child = self._upstream_children.get(worker.url)
         if child is None:
@@ -48,6 +57,9 @@ class BalancerMetrics:
         return child
 
     def render(self) -> bytes:
+        for url in [url for url in self._upstream_children if self._pool.get(url) is None]:
+            del self._upstream_children[url]  # the worker left the pool: its series go with it
+            self._upstream.remove(url)
         return render(self.registry)
 
 
@@ -88,6 +100,8 @@ class _PoolCollector(Collector):
                                         "Requests waiting for a free slot, by model and priority class.",
                                         labels=["model", "priority"])
         for model, queue in self._pool.queues().items():
+            if not self._pool.has_model(model):
+                continue  # a queue for a model nobody serves (a client's typo) holds no one: no series
             for name, depth in zip(PRIORITIES, queue.depth_by_priority(), strict=True):
                 by_priority.add_metric([model, name], depth)
         yield by_priority

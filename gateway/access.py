@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import error_body
 from appliance.core.hop import REQUEST_ID_HEADER
+from appliance.core.metrics import OTHER
 from appliance.core.request_id import accept_or_mint, request_id_var
 
 if TYPE_CHECKING:
@@ -114,9 +115,14 @@ def access_middleware(metrics: GatewayMetrics) -> Any:
 
 
 def _finish(metrics: GatewayMetrics, scope: Scope, record: AccessRecord, elapsed: float) -> None:
-    route = str(scope.get("path_template") or scope.get("path", ""))
-    metrics.requests.labels(route, str(record.status), record.model).inc()
-    metrics.latency.labels(route).observe(elapsed)
+    # Labels from closed sets only: the route's template (a path no route has is "other"), a served model named
+    # by an authenticated key (record.key_id is set once admission verified the key). The log keeps the path.
+    template = scope.get("path_template")
+    label = str(template) if template else OTHER
+    metrics.requests.labels(label, str(record.status), metrics.model_label(record.model,
+                                                                           authenticated=bool(record.key_id))).inc()
+    metrics.latency.labels(label).observe(elapsed)
+    route = label if template else str(scope.get("path", ""))
     if record.upstream_s:
         metrics.overhead.observe(max(0.0, elapsed - record.upstream_s))
     if route in ("/metrics", "/healthz", "/readyz"):

@@ -102,6 +102,8 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         session = http if http is not None else new_http_session(settings)
         svc = _services(settings, redis_client, session, metrics, hot_redis)
         state["svc"] = svc
+        catalog = svc.catalog  # a model is a label value once the workers publish it (limits or file hash)
+        metrics.follow_models(lambda model: catalog.limits(model) is not None or bool(catalog.model_sha256(model)))
         try:
             await svc.guard.call(lambda: ensure_admin_key(svc.keys, settings.data_dir))
         except RedisUnavailable:
