@@ -19,6 +19,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from appliance.core.ids import KeyId
+
 __all__ = [
     "PRIORITIES",
     "SCOPES",
@@ -72,6 +74,10 @@ class Principal:
     expires_at: float = 0.0
     priority: str = PRIORITIES[0]
     weight: float = 1.0
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
 
     @classmethod
     def from_record(cls, digest: str, record: dict[str, str]) -> Principal:
@@ -184,14 +190,14 @@ class KeyStore:
         views = [public_view(_decode(r)) for r in records if r]
         return sorted(views, key=lambda view: view["created_at"])
 
-    async def get(self, key_id: str) -> dict[str, Any] | None:
+    async def get(self, key_id: KeyId) -> dict[str, Any] | None:
         digest = await self._redis.hget(IDS, key_id)
         if digest is None:
             return None
         record = await self._redis.hgetall(record_key(_text(digest)))
         return public_view(_decode(record)) if record else None
 
-    async def update(self, key_id: str, fields: dict[str, str]) -> dict[str, Any] | None:
+    async def update(self, key_id: KeyId, fields: dict[str, str]) -> dict[str, Any] | None:
         """Change a key's scheduling or limits (``priority``, ``weight``, ``rpm``...); effective at its next request."""
         digest = await self._redis.hget(IDS, key_id)
         if digest is None:
@@ -202,7 +208,7 @@ class KeyStore:
         stored = await self._redis.hgetall(record)
         return public_view(_decode(stored)) if stored else None
 
-    async def revoke(self, key_id: str) -> bool:
+    async def revoke(self, key_id: KeyId) -> bool:
         """Mark revoked: the next request with it fails, on every gateway."""
         digest = await self._redis.hget(IDS, key_id)
         if digest is None:

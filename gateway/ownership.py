@@ -1,32 +1,68 @@
-"""Who may see which collection: a key sees the collections it created, plus shared ones.
+"""Who may see which collection. Access is recorded explicitly, and fails closed.
 
-A collection created through the gateway by a non-admin key belongs to that key. One created
-by an admin key, or by the operator directly on the RAG service (`appliance ingest`), has no
-owner and is shared: every key with the scope may read and search it; only admins change it.
-Another key's private collection answers 404, exactly like one that does not exist, so names
-do not leak either.
+Each collection the gateway knows of has one access record in Redis (``OWNERS_KEY``, name → value):
+
+* a key id (``key_…``): private to that key (created through the gateway by a non-admin key);
+* ``@shared``: every key with the ``collections`` scope may read and search it; only admins change it.
+  Sharing is explicit: an admin key creates it with ``"shared": true`` or flips it later
+  (``PUT /admin/collections/{name}/sharing``, ``appliance collections share``);
+* ``@admin``: admin keys only (an admin key's collection that is not shared).
+
+A collection with **no** record — made directly on the RAG service (``appliance ingest`` without
+``--shared``), or whose record was lost (an AOF window, an interrupted restore) — is admin-only,
+never public. Another key's private collection answers 404 exactly like one that does not exist,
+so names do not leak either. Every check takes a :class:`~appliance.core.ids.CollectionName`, the
+value parsed at the edge, so what is checked is what the RAG service receives.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Literal, TypeVar
 
-from appliance.core.errors import not_found, overloaded
+from appliance.core.errors import APIError, not_found, overloaded
 from gateway.redis_guard import RedisUnavailable
 
 if TYPE_CHECKING:
+    from appliance.core.ids import CollectionName
     from gateway.keys import Principal
     from gateway.redis_guard import RedisGuard
 
-__all__ = ["OWNERS_KEY", "CollectionOwners", "collection_of"]
+__all__ = ["ADMIN_ONLY", "OWNERS_KEY", "SHARED", "Access", "CollectionOwners", "access_of", "may_read"]
 
+T = TypeVar("T")
 OWNERS_KEY = "appliance:collection_owners"
+SHARED = "@shared"
+ADMIN_ONLY = "@admin"
+Access = Literal["private", "shared", "admin"]
+
+# Drop a claim only if it is still the one this request made (another creator may have replaced it).
+_RELEASE_IF = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
+"""
 
 
-def collection_of(target: str) -> str | None:
-    """``/collections/NAME/...`` → NAME; ``/collections`` → None."""
-    parts = target.strip("/").split("/")
-    return parts[1] if len(parts) > 1 and parts[0] == "collections" and parts[1] else None
+def access_of(record: str | None) -> Access:
+    if record == SHARED:
+        return "shared"
+    if record is None or record == ADMIN_ONLY:
+        return "admin"
+    return "private"
+
+
+def may_read(principal: Principal, record: str | None) -> bool:
+    return principal.is_admin or record == SHARED or _owns(principal, record)
+
+
+def _owns(principal: Principal, record: str | None) -> bool:
+    return bool(principal.key_id) and record == principal.key_id
+
+
+def _record_for(principal: Principal, shared: bool) -> str:
+    if principal.is_admin:
+        return SHARED if shared else ADMIN_ONLY
+    return principal.key_id
 
 
 class CollectionOwners:
@@ -34,38 +70,61 @@ class CollectionOwners:
         self._guard = guard
 
     async def owners(self) -> dict[str, str]:
-        raw = await self._guard.call(lambda: self._guard.client.hgetall(OWNERS_KEY))
+        raw = await self._call(lambda: self._guard.client.hgetall(OWNERS_KEY))
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    async def owner(self, name: str) -> str | None:
-        raw = await self._guard.call(lambda: self._guard.client.hget(OWNERS_KEY, name))
+    async def record(self, name: CollectionName) -> str | None:
+        raw = await self._call(lambda: self._guard.client.hget(OWNERS_KEY, str(name)))
         return None if raw is None else _text(raw)
 
-    async def claim(self, name: str, principal: Principal) -> None:
-        if "admin" not in principal.scopes:
-            await self._guard.call(lambda: self._guard.client.hset(OWNERS_KEY, name, principal.key_id))
+    async def claim(self, name: CollectionName, principal: Principal, *, shared: bool) -> str | None:
+        """Record the creator before the RAG service creates the collection (so it is never unowned and
+        readable in between). Returns the record written, or None when an equal record already stood.
+        Another creator's record answers 409; a stale one (its collection gone) is replaced by the caller
+        via :meth:`replace` after checking the RAG service."""
+        value = _record_for(principal, shared)
+        created = await self._call(lambda: self._guard.client.hsetnx(OWNERS_KEY, str(name), value))
+        if created:
+            return value
+        current = await self.record(name)
+        if current == value:
+            return None
+        raise APIError(409, f"Collection {name!r} already exists.", param="name", code="collection_exists")
 
-    async def release(self, name: str) -> None:
-        await self._guard.call(lambda: self._guard.client.hdel(OWNERS_KEY, name))
+    async def replace(self, name: CollectionName, principal: Principal, *, shared: bool) -> str:
+        value = _record_for(principal, shared)
+        await self._call(lambda: self._guard.client.hset(OWNERS_KEY, str(name), value))
+        return value
 
-    async def check(self, name: str, principal: Principal, *, write: bool) -> None:
+    async def release(self, name: CollectionName, claimed: str | None = None) -> None:
+        """Forget a collection's record (it was deleted), or only the claim ``claimed`` when given."""
+        if claimed is None:
+            await self._call(lambda: self._guard.client.hdel(OWNERS_KEY, str(name)))
+        else:
+            await self._call(lambda: self._guard.client.eval(_RELEASE_IF, 1, OWNERS_KEY, str(name), claimed))
+
+    async def set_shared(self, name: CollectionName, shared: bool) -> None:
+        await self._call(lambda: self._guard.client.hset(OWNERS_KEY, str(name), SHARED if shared else ADMIN_ONLY))
+
+    async def check(self, name: CollectionName, principal: Principal, *, write: bool) -> None:
         """Raise 404 unless ``principal`` may read (or, with ``write``, change) collection ``name``."""
-        if "admin" in principal.scopes:
+        if principal.is_admin:
             return
-        try:
-            owner = await self.owner(name)
-        except RedisUnavailable:  # fail closed: without the owner list nobody's documents are exposed
-            raise overloaded("Collection access cannot be checked right now; retry shortly.", 2.0) from None
-        if owner == principal.key_id or (owner is None and not write):
+        record = await self.record(name)
+        if _owns(principal, record):
             return
-        if owner is None:
+        if record == SHARED:
+            if not write:
+                return
             raise not_found(f"Collection {name!r} is shared; only an admin key can change it.",
                             param="collection", code="collection_not_found")
         raise not_found(f"No collection named {name!r}.", param="collection", code="collection_not_found")
 
-    def visible(self, principal: Principal, owners: dict[str, str], name: str) -> bool:
-        owner = owners.get(name)
-        return "admin" in principal.scopes or owner is None or owner == principal.key_id
+    async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await self._guard.call(operation)
+        except RedisUnavailable:  # fail closed: without the records nobody's documents are exposed
+            raise overloaded("Collection access cannot be checked right now; retry shortly.", 2.0) from None
 
 
 def _text(value: bytes | str) -> str:

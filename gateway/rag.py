@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from appliance.core.errors import APIError, bad_request
+from appliance.core.ids import CollectionName
 from appliance.core.rag_wire import DEFAULT_TOP_K, validate_collection_name
 from appliance.core.wire import ChatCompletionRequest, ChatMessage, message_text
 from gateway.upstream import Upstream, decode_json_object, ensure_error_body
@@ -38,7 +39,7 @@ PREAMBLE = (
 
 
 class RagOptions(msgspec.Struct, frozen=True):
-    collection: str
+    collection: CollectionName
     top_k: int = DEFAULT_TOP_K
 
 
@@ -60,7 +61,7 @@ def neutralise(text: str) -> str:
 def fence_nonce(secret: str, collection: str, results: list[dict[str, Any]]) -> str:
     """Unguessable by a document's author (keyed by a server secret), yet the same for the same retrieval,
     so identical RAG requests still hit the response cache."""
-    material = msgspec.json.encode([collection, [r.get("chunk_id") or r.get("text") for r in results]])
+    material = msgspec.json.encode([str(collection), [r.get("chunk_id") or r.get("text") for r in results]])
     return hmac.new(secret.encode(), material, hashlib.sha256).hexdigest()[:12]
 
 
@@ -100,7 +101,7 @@ async def augment(request: ChatCompletionRequest, options: RagOptions, rag: Upst
     """Search the collection; return the request with the fenced context prepended, and citations."""
     query = _query(request)
     body = msgspec.json.encode({"query": query, "top_k": options.top_k})
-    reply = await rag.post_json(f"/collections/{options.collection}/search", body)
+    reply = await rag.post_json(f"/collections/{options.collection.segment()}/search", body)
     if reply.status != 200:
         decoded = msgspec.json.decode(ensure_error_body(reply.status, reply.body))
         error = decoded["error"]

@@ -75,6 +75,10 @@ class GatewaySettings(CommonSettings):
 
     log_prompts: bool = False
     rag_max_context_chars: int = Field(default=12000, ge=256)
+    rag_max_bytes_per_key: int = Field(
+        default=1 << 30, ge=0, description="documents one non-admin key may store in its collections; 0 = no cap"
+    )
+
     @field_validator("redis_password_file")
     @classmethod
     def _readable_password(cls, value: Path | None) -> Path | None:

@@ -28,6 +28,7 @@ class Job:
     id: str
     collection: str
     filename: str
+    owner: str = ""  # the key the gateway said uploaded it ("" = the operator, straight to this service)
     state: str = "queued"  # queued | running | succeeded | failed
     chunks_done: int = 0
     chunks_total: int = 0
@@ -66,8 +67,13 @@ class JobRunner:
         self._slots = asyncio.Semaphore(concurrency)
         self._keep = keep
 
-    def submit(self, collection: str, filename: str, work: Callable[[Job], Awaitable[dict[str, Any]]]) -> Job:
-        job = Job(f"job_{uuid.uuid4().hex[:24]}", collection, filename)
+    def in_flight(self, owner: str) -> int:
+        """Jobs of ``owner`` not finished yet (queued or running)."""
+        return sum(job.owner == owner and job.state in ("queued", "running") for job in self._jobs.values())
+
+    def submit(self, collection: str, filename: str, work: Callable[[Job], Awaitable[dict[str, Any]]],
+               owner: str = "") -> Job:
+        job = Job(f"job_{uuid.uuid4().hex[:24]}", collection, filename, owner)
         self._jobs[job.id] = job
         while len(self._jobs) > self._keep:
             self._jobs.popitem(last=False)

@@ -12,7 +12,9 @@ import numpy as np
 from aiohttp import web
 
 from appliance.core import strict_json
-from appliance.core.errors import bad_request, not_found
+from appliance.core.errors import bad_request, not_found, rate_limited
+from appliance.core.hop import KEY_ID_HEADER
+from appliance.core.ids import CollectionName, DocumentId, JobId, KeyId
 from appliance.core.metrics import CONTENT_TYPE, render
 from appliance.core.rag_wire import SearchQuery
 from appliance.core.wire import EmbeddingRequest, parse_request
@@ -29,6 +31,22 @@ _MAX_INPUTS = 2048
 
 def _service(request: web.Request) -> RagService:
     return request.app[STATE].ready()
+
+
+# Names in the path are parsed with the gateway's own patterns (appliance.core.ids): aiohttp has already
+# percent-decoded them, so "payroll%0A" arrives as "payroll\n" and is refused, never trimmed into "payroll".
+def _collection(request: web.Request) -> CollectionName:
+    return CollectionName.parse(request.match_info["name"], param="collection")
+
+
+def _document_id(request: web.Request) -> DocumentId:
+    return DocumentId.parse(request.match_info["document_id"], param="document_id")
+
+
+def _uploader(request: web.Request) -> str:
+    """The key the gateway says is uploading ("" when the operator calls this service directly)."""
+    raw = request.headers.get(KEY_ID_HEADER)
+    return "" if raw is None else KeyId.parse(raw, param=KEY_ID_HEADER)
 
 
 async def _body(request: web.Request) -> Any:
@@ -126,28 +144,33 @@ async def list_collections(request: web.Request) -> web.Response:
 async def create_collection(request: web.Request) -> web.Response:
     body = await _body(request)
     name = body.get("name") if isinstance(body, dict) else None
-    if not isinstance(name, str):
+    if name is None:
         raise bad_request("name is required.", param="name")
-    return web.json_response(await _service(request).create_collection(name), status=201)
+    collection = CollectionName.parse(name, param="name")
+    return web.json_response(await _service(request).create_collection(collection), status=201)
 
 
 async def get_collection(request: web.Request) -> web.Response:
-    return web.json_response(await _service(request).collection(request.match_info["name"]))
+    return web.json_response(await _service(request).collection(_collection(request)))
 
 
 async def delete_collection(request: web.Request) -> web.Response:
-    return web.json_response(await _service(request).delete_collection(request.match_info["name"]))
+    return web.json_response(await _service(request).delete_collection(_collection(request)))
 
 
 async def upload_document(request: web.Request) -> web.Response:
     service = _service(request)
     state = request.app[STATE]
-    name = request.match_info["name"]
+    name = _collection(request)
+    owner = _uploader(request)
     service.collection_exists(name)
     upload = await read_upload(request, state.settings.max_upload_bytes)
     background = request.query.get("background", "").lower() in ("1", "true", "yes")
     if background or len(upload.data) > state.settings.job_threshold_bytes:
-        job = state.jobs.submit(name, upload.filename, lambda job: _ingest_job(service, name, upload, job))
+        if owner and state.jobs.in_flight(owner) >= state.settings.max_jobs_per_key:
+            raise rate_limited(f"This key already has {state.settings.max_jobs_per_key} upload jobs queued or "
+                               "running; wait for one to finish (GET /v1/jobs/{id}).", 5.0)
+        job = state.jobs.submit(name, upload.filename, lambda job: _ingest_job(service, name, upload, job), owner)
         return web.json_response(
             {"job_id": job.id, **job.to_json()}, status=202, headers={"Location": f"/jobs/{job.id}"}
         )
@@ -155,35 +178,34 @@ async def upload_document(request: web.Request) -> web.Response:
     return web.json_response(document, status=200 if document["duplicate"] else 201)
 
 
-async def _ingest_job(service: RagService, name: str, upload: Upload, job: Job) -> dict[str, Any]:
+async def _ingest_job(service: RagService, name: CollectionName, upload: Upload, job: Job) -> dict[str, Any]:
     return await service.ingest(name, upload, progress=job.report)
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = request.app[STATE].jobs.get(request.match_info["job_id"])
+    job_id = JobId.parse(request.match_info["job_id"], param="job_id")
+    job = request.app[STATE].jobs.get(job_id)
     if job is None:
-        raise not_found(f"Job {request.match_info['job_id']!r} does not exist.", code="job_not_found")
+        raise not_found(f"Job {job_id!r} does not exist.", code="job_not_found")
     return web.json_response(job.to_json())
 
 
 async def list_documents(request: web.Request) -> web.Response:
-    documents = await _service(request).documents(request.match_info["name"])
+    documents = await _service(request).documents(_collection(request))
     return web.json_response({"object": "list", "documents": documents})
 
 
 async def get_document(request: web.Request) -> web.Response:
-    info = request.match_info
-    return web.json_response(await _service(request).document(info["name"], info["document_id"]))
+    return web.json_response(await _service(request).document(_collection(request), _document_id(request)))
 
 
 async def delete_document(request: web.Request) -> web.Response:
-    info = request.match_info
-    return web.json_response(await _service(request).delete_document(info["name"], info["document_id"]))
+    return web.json_response(await _service(request).delete_document(_collection(request), _document_id(request)))
 
 
 async def search(request: web.Request) -> web.Response:
     query = parse_request(SearchQuery, await _body(request))
-    results = await _service(request).search(request.match_info["name"], query.query, query.top_k)
+    results = await _service(request).search(_collection(request), query.query, query.top_k)
     return web.json_response({"object": "list", "results": results})
 
 

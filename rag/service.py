@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from appliance.core.errors import APIError, bad_request, not_found
-from appliance.core.rag_wire import validate_collection_name
+from appliance.core.ids import CollectionName, DocumentId
 from rag.chunker import Chunk, chunk_sections, embedding_text
 from rag.embedding import Embedder, Vectors
 from rag.extract import ParsedDocument, extract
@@ -176,6 +176,7 @@ class RagService:
             "object": "collection",
             "documents": row.documents,
             "chunks": row.chunks,
+            "bytes": row.bytes,
             "index_type": index.kind if index else "flat",
             "index_vectors": index.size if index else 0,
             "index_bytes": path.stat().st_size if path.exists() else 0,
@@ -184,8 +185,7 @@ class RagService:
             "created_at": int(row.created_at),
         }
 
-    async def create_collection(self, name: str) -> dict[str, Any]:
-        validate_collection_name(name)
+    async def create_collection(self, name: CollectionName) -> dict[str, Any]:
         return await self._on_store(self._create_collection, name)
 
     def _create_collection(self, name: str) -> dict[str, Any]:
@@ -200,18 +200,16 @@ class RagService:
     async def collections(self) -> list[dict[str, Any]]:
         return await self._on_store(lambda: [self._collection_json(r) for r in self.store.collections()])
 
-    async def collection(self, name: str) -> dict[str, Any]:
+    async def collection(self, name: CollectionName) -> dict[str, Any]:
         return await self._on_store(lambda: self._collection_json(self._row(name)))
 
     def _row(self, name: str) -> CollectionRow:
-        validate_collection_name(name)
         rows = self.store.collections(name)
         if not rows:
             raise not_found(f"Collection {name!r} does not exist.", param="collection", code="collection_not_found")
         return rows[0]
 
-    async def delete_collection(self, name: str) -> dict[str, Any]:
-        validate_collection_name(name)
+    async def delete_collection(self, name: CollectionName) -> dict[str, Any]:
         return await self._on_store(self._delete_collection, name)
 
     def _delete_collection(self, name: str) -> dict[str, Any]:
@@ -240,12 +238,11 @@ class RagService:
 
     # -- documents -----------------------------------------------------------------------------
 
-    def collection_exists(self, name: str) -> None:
+    def collection_exists(self, name: CollectionName) -> None:
         """Raise 400/404 for a bad or unknown collection name (cheap; no store access)."""
         self._index(name)
 
     def _index(self, name: str) -> CollectionIndex:
-        validate_collection_name(name)
         index = self._indexes.get(name)
         if index is None:
             raise not_found(f"Collection {name!r} does not exist.", param="collection", code="collection_not_found")
@@ -261,7 +258,7 @@ class RagService:
                 code="embedding_model_mismatch",
             )
 
-    async def ingest(self, name: str, upload: Upload, progress: Progress | None = None) -> dict[str, Any]:
+    async def ingest(self, name: CollectionName, upload: Upload, progress: Progress | None = None) -> dict[str, Any]:
         """Store a document durably and index it; returns its JSON (``duplicate`` when already there)."""
         self._index(name)
         self._same_model(name)
@@ -323,18 +320,18 @@ class RagService:
             index.add(ids, vectors)
         return row
 
-    async def documents(self, name: str) -> list[dict[str, Any]]:
+    async def documents(self, name: CollectionName) -> list[dict[str, Any]]:
         self._index(name)
         return [document_json(r) for r in await self._on_store(self.store.documents, name)]
 
-    async def document(self, name: str, document_id: str) -> dict[str, Any]:
+    async def document(self, name: CollectionName, document_id: DocumentId) -> dict[str, Any]:
         self._index(name)
         row = await self._on_store(self.store.document, name, document_id)
         if row is None:
             raise not_found(f"Document {document_id!r} does not exist in {name!r}.", code="document_not_found")
         return document_json(row)
 
-    async def delete_document(self, name: str, document_id: str) -> dict[str, Any]:
+    async def delete_document(self, name: CollectionName, document_id: DocumentId) -> dict[str, Any]:
         self._index(name)
         return await self._on_store(self._delete_document, name, document_id)
 
@@ -351,7 +348,7 @@ class RagService:
 
     # -- search and embeddings -----------------------------------------------------------------
 
-    async def search(self, name: str, query: str, top_k: int) -> list[dict[str, Any]]:
+    async def search(self, name: CollectionName, query: str, top_k: int) -> list[dict[str, Any]]:
         self._index(name)
         self._same_model(name)
         if not query.strip():

@@ -49,6 +49,9 @@ class RagSettings(CommonSettings):
     hnsw_ef_construction: int = Field(default=80, ge=8)
     hnsw_ef_search: int = Field(default=512, ge=8)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_jobs_per_key: int = Field(
+        default=4, ge=1, description="Upload jobs one key (as the gateway names it) may have queued or running."
+    )
     job_threshold_bytes: int = Field(
         default=1024 * 1024, ge=0, description="Uploads larger than this run as a job (202 + /jobs/{id})."
     )

@@ -57,6 +57,7 @@ class CollectionRow:
     model: str
     documents: int
     chunks: int
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,8 @@ class DocumentStore:
         rows = self._db.execute(
             """SELECT c.name, c.created_at, c.dimension, c.model,
                       (SELECT COUNT(*) FROM documents d WHERE d.collection = c.name) AS documents,
-                      (SELECT COUNT(*) FROM chunks k WHERE k.collection = c.name) AS chunks
+                      (SELECT COUNT(*) FROM chunks k WHERE k.collection = c.name) AS chunks,
+                      (SELECT COALESCE(SUM(d.bytes), 0) FROM documents d WHERE d.collection = c.name) AS bytes
                FROM collections c WHERE ? IS NULL OR c.name = ? ORDER BY c.name""",
             (name, name),
         ).fetchall()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 import typer
@@ -152,9 +153,34 @@ def usage(key: AdminKey = None, as_json: Json = False) -> None:
     out.print(table)
 
 
+collections_app = typer.Typer(help="Who may read a collection.", no_args_is_help=True)
+
+
+@collections_app.command("share")
+def collections_share(
+    name: Annotated[str, typer.Argument(help="the collection")],
+    off: Annotated[bool, typer.Option("--off", help="make it admin-only again")] = False,
+    key: AdminKey = None,
+    as_json: Json = False,
+) -> None:
+    """Let every key with the collections scope read and search a collection (only admins change it)."""
+    view = _share(load(), key, name, shared=not off)
+    if as_json:
+        print_json(view)
+    else:
+        out.print(f"{name}: {'shared with every key' if not off else 'admin keys only'}")
+
+
+def _share(settings: RuntimeSettings, key: str | None, name: str, *, shared: bool) -> Any:
+    return _call(settings, key, "PUT", f"/admin/collections/{quote(name, safe='')}/sharing", json={"shared": shared})
+
+
 def ingest(
     path: Annotated[Path, typer.Argument(help="a file or a folder of documents")],
     collection: Annotated[str, typer.Option("--collection", "-c")],
+    shared: Annotated[bool, typer.Option(
+        "--shared", help="let every key with the collections scope read it (default: admin keys only)")] = False,
+    key: AdminKey = None,
     as_json: Json = False,
 ) -> None:
     """Upload documents into a collection (created if needed), with a progress bar."""
@@ -180,6 +206,8 @@ def ingest(
         fail(f"the RAG service refused: {exc}")
     except httpx.HTTPError as exc:
         fail(f"the RAG service on port {settings.rag_port} is not reachable ({type(exc).__name__}); is the stack up?")
+    if shared:
+        _share(settings, key, collection, shared=True)
     if as_json:
         print_json(results)
         return
@@ -195,5 +223,6 @@ def ingest(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(keys_app, name="keys")
+    app.add_typer(collections_app, name="collections")
     app.command()(usage)
     app.command()(ingest)

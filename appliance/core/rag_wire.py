@@ -10,13 +10,12 @@ documents and forwards it, and checks a chat request's ``rag.collection``) and t
 
 from __future__ import annotations
 
-import re
 from pathlib import PurePath
 from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from appliance.core.errors import bad_request
+from appliance.core.ids import CollectionName
 
 __all__ = [
     "COLLECTION_NAME_PATTERN",
@@ -39,8 +38,8 @@ __all__ = [
 ]
 
 # 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit: safe as a file name and in a URL path.
-COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-_COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
+# Matched whole (appliance.core.ids.CollectionName); this anchored form is for JSON Schema and pydantic.
+COLLECTION_NAME_PATTERN = CollectionName.anchored()
 
 FORMAT_BY_SUFFIX = {
     ".txt": "text",
@@ -65,19 +64,12 @@ DEFAULT_TOP_K = 4
 
 
 def is_collection_name(name: object) -> TypeGuard[str]:
-    return isinstance(name, str) and _COLLECTION_NAME.match(name) is not None
+    return CollectionName.matches(name)
 
 
-def validate_collection_name(name: object, param: str = "name") -> str:
-    """The name, or an OpenAI-shaped 400 (``invalid_collection_name``)."""
-    if not is_collection_name(name):
-        raise bad_request(
-            f"Invalid collection name: {param} must match {COLLECTION_NAME_PATTERN} "
-            "(1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit).",
-            param=param,
-            code="invalid_collection_name",
-        )
-    return name
+def validate_collection_name(name: object, param: str = "name") -> CollectionName:
+    """The typed name, or an OpenAI-shaped 400 (``invalid_collection_name``)."""
+    return CollectionName.parse(name, param=param)
 
 
 def format_of(filename: str | None, media_type: str | None) -> str | None:

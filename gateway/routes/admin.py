@@ -6,11 +6,12 @@ import datetime as dt
 import time
 from typing import Any, Literal
 
-from litestar import Request, Response, delete, get, patch, post
+from litestar import Request, Response, delete, get, patch, post, put
 from litestar.params import FromPath, FromQuery
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.core.errors import APIError, bad_request, not_found
+from appliance.core.ids import CollectionName, KeyId
 from appliance.core.wire import parse_request
 from gateway.access import access_record
 from gateway.admission import STATS, parse_bearer, usage_key
@@ -21,7 +22,8 @@ from gateway.redis_guard import RedisUnavailable
 from gateway.services import GatewayServices, Services
 from gateway.upstream import decode_json_object
 
-__all__ = ["admin_status", "create_key", "get_key", "list_keys", "queue", "revoke_key", "update_key", "usage"]
+__all__ = ["admin_status", "create_key", "get_key", "list_keys", "queue", "revoke_key", "share_collection",
+           "update_key", "usage"]
 
 Priority = Literal["interactive", "batch"]
 
@@ -96,7 +98,7 @@ async def update_key(request: Request[Any, Any, Any], svc: Services, key_id: Fro
         fields["priority"] = spec.priority
     if spec.weight is not None:
         fields["weight"] = repr(spec.weight)
-    view = await svc.keys.update(key_id, fields)
+    view = await svc.keys.update(KeyId.parse(key_id, param="key_id"), fields)
     if view is None:
         raise not_found(f"No key with id {key_id!r}.", param="key_id")
     return view
@@ -111,7 +113,7 @@ async def list_keys(request: Request[Any, Any, Any], svc: Services) -> dict[str,
 @get("/admin/keys/{key_id:str}", summary="One API key", opt=documented(errors=(404, *_ADMIN_ERRORS)))
 async def get_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
     await _admin(request, svc)
-    view = await svc.keys.get(key_id)
+    view = await svc.keys.get(KeyId.parse(key_id, param="key_id"))
     if view is None:
         raise not_found(f"No key with id {key_id!r}.", param="key_id")
     return view
@@ -121,9 +123,32 @@ async def get_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPa
         opt=documented(errors=(404, *_ADMIN_ERRORS)))
 async def revoke_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
     await _admin(request, svc)
-    if not await svc.keys.revoke(key_id):
+    if not await svc.keys.revoke(KeyId.parse(key_id, param="key_id")):
         raise not_found(f"No key with id {key_id!r}.", param="key_id")
     return {"id": key_id, "revoked": True}
+
+
+class Sharing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    shared: bool = Field(description="true: every key with the collections scope may read it; false: admins only")
+
+
+@put("/admin/collections/{name:str}/sharing", summary="Share a collection with every key, or make it admin-only",
+     opt=documented(body=Sharing, errors=(400, 404, 413, *_ADMIN_ERRORS)))
+async def share_collection(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> dict[str, Any]:
+    """Sharing is explicit and only an admin sets it; a collection that is not shared is private to the key
+    that made it, or admin-only (also after its access record was lost)."""
+    await _admin(request, svc)
+    collection = CollectionName.parse(name, param="name")
+    spec = parse_request(Sharing, decode_body(await request.body()))
+    reply = await svc.rag.request("GET", f"/collections/{collection.segment()}")
+    if reply.status == 404:
+        raise not_found(f"No collection named {collection!r}.", param="name", code="collection_not_found")
+    if reply.status != 200:
+        raise APIError(502, f"The RAG service answered {reply.status}.", type_="server_error",
+                       code="bad_upstream_response")
+    await svc.owners.set_shared(collection, spec.shared)
+    return {"name": str(collection), "object": "collection", "access": "shared" if spec.shared else "admin"}
 
 
 @get("/admin/usage", summary="Requests and tokens per key per day (UTC)",
@@ -137,17 +162,18 @@ async def usage(request: Request[Any, Any, Any], svc: Services, days: FromQuery[
         raise bad_request("day must be YYYY-MM-DD.", param="day") from None
     if not 1 <= days <= 366:
         raise bad_request("days must be between 1 and 366.", param="days")
+    only = None if key_id is None else KeyId.parse(key_id, param="key_id")
     names = await svc.keys.names()
     rows: list[dict[str, Any]] = []
     for offset in range(days):
         date = last - dt.timedelta(days=offset)
         raw: dict[Any, Any] = await svc.guard.client.hgetall(usage_key(date))
-        rows.extend(_usage_rows(date, raw, names, key_id))
+        rows.extend(_usage_rows(date, raw, names, only))
     return {"object": "list", "data": rows}
 
 
 def _usage_rows(date: dt.date, raw: dict[Any, Any], names: dict[str, str],
-                only: str | None) -> list[dict[str, Any]]:
+                only: KeyId | None) -> list[dict[str, Any]]:
     per_key: dict[str, dict[str, Any]] = {}
     for field, value in raw.items():
         kid, _, metric = field.decode().rpartition(":")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -12,15 +12,16 @@ from litestar.background_tasks import BackgroundTask
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
 
-from appliance.core.errors import bad_request, payload_too_large
+from appliance.core.errors import APIError, bad_request, forbidden, not_found, payload_too_large
+from appliance.core.ids import CollectionName, DocumentId, Identifier, JobId
 from appliance.core.rag_wire import FileDocument, NewCollection, SearchQuery, TextDocument
 from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.keys import Principal
 from gateway.openapi import JSON, documented, link
-from gateway.ownership import collection_of
+from gateway.ownership import access_of, may_read
 from gateway.services import GatewayServices, Services
-from gateway.upstream import decode_json_object, ensure_error_body
+from gateway.upstream import UpstreamReply, decode_json_object, ensure_error_body, use_caller
 
 __all__ = ["collections_router"]
 
@@ -32,44 +33,103 @@ class _StreamedUpload:
 
     Litestar enforces the size limit while streaming; when it refuses, the upstream request is
     aborted mid-body (RAG sees a broken chunked body and ingests nothing) and the client gets a 413.
+    A non-admin key's upload is also held to what is left of its storage allowance
+    (``rag_max_bytes_per_key``): refused up front on ``Content-Length``, cut off past it otherwise.
     """
 
-    def __init__(self, request: Request[Any, Any, Any]) -> None:
+    def __init__(self, request: Request[Any, Any, Any], allowance: int | None) -> None:
         self._request = request
-        self.refused: HTTPException | None = None
+        self._allowance = allowance
+        self.refused: HTTPException | APIError | None = None
         limit = request.route_handler.resolve_request_max_body_size()
         declared = request.content_length
         if limit and declared is not None and declared > limit:  # refused before RAG is even contacted
             raise payload_too_large("Request body too large.")
+        if allowance is not None and declared is not None and declared > allowance:
+            raise _over_allowance(allowance)
+
+    @classmethod
+    async def open(cls, request: Request[Any, Any, Any], svc: GatewayServices,
+                   principal: Principal) -> _StreamedUpload:
+        cap = svc.settings.rag_max_bytes_per_key
+        if principal.is_admin or cap <= 0:
+            return cls(request, None)
+        return cls(request, max(cap - await _bytes_stored(svc, principal), 0))
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        seen = 0
         try:
             async for chunk in self._request.stream():
+                seen += len(chunk)
+                if self._allowance is not None and seen > self._allowance:
+                    self.refused = _over_allowance(self._allowance)
+                    raise self.refused
                 yield chunk
         except HTTPException as exc:
             self.refused = exc
             raise
 
 
-async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, target: str,
-                   *, streamed: bool = False) -> Response[Any]:
-    if ".." in target.split("/") or "%" in target or "\\" in target:
-        raise bad_request("Invalid collection path.", param="path")
+def _over_allowance(left: int) -> APIError:
+    return payload_too_large(f"This key's documents would exceed its storage allowance ({left} bytes left); "
+                             "delete documents or ask an admin for a larger allowance.")
+
+
+async def _bytes_stored(svc: GatewayServices, principal: Principal) -> int:
+    """What the key's own collections hold, as the RAG service counts it (document bytes)."""
+    reply = await svc.rag.request("GET", "/collections")
+    if reply.status != 200:
+        raise APIError(503, "The RAG service cannot report storage use right now.", type_="server_error",
+                       code="rag_unavailable")
+    owners = await svc.owners.owners()
+    listing = decode_json_object(reply.body, "rag service").get("collections") or []
+    return sum(int(c.get("bytes") or 0) for c in listing
+               if isinstance(c, dict) and owners.get(str(c.get("name"))) == principal.key_id)
+
+
+class _Call(msgspec.Struct, frozen=True):
+    """One forwarded call, built from typed values only: the collection it acts on (if any) and how."""
+
+    path: str
+    collection: CollectionName | None = None
+    write: bool = False
+    body: bytes | None = None  # a body the gateway re-encoded from typed values (else the client's is sent)
+    create: bool = False  # the collection is being created (its record is claimed by ``before``, not checked)
+
+
+def _collection_path(name: CollectionName, *tail: str | Identifier) -> str:
+    parts = [name.segment(), *(part.segment() if isinstance(part, Identifier) else part for part in tail)]
+    return "/collections/" + "/".join(parts)
+
+
+After = Callable[[GatewayServices, Principal, UpstreamReply], Awaitable[bytes | None]]
+Before = Callable[[GatewayServices, Principal, "_Call"], Awaitable[None]]
+
+
+async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, build: Callable[[], _Call], *,
+                   streamed: bool = False, before: Before | None = None, after: After | None = None,
+                   ) -> Response[Any]:
+    """Admit the key, then parse what the route names (``build``: typed values, or a 400), check access
+    to the collection, forward, and let ``after`` look at the answer (ownership records, listings)."""
     record = access_record(request)
     ticket = await svc.admission.admit(parse_bearer(request.headers.get("authorization")), "collections")
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+    use_caller(ticket.principal)  # the RAG service counts a key's upload jobs by it
     try:
-        name = collection_of(target)
-        if name is not None:
-            writes = request.method not in ("GET", "HEAD") and not target.rstrip("/").endswith("/search")
-            await svc.owners.check(name, ticket.principal, write=writes)
-        upload = _StreamedUpload(request) if streamed else None
-        body = await request.body() if request.method == "POST" and upload is None else None
+        call = build()
+        body = call.body
+        if call.collection is not None and not call.create:
+            await svc.owners.check(call.collection, ticket.principal, write=call.write)
+        if before is not None:
+            await before(svc, ticket.principal, call)
+        upload = await _StreamedUpload.open(request, svc, ticket.principal) if streamed else None
+        if body is None and request.method == "POST" and upload is None:
+            body = await request.body()
         headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
         started = time.perf_counter()
         try:
-            reply = await svc.rag.request(request.method, target, body=upload.chunks() if upload else body,
-                                          headers=headers, params=dict(request.query_params))
+            reply = await svc.rag.request(request.method, call.path, body=upload.chunks() if upload else body,
+                                          headers=headers, params=_params(request))
         except Exception:
             # Cutting the upload off aborts the RAG request (seen here as a payload or connection error):
             # the client's answer is the 413, not a 503 about the RAG service.
@@ -77,15 +137,12 @@ async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, target
                 raise upload.refused from None
             raise
         record.upstream_s = time.perf_counter() - started
+        content = reply.body if reply.status < 400 else ensure_error_body(reply.status, reply.body)
+        if after is not None:
+            content = await after(svc, ticket.principal, reply) or content
     except BaseException:
         svc.tasks.spawn(svc.admission.settle(ticket))
         raise
-    content = reply.body if reply.status < 400 else ensure_error_body(reply.status, reply.body)
-    if target == "/collections" and reply.status < 400:
-        content = await _owned_view(svc, ticket.principal, request.method, body, content)
-    elif name is not None and request.method == "DELETE" and target.rstrip("/") == f"/collections/{name}" \
-            and reply.status < 400:
-        await svc.owners.release(name)
     kept = {k: v for k, v in reply.headers.items() if k.lower() in ("location", "retry-after")}
     # An error body is always JSON, even when an upstream sent (and the gateway wrapped) something else.
     media_type = reply.content_type if reply.status < 400 else JSON
@@ -93,21 +150,14 @@ async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, target
                     headers={**kept, **ticket.rate_headers}, background=BackgroundTask(svc.admission.settle, ticket))
 
 
-async def _owned_view(svc: GatewayServices, principal: Principal, method: str, body: bytes | None,
-                      content: bytes) -> bytes:
-    """After a create, record the owner; on a listing, keep only what this key may see."""
-    if method == "POST":
-        created = decode_json_object(body or b"{}", "request")
-        if isinstance(created.get("name"), str):
-            await svc.owners.claim(created["name"], principal)
-        return content
-    listing = decode_json_object(content, "rag service")
-    owners = await svc.owners.owners()
-    for field in ("collections", "data"):
-        if isinstance(listing.get(field), list):
-            listing[field] = [c for c in listing[field]
-                              if isinstance(c, dict) and svc.owners.visible(principal, owners, str(c.get("name")))]
-    return msgspec.json.encode(listing)
+def _params(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """Only the query parameters the RAG service reads, each as its one typed value."""
+    background = request.query_params.get("background")
+    return {} if background is None else {"background": "true" if _truthy(background) else "false"}
+
+
+def _truthy(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
 
 
 _ERRORS = (400, 401, 403, 404, 429, 502, 503)
@@ -121,15 +171,41 @@ _DOCUMENT_LINKS = {
 }
 
 
+def _name(raw: str) -> CollectionName:
+    return CollectionName.parse(raw, param="name")
+
+
+def _read(path: str, name: CollectionName) -> _Call:
+    return _Call(path, name, write=False)
+
+
+def _write(path: str, name: CollectionName) -> _Call:
+    return _Call(path, name, write=True)
+
+
 # The RAG service validates these bodies (appliance.core.rag_wire, docs/CONTRACTS.md); here they document them.
 @get("/collections", summary="Collections this key may see (RAG)", opt=documented(errors=_ERRORS))
 async def list_collections(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
-    return await _forward(request, svc, "/collections")
+    return await _forward(request, svc, lambda: _Call("/collections"), after=_visible_only)
+
+
+async def _visible_only(svc: GatewayServices, principal: Principal, reply: UpstreamReply) -> bytes | None:
+    """Keep only what this key may see, each marked with its access (private, shared or admin)."""
+    if reply.status >= 400:
+        return None
+    listing = decode_json_object(reply.body, "rag service")
+    owners = await svc.owners.owners()
+    for field in ("collections", "data"):
+        if isinstance(listing.get(field), list):
+            listing[field] = [{**c, "access": access_of(owners.get(c["name"]))} for c in listing[field]
+                              if isinstance(c, dict) and isinstance(c.get("name"), str)
+                              and may_read(principal, owners.get(c["name"]))]
+    return msgspec.json.encode(listing)
 
 
 @post(
     "/collections",
-    summary="Create a collection, owned by this key (shared if an admin key)",
+    summary="Create a collection: private to this key, or with an admin key admin-only unless \"shared\": true",
     status_code=201,
     opt=documented(
         body=NewCollection,
@@ -146,12 +222,53 @@ async def list_collections(request: Request[Any, Any, Any], svc: Services) -> Re
     ),
 )
 async def create_collection(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
-    return await _forward(request, svc, "/collections")
+    wanted = _new_collection(await request.body())
+    claimed: list[str] = []
+
+    def build() -> _Call:
+        name = _name(wanted.name)
+        return _Call("/collections", name, write=True, body=msgspec.json.encode({"name": str(name)}), create=True)
+
+    async def claim(svc: GatewayServices, principal: Principal, call: _Call) -> None:
+        """Record the creator first, so the collection never exists without an access record."""
+        if call.collection is None:
+            return
+        if wanted.shared and not principal.is_admin:
+            raise forbidden("Only an admin key can create a shared collection.")
+        try:
+            made = await svc.owners.claim(call.collection, principal, shared=wanted.shared)
+        except APIError as exc:
+            if exc.status != 409 or (await svc.rag.request("GET", _collection_path(call.collection))).status != 404:
+                raise
+            made = await svc.owners.replace(call.collection, principal, shared=wanted.shared)  # a stale record
+        if made is not None:
+            claimed.append(made)
+
+    async def settle(svc: GatewayServices, principal: Principal, reply: UpstreamReply) -> bytes | None:
+        if reply.status >= 400 and claimed:  # not created (409: someone else's, or RAG refused): drop our claim
+            await svc.owners.release(_name(wanted.name), claimed[0])
+        return None
+
+    return await _forward(request, svc, build, before=claim, after=settle)
+
+
+class _NewCollection(msgspec.Struct, frozen=True):
+    name: Any = None
+    shared: bool = False
+
+
+def _new_collection(body: bytes) -> _NewCollection:
+    try:
+        return msgspec.json.decode(body or b"{}", type=_NewCollection)
+    except msgspec.ValidationError as exc:
+        raise bad_request(f"Invalid collection: {exc}.", param="shared") from None
+    except msgspec.DecodeError:
+        raise bad_request("The request body is not a valid JSON object.") from None
 
 
 @get("/collections/{name:str}", summary="One collection (RAG)", opt=documented(errors=_ERRORS))
 async def get_collection(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
-    return await _forward(request, svc, f"/collections/{name}")
+    return await _forward(request, svc, lambda: _read(_collection_path(n := _name(name)), n))
 
 
 @delete(
@@ -161,26 +278,37 @@ async def get_collection(request: Request[Any, Any, Any], svc: Services, name: F
     opt=documented(answers={200: None}, errors=_ERRORS),
 )
 async def delete_collection(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
-    return await _forward(request, svc, f"/collections/{name}")
+    async def forget(svc: GatewayServices, principal: Principal, reply: UpstreamReply) -> bytes | None:
+        if reply.status < 400:
+            await svc.owners.release(_name(name))
+        return None
+
+    return await _forward(request, svc, lambda: _write(_collection_path(n := _name(name)), n), after=forget)
 
 
 @get("/collections/{name:str}/documents", summary="Documents of a collection", opt=documented(errors=_ERRORS))
 async def list_documents(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
-    return await _forward(request, svc, f"/collections/{name}/documents")
+    return await _forward(request, svc, lambda: _read(_collection_path(n := _name(name), "documents"), n))
 
 
 async def upload_document(
     request: Request[Any, Any, Any], svc: Services, name: FromPath[str], background: FromQuery[bool] = False
 ) -> Response[Any]:
     """Registered by :func:`collections_router`, which knows the upload size limit."""
-    return await _forward(request, svc, f"/collections/{name}/documents", streamed=True)
+    return await _forward(request, svc, lambda: _write(_collection_path(n := _name(name), "documents"), n),
+                          streamed=True)
+
+
+def _document(raw: str) -> DocumentId:
+    return DocumentId.parse(raw, param="document_id")
 
 
 @get("/collections/{name:str}/documents/{document_id:str}", summary="One document", opt=documented(errors=_ERRORS))
 async def get_document(
     request: Request[Any, Any, Any], svc: Services, name: FromPath[str], document_id: FromPath[str]
 ) -> Response[Any]:
-    return await _forward(request, svc, f"/collections/{name}/documents/{document_id}")
+    return await _forward(request, svc, lambda: _read(
+        _collection_path(n := _name(name), "documents", _document(document_id)), n))
 
 
 @delete(
@@ -192,7 +320,8 @@ async def get_document(
 async def delete_document(
     request: Request[Any, Any, Any], svc: Services, name: FromPath[str], document_id: FromPath[str]
 ) -> Response[Any]:
-    return await _forward(request, svc, f"/collections/{name}/documents/{document_id}")
+    return await _forward(request, svc, lambda: _write(
+        _collection_path(n := _name(name), "documents", _document(document_id)), n))
 
 
 @post(
@@ -202,12 +331,24 @@ async def delete_document(
     opt=documented(body=SearchQuery, answers={200: None}, errors=(*_ERRORS, 413)),
 )
 async def search(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
-    return await _forward(request, svc, f"/collections/{name}/search")
+    return await _forward(request, svc, lambda: _read(_collection_path(n := _name(name), "search"), n))
 
 
 @get("/jobs/{job_id:str}", summary="Progress of a large upload (RAG)", opt=documented(errors=_ERRORS))
 async def job_status(request: Request[Any, Any, Any], svc: Services, job_id: FromPath[str]) -> Response[Any]:
-    return await _forward(request, svc, f"/jobs/{job_id}")
+    async def only_readable(svc: GatewayServices, principal: Principal, reply: UpstreamReply) -> bytes | None:
+        """A job is as visible as the collection it writes into; any other key gets the same 404 as for a
+        job that does not exist."""
+        if reply.status >= 400 or principal.is_admin:
+            return None
+        collection = decode_json_object(reply.body, "rag service").get("collection")
+        if CollectionName.matches(collection) and may_read(
+                principal, await svc.owners.record(CollectionName(collection))):
+            return None
+        raise not_found(f"Job {job_id!r} does not exist.", param="job_id", code="job_not_found")
+
+    return await _forward(request, svc, lambda: _Call("/jobs/" + JobId.parse(job_id, param="job_id").segment()),
+                          after=only_readable)
 
 
 def collections_router(max_upload_bytes: int) -> Router:
