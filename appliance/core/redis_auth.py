@@ -145,3 +145,17 @@ def login_kwargs(username: str, password_file: Path | None) -> dict[str, Any]:
     if password_file is None:
         return {}
     return read_login(username or "default", password_file).kwargs()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m appliance.core.redis_auth [DATA_DIR]``: create the Redis users (compose by hand)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = ensure_redis_users(Path(args[0] if args else "data"))
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from appliance.core.redis_auth import ensure_redis_users
 from appliance.runtime.compose_engine import Engine, EngineError, find_engine
 from appliance.runtime.compose_images import DEBIAN_IMAGES, PYTHON_IMAGES, build_images, image_name
 from appliance.runtime.settings import RuntimeSettings
@@ -153,6 +154,11 @@ class ComposeRuntime:
         (data / "models").mkdir(parents=True, exist_ok=True)
         (data / "run").mkdir(parents=True, exist_ok=True)
         uid, gid = self.uid_gid()
+        # The Redis users' passwords and ACL file, mounted as secrets: 0600, so they must be the containers'.
+        secrets_dir = ensure_redis_users(data).parent
+        if os.getuid() == 0:
+            for item in [secrets_dir, *secrets_dir.iterdir()]:
+                os.lchown(item, uid, gid)
         for name in DATA_DIRS:
             path = data / name
             path.mkdir(parents=True, exist_ok=True)

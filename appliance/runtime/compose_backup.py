@@ -34,8 +34,15 @@ Step = Callable[[str], None]
 ADMIN_KEY_PLACE = "gateway/admin_key"  # ComposeRuntime.admin_key_file, relative to the data directory
 
 
-def _redis_cli(runtime: ComposeRuntime, *argv: str) -> str:
-    return runtime.exec("redis", "redis-cli", "--no-raw", *argv).strip().strip('"')
+# redis-cli logs in as the admin user with the password of the container's own secret file: it reaches
+# redis-cli's environment inside the container, never a command line or the container's configuration.
+_ADMIN_CLI = 'REDISCLI_AUTH="$(cat /run/secrets/redis_admin)" exec redis-cli --user admin "$@"'
+
+
+def _redis_cli(runtime: ComposeRuntime, *argv: str, raw: bool = False) -> str:
+    flags = () if raw else ("--no-raw",)
+    reply = runtime.exec("redis", "sh", "-c", _ADMIN_CLI, "redis-cli", *flags, *argv)
+    return reply if raw else reply.strip().strip('"')
 
 
 def _integer(text: str) -> int:
@@ -56,7 +63,7 @@ def _bgsave(runtime: ComposeRuntime, timeout: float = 120.0) -> tuple[Path, int]
         if time.monotonic() > deadline:
             raise SnapshotError(f"Redis BGSAVE did not finish in {timeout:.0f}s")
         time.sleep(0.2)
-    if "rdb_last_bgsave_status:ok" not in runtime.exec("redis", "redis-cli", "INFO", "persistence"):
+    if "rdb_last_bgsave_status:ok" not in _redis_cli(runtime, "INFO", "persistence", raw=True):
         raise SnapshotError("Redis BGSAVE failed (rdb_last_bgsave_status is not ok)")
     return runtime.data_path() / "redis" / "dump.rdb", keys
 

@@ -162,6 +162,10 @@ def test_no_default_passwords_or_tokens(gpu: dict[str, Any]) -> None:
     secrets = 0
     for name, service in gpu.items():
         for key, value in (service.get("environment") or {}).items():
+            if key.endswith("_PASSWORD_FILE"):  # a file-based secret, mounted by compose (never the password)
+                secret = str(value).removeprefix("/run/secrets/")
+                assert secret in service["secrets"], (name, key)
+                continue
             if re.search(r"PASSWORD|TOKEN|SECRET", key):
                 secrets += 1
                 assert REQUIRED.match(str(value)), f"{name}: {key} must be required from the env, got {value!r}"
@@ -402,3 +406,37 @@ def test_a_port_held_by_the_projects_own_running_container_is_not_taken(
         taken = other.getsockname()[1]
         with pytest.raises(EngineError, match=f"port {taken} on 127.0.0.1 is already taken"):
             runtime(taken).check_ports()  # the gateway is not running: what holds its port is something else
+
+
+def test_redis_requires_a_login_per_service_from_file_secrets_and_never_evicts(gpu: dict[str, Any]) -> None:
+    declared = load("compose.yaml")["secrets"]
+    for secret in declared.values():
+        assert set(secret) == {"file"} and secret["file"].startswith(f"{DATA}/run/redis/"), secret
+    command = gpu["redis"]["command"]
+    assert "--protected-mode" not in command
+    assert command[command.index("--aclfile") + 1] == "/run/secrets/redis_acl"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--maxmemory" in command and "redis_acl" in gpu["redis"]["secrets"]
+    assert "redis_admin" in " ".join(gpu["redis"]["healthcheck"]["test"])
+    users = {"gateway": "redis_gateway", "balancer": "redis_balancer", "inference-1": "redis_worker",
+             "inference-2": "redis_worker"}
+    for name, service in gpu.items():
+        env = service.get("environment") or {}
+        if any(key.endswith("_REDIS_URL") for key in env):
+            password_file = next(v for k, v in env.items() if k.endswith("_REDIS_PASSWORD_FILE"))
+            assert password_file == f"/run/secrets/{users[name]}", name
+            assert all("@" not in str(v) for k, v in env.items() if k.endswith("_REDIS_URL")), name
+        for secret in service.get("secrets", []):
+            assert secret in declared, (name, secret)
+            # a secret is a 0600 file of APPLIANCE_UID: only a service running as that uid can read it
+            assert service["user"] == "${APPLIANCE_UID:-10001}:${APPLIANCE_GID:-10001}", name
+    exporter = " ".join(gpu["redis-exporter"]["command"])
+    assert "-redis.user exporter" in exporter and "/run/secrets/redis_exporter" in exporter
+    assert "REDIS_PASSWORD" not in str(gpu["redis-exporter"].get("environment", {}))
+
+
+def test_the_node_exporter_cannot_read_the_data_and_grafana_listens_on_loopback(gpu: dict[str, Any]) -> None:
+    node = gpu["node-exporter"]
+    assert node["user"] == "65534:65534", "nobody: never root, never APPLIANCE_UID (the data's owner)"
+    assert node["cap_drop"] == ["ALL"] and not node.get("secrets")
+    assert all(p.startswith("127.0.0.1:") for p in gpu["grafana"]["ports"]), "Grafana on loopback only"

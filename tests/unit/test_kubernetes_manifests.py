@@ -113,3 +113,32 @@ def test_the_internal_token_comes_from_a_secret_never_inline() -> None:
             token = env["APPLIANCE_INTERNAL_TOKEN"]
             assert "value" not in token and token["valueFrom"]["secretKeyRef"]["name"] == "appliance-secrets"
     assert "Secret" not in {doc["kind"] for _, doc in documents()}
+
+
+def test_each_service_logs_in_to_redis_as_its_own_user_from_a_mounted_secret() -> None:
+    config = by_kind("ConfigMap")["appliance-config"]["data"]
+    assert all("@" not in v for k, v in config.items() if k.endswith("_REDIS_URL")), "no password in a URL"
+    users = {"gateway": ("GATEWAY", "gateway"), "balancer": ("BALANCER", "balancer"), "inference": ("WORKER", "worker")}
+    workloads = {**by_kind("Deployment"), **by_kind("StatefulSet")}
+    for name, (prefix, user) in users.items():
+        spec = workloads[name]["spec"]["template"]["spec"]
+        (container,) = [c for c in spec["containers"] if c["name"] == name]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounted = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert env[f"APPLIANCE_{prefix}_REDIS_PASSWORD_FILE"] == mounted["redis-auth"] + "/password", name
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "redis-auth"]
+        assert volume["secret"]["secretName"] == "appliance-redis"
+        assert volume["secret"]["items"] == [{"key": user, "path": "password"}], "only its own user's password"
+        assert volume["secret"]["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == 10001
+
+
+def test_redis_loads_the_acl_file_and_never_evicts() -> None:
+    redis = by_kind("StatefulSet")["redis"]
+    server, exporter = containers(redis)
+    args = server["args"]
+    assert args[args.index("--aclfile") + 1].startswith("/etc/redis-auth/")
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction" and "--maxmemory" in args
+    assert "--user admin" in " ".join(server["readinessProbe"]["exec"]["command"])
+    env = {e["name"]: e for e in exporter["env"]}
+    assert env["REDIS_USER"]["value"] == "exporter"
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "appliance-redis", "key": "exporter"}
