@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import hmac
 import io
-import json
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ from appliance.backup.manifest import (
     Manifest,
     ManifestError,
 )
+from appliance.core import strict_json
 from appliance.core.model_files import sha256_file
 
 __all__ = [
@@ -196,7 +196,7 @@ def _authenticate(manifest_raw: bytes | None, mac_raw: bytes | None, key: KeySou
     if manifest_raw is None:
         raise ManifestError("the archive has no manifest")
     try:
-        declared = json.loads(manifest_raw)
+        declared = strict_json.loads(manifest_raw)
         version, claimed_key = declared.get("format"), declared.get("key_id")
     except (ValueError, AttributeError):
         raise ManifestError("the manifest is unreadable") from None
@@ -292,14 +292,14 @@ def extract_stream(handle: BinaryIO, manifest: Manifest, target: Path) -> None:
         if member.name in (MANIFEST_NAME, MAC_NAME):
             continue
         if member.name not in manifest.files or manifest.files[member.name].get("size") != member.size:
-            raise ManifestError(f"{member.name} changed since the archive was verified")
+            raise ManifestError(f"{member.name!r} changed since the archive was verified")
         destination = target.joinpath(*member.name.split("/"))
         _private_dirs(target, destination.parent)
         fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
             digest, size = _hash(source, out)
         if not _matches(manifest, member.name, digest, size):
-            raise ManifestError(f"{member.name} changed since the archive was verified")
+            raise ManifestError(f"{member.name!r} changed since the archive was verified")
         written.add(member.name)
     if written != set(manifest.files):
         raise ManifestError("the archive changed since it was verified (members missing)")

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.core import strict_json
+
 __all__ = ["FORMAT", "LEGACY_FORMAT", "MAC_NAME", "MANIFEST_LIMIT", "MANIFEST_NAME", "Manifest", "ManifestError",
            "sha256_bytes"]  # fmt: skip
 
@@ -56,7 +58,7 @@ class Manifest:
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
         try:
-            body = json.loads(raw)
+            body = strict_json.loads(raw)  # a lone surrogate in a name would crash the first print of it
             if body.get("format") not in (FORMAT, LEGACY_FORMAT):
                 raise ManifestError(f"unknown manifest format {body.get('format')!r}")
             manifest = cls(

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from appliance import __version__
+from appliance.core import strict_json
 from appliance.runtime.compose_engine import Engine, EngineError
 
 __all__ = ["BUNDLE_FORMAT", "COMPOSE_FILES", "BundleResult", "load_bundle", "write_bundle"]
@@ -153,6 +154,24 @@ def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> 
     return source.read()
 
 
+def _parse_manifest(raw: bytes) -> dict[str, Any]:
+    """The manifest, its format and the types of what later steps use checked."""
+    try:
+        # strict: a lone surrogate in an image name would crash the `docker` argv built from it
+        manifest: dict[str, Any] = strict_json.loads(raw)
+        for entry in manifest["files"].values():
+            if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("size"), int):
+                raise TypeError(entry)
+        for image in manifest["images"]:
+            if not isinstance(image.get("name"), str) or not isinstance(image.get("id"), str):
+                raise TypeError(image)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise _refuse("no readable manifest.json") from None
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise _refuse(f"format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
+    return manifest
+
+
 def _read_manifest(tar: tarfile.TarFile) -> tuple[dict[str, Any], list[tarfile.TarInfo]]:
     """The manifest and the members it lists, every member's shape and size checked; nothing written."""
     members = tar.getmembers()  # headers only: tarfile seeks over the data of an uncompressed tar
@@ -165,16 +184,8 @@ def _read_manifest(tar: tarfile.TarFile) -> tuple[dict[str, Any], list[tarfile.T
         by_name[member.name] = member
     if MANIFEST not in by_name:
         raise _refuse("no readable manifest.json")
-    try:
-        manifest: dict[str, Any] = json.loads(_member_bytes(tar, by_name[MANIFEST], MANIFEST_LIMIT))
-        files: dict[str, dict[str, Any]] = manifest["files"]
-        for entry in files.values():
-            if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("size"), int):
-                raise TypeError(entry)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise _refuse("no readable manifest.json") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise _refuse(f"format {manifest.get('format')!r}, expected {BUNDLE_FORMAT}")
+    manifest = _parse_manifest(_member_bytes(tar, by_name[MANIFEST], MANIFEST_LIMIT))
+    files: dict[str, dict[str, Any]] = manifest["files"]
     if SUMS in by_name and _member_bytes(tar, by_name[SUMS], MANIFEST_LIMIT) != _sums(files):
         raise _refuse(f"{SUMS} does not match the manifest")
     found = set(by_name) - {MANIFEST, SUMS}

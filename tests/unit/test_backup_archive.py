@@ -193,6 +193,17 @@ def test_a_legacy_unsigned_archive_needs_the_explicit_flag_and_still_has_its_sum
         verify_archive(tmp_path / "legacy-altered.tar.gz", key, allow_unsigned=True)
 
 
+def test_a_lone_surrogate_in_a_manifest_is_a_refusal_not_a_crash(tmp_path: Path, key: BackupKey) -> None:
+    """JSON may spell a lone surrogate ("\\ud800"): a manifest holding one is unreadable, and the refusal prints."""
+    legacy = _legacy(tmp_path, {"rag/store.sqlite": b"documents"})
+    members = _members(legacy)
+    members[MANIFEST_NAME] = members[MANIFEST_NAME].replace(b"rag/store.sqlite", b"rag/\\ud800.sqlite")
+    _write_tar_gz(tmp_path / "surrogate.tar.gz", members)
+    with pytest.raises(ManifestError, match="unreadable") as refused:
+        verify_archive(tmp_path / "surrogate.tar.gz", key, allow_unsigned=True)
+    str(refused.value).encode()  # the message itself encodes
+
+
 def test_the_file_verified_is_the_file_extracted(tmp_path: Path, key: BackupKey) -> None:
     """Both passes read one open file: an archive renamed into its place in between is never read, and
     bytes changed in place in between are refused."""

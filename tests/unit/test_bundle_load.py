@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runtime.compose_bundle import _extract_verified
+from appliance.runtime.compose_bundle import _extract_verified, load_bundle
 from appliance.runtime.compose_engine import EngineError
-from tests.unit.test_compose_runtime import _bundle, _rewrite
+from tests.unit.test_compose_runtime import FakeEngine, _bundle, _rewrite
 
 
 def _changed(archive: Path, tamper: str) -> Path:
@@ -75,3 +75,21 @@ def test_a_verified_bundle_is_written_owner_only(tmp_path: Path) -> None:
     with tarfile.open(archive) as tar:
         model = tar.extractfile("models/mine.gguf")
         assert model is not None and (staging / "models" / "mine.gguf").read_bytes() == model.read()
+
+
+def test_a_lone_surrogate_in_the_manifest_is_refused_before_docker_load(tmp_path: Path) -> None:
+    """JSON may spell a lone surrogate ("\\ud800"); as an image name it would crash the `docker` argv built
+    from it (UnicodeEncodeError, a traceback) instead of a refusal."""
+    _, archive = _bundle(tmp_path)
+
+    def change(name: str, data: bytes) -> list[tuple[str, bytes]]:
+        if name == "manifest.json":
+            manifest = json.loads(data)
+            manifest["images"][0]["name"] = "app/one\ud800:1"
+            return [(name, json.dumps(manifest).encode())]
+        return [(name, data)]
+
+    fresh = FakeEngine()
+    with pytest.raises(EngineError, match=r"no readable manifest\.json"):
+        load_bundle(fresh, _rewrite(archive, change), tmp_path / "site", tmp_path / "site" / "models", print)
+    assert not any(call[0] == "load" for call in fresh.calls)  # type: ignore[attr-defined]
