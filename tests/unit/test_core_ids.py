@@ -18,8 +18,8 @@ KINDS: tuple[type[Identifier], ...] = (CollectionName, DocumentId, JobId, KeyId,
 
 
 @pytest.mark.parametrize("raw", ["payroll\n", "payroll\r\n", "payroll\x00", " payroll", "payroll ", "Payroll",
-                                 "p\u0430yroll", "\uff50ayroll", "payroll/", "payroll?", "payroll#", "payroll%0A", "../x",
-                                 "pay\\roll", "", "a" * 64, "-payroll", "payroll\u0301"])
+                                 "p\u0430yroll", "\uff50ayroll", "payroll/", "payroll?", "payroll#", "payroll%0A",
+                                 "../x", "pay\\roll", "", "a" * 64, "-payroll", "payroll\u0301"])
 def test_collection_names_that_are_not_exactly_a_name_are_refused(raw: str) -> None:
     with pytest.raises(APIError) as refused:
         CollectionName.parse(raw, param="name")
