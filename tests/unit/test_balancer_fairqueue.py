@@ -168,6 +168,83 @@ TestHeadroomPoolMachine = HeadroomPoolMachine.TestCase
 TestHeadroomPoolMachine.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
 
 
+class CostPoolMachine(FairPoolMachine):
+    """Requests of 1 to 6 sequences (prompts x n) against workers of 4 and 2 slots with one headroom slot: every
+    lease holds min(cost, the worker's slots), in flight never goes negative nor past a worker's slots, each key
+    is charged the sequences of every lease it kept, and no waiter that fits somewhere is left waiting."""
+
+    SLOTS = (4, 2)
+    RESERVE = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: Counter[str] = Counter()  # sequences of the leases each key finished (charged for good)
+
+    @rule(key=st.sampled_from(["a", "b", "c"]), batch=st.booleans(), prompts=st.integers(1, 3),
+          n=st.integers(1, 2))
+    def arrive(self, key: str, batch: bool, prompts: int, n: int) -> None:
+        demand = Demand(Caller(key, BATCH if batch else INTERACTIVE), prompt_tokens=prompts * 10.0, max_tokens=8,
+                        slots=prompts * n)
+        task = self.loop.create_task(self.pool.wait_for_worker(MODEL, 1000.0, demand=demand))
+        self.requests.append((demand, task))
+        self._run()
+
+    @precondition(lambda self: bool(self._holding()))
+    @rule(data=st.data(), completion=st.integers(0, 300))
+    def finish(self, data: st.DataObject, completion: int) -> None:
+        demand, task = data.draw(st.sampled_from(self._holding()))
+        self.released.add(id(task))
+        self.kept[demand.caller.key_id] += demand.slots
+        self.pool.release(task.result(), demand, prompt_tokens=round(demand.prompt_tokens),
+                          completion_tokens=completion)
+        self._run()
+
+    @invariant()
+    def nothing_lost_nothing_twice(self) -> None:
+        holding = self._holding()
+        for worker in self.workers:
+            held = sum(d.leased for d, t in holding if t.result() is worker)
+            assert 0 <= worker.inflight == held <= worker.slots
+        assert all(d.leased == min(d.slots, t.result().slots) for d, t in holding)
+        assert self.pool.queue_depth == len(self._waiting())
+
+    @invariant()
+    def headroom_in_use_is_exact(self) -> None:
+        taken = [d for d, _ in self._holding() if d.headroom]
+        assert self.pool.headroom_in_use(MODEL) == sum(d.headroom for d in taken) <= self.headroom
+        assert all(demand.caller.priority == INTERACTIVE for demand in taken)
+
+    @invariant()
+    def no_idle_slot_while_someone_waits(self) -> None:
+        """A waiter is left waiting only when no worker has room for its sequences, or when taking them would
+        eat into the unused headroom that it may not use."""
+        queue = self.pool.queue(MODEL)
+        free = sum(w.slots - w.inflight for w in self.workers)
+        assert self.pool.free_slots(MODEL) == free
+        unused = self.headroom - self.pool.headroom_in_use(MODEL)
+        for demand, _ in self._waiting():
+            caller = demand.caller
+            regular = caller.priority == BATCH or queue.running(caller.key_id) > 0
+            for worker in self.workers:
+                need = min(demand.slots, worker.slots)
+                room = worker.slots - worker.inflight >= need
+                assert not room or (regular and free - need < unused), (demand, worker.inflight, free)
+
+    @invariant()
+    def running_counts_per_key_are_exact(self) -> None:
+        queue = self.pool.queue(MODEL)
+        holding = self._holding()
+        for key in ("a", "b", "c"):
+            mine = [d for d, _ in holding if d.caller.key_id == key]
+            assert queue.running(key) == len(mine)
+            assert queue.slots(key) == sum(d.slots for d in mine) >= 0
+            assert queue.slots_charged.get(key, 0) == self.kept[key] + queue.slots(key)
+
+
+TestCostPoolMachine = CostPoolMachine.TestCase
+TestCostPoolMachine.settings = settings(max_examples=250, stateful_step_count=40, deadline=None)
+
+
 def _simulate(weights: tuple[float, float], costs: tuple[int, int], slots: int, rounds: int) -> Counter[str]:
     """Two keys that always have work queued; tokens served per key after a warm-up."""
     loop = asyncio.new_event_loop()
