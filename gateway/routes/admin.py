@@ -110,7 +110,7 @@ async def list_keys(request: Request[Any, Any, Any], svc: Services) -> dict[str,
     return {"object": "list", "data": await svc.keys.list()}
 
 
-@get("/admin/keys/{key_id:str}", summary="One API key", opt=documented(errors=(404, *_ADMIN_ERRORS)))
+@get("/admin/keys/{key_id:str}", summary="One API key", opt=documented(errors=(400, 404, *_ADMIN_ERRORS)))
 async def get_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
     await _admin(request, svc)
     view = await svc.keys.get(KeyId.parse(key_id, param="key_id"))
@@ -120,7 +120,7 @@ async def get_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPa
 
 
 @delete("/admin/keys/{key_id:str}", summary="Revoke an API key (effective at once)", status_code=200,
-        opt=documented(errors=(404, *_ADMIN_ERRORS)))
+        opt=documented(errors=(400, 404, *_ADMIN_ERRORS)))
 async def revoke_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
     await _admin(request, svc)
     if not await svc.keys.revoke(KeyId.parse(key_id, param="key_id")):

@@ -11,6 +11,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.params import FromPath
 
 from appliance.core.errors import not_found
+from appliance.core.ids import ModelId
 from appliance.core.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.access import access_record
 from gateway.admission import parse_bearer
@@ -99,18 +100,19 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
 
 @get("/v1/models/{model:str}",
      summary="One model served by the workers, with its limits (context_length, max_tokens, max_choices)",
-     opt=documented(answers={200: ModelObject}, errors=(401, 404, 502, 503)))
+     opt=documented(answers={200: ModelObject}, errors=(400, 401, 404, 502, 503)))
 async def retrieve_model(request: Request[Any, Any, Any], svc: Services, model: FromPath[str]) -> Response[Any]:
     record = access_record(request)
     secret = parse_bearer(request.headers.get("authorization"))
     ticket = await svc.admission.admit(secret, "", limited=False)
-    record.key_name, record.key_id, record.model = ticket.principal.name, ticket.principal.key_id, model
+    record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+    wanted = record.model = ModelId.parse(model, param="model")
     reply = await svc.balancer.request("GET", "/v1/models")
     if reply.status != 200:
         return Response(ensure_error_body(reply.status, reply.body), status_code=reply.status, media_type=JSON)
     document = decode_json_object(reply.body, "balancer")
     allowed = ticket.principal.models
     for item in document.get("data") or []:
-        if isinstance(item, dict) and item.get("id") == model and (not allowed or model in allowed):
+        if isinstance(item, dict) and item.get("id") == wanted and (not allowed or wanted in allowed):
             return Response(msgspec.json.encode(item), media_type=JSON)
-    raise not_found(f"The model {model!r} does not exist.", param="model", code="model_not_found")
+    raise not_found(f"The model {wanted!r} does not exist.", param="model", code="model_not_found")
