@@ -69,7 +69,7 @@ def self_signed_pair(directory: Path, names: list[str]) -> tuple[Path, Path]:
     finally:
         os.umask(old_umask)
     key.chmod(0o600)
-    cert.chmod(0o644)
+    cert.chmod(0o600)  # public, yet nothing under data/ is for other users
     record.write_text("\n".join(sans) + "\n")
     return cert, key
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.core.entry import CONFIG_ERROR_EXIT
+from appliance.core.files import make_private
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS, default_model_path, prepare_default_model
 from appliance.core.redis_auth import ensure_redis_users
 from appliance.core.settings import ConfigError, load_settings
@@ -126,12 +127,12 @@ class LocalRuntime:
         settings = self.settings
         for sub in ("run", "logs", "redis", "rag", "models", "backups", "prometheus"):
             (settings.data_dir / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(settings.run_dir, 0o700)
         conf = render_supervisor_conf(plan, settings.run_dir.resolve(), settings.log_dir.resolve(), REPO)
         _atomic_write(settings.run_dir / "supervisord.conf", conf)
-        _atomic_write(settings.run_dir / "prometheus.yml", render_prometheus_conf(settings, REPO), 0o644)
-        _atomic_write(settings.run_dir / WORKER_TARGETS_FILE, render_worker_targets(settings), 0o644)
+        _atomic_write(settings.run_dir / "prometheus.yml", render_prometheus_conf(settings, REPO))
+        _atomic_write(settings.run_dir / WORKER_TARGETS_FILE, render_worker_targets(settings))
         settings.resolved_internal_token()  # created once here so every service reads the same file
+        make_private(settings.data_dir)  # 0700/0600 whatever an older version, a copy or a restore left
         ensure_redis_users(settings.data_dir)  # one password per service; redis-server loads the ACL file
 
     def _start_supervisord(self) -> None:

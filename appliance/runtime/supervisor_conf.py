@@ -47,6 +47,7 @@ def _program(program: Program, log_dir: Path, cwd: Path) -> str:
             f"stopwaitsecs={program.stop_wait_s}",
             "stopasgroup=true",
             "killasgroup=true",
+            "umask=077",  # what it writes under data/ (Redis AOF, Prometheus TSDB) is the user's alone
             "redirect_stderr=true",
             f"stdout_logfile={log_dir / (program.name + '.log')}",
             "stdout_logfile_maxbytes=20MB",
@@ -67,6 +68,7 @@ chmod=0700
 logfile={log_dir / "supervisord.log"}
 pidfile={run_dir / "supervisord.pid"}
 childlogdir={log_dir}
+umask=077
 nodaemon=false
 silent=true
 
