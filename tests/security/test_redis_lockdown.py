@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import shutil
 import socket
 import subprocess
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 import redis
 from aiohttp import web
@@ -316,3 +318,32 @@ def test_the_response_cache_cannot_push_out_keys_or_usage_and_its_ttl_is_capped(
     assert max(ttls) <= 600, "X-Cache-TTL above cache_max_ttl_s is lowered to it"
     assert memory["evicted_keys"] == 0 and memory["maxmemory_policy"] == "noeviction"
     assert sum(int(row["requests"]) for row in usage) == 302, usage  # every request's usage is still there
+
+
+@pytest.mark.skipif(shutil.which("prometheus-redis-exporter") is None, reason="needs prometheus-redis-exporter")
+def test_the_redis_exporter_scrapes_as_the_read_only_user_with_compose_s_own_command(tmp_path: Path) -> None:
+    """compose.yaml's exporter command as it is (only the addresses and the secret's path swapped)."""
+    import yaml
+
+    from appliance.core.redis_auth import password_file
+
+    service = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]["redis-exporter"]
+    shell, flag, script = service["command"]
+    with runtime_redis(tmp_path) as (port, data):
+        listen = free_port()
+        script = (script.replace("$$", "$").replace("/run/secrets/redis_exporter", str(password_file(data, "exporter")))
+                  .replace("redis://redis:6379", f"redis://127.0.0.1:{port}").replace(":9121", f"127.0.0.1:{listen}"))
+        exporter = Service([shell, flag, script], {"PATH": "/usr/bin:/bin"}, tmp_path / "exporter.log")
+        try:
+            deadline, text = time.monotonic() + 20, ""
+            while "redis_up" not in text and time.monotonic() < deadline:
+                try:
+                    text = httpx.get(f"http://127.0.0.1:{listen}/metrics", timeout=5).text
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+        finally:
+            exporter.stop()
+        logs = exporter.logs()
+    assert "redis_up 1" in text and "NOPERM" not in logs, (text[-500:], logs[-1000:])
+    assert "redis_memory_max_bytes 6.7108864e+07" in text  # INFO reached it: the 64mb cap
+    assert password_file(data, "exporter").read_text().strip() not in logs + text
