@@ -86,7 +86,7 @@ class ArchiveWriter:
     step: Step | None = None
 
     def __post_init__(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self.path = self.directory / f"appliance-backup-{stamp}-{os.getpid()}.tar.gz"
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".backup-", suffix=".partial")

@@ -89,7 +89,7 @@ def _swap(staged: Path, live: Path, old: Path, step: Step | None) -> None:
         fsync_path(live.parent)
         if step:
             step(f"swap:{live.name}:aside")
-    live.parent.mkdir(parents=True, exist_ok=True)
+    live.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     staged.rename(live)
     fsync_path(live.parent)
     if step:
@@ -107,7 +107,7 @@ def _roll_forward(data_dir: Path, work: Path, step: Step | None) -> list[str]:
     journal = json.loads((work / JOURNAL).read_text())
     parts = list(journal["parts"])
     places = {name: _place(data_dir, journal.get("places", {}).get(name, name)) for name in parts}
-    (work / "old").mkdir(exist_ok=True)
+    (work / "old").mkdir(mode=0o700, exist_ok=True)
     for name in parts:
         _swap(work / "staged" / PARTS[name], places[name], work / "old" / name, step)
     old_rag = work / "old" / "rag"
@@ -238,7 +238,7 @@ def _stage(
         parts.append("admin_key")
     models = data_dir / "models"
     if (staged / "models").is_dir():  # verified, content-addressed by the manifest: moved in, never swapped out
-        models.mkdir(parents=True, exist_ok=True)
+        models.mkdir(parents=True, exist_ok=True)  # compose mounts it into containers of another uid
         for model in (staged / "models").iterdir():
             os.replace(model, models / model.name)
     if (staged / "config" / "appliance.toml").is_file():
@@ -285,7 +285,7 @@ def restore_backup(
         ]
         if dry_run:
             return RestoreResult(archive, parts, missing, True, manifest.authenticated)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         recover_interrupted_restore(data_dir)
         work = data_dir / RESTORE_DIR
         work.mkdir(mode=0o700)

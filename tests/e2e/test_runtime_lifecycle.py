@@ -242,8 +242,12 @@ def test_lifecycle(stack: Stack) -> None:
     stack.cli("down")
     saved = stack.data_dir.parent / archive.name
     shutil.copy(archive, saved)
+    key = stack.data_dir.parent / "backup_key"  # kept apart from the data and the backups, as the README says
+    shutil.copy(stack.data_dir / "run" / "backup_key", key)
     shutil.rmtree(stack.data_dir)
-    restored = json.loads(stack.cli("restore", str(saved), "--json").stdout)
+    without_key = stack.cli("restore", str(saved), check=False)
+    assert without_key.returncode != 0 and "no backup key" in without_key.stderr
+    restored = json.loads(stack.cli("restore", str(saved), "--key", str(key), "--json").stdout)
     assert {"redis", "rag"} <= set(restored["restored"])
     stack.cli("up")
     assert stack.admin_key() == admin
@@ -258,7 +262,7 @@ def test_lifecycle(stack: Stack) -> None:
     raw = bytearray(saved.read_bytes())
     raw[len(raw) // 2] ^= 0x40
     tampered.write_bytes(bytes(raw))
-    refused = stack.cli("restore", str(tampered), check=False)
+    refused = stack.cli("restore", str(tampered), "--key", str(key), check=False)
     assert refused.returncode != 0 and "refusing to restore" in refused.stderr
 
     # Down leaves no process behind.
