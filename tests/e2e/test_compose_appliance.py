@@ -355,10 +355,13 @@ def test_a_backup_restores_into_an_empty_data_dir(
     made = json.loads(stack.cli("backup", "--runtime", "compose", "--to", str(backups), "--json").stdout)
     archive = Path(made["archive"])
     assert archive.is_file() and made["redis_keys"] > 0
+    key = stack.data_dir / "run" / "backup_key"  # the first backup generated it; a fresh host restores with it
     stack.cli("down", "--runtime", "compose")
     assert stack.leftovers() == ([], [])
     stack.use(tmp_path_factory.mktemp("restored") / "data")
-    restored = json.loads(stack.cli("restore", str(archive), "--runtime", "compose", "--json").stdout)
+    restored = json.loads(
+        stack.cli("restore", str(archive), "--runtime", "compose", "--key", str(key), "--json").stdout
+    )
     assert {"redis", "rag", "secrets"} <= set(restored["restored"]), restored
     up = json.loads(stack.cli("up", "--runtime", "compose", "--json").stdout)
     print(f"restored stack healthy in {up['healthy_in_s']} s (up returned after {up['ready_in_s']} s)")
