@@ -27,6 +27,8 @@ import httpx
 import pytest
 import redis
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from balancer import BalancerSettings, create_app
@@ -347,3 +349,27 @@ def test_the_redis_exporter_scrapes_as_the_read_only_user_with_compose_s_own_com
     assert "redis_up 1" in text and "NOPERM" not in logs, (text[-500:], logs[-1000:])
     assert "redis_memory_max_bytes 6.7108864e+07" in text  # INFO reached it: the 64mb cap
     assert password_file(data, "exporter").read_text().strip() not in logs + text
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(puts=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3000), st.integers(1, 5)), min_size=1, max_size=60),
+       cap=st.integers(1024, 20_000))
+def test_the_cache_store_keeps_its_books_under_the_cap(redis_url: str, puts: list[tuple[int, int, int]],
+                                                       cap: int) -> None:
+    """Any sequence of stores (same or new keys, any sizes): the counted bytes equal the indexed entries'
+    sizes, never exceed the cap, and every indexed entry is one the books count."""
+    from gateway.cache import CACHE_BYTES, CACHE_INDEX, CACHE_PUT, CACHE_SIZES, ENTRY_OVERHEAD_BYTES
+
+    client = redis.Redis.from_url(redis_url)
+    client.delete(CACHE_INDEX, CACHE_SIZES, CACHE_BYTES, *client.keys("gw:cache:prop*"))
+    for name, size, ttl in puts:
+        client.eval(CACHE_PUT, 4, f"gw:cache:prop{name}", CACHE_INDEX, CACHE_SIZES, CACHE_BYTES,
+                    b"j" + b"x" * size, ttl, cap, 86400, ENTRY_OVERHEAD_BYTES)
+        sizes = {k: int(v) for k, v in client.hgetall(CACHE_SIZES).items()}
+        counted = int(client.get(CACHE_BYTES) or 0)
+        assert counted == sum(sizes.values()) <= cap
+        assert set(sizes) == set(client.zrange(CACHE_INDEX, 0, -1))
+        stored = [k for k in client.keys("gw:cache:prop*")]
+        assert set(stored) <= set(sizes)
+    client.delete(CACHE_INDEX, CACHE_SIZES, CACHE_BYTES, *client.keys("gw:cache:prop*"))
+    client.close()
