@@ -97,9 +97,9 @@ def test_a_flood_of_the_largest_requests_is_charged_in_full_and_a_chat_still_sta
         thread.start()
     wait_until(lambda: _queue_rows(stack).get(flood_id, {}).get("running", 0) >= 1, 60,
                what="the flood running at the balancer")
-    during = [_ttft(chat, stack.model, turn) for turn in range(4, 7)]
     rows = _queue_rows(stack)
     workers = sorted(w["inflight"] for w in stack.balancer_workers())
+    during = [_ttft(chat, stack.model, turn) for turn in range(4, 7)]
     for thread in threads:
         thread.join(timeout=400)
     print(f"chat TTFT idle median {idle * 1000:.0f} ms; during the flood {[round(t * 1000) for t in during]} ms; "
