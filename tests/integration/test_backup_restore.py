@@ -283,3 +283,21 @@ def test_restore_memory_stays_bounded_for_a_large_member(live: Path, tmp_path: P
     print(f"peak RSS {before_kib // 1024} MiB before, {after_kib // 1024} MiB after: +{growth / 2**20:.1f} MiB")
     assert (live / "rag" / "big.bin").stat().st_size == MEMBER_BYTES
     assert growth < MEMBER_BYTES / 10, f"restoring a {MEMBER_BYTES >> 20} MiB member grew the peak RSS by {growth}"
+
+
+def test_the_cli_refuses_a_forged_archive_and_says_why(live: Path, archive: Path, tmp_path: Path) -> None:
+    forged = _repack(archive, tmp_path / "forged.tar.gz", "stale-mac")
+    before = _snapshot(live)
+    refused = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "restore", str(forged)],
+        cwd=REPO,
+        env={**os.environ, "APPLIANCE_DATA_DIR": str(live), "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 1 and "Traceback" not in said, said
+    assert "refusing to restore forged.tar.gz: the manifest's MAC does not verify with the backup key" in said, said
+    assert _snapshot(live) == before
