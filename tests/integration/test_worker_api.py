@@ -271,7 +271,7 @@ def test_client_disconnect_frees_the_slot_within_a_second(worker: Worker) -> Non
         ({"model": MODEL}, 400, "invalid_value"),
         ({"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "invalid_value"),
         ({"model": MODEL, "prompt": ["hi", "word " * (N_CTX + 10)]}, 400, "context_length_exceeded"),
-        ({"model": MODEL, "prompt": ["hi"] * 17}, 400, None),
+        ({"model": MODEL, "prompt": ["hi"] * 17}, 400, "too_many_prompts"),  # max_prompts (16)
         ({"model": MODEL, "prompt": [[1, 10**7]]}, 400, None),
     ],
 )
