@@ -39,11 +39,12 @@ def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         yield stack
 
 
-def _key(stack: Stack, name: str) -> tuple[str, str]:
-    """A new chat key without limits: (secret, id)."""
+def _key(stack: Stack, name: str, **limits: int) -> tuple[str, str]:
+    """A new chat key (no limits unless given): (secret, id)."""
     with httpx.Client(base_url=stack.gateway, timeout=60,
                       headers={"Authorization": f"Bearer {stack.admin_key}"}) as admin:
-        response = admin.post("/admin/keys", json={"name": name, "scopes": ["chat"], "limits": {"rpm": 0}})
+        response = admin.post("/admin/keys", json={"name": name, "scopes": ["chat"],
+                                                   "limits": {"rpm": 0, **limits}})
     assert response.status_code == 201, response.text
     return str(response.json()["key"]), str(response.json()["id"])
 
@@ -138,3 +139,19 @@ def _published_max_prompts(stack: Stack) -> int | None:
     response = httpx.get(f"{stack.balancer}/v1/models", headers=stack.internal_headers(), timeout=5)
     data = response.json()["data"]
     return data[0].get("max_prompts") if data else None
+
+
+def test_a_key_concurrency_limit_counts_slots(stack: Stack) -> None:
+    """A key that may hold 8 slots cannot send one request of 16 sequences (it would never fit); 2 prompts x n 4
+    fit exactly."""
+    secret, _ = _key(stack, "eight-slots", max_concurrent=8)
+    client = _sdk(stack, secret)
+    forwarded = sum(w["requests"] for w in stack.balancer_workers())
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=stack.model, prompt=["a"] * PROMPTS, n=SLOTS, max_tokens=1)
+    error = caught.value.body
+    assert isinstance(error, dict) and (error["code"], error["param"]) == ("too_many_slots", "n"), error
+    assert sum(w["requests"] for w in stack.balancer_workers()) == forwarded
+    answer = client.completions.create(model=stack.model, prompt=["a", "b"], n=SLOTS, max_tokens=1,
+                                       extra_headers={"Cache-Control": "no-store"})
+    assert len(answer.choices) == 2 * SLOTS
