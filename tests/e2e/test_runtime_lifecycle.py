@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tests.support.chat_load import ChatLoad
+from tests.support.file_modes import loose_paths
 from tests.support.processes import free_port, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -80,6 +81,9 @@ def _busy(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
+    # The most permissive umask for everything this module starts (the CLI, supervisord, the services): what
+    # lands under data/ must still be the user's alone, and the model copied in below (0666) is made so by `up`.
+    umask = os.umask(0)
     data_dir = tmp_path_factory.mktemp("appliance") / "data"
     (data_dir / "models").mkdir(parents=True)
     shutil.copy(model_path, data_dir / "models" / model_path.name)
@@ -88,6 +92,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         yield stack
     finally:
         stack.cli("down", check=False, timeout=120)
+        os.umask(umask)
 
 
 # the load must reach the workers: a non-zero temperature and no response cache
@@ -182,6 +187,8 @@ def test_lifecycle(stack: Stack) -> None:
     assert sorted(row["state"] for row in ingested) == ["done", "skipped"]
     before = _search(stack, alice)
     assert before
+    # Redis AOF, the RAG store and indexes, logs, the admin key, run/, Prometheus: 0700/0600 (sockets 0700).
+    assert loose_paths(stack.data_dir) == []
 
     # A worker killed with SIGKILL comes back by itself.
     worker = next(s for s in report["services"] if s["name"] == "inference-1")
@@ -237,6 +244,7 @@ def test_lifecycle(stack: Stack) -> None:
     assert load.failures == []
     archive = Path(backup["archive"])
     assert archive.is_file() and backup["redis_keys"] > 0
+    assert loose_paths(stack.data_dir) == []  # backups/ and the archive too
 
     # Disaster: the data directory is lost. Restore brings keys and documents back.
     stack.cli("down")
@@ -256,6 +264,7 @@ def test_lifecycle(stack: Stack) -> None:
     )
     assert reply.usage is not None and reply.usage.completion_tokens > 0
     assert _search(stack, alice) == before
+    assert loose_paths(stack.data_dir) == []  # what the restore wrote
 
     # One flipped byte: restore refuses and says why.
     tampered = saved.with_name("tampered.tar.gz")
