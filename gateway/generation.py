@@ -13,6 +13,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from appliance.core.errors import APIError, bad_request
+from appliance.core.ids import ModelId
 from appliance.core.wire import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -76,7 +77,7 @@ async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: 
     secret = parse_bearer(request.headers.get("authorization"))
     payload = decode_body(await request.body())
     model = payload.get("model")
-    record.model = model if isinstance(model, str) else ""
+    record.model = model if ModelId.matches(model) else ""  # anything else is refused once the key is known
     # Validate before admission so the cache lookup can ride in the admission round trip; report a bad
     # request only after the key is known to be good (a bad key is a 401 whatever the body).
     invalid: APIError | None = None
@@ -107,6 +108,7 @@ async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: 
 def _validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
               payload: dict[str, Any]) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
     settings = svc.settings
+    ModelId.parse(payload.get("model"), param="model")  # one rule for every model id (a key's allow-list, routing)
     parsed: ChatCompletionRequest | CompletionRequest
     if kind == "chat":
         parsed = parse_request(ChatCompletionRequest, payload)

@@ -17,7 +17,7 @@ disagree about which name is meant. :meth:`segment` escapes the value for a URL 
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Self
+from typing import ClassVar, Self, TypeGuard
 from urllib.parse import quote
 
 from appliance.core.errors import bad_request
@@ -41,7 +41,7 @@ class Identifier(str):
         cls._compiled = re.compile(cls.rule, re.ASCII)
 
     @classmethod
-    def matches(cls, raw: object) -> bool:
+    def matches(cls, raw: object) -> TypeGuard[str]:
         return isinstance(raw, str) and cls._compiled.fullmatch(raw) is not None
 
     @classmethod

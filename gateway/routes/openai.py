@@ -57,11 +57,12 @@ async def embeddings(request: Request[Any, Any, Any], svc: Services) -> Response
     raw = await request.body()
     payload = decode_body(raw)
     model = payload.get("model")
-    record.model = model if isinstance(model, str) else ""
+    record.model = model if ModelId.matches(model) else ""  # anything else is refused once the key is known
     ticket = await svc.admission.admit(secret, "embeddings", record.model)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
     started = time.perf_counter()
     try:
+        ModelId.parse(model, param="model")
         reply = await svc.rag.post_json("/v1/embeddings", raw)
     except BaseException:
         svc.tasks.spawn(svc.admission.settle(ticket))

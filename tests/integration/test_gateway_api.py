@@ -101,6 +101,11 @@ def test_scope_and_model_restrictions(gw: Gateway) -> None:
     with gw.client(other) as client:
         assert_error_shape(client.post("/v1/chat/completions", json=CHAT), 403)
         assert client.get("/v1/models").json()["data"] == []
+        # An empty or near-miss model id skipped the allow-list (the balancer routes "" to its only model).
+        for model in ("", "other-model\n", "other-model/", " other-model"):
+            refused = assert_error_shape(client.post("/v1/chat/completions", json={**CHAT, "model": model}), 400)
+            assert refused["code"] == "invalid_model" and refused["param"] == "model"
+        assert assert_error_shape(client.get("/v1/models/other-model%0A"), 400)["code"] == "invalid_model"
 
 
 BAD_INPUTS = [
@@ -117,6 +122,9 @@ BAD_INPUTS = [
     ("image part", json.dumps({**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}).encode(), 400, None),
     ("bad rag collection", json.dumps({**CHAT, "rag": {"collection": "../etc"}}).encode(), 400, "rag.collection"),
+    ("rag collection with a newline", json.dumps({**CHAT, "rag": {"collection": "docs\n"}}).encode(), 400,
+     "rag.collection"),
+    ("model with a newline", json.dumps({**CHAT, "model": "fake-model\n"}).encode(), 400, "model"),
     ("bad rag top_k", json.dumps({**CHAT, "rag": {"collection": "docs", "top_k": 0}}).encode(), 400, "rag.top_k"),
     ("body too large", json.dumps({**CHAT, "pad": "x" * 70000}).encode(), 413, None),
 ]
