@@ -348,6 +348,8 @@ class WorkerPool:
         every ``notice_every_s`` with the waiter, to tell the client where it stands."""
         demand = demand if demand is not None else Demand()
         demand.model = model
+        if model not in self._queues and not self.can_serve(model, exclude):
+            raise NoHealthyWorker(model)  # before a queue exists for it: a made-up model name must not grow memory
         queue = self.queue(model)
         queue.arrive(demand.caller)
         worker = self.try_acquire(model, exclude, demand)

@@ -191,6 +191,17 @@ async def test_queue_is_bounded_in_size_and_time() -> None:
     assert pool.queue_depth == 0 and worker.inflight == 1
 
 
+async def test_a_model_no_worker_serves_leaves_no_queue_behind() -> None:
+    """Issue 32: any caller could name 10,000 made-up models and the pool kept a queue for each."""
+    pool, _ = healthy_pool([2])
+    for index in range(1000):
+        with pytest.raises(NoHealthyWorker):
+            await pool.wait_for_worker(f"made-up-{index}", 5)
+    assert set(pool.queues()) == set()
+    assert (await pool.wait_for_worker(MODEL, 5)).inflight == 1
+    assert set(pool.queues()) == {MODEL}
+
+
 async def test_waiters_fail_fast_when_the_last_worker_is_ejected() -> None:
     pool, (worker,) = healthy_pool([1])
     pool.try_acquire(MODEL)
