@@ -131,7 +131,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
     handlers: list[Any] = [
         openai.chat_completions, openai.completions, openai.embeddings, openai.list_models, openai.retrieve_model,
         admin.create_key, admin.list_keys, admin.get_key, admin.revoke_key, admin.usage, admin.admin_status,
-        admin.update_key, admin.queue,
+        admin.update_key, admin.queue, admin.share_collection,
         ops.healthz, ops.readyz, ops.metrics,
         collections_router(settings.max_upload_bytes),
         *ops.ui_routes(UI_STATIC),
