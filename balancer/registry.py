@@ -68,6 +68,6 @@ class RegistryWatcher:
     def _log_refused(self, refused: list[str]) -> None:
         current = set(refused)
         for key in sorted(current - self._refused)[:20]:
-            log.warning("ignoring a worker registry entry that is not signed with the internal token",
+            log.warning("ignoring a worker registry entry not signed with the internal token (or expired)",
                         extra={"key": key[:200]})
         self._refused = current if len(current) <= 10_000 else set()

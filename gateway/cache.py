@@ -18,6 +18,7 @@ lowered to it (the request is served, its entry lives at most that long).
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,36 +37,43 @@ CACHE_BYTES = "gw:cache-meta:bytes"  # the sum of CACHE_SIZES
 # Counted per entry on top of its value: the key in the entry, the index and the sizes hash.
 ENTRY_OVERHEAD_BYTES = 256
 
-# KEYS: entry, index, sizes, total. ARGV: value, ttl_s, cap bytes, max ttl s, overhead bytes.
-# Returns 1 when stored, 0 when the entry alone is above the cap.
+# KEYS: entry, index, sizes, total. ARGV: value, ttl_s, cap bytes, max ttl s, overhead bytes, now (unix s).
+# Returns 1 when stored, 0 when the entry alone is above the cap. Five calls when there is room; pruning
+# (entries older than the longest TTL first, then the oldest) only when there is not.
 CACHE_PUT = r"""
 local size = string.len(ARGV[1]) + tonumber(ARGV[5])
 local cap = tonumber(ARGV[3])
 if size > cap then return 0 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local total = tonumber(redis.call('GET', KEYS[4]) or '0')
-local function forget(victim)
-  total = total - tonumber(redis.call('HGET', KEYS[3], victim) or '0')
-  redis.call('ZREM', KEYS[2], victim)
-  redis.call('HDEL', KEYS[3], victim)
+local now = tonumber(ARGV[6])
+local old = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
+local total = redis.call('INCRBY', KEYS[4], size - old)
+if total > cap then
+  local freed = 0
+  local function forget(victim)
+    freed = freed + tonumber(redis.call('HGET', KEYS[3], victim) or '0')
+    redis.call('HDEL', KEYS[3], victim)
+    redis.call('ZREM', KEYS[2], victim)
+    if victim ~= KEYS[1] then redis.call('DEL', victim) end
+  end
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, 64)
+  for _, victim in ipairs(expired) do
+    if victim ~= KEYS[1] then forget(victim) end
+  end
+  while total - freed > cap do
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
+    if #oldest == 0 or oldest[1] == KEYS[1] then
+      local rest = redis.call('ZRANGE', KEYS[2], 1, 1)
+      if #rest == 0 then redis.call('SET', KEYS[4], size + freed) break end  -- nothing else indexed
+      oldest = rest
+    end
+    forget(oldest[1])
+  end
+  total = redis.call('DECRBY', KEYS[4], freed)
+  if total < size then redis.call('SET', KEYS[4], size) end  -- books drifted (keys deleted by hand): reset low
 end
-forget(KEYS[1])
--- entries stored longer ago than the longest TTL have expired: forget a bounded number of them
-for _, victim in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]), 'LIMIT', 0, 64)) do
-  forget(victim)
-end
-while total + size > cap do
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0)
-  if #oldest == 0 then total = 0 break end
-  forget(oldest[1])
-  redis.call('DEL', oldest[1])
-end
-if total < 0 then total = 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', tonumber(ARGV[2]))
 redis.call('ZADD', KEYS[2], now, KEYS[1])
 redis.call('HSET', KEYS[3], KEYS[1], size)
-redis.call('SET', KEYS[4], total + size)
 return 1
 """
 
@@ -147,7 +155,7 @@ class ResponseCache:
         value = (b"s" if stream else b"j") + body
         ttl = max(1, min(ttl_s, self._max_ttl_s))
         return ("EVAL", CACHE_PUT, 4, key, CACHE_INDEX, CACHE_SIZES, CACHE_BYTES,
-                value, ttl, self._max_bytes, self._max_ttl_s, ENTRY_OVERHEAD_BYTES)
+                value, ttl, self._max_bytes, self._max_ttl_s, ENTRY_OVERHEAD_BYTES, f"{time.time():.3f}")
 
     async def get(self, key: str) -> CachedResponse | None:
         try:

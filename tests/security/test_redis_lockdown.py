@@ -364,7 +364,7 @@ def test_the_cache_store_keeps_its_books_under_the_cap(redis_url: str, puts: lis
     client.delete(CACHE_INDEX, CACHE_SIZES, CACHE_BYTES, *client.keys("gw:cache:prop*"))
     for name, size, ttl in puts:
         client.eval(CACHE_PUT, 4, f"gw:cache:prop{name}", CACHE_INDEX, CACHE_SIZES, CACHE_BYTES,
-                    b"j" + b"x" * size, ttl, cap, 86400, ENTRY_OVERHEAD_BYTES)
+                    b"j" + b"x" * size, ttl, cap, 86400, ENTRY_OVERHEAD_BYTES, time.time())
         sizes = {k: int(v) for k, v in client.hgetall(CACHE_SIZES).items()}
         counted = int(client.get(CACHE_BYTES) or 0)
         assert counted == sum(sizes.values()) <= cap
