@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from appliance.core import strict_json
 from appliance.core.errors import bad_request, payload_too_large, unsupported_media_type
 from appliance.core.rag_wire import JSON_FORMATS
 from rag.extract import detect_format
@@ -35,7 +36,7 @@ async def read_upload(request: web.Request, limit: int) -> Upload:
 
 async def _json(request: web.Request) -> Any:
     try:
-        return await request.json()
+        return await request.json(loads=strict_json.loads)  # lone surrogates: a 400 here, not a 500 in SQLite
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad_request("The request body is not valid JSON.") from None
 
@@ -45,7 +46,7 @@ def _metadata(value: Any) -> dict[str, Any]:
         return {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = strict_json.loads(value)
         except json.JSONDecodeError:
             raise bad_request("metadata must be a JSON object.", param="metadata") from None
     if not isinstance(value, dict):
@@ -82,9 +83,9 @@ async def _from_form(request: web.Request, limit: int) -> Upload:
             detect_format(filename, content_type)  # refuse an unsupported type before reading it
             data = await _read_part(part, limit)
         elif part.name == "title":
-            title = (await part.text()).strip()
+            title = (await _form_text(part)).strip()
         elif part.name == "metadata":
-            metadata = await part.text()
+            metadata = await _form_text(part)
         else:
             await part.release()
     if data is None:
@@ -93,6 +94,13 @@ async def _from_form(request: web.Request, limit: int) -> Upload:
         raise bad_request("The document is empty.", param="file", code="empty_document")
     fmt = detect_format(filename, content_type)
     return Upload(data, fmt, title=title, filename=filename, metadata=_metadata(metadata))
+
+
+async def _form_text(part: BodyPartReader) -> str:
+    try:
+        return await part.text()
+    except (UnicodeDecodeError, LookupError):  # not UTF-8 (or an unknown charset): a 400, not a 500
+        raise bad_request(f"{part.name} must be UTF-8 text.", param=part.name) from None
 
 
 async def _read_part(part: BodyPartReader, limit: int) -> bytes:

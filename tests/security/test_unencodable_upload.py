@@ -17,14 +17,8 @@ import pytest
 
 from tests.support.stack import Stack
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.timeout(240),
-    # Every case is a 500 today: rag/uploads.py parses a JSON upload (and a metadata string) with plain json.loads,
-    # not strict_json.loads, and a form field's text() raises UnicodeDecodeError unguarded. Strict: once
-    # rag/uploads.py is fixed these pass, and this marker goes.
-    pytest.mark.xfail(strict=True, reason="issue 32.8: a lone surrogate in an upload is a 500 in rag/uploads.py"),
-]
+# Every case was a 500 before rag/uploads.py parsed uploads with strict_json and guarded a form field's text().
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 LONE = "\ud800"  # json.dumps sends it as the six characters \ud800, as a client would
 COLLECTION = "surrogate-uploads"
