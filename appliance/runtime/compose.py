@@ -159,7 +159,8 @@ class ComposeRuntime:
         if os.getuid() == 0:
             for item in [secrets_dir, *secrets_dir.iterdir()]:
                 os.lchown(item, uid, gid)
-        for name in DATA_DIRS:
+        # models too: the workers (uid 10001) read the operator's GGUF files (and restored ones), written 0600 here.
+        for name in (*DATA_DIRS, "models"):
             path = data / name
             path.mkdir(parents=True, exist_ok=True)
             if os.getuid() == 0:
