@@ -1,8 +1,8 @@
 """RAG canaries: hostile documents in the real RAG service, and what the model is really sent.
 
 The stack (``rag_stack``, shared with the cross-tenant suite): real Redis, the real RAG service
-(real embedding model), a real gateway, and the fake balancer, which records the exact body the gateway sends it (``GET /_last``):
-the built prompt, checked here message by message. Collections of two tenants live
+(real embedding model), a real gateway, and the fake balancer, which records the exact body the
+gateway sends it (``GET /_last``): the built prompt, checked here message by message. Collections of two tenants live
 in the same RAG service; the last test shows whether one key can read another's.
 """
 
