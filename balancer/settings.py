@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from appliance.core.redis_auth import checked_password_file, login_kwargs
-from appliance.core.settings import CommonSettings
+from appliance.core.redis_settings import RedisClientSettings
 
 __all__ = ["BalancerSettings", "normalise_worker_url"]
 
@@ -27,7 +25,7 @@ def normalise_worker_url(url: str) -> str:
     return url
 
 
-class BalancerSettings(CommonSettings):
+class BalancerSettings(RedisClientSettings):
     model_config = SettingsConfigDict(env_prefix="APPLIANCE_BALANCER_")
     toml_section = "balancer"
 
@@ -83,10 +81,6 @@ class BalancerSettings(CommonSettings):
     retry_budget_burst: float = Field(default=10.0, ge=0, description="Retry tokens held at most.")
     redis_url: str = Field(default="", repr=False, description="Optional worker registry (heartbeat keys with TTL).")
     redis_username: str = Field(default="balancer", description="Redis ACL user this service logs in as")
-    redis_password_file: Path | None = Field(
-        default=None, description="file holding that user's Redis password (0600; a Docker or Kubernetes secret); "
-        "unset: the URL's own credentials, if any"
-    )
     registry_poll_s: float = Field(default=2.0, gt=0)
     shutdown_drain_s: float = Field(
         default=300.0, gt=0, description="On SIGTERM, in-flight requests (long streams) get this long to finish."
@@ -94,15 +88,6 @@ class BalancerSettings(CommonSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="413 past this; above the gateway's 1 MiB (room for RAG context)."
     )
-
-    @field_validator("redis_password_file")
-    @classmethod
-    def _readable_password(cls, value: Path | None) -> Path | None:
-        return checked_password_file(value)
-
-    def redis_login(self) -> dict[str, Any]:
-        """Keyword arguments that log the Redis client in as this service's user."""
-        return login_kwargs(self.redis_username, self.redis_password_file)
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -8,13 +8,12 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from appliance.core.redis_auth import checked_password_file, login_kwargs
-from appliance.core.settings import CommonSettings
+from appliance.core.redis_settings import RedisClientSettings
 
 __all__ = ["GatewaySettings"]
 
 
-class GatewaySettings(CommonSettings):
+class GatewaySettings(RedisClientSettings):
     model_config = SettingsConfigDict(
         env_prefix="APPLIANCE_GATEWAY_", frozen=True, extra="ignore", populate_by_name=True
     )
@@ -26,10 +25,6 @@ class GatewaySettings(CommonSettings):
     rag_url: str = "http://127.0.0.1:8300"
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     redis_username: str = Field(default="gateway", description="Redis ACL user this service logs in as")
-    redis_password_file: Path | None = Field(
-        default=None, description="file holding that user's Redis password (0600; a Docker or Kubernetes secret); "
-        "unset: the URL's own credentials, if any"
-    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_self_signed: bool = False
@@ -78,15 +73,6 @@ class GatewaySettings(CommonSettings):
     rag_max_bytes_per_key: int = Field(
         default=1 << 30, ge=0, description="documents one non-admin key may store in its collections; 0 = no cap"
     )
-
-    @field_validator("redis_password_file")
-    @classmethod
-    def _readable_password(cls, value: Path | None) -> Path | None:
-        return checked_password_file(value)
-
-    def redis_login(self) -> dict[str, Any]:
-        """Keyword arguments that log the Redis client in as this service's user."""
-        return login_kwargs(self.redis_username, self.redis_password_file)
 
     @model_validator(mode="after")
     def _cache_bounds(self) -> GatewaySettings:

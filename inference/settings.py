@@ -11,8 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS
-from appliance.core.redis_auth import checked_password_file, login_kwargs
-from appliance.core.settings import CommonSettings
+from appliance.core.redis_settings import RedisClientSettings
 
 __all__ = ["WorkerSettings"]
 
@@ -27,7 +26,7 @@ def _list_from_env(value: Any) -> Any:
     return value
 
 
-class WorkerSettings(CommonSettings):
+class WorkerSettings(RedisClientSettings):
     model_config = SettingsConfigDict(
         env_prefix="APPLIANCE_WORKER_",
         frozen=True,
@@ -71,10 +70,6 @@ class WorkerSettings(CommonSettings):
     # Worker registry (docs/CONTRACTS.md): announce this worker to balancers through Redis once ready.
     redis_url: str = Field(default="", repr=False, description="empty = no registration (static balancer list)")
     redis_username: str = Field(default="worker", description="Redis ACL user this service logs in as")
-    redis_password_file: Path | None = Field(
-        default=None, description="file holding that user's Redis password (0600; a Docker or Kubernetes secret); "
-        "unset: the URL's own credentials, if any"
-    )
     advertise_url: str = Field(
         default="", validate_default=True, description="base URL balancers use; empty = http://host:port"
     )
@@ -102,15 +97,6 @@ class WorkerSettings(CommonSettings):
             if len(item) != 64 or any(c not in "0123456789abcdef" for c in item):
                 raise ValueError(f"not a sha256 hex digest: {item!r}")
         return digests
-
-    @field_validator("redis_password_file")
-    @classmethod
-    def _readable_password(cls, value: Path | None) -> Path | None:
-        return checked_password_file(value)
-
-    def redis_login(self) -> dict[str, Any]:
-        """Keyword arguments that log the Redis client in as this service's user."""
-        return login_kwargs(self.redis_username, self.redis_password_file)
 
     @field_validator("redis_url")
     @classmethod
