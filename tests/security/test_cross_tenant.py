@@ -73,12 +73,13 @@ def json_variants(name: str) -> list[str]:
                              name + "/../" + name, "../" + name, name + "\u2028", name + "\ufeff"})
 
 
-def raw_request(base: str, method: str, target: str, key: str, body: bytes = b"",
-                content_type: str = "application/json") -> tuple[int, bytes]:
-    """One HTTP/1.1 request with the request-target sent byte for byte (no client normalises it)."""
+def raw_request(base: str, method: str, target: str, key: str, body: bytes = b"", *,
+                auth: str = "Authorization: Bearer") -> tuple[int, bytes]:
+    """One HTTP/1.1 request with the request-target sent byte for byte (no client normalises it); ``auth`` is
+    the header the secret goes in (``X-Internal-Token:`` for an internal service)."""
     url = urlsplit(base)
-    head = (f"{method} {target} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {key}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    head = (f"{method} {target} HTTP/1.1\r\nHost: {url.netloc}\r\n{auth} {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
     with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=30) as sock:
         sock.sendall(head.encode("latin-1") + body)
         chunks = []
@@ -201,23 +202,10 @@ def test_names_the_pattern_refuses_are_refused_by_the_rag_service_too(rag_stack:
     token = rag_stack.internal_headers()["X-Internal-Token"]
     for name in [v for v in segment_variants("direct-payroll") if unquote(v) != "direct-payroll"]:
         for method, target in (("POST", f"/collections/{name}/search"), ("GET", f"/collections/{name}/documents")):
-            status, response = _rag_raw(rag_stack.rag, method, target, token)
+            body = b'{"query": "payroll budget", "top_k": 3}' if method == "POST" else b""
+            status, response = raw_request(rag_stack.rag, method, target, token, body, auth="X-Internal-Token:")
             assert status in (400, 404, 405), f"{method} {target}: {status} {response[:200]!r}"
             assert b"canary" not in response, f"{method} {target}: {response[:300]!r}"
-
-
-def _rag_raw(base: str, method: str, target: str, token: str) -> tuple[int, bytes]:
-    url = urlsplit(base)
-    body = b'{"query": "payroll budget", "top_k": 3}' if method == "POST" else b""
-    head = (f"{method} {target} HTTP/1.1\r\nHost: {url.netloc}\r\nX-Internal-Token: {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    with socket.create_connection((url.hostname or "127.0.0.1", url.port or 80), timeout=30) as sock:
-        sock.sendall(head.encode("latin-1") + body)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    response = b"".join(chunks)
-    return (int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0), response
 
 
 def test_raw_control_characters_in_the_request_target_never_reach_a_collection(

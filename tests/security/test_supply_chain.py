@@ -29,6 +29,7 @@ from tests.support.gguf_meta import read_string_metadata, write_with_string_meta
 from tests.support.processes import free_port, python_module, run_service
 
 MARKER = "/tmp/appliance-ssti-{tag}"
+TOKEN = "supply-chain-test-token-padded-to-32"  # the workers refuse a token under 32 characters
 PAYLOADS = {
     "cve-2024-34359": "{{ self.__init__.__globals__.__builtins__.__import__('os').system('touch " + MARKER + "') }}",
     "cycler-globals": "{{ cycler.__init__.__globals__.os.system('touch " + MARKER + "') }}",
@@ -67,14 +68,14 @@ def test_worker_with_hostile_template_refuses_and_keeps_serving(model_path: Path
     port = free_port()
     (tmp_path / "empty.toml").write_text("")
     env = {"APPLIANCE_CONFIG": str(tmp_path / "empty.toml"), "APPLIANCE_DATA_DIR": str(tmp_path),
-           "APPLIANCE_INTERNAL_TOKEN": "supply-chain-test-token-padded-to-32", "APPLIANCE_WORKER_PORT": str(port),
+           "APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_WORKER_PORT": str(port),
            "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_N_THREADS": "1",
            "APPLIANCE_WORKER_SLOTS": "1", "APPLIANCE_WORKER_N_CTX": "256",
            "APPLIANCE_WORKER_CHAT_TEMPLATE": PAYLOADS["cve-2024-34359"].replace("{tag}", "worker")}
     url = f"http://127.0.0.1:{port}"
     with run_service(python_module("inference"), env=env, log_path=tmp_path / "worker.log",
                      ready_url=f"{url}/health", ready_timeout=120):
-        headers = {"X-Internal-Token": "supply-chain"}
+        headers = {"X-Internal-Token": TOKEN}
         chat = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={
             "model": "gemma-3-270m", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
         health = httpx.get(f"{url}/health", timeout=10)
@@ -98,7 +99,7 @@ def test_worker_process_with_unlisted_hash_never_serves(model_path: Path, tmp_pa
     port = free_port()
     (tmp_path / "empty.toml").write_text("")
     env = {**os.environ, "APPLIANCE_CONFIG": str(tmp_path / "empty.toml"), "APPLIANCE_DATA_DIR": str(tmp_path),
-           "APPLIANCE_INTERNAL_TOKEN": "supply-chain-test-token-padded-to-32", "APPLIANCE_WORKER_PORT": str(port),
+           "APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_WORKER_PORT": str(port),
            "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
            "APPLIANCE_WORKER_ALLOWED_SHA256": "1" * 64 + "," + "2" * 64}
     assert sha256_file(model_path) not in env["APPLIANCE_WORKER_ALLOWED_SHA256"]
@@ -140,12 +141,12 @@ def test_gguf_carrying_a_hostile_template_cannot_run_it(model_path: Path, tmp_pa
     port = free_port()
     (tmp_path / "empty.toml").write_text("")
     env = {"APPLIANCE_CONFIG": str(tmp_path / "empty.toml"), "APPLIANCE_DATA_DIR": str(tmp_path),
-           "APPLIANCE_INTERNAL_TOKEN": "supply-chain-test-token-padded-to-32", "APPLIANCE_WORKER_PORT": str(port),
+           "APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_WORKER_PORT": str(port),
            "APPLIANCE_WORKER_MODEL_PATH": str(hostile), "APPLIANCE_WORKER_N_THREADS": "1",
            "APPLIANCE_WORKER_SLOTS": "1", "APPLIANCE_WORKER_N_CTX": "256",
            # The operator allow-listed this exact file: the hash check passes, the sandbox must still hold.
            "APPLIANCE_WORKER_ALLOWED_SHA256": sha256_file(hostile)}
-    url, headers = f"http://127.0.0.1:{port}", {"X-Internal-Token": "supply-chain"}
+    url, headers = f"http://127.0.0.1:{port}", {"X-Internal-Token": TOKEN}
     with run_service(python_module("inference"), env=env, log_path=tmp_path / "worker.log",
                      ready_url=f"{url}/health", ready_timeout=120) as service:
         chat = httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, json={

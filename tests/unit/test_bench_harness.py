@@ -55,7 +55,7 @@ def test_service_env_is_read_by_the_services_own_settings(tmp_path: Path, monkey
     own config file stays out (an empty one is used)."""
     from balancer.settings import BalancerSettings
 
-    env = harness.service_env("balancer", tmp_path / "data", "tok", port=8123, workers=["http://a:1", "http://b:2"],
+    env = harness.service_env("balancer", tmp_path / "data", "t" * 32, port=8123, workers=["http://a:1", "http://b:2"],
                               scheduling="fifo", interactive_headroom=0)
     assert (tmp_path / "data" / "empty.toml").read_text() == ""
     for name, value in env.items():
