@@ -15,6 +15,7 @@ RUN python3 -m venv /opt/venv \
        $(python3 /src/docker/requirements.py --wheelhouse-no-deps)
 COPY appliance /src/appliance
 COPY rag /src/rag
+# Exported by the CLI under umask 077 (0600, root's): made readable for the service's user (10001) below.
 COPY .build/onnx/encoder.onnx /tmp/encoder.onnx
 # The weights (model.safetensors) only feed an export, which is done: the ONNX path reads the tokenizer and
 # the configs, so the image drops them (90 MB) before fingerprinting the model files as they will be.
@@ -24,6 +25,7 @@ print(model_directory('')[0])") \
     && fingerprint=$(PYTHONPATH=/src /opt/venv/bin/python -c "from rag.embedder import model_directory; \
 from rag.onnx_model import fingerprint; print(fingerprint(model_directory('')[0]))") \
     && mkdir -p "/opt/onnx/$fingerprint" && mv /tmp/encoder.onnx "/opt/onnx/$fingerprint/encoder.onnx" \
+    && chmod -R a+rX /opt/onnx \
     && /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE}
