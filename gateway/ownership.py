@@ -1,12 +1,14 @@
 """Who may see which collection. Access is recorded explicitly, and fails closed.
 
 Each collection the gateway knows of has one access record in Redis (``OWNERS_KEY``, name → value):
+its owner, and whether it is shared.
 
-* a key id (``key_…``): private to that key (created through the gateway by a non-admin key);
-* ``@shared``: every key with the ``collections`` scope may read and search it; only admins change it.
-  Sharing is explicit: an admin key creates it with ``"shared": true`` or flips it later
-  (``PUT /admin/collections/{name}/sharing``, ``appliance collections share``);
-* ``@admin``: admin keys only (an admin key's collection that is not shared).
+* the owner: a key id (``key_…``; created through the gateway by that non-admin key: it reads and changes
+  it) or ``@admin`` (created by an admin key: admin keys only);
+* ``:shared`` after the owner: every key with the ``collections`` scope may also read and search it; still
+  only its owner and admins change it. Sharing is explicit and only an admin sets it: an admin key creates
+  it with ``"shared": true``, or flips it later (``PUT /admin/collections/{name}/sharing``,
+  ``appliance collections share``, ``appliance ingest --shared``); taking it back leaves the owner as it was.
 
 A collection with **no** record — made directly on the RAG service (``appliance ingest`` without
 ``--shared``), or whose record was lost (an AOF window, an interrupted restore) — is admin-only,
@@ -32,9 +34,19 @@ __all__ = ["ADMIN_ONLY", "OWNERS_KEY", "SHARED", "Access", "CollectionOwners", "
 
 T = TypeVar("T")
 OWNERS_KEY = "appliance:collection_owners"
-SHARED = "@shared"
+SHARED = ":shared"  # a suffix: key ids (key_ + letters and digits) and "@admin" never contain ":"
 ADMIN_ONLY = "@admin"
 Access = Literal["private", "shared", "admin"]
+
+# Set or clear the shared flag, keeping the owner; a collection without a record gets the admin as owner.
+_SET_SHARED = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then current = ARGV[3] end
+local owner = string.gsub(current, ARGV[4] .. '$', '')
+if ARGV[2] == '1' then owner = owner .. ARGV[4] end
+redis.call('HSET', KEYS[1], ARGV[1], owner)
+return owner
+"""
 
 # Drop a claim only if it is still the one this request made (another creator may have replaced it).
 _RELEASE_IF = """
@@ -43,8 +55,16 @@ return 0
 """
 
 
+def _shared(record: str | None) -> bool:
+    return record is not None and record.endswith(SHARED)
+
+
+def _owner(record: str | None) -> str | None:
+    return None if record is None else record.removesuffix(SHARED)
+
+
 def access_of(record: str | None) -> Access:
-    if record == SHARED:
+    if _shared(record):
         return "shared"
     if record is None or record == ADMIN_ONLY:
         return "admin"
@@ -52,17 +72,16 @@ def access_of(record: str | None) -> Access:
 
 
 def may_read(principal: Principal, record: str | None) -> bool:
-    return principal.is_admin or record == SHARED or _owns(principal, record)
+    return principal.is_admin or _shared(record) or _owns(principal, record)
 
 
 def _owns(principal: Principal, record: str | None) -> bool:
-    return bool(principal.key_id) and record == principal.key_id
+    return bool(principal.key_id) and _owner(record) == principal.key_id
 
 
 def _record_for(principal: Principal, shared: bool) -> str:
-    if principal.is_admin:
-        return SHARED if shared else ADMIN_ONLY
-    return principal.key_id
+    owner = ADMIN_ONLY if principal.is_admin else principal.key_id
+    return owner + SHARED if shared else owner
 
 
 class CollectionOwners:
@@ -103,8 +122,10 @@ class CollectionOwners:
         else:
             await self._call(lambda: self._guard.client.eval(_RELEASE_IF, 1, OWNERS_KEY, str(name), claimed))
 
-    async def set_shared(self, name: CollectionName, shared: bool) -> None:
-        await self._call(lambda: self._guard.client.hset(OWNERS_KEY, str(name), SHARED if shared else ADMIN_ONLY))
+    async def set_shared(self, name: CollectionName, shared: bool) -> Access:
+        record = await self._call(lambda: self._guard.client.eval(
+            _SET_SHARED, 1, OWNERS_KEY, str(name), "1" if shared else "0", ADMIN_ONLY, SHARED))
+        return access_of(_text(record))
 
     async def check(self, name: CollectionName, principal: Principal, *, write: bool) -> None:
         """Raise 404 unless ``principal`` may read (or, with ``write``, change) collection ``name``."""
@@ -113,7 +134,7 @@ class CollectionOwners:
         record = await self.record(name)
         if _owns(principal, record):
             return
-        if record == SHARED:
+        if _shared(record):
             if not write:
                 return
             raise not_found(f"Collection {name!r} is shared; only an admin key can change it.",

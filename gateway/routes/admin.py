@@ -136,8 +136,8 @@ class Sharing(BaseModel):
 @put("/admin/collections/{name:str}/sharing", summary="Share a collection with every key, or make it admin-only",
      opt=documented(body=Sharing, errors=(400, 404, 413, *_ADMIN_ERRORS)))
 async def share_collection(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> dict[str, Any]:
-    """Sharing is explicit and only an admin sets it; a collection that is not shared is private to the key
-    that made it, or admin-only (also after its access record was lost)."""
+    """Sharing is explicit and only an admin sets it; the owner stays (a key's collection is private to it again
+    once unshared; a collection without a record becomes the admins')."""
     await _admin(request, svc)
     collection = CollectionName.parse(name, param="name")
     spec = parse_request(Sharing, decode_body(await request.body()))
@@ -147,8 +147,8 @@ async def share_collection(request: Request[Any, Any, Any], svc: Services, name:
     if reply.status != 200:
         raise APIError(502, f"The RAG service answered {reply.status}.", type_="server_error",
                        code="bad_upstream_response")
-    await svc.owners.set_shared(collection, spec.shared)
-    return {"name": str(collection), "object": "collection", "access": "shared" if spec.shared else "admin"}
+    access = await svc.owners.set_shared(collection, spec.shared)
+    return {"name": str(collection), "object": "collection", "access": access}
 
 
 @get("/admin/usage", summary="Requests and tokens per key per day (UTC)",

@@ -187,6 +187,15 @@ def test_lifecycle(stack: Stack) -> None:
     assert sorted(row["state"] for row in ingested) == ["done", "skipped"]
     before = _search(stack, alice)
     assert before
+    # Another key does not read alice's collection until an admin shares it (ingest --shared, or collections share).
+    bob = json.loads(stack.cli("keys", "create", "bob", "--scopes", "chat,collections", "--json").stdout)["key"]
+    with pytest.raises(httpx.HTTPStatusError):
+        _search(stack, bob)
+    stack.cli("ingest", str(folder), "--collection", "handbook", "--shared", "--json")
+    assert _search(stack, bob) == before
+    stack.cli("collections", "share", "handbook", "--off")
+    with pytest.raises(httpx.HTTPStatusError):
+        _search(stack, bob)
     # Redis AOF, the RAG store and indexes, logs, the admin key, run/, Prometheus: 0700/0600 (sockets 0700).
     assert loose_paths(stack.data_dir) == []
 

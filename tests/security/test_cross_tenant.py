@@ -255,6 +255,30 @@ def test_lost_access_record_makes_a_collection_admin_only(rag_stack: Stack, keys
                         json={"text": "B's text"}).status_code == 404
 
 
+def test_sharing_a_keys_collection_keeps_its_owner(rag_stack: Stack, keys: tuple[str, str]) -> None:
+    """An admin shares A's collection: B reads it but cannot change it, A still can; unshared, it is A's again."""
+    a, b = keys
+    tenant = make_tenant(rag_stack, a, "shared-then-not")
+    query = {"query": "payroll budget next year", "top_k": 5}
+    with _api(rag_stack, rag_stack.admin_key) as admin:
+        shared = admin.put(f"/admin/collections/{tenant.collection}/sharing", json={"shared": True})
+        assert shared.status_code == 200 and shared.json()["access"] == "shared", shared.text
+    with _api(rag_stack, b) as api:
+        assert tenant.canaries[0] in api.post(f"/v1/collections/{tenant.collection}/search", json=query).text
+        assert api.post(f"/v1/collections/{tenant.collection}/documents", json={"text": "B"}).status_code == 404
+    with _api(rag_stack, a) as api:
+        added = api.post(f"/v1/collections/{tenant.collection}/documents", json={"title": "A's own", "text": "more"})
+        assert added.status_code == 201, added.text
+    with _api(rag_stack, rag_stack.admin_key) as admin:
+        back = admin.put(f"/admin/collections/{tenant.collection}/sharing", json={"shared": False})
+        assert back.json()["access"] == "private", back.text
+    with _api(rag_stack, b) as api:
+        hidden = api.post(f"/v1/collections/{tenant.collection}/search", json=query)
+        assert_no_leak(tenant, hidden.status_code, hidden.text, "search after unsharing")
+    with _api(rag_stack, a) as api:
+        assert tenant.canaries[0] in api.post(f"/v1/collections/{tenant.collection}/search", json=query).text
+
+
 def test_admin_collections_are_admin_only_unless_shared(rag_stack: Stack, keys: tuple[str, str]) -> None:
     _, b = keys
     with _api(rag_stack, rag_stack.admin_key) as admin:
