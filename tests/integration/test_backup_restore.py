@@ -12,9 +12,7 @@ as on that same host); forgeries of the archive are refused before a byte of the
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -35,6 +33,7 @@ from appliance.backup.manifest import MAC_NAME, MANIFEST_NAME, ManifestError
 from appliance.backup.restore import RESTORE_DIR, recover_interrupted_restore, restore_backup
 from appliance.backup.service import create_backup
 from appliance.runtime.settings import RuntimeSettings
+from tests.support.archives import write_tar_gz
 from tests.support.processes import REPO, redis_server
 
 pytestmark = pytest.mark.integration
@@ -223,16 +222,7 @@ def _repack(archive: Path, out: Path, how: str) -> Path:
     members[MANIFEST_NAME] = json.dumps(manifest, indent=2, sort_keys=True).encode()
     if how in ("mac-dropped", "legacy-format"):
         members.pop(MAC_NAME, None)
-    with (
-        out.open("wb") as raw,
-        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
-        tarfile.open(fileobj=gz, mode="w") as tar,
-    ):
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out
+    return write_tar_gz(out, members)
 
 
 @pytest.mark.parametrize("how", ["stale-mac", "mac-dropped", "legacy-format"])

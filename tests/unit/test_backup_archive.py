@@ -26,19 +26,7 @@ from appliance.backup.archive import (
 from appliance.backup.key import BackupKey, load_key, load_or_create_key
 from appliance.backup.manifest import MAC_NAME, MANIFEST_NAME, Manifest, ManifestError, sha256_bytes
 from appliance.backup.snapshot import copy_rag_store, record_derived
-
-
-def _write_tar_gz(path: Path, members: dict[str, bytes]) -> None:
-    """A tar.gz with the same fixed gzip header the appliance writes, so only the content differs."""
-    with (
-        path.open("wb") as raw,
-        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
-        tarfile.open(fileobj=gz, mode="w") as tar,
-    ):
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+from tests.support.archives import write_tar_gz
 
 
 def _members(archive: Path) -> dict[str, bytes]:
@@ -100,7 +88,7 @@ def test_a_member_changed_after_signing_is_refused_though_the_mac_is_valid(tmp_p
     members = _members(_archive(tmp_path, key))
     members["rag/index.faiss"] = members["rag/index.faiss"][:-1] + b"X"  # manifest and its MAC left as signed
     forged = tmp_path / "forged.tar.gz"
-    _write_tar_gz(forged, members)
+    write_tar_gz(forged, members)
     with pytest.raises(ManifestError, match=r"index\.faiss does not match"):
         verify_archive(forged, key)
     with pytest.raises(ManifestError, match=r"index\.faiss does not match"):
@@ -111,7 +99,7 @@ def test_a_member_changed_after_signing_is_refused_though_the_mac_is_valid(tmp_p
 def test_a_member_added_after_signing_is_refused(tmp_path: Path, key: BackupKey) -> None:
     members = _members(_archive(tmp_path, key))
     forged = tmp_path / "forged.tar.gz"
-    _write_tar_gz(forged, {"rag/planted.txt": b"planted", **members})
+    write_tar_gz(forged, {"rag/planted.txt": b"planted", **members})
     with pytest.raises(ManifestError, match=r"not in manifest: \['rag/planted.txt'\]"):
         extract_verified(forged, tmp_path / "out", key)
     assert not (tmp_path / "out").exists()
@@ -133,7 +121,7 @@ def _repack(archive: Path, out: Path, how: str) -> Path:
     if how == "mac-of-a-guessed-key":
         forger = BackupKey(Path("guess"), b"\0" * 32)
         members[MAC_NAME] = f"hmac-sha256 {forger.sign(members[MANIFEST_NAME])}\n".encode()
-    _write_tar_gz(out, members)
+    write_tar_gz(out, members)
     return out
 
 
@@ -173,7 +161,7 @@ def _legacy(tmp_path: Path, members: dict[str, bytes]) -> Path:
     for name, data in members.items():
         manifest.add(name, sha256_bytes(data), len(data))
     path = tmp_path / "legacy.tar.gz"
-    _write_tar_gz(path, {**members, MANIFEST_NAME: manifest.to_json()})
+    write_tar_gz(path, {**members, MANIFEST_NAME: manifest.to_json()})
     return path
 
 
@@ -192,7 +180,7 @@ def test_a_legacy_unsigned_archive_needs_the_explicit_flag_and_still_has_its_sum
     assert not manifest.authenticated and (tmp_path / "out" / "rag" / "store.sqlite").read_bytes() == b"documents"
     members = _members(legacy)
     members["rag/store.sqlite"] = b"altered!!"
-    _write_tar_gz(tmp_path / "legacy-altered.tar.gz", members)
+    write_tar_gz(tmp_path / "legacy-altered.tar.gz", members)
     with pytest.raises(ManifestError, match=r"store\.sqlite does not match"):
         verify_archive(tmp_path / "legacy-altered.tar.gz", key, allow_unsigned=True)
 
@@ -202,7 +190,7 @@ def test_a_lone_surrogate_in_a_manifest_is_a_refusal_not_a_crash(tmp_path: Path,
     legacy = _legacy(tmp_path, {"rag/store.sqlite": b"documents"})
     members = _members(legacy)
     members[MANIFEST_NAME] = members[MANIFEST_NAME].replace(b"rag/store.sqlite", b"rag/\\ud800.sqlite")
-    _write_tar_gz(tmp_path / "surrogate.tar.gz", members)
+    write_tar_gz(tmp_path / "surrogate.tar.gz", members)
     with pytest.raises(ManifestError, match="unreadable") as refused:
         verify_archive(tmp_path / "surrogate.tar.gz", key, allow_unsigned=True)
     str(refused.value).encode()  # the message itself encodes
@@ -237,7 +225,7 @@ def test_truncated_and_manifestless_archives_are_refused(tmp_path: Path, key: Ba
     with pytest.raises(ManifestError, match="damaged or truncated"):
         verify_archive(truncated, key)
     bare = tmp_path / "bare.tar.gz"
-    _write_tar_gz(bare, {"rag/store.sqlite": b"documents"})
+    write_tar_gz(bare, {"rag/store.sqlite": b"documents"})
     with pytest.raises(ManifestError, match="no manifest"):
         verify_archive(bare, key)
 
