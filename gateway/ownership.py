@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from gateway.keys import Principal
     from gateway.redis_guard import RedisGuard
 
-__all__ = ["ADMIN_ONLY", "OWNERS_KEY", "SHARED", "Access", "CollectionOwners", "access_of", "may_read"]
+__all__ = ["ADMIN_ONLY", "OWNERS_KEY", "SHARED", "Access", "CollectionOwners", "access_of", "may_read", "owns"]
 
 T = TypeVar("T")
 OWNERS_KEY = "appliance:collection_owners"
@@ -72,10 +72,11 @@ def access_of(record: str | None) -> Access:
 
 
 def may_read(principal: Principal, record: str | None) -> bool:
-    return principal.is_admin or _shared(record) or _owns(principal, record)
+    return principal.is_admin or _shared(record) or owns(principal, record)
 
 
-def _owns(principal: Principal, record: str | None) -> bool:
+def owns(principal: Principal, record: str | None) -> bool:
+    """The key is the collection's owner (shared or not)."""
     return bool(principal.key_id) and _owner(record) == principal.key_id
 
 
@@ -132,7 +133,7 @@ class CollectionOwners:
         if principal.is_admin:
             return
         record = await self.record(name)
-        if _owns(principal, record):
+        if owns(principal, record):
             return
         if _shared(record):
             if not write:

@@ -19,7 +19,7 @@ from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.keys import Principal
 from gateway.openapi import JSON, documented, link
-from gateway.ownership import access_of, may_read
+from gateway.ownership import access_of, may_read, owns
 from gateway.services import GatewayServices, Services
 from gateway.upstream import UpstreamReply, decode_json_object, ensure_error_body, use_caller
 
@@ -84,7 +84,7 @@ async def _bytes_stored(svc: GatewayServices, principal: Principal) -> int:
     owners = await svc.owners.owners()
     listing = decode_json_object(reply.body, "rag service").get("collections") or []
     return sum(int(c.get("bytes") or 0) for c in listing
-               if isinstance(c, dict) and owners.get(str(c.get("name"))) == principal.key_id)
+               if isinstance(c, dict) and owns(principal, owners.get(str(c.get("name")))))
 
 
 class _Call(msgspec.Struct, frozen=True):

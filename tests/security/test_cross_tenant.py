@@ -326,6 +326,8 @@ def test_storage_allowance_is_per_key_and_refused_with_a_clear_413(rag_stack: St
             first = api.post(f"/v1/collections/{name}/documents",
                              files={"file": ("a.html", _padded_html(40_000, f"{name} first"), "text/html")})
             assert first.status_code == 201, first.text
+    with _api(rag_stack, rag_stack.admin_key) as admin:  # a shared collection still counts against its owner
+        assert admin.put("/admin/collections/filler-docs/sharing", json={"shared": True}).status_code == 200
     with _api(rag_stack, filler) as api:
         declared = api.post("/v1/collections/filler-docs/documents",
                             files={"file": ("b.html", _padded_html(40_000, "second"), "text/html")})
