@@ -24,7 +24,8 @@ from balancer.proxy import Proxy, ProxyTimeouts, QueueNotices
 from balancer.registry import RegistryWatcher
 from balancer.retry import RetryBudget
 from balancer.settings import BalancerSettings
-from balancer.upstream import Upstream
+from balancer.worker import Worker
+from balancer.worker_client import WorkerClient
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -82,19 +83,20 @@ def _session_ctx(settings: BalancerSettings, given: aiohttp.ClientSession | None
         session = given or aiohttp.ClientSession(
             # No pool limit: in-flight is bounded by the workers' slots; no total timeout, which
             # would cut long generations.
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=settings.worker_keepalive_s),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s,
                                           sock_read=settings.read_timeout_s),
             auto_decompress=False,
         )
         app[SESSION] = session  # probes and the admin API
-        upstream = Upstream(connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
-        proxy.attach(upstream)  # the proxied requests
+        client = WorkerClient(connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s,
+                              keepalive_s=settings.worker_keepalive_s)
+        proxy.attach(client)  # the proxied requests
         try:
             yield
         finally:
             proxy.attach(None)
-            await upstream.close()
+            await client.close()
             if given is None:
                 await session.close()
 
@@ -185,9 +187,28 @@ def _models_handler(token: str) -> Callable[[web.Request], Coroutine[Any, Any, w
     token_bytes = token.encode()
 
     async def models(request: web.Request) -> web.Response:
+        """The models served, each with the limits every worker of it accepts and its weights' sha256."""
         require_token(request, token_bytes)
         pool = request.app[POOL]
-        known = [(w.model, w.limits) for w in pool if w.model is not None and w.limits is not None and not w.draining]
-        return json_response(model_list(pool.models(), limits=strictest_limits(known)))
+        serving = [w for w in pool if w.model is not None and not w.draining]
+        limits = strictest_limits((w.model, w.limits) for w in serving if w.model is not None and w.limits is not None)
+        body = model_list(pool.models(), limits=limits)
+        weights = _weights(serving)
+        for item in body["data"]:
+            digest = weights.get(item["id"])
+            if digest:
+                item["model_sha256"] = digest
+        return json_response(body)
 
     return models
+
+
+def _weights(workers: list[Worker]) -> dict[str, str]:
+    """Per model, the sha256 of its weights when every worker that reported one agrees (left out while they
+    differ, as during a rolling change of weights: no single file answers for the model then)."""
+    seen: dict[str, set[str]] = {}
+    for worker in workers:
+        digest = worker.health.model_sha256 if worker.health is not None else None
+        if worker.model is not None and digest:
+            seen.setdefault(worker.model, set()).add(digest)
+    return {model: digests.pop() for model, digests in seen.items() if len(digests) == 1}

@@ -1,4 +1,5 @@
-"""Health: active probes of each worker's ``/health`` plus passive ejection on request failures."""
+"""Health: active probes of each worker's ``/health`` (:class:`~appliance.core.worker_health.WorkerHealth`)
+plus passive ejection on request failures."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import aiohttp
 import msgspec
 
-from appliance.core.wire import ModelLimits
+from appliance.core.worker_health import WorkerHealth, decode_worker_health
 from balancer.pool import WorkerPool
 from balancer.worker import Worker, WorkerState
 
@@ -19,22 +20,9 @@ __all__ = ["Prober", "note_failure"]
 
 log = logging.getLogger("balancer.health")
 
-# Failures that say the worker itself is gone or stuck (not that the request was bad).
+# Failures that say the worker itself is gone or stuck (not that the request was bad). Not ``stale``: a
+# kept-alive connection closed under a request is retried elsewhere, and the probes judge the worker.
 EJECTING_KINDS = frozenset({"connect", "reset", "timeout", "first_byte_timeout"})
-
-
-class _Health(msgspec.Struct):
-    status: str = ""
-    model: str | None = None
-    slots_total: int | None = None
-    slots_busy: int | None = None
-    context_length: int | None = None  # the worker's published limits (appliance.core.wire.ModelLimits)
-    max_tokens: int | None = None
-    max_choices: int | None = None  # absent on older workers: no n limit known here (the worker refuses)
-    max_prompts: int | None = None  # the same for prompts per completions request
-
-
-_decode_health = msgspec.json.Decoder(_Health).decode
 
 
 def note_failure(pool: WorkerPool, worker: Worker, kind: str, detail: str = "") -> None:
@@ -77,11 +65,11 @@ class Prober:
         """One probe; never raises (a probe failure is a verdict, not an error)."""
         status, body, error = await self._fetch(worker)
         worker.last_probe_at = self._wall_clock()
-        health: _Health | None = None
+        health: WorkerHealth | None = None
         if body is not None:
             with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-                health = _decode_health(body)
-        if status == 200 and health is not None and health.status == "ok" and health.model:
+                health = decode_worker_health(body)
+        if status == 200 and health is not None and health.ready:
             self._good(worker, health)
         elif status == 503 and health is not None and health.status == "loading":
             worker.last_probe_ok, worker.good_probes, worker.bad_probes = False, 0, 0
@@ -99,15 +87,12 @@ class Prober:
         except aiohttp.ClientError as exc:
             return 0, None, f"{type(exc).__name__}: {exc}"
 
-    def _good(self, worker: Worker, health: _Health) -> None:
+    def _good(self, worker: Worker, health: WorkerHealth) -> None:
         worker.last_probe_ok, worker.bad_probes = True, 0
         worker.good_probes += 1
         worker.slots_busy_reported = health.slots_busy or 0
-        if health.context_length and health.max_tokens:
-            choices = health.max_choices if health.max_choices is not None and health.max_choices > 0 else None
-            prompts = health.max_prompts if health.max_prompts is not None and health.max_prompts > 0 else None
-            worker.limits = ModelLimits(context_length=health.context_length, max_tokens=health.max_tokens,
-                                        max_choices=choices, max_prompts=prompts)
+        worker.health = health
+        worker.limits = health.limits() or worker.limits
         state = worker.state
         if state is WorkerState.EJECTED and worker.good_probes < self._readmit_after:
             self._pool.mark(worker, state, model=health.model, slots=health.slots_total)

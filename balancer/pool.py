@@ -1,4 +1,4 @@
-"""The worker pool: membership, exact in-flight accounting, picking, and the wait queue.
+"""The worker pool: membership, exact in-flight accounting, leases, and the wait queue.
 
 Every lease taken with :meth:`WorkerPool.try_acquire` or :meth:`WorkerPool.wait_for_worker`
 is given back exactly once with :meth:`WorkerPool.release`; a released slot goes straight
@@ -6,13 +6,9 @@ to the waiter the model's :class:`~balancer.fairqueue.FairQueue` puts first (no 
 herd, no lost wake-ups). A lease holds the slots its request will occupy on the worker: one per
 sequence (``Demand.slots``, prompts x ``n``), at most the worker's slots (the worker queues the rest of
 its sequences itself), so a worker is never sent more than it has free. A waiter that needs more free
-slots than any worker has lets smaller waiters behind it go first. With prefix routing a request
-prefers the worker that was sent the longest prefix of its conversation, unless that worker is much
-busier than the least busy.
-With ``reserve`` (fair scheduling), a few slots stay free for an interactive key that has
-nothing running, so a chat request starts at once even behind another key's backlog. A slot
-such a request takes that way counts as headroom in use until it is released: the pool does
-not hold a further slot back for the next one (only ``reserve`` slots ever idle for it).
+slots than any worker has lets smaller waiters behind it go first. Which worker takes a lease is
+:class:`~balancer.picking.WorkerPicker`'s choice; the slots kept for interactive keys are
+:class:`~balancer.headroom.Headroom`'s.
 """
 
 from __future__ import annotations
@@ -21,15 +17,15 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator
-from typing import Literal
 
 from balancer.fairqueue import INTERACTIVE, Demand, FairQueue, Waiter
+from balancer.headroom import Headroom
+from balancer.picking import Strategy, WorkerPicker
 from balancer.prefix import PrefixTable
 from balancer.worker import Worker, WorkerState
 
 __all__ = ["NoHealthyWorker", "QueueFull", "QueueTimeout", "Strategy", "WorkerPool"]
 
-Strategy = Literal["least_connections", "round_robin"]
 _NO_EXCLUDE: frozenset[Worker] = frozenset()
 _SERVICE_EWMA = 0.1
 Notice = Callable[[Waiter], Awaitable[None]]
@@ -53,25 +49,20 @@ class WorkerPool:
     def __init__(self, strategy: Strategy = "least_connections", queue_size: int = 256,
                  rng: random.Random | None = None, *, fair: bool = True, prefixes: PrefixTable | None = None,
                  max_imbalance: float = 0.5, reserve: int = 0) -> None:
-        self._strategy = strategy
-        self._reserve = reserve if fair else 0
+        self._headroom = Headroom(reserve if fair else 0)
         self._queue_size = queue_size
-        self._rng = rng or random.Random()  # noqa: S311 - load spreading, not security
         self._fair = fair
         self._prefixes = prefixes
         self.prefix_routing = prefixes is not None
-        self._max_imbalance = max_imbalance
+        self._picker = WorkerPicker(strategy, rng, prefixes=prefixes, max_imbalance=max_imbalance)
         self._workers: dict[str, Worker] = {}
         self._routable: dict[str, list[Worker]] = {}
         # Per model: free slots on its routable workers, Σ max(0, slots - inflight), kept exact by
         # _reindex (from scratch) and every lease and release, so the headroom check costs no walk.
         self._free: dict[str, int] = {}
-        self._headroom: dict[str, int] = {}  # per model: min(reserve, its slots // 4), set by _reindex
-        self._headroom_used: dict[str, int] = {}  # per model: headroom slots held by running leases
         self._queues: dict[str, FairQueue] = {}
         self._service_s: dict[str, float] = {}  # EWMA of lease durations per model (queue ETAs)
         self._queued = 0
-        self._rr: dict[str, int] = {}
 
     # -- membership -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Worker]:
@@ -157,7 +148,7 @@ class WorkerPool:
                 routable.setdefault(worker.model, []).append(worker)
         self._routable = routable
         self._free = {model: sum(max(0, w.slots - w.inflight) for w in ws) for model, ws in routable.items()}
-        self._headroom = {model: min(self._reserve, sum(w.slots for w in ws) // 4) for model, ws in routable.items()}
+        self._headroom.resize(routable)
         for model, queue in self._queues.items():
             if not queue:
                 continue
@@ -174,13 +165,13 @@ class WorkerPool:
         if not candidates:
             return None
         wanted = demand.slots if demand is not None else 1
-        if (demand is not None and self._reserve and self._needs_regular_slot(model, demand)
-                and self._only_headroom_free(model)):
+        if (demand is not None and self._headroom.reserve and self._needs_regular_slot(model, demand)
+                and self._headroom.only_it_is_free(model, self._free[model])):
             return None
-        worker = self._pick(model, candidates, exclude, demand.route if demand is not None else (), wanted)
+        worker = self._picker.pick(model, candidates, exclude, demand.route if demand is not None else (), wanted)
         if worker is None:
             return None
-        if demand is not None and self._reserve and self._would_take_headroom(model, worker, demand):
+        if demand is not None and self._headroom.reserve and self._would_take_headroom(model, worker, demand):
             return None
         self._lease(model, worker, demand)
         return worker
@@ -191,12 +182,8 @@ class WorkerPool:
 
     def _lease(self, model: str, worker: Worker, demand: Demand | None) -> None:
         need = _need(worker, demand)
-        if demand is not None and self._headroom.get(model) and not self._needs_regular_slot(model, demand):
-            unused = self._headroom[model] - self._headroom_used.get(model, 0)
-            taken = min(unused, need - min(need, max(0, self._free[model] - unused)))
-            if taken > 0:  # taken from the headroom: in use until this lease ends
-                demand.headroom = taken
-                self._headroom_used[model] = self._headroom_used.get(model, 0) + taken
+        if demand is not None and self._headroom.size(model) and not self._needs_regular_slot(model, demand):
+            self._headroom.take(model, demand, need, self._free[model])
         # worker is one of model's routable workers (just picked)
         self._free[model] -= max(0, worker.slots - worker.inflight) - max(0, worker.slots - worker.inflight - need)
         worker.inflight += need
@@ -223,9 +210,7 @@ class WorkerPool:
             self._free[model] += max(0, worker.slots - worker.inflight) - max(0, worker.slots - before)
         if demand is not None:
             demand.leased = 0
-            if demand.headroom:
-                self._headroom_used[demand.model] -= demand.headroom
-                demand.headroom = 0
+            self._headroom.give_back(demand)
             self._settle(demand, prompt_tokens, completion_tokens, refund)
         if worker.draining and worker.inflight == 0 and self._workers.get(worker.url) is worker:
             del self._workers[worker.url]
@@ -249,23 +234,17 @@ class WorkerPool:
         queue.settle(demand, prompt_tokens, completion_tokens, refund=refund)
 
     # -- interactive headroom ------------------------------------------------------------------
-    def _only_headroom_free(self, model: str) -> bool:
-        """Whether no more than the unused headroom is free on one model's workers: ``reserve`` slots, at
-        most a quarter of the model's slots (a small pool keeps every slot busy), less those in use."""
-        return self._free[model] <= self._headroom[model] - self._headroom_used.get(model, 0)
-
     def _would_take_headroom(self, model: str, worker: Worker, demand: Demand) -> bool:
-        """Whether leasing ``demand`` on ``worker`` would leave less free than the unused headroom while the
-        request may not take the headroom (a request of several slots may not eat into it either)."""
+        """Whether leasing ``demand`` on ``worker`` would eat into the unused headroom while the request may
+        not take it (a request of several slots may not eat into it either)."""
         if not self._needs_regular_slot(model, demand):
             return False
-        unused = self._headroom.get(model, 0) - self._headroom_used.get(model, 0)
-        return self._free[model] - _need(worker, demand) < unused
+        return self._headroom.would_be_eaten(model, self._free[model], _need(worker, demand))
 
     def headroom_in_use(self, model: str) -> int:
         """Headroom slots of ``model`` held by running leases (an interactive key's only request, taken when
         nothing but the headroom was free)."""
-        return self._headroom_used.get(model, 0)
+        return self._headroom.in_use(model)
 
     def free_slots(self, model: str) -> int:
         """Free slots on the routable workers of ``model`` (the count the headroom check reads)."""
@@ -277,66 +256,6 @@ class WorkerPool:
         key waits for a regular slot instead of behind a backlog. Checked first: it costs no walk."""
         caller = demand.caller
         return caller.priority != INTERACTIVE or self.queue(model).running(caller.key_id) > 0
-
-    def _pick(self, model: str, candidates: list[Worker], exclude: Collection[Worker],
-              route: tuple[int, ...] = (), wanted: int = 1) -> Worker | None:
-        """A worker with room for ``wanted`` sequences (all its slots free when it has fewer)."""
-        if self._strategy == "round_robin":
-            best = self._pick_round_robin(model, candidates, exclude, wanted)
-        else:
-            best = self._pick_least_loaded(candidates, exclude, wanted)
-        if best is None or not route or self._prefixes is None:
-            return best
-        return self._pick_by_prefix(model, route, best, exclude, wanted) or best
-
-    def _pick_least_loaded(self, candidates: list[Worker], exclude: Collection[Worker],
-                           wanted: int = 1) -> Worker | None:
-        best: Worker | None = None
-        best_inflight = best_slots = 0
-        count = len(candidates)
-        start = int(self._rng.random() * count)  # ties go to the first from a random place: spread evenly
-        for index in range(start, start + count):
-            worker = candidates[index % count] if index >= count else candidates[index]
-            inflight, slots = worker.inflight, worker.slots
-            if slots - inflight < (wanted if wanted < slots else slots) or (exclude and worker in exclude):
-                continue
-            # inflight/slots < best's, without floats
-            if best is None or inflight * best_slots < best_inflight * slots:
-                best, best_inflight, best_slots = worker, inflight, slots
-                if not inflight:
-                    break  # an idle worker: nothing is less busy
-        return best
-
-    def _pick_by_prefix(self, model: str, route: tuple[int, ...], least: Worker,
-                        exclude: Collection[Worker], wanted: int = 1) -> Worker | None:
-        """The least busy holder of the longest known prefix, unless it is much busier than ``least``."""
-        assert self._prefixes is not None
-        bound = least.inflight / least.slots + self._max_imbalance
-        for holders in self._prefixes.holders(route):
-            if least in holders:
-                return least  # the least busy worker holds this prefix: nothing to weigh
-            chosen: Worker | None = None
-            for worker in holders:
-                if (worker.model != model or not worker.routable
-                        or worker.slots - worker.inflight < min(wanted, worker.slots)
-                        or worker.inflight > bound * worker.slots or (exclude and worker in exclude)):
-                    continue
-                if chosen is None or worker.inflight * chosen.slots < chosen.inflight * worker.slots:
-                    chosen = worker
-            if chosen is not None:
-                return chosen
-        return None
-
-    def _pick_round_robin(self, model: str, candidates: list[Worker], exclude: Collection[Worker],
-                          wanted: int = 1) -> Worker | None:
-        start = self._rr.get(model, 0)
-        count = len(candidates)
-        for offset in range(count):
-            worker = candidates[(start + offset) % count]
-            if worker.slots - worker.inflight >= min(wanted, worker.slots) and worker not in exclude:
-                self._rr[model] = (start + offset + 1) % count
-                return worker
-        return None
 
     # -- waiting -----------------------------------------------------------------------------
     async def wait_for_worker(self, model: str, patience_s: float, exclude: Collection[Worker] = _NO_EXCLUDE,
@@ -406,17 +325,17 @@ class WorkerPool:
         if not queue or not candidates:
             return
         while queue:
-            only_headroom = bool(self._reserve) and self._only_headroom_free(model)
+            only_headroom = bool(self._headroom.reserve) and self._headroom.only_it_is_free(model, self._free[model])
             for waiter in queue.order():
                 demand = waiter.demand
                 if only_headroom and self._needs_regular_slot(model, demand):
                     continue
-                worker = self._pick(model, candidates, waiter.exclude, demand.route, demand.slots)
+                worker = self._picker.pick(model, candidates, waiter.exclude, demand.route, demand.slots)
                 if worker is None:
                     if not waiter.exclude and demand.slots <= 1:
                         return  # nothing free for anyone
                     continue  # a worker it may not use, or not room enough for its sequences: the next may fit
-                if self._reserve and self._would_take_headroom(model, worker, demand):
+                if self._headroom.reserve and self._would_take_headroom(model, worker, demand):
                     continue
                 queue.remove(waiter)
                 self._queued -= 1

@@ -1,9 +1,11 @@
-"""The streaming proxy: pick a worker, forward, retry before the first byte, stream after it.
+"""The streaming proxy: pick a worker, forward, retry before the first byte, relay after it.
 
 A request is committed to a worker once the first body byte reaches the client; before
 that, a failed attempt is retried on another worker (at most ``max_attempts`` in all,
-within the retry budget; a 4xx is never retried). After it, a broken upstream stream ends
-with the SSE error event and never with ``[DONE]``.
+within the retry budget; a 4xx is never retried). The worker-hop client sends each attempt
+once, so every resend of a request a worker may have read is one of these retries. After the
+first byte, :mod:`balancer.relay` copies the stream; a broken one ends with the SSE error event
+and never with ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -18,69 +20,27 @@ from dataclasses import dataclass
 import aiohttp
 import msgspec
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from appliance.core.errors import APIError, bad_request, error_body, not_found, overloaded
-from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, QUEUE_WAIT_HEADER, WEIGHT_HEADER
+from appliance.core.errors import APIError, error_body, not_found, overloaded
+from appliance.core.hop import KEY_ID_HEADER
 from appliance.core.hop import REQUEST_ID_HEADER as REQUEST_ID
 from appliance.core.request_id import is_sane, request_id_var
-from appliance.core.sse import encode_error
-from appliance.core.wire import prompt_count
-from balancer.fairqueue import ANONYMOUS, BATCH, INTERACTIVE, PRIORITIES, Caller, Demand, Waiter
+from balancer.fairqueue import Demand, Waiter
 from balancer.health import note_failure
 from balancer.http import TOKEN_HEADER, require_token
 from balancer.metrics import BalancerMetrics
+from balancer.peek import caller_of, peek_body
 from balancer.pool import NoHealthyWorker, QueueFull, QueueTimeout, WorkerPool
-from balancer.prefix import prefix_chain, prompt_blocks
+from balancer.relay import SSE, Call, answer_headers, end_with_error, relay_stream, usage_of
 from balancer.retry import RetryBudget
-from balancer.upstream import Upstream, UpstreamError, UpstreamResponse
 from balancer.worker import Worker
+from balancer.worker_client import WorkerClient, WorkerError, WorkerResponse
 
-__all__ = ["QUEUE_WAIT_HEADER", "Proxy", "ProxyTimeouts", "QueueNotices"]
+__all__ = ["Proxy", "ProxyTimeouts", "QueueNotices"]
 
 log = logging.getLogger("balancer.proxy")
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
-_HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "content-length", "date", "server",
-})
-_SSE = "text/event-stream"
-_TAIL = 2048  # bytes of a stream's end kept to see how it ended
-_MAX_WEIGHT = 1000.0
-_MAX_CHOICES = 256  # a worker's most slots: the worker refuses more, the estimate ignores it
-_MAX_PROMPTS = 4096  # a worker's most max_prompts: the same
-
-
-class _Target(msgspec.Struct):
-    model: str = ""
-    stream: bool = False
-
-
-class _Routed(msgspec.Struct):
-    """What routing and scheduling read from a body (the worker validates the rest)."""
-
-    model: str = ""
-    stream: bool = False
-    messages: list[msgspec.Raw] | None = None
-    prompt: msgspec.Raw = msgspec.Raw()  # empty: none (msgspec cannot decode Raw | None: a string failed it)
-    max_tokens: int | float | str | None = None
-    max_completion_tokens: int | float | str | None = None
-    n: int | float | str | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _WithUsage(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-_decode_target = msgspec.json.Decoder(_Target).decode
-_decode_routed = msgspec.json.Decoder(_Routed).decode
-_decode_usage = msgspec.json.Decoder(_WithUsage).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,21 +55,6 @@ class QueueNotices:
 
     after_s: float = 1.0
     every_s: float = 1.0
-
-
-@dataclass(slots=True)
-class _Call:
-    """One client request, as forwarded to every attempt."""
-
-    request: web.Request
-    body: bytes
-    headers: dict[str, str]
-    model: str
-    stream: bool
-    demand: Demand
-    out: web.StreamResponse | None = None  # committed early (queue notices): errors become SSE events
-    usage: _Usage | None = None
-    waited_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -132,22 +77,23 @@ class Proxy:
         self._token_bytes = token.encode()
         self._timeouts = timeouts
         self._max_attempts = max_attempts
-        self._upstream: Upstream | None = None
+        self._client: WorkerClient | None = None
         # Ids for requests that came without one: a random per-process prefix and a counter
         # (unique, cheaper than a uuid4 per request; the gateway normally sends its own).
         self._id_prefix = f"bal-{secrets.token_hex(6)}-"
         self._id_counter = itertools.count(1)
 
-    def attach(self, upstream: Upstream | None) -> None:
-        self._upstream = upstream
+    def attach(self, client: WorkerClient | None) -> None:
+        """The worker-hop client, opened and closed by the app's lifespan."""
+        self._client = client
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         require_token(request, self._token_bytes)
         body = await request.read()
         incoming = request.headers
-        caller = _caller(incoming)
+        caller = caller_of(incoming)
         demand = Demand(caller)
-        model, stream = self._target(body, demand)
+        model, stream = peek_body(body, demand, self._pool)
         given = incoming.get(REQUEST_ID)
         request_id = given if given and is_sane(given) else f"{self._id_prefix}{next(self._id_counter):x}"
         request_id_var.set(request_id)
@@ -159,19 +105,19 @@ class Proxy:
         }
         if caller.key_id:
             headers[KEY_ID_HEADER] = caller.key_id  # the worker scopes prompt-prefix reuse by key
-        call = _Call(request, body, headers, model, stream, demand)
+        call = Call(request, body, headers, model, stream, demand)
         try:
             return await self._serve(call)
         except APIError as exc:
             if call.out is None:
                 raise
-            return await _end_with_error(call.out, exc.body())  # the client already has 200 and queue notices
+            return await end_with_error(call.out, exc.body())  # the client already has 200 and queue notices
         except (ConnectionError, aiohttp.ClientConnectionError):
             if call.out is None:
                 raise
             return call.out  # the client left while it waited (a queue notice found the socket closed)
 
-    async def _serve(self, call: _Call) -> web.StreamResponse:
+    async def _serve(self, call: Call) -> web.StreamResponse:
         model = call.model
         self._budget.deposit()
         tried: list[Worker] = []
@@ -201,7 +147,7 @@ class Proxy:
         assert failure is not None
         return await self._committed(call, self._give_up(model, failure))
 
-    async def _committed(self, call: _Call, response: web.StreamResponse) -> web.StreamResponse:
+    async def _committed(self, call: Call, response: web.StreamResponse) -> web.StreamResponse:
         """A worker's plain answer to a request that already got 200 and queue notices: as an SSE event."""
         out = call.out
         if out is None or response is out or not isinstance(response, web.Response):
@@ -214,59 +160,9 @@ class Proxy:
         if not (isinstance(document, dict) and isinstance(document.get("error"), dict)):
             document = error_body(f"The worker answered {response.status} without a stream.", "server_error",
                                   code="upstream_error")
-        return await _end_with_error(out, document)
+        return await end_with_error(out, document)
 
-    def _target(self, body: bytes, demand: Demand) -> tuple[str, bool]:
-        parts: list[bytes] = []
-        if body:
-            try:
-                routed = _decode_routed(body)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                routed = None  # odd field types: the worker answers those; route on model and stream alone
-            if routed is not None:
-                model, stream = routed.model, routed.stream
-                parts = self._describe(demand, body, routed)
-            else:
-                try:
-                    target = _decode_target(body)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
-                model, stream = target.model, target.stream
-                demand.prompt_tokens = len(body) / 4
-        else:
-            model, stream = "", False
-        if not model:
-            served = self._pool.models()
-            if len(served) != 1:
-                raise bad_request("The request must name a model.", param="model", code="missing_model")
-            model = served[0]
-        if parts:
-            demand.route = prefix_chain(demand.caller.key_id, model, parts)
-        return model, stream
-
-    def _describe(self, demand: Demand, body: bytes, routed: _Routed) -> list[bytes]:
-        """Cost and token estimate (about 4 bytes a token); the parts of the prompt for prefix routing.
-
-        The body is the one source of a request's cost: its sequences are prompts x ``n``, counted by the rule
-        the gateway and the worker apply (:func:`appliance.core.wire.prompt_count`); values the worker will
-        refuse count as one."""
-        demand.prompt_tokens = len(body) / 4
-        n = routed.n
-        choices = n if isinstance(n, int) and type(n) is not bool and 1 < n <= _MAX_CHOICES else 1
-        prompts = _prompts(routed.prompt)
-        demand.slots = choices * (prompts if prompts <= _MAX_PROMPTS else 1)
-        limit = routed.max_completion_tokens if routed.max_completion_tokens is not None else routed.max_tokens
-        if isinstance(limit, int | float) and type(limit) is not bool and limit >= 0:
-            demand.max_tokens = int(limit)  # per sequence: the fair queue charges it for every one
-        if not self._pool.prefix_routing:
-            return []
-        if routed.messages:
-            return [bytes(message) for message in routed.messages]
-        if routed.prompt:
-            return list(prompt_blocks(bytes(routed.prompt)))
-        return []
-
-    async def _lease(self, call: _Call, tried: list[Worker], *, first: bool) -> Worker | None:
+    async def _lease(self, call: Call, tried: list[Worker], *, first: bool) -> Worker | None:
         pool, model, demand = self._pool, call.model, call.demand
         worker = pool.try_acquire(model, tried, demand)
         if worker is not None:
@@ -295,11 +191,11 @@ class Proxy:
         self._metrics.queue_wait_by_priority[demand.caller.priority].observe(waited)
         return worker
 
-    def _notice(self, call: _Call) -> Callable[[Waiter], Awaitable[None]]:
+    def _notice(self, call: Call) -> Callable[[Waiter], Awaitable[None]]:
         async def notice(waiter: Waiter) -> None:
             out = call.out
             if out is None:
-                out = web.StreamResponse(status=200, headers={"Content-Type": _SSE, "Cache-Control": "no-cache"})
+                out = web.StreamResponse(status=200, headers={"Content-Type": SSE, "Cache-Control": "no-cache"})
                 await out.prepare(call.request)
                 call.out = out
             ahead, eta = self._pool.position(call.model, waiter)
@@ -311,24 +207,21 @@ class Proxy:
         self._metrics.unrouted[(self._metrics.model_label(model), error.status)] += 1
         return error
 
-    async def _attempt(self, call: _Call, worker: Worker) -> web.StreamResponse | _Failure:
+    async def _attempt(self, call: Call, worker: Worker) -> web.StreamResponse | _Failure:
         started = asyncio.get_running_loop().time()
         got = await self._first_byte(call, worker)
         if isinstance(got, _Failure):
             return got
-        upstream, first, sse = got
+        answer, first, sse = got
         self._metrics.upstream_latency(worker).observe(asyncio.get_running_loop().time() - started)
-        status = upstream.status
+        status = answer.status
         worker.responses[(call.model, status)] += 1
         if sse and first:
-            return await self._stream(call, worker, upstream, first)
-        upstream.release()
-        headers = _copy_headers(upstream.headers)
-        if call.waited_s is not None:
-            headers[QUEUE_WAIT_HEADER] = f"{call.waited_s:.3f}"
-        response = web.Response(body=first, status=status, headers=headers)
+            return await relay_stream(call, self._pool, worker, answer, first)
+        answer.release()
+        response = web.Response(body=first, status=status, headers=answer_headers(call, answer.headers))
         if status == 200:
-            call.usage = _usage_of(first)
+            call.usage = usage_of(first)
         if status in RETRYABLE_STATUS:
             note_failure(self._pool, worker, f"status_{status}")
             return _Failure(f"status_{status}", f"worker answered {status}", response)
@@ -336,32 +229,32 @@ class Proxy:
             return self._failed(worker, "reset", "empty event stream")
         return response
 
-    async def _first_byte(self, call: _Call, worker: Worker) -> tuple[UpstreamResponse, bytes, bool] | _Failure:
+    async def _first_byte(self, call: Call, worker: Worker) -> tuple[WorkerResponse, bytes, bool] | _Failure:
         """Send, then wait for the first body byte (all of a non-SSE body); nothing reached the client yet."""
-        client = self._upstream
+        client = self._client
         assert client is not None, "proxy used before the app started"
         task = asyncio.current_task()
         assert task is not None
-        upstream: UpstreamResponse | None = None
+        answer: WorkerResponse | None = None
         worker.pending.add(task)  # ejecting the worker aborts this wait (a hung worker's requests move on)
         try:
             pending = client.request(worker.url, call.request.method, call.request.raw_path, call.body, call.headers)
             if not call.stream:  # no first-byte deadline: the answer comes whole (read_timeout_s applies)
-                upstream = await pending
-                return upstream, await upstream.read(), False
+                answer = await pending
+                return answer, await answer.read(), False
             async with asyncio.timeout(self._timeouts.first_byte_s):
-                upstream = await pending
-                sse = upstream.status == 200 and upstream.headers.get("Content-Type", "").startswith(_SSE)
-                first = await upstream.readany() if sse else await upstream.read()
-            return upstream, first, sse
-        except TimeoutError:  # only the first-byte deadline raises this; the client's own are UpstreamError
-            _close(upstream)
+                answer = await pending
+                sse = answer.status == 200 and answer.headers.get("Content-Type", "").startswith(SSE)
+                first = await answer.readany() if sse else await answer.read()
+            return answer, first, sse
+        except TimeoutError:  # only the first-byte deadline raises this; the client's own are WorkerError
+            _close(answer)
             return self._failed(worker, "first_byte_timeout", "no first byte in time")
-        except UpstreamError as exc:
-            _close(upstream)
+        except WorkerError as exc:
+            _close(answer)
             return self._failed(worker, exc.kind, str(exc))
         except asyncio.CancelledError:
-            _close(upstream)  # client gone (handler cancelled) or worker ejected: free the slot now
+            _close(answer)  # client gone (handler cancelled) or worker ejected: free the slot now
             if task in worker.aborted and task.uncancel() == 0:
                 return self._failed(worker, "ejected", "worker ejected before it answered")
             raise
@@ -372,50 +265,6 @@ class Proxy:
     def _failed(self, worker: Worker, kind: str, detail: str) -> _Failure:
         note_failure(self._pool, worker, kind, detail)
         return _Failure(kind, detail)
-
-    async def _stream(self, call: _Call, worker: Worker, upstream: UpstreamResponse,
-                      first: bytes) -> web.StreamResponse:
-        out = call.out
-        if out is None:
-            headers = _copy_headers(upstream.headers)
-            if call.waited_s is not None:
-                headers[QUEUE_WAIT_HEADER] = f"{call.waited_s:.3f}"
-            out = web.StreamResponse(status=upstream.status, headers=headers)
-        clean = False
-        events = first.count(b"data: ")
-        tail = first[-_TAIL:]
-        try:
-            if not out.prepared:
-                await out.prepare(call.request)
-            await out.write(first)
-            while True:
-                try:
-                    chunk = await upstream.readany()
-                except UpstreamError as exc:
-                    kind = exc.kind
-                    note_failure(self._pool, worker, kind, f"mid-stream: {exc}")
-                    await out.write(_stream_error(f"The worker failed mid-stream ({kind})."))
-                    break
-                if not chunk:
-                    clean = True
-                    if not _ended_properly(tail):
-                        note_failure(self._pool, worker, "truncated", "stream ended without [DONE]")
-                        await out.write(_stream_error("The worker ended the stream early."))
-                    break
-                await out.write(chunk)
-                events += chunk.count(b"data: ")
-                tail = (tail + chunk)[-_TAIL:] if len(chunk) < _TAIL else chunk[-_TAIL:]
-            await out.write_eof()
-        except (ConnectionError, aiohttp.ClientConnectionError):
-            worker.errors["client_disconnect"] += 1  # the client left: closing upstream frees the slot
-        finally:
-            if clean:
-                upstream.release()
-            else:
-                upstream.close()
-            # Tokens for the fair queue: the final usage chunk when the stream has one, else ~1 per event.
-            call.usage = _stream_usage(tail) or _Usage(round(call.demand.prompt_tokens), max(0, events - 2))
-        return out
 
     def _give_up(self, model: str, failure: _Failure) -> web.StreamResponse:
         if failure.response is not None:
@@ -428,85 +277,6 @@ class Proxy:
         raise error
 
 
-def _caller(headers: CIMultiDictProxy[str]) -> Caller:
-    """Who is asking, from the gateway's hop headers (trusted behind the internal token)."""
-    key_id = headers.get(KEY_ID_HEADER)
-    priority = headers.get(PRIORITY_HEADER)
-    if key_id is None and priority is None:
-        return ANONYMOUS
-    if key_id is None or not is_sane(key_id):
-        key_id = ""
-    weight = 1.0
-    raw = headers.get(WEIGHT_HEADER)
-    if raw:
-        try:
-            weight = float(raw)
-        except ValueError:
-            weight = 1.0
-        if not 0 < weight <= _MAX_WEIGHT:  # also rejects nan
-            weight = 1.0
-    return Caller(key_id, BATCH if priority == PRIORITIES[BATCH] else INTERACTIVE, weight)
-
-
-def _prompts(raw: msgspec.Raw) -> int:
-    """Prompts in a completions ``prompt`` (one unless it is a JSON list: only then is it decoded)."""
-    view = memoryview(raw)
-    if not view or view[0] != 0x5B:  # "["
-        return 1
-    try:
-        return prompt_count(msgspec.json.decode(view))
-    except (msgspec.DecodeError, RecursionError):
-        return 1
-
-
-def _usage_of(body: bytes) -> _Usage | None:
-    if b'"usage"' not in body:
-        return None
-    try:
-        return _decode_usage(body).usage
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-
-
-def _stream_usage(tail: bytes) -> _Usage | None:
-    at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
-    start = tail.rfind(b"data: ", 0, at)
-    end = tail.find(b"\n", at)
-    if start < 0 or end < 0:
-        return None
-    return _usage_of(tail[start + 6 : end])
-
-
-async def _end_with_error(out: web.StreamResponse, document: dict[str, object]) -> web.StreamResponse:
-    """End a response that is already an event stream with the error event (no ``[DONE]``)."""
-    try:
-        await out.write(encode_error(document))
-        await out.write_eof()
-    except (ConnectionError, aiohttp.ClientConnectionError):
-        pass  # the client left while it waited
-    return out
-
-
-def _close(upstream: UpstreamResponse | None) -> None:
-    if upstream is not None:
-        upstream.close()
-
-
-def _copy_headers(headers: CIMultiDict[str]) -> CIMultiDict[str]:
-    """The worker's headers minus hop-by-hop names (in place: each answer has its own headers)."""
-    for name in _HOP_BY_HOP:
-        if name in headers:
-            del headers[name]
-    return headers
-
-
-def _ended_properly(tail: bytes) -> bool:
-    stripped = tail.rstrip()
-    return stripped.endswith(b"data: [DONE]") or b"event: error" in tail
-
-
-def _stream_error(message: str) -> bytes:
-    return encode_error(error_body(message, "server_error", code="upstream_stream_error"))
-
+def _close(answer: WorkerResponse | None) -> None:
+    if answer is not None:
+        answer.close()

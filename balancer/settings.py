@@ -20,8 +20,8 @@ def normalise_worker_url(url: str) -> str:
         raise ValueError("empty worker URL")
     if "://" not in url:
         url = f"http://{url}"
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"worker URL must be http(s): {url!r}")
+    if not url.startswith("http://"):
+        raise ValueError(f"worker URL must be http:// (workers serve plain HTTP on the internal network): {url!r}")
     return url
 
 
@@ -75,6 +75,11 @@ class BalancerSettings(RedisClientSettings):
     )
     read_timeout_s: float = Field(
         default=300.0, gt=0, description="Longest silence between two reads; no total timeout."
+    )
+    worker_keepalive_s: float = Field(
+        default=30.0, gt=0, lt=75,
+        description="How long an idle connection to a worker is kept for the next request. Below the workers' own "
+        "idle timeout (aiohttp's 75 s), so a worker does not close a connection just as a request is written on it.",
     )
     max_attempts: int = Field(default=3, ge=1, le=3)
     retry_budget_ratio: float = Field(default=0.2, ge=0, description="Retry tokens earned per request.")

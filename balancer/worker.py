@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from appliance.core.wire import ModelLimits
+from appliance.core.worker_health import WorkerHealth
 
 __all__ = ["Worker", "WorkerState"]
 
@@ -38,6 +39,7 @@ class Worker:
     last_probe_ok: bool | None = None
     last_error: str = ""
     slots_busy_reported: int = 0
+    health: WorkerHealth | None = None  # its last good /health answer
     limits: ModelLimits | None = None  # what the worker accepts, from its /health (published on /v1/models)
     responses: Counter[tuple[str, int]] = field(default_factory=Counter)  # (model, status) → count
     errors: Counter[str] = field(default_factory=Counter)  # kind → count
@@ -76,4 +78,5 @@ class Worker:
             "last_probe_at": self.last_probe_at,
             "last_probe_ok": self.last_probe_ok,
             "last_error": self.last_error,
+            "health": self.health,
         }

@@ -9,6 +9,7 @@ only behind the internal token.
 from __future__ import annotations
 
 __all__ = [
+    "HOP_BY_HOP",
     "INTERNAL_TOKEN_HEADER",
     "KEY_ID_HEADER",
     "PRIORITY_HEADER",
@@ -27,3 +28,10 @@ PRIORITY_HEADER = "X-Appliance-Priority"
 WEIGHT_HEADER = "X-Appliance-Weight"
 # On an answer: seconds the request waited at the balancer for a slot (set only when it waited).
 QUEUE_WAIT_HEADER = "X-Appliance-Queue-Wait"
+
+# Lower-case names of the headers that describe one connection and its framing, never copied from one
+# hop to the next (RFC 9110 7.6.1, plus Content-Length and Transfer-Encoding: each hop frames its own body).
+HOP_BY_HOP: frozenset[str] = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "content-length",
+})

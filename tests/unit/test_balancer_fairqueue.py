@@ -497,17 +497,12 @@ async def test_position_and_eta_are_reported_while_waiting() -> None:
 )
 def test_the_cost_is_every_prompt_times_every_choice(body: dict[str, object], max_tokens: int | None,
                                                      slots: int) -> None:
-    from balancer.metrics import BalancerMetrics
-    from balancer.proxy import Proxy, ProxyTimeouts
-    from balancer.retry import RetryBudget
+    from balancer.peek import peek_body
 
     pool, _ = healthy_pool([2])
-    budget = RetryBudget(0.2, 5)
-    proxy = Proxy(pool, budget, BalancerMetrics(pool, budget), token="t", max_attempts=2,
-                  timeouts=ProxyTimeouts(first_byte_s=1, queue_s=1))
     demand = Demand(Caller("key_a", INTERACTIVE, 1.0))
     raw = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}).encode()
-    assert proxy._target(raw, demand) == (MODEL, False)
+    assert peek_body(raw, demand, pool) == (MODEL, False)
     assert (demand.max_tokens, demand.slots) == (max_tokens, slots)
 
 

@@ -41,8 +41,20 @@ def test_workers_from_env_json_or_comma_separated(monkeypatch: pytest.MonkeyPatc
     assert load_settings(BalancerSettings).workers == ("http://127.0.0.1:8201", "http://127.0.0.1:8202")
     monkeypatch.setenv("APPLIANCE_BALANCER_WORKERS", '["http://a:1", "b:2"]')
     assert load_settings(BalancerSettings).workers == ("http://a:1", "http://b:2")
-    monkeypatch.setenv("APPLIANCE_BALANCER_WORKERS", "ftp://nope")
-    with pytest.raises(ConfigError, match="APPLIANCE_BALANCER_WORKERS"):
+    for refused in ("ftp://nope", "https://a:1"):  # workers serve plain HTTP on the internal network
+        monkeypatch.setenv("APPLIANCE_BALANCER_WORKERS", refused)
+        with pytest.raises(ConfigError, match="APPLIANCE_BALANCER_WORKERS"):
+            load_settings(BalancerSettings)
+
+
+def test_the_worker_keepalive_stays_below_the_workers_own_idle_timeout(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
+    monkeypatch.setenv("APPLIANCE_BALANCER_WORKER_KEEPALIVE_S", "5")
+    assert load_settings(BalancerSettings).worker_keepalive_s == 5.0
+    monkeypatch.setenv("APPLIANCE_BALANCER_WORKER_KEEPALIVE_S", "75")  # aiohttp closes idle ones at 75 s
+    with pytest.raises(ConfigError, match="APPLIANCE_BALANCER_WORKER_KEEPALIVE_S"):
         load_settings(BalancerSettings)
 
 

@@ -1,24 +1,27 @@
 """The worker hop's HTTP/1.1 client: keep-alive connections per worker, parsed by httptools.
 
-The proxy's only client on its hot path. aiohttp's ``ClientSession`` did the same job at about
-a quarter of the balancer's CPU per proxied request (URL objects, tracing hooks, cookie jar,
-per-request timeout objects, a stream reader per response); this client writes one request
-head, parses the answer with llhttp (``httptools``) and hands body bytes over as they come
-(``Content-Length``, chunked and read-until-close bodies alike).
+The proxy's only client on its hot path: it writes one request head, parses the answer with
+llhttp (``httptools``) and hands body bytes over as they come (``Content-Length``, chunked and
+read-until-close bodies alike). Workers serve plain HTTP on the internal network: ``http://``
+only.
 
-Failures are ``UpstreamError`` with the balancer's failure kinds: ``connect`` (refused, or no
+Failures are ``WorkerError`` with the balancer's failure kinds: ``connect`` (refused, or no
 connection within ``connect_timeout_s``), ``reset`` (the connection dropped or the answer is
-not HTTP) and ``timeout`` (``read_timeout_s`` of silence). A kept-alive connection that the
-worker closed while idle is retried once on a new connection, but only when the worker sent
-nothing back on it (it never read the request).
+not HTTP), ``timeout`` (``read_timeout_s`` of silence) and ``stale`` (a kept-alive connection
+closed after the request was written, before any answer).
+
+The client never sends a request twice. A kept-alive connection is reused only while it is
+younger than ``keepalive_s`` and, checked just before the write, still open with nothing
+unread on it; one that fails the check is dropped before anything is written and the next (or
+a new one) is used. Once the request is written the worker may have read it, so a failure is
+the proxy's to handle: it retries on another worker only within its retry budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import ssl
+import socket
 import time
 from collections.abc import Callable
 from typing import cast
@@ -27,22 +30,18 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
-__all__ = ["Upstream", "UpstreamError", "UpstreamResponse"]
+__all__ = ["WorkerClient", "WorkerError", "WorkerResponse"]
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the worker pauses
 _ENCODING = ("utf-8", "surrogateescape")  # how aiohttp's server hands header values over
 
 
-class UpstreamError(Exception):
-    """A failed exchange with a worker; ``kind`` is ``connect``, ``reset`` or ``timeout``."""
+class WorkerError(Exception):
+    """A failed exchange with a worker; ``kind`` is ``connect``, ``reset``, ``timeout`` or ``stale``."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
         self.kind = kind
-
-
-class _Stale(Exception):
-    """A reused connection was closed by the worker before it answered anything."""
 
 
 class _Connection(asyncio.Protocol):
@@ -70,7 +69,7 @@ class _Connection(asyncio.Protocol):
         self.received = 0
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
-        self.error: UpstreamError | None = None
+        self.error: WorkerError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._framed = False  # Content-Length or chunked: the end is in the stream, not the close
@@ -101,7 +100,7 @@ class _Connection(asyncio.Protocol):
         if self.head_done and not self.complete and not self._framed and self.error is None:
             self.complete = True  # a body without Content-Length or chunks ends with the connection
         elif not self.complete and self.error is None:
-            self.error = UpstreamError("reset", f"connection closed by the worker{f': {exc}' if exc else ''}")
+            self.error = WorkerError("reset", f"connection closed by the worker{f': {exc}' if exc else ''}")
         self._wake()
 
     def pause_writing(self) -> None:  # the request body is buffered by the transport; nothing to hold back
@@ -141,7 +140,7 @@ class _Connection(asyncio.Protocol):
     # -- used by the response ------------------------------------------------------------------
 
     def _fail(self, detail: str) -> None:
-        self.error = UpstreamError("reset", detail)
+        self.error = WorkerError("reset", detail)
         self.keep_alive = False
         if self.transport is not None:
             self.transport.abort()
@@ -180,15 +179,15 @@ class _Connection(asyncio.Protocol):
 
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
-        waiter.set_exception(UpstreamError("timeout", "the worker sent nothing for read_timeout_s"))
+        waiter.set_exception(WorkerError("timeout", "the worker sent nothing for read_timeout_s"))
 
 
-class UpstreamResponse:
+class WorkerResponse:
     """A worker's answer: status and headers now, the body as it arrives."""
 
     __slots__ = ("_conn", "_done", "_pool", "_read_timeout_s", "headers", "status")
 
-    def __init__(self, conn: _Connection, pool: Upstream, read_timeout_s: float) -> None:
+    def __init__(self, conn: _Connection, pool: WorkerClient, read_timeout_s: float) -> None:
         self._conn = conn
         self._pool = pool
         self._read_timeout_s = read_timeout_s
@@ -238,40 +237,29 @@ class UpstreamResponse:
             self._conn.close()
 
 
-class Upstream:
-    """Keep-alive connections per worker ``scheme://host:port``; no limit (the workers' slots bound them)."""
+class WorkerClient:
+    """Keep-alive connections per worker ``http://host:port``; no limit (the workers' slots bound them)."""
 
-    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, keepalive_s: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, keepalive_s: float) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._keepalive_s = keepalive_s
-        self._ssl_context = ssl_context
         self._idle: dict[str, list[_Connection]] = {}
-        self._targets: dict[str, tuple[str, int, bool, str]] = {}
+        self._targets: dict[str, tuple[str, int, str]] = {}
         self._closed = False
 
     async def request(self, base: str, method: str, path: str, body: bytes,
-                      headers: dict[str, str]) -> UpstreamResponse:
-        """Send ``method path`` with ``body`` to the worker at ``base``; return once the status line and
+                      headers: dict[str, str]) -> WorkerResponse:
+        """Send ``method path`` with ``body`` to the worker at ``base`` once; return once the status line and
         headers are in."""
         head = self._head(base, method, path, headers) + b"Content-Length: %d\r\n\r\n" % len(body)
-        conn = self._reuse(base)
-        response: UpstreamResponse | None = None
-        if conn is not None:
-            with contextlib.suppress(_Stale):  # closed by the worker before it read the request: one fresh try
-                response = await self._exchange(conn, head, body)
-        if response is None:
-            conn = await self._connect(base)
-            try:
-                response = await self._exchange(conn, head, body)
-            except _Stale:
-                raise UpstreamError("reset", "connection closed by the worker before it answered") from None
+        conn = self._reuse(base) or await self._connect(base)
+        response = await self._exchange(conn, head, body)
         if method == "HEAD":  # headers only, whatever Content-Length says; the parser cannot know: not reused
             response.end_without_body()
         return response
 
-    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> UpstreamResponse:
+    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> WorkerResponse:
         transport = conn.transport
         assert transport is not None
         conn.begin()
@@ -281,16 +269,17 @@ class Upstream:
                 transport.write(body)
             while not conn.head_done:
                 if conn.error is not None:
-                    if conn.reused and conn.received == 0:
-                        raise _Stale
+                    if conn.reused and conn.received == 0:  # written, maybe read: never sent again from here
+                        raise WorkerError("stale", "the worker closed a kept-alive connection without answering")
                     raise conn.error
                 await conn.wait(self._read_timeout_s)
         except BaseException:
             conn.close()  # cancelled (client gone, worker ejected) or failed: nothing reuses it
             raise
-        return UpstreamResponse(conn, self, self._read_timeout_s)
+        return WorkerResponse(conn, self, self._read_timeout_s)
 
     def _reuse(self, base: str) -> _Connection | None:
+        """The newest idle connection to ``base`` that is young enough and still open, or None."""
         idle = self._idle.get(base)
         if not idle:
             return None
@@ -298,8 +287,8 @@ class Upstream:
         while idle:
             conn = idle.pop()
             conn.idle = False
-            if conn.lost or conn.idle_since < expired_before:
-                conn.close()
+            if conn.lost or conn.idle_since < expired_before or not _still_open(conn.transport):
+                conn.close()  # nothing was written on it: dropping it is not a resend
                 continue
             conn.reused = True
             return conn
@@ -307,18 +296,16 @@ class Upstream:
 
     async def _connect(self, base: str) -> _Connection:
         if self._closed:
-            raise UpstreamError("connect", "the balancer is shutting down")
-        host, port, tls, _ = self._target(base)
+            raise WorkerError("connect", "the balancer is shutting down")
+        host, port, _ = self._target(base)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop, base, self._forget), host, port,
-                    ssl=(self._ssl_context or ssl.create_default_context()) if tls else None)
+                _, conn = await loop.create_connection(lambda: _Connection(loop, base, self._forget), host, port)
         except TimeoutError:
-            raise UpstreamError("connect", f"no connection within {self._connect_timeout_s} s") from None
+            raise WorkerError("connect", f"no connection within {self._connect_timeout_s} s") from None
         except OSError as exc:
-            raise UpstreamError("connect", f"{type(exc).__name__}: {exc}") from None
+            raise WorkerError("connect", f"{type(exc).__name__}: {exc}") from None
         return conn
 
     def put_back(self, conn: _Connection) -> None:
@@ -338,19 +325,18 @@ class Upstream:
             if not idle:
                 del self._idle[conn.base]
 
-    def _target(self, base: str) -> tuple[str, int, bool, str]:
+    def _target(self, base: str) -> tuple[str, int, str]:
         target = self._targets.get(base)
         if target is None:
             parts = urlsplit(base)
-            tls = parts.scheme == "https"
-            host = parts.hostname or "127.0.0.1"
-            port = parts.port or (443 if tls else 80)
-            target = self._targets[base] = (host, port, tls, parts.netloc)
+            if parts.scheme != "http":
+                raise WorkerError("connect", f"workers are reached over http://, not {parts.scheme}://")
+            target = self._targets[base] = (parts.hostname or "127.0.0.1", parts.port or 80, parts.netloc)
         return target
 
     def _head(self, base: str, method: str, path: str, headers: dict[str, str]) -> bytes:
         """The request head up to (not including) Content-Length."""
-        lines = [f"{method} {path} HTTP/1.1\r\nHost: {self._target(base)[3]}\r\n"]
+        lines = [f"{method} {path} HTTP/1.1\r\nHost: {self._target(base)[2]}\r\n"]
         for name, value in headers.items():
             if "\r" in value or "\n" in value:
                 continue  # never forward a header that could split the request
@@ -364,3 +350,26 @@ class Upstream:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def _still_open(transport: asyncio.Transport | None) -> bool:
+    """Whether an idle connection can carry a request: open, and nothing (not even the worker's FIN, which
+    the event loop may not have seen yet) waiting to be read. A non-blocking ``MSG_PEEK`` on the socket."""
+    if transport is None or transport.is_closing():
+        return False
+    try:
+        fd = transport.get_extra_info("socket").fileno()
+    except (AttributeError, OSError):
+        return False
+    if fd < 0:
+        return False
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)  # wraps the fd; detached below
+    try:
+        probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True  # nothing to read: the worker has not closed it
+    except OSError:
+        return False
+    finally:
+        probe.detach()
+    return False  # EOF, or bytes nobody asked for

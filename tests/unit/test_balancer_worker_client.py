@@ -1,13 +1,14 @@
 """The worker hop's HTTP/1.1 client against scripted servers on loopback, under asyncio's loop and uvloop.
 
 Each server answers with exact bytes, so every framing (Content-Length, chunked, until close), every
-failure kind (connect, reset, timeout) and keep-alive reuse is produced on demand.
+failure kind (connect, reset, timeout, stale) and keep-alive reuse is produced on demand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from balancer.upstream import Upstream, UpstreamError
+from balancer.worker_client import WorkerClient, WorkerError
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 Run = Callable[[Coroutine[Any, Any, None]], None]
@@ -75,8 +76,8 @@ def answer(data: bytes, *, close: bool = False) -> Script:
     return script
 
 
-def client(read_timeout_s: float = 5.0) -> Upstream:
-    return Upstream(connect_timeout_s=2.0, read_timeout_s=read_timeout_s)
+def client(read_timeout_s: float = 5.0, keepalive_s: float = 30.0) -> WorkerClient:
+    return WorkerClient(connect_timeout_s=2.0, read_timeout_s=read_timeout_s, keepalive_s=keepalive_s)
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\": 1}\r\n"
@@ -153,7 +154,7 @@ def test_refused_connection_is_a_connect_failure(run: Run) -> None:
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
 
         async def main() -> None:
-            with pytest.raises(UpstreamError) as caught:
+            with pytest.raises(WorkerError) as caught:
                 await client().request(f"http://127.0.0.1:{port}", "POST", "/v1/x", b"{}", {})
             assert caught.value.kind == "connect"
 
@@ -166,44 +167,155 @@ def test_silence_is_a_timeout_and_a_drop_mid_body_is_a_reset(run: Run) -> None:
 
     async def main() -> None:
         async with serve(silent) as (_, base):
-            with pytest.raises(UpstreamError) as caught:
+            with pytest.raises(WorkerError) as caught:
                 await client(read_timeout_s=0.2).request(base, "POST", "/v1/x", b"{}", {})
             assert caught.value.kind == "timeout"
         cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part"
         async with serve(answer(cut, close=True)) as (_, base):
             response = await client().request(base, "POST", "/v1/x", b"{}", {})
             assert await response.readany() == b"only part"
-            with pytest.raises(UpstreamError) as caught:
+            with pytest.raises(WorkerError) as caught:
                 await response.readany()
             assert caught.value.kind == "reset"
             response.release()
         async with serve(answer(b"SSH-2.0-not-http\r\n\r\n")) as (_, base):
-            with pytest.raises(UpstreamError) as caught:
+            with pytest.raises(WorkerError) as caught:
                 await client().request(base, "POST", "/v1/x", b"{}", {})
             assert caught.value.kind == "reset" and "not an HTTP answer" in str(caught.value)
 
     run(main())
 
 
-def test_idle_connection_closed_by_the_worker_is_replaced_once(run: Run) -> None:
+def test_a_request_the_worker_may_have_read_is_not_sent_twice(run: Run) -> None:
+    """The worker reads a request on a kept-alive connection and closes it without a word (a crash, or its
+    idle timeout racing the request): the request was written, so the client does not send it again."""
     async def main() -> None:
         async with serve(answer(OK)) as (server, base):
             up = client()
-            response = await up.request(base, "POST", "/v1/x", b"{}", {})
+            response = await up.request(base, "POST", "/v1/x", b'{"first": 1}', {})
             await response.read()
             response.release()
             assert len(up._idle[base]) == 1
-            # The worker reads the next request and closes without a word, as when its idle timeout races
-            # the request: the kept-alive connection is replaced once, and a fresh one failing so is a reset.
             server.script = answer(b"", close=True)
-            with pytest.raises(UpstreamError) as caught:  # a fresh connection closed silently is a failure
-                await up.request(base, "POST", "/v1/x", b"{}", {})
-            assert caught.value.kind == "reset"
-            assert server.connections == 2  # one retry, on a new connection, and no more
+            with pytest.raises(WorkerError) as caught:
+                await up.request(base, "POST", "/v1/x", b'{"second": 2}', {})
+            assert caught.value.kind == "stale"
+            await asyncio.sleep(0.05)  # room for a resend to arrive, were one made
+            assert [r.endswith(b'{"second": 2}') for r in server.requests] == [False, True]  # read once
+            assert server.connections == 1
             server.script = answer(OK)
-            response = await up.request(base, "POST", "/v1/x", b"{}", {})
-            assert await response.read() == b'{"ok": 1}\r\n'
+            response = await up.request(base, "POST", "/v1/x", b"{}", {})  # the next request: a new connection
+            assert await response.read() == b'{"ok": 1}\r\n' and server.connections == 2
             await up.close()
+
+    run(main())
+
+
+def test_a_fresh_connection_closed_without_an_answer_is_a_reset(run: Run) -> None:
+    async def main() -> None:
+        async with serve(answer(b"", close=True)) as (server, base):
+            with pytest.raises(WorkerError) as caught:
+                await client().request(base, "POST", "/v1/x", b"{}", {})
+            assert caught.value.kind == "reset"
+            assert server.connections == 1 and len(server.requests) == 1
+
+    run(main())
+
+
+class ThreadedWorker:
+    """A loopback HTTP server on its own thread: it can close a kept-alive connection while the client's
+    event loop is busy, so the loop has not yet seen the close when the next request is written."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self.closed = threading.Event()
+        self.close_after = 1  # requests answered on the first connection before the server closes it
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        first = True
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                answered = 0
+                while data := self._read_request(conn):
+                    self.requests.append(data)
+                    conn.sendall(OK)
+                    answered += 1
+                    if first and answered == self.close_after:
+                        break
+                first = False
+            self.closed.set()
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return b""
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+        return head + b"\r\n\r\n" + body
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def test_a_connection_closed_before_the_request_is_written_is_not_used(run: Run) -> None:
+    """The worker closed the idle connection but the event loop has not processed the close yet: the client
+    sees it before writing (a peek at the socket) and sends the request once, on a new connection."""
+    worker = ThreadedWorker()
+
+    async def main() -> None:
+        up = client()
+        response = await up.request(worker.base, "POST", "/v1/x", b"{}", {})
+        await response.read()
+        response.release()
+        assert worker.closed.wait(5)  # blocks the loop: the close is in the kernel, not yet seen by the loop
+        assert len(up._idle[worker.base]) == 1
+        response = await up.request(worker.base, "POST", "/v1/x", b'{"second": 2}', {})
+        assert await response.read() == b'{"ok": 1}\r\n'
+        response.release()
+        assert [r.endswith(b'{"second": 2}') for r in worker.requests] == [False, True]
+        await up.close()
+
+    try:
+        run(main())
+    finally:
+        worker.stop()
+
+
+def test_an_idle_connection_past_keepalive_s_is_not_reused(run: Run) -> None:
+    async def main() -> None:
+        async with serve(answer(OK)) as (server, base):
+            up = client(keepalive_s=0.05)
+            for _ in range(2):
+                response = await up.request(base, "POST", "/v1/x", b"{}", {})
+                await response.read()
+                response.release()
+                await asyncio.sleep(0.1)
+            assert server.connections == 2 and len(server.requests) == 2
+            await up.close()
+
+    run(main())
+
+
+def test_workers_are_reached_over_plain_http_only(run: Run) -> None:
+    async def main() -> None:
+        with pytest.raises(WorkerError) as caught:
+            await client().request("https://127.0.0.1:1", "POST", "/v1/x", b"{}", {})
+        assert caught.value.kind == "connect" and "http://" in str(caught.value)
 
     run(main())
 
