@@ -29,6 +29,7 @@ from gateway.resp import Arg, Script
 __all__ = ["Admission", "Ticket", "parse_bearer"]
 
 STATS = "gw:stats"
+_FIELDS_AT = 8  # the key record's fields follow the status and the limit figures in ADMIT's reply (gateway/lua.py)
 _LIMIT_NAMES = {"rpm": "requests per minute", "tpm": "tokens per minute", "tpd": "tokens per day",
                 "concurrency": "concurrent slots (one per sequence: prompts x n)"}
 
@@ -113,7 +114,7 @@ class Admission:
         if status == "unknown":
             self._verified.pop(digest, None)
             raise unauthorized("Invalid API key.")
-        fields = [item.decode() for item in reply[5:]]
+        fields = [item.decode() for item in reply[_FIELDS_AT:]]
         principal = Principal.from_record(digest, dict(zip(fields[::2], fields[1::2], strict=True)))
         if status in ("revoked", "expired"):
             self._verified.pop(digest, None)
@@ -125,9 +126,7 @@ class Admission:
         if status in _LIMIT_NAMES or status == "slots":
             self._on_refused("concurrency" if status == "slots" else status)
         _check_status(status, scope, model, reply, slots)
-        limit, remaining, reset = int(reply[2]), int(reply[3]), float(reply[4].decode())
-        headers = _rate_headers(limit, remaining, reset) if limit > 0 else {}
-        return Ticket(principal, member, headers, limited, slots=slots)
+        return Ticket(principal, member, _rate_headers(reply), limited, slots=slots)
 
     def _admit_degraded(self, digest: str, scope: str, model: str, member: str, limited: bool) -> Ticket:
         cached = self._verified.get(digest)
@@ -175,19 +174,49 @@ def _check_status(status: str, scope: str, model: str, reply: list[Any], slots: 
         raise bad_request(f"This request runs {slots} sequences (prompts x n), above this key's limit of "
                           f"{int(reply[2])} concurrent slots.", param="n", code="too_many_slots")
     retry_after = max(1.0, math.ceil(float(reply[1].decode())))
-    limit, remaining, reset = int(reply[2]), int(reply[3]), float(reply[4].decode())
-    headers = _rate_headers(limit, remaining, reset) if limit > 0 else {}
-    error = rate_limited(f"Rate limit exceeded: {_LIMIT_NAMES.get(status, status)}.", retry_after, headers)
+    error = rate_limited(f"Rate limit exceeded: {_LIMIT_NAMES.get(status, status)}.", retry_after,
+                         _rate_headers(reply))
     error.param = status
     raise error
 
 
-def _rate_headers(limit: int, remaining: int, reset: float) -> dict[str, str]:
-    return {
-        "RateLimit-Limit": str(limit),
-        "RateLimit-Remaining": str(remaining),
-        "RateLimit-Reset": str(max(0, math.ceil(reset))),
-    }
+def _rate_headers(reply: list[Any]) -> dict[str, str]:
+    """The key's limits as headers, from the admission script's reply: the IETF draft's ``RateLimit-*`` and
+    OpenAI's ``x-ratelimit-*`` for requests per minute, and OpenAI's ``x-ratelimit-*-tokens`` for the token
+    bucket that refuses first (per minute or per day). A limit the key does not have sends no header."""
+    headers: dict[str, str] = {}
+    limit, remaining, reset = int(reply[2]), int(reply[3]), float(reply[4].decode())
+    if limit > 0:
+        headers.update({
+            "RateLimit-Limit": str(limit),
+            "RateLimit-Remaining": str(remaining),
+            "RateLimit-Reset": str(max(0, math.ceil(reset))),
+            "x-ratelimit-limit-requests": str(limit),
+            "x-ratelimit-remaining-requests": str(remaining),
+            # when the oldest request in the minute's window leaves it (a request can then be made)
+            "x-ratelimit-reset-requests": openai_duration(reset),
+        })
+    tokens, tokens_left, tokens_reset = int(reply[5]), int(reply[6]), float(reply[7].decode())
+    if tokens > 0:
+        headers.update({
+            "x-ratelimit-limit-tokens": str(tokens),
+            "x-ratelimit-remaining-tokens": str(tokens_left),
+            "x-ratelimit-reset-tokens": openai_duration(tokens_reset),  # until the bucket is full again
+        })
+    return headers
+
+
+def openai_duration(seconds: float) -> str:
+    """A wait as OpenAI's ``x-ratelimit-reset-*`` headers spell it: ``250ms``, ``1.5s``, ``6m0s``, ``1h2m3s``."""
+    ms = max(0, math.ceil(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def is_rate_limit(error: APIError) -> str | None:

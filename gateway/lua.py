@@ -14,6 +14,11 @@ Limits, all per key (0 = unlimited):
   k; entries older than the safety TTL are dropped, so a crashed gateway cannot
   leak slots for ever. A request of more slots than the limit is refused
   (``slots``): waiting would never admit it.
+
+Besides the request-limit figures, the reply carries the token bucket that
+would refuse first (tokens/minute or tokens/day): its size, the whole tokens
+left in it and the seconds until it is full again, for the
+``x-ratelimit-*-tokens`` headers.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ __all__ = ["ADMIT", "SETTLE"]
 
 # KEYS: record, req log, tpm bucket, tpd bucket, inflight set
 # ARGV: scope, model, member, inflight ttl, apply limits ("1"/"0"), slots (the request's cost, >= 1)
-# Returns {status, retry_after, limit, remaining, reset, field, value, ...}
+# Returns {status, retry_after, limit, remaining, reset, token limit, tokens left, tokens reset, field, value, ...}
+# (limit/remaining/reset: requests per minute, or the concurrency limit with 'slots'; token figures 0 when the key
+# has no token limit or the script stopped before the buckets)
 ADMIT = r"""
 local flat = redis.call('HGETALL', KEYS[1])
 if #flat == 0 then return {'unknown', '0', 0, 0, '0'} end
@@ -30,8 +37,9 @@ local r = {}
 for i = 1, #flat, 2 do r[flat[i]] = flat[i + 1] end
 local FIELDS = {'id', 'name', 'scopes', 'models', 'rpm', 'tpm', 'tpd', 'max_concurrent', 'expires_at', 'priority',
                 'weight'}
+local tok = {0, 0, 0}
 local function reply(status, retry, limit, remaining, reset)
-  local out = {status, tostring(retry), limit, remaining, tostring(reset)}
+  local out = {status, tostring(retry), limit, remaining, tostring(reset), tok[1], tok[2], tostring(tok[3])}
   for _, f in ipairs(FIELDS) do
     out[#out + 1] = f
     out[#out + 1] = r[f] or ''
@@ -69,11 +77,16 @@ local function bucket(key, cap, per)
   return math.min(cap, tokens + (now - ts) * cap / per), cap / per
 end
 local tpm = tonumber(r.tpm or '0') or 0
-local left, rate = bucket(KEYS[3], tpm, 60)
-if left <= 0 then return reply('tpm', (1 - left) / rate, rpm, math.max(rpm - used, 0), reset) end
 local tpd = tonumber(r.tpd or '0') or 0
-left, rate = bucket(KEYS[4], tpd, 86400)
-if left <= 0 then return reply('tpd', (1 - left) / rate, rpm, math.max(rpm - used, 0), reset) end
+local left_m, rate_m = bucket(KEYS[3], tpm, 60)
+local left_d, rate_d = bucket(KEYS[4], tpd, 86400)
+if tpm > 0 and (tpd <= 0 or left_m <= left_d) then
+  tok = {tpm, math.max(0, math.floor(left_m)), (tpm - left_m) / rate_m}
+elseif tpd > 0 then
+  tok = {tpd, math.max(0, math.floor(left_d)), (tpd - left_d) / rate_d}
+end
+if left_m <= 0 then return reply('tpm', (1 - left_m) / rate_m, rpm, math.max(rpm - used, 0), reset) end
+if left_d <= 0 then return reply('tpd', (1 - left_d) / rate_d, rpm, math.max(rpm - used, 0), reset) end
 local conc = tonumber(r.max_concurrent or '0') or 0
 if conc > 0 then
   local ttl = tonumber(ARGV[4])

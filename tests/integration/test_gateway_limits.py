@@ -132,3 +132,34 @@ async def test_concurrency_counts_slots_and_settle_frees_them_all(guard: RedisGu
     assert await guard.client.zcard(inflight) == 8
     await gate.settle(whole)
     assert await guard.client.zcard(inflight) == 0
+
+
+async def test_openai_rate_limit_headers_for_requests_and_tokens(guard: RedisGuard) -> None:
+    """Admitted and refused requests carry OpenAI's x-ratelimit-* headers beside the RateLimit-* ones: requests per
+    minute, and the token bucket that refuses first (here the minute's, the smaller) with its reset."""
+    secret, _ = await KeyStore(guard.client).create("oai", {"chat"}, KeyLimits(rpm=5, tpm=100, tpd=10_000))
+    gate = admission(guard)
+    first = (await gate.admit(secret, "chat")).rate_headers
+    assert (first["x-ratelimit-limit-requests"], first["x-ratelimit-remaining-requests"]) == ("5", "4")
+    assert first["RateLimit-Remaining"] == "4"
+    assert (first["x-ratelimit-limit-tokens"], first["x-ratelimit-remaining-tokens"]) == ("100", "100")
+    await gate.settle(await gate.admit(secret, "chat"), prompt_tokens=30, completion_tokens=10)
+    after = (await gate.admit(secret, "chat")).rate_headers
+    assert after["x-ratelimit-remaining-requests"] == "2"
+    assert 60 <= int(after["x-ratelimit-remaining-tokens"]) <= 61  # 40 spent, refilling at 100 a minute
+    assert after["x-ratelimit-reset-tokens"].endswith("s") and 23 <= float(after["x-ratelimit-reset-tokens"][:-1]) <= 24
+    await gate.settle(await gate.admit(secret, "chat"), prompt_tokens=100)  # overdraws the minute
+    error = await refused(gate.admit(secret, "chat"))
+    assert (error.status, error.param) == (429, "tpm")
+    assert error.headers["x-ratelimit-remaining-tokens"] == "0" and error.headers["x-ratelimit-limit-tokens"] == "100"
+    assert error.headers["x-ratelimit-limit-requests"] == "5"
+
+
+async def test_day_bucket_alone_and_unlimited_keys_send_no_stray_headers(guard: RedisGuard) -> None:
+    store = KeyStore(guard.client)
+    daily, _ = await store.create("daily", {"chat"}, KeyLimits(tpd=1000))
+    headers = (await admission(guard).admit(daily, "chat")).rate_headers
+    assert headers == {"x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "1000",
+                       "x-ratelimit-reset-tokens": "0ms"}
+    free, _ = await store.create("free", {"chat"}, KeyLimits())
+    assert (await admission(guard).admit(free, "chat")).rate_headers == {}
