@@ -35,9 +35,9 @@ from gateway.redis_guard import RedisGuard, RedisUnavailable
 from gateway.resp import PipelinedRedis
 from gateway.routes import admin, openai, ops
 from gateway.routes.collections import collections_router
+from gateway.service_client import ServiceClient
 from gateway.services import GatewayServices
 from gateway.settings import GatewaySettings
-from gateway.upstream import Upstream
 
 __all__ = ["create_app", "new_http_session", "new_redis"]
 
@@ -70,7 +70,7 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
               metrics: GatewayMetrics, hot_redis: HotRedisFactory) -> GatewayServices:
     token = settings.resolved_internal_token()
     guard = RedisGuard(redis, hot_redis(settings, redis))
-    balancer = Upstream("balancer", settings.balancer_url, http, token,
+    balancer = ServiceClient("balancer", settings.balancer_url, http, token,
                         connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
     return GatewayServices(
         settings=settings, guard=guard,
@@ -80,9 +80,9 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
         cache=ResponseCache(guard, settings.cache_max_entry_bytes, max_bytes=settings.cache_max_bytes,
                             max_ttl_s=settings.cache_max_ttl_s), keys=KeyStore(redis),
         balancer=balancer,
-        rag=Upstream("rag service", settings.rag_url, http, token,
+        rag=ServiceClient("rag service", settings.rag_url, http, token,
                      connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s),
-        catalog=ModelCatalog(balancer, http, settings.model_info_ttl_s), metrics=metrics, fence_secret=token,
+        catalog=ModelCatalog(balancer, settings.model_info_ttl_s), metrics=metrics, fence_secret=token,
         owners=CollectionOwners(guard),
     )
 

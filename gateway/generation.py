@@ -1,11 +1,18 @@
-"""Chat and text completions: admit, validate, augment, look up the cache, forward, settle."""
+"""Chat and text completions: admit, validate, augment, look up the cache, forward, settle.
+
+The steps are shared by every route that generates: chat and completions present the balancer's answer
+as it is (``PASS_THROUGH``); another surface (the Responses API) admits with ``admit``, validates the chat
+request it builds with ``validate``, and hands ``forward`` an ``Output`` that turns the chat answer (a JSON
+document, or the chat SSE bytes) into its own shape. Cache hits go through the same ``Output``.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 from litestar import Request, Response
@@ -28,12 +35,13 @@ from appliance.core.wire import (
 from gateway.access import AccessRecord, access_record
 from gateway.admission import Ticket, parse_bearer
 from gateway.cache import CachePolicy, cache_key, cache_policy
+from gateway.caller import Caller
 from gateway.rag import augment, parse_rag_options
 from gateway.relay import StreamOutcome, relay_stream
+from gateway.service_client import CLIENT_PRIORITY_HEADER, decode_json_object, ensure_error_body
 from gateway.services import GatewayServices
-from gateway.upstream import CLIENT_PRIORITY_HEADER, decode_json_object, ensure_error_body, use_caller
 
-__all__ = ["decode_body", "generate"]
+__all__ = ["PASS_THROUGH", "Admitted", "Job", "Output", "admit", "decode_body", "forward", "generate", "validate"]
 
 Kind = Literal["chat", "completions"]
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -42,24 +50,70 @@ _NOT_FETCHED = object()
 SSE = "text/event-stream"
 
 
-@dataclass(slots=True)
-class _Job:
-    """One admitted generation request, as it travels through the steps."""
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A request whose key passed admission: the ticket to settle, its access record, who it is for."""
 
     svc: GatewayServices
     ticket: Ticket
     record: AccessRecord
+    caller: Caller
+
+
+@dataclass(slots=True)
+class Job:
+    """One admitted generation request, as it travels through the steps."""
+
+    admitted: Admitted
     kind: Kind
     parsed: ChatCompletionRequest | CompletionRequest
     body: bytes
     policy: CachePolicy
+    output: Output
     key: str = ""
     citations: list[dict[str, Any]] | None = None
     hide_usage: bool = False
 
+    @property
+    def svc(self) -> GatewayServices:
+        return self.admitted.svc
+
+    @property
+    def ticket(self) -> Ticket:
+        return self.admitted.ticket
+
+    @property
+    def record(self) -> AccessRecord:
+        return self.admitted.record
+
     def headers(self, cache: str) -> dict[str, str]:
         self.record.cache = cache
         return {**self.ticket.rate_headers, "X-Cache": cache}
+
+
+class Output(Protocol):
+    """How a route presents the chat answer it asked for (chat presents it as it is)."""
+
+    async def complete(self, job: Job, document: dict[str, Any], body: bytes) -> bytes:
+        """The client's body for a complete chat answer (``document`` is ``body`` decoded)."""
+        ...
+
+    def stream(self, job: Job, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The client's bytes for a chat SSE stream (already relayed: usage counted, cut streams marked)."""
+        ...
+
+
+class _PassThrough:
+    async def complete(self, job: Job, document: dict[str, Any], body: bytes) -> bytes:
+        if job.citations is None:
+            return body
+        return msgspec.json.encode({**document, "citations": job.citations})
+
+    def stream(self, job: Job, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return chat
+
+
+PASS_THROUGH: Output = _PassThrough()
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -73,16 +127,13 @@ def decode_body(raw: bytes) -> dict[str, Any]:
 
 
 async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind) -> Response[Any]:
-    record = access_record(request)
-    secret = parse_bearer(request.headers.get("authorization"))
+    parse_bearer(request.headers.get("authorization"))  # a missing key is a 401 before any body error
     payload = decode_body(await request.body())
-    model = payload.get("model")
-    record.model = model if ModelId.matches(model) else ""  # anything else is refused once the key is known
     # Validate before admission so the cache lookup can ride in the admission round trip; report a bad
     # request only after the key is known to be good (a bad key is a 401 whatever the body).
     invalid: APIError | None = None
     try:
-        parsed, policy = _validate(request, svc, kind, payload)
+        parsed, policy = validate(request, svc, kind, payload)
     except APIError as exc:
         invalid = exc
     key = ""
@@ -91,22 +142,56 @@ async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: 
     lookup = svc.cache.get_command(key) if key and policy.lookup else None
     # What the request occupies counts against the key's concurrency limit: a slot per sequence.
     slots = RequestCost.of(parsed).slots if invalid is None else 1
-    ticket = await svc.admission.admit(secret, "chat", record.model, extra=lookup, slots=slots)
-    record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
-    use_caller(ticket.principal, request.headers.get(CLIENT_PRIORITY_HEADER) or payload.get("service_tier"))
+    admitted = await admit(request, svc, payload, slots=slots, lookup=lookup)
     try:
         if invalid is not None:
             raise invalid
-        job = _Job(svc, ticket, record, kind, parsed, b"", policy, key=key)
+        job = Job(admitted, kind, parsed, b"", policy, PASS_THROUGH, key=key)
         await _prepare(request, job, payload)
-        return await _dispatch(job, ticket.prefetched if lookup else _NOT_FETCHED)
+        return await _dispatch(job, admitted.ticket.prefetched if lookup else _NOT_FETCHED)
     except BaseException:
-        svc.tasks.spawn(svc.admission.settle(ticket))
+        svc.tasks.spawn(svc.admission.settle(admitted.ticket))
         raise
 
 
-def _validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
-              payload: dict[str, Any]) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
+async def admit(request: Request[Any, Any, Any], svc: GatewayServices, payload: dict[str, Any], *,
+                slots: int = 1, lookup: Any = None) -> Admitted:
+    """Verify the key for a generation (scope ``chat``, the body's model, ``slots`` of concurrency).
+
+    Whoever gets the ``Admitted`` owns its ticket: ``forward`` settles it, anything raised before must
+    ``svc.admission.settle(admitted.ticket)``."""
+    record = access_record(request)
+    model = payload.get("model")
+    record.model = model if ModelId.matches(model) else ""  # anything else is refused once the key is known
+    ticket = await svc.admission.admit(parse_bearer(request.headers.get("authorization")), "chat", record.model,
+                                       extra=lookup, slots=slots)
+    record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+    asked = request.headers.get(CLIENT_PRIORITY_HEADER) or payload.get("service_tier")
+    return Admitted(svc, ticket, record, Caller.of(ticket.principal, asked))
+
+
+async def forward(admitted: Admitted, parsed: ChatCompletionRequest, policy: CachePolicy, body: bytes,
+                  output: Output) -> Response[Any]:
+    """Send a validated chat request (``body``: its JSON) through the cache and the balancer, present the
+    answer with ``output``, and settle the ticket when the answer ends."""
+    svc = admitted.svc
+    try:
+        key = cache_key("chat", parsed, svc.catalog.model_sha256(parsed.model)) if policy.active else ""
+        job = Job(admitted, "chat", parsed, body, policy, output, key=key)
+        admitted.record.stream = parsed.stream
+        if parsed.stream and not (parsed.stream_options and parsed.stream_options.include_usage):
+            job.body = msgspec.json.encode({**decode_body(body), "stream_options": {"include_usage": True}})
+            job.hide_usage = output is PASS_THROUGH  # another output reads the usage chunk itself
+        return await _dispatch(job, _NOT_FETCHED)
+    except BaseException:
+        svc.tasks.spawn(svc.admission.settle(admitted.ticket))
+        raise
+
+
+def validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
+             payload: dict[str, Any]) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
+    """The request as the workers will read it, refused here exactly as they would refuse it, and the
+    cache policy its headers ask for."""
     settings = svc.settings
     ModelId.parse(payload.get("model"), param="model")  # one rule for every model id (a key's allow-list, routing)
     parsed: ChatCompletionRequest | CompletionRequest
@@ -129,7 +214,7 @@ def _validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
     return parsed, cache_policy(parsed, headers, settings.cache_enabled, settings.cache_ttl_s)
 
 
-async def _prepare(request: Request[Any, Any, Any], job: _Job, payload: dict[str, Any]) -> None:
+async def _prepare(request: Request[Any, Any, Any], job: Job, payload: dict[str, Any]) -> None:
     """RAG augmentation, and the body the balancer gets (the client's own bytes when nothing changed)."""
     parsed, svc = job.parsed, job.svc
     job.record.stream = parsed.stream
@@ -139,7 +224,8 @@ async def _prepare(request: Request[Any, Any, Any], job: _Job, payload: dict[str
     if isinstance(parsed, ChatCompletionRequest) and parsed.rag is not None:
         options = parse_rag_options(parsed.rag)
         await svc.owners.check(options.collection, job.ticket.principal, write=False)
-        job.parsed, job.citations = await augment(parsed, options, svc.rag, secret=svc.fence_secret,
+        job.parsed, job.citations = await augment(parsed, options, svc.rag, caller=job.admitted.caller,
+                                                  secret=svc.fence_secret,
                                                   max_chars=svc.settings.rag_max_context_chars)
         payload = {**payload, "messages": [m.model_dump(mode="json", exclude_none=True, by_alias=True)
                                            for m in job.parsed.messages]}
@@ -155,14 +241,21 @@ async def _prepare(request: Request[Any, Any, Any], job: _Job, payload: dict[str
     job.body = msgspec.json.encode(payload) if changed else await request.body()
 
 
-async def _dispatch(job: _Job, prefetched: Any) -> Response[Any]:
+async def _dispatch(job: Job, prefetched: Any) -> Response[Any]:
     svc = job.svc
     if job.policy.lookup:
         hit = (await svc.cache.get(job.key) if prefetched is _NOT_FETCHED else svc.cache.decode(prefetched))
         if hit is not None and hit.stream == job.parsed.stream:
             svc.metrics.cache.labels("hit").inc()
-            return Response(hit.body, media_type=SSE if hit.stream else JSON, headers=job.headers("HIT"),
-                            background=BackgroundTask(svc.admission.settle, job.ticket, 0, 0, "hit"))
+            settle = BackgroundTask(svc.admission.settle, job.ticket, 0, 0, "hit")
+            if job.output is PASS_THROUGH:
+                return Response(hit.body, media_type=SSE if hit.stream else JSON, headers=job.headers("HIT"),
+                                background=settle)
+            if hit.stream:
+                return Stream(job.output.stream(job, _once(hit.body)), media_type=SSE,
+                              headers={**job.headers("HIT"), "Cache-Control": "no-cache"}, background=settle)
+            body = await job.output.complete(job, decode_json_object(hit.body, "cache"), hit.body)
+            return Response(body, media_type=JSON, headers=job.headers("HIT"), background=settle)
     result = "miss" if job.policy.active else "bypass"
     svc.metrics.cache.labels(result).inc()
     if job.parsed.stream:
@@ -170,33 +263,35 @@ async def _dispatch(job: _Job, prefetched: Any) -> Response[Any]:
     return await _complete(job, result)
 
 
-async def _complete(job: _Job, result: str) -> Response[Any]:
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def _complete(job: Job, result: str) -> Response[Any]:
     svc = job.svc
     started = time.perf_counter()
-    reply = await svc.balancer.post_json(_PATHS[job.kind], job.body)
+    reply = await svc.balancer.post_json(_PATHS[job.kind], job.body, caller=job.admitted.caller)
     job.record.upstream_s = time.perf_counter() - started
     if reply.status != 200:
         headers = {k: v for k, v in reply.headers.items() if k.lower() == "retry-after"}
         return Response(ensure_error_body(reply.status, reply.body), status_code=reply.status, media_type=JSON,
                         headers={**headers, **job.ticket.rate_headers},
                         background=BackgroundTask(svc.admission.settle, job.ticket))
-    body = reply.body
-    document = decode_json_object(body, "balancer")
+    document = decode_json_object(reply.body, "balancer")
     usage = document.get("usage") or {}
     prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-    if job.citations is not None:
-        document["citations"] = job.citations
-        body = msgspec.json.encode(document)
     _count(job, prompt, completion)
-    store = svc.cache.put_command(job.key, body, False, job.policy.ttl_s) if job.policy.store else None
+    body = await job.output.complete(job, document, reply.body)
+    cached = body if job.output is PASS_THROUGH else reply.body  # a hit is presented by its output again
+    store = svc.cache.put_command(job.key, cached, False, job.policy.ttl_s) if job.policy.store else None
     return Response(body, media_type=JSON, headers=job.headers(result.upper()),
                     background=BackgroundTask(svc.admission.settle, job.ticket, prompt, completion, result, store))
 
 
-async def _stream(job: _Job, result: str) -> Response[Any]:
+async def _stream(job: Job, result: str) -> Response[Any]:
     svc = job.svc
     started = time.perf_counter()
-    resp = await svc.balancer.open_stream(_PATHS[job.kind], job.body)
+    resp = await svc.balancer.open_stream(_PATHS[job.kind], job.body, caller=job.admitted.caller)
     if resp.status != 200:
         try:
             raw = await resp.read()
@@ -218,7 +313,8 @@ async def _stream(job: _Job, result: str) -> Response[Any]:
         svc.tasks.spawn(svc.admission.settle(job.ticket, done.prompt_tokens, done.completion_tokens, result, store))
 
     stream = relay_stream(resp, outcome, hide_usage=job.hide_usage, citations=job.citations, on_end=on_end)
-    return Stream(stream, media_type=SSE, headers={**job.headers(result.upper()), "Cache-Control": "no-cache"})
+    return Stream(job.output.stream(job, stream), media_type=SSE,
+                  headers={**job.headers(result.upper()), "Cache-Control": "no-cache"})
 
 
 def _prompt_text(request: ChatCompletionRequest | CompletionRequest) -> str:
@@ -227,6 +323,6 @@ def _prompt_text(request: ChatCompletionRequest | CompletionRequest) -> str:
     return request.prompt if isinstance(request.prompt, str) else json.dumps(request.prompt)
 
 
-def _count(job: _Job, prompt: int, completion: int) -> None:
+def _count(job: Job, prompt: int, completion: int) -> None:
     job.record.prompt_tokens, job.record.completion_tokens = prompt, completion
     job.svc.metrics.count_tokens(job.parsed.model, prompt, completion)

@@ -19,7 +19,8 @@ from appliance.core.errors import APIError, bad_request
 from appliance.core.ids import CollectionName
 from appliance.core.rag_wire import DEFAULT_TOP_K, validate_collection_name
 from appliance.core.wire import ChatCompletionRequest, ChatMessage, message_text
-from gateway.upstream import Upstream, decode_json_object, ensure_error_body
+from gateway.caller import Caller
+from gateway.service_client import ServiceClient, decode_json_object, ensure_error_body
 
 __all__ = ["RagOptions", "augment", "build_context", "fence_nonce", "neutralise", "parse_rag_options"]
 
@@ -96,12 +97,12 @@ def _query(request: ChatCompletionRequest) -> str:
     raise bad_request("A rag request needs a user message to search with.", param="messages")
 
 
-async def augment(request: ChatCompletionRequest, options: RagOptions, rag: Upstream, *,
+async def augment(request: ChatCompletionRequest, options: RagOptions, rag: ServiceClient, *, caller: Caller,
                   max_chars: int, secret: str) -> tuple[ChatCompletionRequest, list[dict[str, Any]]]:
     """Search the collection; return the request with the fenced context prepended, and citations."""
     query = _query(request)
     body = msgspec.json.encode({"query": query, "top_k": options.top_k})
-    reply = await rag.post_json(f"/collections/{options.collection.segment()}/search", body)
+    reply = await rag.post_json(f"/collections/{options.collection.segment()}/search", body, caller=caller)
     if reply.status != 200:
         decoded = msgspec.json.decode(ensure_error_body(reply.status, reply.body))
         error = decoded["error"]

@@ -17,8 +17,8 @@ from gateway.keys import KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.ownership import CollectionOwners
 from gateway.redis_guard import RedisGuard
+from gateway.service_client import ServiceClient
 from gateway.settings import GatewaySettings
-from gateway.upstream import Upstream
 
 __all__ = ["BackgroundTasks", "GatewayServices", "Services"]
 
@@ -58,8 +58,8 @@ class GatewayServices:
     admission: Admission
     cache: ResponseCache
     keys: KeyStore
-    balancer: Upstream
-    rag: Upstream
+    balancer: ServiceClient
+    rag: ServiceClient
     catalog: ModelCatalog
     metrics: GatewayMetrics
     owners: CollectionOwners

@@ -19,8 +19,8 @@ from gateway.generation import decode_body
 from gateway.keys import MAX_WEIGHT, SCOPES, KeyLimits
 from gateway.openapi import documented, link
 from gateway.redis_guard import RedisUnavailable
+from gateway.service_client import decode_json_object
 from gateway.services import GatewayServices, Services
-from gateway.upstream import decode_json_object
 
 __all__ = ["admin_status", "create_key", "get_key", "list_keys", "queue", "revoke_key", "share_collection",
            "update_key", "usage"]
@@ -141,7 +141,7 @@ async def share_collection(request: Request[Any, Any, Any], svc: Services, name:
     await _admin(request, svc)
     collection = CollectionName.parse(name, param="name")
     spec = parse_request(Sharing, decode_body(await request.body()))
-    reply = await svc.rag.request("GET", f"/collections/{collection.segment()}")
+    reply = await svc.rag.request("GET", f"/collections/{collection.segment()}", caller=None)
     if reply.status == 404:
         raise not_found(f"No collection named {collection!r}.", param="name", code="collection_not_found")
     if reply.status != 200:
@@ -189,7 +189,7 @@ def _usage_rows(date: dt.date, raw: dict[Any, Any], names: dict[str, str],
      opt=documented(errors=(502, *_ADMIN_ERRORS)))
 async def queue(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any]:
     await _admin(request, svc)
-    reply = await svc.balancer.request("GET", "/queue")
+    reply = await svc.balancer.request("GET", "/queue", caller=None)
     if reply.status != 200:
         raise APIError(502, f"The balancer answered {reply.status} for its queue.", type_="server_error",
                        code="bad_upstream_response")

@@ -17,11 +17,12 @@ from appliance.core.ids import CollectionName, DocumentId, Identifier, JobId
 from appliance.core.rag_wire import FileDocument, NewCollection, SearchQuery, TextDocument
 from gateway.access import access_record
 from gateway.admission import parse_bearer
+from gateway.caller import Caller
 from gateway.keys import Principal
 from gateway.openapi import JSON, documented, link
 from gateway.ownership import access_of, may_read, owns
+from gateway.service_client import ServiceReply, decode_json_object, ensure_error_body
 from gateway.services import GatewayServices, Services
-from gateway.upstream import UpstreamReply, decode_json_object, ensure_error_body, use_caller
 
 __all__ = ["collections_router"]
 
@@ -77,7 +78,7 @@ def _over_allowance(left: int) -> APIError:
 
 async def _bytes_stored(svc: GatewayServices, principal: Principal) -> int:
     """What the key's own collections hold, as the RAG service counts it (document bytes)."""
-    reply = await svc.rag.request("GET", "/collections")
+    reply = await svc.rag.request("GET", "/collections", caller=Caller.of(principal))
     if reply.status != 200:
         raise APIError(503, "The RAG service cannot report storage use right now.", type_="server_error",
                        code="rag_unavailable")
@@ -102,7 +103,7 @@ def _collection_path(name: CollectionName, *tail: str | Identifier) -> str:
     return "/collections/" + "/".join(parts)
 
 
-After = Callable[[GatewayServices, Principal, UpstreamReply], Awaitable[bytes | None]]
+After = Callable[[GatewayServices, Principal, ServiceReply], Awaitable[bytes | None]]
 Before = Callable[[GatewayServices, Principal, "_Call"], Awaitable[None]]
 
 
@@ -114,7 +115,7 @@ async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, build:
     record = access_record(request)
     ticket = await svc.admission.admit(parse_bearer(request.headers.get("authorization")), "collections")
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
-    use_caller(ticket.principal)  # the RAG service counts a key's upload jobs by it
+    caller = Caller.of(ticket.principal)  # the RAG service counts a key's upload jobs by it
     try:
         call = build()
         body = call.body
@@ -128,7 +129,8 @@ async def _forward(request: Request[Any, Any, Any], svc: GatewayServices, build:
         headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
         started = time.perf_counter()
         try:
-            reply = await svc.rag.request(request.method, call.path, body=upload.chunks() if upload else body,
+            reply = await svc.rag.request(request.method, call.path, caller=caller,
+                                          body=upload.chunks() if upload else body,
                                           headers=headers, params=_params(request))
         except Exception:
             # Cutting the upload off aborts the RAG request (seen here as a payload or connection error):
@@ -189,7 +191,7 @@ async def list_collections(request: Request[Any, Any, Any], svc: Services) -> Re
     return await _forward(request, svc, lambda: _Call("/collections"), after=_visible_only)
 
 
-async def _visible_only(svc: GatewayServices, principal: Principal, reply: UpstreamReply) -> bytes | None:
+async def _visible_only(svc: GatewayServices, principal: Principal, reply: ServiceReply) -> bytes | None:
     """Keep only what this key may see, each marked with its access (private, shared or admin)."""
     if reply.status >= 400:
         return None
@@ -238,13 +240,14 @@ async def create_collection(request: Request[Any, Any, Any], svc: Services) -> R
         try:
             made = await svc.owners.claim(call.collection, principal, shared=wanted.shared)
         except APIError as exc:
-            if exc.status != 409 or (await svc.rag.request("GET", _collection_path(call.collection))).status != 404:
+            if exc.status != 409 or (await svc.rag.request("GET", _collection_path(call.collection),
+                                                                 caller=Caller.of(principal))).status != 404:
                 raise
             made = await svc.owners.replace(call.collection, principal, shared=wanted.shared)  # a stale record
         if made is not None:
             claimed.append(made)
 
-    async def settle(svc: GatewayServices, principal: Principal, reply: UpstreamReply) -> bytes | None:
+    async def settle(svc: GatewayServices, principal: Principal, reply: ServiceReply) -> bytes | None:
         if reply.status >= 400 and claimed:  # not created (409: someone else's, or RAG refused): drop our claim
             await svc.owners.release(_name(wanted.name), claimed[0])
         return None
@@ -278,7 +281,7 @@ async def get_collection(request: Request[Any, Any, Any], svc: Services, name: F
     opt=documented(answers={200: None}, errors=_ERRORS),
 )
 async def delete_collection(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> Response[Any]:
-    async def forget(svc: GatewayServices, principal: Principal, reply: UpstreamReply) -> bytes | None:
+    async def forget(svc: GatewayServices, principal: Principal, reply: ServiceReply) -> bytes | None:
         if reply.status < 400:
             await svc.owners.release(_name(name))
         return None
@@ -336,7 +339,7 @@ async def search(request: Request[Any, Any, Any], svc: Services, name: FromPath[
 
 @get("/jobs/{job_id:str}", summary="Progress of a large upload (RAG)", opt=documented(errors=_ERRORS))
 async def job_status(request: Request[Any, Any, Any], svc: Services, job_id: FromPath[str]) -> Response[Any]:
-    async def only_readable(svc: GatewayServices, principal: Principal, reply: UpstreamReply) -> bytes | None:
+    async def only_readable(svc: GatewayServices, principal: Principal, reply: ServiceReply) -> bytes | None:
         """A job is as visible as the collection it writes into; any other key gets the same 404 as for a
         job that does not exist."""
         if reply.status >= 400 or principal.is_admin:

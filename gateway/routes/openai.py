@@ -15,6 +15,7 @@ from appliance.core.ids import ModelId
 from appliance.core.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from gateway.access import access_record
 from gateway.admission import parse_bearer
+from gateway.caller import Caller
 from gateway.generation import decode_body, generate
 from gateway.openapi import (
     ChatCompletion,
@@ -25,8 +26,8 @@ from gateway.openapi import (
     TextCompletion,
     documented,
 )
+from gateway.service_client import decode_json_object, ensure_error_body
 from gateway.services import Services
-from gateway.upstream import decode_json_object, ensure_error_body
 
 __all__ = ["chat_completions", "completions", "embeddings", "list_models", "retrieve_model"]
 
@@ -63,7 +64,7 @@ async def embeddings(request: Request[Any, Any, Any], svc: Services) -> Response
     started = time.perf_counter()
     try:
         ModelId.parse(model, param="model")
-        reply = await svc.rag.post_json("/v1/embeddings", raw)
+        reply = await svc.rag.post_json("/v1/embeddings", raw, caller=Caller.of(ticket.principal))
     except BaseException:
         svc.tasks.spawn(svc.admission.settle(ticket))
         raise
@@ -88,7 +89,7 @@ async def list_models(request: Request[Any, Any, Any], svc: Services) -> Respons
     secret = parse_bearer(request.headers.get("authorization"))
     ticket = await svc.admission.admit(secret, "", limited=False)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
-    reply = await svc.balancer.request("GET", "/v1/models")
+    reply = await svc.balancer.request("GET", "/v1/models", caller=None)
     if reply.status != 200:
         return Response(ensure_error_body(reply.status, reply.body), status_code=reply.status, media_type=JSON)
     if not ticket.principal.models:
@@ -108,7 +109,7 @@ async def retrieve_model(request: Request[Any, Any, Any], svc: Services, model: 
     ticket = await svc.admission.admit(secret, "", limited=False)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
     wanted = record.model = ModelId.parse(model, param="model")
-    reply = await svc.balancer.request("GET", "/v1/models")
+    reply = await svc.balancer.request("GET", "/v1/models", caller=None)
     if reply.status != 200:
         return Response(ensure_error_body(reply.status, reply.body), status_code=reply.status, media_type=JSON)
     document = decode_json_object(reply.body, "balancer")

@@ -27,7 +27,7 @@ async def readyz(svc: Services) -> Response[Any]:
     redis_up = await svc.guard.ping()
     await svc.catalog.refresh()
     try:
-        rag = await svc.rag.request("GET", "/health")
+        rag = await svc.rag.request("GET", "/health", caller=None)
         rag_up = rag.status == 200
     except Exception:  # any failure means "not up"
         rag_up = False

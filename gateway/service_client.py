@@ -1,4 +1,4 @@
-"""HTTP to the balancer and the RAG service over one injected aiohttp session.
+"""The gateway's client of its internal services (the balancer, the RAG service), over one injected session.
 
 Every call has explicit timeouts: connect and per-read, never a total one, so
 a long stream lives as long as tokens keep coming. A service that cannot be
@@ -9,45 +9,27 @@ error passes through with its status.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import msgspec
 
 from appliance.core.errors import APIError, error_body, overloaded
-from appliance.core.hop import INTERNAL_TOKEN_HEADER, KEY_ID_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER, WEIGHT_HEADER
+from appliance.core.hop import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
 from appliance.core.request_id import current_request_id
+from gateway.caller import IDENTITY_HEADERS, Caller
 
-if TYPE_CHECKING:
-    from gateway.keys import Principal
-
-__all__ = ["CLIENT_PRIORITY_HEADER", "Upstream", "UpstreamReply", "decode_json_object", "ensure_error_body",
-           "use_caller"]
+__all__ = ["CLIENT_PRIORITY_HEADER", "ServiceClient", "ServiceReply", "decode_json_object", "ensure_error_body"]
 
 # A client may lower its request's priority with this header (or OpenAI's ``service_tier: "flex"``).
 CLIENT_PRIORITY_HEADER = "X-Priority"
-_IDENTITY = (KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER)
-_IDENTITY_LOWER = frozenset(name.lower() for name in _IDENTITY)
-# The caller of the request being handled, as hop headers (set once admission knows the key).
-_caller: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("gateway_caller", default=())
-
-
-def use_caller(principal: Principal, asked_priority: object = None) -> None:
-    """From here on in this request, calls upstream say who is asking: the key's id (never the key),
-    its priority (lowered to batch when the request asks) and its fair-share weight."""
-    _caller.set((
-        (KEY_ID_HEADER, principal.key_id),
-        (PRIORITY_HEADER, principal.scheduled_priority(asked_priority)),
-        (WEIGHT_HEADER, f"{principal.weight:g}"),
-    ))
 
 # Hop-by-hop and framing headers never copied between hops.
 _DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
                    "host", "authorization", INTERNAL_TOKEN_HEADER.lower(), "te", "trailer", "upgrade"})
 
 
-class UpstreamReply(msgspec.Struct, frozen=True):
+class ServiceReply(msgspec.Struct, frozen=True):
     status: int
     body: bytes
     content_type: str
@@ -79,8 +61,11 @@ def decode_json_object(body: bytes, service: str) -> dict[str, Any]:
     return document
 
 
-class Upstream:
-    """One downstream service (the balancer or RAG), reached with a shared session."""
+class ServiceClient:
+    """One internal service (the balancer or the RAG service), reached with a shared session.
+
+    Every call names its ``caller`` (or ``None`` for the gateway's own calls): the service is told who
+    is asking from that value alone."""
 
     def __init__(self, name: str, base_url: str, session: aiohttp.ClientSession, token: str, *,
                  connect_timeout_s: float, read_timeout_s: float) -> None:
@@ -91,14 +76,15 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                               sock_read=read_timeout_s)
 
-    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    def _headers(self, caller: Caller | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = {INTERNAL_TOKEN_HEADER: self._token}
         request_id = current_request_id()
         if request_id:
             headers[REQUEST_ID_HEADER] = request_id
         if extra:  # identity comes from the authenticated key only, never from what a caller passed along
-            headers.update((k, v) for k, v in extra.items() if k.lower() not in _IDENTITY_LOWER)
-        headers.update(_caller.get())
+            headers.update((k, v) for k, v in extra.items() if k.lower() not in IDENTITY_HEADERS)
+        if caller is not None:
+            headers.update(caller.hop_headers())
         return headers
 
     def _unreachable(self, exc: BaseException) -> APIError:
@@ -107,31 +93,31 @@ class Upstream:
         return error
 
     async def request(
-        self, method: str, path: str, *, body: bytes | AsyncIterator[bytes] | None = None,
+        self, method: str, path: str, *, caller: Caller | None, body: bytes | AsyncIterator[bytes] | None = None,
         headers: Mapping[str, str] | None = None, params: Mapping[str, str] | None = None,
-    ) -> UpstreamReply:
+    ) -> ServiceReply:
         try:
             async with self._session.request(method, self._base + path, data=body, params=params,
-                                             headers=self._headers(headers), timeout=self._timeout) as resp:
+                                             headers=self._headers(caller, headers), timeout=self._timeout) as resp:
                 payload = await resp.read()
                 kept = {k: v for k, v in resp.headers.items() if k.lower() not in _DROP}
-                return UpstreamReply(resp.status, payload, resp.content_type or "application/json", kept)
+                return ServiceReply(resp.status, payload, resp.content_type or "application/json", kept)
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
 
-    async def post_json(self, path: str, body: bytes) -> UpstreamReply:
-        return await self.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    async def post_json(self, path: str, body: bytes, *, caller: Caller | None) -> ServiceReply:
+        return await self.request("POST", path, caller=caller, body=body, headers={"Content-Type": "application/json"})
 
     async def get_json(self, path: str) -> Any:
-        reply = await self.request("GET", path)
+        reply = await self.request("GET", path, caller=None)
         if reply.status != 200:
             raise APIError(reply.status, f"{self.name} {path} returned {reply.status}", type_="server_error")
         return msgspec.json.decode(reply.body)
 
-    async def open_stream(self, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """Start a streaming POST; the caller reads ``resp.content`` and must ``release()`` it."""
+    async def open_stream(self, path: str, body: bytes, *, caller: Caller) -> aiohttp.ClientResponse:
+        """Start a streaming POST; whoever opens it reads ``resp.content`` and must ``release()`` it."""
         try:
             return await self._session.post(self._base + path, data=body, timeout=self._timeout,
-                                            headers=self._headers({"Content-Type": "application/json"}))
+                                            headers=self._headers(caller, {"Content-Type": "application/json"}))
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise self._unreachable(exc) from exc
