@@ -33,7 +33,8 @@ from gateway.openapi import complete_openapi
 from gateway.ownership import CollectionOwners
 from gateway.redis_guard import RedisGuard, RedisUnavailable
 from gateway.resp import PipelinedRedis
-from gateway.routes import admin, openai, ops
+from gateway.responses import ResponsesLifecycle
+from gateway.routes import admin, openai, ops, responses
 from gateway.routes.collections import collections_router
 from gateway.service_client import ServiceClient
 from gateway.services import GatewayServices
@@ -94,6 +95,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
     (default: :class:`PipelinedRedis`; ``appliance bench gateway`` also runs redis-py's pipeline)."""
     state: dict[str, GatewayServices] = {}
     metrics = GatewayMetrics()
+    stored_responses = ResponsesLifecycle(settings)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -131,15 +133,16 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
     handlers: list[Any] = [
         openai.chat_completions, openai.completions, openai.embeddings, openai.list_models, openai.retrieve_model,
         admin.create_key, admin.list_keys, admin.get_key, admin.revoke_key, admin.usage, admin.admin_status,
-        admin.update_key, admin.queue, admin.share_collection,
+        admin.update_key, admin.queue, admin.share_collection, *responses.HANDLERS,
         ops.healthz, ops.readyz, ops.metrics,
         collections_router(settings.max_upload_bytes),
         *ops.ui_routes(UI_STATIC),
     ]
     app = Litestar(
         route_handlers=handlers,
-        dependencies={"svc": Provide(provide_services, sync_to_thread=False)},
-        lifespan=[lifespan],
+        dependencies={"svc": Provide(provide_services, sync_to_thread=False),
+                      "responses": Provide(stored_responses.provide, sync_to_thread=False)},
+        lifespan=[lifespan, stored_responses.lifespan],
         exception_handlers=exception_handlers(),
         middleware=[access_middleware(metrics)],
         request_max_body_size=settings.max_body_bytes,

@@ -74,6 +74,14 @@ class GatewaySettings(RedisClientSettings):
         default=1 << 30, ge=0, description="documents one non-admin key may store in its collections; 0 = no cap"
     )
 
+    responses_dir: Path | None = Field(
+        default=None, description="where stored responses live (SQLite); default: data_dir/responses"
+    )
+    responses_retention_days: float = Field(
+        default=30.0, gt=0, description="stored responses older than this are no longer served and are deleted"
+    )
+    responses_prune_every_s: float = Field(default=3600.0, gt=0, description="how often old responses are deleted")
+
     @model_validator(mode="after")
     def _cache_bounds(self) -> GatewaySettings:
         if self.cache_ttl_s > self.cache_max_ttl_s:

@@ -17,12 +17,15 @@ disagree about which name is meant. :meth:`segment` escapes the value for a URL 
 from __future__ import annotations
 
 import re
+import secrets
 from typing import ClassVar, Self, TypeGuard
 from urllib.parse import quote
 
 from appliance.core.errors import bad_request
 
-__all__ = ["COLLECTION_NAME_RULE", "CollectionName", "DocumentId", "Identifier", "JobId", "KeyId", "ModelId"]
+__all__ = [
+    "COLLECTION_NAME_RULE", "CollectionName", "DocumentId", "Identifier", "JobId", "KeyId", "ModelId", "ResponseId",
+]
 
 COLLECTION_NAME_RULE = "[a-z0-9][a-z0-9_-]{0,62}"
 
@@ -103,3 +106,16 @@ class ModelId(Identifier):
     rule = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}(?:/[A-Za-z0-9][A-Za-z0-9._:-]{0,127}){0,3}"
     described = "letters, digits and '.', '_', ':', '-', parts separated by single '/'"
     code = "invalid_model"
+
+
+class ResponseId(Identifier):
+    """A stored response of the Responses API: ``resp_`` and 48 lower-case hex digits, as the gateway mints it."""
+
+    __slots__ = ()
+    rule = "resp_[0-9a-f]{48}"
+    described = "a response id as the gateway returned it (resp_ and 48 hex digits)"
+    code = "invalid_response_id"
+
+    @classmethod
+    def mint(cls) -> ResponseId:
+        return cls(f"resp_{secrets.token_hex(24)}")

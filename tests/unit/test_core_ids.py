@@ -10,11 +10,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from appliance.core.errors import APIError
-from appliance.core.ids import CollectionName, DocumentId, Identifier, JobId, KeyId, ModelId
+from appliance.core.ids import CollectionName, DocumentId, Identifier, JobId, KeyId, ModelId, ResponseId
 from appliance.core.rag_wire import is_collection_name, validate_collection_name
 from appliance.core.request_id import is_sane
 
-KINDS: tuple[type[Identifier], ...] = (CollectionName, DocumentId, JobId, KeyId, ModelId)
+KINDS: tuple[type[Identifier], ...] = (CollectionName, DocumentId, JobId, KeyId, ModelId, ResponseId)
 
 
 @pytest.mark.parametrize("raw", ["payroll\n", "payroll\r\n", "payroll\x00", " payroll", "payroll ", "Payroll",

@@ -7,7 +7,7 @@ import { setupSignIn } from "./signin.js";
 
 const $ = (id) => document.getElementById(id);
 const INTERVAL_MS = Number(new URLSearchParams(location.search).get("interval")) || 2000;
-const GENERATION_ROUTES = ["/v1/chat/completions", "/v1/completions"];
+const GENERATION_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses"];
 const tokensPerSecond = new Series();
 const latencySeconds = new Series();
 let previous = null;

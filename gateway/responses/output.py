@@ -1,0 +1,91 @@
+"""How a Responses request presents the chat answer it asked for (``gateway.generation.Output``).
+
+A whole answer becomes the Response object; a chat SSE stream (already relayed: usage chunk included,
+a cut stream ending with ``event: error``) becomes the Responses event sequence. Either way, the
+finished response is stored (unless ``store`` is false) before its last byte goes out, so that a client
+reading it back, or continuing from it, finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.core.sse import SSEDecoder
+from gateway.generation import Job
+from gateway.responses.events import ResponseEvents, encode_json, encode_sse, whole_answer
+from gateway.responses.shape import Draft
+from gateway.responses.store import ResponseStore, StoredResponse
+from gateway.responses.translate import Turn
+
+__all__ = ["ResponsesOutput"]
+
+_log = logging.getLogger("gateway.responses")
+_CUT = {"error": {"message": "The model stream ended unexpectedly.", "type": "server_error",
+                  "code": "stream_interrupted"}}
+
+
+def _loads(data: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesOutput:
+    """The Responses presentation of one request's chat answer; ``store`` is None when nothing is stored."""
+
+    draft: Draft
+    turn: Turn
+    key_id: str
+    store: ResponseStore | None
+    max_tool_calls: int | None = None
+
+    def _events(self) -> ResponseEvents:
+        return ResponseEvents(self.draft, self.max_tool_calls)
+
+    async def complete(self, job: Job, document: dict[str, Any], body: bytes) -> bytes:
+        final = whole_answer(self._events(), document)
+        await self._save(final)
+        return encode_json(final)
+
+    async def stream(self, job: Job, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        events = self._events()
+        for event in events.start():
+            yield encode_sse(event)
+        decoder = SSEDecoder()
+        async for raw in chat:
+            if raw.startswith(b":"):  # the balancer's "queued" notes: comments, which SDKs skip
+                yield raw
+            for sse in decoder.feed(raw):
+                if sse.is_error or sse.is_done:
+                    for event in await self._end(events, (_loads(sse.data) or _CUT) if sse.is_error else None):
+                        yield encode_sse(event)
+                    return
+                chunk = _loads(sse.data)
+                for event in events.chunk(chunk) if chunk is not None else ():
+                    yield encode_sse(event)
+        for event in await self._end(events, _CUT):
+            yield encode_sse(event)
+
+    async def _end(self, events: ResponseEvents, error: dict[str, Any] | None) -> list[dict[str, Any]]:
+        closing = events.finish(error)
+        assert events.final is not None
+        await self._save(events.final)
+        return closing
+
+    async def _save(self, final: dict[str, Any]) -> None:
+        if self.store is None:
+            return
+        produced = [item for item in final["output"] if item.get("type") in ("message", "function_call")]
+        stored = StoredResponse(final, self.turn.items, [*self.turn.history, *produced])
+        try:
+            await self.store.put(self.key_id, stored)
+        except sqlite3.Error as exc:  # the answer still goes out; only reading it back will fail
+            _log.error("storing a response failed", extra={"response_id": final["id"], "error": str(exc)})
