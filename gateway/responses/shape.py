@@ -85,7 +85,7 @@ class Draft:
             "truncation": request.truncation or "disabled",
             "user": request.user,
         }
-        return cls(response_id, created_at, request.model, echo, new_id)
+        return cls(str(response_id), created_at, request.model, echo, new_id)
 
     def response(self, status: Status, output: list[dict[str, Any]], *, usage: dict[str, Any] | None = None,
                  incomplete: str | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:

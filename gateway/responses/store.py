@@ -90,7 +90,7 @@ class ResponseStore:
     async def get(self, response_id: str, key_id: str) -> StoredResponse | None:
         row = await self._call(lambda: self._db.execute(
             "SELECT response, items, history FROM responses WHERE id = ? AND key_id = ? AND created_at >= ?",
-            (response_id, key_id, self._cutoff())).fetchone())
+            (str(response_id), str(key_id), self._cutoff())).fetchone())
         if row is None:
             return None
         response, items, history = (msgspec.json.decode(column) for column in row)
@@ -99,7 +99,7 @@ class ResponseStore:
     async def delete(self, response_id: str, key_id: str) -> bool:
         cursor = await self._call(lambda: self._db.execute(
             "DELETE FROM responses WHERE id = ? AND key_id = ? AND created_at >= ?",
-            (response_id, key_id, self._cutoff())))
+            (str(response_id), str(key_id), self._cutoff())))
         return cursor.rowcount > 0
 
     async def prune(self) -> int:

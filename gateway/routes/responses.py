@@ -127,7 +127,7 @@ async def delete_response(request: Request[Any, Any, Any], svc: Services, respon
     parsed, key_id = await _verified(request, svc, response_id)
     if not await responses.delete(parsed, key_id):
         raise _missing(parsed, "response_id")
-    return Response(encode_json({"id": parsed, "object": "response", "deleted": True}), media_type=JSON)
+    return Response(encode_json({"id": str(parsed), "object": "response", "deleted": True}), media_type=JSON)
 
 
 def _page(items: list[dict[str, Any]], query: Any) -> dict[str, Any]:
