@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
+import subprocess
+import sys
 from typing import Annotated
 
 import typer
 
-from appliance.cli import admin, backup_cmds, bundle, compose_verbs, stack
-from appliance.cli.output import fail
+from appliance.cli import admin, backup_cmds, bundle, images, stack
 
 __all__ = ["create_app"]
 
@@ -19,16 +19,10 @@ def bench(
     list_: Annotated[bool, typer.Option("--list", help="list the benchmarks")] = False,
 ) -> None:
     """Run a benchmark that measures side by side in one run and prints ratios."""
-    from appliance.bench.harness import benchmarks
-
-    available = benchmarks()
-    if list_ or not name:
-        typer.echo("\n".join(available))
-        return
-    if name not in available:
-        fail(f"unknown benchmark {name!r}; available: {', '.join(available)}")
-    module = importlib.import_module(f"appliance.bench.{name}")
-    raise typer.Exit(module.main(list(args or [])) or 0)
+    # `python -m appliance.bench` in its own process: the product CLI imports no benchmark code.
+    argv = ["--list"] if list_ or not name else [name, *(args or [])]
+    result = subprocess.run([sys.executable, "-m", "appliance.bench", *argv], check=False)  # noqa: S603
+    raise typer.Exit(result.returncode)
 
 
 def create_app() -> typer.Typer:
@@ -38,7 +32,7 @@ def create_app() -> typer.Typer:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     stack.register(app)
-    compose_verbs.register(app)
+    images.register(app)
     bundle.register(app)
     backup_cmds.register(app)
     admin.register(app)

@@ -10,12 +10,11 @@ import typer
 
 from appliance.backup.key import created_notice
 from appliance.backup.manifest import ManifestError
-from appliance.backup.service import RestoreResult, create_backup, restore_backup
+from appliance.backup.service import RestoreResult
 from appliance.backup.snapshot import SnapshotError
-from appliance.cli import compose_verbs
 from appliance.cli.context import load, runtime
 from appliance.cli.output import err, fail, out, print_json
-from appliance.runtime.local import RuntimeFailure
+from appliance.runtime.protocol import RuntimeFailure
 
 __all__ = ["register"]
 
@@ -39,28 +38,24 @@ def backup(
     runtime_name: Annotated[str | None, typer.Option("--runtime", help="local (default) or compose")] = None,
 ) -> None:
     """A consistent snapshot while serving: Redis, RAG store and indexes, config, model manifest."""
-    settings = load(runtime=runtime_name)
-    if settings.runtime == "compose":
-        if every or offsite:
-            fail(
-                "--every and --offsite are for the local runtime; on compose run `appliance backup --runtime "
-                "compose` from cron and copy the archive"
-            )
-        compose_verbs.backup(settings, to, with_models, as_json)
-        return
+    rt = runtime(load(runtime=runtime_name))
+    if (every or offsite) and not rt.schedules_backups:
+        fail(
+            "--every and --offsite are for the local runtime; on compose run `appliance backup --runtime "
+            "compose` from cron and copy the archive"
+        )
     period = _interval(every) if every else None
     while True:
         err.print("[bold]Backing up[/] (Redis BGSAVE, RAG store, secrets, model manifest)")
         try:
-            result = create_backup(
-                settings,
+            result = rt.backup(
                 to,
                 with_models=with_models,
                 keep=keep,
                 offsite=offsite,
                 step=lambda member: err.print(f"  + {member}", highlight=False),
             )
-        except (SnapshotError, ManifestError, OSError) as exc:
+        except (RuntimeFailure, SnapshotError, ManifestError, OSError) as exc:
             if period is None:
                 fail(f"backup failed: {exc}")
             err.print(f"[red]backup failed[/]: {exc}; retrying at the next period")
@@ -111,42 +106,20 @@ def restore(
         fail(f"{archive} is not a file")
     if key_file is not None and not key_file.is_file():
         fail(f"--key {key_file} is not a file")
-    settings = load(runtime=runtime_name)
-    if settings.runtime == "compose":
-        report_restore(compose_verbs.restore(settings, archive, dry_run, key_file, insecure_unsigned), as_json)
-        return
-    rt = runtime(settings)
-
-    def stop(names: list[str]) -> None:
-        if rt.supervisor.alive():
-            for name in names:
-                rt.supervisor.stop(name)
-
-    def start() -> None:
-        if rt.supervisor.alive():
-            rt.up()
-
+    rt = runtime(load(runtime=runtime_name))
     try:
-        result = restore_backup(
-            settings,
-            archive,
-            key_file=key_file,
-            allow_unsigned=insecure_unsigned,
-            dry_run=dry_run,
-            stop=stop,
-            start=start,
-        )
+        result = rt.restore(archive, dry_run=dry_run, key_file=key_file, allow_unsigned=insecure_unsigned)
     except ManifestError as exc:
         fail(f"refusing to restore {archive.name}: {exc}")
     except RuntimeFailure as exc:
-        fail(f"restored the data but a service did not come back: {exc}")
+        fail(str(exc))
     except OSError as exc:
         fail(f"restore failed, the live data is unchanged or rolled forward by the next `appliance up`: {exc}")
-    report_restore(result, as_json)
+    _report_restore(result, as_json)
 
 
-def report_restore(result: RestoreResult, as_json: bool) -> None:
-    """The restore's outcome, the same for both runtimes."""
+def _report_restore(result: RestoreResult, as_json: bool) -> None:
+    """The restore's outcome."""
     summary = {
         "archive": str(result.archive),
         "dry_run": result.dry_run,

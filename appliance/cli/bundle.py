@@ -7,22 +7,18 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli.context import load
-from appliance.cli.output import err, fail, out, print_json
-from appliance.runtime.compose_bundle import load_bundle, write_bundle
-from appliance.runtime.compose_engine import find_engine
-from appliance.runtime.compose_images import BASE_IMAGE, DEBIAN_IMAGES, PYTHON_IMAGES, build_images, image_name
-from appliance.runtime.local import RuntimeFailure
+from appliance.cli.context import load, log
+from appliance.cli.output import fail, out, print_json
+from appliance.runtime.compose.bundle import load_bundle, write_bundle
+from appliance.runtime.compose.engine import find_engine
+from appliance.runtime.compose.images import BASE_IMAGE, DEBIAN_IMAGES, PYTHON_IMAGES, build_images, image_name
+from appliance.runtime.protocol import RuntimeFailure
 
 __all__ = ["bundle_app", "register"]
 
 bundle_app = typer.Typer(
     help="Offline install bundle: images, models, compose files, sha256 manifest.", invoke_without_command=True
 )
-
-
-def _log(message: str) -> None:
-    err.print(f"  {message}", highlight=False)
 
 
 @bundle_app.callback()
@@ -51,13 +47,13 @@ def bundle(
             if not engine.image_exists(image)
         ]
         if missing:
-            build_images(engine, _log, only=missing)
+            build_images(engine, log, only=missing)
         result = write_bundle(
             engine,
             [*images, BASE_IMAGE, *(extra_image or [])],
             output,
             settings.data_dir / "models" if models else None,
-            _log,
+            log,
         )
     except RuntimeFailure as exc:
         fail(str(exc))
@@ -88,7 +84,7 @@ def load_cmd(
         fail(f"{archive} is not a file")
     try:
         # Models go where compose.yaml mounts them from by default (APPLIANCE_DATA_PATH=./data beside it).
-        summary = load_bundle(find_engine(), archive, to, to / "data" / "models", _log)
+        summary = load_bundle(find_engine(), archive, to, to / "data" / "models", log)
     except RuntimeFailure as exc:
         fail(str(exc))
     if as_json:

@@ -15,10 +15,12 @@ from typing import Any
 
 from appliance.cli.output import err, fail
 from appliance.core.settings import ConfigError, config_path, load_settings
+from appliance.runtime.compose import ComposeRuntime
 from appliance.runtime.local import LocalRuntime
+from appliance.runtime.protocol import Runtime
 from appliance.runtime.settings import RuntimeSettings
 
-__all__ = ["REMEMBERED", "admin_key", "forget", "load", "remember", "runtime", "state_file"]
+__all__ = ["REMEMBERED", "admin_key", "forget", "load", "log", "remember", "runtime", "state_file"]
 
 # RuntimeSettings fields that `up` (and `scale`) remember.
 REMEMBERED = (
@@ -108,7 +110,14 @@ def _progress(name: str, state: str, detail: str) -> None:
     err.print(f"  [{colour}]{state:<9}[/] {name} {detail}", highlight=False)
 
 
-def runtime(settings: RuntimeSettings) -> LocalRuntime:
+def log(message: str) -> None:
+    err.print(f"  {message}", highlight=False)
+
+
+def runtime(settings: RuntimeSettings) -> Runtime:
+    """The runtime ``settings.runtime`` names, reporting its progress on stderr."""
+    if settings.runtime == "compose":
+        return ComposeRuntime(settings, log=log)
     return LocalRuntime(settings, _progress)
 
 

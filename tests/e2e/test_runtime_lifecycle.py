@@ -294,7 +294,7 @@ def test_lifecycle(stack: Stack) -> None:
 
 
 def _nvidia_gpu_present() -> bool:
-    from appliance.runtime.status import gpu_summary
+    from appliance.runtime.local.status import gpu_summary
 
     return bool(gpu_summary()["present"])
 

@@ -26,7 +26,7 @@ import openai
 import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
-from appliance.runtime.supervisor_conf import socket_path
+from appliance.runtime.local.supervisor_conf import socket_path
 from tests.e2e.test_runtime_lifecycle import Stack
 from tests.support.stack import wait_until
 

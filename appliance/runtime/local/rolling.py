@@ -9,13 +9,16 @@ is never restarted, and its ``/workers`` API is only read, to wait until a worke
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from appliance.core.hop import INTERNAL_TOKEN_HEADER
-from appliance.runtime.local import LocalRuntime, RuntimeFailure
 from appliance.runtime.plan import Program
+from appliance.runtime.protocol import RuntimeFailure
+
+if TYPE_CHECKING:
+    from appliance.runtime.local.runtime import LocalRuntime
 
 __all__ = ["BalancerView", "rolling_restart", "scale_workers"]
 
@@ -134,5 +137,5 @@ def scale_workers(runtime: LocalRuntime, count: int) -> tuple[list[str], list[st
     runtime.stop_together(removed)
     for name in removed:
         supervisor.remove_group(name)
-    runtime.up()  # anything else the new configuration changed; a no-op otherwise
+    runtime.start_missing()  # anything else the new configuration changed; a no-op otherwise
     return added, removed

@@ -5,18 +5,19 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from appliance.core.hop import INTERNAL_TOKEN_HEADER
-from appliance.runtime.local import LocalRuntime
+from appliance.runtime.local.supervisor_client import SupervisorUnavailable
 from appliance.runtime.plan import Program
-from appliance.runtime.supervisor_client import SupervisorUnavailable
+from appliance.runtime.protocol import DEGRADED, DOWN, HEALTHY, ServiceRow, Status
 
-__all__ = ["DEGRADED", "DOWN", "HEALTHY", "collect_status", "gpu_summary"]
+if TYPE_CHECKING:
+    from appliance.runtime.local.runtime import LocalRuntime
 
-HEALTHY, DEGRADED, DOWN = 0, 1, 2
+__all__ = ["collect_status", "gpu_summary", "status_of"]
 
 
 def _restarts(log: Path, name: str) -> int:
@@ -157,3 +158,37 @@ def collect_status(runtime: LocalRuntime) -> tuple[int, dict[str, Any]]:
     code = HEALTHY if all(healthy) else (DEGRADED if gateway_ok and any(w["healthy"] for w in workers) else DOWN)
     report["state"] = {HEALTHY: "healthy", DEGRADED: "degraded", DOWN: "down"}[code]
     return code, report
+
+
+def status_of(runtime: LocalRuntime) -> Status:
+    """`appliance status`: the report, and its table (processes) and lines (workers, Redis, RAG, GPU, cache)."""
+    code, report = collect_status(runtime)
+    rows = tuple(
+        ServiceRow(
+            s["name"],
+            s["healthy"],
+            {
+                "state": s["state"],
+                "pid": str(s["pid"] or "-"),
+                "uptime": f"{s['uptime_s']}s",
+                "restarts": str(s["restarts"]),
+                "health": "ok" if s["healthy"] else str(s["health"]),
+            },
+        )
+        for s in report["services"]
+    )
+    lines = [
+        f"  {w['name']}: model={w.get('model')} slots={w.get('slots_busy')}/{w.get('slots_total')} "
+        f"queue={w.get('queue_depth')} ctx/slot={w.get('n_ctx')} layers on GPU={w.get('gpu_layers')}"
+        for w in report.get("workers", [])
+    ]
+    redis_info, rag, gpu = report.get("redis") or {}, report.get("rag") or {}, report.get("gpu") or {}
+    lines.append(
+        f"  redis: up={redis_info.get('up')} memory={redis_info.get('used_memory_human')} "
+        f"last_save={redis_info.get('last_save')}"
+    )
+    if rag:
+        lines.append(f"  rag: up={rag.get('up')} collections={rag.get('collections')} documents={rag.get('documents')}")
+    lines.append(f"  gpu: {gpu.get('gpus') if gpu.get('present') else 'none'}")
+    lines.append(f"  cache hit rate: {report.get('cache_hit_rate')}")
+    return Status(code, report, ("state", "pid", "uptime", "restarts", "health"), rows, lines=tuple(lines))

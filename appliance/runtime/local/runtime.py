@@ -1,7 +1,12 @@
-"""The local runtime: every service a process under supervisord, started in dependency order."""
+"""The local runtime: every service a process under supervisord, started in dependency order.
+
+:class:`LocalRuntime` carries the stack verbs of :class:`appliance.runtime.protocol.Runtime` on this host;
+rolling restarts and scaling live in ``rolling``, the gap-free upgrade in ``upgrade``, `status` in ``status``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -10,31 +15,45 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
 
 from appliance.core.entry import CONFIG_ERROR_EXIT
 from appliance.core.files import make_private
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS, default_model_path, prepare_default_model
 from appliance.core.redis_auth import ensure_redis_users
 from appliance.core.settings import ConfigError, load_settings
-from appliance.runtime.health import Probe, probe_http, probe_redis
-from appliance.runtime.plan import DRAIN_MARGIN_S, STAGES, STANDBY_SUFFIX, WORKER_WITHDRAW_S, Program, build_plan
-from appliance.runtime.prometheus_conf import WORKER_TARGETS_FILE, render_prometheus_conf, render_worker_targets
-from appliance.runtime.settings import RuntimeSettings, WorkerModelView
-from appliance.runtime.supervisor_client import SupervisorClient
-from appliance.runtime.supervisor_conf import render_supervisor_conf, socket_path
+from appliance.runtime.local.health import Probe, probe_http, probe_redis
+from appliance.runtime.local.prometheus_conf import WORKER_TARGETS_FILE, render_prometheus_conf, render_worker_targets
+from appliance.runtime.local.rolling import rolling_restart, scale_workers
+from appliance.runtime.local.status import status_of
+from appliance.runtime.local.supervisor_client import SupervisorClient
+from appliance.runtime.local.supervisor_conf import render_supervisor_conf, socket_path
+from appliance.runtime.local.upgrade import upgrade as upgrade_stack
+from appliance.runtime.plan import (
+    DRAIN_MARGIN_S,
+    STAGES,
+    STANDBY_SUFFIX,
+    WORKER_WITHDRAW_S,
+    Program,
+    build_plan,
+    lan_addresses,
+)
+from appliance.runtime.protocol import BackupStep, Intro, Restarted, RuntimeFailure, Scaled, Started, Status
+from appliance.runtime.settings import LOOPBACK_HOSTS, RuntimeSettings, WorkerModelView
 
-__all__ = ["LocalRuntime", "Progress", "RuntimeFailure"]
+if TYPE_CHECKING:
+    from appliance.backup.service import BackupResult, RestoreResult
 
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["LocalRuntime", "Progress"]
+
+REPO = Path(__file__).resolve().parents[3]
 # (program name, state, detail) — states: starting, ready, failed, stopping, stopped
 Progress = Callable[[str, str, str], None]
 _STOPPED_STATES = frozenset({"STOPPED", "EXITED", "FATAL"})
 # What appliance.core.entry.load_or_exit writes before exiting with CONFIG_ERROR_EXIT.
 _CONFIG_ERROR_LINE = re.compile(r"^\S+: invalid \S+ configuration:", re.MULTILINE)
-
-
-class RuntimeFailure(Exception):
-    """A runtime operation failed; the message is one sentence for the operator."""
 
 
 def _quiet(_name: str, _state: str, _detail: str) -> None:
@@ -59,6 +78,8 @@ def _atomic_write(path: Path, text: str, mode: int = 0o600) -> bool:
 class LocalRuntime:
     settings: RuntimeSettings
     progress: Progress = _quiet
+    stopped_note = ""
+    schedules_backups = True  # supervisord runs `appliance backup --every` beside the services
 
     @property
     def supervisor(self) -> SupervisorClient:
@@ -101,7 +122,35 @@ class LocalRuntime:
         return build_plan(served, path.resolve())
 
     # -- up -----------------------------------------------------------------------------------
-    def up(self) -> list[Program]:
+    def intro(self) -> Intro:
+        served = self.served_model()
+        return Intro(
+            "Starting the appliance",
+            f"{self.settings.workers} workers, data in {self.settings.data_dir}",
+            (f"model: {served.model_alias} ({served.model_path})",),
+        )
+
+    def up(self) -> Started:
+        self.start_missing()
+        settings = self.settings
+        scheme, port, host = settings.scheme, settings.gateway_port, settings.gateway_host
+        if host in LOOPBACK_HOSTS:
+            lan: tuple[str, ...] = ()
+        elif host in ("0.0.0.0", "::"):  # noqa: S104 - comparing names
+            lan = tuple(f"{scheme}://{address}:{port}/" for address in lan_addresses())
+        else:
+            lan = (f"{scheme}://{host}:{port}/",)
+        base = settings.gateway_local_url
+        return Started(
+            chat_ui=f"{base}/",
+            openai_base_url=f"{base}/v1",
+            admin_key_file=settings.data_dir / "admin_key",
+            model=self.served_model().model_alias,
+            listen=f"{host}:{port}",
+            lan_urls=lan,
+        )
+
+    def start_missing(self) -> list[Program]:
         """Start whatever is not running; a second call on a running stack changes nothing."""
         from appliance.backup.restore import recover_interrupted_restore  # (backup imports the runtime)
 
@@ -236,6 +285,92 @@ class LocalRuntime:
                     raise RuntimeFailure(f"{name} did not stop in {timeout:.0f}s")
                 time.sleep(0.1)
             self.progress(name, "stopped", "")
+
+    # -- the other verbs ----------------------------------------------------------------------------
+    def status(self) -> Status:
+        return status_of(self)
+
+    def restart(self, service: str | None, *, allow_outage: bool = False) -> Restarted:
+        """Workers roll one at a time (drained, restarted, readmitted); any other service stops and starts.
+
+        With one worker a rolling restart would leave none serving: refused unless ``allow_outage``.
+        """
+        if service in (None, "inference"):
+            try:
+                names = rolling_restart(self, allow_outage=allow_outage)
+            except httpx.HTTPError as exc:
+                raise RuntimeFailure(f"the balancer's admin API failed during the rolling restart ({exc})") from None
+            if service is None:
+                for other in ("gateway", "balancer", "rag"):
+                    self.supervisor.stop(other)
+                self.start_missing()
+            return Restarted(names, "Rolling restart done")
+        known = {info["name"] for info in self.supervisor.processes()}
+        if service not in known:
+            raise RuntimeFailure(f"unknown service {service!r}; known: {', '.join(sorted(known))}")
+        self.supervisor.stop(service)
+        self.start_missing()
+        return Restarted([service], None)
+
+    def scale(self, count: int) -> Scaled:
+        try:
+            added, removed = scale_workers(self, count)
+        except httpx.HTTPError as exc:
+            raise RuntimeFailure(f"the balancer's admin API failed while scaling ({exc})") from None
+        return Scaled(count, added, removed)
+
+    def upgrade(self, *, allow_outage: bool = False) -> list[str]:
+        try:
+            return upgrade_stack(self, allow_outage=allow_outage)
+        except httpx.HTTPError as exc:
+            raise RuntimeFailure(f"the balancer's admin API failed during the upgrade ({exc})") from None
+
+    def logs(self, service: str, *, follow: bool = False, lines: int = 100) -> None:
+        log_dir = self.settings.log_dir
+        path = log_dir / f"{service}.log"
+        if not path.is_file():
+            available = sorted(p.stem for p in log_dir.glob("*.log"))
+            raise RuntimeFailure(
+                f"no log for {service!r}; available: {', '.join(available) or 'none (is the stack up?)'}"
+            )
+        argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), str(path)]
+        with contextlib.suppress(KeyboardInterrupt):
+            subprocess.run(argv, check=False)  # noqa: S603 - fixed argv
+
+    def backup(
+        self, to: Path | None, *, with_models: bool, keep: int, offsite: Path | None, step: BackupStep
+    ) -> BackupResult:
+        from appliance.backup.service import create_backup  # (backup imports the runtime's settings)
+
+        return create_backup(self.settings, to, with_models=with_models, keep=keep, offsite=offsite, step=step)
+
+    def restore(
+        self, archive: Path, *, dry_run: bool, key_file: Path | None, allow_unsigned: bool
+    ) -> RestoreResult:
+        """Verify, stop the services that hold the data, put it back, start them again (when running)."""
+        from appliance.backup.service import restore_backup
+
+        def stop(names: list[str]) -> None:
+            if self.supervisor.alive():
+                for name in names:
+                    self.supervisor.stop(name)
+
+        def start() -> None:
+            if self.supervisor.alive():
+                try:
+                    self.start_missing()
+                except RuntimeFailure as exc:
+                    raise RuntimeFailure(f"restored the data but a service did not come back: {exc}") from None
+
+        return restore_backup(
+            self.settings,
+            archive,
+            key_file=key_file,
+            allow_unsigned=allow_unsigned,
+            dry_run=dry_run,
+            stop=stop,
+            start=start,
+        )
 
     @staticmethod
     def _names_in(stage: str, names: set[str]) -> list[str]:

@@ -25,8 +25,8 @@ from appliance.backup.key import default_key_path, load_or_create_key
 from appliance.backup.restore import RedisServer
 from appliance.backup.service import BackupResult, RestoreResult, restore_backup
 from appliance.backup.snapshot import SnapshotError, add_models, add_rag_store
-from appliance.runtime.compose import ComposeRuntime
-from appliance.runtime.compose_engine import EngineError
+from appliance.runtime.compose.engine import EngineError
+from appliance.runtime.compose.runtime import ComposeRuntime
 
 __all__ = ["ADMIN_KEY_PLACE", "compose_backup", "compose_restore", "redis_in_image"]
 

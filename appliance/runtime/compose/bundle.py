@@ -27,11 +27,11 @@ from typing import IO, Any
 
 from appliance import __version__
 from appliance.core import strict_json
-from appliance.runtime.compose_engine import Engine, EngineError
+from appliance.runtime.compose.engine import Engine, EngineError
 
 __all__ = ["BUNDLE_FORMAT", "COMPOSE_FILES", "BundleResult", "load_bundle", "write_bundle"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"

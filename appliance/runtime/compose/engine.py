@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.runtime.local import RuntimeFailure
+from appliance.runtime.protocol import RuntimeFailure
 
 __all__ = ["Engine", "EngineError", "find_engine"]
 

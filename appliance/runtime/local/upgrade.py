@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from appliance.runtime.local import LocalRuntime, RuntimeFailure
+from appliance.runtime.local.rolling import rolling_restart
 from appliance.runtime.plan import STANDBY_SUFFIX, Program
-from appliance.runtime.rolling import rolling_restart
+from appliance.runtime.protocol import RuntimeFailure
+
+if TYPE_CHECKING:
+    from appliance.runtime.local.runtime import LocalRuntime
 
 __all__ = ["listens", "upgrade"]
 
@@ -111,5 +115,5 @@ def upgrade(runtime: LocalRuntime, allow_outage: bool = False) -> list[str]:
     for name in ("balancer", "gateway"):
         _swap(runtime, plan, name, reload_group=name in changed)
         done.append(name)
-    runtime.up()  # anything else whose configuration changed; a no-op otherwise
+    runtime.start_missing()  # anything else whose configuration changed; a no-op otherwise
     return done

@@ -21,22 +21,36 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.core.redis_auth import ensure_redis_users
-from appliance.runtime.compose_engine import Engine, EngineError, find_engine
-from appliance.runtime.compose_images import DEBIAN_IMAGES, PYTHON_IMAGES, build_images, image_name
+from appliance.runtime.compose.engine import Engine, EngineError, find_engine
+from appliance.runtime.compose.images import DEBIAN_IMAGES, PYTHON_IMAGES, build_images, image_name
+from appliance.runtime.protocol import (
+    DEGRADED,
+    DOWN,
+    HEALTHY,
+    BackupStep,
+    Intro,
+    Restarted,
+    Scaled,
+    ServiceRow,
+    Started,
+    Status,
+)
 from appliance.runtime.settings import RuntimeSettings
+
+if TYPE_CHECKING:
+    from appliance.backup.service import BackupResult, RestoreResult
 
 __all__ = ["DATA_DIRS", "PROJECT", "ComposeRuntime", "worker_index"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PROJECT = "llm-appliance"
 CONTAINER_UID = 10001
 # Directories the containers write (owned by APPLIANCE_UID), and the read-only models folder.
 DATA_DIRS = ("redis", "rag", "gateway", "prometheus", "alertmanager")
 _WORKER = re.compile(r"^inference-(\d+)$")
-_HEALTHY, _DEGRADED, _DOWN = 0, 1, 2
 
 Log = Callable[[str], None]
 
@@ -66,6 +80,8 @@ class ComposeRuntime:
     log: Log = _quiet
     engine: Engine | None = None
     project: str = field(default_factory=lambda: os.environ.get("COMPOSE_PROJECT_NAME", PROJECT))
+    stopped_note = " (containers and networks removed; the data stays)"
+    schedules_backups = False  # cron runs `appliance backup --runtime compose`; nothing here repeats it
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -218,7 +234,20 @@ class ComposeRuntime:
             self.log(f"finished an interrupted restore: {', '.join(finished)}")
         return finished
 
-    def up(self, build: bool = False) -> float:
+    def intro(self) -> Intro:
+        return Intro("Starting the appliance on Docker", f"project {self.project}, data in {self.data_path()}")
+
+    def up(self, build: bool = False) -> Started:
+        """Build what is missing, start in dependency order, wait until healthy and the gateway ready."""
+        healthy_in = self.start_containers(build)
+        return Started(
+            chat_ui=f"{self.gateway_url}/",
+            openai_base_url=f"{self.gateway_url}/v1",
+            admin_key_file=self.admin_key_file,
+            healthy_in_s=healthy_in,
+        )
+
+    def start_containers(self, build: bool = False) -> float:
         """Build what is missing, start in dependency order, wait until healthy; seconds to healthy."""
         self.finish_interrupted_restore()
         workers = self.workers()
@@ -304,13 +333,40 @@ class ComposeRuntime:
                 )
             time.sleep(1.0)
 
-    def status(self) -> tuple[int, dict[str, Any]]:
+    def status(self) -> Status:
+        """The containers' table and the gateway's readiness under it; an engine failure above it."""
+        code, report = self.report()
+        rows = tuple(
+            ServiceRow(
+                s["name"],
+                s["healthy"],
+                {
+                    "state": s["state"],
+                    "health": "ok" if s["healthy"] else str(s["health"]),
+                    "restarts": str(s["restarts"]),
+                    "uptime": f"{s['uptime_s']}s",
+                    "container": s["container"] or "-",
+                },
+            )
+            for s in report["services"]
+        )
+        gateway = report.get("gateway")
+        return Status(
+            code,
+            report,
+            ("state", "health", "restarts", "uptime", "container"),
+            rows,
+            errors=(report["error"],) if report.get("error") else (),
+            lines=(f"  gateway {gateway['url']}: ready={gateway['ready']}",) if gateway else (),
+        )
+
+    def report(self) -> tuple[int, dict[str, Any]]:
         """0 healthy, 1 degraded, 2 down: container health plus the gateway's own /readyz."""
         try:
             wanted = self.wanted()
             containers = self.containers()
         except EngineError as exc:
-            return _DOWN, {"runtime": "compose", "state": "down", "error": str(exc), "services": []}
+            return DOWN, {"runtime": "compose", "state": "down", "error": str(exc), "services": []}
         now = datetime.now(UTC)
         services = []
         for name in wanted:
@@ -345,17 +401,21 @@ class ComposeRuntime:
             "gateway": {"url": self.gateway_url, "ready": ready},
         }
         if not containers:
-            code = _DOWN
+            code = DOWN
         elif all(s["healthy"] for s in services) and ready:
-            code = _HEALTHY
+            code = HEALTHY
         elif ready and any(w["healthy"] for w in workers):
-            code = _DEGRADED
+            code = DEGRADED
         else:
-            code = _DOWN
-        report["state"] = {_HEALTHY: "healthy", _DEGRADED: "degraded", _DOWN: "down"}[code]
+            code = DOWN
+        report["state"] = {HEALTHY: "healthy", DEGRADED: "degraded", DOWN: "down"}[code]
         return code, report
 
-    def restart(self, service: str | None) -> list[str]:
+    def restart(self, service: str | None, *, allow_outage: bool = False) -> Restarted:
+        names = self.restart_one_at_a_time(service)
+        return Restarted(names, "Restarted one at a time", when_none="nothing was running")
+
+    def restart_one_at_a_time(self, service: str | None) -> list[str]:
         """Workers one at a time (each stops gracefully, so it withdraws and drains first), then the rest."""
         known = self.wanted()
         if service is not None and service != "inference" and service not in known:
@@ -373,7 +433,8 @@ class ComposeRuntime:
             self.wait_healthy([name])
         return names
 
-    def scale(self, count: int) -> tuple[list[str], list[str]]:
+    def scale(self, count: int) -> Scaled:
+        """Start or stop the worker services compose.yaml defines (each pins its own GPU: no --scale)."""
         workers = self.workers()
         if count > len(workers):
             raise EngineError(self._scale_limit(len(workers)))
@@ -386,9 +447,15 @@ class ComposeRuntime:
             self.wait_healthy(added)
         if removed:
             self.compose("stop", "-t", "90", *removed)
-        return added, removed
+        return Scaled(count, added, removed)
 
-    def logs(self, service: str, follow: bool, lines: int) -> None:
+    def upgrade(self, *, allow_outage: bool = False) -> list[str]:
+        raise EngineError(
+            "`appliance upgrade` replaces the local runtime's processes; on compose rebuild the images "
+            "(`appliance images build`) and run `appliance up --runtime compose`, which recreates what changed"
+        )
+
+    def logs(self, service: str, *, follow: bool = False, lines: int = 100) -> None:
         known = self.services()
         if service not in known:
             raise EngineError(f"no service {service!r}; known: {', '.join(known)}")
@@ -415,3 +482,21 @@ class ComposeRuntime:
     @property
     def admin_key_file(self) -> Path:
         return self.data_path() / "gateway" / "admin_key"
+
+    def backup(
+        self, to: Path | None, *, with_models: bool, keep: int, offsite: Path | None, step: BackupStep
+    ) -> BackupResult:
+        """Redis through `docker exec`, the RAG store and secrets from the data volume (``keep`` is the local
+        runtime's rotation; archives here are kept until removed)."""
+        from appliance.runtime.compose.backup import compose_backup  # (it imports this module)
+
+        if offsite is not None:
+            raise EngineError("--offsite is for the local runtime; on compose copy the archive yourself")
+        return compose_backup(self, to, with_models=with_models, step=step)
+
+    def restore(
+        self, archive: Path, *, dry_run: bool, key_file: Path | None, allow_unsigned: bool
+    ) -> RestoreResult:
+        from appliance.runtime.compose.backup import compose_restore
+
+        return compose_restore(self, archive, dry_run=dry_run, key_file=key_file, allow_unsigned=allow_unsigned)
