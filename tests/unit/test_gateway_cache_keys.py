@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from appliance.core.wire import ChatCompletionRequest
 from gateway.cache import cache_key, cache_policy
-from gateway.catalog import find_model_hashes
+from gateway.catalog import model_hashes
 from gateway.keys import Principal, generate_secret, hash_secret, public_view
 
 BASE: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -49,10 +49,11 @@ def test_key_ignores_defaults_and_field_order_but_not_what_changes_the_answer() 
     assert len({base, *different}) == len(different) + 1
 
 
-def test_model_hashes_are_found_anywhere() -> None:
-    document = {"workers": [{"url": "u", "health": {"model": "a", "model_sha256": "1" * 64}}],
-                "data": [{"id": "b", "sha256": "2" * 64}, {"id": "c"}]}
-    assert find_model_hashes(document) == {"a": "1" * 64, "b": "2" * 64}
+def test_model_hashes_come_from_the_balancers_model_list_alone() -> None:
+    document = {"object": "list", "data": [{"id": "a", "model_sha256": "1" * 64}, {"id": "c"},
+                                           {"id": "d", "sha256": "2" * 64, "health": {"model_sha256": "3" * 64}}]}
+    assert model_hashes(document) == {"a": "1" * 64}  # only the published field, only where published
+    assert model_hashes({"data": "nonsense"}) == {} == model_hashes(None)
 
 
 @given(st.text(min_size=1, max_size=50), st.text(min_size=1, max_size=50))
