@@ -8,41 +8,28 @@ leaving it green with those checks silently not done.
 
 from __future__ import annotations
 
-import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from appliance.core.model_files import prepare_default_model
 from tests.support.processes import redis_server
+from tests.support.strict import fail_strict_skip
 
 REPO = Path(__file__).resolve().parent.parent
-STRICT = os.environ.get("CI", "").lower() == "true" or os.environ.get("APPLIANCE_TEST_STRICT") == "1"
-_HARDWARE_REASON = re.compile(r"\b(GPU|CUDA|NVML)\b", re.IGNORECASE)
-
-
-def _fail_strict_skip(report: Any) -> None:
-    if not (STRICT and report.skipped) or hasattr(report, "wasxfail"):
-        return
-    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    if not _HARDWARE_REASON.search(reason):
-        report.outcome = "failed"
-        report.longrepr = f"skipped where a missing dependency is a failure (CI=true or ./scripts/test): {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
-    _fail_strict_skip(outcome.get_result())  # type: ignore[attr-defined]
+    fail_strict_skip(outcome.get_result())  # type: ignore[attr-defined]
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     outcome = yield
-    _fail_strict_skip(outcome.get_result())  # type: ignore[attr-defined]
+    fail_strict_skip(outcome.get_result())  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,8 @@
 Each runs in its own process (``python -m appliance.bench balancer --role ...``) so the
 load generator never shares an interpreter with what it measures.
 
-- fake upstreams: instant workers answering ``/health`` and any ``POST /v1/...`` with a
-  fixed completion; ``aiohttp`` (an ordinary fast fake) or ``raw`` (an asyncio protocol).
+- fake upstreams: the fake worker of :mod:`appliance.bench.fake_worker`, ``aiohttp`` (the one the
+  tests use, answering at once) or ``raw`` (its lean asyncio protocol with one fixed completion).
 - naive proxy: the 40-line aiohttp proxy with none of the balancer's features, as a
   reference measured in the same run.
 - load generators: ``aiohttp`` (ClientSession, keep-alive) or ``raw`` (lean HTTP/1.1
@@ -20,19 +20,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from appliance.bench.fake_worker import RAW_MODEL, FakeState, content_length, serve, serve_raw
 from appliance.core.hop import INTERNAL_TOKEN_HEADER
 
-__all__ = ["MODEL", "new_loop", "percentile", "run_load", "serve_naive_proxy", "serve_upstreams"]
+__all__ = ["new_loop", "percentile", "run_load", "serve_naive_proxy", "serve_upstreams"]
 
-MODEL = "bench-fake"
-_COMPLETION = json.dumps({
-    "id": "cmpl-bench", "object": "chat.completion", "created": 0, "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-}).encode()
-_HEALTH = json.dumps({"status": "ok", "model": MODEL, "slots_total": 8, "slots_busy": 0,
-                      "queue_depth": 0, "queue_limit": 64}).encode()
-REQUEST_BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say ok."}],
+REQUEST_BODY = json.dumps({"model": RAW_MODEL, "messages": [{"role": "user", "content": "Say ok."}],
                            "max_tokens": 1}).encode()
 
 
@@ -52,76 +45,11 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-def _http_response(body: bytes) -> bytes:
-    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
-
-
-def _content_length(head: bytes) -> int:
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        raise ValueError("the raw client reads Content-Length bodies only")
-    at = lower.find(b"\r\ncontent-length:")
-    if at < 0:
-        return 0
-    end = lower.find(b"\r\n", at + 2)
-    return int(lower[at + 17 : end if end > 0 else None])
-
-
-class _RawUpstream(asyncio.Protocol):
-    _answers = {b"/health": _http_response(_HEALTH)}
-    _default = _http_response(_COMPLETION)
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._transport: asyncio.WriteTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]  # uvloop's TCP transport
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        while (end := self._buffer.find(b"\r\n\r\n")) >= 0:
-            size = end + 4 + _content_length(self._buffer[:end])
-            if len(self._buffer) < size:
-                return
-            path = self._buffer.split(b" ", 2)[1]
-            self._buffer = self._buffer[size:]
-            assert self._transport is not None
-            self._transport.write(self._answers.get(path, self._default))
-
-
-async def _serve_aiohttp_upstreams(ports: list[int]) -> None:
-    from aiohttp import web
-
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(body=_HEALTH, content_type="application/json")
-
-    async def complete(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=_COMPLETION, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_post("/v1/{tail:.*}", complete)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    for port in ports:
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=512).start()
-    await asyncio.Event().wait()
-
-
 def serve_upstreams(ports: list[int], kind: str) -> None:
-    async def serve() -> None:
-        if kind == "aiohttp":
-            await _serve_aiohttp_upstreams(ports)
-        loop = asyncio.get_running_loop()
-        for port in ports:
-            await loop.create_server(_RawUpstream, "127.0.0.1", port, backlog=512)
-        await asyncio.Event().wait()
-
+    """The fake workers on ``ports``: the aiohttp fake (answering at once) or the lean raw one."""
+    fake = serve_raw(ports) if kind == "raw" else serve(ports, FakeState(model=RAW_MODEL))
     with asyncio.Runner(loop_factory=new_loop) as runner:
-        runner.run(serve())
+        runner.run(fake)
 
 
 def serve_naive_proxy(port: int, upstreams: list[str]) -> None:
@@ -159,7 +87,7 @@ class _RawClient(asyncio.Protocol):
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             return
-        size = end + 4 + _content_length(self._buffer[:end])
+        size = end + 4 + content_length(self._buffer[:end])
         if len(self._buffer) >= size and self.waiter is not None and not self.waiter.done():
             status = int(self._buffer[9:12])
             self._buffer = self._buffer[size:]

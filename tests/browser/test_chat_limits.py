@@ -8,13 +8,12 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import MODEL, Stack
-from tests.browser.helpers import set_max_tokens, sign_in
+from tests.support.browser import MODEL, BrowserAppliance, set_max_tokens, sign_in
 
 pytestmark = pytest.mark.browser
 
 
-def test_longest_answer_takes_its_maximum_from_the_worker(page: Any, stack: Stack) -> None:
+def test_longest_answer_takes_its_maximum_from_the_worker(page: Any, stack: BrowserAppliance) -> None:
     published = httpx.get(f"{stack.workers[0]}/v1/models/{MODEL}", headers=stack.processes.internal_headers(),
                           timeout=30).json()
     limit = published["max_tokens"]

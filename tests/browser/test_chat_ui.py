@@ -11,9 +11,17 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import MODEL, Stack
-from tests.browser.helpers import PARTIAL_TEXT_JS, screenshot, send, set_max_tokens, sign_in, wait_answer_done
-from tests.support.stack import wait_until
+from appliance.bench.harness import wait_until
+from tests.support.browser import (
+    MODEL,
+    PARTIAL_TEXT_JS,
+    BrowserAppliance,
+    screenshot,
+    send,
+    set_max_tokens,
+    sign_in,
+    wait_answer_done,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -27,7 +35,7 @@ def _is_subsequence(short: list[str], long: list[str]) -> bool:
     return all(word in remaining for word in short)
 
 
-def test_sign_in_rejects_a_bad_key_then_accepts_a_good_one(page: Any, stack: Stack) -> None:
+def test_sign_in_rejects_a_bad_key_then_accepts_a_good_one(page: Any, stack: BrowserAppliance) -> None:
     sign_in(page, "sk-not-a-real-key")
     expect(page.locator("#signin-error")).to_contain_text("not accepted")
     expect(page.locator("#app")).to_be_hidden()
@@ -40,7 +48,7 @@ def test_sign_in_rejects_a_bad_key_then_accepts_a_good_one(page: Any, stack: Sta
     assert page.evaluate("() => sessionStorage.getItem('appliance.apiKey')") == stack.admin_key
 
 
-def test_answer_streams_in_progressively_with_stats(page: Any, stack: Stack) -> None:
+def test_answer_streams_in_progressively_with_stats(page: Any, stack: BrowserAppliance) -> None:
     sign_in(page, stack.admin_key)
     set_max_tokens(page, 48)
     send(page, "Tell me a long story about a lighthouse keeper and the sea.")
@@ -68,7 +76,7 @@ def test_answer_streams_in_progressively_with_stats(page: Any, stack: Stack) -> 
     expect(again.locator(".meta")).to_contain_text("tokens")
 
 
-def test_escape_stops_a_generation_midway(page: Any, stack: Stack) -> None:
+def test_escape_stops_a_generation_midway(page: Any, stack: BrowserAppliance) -> None:
     sign_in(page, stack.admin_key)
     set_max_tokens(page, 1000)
     send(page, "Write a very long essay about the history of bridges, with many details.")
@@ -85,7 +93,7 @@ def test_escape_stops_a_generation_midway(page: Any, stack: Stack) -> None:
     assert 0 < tokens < 1000
 
 
-def test_upload_a_document_and_get_an_answer_citing_it(page: Any, stack: Stack) -> None:
+def test_upload_a_document_and_get_an_answer_citing_it(page: Any, stack: BrowserAppliance) -> None:
     sign_in(page, stack.admin_key)
     set_max_tokens(page, 24)
     page.get_by_label("New collection name").fill("handbook")
@@ -112,7 +120,7 @@ def test_upload_a_document_and_get_an_answer_citing_it(page: Any, stack: Stack) 
     screenshot(page, "chat-rag-phone")
 
 
-def test_rate_limited_key_sees_the_wait_message(page: Any, stack: Stack) -> None:
+def test_rate_limited_key_sees_the_wait_message(page: Any, stack: BrowserAppliance) -> None:
     key = stack.create_key("ui-rate-limited", rpm=1)
     sign_in(page, key["key"])
     set_max_tokens(page, 4)
@@ -125,7 +133,7 @@ def test_rate_limited_key_sees_the_wait_message(page: Any, stack: Stack) -> None
     screenshot(page, "chat-rate-limited")
 
 
-def test_revoked_key_is_sent_back_to_sign_in(page: Any, stack: Stack) -> None:
+def test_revoked_key_is_sent_back_to_sign_in(page: Any, stack: BrowserAppliance) -> None:
     key = stack.create_key("ui-to-revoke")
     sign_in(page, key["key"])
     expect(page.locator("#app")).to_be_visible()
@@ -138,7 +146,7 @@ def test_revoked_key_is_sent_back_to_sign_in(page: Any, stack: Stack) -> None:
     expect(page.get_by_label("API key")).to_be_focused()
 
 
-def test_model_output_is_rendered_as_markdown_never_as_html(page: Any, stack: Stack) -> None:
+def test_model_output_is_rendered_as_markdown_never_as_html(page: Any, stack: BrowserAppliance) -> None:
     hostile = ("**bold** and `code` <img src=x onerror=\"window.pwned=1\"> [link](javascript:alert(1))\n\n"
                "```python\nprint('<script>window.pwned=2</script>')\n```")
     conversation = {"id": "c1", "title": "Stored", "updated": 0, "messages": [
@@ -182,7 +190,7 @@ MARKDOWN_CASES = [
 ]
 
 
-def test_markdown_renderer_escapes_first(page: Any, stack: Stack) -> None:
+def test_markdown_renderer_escapes_first(page: Any, stack: BrowserAppliance) -> None:
     page.goto("/")
     rendered = page.evaluate(
         "async (cases) => { const m = await import('/static/js/markdown.js'); "
@@ -191,7 +199,7 @@ def test_markdown_renderer_escapes_first(page: Any, stack: Stack) -> None:
         assert expected in html, (source, html)
 
 
-def test_a_cut_stream_is_shown_as_cut_never_as_finished(page: Any, stack: Stack) -> None:
+def test_a_cut_stream_is_shown_as_cut_never_as_finished(page: Any, stack: BrowserAppliance) -> None:
     sign_in(page, stack.admin_key)
     set_max_tokens(page, 1000)
     send(page, "Write a very long essay about rivers and the towns along them.")

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.support.figures import record_figures
-from tests.support.stack import Stack, appliance_stack
+from tests.support.stack import LoopbackAppliance, appliance_stack
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
@@ -30,7 +30,7 @@ COLLECTION = "crashy"
 
 
 @pytest.fixture
-def rag_only(tmp_path: Path) -> Iterator[Stack]:
+def rag_only(tmp_path: Path) -> Iterator[LoopbackAppliance]:
     with appliance_stack(
         tmp_path, upstream="none", workers=0, rag="real", rag_settings={"max_top_k": str(TOP_K)}
     ) as stack:
@@ -41,7 +41,7 @@ class Ingest(threading.Thread):
     """Posts documents back to back (paced at ≤ 10/s so 20 rounds stay far under TOP_K on a fast machine);
     remembers each one acknowledged with a 2xx."""
 
-    def __init__(self, stack: Stack, start_at: int) -> None:
+    def __init__(self, stack: LoopbackAppliance, start_at: int) -> None:
         super().__init__(daemon=True)
         self.stack, self.next, self.acked, self.halt = stack, start_at, dict[str, str](), threading.Event()
 
@@ -60,7 +60,7 @@ class Ingest(threading.Thread):
                 self.halt.wait(0.1)
 
 
-def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: Stack) -> None:
+def test_kill_9_during_ingest_loses_no_acknowledged_document(rag_only: LoopbackAppliance) -> None:
     stack, rng, began = rag_only, random.Random(20), time.monotonic()
     headers = stack.internal_headers()
     assert httpx.post(f"{stack.rag}/collections", json={"name": COLLECTION}, headers=headers).status_code in (200, 201)

@@ -1,6 +1,6 @@
 """Redis killed under load (AOF everysec), and SIGTERM to gateway and balancer with 20 streams open.
 
-Behind the real gateway and balancer sit fake workers (``tests.support.fake_worker``):
+Behind the real gateway and balancer sit fake workers (``appliance.bench.fake_worker``):
 these tests are about the gateway's and balancer's own behaviour, and the fakes make the
 streams' length exact. Figures go to ``artifacts/chaos/*.json``.
 """
@@ -19,21 +19,22 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chaos.streams import stream_chat
+from appliance.bench.harness import wait_until
 from tests.support.figures import record_figures
-from tests.support.stack import Stack, appliance_stack, restart_redis, wait_until
+from tests.support.stack import LoopbackAppliance, appliance_stack, restart_redis
+from tests.support.streams import stream_chat
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+def stack(tmp_path: Path) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path, fake_workers=2, rag="none",
                          balancer_settings={"probe_interval_s": "0.5"}) as stack:
         yield stack
 
 
-def _slow_streams(stack: Stack, chunks: int, delay: float) -> None:
+def _slow_streams(stack: LoopbackAppliance, chunks: int, delay: float) -> None:
     for url in stack.workers:
         body = json.dumps({"mode": "slow-stream", "chunks": chunks, "delay": delay}).encode()
         request = urllib.request.Request(f"{url}/_mode", data=body, method="POST",
@@ -52,11 +53,11 @@ def _status(url: str, headers: dict[str, str] | None = None) -> int:
         return 0  # refused or reset: not ready
 
 
-def _admin(stack: Stack) -> httpx.Client:
+def _admin(stack: LoopbackAppliance) -> httpx.Client:
     return httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {stack.admin_key}"}, timeout=10)
 
 
-def test_redis_kill_9_under_load(stack: Stack) -> None:
+def test_redis_kill_9_under_load(stack: LoopbackAppliance) -> None:
     """Keys are created (acknowledged writes) and chats served while redis-server is killed and restarted."""
     key = stack.create_key("load", ("chat",), rpm=100000)
     acked: list[tuple[float, str]] = []
@@ -84,7 +85,7 @@ def test_redis_kill_9_under_load(stack: Stack) -> None:
         if not restarted_at:
             restart_redis(stack)
             restarted_at = time.monotonic()
-        wait_until(lambda: admin.get("/admin/keys").status_code == 200, 20, 0.1, "gateway reconnected")
+        wait_until(lambda: admin.get("/admin/keys").status_code == 200, 20, "gateway reconnected", interval=0.1)
         reconnect_s = min([at for at, _ in acked if at > restarted_at] or [time.monotonic()]) - restarted_at
         present = {k["id"] for k in admin.get("/admin/keys").json()["data"]}
     lost = [(at, key_id) for at, key_id in acked if key_id not in present]
@@ -109,7 +110,9 @@ def status_counts(statuses: list[int]) -> dict[str, int]:
     return {str(s): statuses.count(s) for s in sorted(set(statuses))}
 
 
-async def _term_with_streams(stack: Stack, name: str, base: str, ready: str, headers: dict[str, str]) -> None:
+async def _term_with_streams(
+    stack: LoopbackAppliance, name: str, base: str, ready: str, headers: dict[str, str]
+) -> None:
     chunks, delay = 50, 0.1
     _slow_streams(stack, chunks=chunks, delay=delay)  # 5 s streams, paced by the fake workers
     service = stack.services[name]
@@ -121,7 +124,7 @@ async def _term_with_streams(stack: Stack, name: str, base: str, ready: str, hea
         termed = time.monotonic()
         # Not ready while the streams still flow: no wall-clock threshold, the event order is what counts.
         not_ready_s = await asyncio.to_thread(wait_until, lambda: _status(ready, headers) != 200, chunks * delay,
-                                              0.02, f"{name} not ready")
+                                              f"{name} not ready", interval=0.02)
         finished_before_not_ready = sum(task.done() for task in tasks)
         outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     code = await asyncio.to_thread(service.proc.wait, 15)
@@ -134,12 +137,12 @@ async def _term_with_streams(stack: Stack, name: str, base: str, ready: str, hea
     assert code == 0
 
 
-async def test_sigterm_gateway_with_20_streams(stack: Stack) -> None:
+async def test_sigterm_gateway_with_20_streams(stack: LoopbackAppliance) -> None:
     key = stack.create_key("streams", ("chat",))
     await _term_with_streams(stack, "gateway", stack.gateway, f"{stack.gateway}/readyz",
                              {"Authorization": f"Bearer {key}"})
 
 
-async def test_sigterm_balancer_with_20_streams(stack: Stack) -> None:
+async def test_sigterm_balancer_with_20_streams(stack: LoopbackAppliance) -> None:
     await _term_with_streams(stack, "balancer", stack.balancer, f"{stack.balancer}/health",
                              stack.internal_headers())

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.support.stack import Stack, appliance_stack, restart_redis, wait_until
+from appliance.bench.harness import wait_until
+from tests.support.stack import LoopbackAppliance, appliance_stack, restart_redis
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
 
@@ -25,14 +26,14 @@ KEY_CACHE_TTL_S = 4.0
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path_factory.mktemp("revocation"), upstream="fake",
                          gateway_settings={"key_cache_ttl_s": str(KEY_CACHE_TTL_S), "redis_timeout_s": "0.5",
                                            "rate_limit_fail_open": "true"}) as stack:
         yield stack
 
 
-def _chat(api: httpx.Client, stack: Stack, key: str) -> int:
+def _chat(api: httpx.Client, stack: LoopbackAppliance, key: str) -> int:
     body = {"model": stack.model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     return api.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}",
                                                                 "Cache-Control": "no-store"}).status_code
@@ -43,7 +44,7 @@ def _revoke(admin: httpx.Client, name: str) -> None:
     assert admin.delete(f"/admin/keys/{key_id}").status_code == 200
 
 
-def test_a_revoked_key_is_admitted_at_most_key_cache_ttl_s_while_redis_is_down(stack: Stack) -> None:
+def test_a_revoked_key_is_admitted_at_most_key_cache_ttl_s_while_redis_is_down(stack: LoopbackAppliance) -> None:
     revoked_unseen = stack.create_key("revoked-unseen", ("chat",))
     revoked_seen = stack.create_key("revoked-seen", ("chat",))
     with httpx.Client(base_url=stack.gateway, timeout=30) as api, \
@@ -65,7 +66,7 @@ def test_a_revoked_key_is_admitted_at_most_key_cache_ttl_s_while_redis_is_down(s
                 calls.append((sent, name, _chat(api, stack, key)))
             time.sleep(0.1)
         restart_redis(stack)
-        wait_until(lambda: admin.get("/admin/keys").status_code == 200, 30, 0.2, "gateway back on Redis")
+        wait_until(lambda: admin.get("/admin/keys").status_code == 200, 30, "gateway back on Redis", interval=0.2)
         after = _chat(api, stack, revoked_unseen)
 
     admitted = [(sent - verified_end, name) for sent, name, status in calls if status == 200]

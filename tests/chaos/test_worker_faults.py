@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chaos.streams import Outcome, stream_chat
+from appliance.bench.harness import wait_until
 from tests.support.figures import record_figures
-from tests.support.stack import Stack, appliance_stack, metric_value, wait_until
+from tests.support.stack import LoopbackAppliance, appliance_stack, metric_value
+from tests.support.streams import Outcome, stream_chat
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
@@ -32,13 +33,13 @@ BALANCER = {"probe_interval_s": "0.5", "probe_timeout_s": "1", "eject_after_fail
 
 
 @pytest.fixture(scope="module")
-def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path_factory.mktemp("chaos-workers"), model_path=model_path, workers=3, rag="none",
                          balancer_settings=BALANCER, gateway_settings={"read_timeout_s": "60"}) as stack:
         yield stack
 
 
-def client(stack: Stack) -> httpx.AsyncClient:
+def client(stack: LoopbackAppliance) -> httpx.AsyncClient:
     if "chaos" not in KEYS:
         KEYS["chaos"] = stack.create_key("chaos", ("chat",))
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
@@ -46,7 +47,7 @@ def client(stack: Stack) -> httpx.AsyncClient:
                              timeout=httpx.Timeout(60, connect=5), limits=limits)
 
 
-def view(stack: Stack, index: int) -> dict[str, object]:
+def view(stack: LoopbackAppliance, index: int) -> dict[str, object]:
     return next(w for w in stack.balancer_workers() if w["url"] == stack.workers[index])
 
 
@@ -55,23 +56,23 @@ def health(url: str) -> dict[str, object]:
         return dict(json.loads(response.read()))
 
 
-def all_healthy(stack: Stack) -> bool:
+def all_healthy(stack: LoopbackAppliance) -> bool:
     return all(w["state"] == "healthy" for w in stack.balancer_workers())
 
 
-def inflight_total(stack: Stack) -> int:
+def inflight_total(stack: LoopbackAppliance) -> int:
     return sum(int(w["inflight"]) for w in stack.balancer_workers())
 
 
-def generated_tokens(stack: Stack, indexes: range | list[int]) -> float:
+def generated_tokens(stack: LoopbackAppliance, indexes: range | list[int]) -> float:
     return sum(metric_value(stack.workers[i], "appliance_worker_generated_tokens_total") for i in indexes)
 
 
-async def test_kill_9_one_of_three_workers_during_48_streams(stack: Stack) -> None:
+async def test_kill_9_one_of_three_workers_during_48_streams(stack: LoopbackAppliance) -> None:
     async with client(stack) as api:
         tasks = [asyncio.create_task(stream_chat(api, i, model=stack.model, max_tokens=48)) for i in range(48)]
-        await asyncio.to_thread(wait_until, lambda: int(view(stack, 0)["inflight"]) >= 4, 120, 0.05,
-                                "victim busy")
+        await asyncio.to_thread(wait_until, lambda: int(view(stack, 0)["inflight"]) >= 4, 120,
+                                "victim busy", interval=0.05)
         await asyncio.sleep(0.5)  # let some of its streams send bytes
         stack.services["worker0"].signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -82,13 +83,15 @@ async def test_kill_9_one_of_three_workers_during_48_streams(stack: Stack) -> No
     cut = [o for o in outcomes if not o.done]
     silent_cuts = [o for o in cut if not o.clean_cut]
     slowest_cut = max((o.ended_at - killed_at for o in cut), default=0.0)
-    await asyncio.to_thread(wait_until, lambda: inflight_total(stack) == 0, 15, 0.1, "balancer in-flight back to 0")
+    await asyncio.to_thread(wait_until, lambda: inflight_total(stack) == 0, 15, "balancer in-flight back to 0",
+                            interval=0.1)
 
     def survivors_busy() -> list[float]:
         return [metric_value(stack.workers[i], "appliance_worker_slots_busy") for i in (1, 2)]
 
     with contextlib.suppress(AssertionError):  # the gauge follows the slots; the assertion below says if not
-        await asyncio.to_thread(wait_until, lambda: survivors_busy() == [0.0, 0.0], 15, 0.1, "survivor slots free")
+        await asyncio.to_thread(wait_until, lambda: survivors_busy() == [0.0, 0.0], 15, "survivor slots free",
+                                interval=0.1)
     busy = survivors_busy()
     record_figures("chaos_kill9_worker", requests=len(outcomes), unstarted_at_kill=len(unstarted),
                    lost_requests=len(lost), cut_streams=len(cut), cut_without_error_event=len(silent_cuts),
@@ -99,13 +102,13 @@ async def test_kill_9_one_of_three_workers_during_48_streams(stack: Stack) -> No
     assert len(cut) <= 8, "only streams that were on the killed worker may be cut"
     assert busy == [0.0, 0.0]
     stack.restart("worker0")
-    await asyncio.to_thread(wait_until, lambda: all_healthy(stack), 60, 0.2, "worker0 readmitted")
+    await asyncio.to_thread(wait_until, lambda: all_healthy(stack), 60, "worker0 readmitted", interval=0.2)
 
 
 MAX_TOKENS_DROPPED = 400
 
 
-async def test_20_clients_hanging_up_stop_generation(stack: Stack) -> None:
+async def test_20_clients_hanging_up_stop_generation(stack: LoopbackAppliance) -> None:
     async with client(stack) as api:
         outcomes = await asyncio.wait_for(asyncio.gather(*(
             stream_chat(api, i, model=stack.model, max_tokens=MAX_TOKENS_DROPPED, drop_after_chunks=3)
@@ -133,7 +136,9 @@ async def test_20_clients_hanging_up_stop_generation(stack: Stack) -> None:
     assert gauge == 0, "the slots_busy gauge must not stay stale once the slots are free"
 
 
-async def _load(api: httpx.AsyncClient, stack: Stack, until: asyncio.Event, outcomes: list[Outcome]) -> None:
+async def _load(
+    api: httpx.AsyncClient, stack: LoopbackAppliance, until: asyncio.Event, outcomes: list[Outcome]
+) -> None:
     index = 0
     while not until.is_set():
         index += 1
@@ -145,7 +150,7 @@ FIRST_BYTE_TIMEOUT_S = float(BALANCER["first_byte_timeout_s"])
 PROBE_PERIOD_S = float(BALANCER["probe_interval_s"]) + float(BALANCER["probe_timeout_s"])
 
 
-async def test_sigstop_worker_for_30s_is_ejected_skipped_and_readmitted(stack: Stack) -> None:
+async def test_sigstop_worker_for_30s_is_ejected_skipped_and_readmitted(stack: LoopbackAppliance) -> None:
     """SIGSTOP one of three workers for 30 s under streamed load (6 clients back to back)."""
     victim = stack.services["worker1"]
     stop, outcomes = asyncio.Event(), []
@@ -156,7 +161,7 @@ async def test_sigstop_worker_for_30s_is_ejected_skipped_and_readmitted(stack: S
         stopped_at = time.monotonic()
         try:
             ejected_after = await asyncio.to_thread(
-                wait_until, lambda: view(stack, 1)["state"] == "ejected", 15, 0.05, "ejection")
+                wait_until, lambda: view(stack, 1)["state"] == "ejected", 15, "ejection", interval=0.05)
             served_when_ejected = view(stack, 1)["requests"]
             await asyncio.sleep(max(0.0, STOP_S - (time.monotonic() - stopped_at)))
             served_while_stopped = int(view(stack, 1)["requests"]) - int(served_when_ejected)  # type: ignore[call-overload]
@@ -165,11 +170,11 @@ async def test_sigstop_worker_for_30s_is_ejected_skipped_and_readmitted(stack: S
             victim.signal(signal.SIGCONT)
             resumed_at = time.monotonic()
         readmitted_after = await asyncio.to_thread(
-            wait_until, lambda: view(stack, 1)["state"] == "healthy", 30, 0.05, "readmission")
+            wait_until, lambda: view(stack, 1)["state"] == "healthy", 30, "readmission", interval=0.05)
         before = int(view(stack, 1)["requests"])  # type: ignore[call-overload]
         back_in_s = await asyncio.to_thread(
-            wait_until, lambda: int(view(stack, 1)["requests"]) > before, 30, 0.1,  # type: ignore[call-overload]
-            "traffic to the readmitted worker")
+            wait_until, lambda: int(view(stack, 1)["requests"]) > before, 30,  # type: ignore[call-overload]
+            "traffic to the readmitted worker", interval=0.1)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*load), 60)
     after_readmit = int(view(stack, 1)["requests"]) - before  # type: ignore[call-overload]
@@ -201,12 +206,13 @@ async def test_sigstop_worker_for_30s_is_ejected_skipped_and_readmitted(stack: S
     assert after_readmit > 0
 
 
-async def test_all_workers_down_answers_503_with_retry_after_not_a_hang(stack: Stack) -> None:
+async def test_all_workers_down_answers_503_with_retry_after_not_a_hang(stack: LoopbackAppliance) -> None:
     for i in range(3):
         stack.services[f"worker{i}"].signal(signal.SIGSTOP)
     try:
         ejected = await asyncio.to_thread(
-            wait_until, lambda: all(w["state"] == "ejected" for w in stack.balancer_workers()), 20, 0.1, "all ejected")
+            wait_until, lambda: all(w["state"] == "ejected" for w in stack.balancer_workers()), 20, "all ejected",
+            interval=0.1)
         async with client(stack) as api:
             started = time.monotonic()
             outcome = await asyncio.wait_for(stream_chat(api, 0, model=stack.model, max_tokens=4), 30)
@@ -216,6 +222,6 @@ async def test_all_workers_down_answers_503_with_retry_after_not_a_hang(stack: S
             stack.services[f"worker{i}"].signal(signal.SIGCONT)
     record_figures("chaos_all_workers_down", all_ejected_after_s=round(ejected, 2), status=outcome.status,
                    retry_after=outcome.retry_after, answered_in_s=round(answered_in, 2))
-    await asyncio.to_thread(wait_until, lambda: all_healthy(stack), 30, 0.2, "all readmitted")
+    await asyncio.to_thread(wait_until, lambda: all_healthy(stack), 30, "all readmitted", interval=0.2)
     assert outcome.status == 503 and outcome.retry_after, outcome
     assert answered_in < FIRST_BYTE_TIMEOUT_S, "answered at once, not after a timeout fired"

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.integration.gateway_harness import Gateway, gateway, sse_events
-from tests.support.processes import free_port, python_module, run_service
-from tests.support.rag_service import TOKEN, rag_process
-from tests.support.stack import wait_until
+from appliance.bench.harness import wait_until
+from tests.support.gateway_harness import TwoGateways, sse_events, two_gateways
+from tests.support.rag_service import TOKEN
 
 pytestmark = pytest.mark.e2e
 
@@ -23,48 +21,18 @@ MODEL = "gemma-3-270m"
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 
 
-@dataclass
-class Stack:
-    gateways: list[Gateway]
-    balancer: str
-    worker: str
-
-    @property
-    def gw(self) -> Gateway:
-        return self.gateways[0]
-
-    def sdk(self, key: str, index: int = 0) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.gateways[index].url}/v1", api_key=key, max_retries=0, timeout=120)
+@pytest.fixture(scope="module")
+def stack(model_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoGateways]:
+    with two_gateways(tmp_path_factory.mktemp("stack"), model_path, redis_url) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def stack(model_path: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack")
-    common = {"APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_LOG_JSON": "true", "APPLIANCE_CONFIG": ""}
-    wport, bport = free_port(), free_port()
-    worker, balancer = f"http://127.0.0.1:{wport}", f"http://127.0.0.1:{bport}"
-    worker_env = {**common, "APPLIANCE_DATA_DIR": str(tmp / "worker"), "APPLIANCE_WORKER_PORT": str(wport),
-                  "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_SLOTS": "8",
-                  "APPLIANCE_WORKER_N_CTX": "512", "APPLIANCE_WORKER_QUEUE_SIZE": "64",
-                  "APPLIANCE_WORKER_MAX_TOKENS_CAP": "128"}
-    balancer_env = {**common, "APPLIANCE_DATA_DIR": str(tmp / "balancer"), "APPLIANCE_BALANCER_PORT": str(bport),
-                    "APPLIANCE_BALANCER_WORKERS": worker, "APPLIANCE_BALANCER_PROBE_INTERVAL_S": "0.5"}
-    with run_service(python_module("inference"), env=worker_env, log_path=tmp / "worker.log",
-                     ready_url=f"{worker}/health", ready_timeout=180), \
-            run_service(python_module("balancer"), env=balancer_env, log_path=tmp / "balancer.log",
-                        ready_url=f"{balancer}/health", ready_timeout=60), \
-            rag_process(tmp / "rag") as (_, rag_url), \
-            gateway(tmp, redis_url, balancer, rag_url, token=TOKEN, data_dir=tmp / "gw") as first, \
-            gateway(tmp, redis_url, balancer, rag_url, token=TOKEN, data_dir=tmp / "gw") as second:
-        yield Stack([first, second], balancer, worker)
-
-
-@pytest.fixture(scope="module")
-def key(stack: Stack) -> str:
+def key(stack: TwoGateways) -> str:
     return str(stack.gw.create_key("e2e", ("chat", "embeddings", "collections"))["key"])
 
 
-def test_chat_non_streaming_and_streaming_with_the_openai_client(stack: Stack, key: str) -> None:
+def test_chat_non_streaming_and_streaming_with_the_openai_client(stack: TwoGateways, key: str) -> None:
     with stack.sdk(key) as sdk:
         models = [m.id for m in sdk.models.list()]
         reply = sdk.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
@@ -79,7 +47,7 @@ def test_chat_non_streaming_and_streaming_with_the_openai_client(stack: Stack, k
     assert completion.choices[0].text and completion.model == MODEL
 
 
-def test_key_lifecycle_with_the_openai_client(stack: Stack) -> None:
+def test_key_lifecycle_with_the_openai_client(stack: TwoGateways) -> None:
     created = stack.gw.create_key("short-lived")
     with stack.sdk(created["key"], index=1) as sdk:
         sdk.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
@@ -93,7 +61,7 @@ def test_key_lifecycle_with_the_openai_client(stack: Stack) -> None:
         assert client.get("/admin/keys").status_code == 401
 
 
-def test_cache_hit_replays_the_real_stream(stack: Stack, key: str) -> None:
+def test_cache_hit_replays_the_real_stream(stack: TwoGateways, key: str) -> None:
     body = {"model": MODEL, "max_tokens": 16, "temperature": 0, "stream": True,
             "messages": [{"role": "user", "content": "Write one word about the sea."}]}
     with stack.gw.client(key) as client:
@@ -105,7 +73,7 @@ def test_cache_hit_replays_the_real_stream(stack: Stack, key: str) -> None:
     assert second.text == first.text == third.text and sse_events(second.text)[-1] == ("message", "[DONE]")
 
 
-def test_rate_limit_is_shared_exactly_across_two_gateways(stack: Stack) -> None:
+def test_rate_limit_is_shared_exactly_across_two_gateways(stack: TwoGateways) -> None:
     limited = stack.gw.create_key("twenty", rpm=20)["key"]
     body = {"model": MODEL, "max_tokens": 1, "temperature": 0.5, "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -124,7 +92,7 @@ def test_rate_limit_is_shared_exactly_across_two_gateways(stack: Stack) -> None:
     assert {r.json()["error"]["type"] for r in refused} == {"rate_limit_error"}
 
 
-def test_rag_answer_cites_the_right_document(stack: Stack, key: str) -> None:
+def test_rag_answer_cites_the_right_document(stack: TwoGateways, key: str) -> None:
     with stack.gw.client(key) as client:
         assert client.post("/v1/collections", json={"name": "e2e-library"}).status_code in (200, 201)
         ids = {}
@@ -144,14 +112,14 @@ def test_rag_answer_cites_the_right_document(stack: Stack, key: str) -> None:
     assert reply.choices[0].message.content is not None
 
 
-def test_embeddings_through_the_gateway(stack: Stack, key: str) -> None:
+def test_embeddings_through_the_gateway(stack: TwoGateways, key: str) -> None:
     with stack.sdk(key) as sdk:
         result = sdk.embeddings.create(model="all-MiniLM-L6-v2", input=["first text", "second text"])
     assert len(result.data) == 2 and len(result.data[0].embedding) == 384
 
 
 
-def _worker_requests(stack: Stack, endpoint: str, status: int) -> float:
+def _worker_requests(stack: TwoGateways, endpoint: str, status: int) -> float:
     """The worker's own count of requests it answered on ``endpoint`` with ``status``."""
     text = httpx.get(f"{stack.worker}/metrics", timeout=30).text
     total = 0.0
@@ -162,7 +130,7 @@ def _worker_requests(stack: Stack, endpoint: str, status: int) -> float:
     return total
 
 
-def test_the_workers_limits_are_published_and_enforced_alike_at_the_gateway(stack: Stack, key: str) -> None:
+def test_the_workers_limits_are_published_and_enforced_alike_at_the_gateway(stack: TwoGateways, key: str) -> None:
     """A 3000-token max_tokens request gets the same answer from the gateway as from the worker itself."""
     internal = {"X-Internal-Token": TOKEN}
     published = httpx.get(f"{stack.worker}/v1/models/{MODEL}", headers=internal, timeout=30).json()
@@ -194,7 +162,7 @@ def test_the_workers_limits_are_published_and_enforced_alike_at_the_gateway(stac
     assert at_limit.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_list_of_prompts_through_the_gateway(stack: Stack, key: str) -> None:
+def test_a_list_of_prompts_through_the_gateway(stack: TwoGateways, key: str) -> None:
     prompts = ["The sky is", "Bread is made of", "Bees make"]
     with stack.sdk(key) as sdk:
         whole = sdk.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0)

@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.support.stack import Stack, appliance_stack, wait_until
+from appliance.bench.harness import wait_until
+from tests.support.stack import LoopbackAppliance, appliance_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -25,22 +26,22 @@ CONCURRENCY_TTL_S = 900  # the gateway's default: a slot nobody frees blocks the
 
 
 @pytest.fixture(scope="module")
-def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path_factory.mktemp("gw-real"), model_path=model_path, workers=1, rag="none",
                          worker_settings={"slots": "4", "n_ctx": "512"},
                          gateway_settings={"concurrency_ttl_s": str(CONCURRENCY_TTL_S)}) as stack:
         yield stack
 
 
-def _sdk(stack: Stack, key: str) -> openai.OpenAI:
+def _sdk(stack: LoopbackAppliance, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=key, max_retries=0, timeout=120)
 
 
-def _admin(stack: Stack) -> httpx.Client:
+def _admin(stack: LoopbackAppliance) -> httpx.Client:
     return httpx.Client(base_url=stack.gateway, timeout=60, headers={"Authorization": f"Bearer {stack.admin_key}"})
 
 
-def _key(stack: Stack, name: str, scopes: tuple[str, ...] = ("chat",), **extra: Any) -> tuple[str, str]:
+def _key(stack: LoopbackAppliance, name: str, scopes: tuple[str, ...] = ("chat",), **extra: Any) -> tuple[str, str]:
     """A new key: (secret, id)."""
     with _admin(stack) as admin:
         response = admin.post("/admin/keys", json={"name": name, "scopes": list(scopes), **extra})
@@ -48,7 +49,7 @@ def _key(stack: Stack, name: str, scopes: tuple[str, ...] = ("chat",), **extra: 
     return str(response.json()["key"]), str(response.json()["id"])
 
 
-def _usage(stack: Stack, key_id: str) -> dict[str, int]:
+def _usage(stack: LoopbackAppliance, key_id: str) -> dict[str, int]:
     with _admin(stack) as admin:
         rows = admin.get("/admin/usage", params={"key_id": key_id}).json()["data"]
     return {m: sum(int(r[m]) for r in rows) for m in ("requests", "prompt_tokens", "completion_tokens")}
@@ -58,7 +59,7 @@ NO_CACHE = {"Cache-Control": "no-store"}
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
-def test_usage_accounting_uses_the_workers_own_counts(stack: Stack) -> None:
+def test_usage_accounting_uses_the_workers_own_counts(stack: LoopbackAppliance) -> None:
     secret, key_id = _key(stack, "usage-real", limits={"rpm": 0})
     client = _sdk(stack, secret)
     whole = client.chat.completions.create(model=stack.model, messages=HELLO, max_tokens=9, temperature=0,
@@ -71,10 +72,10 @@ def test_usage_accounting_uses_the_workers_own_counts(stack: Stack) -> None:
     assert 0 < streamed.completion_tokens <= 17 and 0 < whole.usage.completion_tokens <= 9
     expected = {"requests": 2, "prompt_tokens": whole.usage.prompt_tokens + streamed.prompt_tokens,
                 "completion_tokens": whole.usage.completion_tokens + streamed.completion_tokens}
-    wait_until(lambda: _usage(stack, key_id) == expected, 30, 0.2, f"usage {expected}")
+    wait_until(lambda: _usage(stack, key_id) == expected, 30, f"usage {expected}", interval=0.2)
 
 
-def test_a_streamed_request_debits_its_tokens_per_minute(stack: Stack) -> None:
+def test_a_streamed_request_debits_its_tokens_per_minute(stack: LoopbackAppliance) -> None:
     """tpm is debited with the stream's real usage after it ends: the very next request is refused (429 tpm),
     and its Retry-After is the time the bucket needs to earn back what the stream used (no other request
     could have emptied it: a request that only refreshes the bucket would pass the old looped check)."""
@@ -87,7 +88,7 @@ def test_a_streamed_request_debits_its_tokens_per_minute(stack: Stack) -> None:
     used = chunks[-1].usage
     assert used is not None and used.total_tokens > 2 * tpm  # the prompt alone is over a dozen tokens
     # Settlement runs after the last chunk; its one script writes the usage row and the debit together.
-    wait_until(lambda: _usage(stack, key_id)["requests"] == 1, 30, 0.2, "the stream settled")
+    wait_until(lambda: _usage(stack, key_id)["requests"] == 1, 30, "the stream settled", interval=0.2)
     with httpx.Client(base_url=stack.gateway, timeout=120) as api:
         refused = api.post("/v1/chat/completions", headers={"Authorization": f"Bearer {secret}", **NO_CACHE},
                            json={"model": stack.model, "messages": HELLO, "max_tokens": 1})
@@ -98,7 +99,7 @@ def test_a_streamed_request_debits_its_tokens_per_minute(stack: Stack) -> None:
     assert owed_s - 60 <= int(refused.headers["Retry-After"]) <= owed_s + 1, (refused.headers, used)
 
 
-def _stream_holds_slot(stack: Stack, secret: str, hang_up_after: int | None) -> None:
+def _stream_holds_slot(stack: LoopbackAppliance, secret: str, hang_up_after: int | None) -> None:
     body = {"model": stack.model, "messages": [{"role": "user", "content": "Write a very long story."}],
             "max_tokens": 60 if hang_up_after is None else 400, "stream": True}
     headers = {"Authorization": f"Bearer {secret}", **NO_CACHE}
@@ -119,7 +120,7 @@ def _stream_holds_slot(stack: Stack, secret: str, hang_up_after: int | None) -> 
 
 @pytest.mark.parametrize("hang_up_after", [None, 3], ids=["stream-ends", "client-hangs-up"])
 def test_the_concurrency_slot_is_freed_when_the_stream_ends_or_the_client_leaves(
-        stack: Stack, hang_up_after: int | None) -> None:
+        stack: LoopbackAppliance, hang_up_after: int | None) -> None:
     secret, _ = _key(stack, f"one-slot-{hang_up_after}", limits={"rpm": 0, "max_concurrent": 1})
     _stream_holds_slot(stack, secret, hang_up_after)
     client = _sdk(stack, secret)
@@ -132,10 +133,10 @@ def test_the_concurrency_slot_is_freed_when_the_stream_ends_or_the_client_leaves
         return True
 
     # Freed when the stream is over, not when the slot's TTL runs out (concurrency_ttl_s = 900 s).
-    wait_until(admitted, CONCURRENCY_TTL_S / 30, 0.2, "the slot freed")
+    wait_until(admitted, CONCURRENCY_TTL_S / 30, "the slot freed", interval=0.2)
 
 
-def test_scope_and_model_restrictions_in_front_of_a_real_worker(stack: Stack) -> None:
+def test_scope_and_model_restrictions_in_front_of_a_real_worker(stack: LoopbackAppliance) -> None:
     embeddings_only, _ = _key(stack, "emb-only", ("embeddings",))
     other_model, _ = _key(stack, "other-model", models=["not-this-model"])
     for secret, message in ((embeddings_only, "'chat' scope"), (other_model, "may not use model")):
@@ -147,7 +148,7 @@ def test_scope_and_model_restrictions_in_front_of_a_real_worker(stack: Stack) ->
     assert reply.usage is not None and reply.usage.completion_tokens > 0
 
 
-def test_greedy_answers_are_cached_and_sampled_ones_are_not(stack: Stack) -> None:
+def test_greedy_answers_are_cached_and_sampled_ones_are_not(stack: LoopbackAppliance) -> None:
     secret, _ = _key(stack, "cache-real")
     body = {"model": stack.model, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8}
     with httpx.Client(base_url=stack.gateway, timeout=120, headers={"Authorization": f"Bearer {secret}"}) as api:
@@ -159,7 +160,7 @@ def test_greedy_answers_are_cached_and_sampled_ones_are_not(stack: Stack) -> Non
     assert [r.headers["X-Cache"] for r in sampled] == ["BYPASS", "BYPASS"]
 
 
-def test_request_id_and_bad_input_reach_the_real_worker_as_the_contract_says(stack: Stack) -> None:
+def test_request_id_and_bad_input_reach_the_real_worker_as_the_contract_says(stack: LoopbackAppliance) -> None:
     secret, _ = _key(stack, "ids-real")
     with httpx.Client(base_url=stack.gateway, timeout=120, headers={"Authorization": f"Bearer {secret}"}) as api:
         reply = api.post("/v1/chat/completions", headers={"X-Request-Id": "0123456789abcdef0123456789abcdef"},
@@ -174,7 +175,7 @@ def test_request_id_and_bad_input_reach_the_real_worker_as_the_contract_says(sta
             assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
 
 
-def test_n_choices_through_the_gateway(stack: Stack) -> None:
+def test_n_choices_through_the_gateway(stack: LoopbackAppliance) -> None:
     """n choices with the official client through the gateway: one prompt count and every choice's completion
     tokens in the key's usage, choice indices in a stream, the cache keyed on n, and n above the worker's
     slots refused by the gateway itself (the balancer never sees it)."""
@@ -204,11 +205,12 @@ def test_n_choices_through_the_gateway(stack: Stack) -> None:
         assert many.usage.prompt_tokens == one.usage.prompt_tokens  # counted once
         assert many.usage.completion_tokens == 3 * one.usage.completion_tokens
         expected = {"prompt_tokens": 3 * one.usage.prompt_tokens, "completion_tokens": 6 * one.usage.completion_tokens}
-        wait_until(lambda: {k: _usage(stack, key_id)[k] for k in expected} == expected, 30, 0.2, f"usage {expected}")
+        wait_until(lambda: {k: _usage(stack, key_id)[k] for k in expected} == expected, 30, f"usage {expected}",
+                   interval=0.2)
         assert (client.models.retrieve(stack.model).model_extra or {}).get("max_choices") == 4  # the worker's slots
         with _admin(stack) as admin:  # /admin/status refreshes the gateway's catalog (the published limits)
-            wait_until(lambda: any(w.get("healthy") for w in admin.get("/admin/status").json()["workers"]), 30, 0.5,
-                       "the gateway knows the model's limits")
+            wait_until(lambda: any(w.get("healthy") for w in admin.get("/admin/status").json()["workers"]), 30,
+                       "the gateway knows the model's limits", interval=0.5)
         seen = sum(int(w["requests"]) for w in stack.balancer_workers())
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(**ask, n=5)

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.support.stack import Stack, appliance_stack
+from tests.support.stack import LoopbackAppliance, appliance_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -44,14 +44,14 @@ ORDER_SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path_factory.mktemp("structured"), model_path=model_path, workers=1,
                          worker_settings={"slots": "8"}) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> openai.OpenAI:
+def client(stack: LoopbackAppliance) -> openai.OpenAI:
     key = stack.create_key("structured", ("chat",))
     return openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=key, max_retries=0, timeout=180)
 

@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from appliance.bench.fake_worker import FakeState, fake_workers
 from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER
 from appliance.core.sse import SSEDecoder
-from tests.integration.test_balancer_fakes import AUTH, MODEL, balancer, chat, fakes, until
-from tests.support.fake_worker import FakeState
+from tests.support.balancer_app import AUTH, MODEL, balancer, chat, until
 
 pytestmark = pytest.mark.integration
 
@@ -114,7 +114,7 @@ async def test_key_id_reaches_the_worker_and_the_queue_serves_the_light_key_firs
 async def test_a_waiting_stream_gets_queue_comments_then_its_answer() -> None:
     state = FakeState(mode="slow-stream", slots=1, delay=0.2, chunks=3)
     async with (
-        fakes(state) as urls,
+        fake_workers(state) as urls,
         balancer(urls, queue_notice_after_s=0.05, queue_notice_interval_s=0.05) as (url, _),
         aiohttp.ClientSession() as client,
     ):
@@ -133,7 +133,7 @@ async def test_a_waiting_stream_gets_queue_comments_then_its_answer() -> None:
 async def test_queue_timeout_after_notices_ends_the_stream_with_an_error_event() -> None:
     state = FakeState(mode="slow-stream", slots=1, delay=1.0, chunks=3)
     async with (
-        fakes(state) as urls,
+        fake_workers(state) as urls,
         balancer(urls, queue_notice_after_s=0.02, queue_notice_interval_s=0.02, queue_timeout_s=0.3) as (url, _),
         aiohttp.ClientSession() as client,
     ):
@@ -150,7 +150,7 @@ async def test_queue_timeout_after_notices_ends_the_stream_with_an_error_event()
 
 
 async def test_odd_field_types_still_route_and_bad_hop_headers_fall_back() -> None:
-    async with fakes(FakeState()) as urls, balancer(urls) as (url, _), aiohttp.ClientSession() as client:
+    async with fake_workers(FakeState()) as urls, balancer(urls) as (url, _), aiohttp.ClientSession() as client:
         headers = {**AUTH, KEY_ID_HEADER: "bad key\u00e9", PRIORITY_HEADER: "urgent", WEIGHT_HEADER: "nan"}
         body = chat(max_tokens="many", messages="not a list")
         async with client.post(f"{url}/v1/chat/completions", json=body, headers=headers) as response:

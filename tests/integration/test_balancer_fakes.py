@@ -7,99 +7,31 @@ loading, broken streams. The real-worker behaviour is in test_balancer_real_work
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from appliance.bench.fake_worker import FakeState, fake_workers
 from appliance.core.registry import announce, heartbeat, withdraw
-from appliance.core.sse import SSEDecoder
-from balancer import BalancerSettings, create_app
 from balancer.app import POOL
 from balancer.worker import WorkerState
-from tests.support.fake_worker import FakeState, start_fake_worker
+from tests.support.balancer_app import AUTH, MODEL, TOKEN, balancer, chat, post, stream_events, until
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-internal-token-padded-to-32-characters"
-AUTH = {"X-Internal-Token": TOKEN}
-MODEL = "fake-model"
 CONTRACT_METRICS = (
     "appliance_balancer_requests_total{", "appliance_balancer_inflight{", "appliance_balancer_worker_healthy{",
     "appliance_balancer_ejections_total{", "appliance_balancer_retries_total ", "appliance_balancer_queue_depth ",
     "appliance_balancer_queue_wait_seconds_bucket{", "appliance_balancer_upstream_latency_seconds_bucket{",
 )
-# Probes often, but with timeouts a loaded 2-core machine always meets (a healthy fake answering a probe
-# late must not be ejected); tests that need a timeout to fire wait for the event, bounded by the setting.
-PROBE_TIMEOUT_S = 2.0
-FAST = {"probe_interval_s": 0.1, "probe_timeout_s": PROBE_TIMEOUT_S, "eject_after_failed_probes": 1,
-        "readmit_after_good_probes": 2, "connect_timeout_s": 2.0}
-
-
-@asynccontextmanager
-async def fakes(*states: FakeState) -> AsyncIterator[list[str]]:
-    async with AsyncExitStack() as stack:
-        urls = []
-        for state in states:
-            runner, url = await start_fake_worker(state)
-            stack.push_async_callback(runner.cleanup)
-            urls.append(url)
-        yield urls
-
-
-@asynccontextmanager
-async def balancer(workers: list[str], **overrides: Any) -> AsyncIterator[tuple[str, web.Application]]:
-    options: dict[str, Any] = {**FAST, **overrides}
-    settings = BalancerSettings(workers=tuple(workers), internal_token=TOKEN, **options)
-    app = create_app(settings, redis=options.pop("redis_client", None))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app
-    finally:
-        await runner.cleanup()
-
-
-def chat(stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
-
-
-async def post(client: aiohttp.ClientSession, url: str, body: dict[str, Any], **kw: Any) -> tuple[int, Any, Any]:
-    async with client.post(f"{url}/v1/chat/completions", json=body, headers={**AUTH, **kw}) as response:
-        raw = await response.read()
-        return response.status, json.loads(raw), response.headers
-
-
-async def stream_events(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[Any]:
-    async with client.post(f"{url}/v1/chat/completions", json=body, headers=AUTH) as response:
-        assert response.status == 200
-        decoder = SSEDecoder()
-        events = []
-        async for chunk in response.content.iter_any():
-            events.extend(decoder.feed(chunk))
-        return events
-
-
-async def until(predicate: Any, timeout: float = 30.0) -> None:
-    """Wait for an event; the bound only turns a hang into a failure (it returns as soon as it holds)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_proxies_json_and_streams_with_ids_and_token() -> None:
     a, b = FakeState(name="a"), FakeState(name="b")
-    async with fakes(a, b) as urls, balancer(urls) as (url, _), aiohttp.ClientSession() as client:
-        status, body, _headers = await post(client, url, chat(temperature=0.5), **{"X-Request-Id": "req-123"})
-        assert status == 200 and body["echo"]["temperature"] == 0.5
+    async with fake_workers(a, b) as urls, balancer(urls) as (url, _), aiohttp.ClientSession() as client:
+        status, _body, _headers = await post(client, url, chat(temperature=0.5), **{"X-Request-Id": "req-123"})
         served = a if a.requests else b
+        assert status == 200 and served.last["temperature"] == 0.5
         assert served.last_request_id == "req-123" and served.last_token == TOKEN
         events = await stream_events(client, url, chat(stream=True))
         assert events[-1].is_done and not any(e.is_error for e in events)
@@ -124,7 +56,7 @@ async def test_the_models_limits_are_the_strictest_its_workers_publish() -> None
     large = FakeState(name="b", limits={"context_length": 1024, "max_tokens": 64, "max_choices": 8})
     older = FakeState(name="c", limits={"context_length": 2048, "max_tokens": 256})
     alone = FakeState(name="d", model="other", limits={"context_length": 2048, "max_tokens": 256})
-    async with fakes(small, large, older, alone) as urls, balancer(urls) as (url, app), \
+    async with fake_workers(small, large, older, alone) as urls, balancer(urls) as (url, app), \
             aiohttp.ClientSession() as client:
         await until(lambda: all(w.limits is not None for w in app[POOL]))
         async with client.get(f"{url}/v1/models", headers=AUTH) as response:
@@ -135,7 +67,7 @@ async def test_the_models_limits_are_the_strictest_its_workers_publish() -> None
 
 
 async def test_client_errors_are_openai_shaped() -> None:
-    async with fakes(FakeState()) as urls, balancer(urls, max_body_bytes=2048) as (url, _), \
+    async with fake_workers(FakeState()) as urls, balancer(urls, max_body_bytes=2048) as (url, _), \
             aiohttp.ClientSession() as client:
         async with client.post(f"{url}/v1/chat/completions", json=chat()) as response:
             assert response.status == 401 and (await response.json())["error"]["type"] == "authentication_error"
@@ -149,7 +81,7 @@ async def test_client_errors_are_openai_shaped() -> None:
 
 async def test_load_spreads_by_capacity_and_never_exceeds_slots() -> None:
     states = [FakeState(name=n, mode="slow-stream", slots=s, delay=0.02) for n, s in (("a", 2), ("b", 4), ("c", 2))]
-    async with fakes(*states) as urls, balancer(urls) as (url, app), aiohttp.ClientSession() as client:
+    async with fake_workers(*states) as urls, balancer(urls) as (url, app), aiohttp.ClientSession() as client:
         results = await asyncio.gather(*(post(client, url, chat()) for _ in range(64)))
         assert {status for status, _, _ in results} == {200}
         assert [s.max_active <= s.slots for s in states] == [True, True, True]
@@ -159,14 +91,14 @@ async def test_load_spreads_by_capacity_and_never_exceeds_slots() -> None:
 
 async def test_full_pool_queues_then_answers_503_with_retry_after() -> None:
     state = FakeState(mode="slow-stream", slots=1, delay=0.3)
-    async with fakes(state) as urls, balancer(urls, queue_size=1, queue_timeout_s=60) as (url, _app), \
+    async with fake_workers(state) as urls, balancer(urls, queue_size=1, queue_timeout_s=60) as (url, _app), \
             aiohttp.ClientSession() as client:
         results = await asyncio.gather(*(post(client, url, chat()) for _ in range(3)))
         statuses = sorted(status for status, _, _ in results)
         assert statuses == [200, 200, 503] and state.max_active == 1
         rejected = next(r for r in results if r[0] == 503)
         assert rejected[2]["Retry-After"] and rejected[1]["error"]["code"] == "overloaded"
-    async with fakes(FakeState(mode="slow-stream", slots=1, delay=0.5)) as urls, \
+    async with fake_workers(FakeState(mode="slow-stream", slots=1, delay=0.5)) as urls, \
             balancer(urls, queue_timeout_s=0.1) as (url, _), aiohttp.ClientSession() as client:
         statuses = sorted(r[0] for r in await asyncio.gather(*(post(client, url, chat()) for _ in range(2))))
         assert statuses == [200, 503]
@@ -174,7 +106,7 @@ async def test_full_pool_queues_then_answers_503_with_retry_after() -> None:
 
 async def test_dead_worker_is_ejected_at_once_and_requests_retried() -> None:
     dead, alive = FakeState(name="dead"), FakeState(name="alive")
-    async with fakes(dead, alive) as urls, balancer(urls, probe_interval_s=30) as (url, app), \
+    async with fake_workers(dead, alive) as urls, balancer(urls, probe_interval_s=30) as (url, app), \
             aiohttp.ClientSession() as client:
         dead.mode = "die"
         results = await asyncio.gather(*(post(client, url, chat()) for _ in range(8)))
@@ -189,7 +121,7 @@ async def test_dead_worker_is_ejected_at_once_and_requests_retried() -> None:
 
 async def test_retry_budget_stops_retry_storms_and_4xx_is_never_retried() -> None:
     states = [FakeState(name=n, mode="503") for n in "abc"]
-    async with fakes(*states) as urls, balancer(urls, retry_budget_burst=2, retry_budget_ratio=0) as (url, _), \
+    async with fake_workers(*states) as urls, balancer(urls, retry_budget_burst=2, retry_budget_ratio=0) as (url, _), \
             aiohttp.ClientSession() as client:
         results = [await post(client, url, chat()) for _ in range(10)]
         assert {r[0] for r in results} == {503} and all(r[2].get("Retry-After") for r in results)
@@ -203,7 +135,7 @@ async def test_retry_budget_stops_retry_storms_and_4xx_is_never_retried() -> Non
 
 async def test_hung_worker_is_detected_and_readmitted_when_it_recovers() -> None:
     hung, fine = FakeState(name="hung"), FakeState(name="fine")
-    async with fakes(hung, fine) as urls, balancer(urls, first_byte_timeout_s=0.5, strategy="round_robin") \
+    async with fake_workers(hung, fine) as urls, balancer(urls, first_byte_timeout_s=0.5, strategy="round_robin") \
             as (url, app), aiohttp.ClientSession() as client:
         hung.mode = "hang"
         events = await asyncio.gather(*(stream_events(client, url, chat(stream=True)) for _ in range(4)))
@@ -217,7 +149,7 @@ async def test_hung_worker_is_detected_and_readmitted_when_it_recovers() -> None
 
 
 async def test_stream_broken_after_start_ends_with_error_event_not_done() -> None:
-    async with fakes(FakeState(mode="die-mid-stream")) as urls, balancer(urls) as (url, _), \
+    async with fake_workers(FakeState(mode="die-mid-stream")) as urls, balancer(urls) as (url, _), \
             aiohttp.ClientSession() as client:
         events = await stream_events(client, url, chat(stream=True))
         assert [e.is_error for e in events] == [False, False, True]
@@ -227,7 +159,7 @@ async def test_stream_broken_after_start_ends_with_error_event_not_done() -> Non
 
 async def test_client_disconnect_closes_the_upstream_request() -> None:
     state = FakeState(mode="slow-stream", chunks=200, delay=0.02)
-    async with fakes(state) as urls, balancer(urls) as (url, app), aiohttp.ClientSession() as client:
+    async with fake_workers(state) as urls, balancer(urls) as (url, app), aiohttp.ClientSession() as client:
         response = await client.post(f"{url}/v1/chat/completions", json=chat(stream=True), headers=AUTH)
         await response.content.readany()
         response.close()
@@ -238,7 +170,7 @@ async def test_client_disconnect_closes_the_upstream_request() -> None:
 
 async def test_loading_worker_gets_no_traffic_until_ready() -> None:
     loading, ready = FakeState(name="loading", mode="loading"), FakeState(name="ready")
-    async with fakes(loading, ready) as urls, balancer(urls) as (url, app), aiohttp.ClientSession() as client:
+    async with fake_workers(loading, ready) as urls, balancer(urls) as (url, app), aiohttp.ClientSession() as client:
         for _ in range(6):
             assert (await post(client, url, chat()))[0] == 200
         assert loading.requests == 0 and ready.completed == 6
@@ -250,7 +182,7 @@ async def test_loading_worker_gets_no_traffic_until_ready() -> None:
 
 async def test_workers_admin_adds_lists_and_drains() -> None:
     slow = FakeState(name="slow", mode="slow-stream", chunks=10, delay=0.05)
-    async with fakes(slow) as urls, balancer([]) as (url, _app), aiohttp.ClientSession() as client:
+    async with fake_workers(slow) as urls, balancer([]) as (url, _app), aiohttp.ClientSession() as client:
         async with client.get(f"{url}/workers") as response:
             assert response.status == 401
         async with client.post(f"{url}/workers", json={"url": urls[0]}, headers=AUTH) as response:
@@ -271,7 +203,7 @@ async def test_workers_join_and_leave_through_the_redis_registry(redis_url: str)
     from redis.asyncio import Redis
 
     remote = FakeState(name="remote")
-    async with fakes(remote) as urls, balancer([], redis_url=redis_url, registry_poll_s=0.1) as (url, app), \
+    async with fake_workers(remote) as urls, balancer([], redis_url=redis_url, registry_poll_s=0.1) as (url, app), \
             aiohttp.ClientSession() as client:
         redis = Redis.from_url(redis_url)
         beating = asyncio.create_task(heartbeat(redis, urls[0], MODEL, TOKEN, ttl_s=0.6, interval_s=0.15))
@@ -294,7 +226,8 @@ async def test_workers_join_and_leave_through_the_redis_registry(redis_url: str)
 async def test_requests_waiting_on_a_worker_move_on_when_probes_eject_it() -> None:
     """Non-streaming requests have no first-byte timeout; a hung worker's probes free them."""
     hung, fine = FakeState(name="hung"), FakeState(name="fine")
-    async with fakes(hung, fine) as urls, balancer(urls, strategy="round_robin", read_timeout_s=60) as (url, app), \
+    async with fake_workers(hung, fine) as urls, \
+            balancer(urls, strategy="round_robin", read_timeout_s=60) as (url, app), \
             aiohttp.ClientSession() as client:
         hung.mode = "hang"
         started = asyncio.get_running_loop().time()

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER
-from tests.integration.gateway_harness import TOKEN, Gateway, gateway
+from tests.support.gateway_harness import TOKEN, Gateway, gateway
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,8 @@ import httpx
 import openai
 import pytest
 
-from tests.support.stack import Stack, appliance_stack, wait_until
+from appliance.bench.harness import wait_until
+from tests.support.stack import LoopbackAppliance, appliance_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -32,14 +33,14 @@ FLOOD_TOKENS = 48  # per sequence (ignore_eos): a flood request runs 4 rounds of
 
 
 @pytest.fixture(scope="module")
-def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path_factory.mktemp("fair-cost"), model_path=model_path, workers=2, rag="none",
                          worker_settings={"slots": str(SLOTS), "max_prompts": str(PROMPTS), "n_ctx": "512"},
                          balancer_settings={"interactive_headroom": "1", "queue_timeout_s": "300"}) as stack:
         yield stack
 
 
-def _key(stack: Stack, name: str, **limits: int) -> tuple[str, str]:
+def _key(stack: LoopbackAppliance, name: str, **limits: int) -> tuple[str, str]:
     """A new chat key (no limits unless given): (secret, id)."""
     with httpx.Client(base_url=stack.gateway, timeout=60,
                       headers={"Authorization": f"Bearer {stack.admin_key}"}) as admin:
@@ -49,7 +50,7 @@ def _key(stack: Stack, name: str, **limits: int) -> tuple[str, str]:
     return str(response.json()["key"]), str(response.json()["id"])
 
 
-def _sdk(stack: Stack, secret: str) -> openai.OpenAI:
+def _sdk(stack: LoopbackAppliance, secret: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=secret, max_retries=0, timeout=300)
 
 
@@ -67,13 +68,15 @@ def _ttft(client: openai.OpenAI, model: str, turn: int) -> float:
     return first
 
 
-def _queue_rows(stack: Stack) -> dict[str, dict[str, Any]]:
+def _queue_rows(stack: LoopbackAppliance) -> dict[str, dict[str, Any]]:
     response = httpx.get(f"{stack.balancer}/queue", headers=stack.internal_headers(), timeout=5)
     assert response.status_code == 200
     return {row["key_id"]: row for model in response.json()["models"] for row in model["keys"]}
 
 
-def test_a_flood_of_the_largest_requests_is_charged_in_full_and_a_chat_still_starts_at_once(stack: Stack) -> None:
+def test_a_flood_of_the_largest_requests_is_charged_in_full_and_a_chat_still_starts_at_once(
+    stack: LoopbackAppliance
+) -> None:
     flood_secret, flood_id = _key(stack, "flood")
     chat_secret, _ = _key(stack, "chat")
     chat = _sdk(stack, chat_secret)
@@ -118,7 +121,7 @@ def test_a_flood_of_the_largest_requests_is_charged_in_full_and_a_chat_still_sta
     assert _queue_rows(stack).get(flood_id) is None or _queue_rows(stack)[flood_id]["slots"] == 0
 
 
-def test_more_prompts_than_the_model_takes_are_refused_at_the_gateway(stack: Stack) -> None:
+def test_more_prompts_than_the_model_takes_are_refused_at_the_gateway(stack: LoopbackAppliance) -> None:
     secret, _ = _key(stack, "too-many")
     wait_until(lambda: _published_max_prompts(stack) == PROMPTS, 30, what="max_prompts on the balancer's /v1/models")
     time.sleep(2.5)  # the gateway's catalog reads the limits every model_info_ttl_s (2 s here)
@@ -135,13 +138,13 @@ def test_more_prompts_than_the_model_takes_are_refused_at_the_gateway(stack: Sta
     assert worker.status_code == 400 and worker.json()["error"]["message"] == error["message"]  # the same words
 
 
-def _published_max_prompts(stack: Stack) -> int | None:
+def _published_max_prompts(stack: LoopbackAppliance) -> int | None:
     response = httpx.get(f"{stack.balancer}/v1/models", headers=stack.internal_headers(), timeout=5)
     data = response.json()["data"]
     return data[0].get("max_prompts") if data else None
 
 
-def test_a_key_concurrency_limit_counts_slots(stack: Stack) -> None:
+def test_a_key_concurrency_limit_counts_slots(stack: LoopbackAppliance) -> None:
     """A key that may hold 8 slots cannot send one request of 16 sequences (it would never fit); 2 prompts x n 4
     fit exactly."""
     secret, _ = _key(stack, "eight-slots", max_concurrent=8)

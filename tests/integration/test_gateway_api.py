@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from tests.integration.gateway_harness import (
+from tests.support.gateway_harness import (
     Gateway,
     assert_error_shape,
     fake_upstream,

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.gateway_harness import TOKEN, assert_error_shape, fake_upstream, gateway, sse_events
+from tests.support.gateway_harness import TOKEN, assert_error_shape, fake_upstream, gateway, sse_events
 from tests.support.processes import free_port, python_module, redis_server, run_service
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def test_balancer_down_is_503_with_retry_after(tmp_path: Path, redis_url: str) -
 def test_stream_cut_mid_way_ends_with_error_event_not_done(tmp_path: Path, redis_url: str) -> None:
     port = free_port()
     worker = f"http://127.0.0.1:{port}"
-    argv = python_module("tests.support.fake_worker", "--port", str(port), "--model", "fake-model",
+    argv = python_module("appliance.bench.fake_worker", "--port", str(port), "--model", "fake-model",
                          "--mode", "die-mid-stream")
     with run_service(argv, env={}, log_path=tmp_path / "fake-worker.log", ready_url=f"{worker}/health"), \
             gateway(tmp_path, redis_url, worker) as gw, gw.client(gw.admin_key) as client:

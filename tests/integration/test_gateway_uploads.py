@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.support.figures import record_figures
-from tests.support.stack import Stack, appliance_stack
+from tests.support.stack import LoopbackAppliance, appliance_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -23,7 +23,7 @@ LIMIT = 1 << 20  # the gateway's max_upload_bytes here; the RAG service's own li
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
     with appliance_stack(
         tmp_path_factory.mktemp("uploads"),
         upstream="fake",
@@ -34,7 +34,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def api(stack: Stack) -> Iterator[httpx.Client]:
+def api(stack: LoopbackAppliance) -> Iterator[httpx.Client]:
     key = stack.create_key("uploader", ("collections",))
     with httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
         assert client.post("/v1/collections", json={"name": "manuals"}).status_code == 201
@@ -64,7 +64,9 @@ def test_multipart_upload_under_the_limit_is_streamed_through_and_searchable(api
     assert any(hit["document_id"] == document["id"] for hit in hits["results"])
 
 
-def test_chunked_upload_over_the_limit_is_refused_and_nothing_is_ingested(stack: Stack, api: httpx.Client) -> None:
+def test_chunked_upload_over_the_limit_is_refused_and_nothing_is_ingested(
+    stack: LoopbackAppliance, api: httpx.Client
+) -> None:
     before = api.get("/v1/collections/manuals/documents").json()["documents"]
     pid = stack.services["gateway"].pid
     rss_before, peak = _rss_kib(pid), 0

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from appliance.core.hop import KEY_ID_HEADER
-from tests.integration.test_worker_api import MODEL, Worker, spawn_worker, wait_idle
+from tests.support.inference_worker import MODEL, Worker, spawn_worker, wait_idle
 
 pytestmark = pytest.mark.integration
 
@@ -56,10 +56,10 @@ def test_chat_choices_prefill_the_prompt_once_and_are_the_greedy_answer(worker: 
     client = worker.client()
     before = counter(worker, "prompt_tokens_prefilled")
     many = client.chat.completions.create(model=MODEL, messages=QUESTION, n=3, max_tokens=12, temperature=0,
-                                          extra_headers=_key("n-whole"))
+                                          extra_headers=_key("key_nwhole"))
     prefilled = counter(worker, "prompt_tokens_prefilled") - before
     single = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
-                                            extra_headers=_key("n-single"))  # prefilled afresh, no reuse
+                                            extra_headers=_key("key_nsingle"))  # prefilled afresh, no reuse
     answer = single.choices[0].message.content
     assert answer and [c.index for c in many.choices] == [0, 1, 2]
     assert [c.message.content for c in many.choices] == [answer] * 3
@@ -73,14 +73,14 @@ def test_chat_choices_prefill_the_prompt_once_and_are_the_greedy_answer(worker: 
 
     stream = client.chat.completions.create(model=MODEL, messages=QUESTION, n=3, max_tokens=12, temperature=0,
                                             stream=True, stream_options={"include_usage": True},
-                                            extra_headers=_key("n-stream"))
+                                            extra_headers=_key("key_nstream"))
     texts, usages = _streamed(stream)
     assert texts == {0: answer, 1: answer, 2: answer}
     assert len(usages) == 1 and usages[0].prompt_tokens == prompt
     assert usages[0].completion_tokens == 3 * single.usage.completion_tokens
 
     again = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, max_tokens=12, temperature=0,
-                                           extra_headers=_key("n-whole"))  # the same key's next request reuses
+                                           extra_headers=_key("key_nwhole"))  # the same key's next request reuses
     assert again.usage is not None and again.usage.prompt_tokens_details is not None
     assert 0 < (again.usage.prompt_tokens_details.cached_tokens or 0) < prompt
     assert [c.message.content for c in again.choices] == [answer] * 2
@@ -129,7 +129,7 @@ def test_a_hang_up_cancels_every_choice(worker: Worker) -> None:
     longest = 600  # a plain prompt, no template stop strings: without the hang-up every choice runs this long
     stream = client.completions.create(model=MODEL, prompt="Here is a very long story about the sea.", n=3,
                                        max_tokens=longest, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True}, extra_headers=_key("n-hangup"))
+                                       extra_body={"ignore_eos": True}, extra_headers=_key("key_nhangup"))
     chunks = iter(stream)
     for _ in range(8):
         next(chunks)

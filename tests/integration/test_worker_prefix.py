@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from appliance.core.hop import KEY_ID_HEADER
-from tests.integration.test_worker_api import MODEL, Worker, spawn_worker
+from tests.support.inference_worker import MODEL, Worker, spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +36,12 @@ def counters(worker: Worker) -> dict[str, float]:
     return found
 
 
-def chat(client: openai.OpenAI, messages: list[dict[str, str]], key: str | None = None) -> tuple[str, int, int]:
+def chat(client: openai.OpenAI, messages: list[dict[str, str]], key: str | None = None, max_tokens: int = 8
+         ) -> tuple[str, int, int]:
     """(answer, prompt tokens, cached tokens) of one greedy chat request."""
     headers = {KEY_ID_HEADER: key} if key else None
     reply = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_headers=headers
+        model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, extra_headers=headers
     )
     assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
     return (
@@ -53,30 +54,38 @@ def chat(client: openai.OpenAI, messages: list[dict[str, str]], key: str | None 
 def test_the_next_turn_reuses_the_history_and_says_so(worker: Worker) -> None:
     client = worker.client()
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a hammer for?"}]
-    answer, prompt_1, _ = chat(client, messages, key="key-a")
+    answer, prompt_1, _ = chat(client, messages, key="key_a", max_tokens=40)
     before = counters(worker)
     messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And a saw?"}]
-    _, prompt_2, cached_2 = chat(client, messages, key="key-a")
+    _, prompt_2, cached_2 = chat(client, messages, key="key_a")
     after = counters(worker)
-    assert cached_2 >= prompt_1 - 8 and cached_2 < prompt_2  # all but the new turn (and the re-rendered end)
+    # The answer's cells stayed with the slot: only the new message (~10 tokens with its template) is prefilled.
+    assert cached_2 > prompt_1 and prompt_2 - cached_2 <= 10 + 16
     assert after["prompt_tokens_reused"] - before["prompt_tokens_reused"] == cached_2
     assert after["prompt_tokens_prefilled"] - before["prompt_tokens_prefilled"] == prompt_2 - cached_2
     assert after["prompt_tokens"] - before["prompt_tokens"] == prompt_2
 
 
+def test_a_malformed_key_id_is_refused(worker: Worker) -> None:
+    messages = [{"role": "user", "content": "Name a colour."}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(worker.client(), messages, key="key a/../b")
+    assert refused.value.code == "invalid_key_id"
+
+
 def test_another_key_does_not_reuse_unless_shared(worker: Worker) -> None:
     client = worker.client()
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a colour."}]
-    chat(client, messages, key="key-b")
-    assert chat(client, messages, key="key-b")[2] > 0
-    assert chat(client, messages, key="key-c")[2] == 0
+    chat(client, messages, key="key_b")
+    assert chat(client, messages, key="key_b")[2] > 0
+    assert chat(client, messages, key="key_c")[2] == 0
     assert chat(client, messages)[2] == 0  # no key id: the anonymous scope
 
 
 def test_the_final_stream_chunk_reports_cached_tokens(worker: Worker) -> None:
     client = worker.client()
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Say hello."}]
-    chat(client, messages, key="key-d")
+    chat(client, messages, key="key_d")
     stream = client.chat.completions.create(
         model=MODEL,
         messages=messages,
@@ -84,7 +93,7 @@ def test_the_final_stream_chunk_reports_cached_tokens(worker: Worker) -> None:
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_headers={KEY_ID_HEADER: "key-d"},
+        extra_headers={KEY_ID_HEADER: "key_d"},
     )
     usage = [chunk.usage for chunk in stream if chunk.usage is not None]
     assert len(usage) == 1 and usage[0].prompt_tokens_details is not None
@@ -104,7 +113,7 @@ def test_prompts_arriving_together_prefill_their_shared_prefix_once(worker: Work
                     model=MODEL,
                     max_tokens=2,
                     temperature=0,
-                    extra_headers={KEY_ID_HEADER: "k"},
+                    extra_headers={KEY_ID_HEADER: "key_k"},
                     messages=[{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}],
                 )
                 for i in range(4)

@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import openai
 import pytest
 import redis
 
+from appliance.bench.harness import wait_until
 from tests.support.chat_load import ChatLoad
 from tests.support.processes import Service, free_port, python_module, redis_server, run_service, wait_http_ok
 
@@ -120,15 +121,6 @@ def health_status(url: str) -> int:
         return exc.code
     except OSError:
         return 0
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - started
 
 
 def chat(base_url: str) -> openai.OpenAI:

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.support.connection_watch import ConnectionWatch
-from tests.support.stack import Stack, appliance_stack
+from tests.support.stack import LoopbackAppliance, appliance_stack
 
 RAG_BYTES_PER_KEY = 64 * 1024  # what one non-admin key may store on rag_stack
 RAG_JOBS_PER_KEY = 2
 
 
 @pytest.fixture(scope="session")
-def security_stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def security_stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path_factory.mktemp("security-stack"), model_path=model_path, workers=1) as stack:
         yield stack
 
@@ -35,5 +35,5 @@ def rag_watch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConnectionWa
 
 
 @pytest.fixture(scope="session")
-def rag_stack(rag_watch: ConnectionWatch) -> Stack:
+def rag_stack(rag_watch: ConnectionWatch) -> LoopbackAppliance:
     return rag_watch.stack

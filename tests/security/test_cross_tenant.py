@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.support.stack import FAKE_MODEL, Stack
+from tests.support.stack import FAKE_MODEL, LoopbackAppliance
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -90,16 +90,16 @@ def raw_request(base: str, method: str, target: str, key: str, body: bytes = b""
     return status, response
 
 
-def _api(stack: Stack, key: str) -> httpx.Client:
+def _api(stack: LoopbackAppliance, key: str) -> httpx.Client:
     return httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
-def _last_upstream_body(stack: Stack) -> str:
+def _last_upstream_body(stack: LoopbackAppliance) -> str:
     with urllib.request.urlopen(f"{stack.balancer}/_last", timeout=10) as response:
         return response.read().decode("utf-8", "replace")
 
 
-def make_tenant(stack: Stack, key: str, collection: str) -> Tenant:
+def make_tenant(stack: LoopbackAppliance, key: str, collection: str) -> Tenant:
     token = collection.replace("-", "").replace("_", "")[:12]
     canaries = (f"canary-text-{token}-7f3a", f"canary-title-{token}-91c2", f"canary-meta-{token}-c0de")
     with _api(stack, key) as api:
@@ -142,7 +142,7 @@ def attack_paths(tenant: Tenant) -> Iterator[tuple[str, str, bytes]]:
         yield "GET", f"/v1/jobs/{job}", b""
 
 
-def assert_tenant_intact(stack: Stack, tenant: Tenant) -> None:
+def assert_tenant_intact(stack: LoopbackAppliance, tenant: Tenant) -> None:
     with _api(stack, tenant.key) as api:
         found = api.post(f"/v1/collections/{tenant.collection}/search",
                          json={"query": "payroll budget next year", "top_k": 5})
@@ -153,7 +153,7 @@ def assert_tenant_intact(stack: Stack, tenant: Tenant) -> None:
     assert tenant.document_id in {d["id"] for d in documents}
 
 
-def attack(stack: Stack, tenant: Tenant, intruder: str) -> int:
+def attack(stack: LoopbackAppliance, tenant: Tenant, intruder: str) -> int:
     sent = 0
     for method, target, body in attack_paths(tenant):
         status, response = raw_request(stack.gateway, method, target, intruder, body)
@@ -176,7 +176,7 @@ def attack(stack: Stack, tenant: Tenant, intruder: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def keys(rag_stack: Stack) -> tuple[str, str]:
+def keys(rag_stack: LoopbackAppliance) -> tuple[str, str]:
     return (rag_stack.create_key("tenant-a", ("chat", "collections")),
             rag_stack.create_key("tenant-b", ("chat", "collections")))
 
@@ -185,7 +185,7 @@ def keys(rag_stack: Stack) -> tuple[str, str]:
           derandomize=True)
 @given(name=st.from_regex(r"[a-z][a-z0-9_-]{1,24}", fullmatch=True))
 @example(name="payroll")  # issue 32: "payroll%0A" and "payroll\n" read A's collection
-def test_key_b_never_reads_or_changes_key_as_collection(rag_stack: Stack, keys: tuple[str, str],
+def test_key_b_never_reads_or_changes_key_as_collection(rag_stack: LoopbackAppliance, keys: tuple[str, str],
                                                         name: str) -> None:
     a, b = keys
     tenant = make_tenant(rag_stack, a, name)
@@ -194,7 +194,7 @@ def test_key_b_never_reads_or_changes_key_as_collection(rag_stack: Stack, keys: 
     assert_tenant_intact(rag_stack, tenant)
 
 
-def test_names_the_pattern_refuses_are_refused_by_the_rag_service_too(rag_stack: Stack) -> None:
+def test_names_the_pattern_refuses_are_refused_by_the_rag_service_too(rag_stack: LoopbackAppliance) -> None:
     """The second line: the RAG service itself parses names with the same pattern, so a gateway bug could
     not make it trim ``payroll\\n`` into ``payroll``."""
     owner = rag_stack.create_key("rag-direct", ("chat", "collections"))
@@ -209,7 +209,7 @@ def test_names_the_pattern_refuses_are_refused_by_the_rag_service_too(rag_stack:
 
 
 def test_raw_control_characters_in_the_request_target_never_reach_a_collection(
-        rag_stack: Stack, keys: tuple[str, str]) -> None:
+        rag_stack: LoopbackAppliance, keys: tuple[str, str]) -> None:
     """Bytes no client should send (a raw LF, TAB or NUL in the path) get a 4xx from the HTTP server or the
     gateway, never A's documents."""
     a, b = keys
@@ -225,7 +225,7 @@ def test_raw_control_characters_in_the_request_target_never_reach_a_collection(
         assert not [c for c in tenant.canaries if c.encode() in response], f"{target!r} leaked"
 
 
-def test_lost_access_record_makes_a_collection_admin_only(rag_stack: Stack, keys: tuple[str, str]) -> None:
+def test_lost_access_record_makes_a_collection_admin_only(rag_stack: LoopbackAppliance, keys: tuple[str, str]) -> None:
     """Ownership fails closed: with A's record gone (an AOF window, an interrupted restore) neither A nor B
     reads it; an admin still does, and only an admin can share it explicitly."""
     import redis
@@ -255,7 +255,7 @@ def test_lost_access_record_makes_a_collection_admin_only(rag_stack: Stack, keys
                         json={"text": "B's text"}).status_code == 404
 
 
-def test_sharing_a_keys_collection_keeps_its_owner(rag_stack: Stack, keys: tuple[str, str]) -> None:
+def test_sharing_a_keys_collection_keeps_its_owner(rag_stack: LoopbackAppliance, keys: tuple[str, str]) -> None:
     """An admin shares A's collection: B reads it but cannot change it, A still can; unshared, it is A's again."""
     a, b = keys
     tenant = make_tenant(rag_stack, a, "shared-then-not")
@@ -279,7 +279,7 @@ def test_sharing_a_keys_collection_keeps_its_owner(rag_stack: Stack, keys: tuple
         assert tenant.canaries[0] in api.post(f"/v1/collections/{tenant.collection}/search", json=query).text
 
 
-def test_admin_collections_are_admin_only_unless_shared(rag_stack: Stack, keys: tuple[str, str]) -> None:
+def test_admin_collections_are_admin_only_unless_shared(rag_stack: LoopbackAppliance, keys: tuple[str, str]) -> None:
     _, b = keys
     with _api(rag_stack, rag_stack.admin_key) as admin:
         assert admin.post("/v1/collections", json={"name": "admin-private"}).status_code == 201
@@ -296,7 +296,7 @@ def test_admin_collections_are_admin_only_unless_shared(rag_stack: Stack, keys: 
     assert "admin-private" not in names and names.get("admin-shared") == "shared"
 
 
-def test_a_name_held_by_another_key_cannot_be_taken_over(rag_stack: Stack, keys: tuple[str, str]) -> None:
+def test_a_name_held_by_another_key_cannot_be_taken_over(rag_stack: LoopbackAppliance, keys: tuple[str, str]) -> None:
     a, b = keys
     tenant = make_tenant(rag_stack, a, "squatted")
     with _api(rag_stack, b) as api:
@@ -315,7 +315,7 @@ def _padded_html(size: int, words: str) -> bytes:
     return head + b"x" * (size - len(head) - len(tail)) + tail
 
 
-def test_storage_allowance_is_per_key_and_refused_with_a_clear_413(rag_stack: Stack) -> None:
+def test_storage_allowance_is_per_key_and_refused_with_a_clear_413(rag_stack: LoopbackAppliance) -> None:
     """A key cannot fill the disk for everyone: past its allowance (``rag_max_bytes_per_key``, 64 KiB on this
     stack) its uploads get a 413 saying so, whether declared (Content-Length) or chunked; another key is
     unaffected, and an admin key has no allowance."""
@@ -356,7 +356,7 @@ def test_storage_allowance_is_per_key_and_refused_with_a_clear_413(rag_stack: St
             assert big.status_code in (200, 201), big.text
 
 
-def test_upload_jobs_in_flight_are_capped_per_key(rag_stack: Stack) -> None:
+def test_upload_jobs_in_flight_are_capped_per_key(rag_stack: LoopbackAppliance) -> None:
     """``max_jobs_per_key`` (2 on this stack) queued or running upload jobs per key: the next is a 429 with
     Retry-After; a second key's job is still accepted."""
     busy, other = (rag_stack.create_key(name, ("chat", "collections")) for name in ("job-flood", "job-other"))

@@ -33,7 +33,7 @@ from schemathesis.checks import (
 )
 
 from tests.support.figures import record_figures
-from tests.support.stack import FAKE_MODEL, Stack, appliance_stack
+from tests.support.stack import FAKE_MODEL, LoopbackAppliance, appliance_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -46,13 +46,13 @@ CASES: dict[str, int] = {"total": 0, "5xx": 0}
 
 
 @pytest.fixture(scope="module")
-def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path_factory.mktemp("fuzz"), upstream="fake") as stack:
         yield stack
 
 
 @pytest.fixture(scope="module")
-def fuzz_document(fuzz_stack: Stack) -> dict[str, Any]:
+def fuzz_document(fuzz_stack: LoopbackAppliance) -> dict[str, Any]:
     """The document exactly as the gateway serves it."""
     with urllib.request.urlopen(f"{fuzz_stack.gateway}/schema/openapi.json", timeout=10) as response:
         document: dict[str, Any] = json.loads(response.read())
@@ -61,7 +61,7 @@ def fuzz_document(fuzz_stack: Stack) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def fuzz_results(fuzz_stack: Stack, fuzz_document: dict[str, Any]) -> dict[str, list[str]]:
+def fuzz_results(fuzz_stack: LoopbackAppliance, fuzz_document: dict[str, Any]) -> dict[str, list[str]]:
     """Run every operation's cases once; collect server errors and schema violations separately."""
     schema = schemathesis.openapi.from_dict(fuzz_document)
     headers = {"Authorization": f"Bearer {fuzz_stack.admin_key}"}
@@ -112,7 +112,9 @@ def test_gateway_openapi_responses_match_the_document(fuzz_results: dict[str, li
 STATEFUL_SCENARIOS = 120  # each up to 8 linked calls
 
 
-def test_gateway_stateful_workflows_follow_the_links(fuzz_stack: Stack, fuzz_document: dict[str, Any]) -> None:
+def test_gateway_stateful_workflows_follow_the_links(
+    fuzz_stack: LoopbackAppliance, fuzz_document: dict[str, Any]
+) -> None:
     """Sequences along the document's links (create a key → read → revoke; create a collection → upload →
     read the document → search → delete): every step conforms to the document, none is a 5xx, and a
     deleted collection or document is gone afterwards (``use_after_free``)."""
@@ -180,7 +182,7 @@ HAND_CASES: dict[str, bytes] = {
 
 
 @pytest.mark.parametrize("name", list(HAND_CASES))
-def test_hostile_body_gets_4xx(fuzz_stack: Stack, name: str) -> None:
+def test_hostile_body_gets_4xx(fuzz_stack: LoopbackAppliance, name: str) -> None:
     headers = {"Authorization": f"Bearer {fuzz_stack.admin_key}", "Content-Type": "application/json"}
     with httpx.Client(base_url=fuzz_stack.gateway, timeout=30) as client:
         response = client.post("/v1/chat/completions", content=HAND_CASES[name], headers=headers)
@@ -189,7 +191,7 @@ def test_hostile_body_gets_4xx(fuzz_stack: Stack, name: str) -> None:
         assert client.get("/healthz").status_code == 200
 
 
-def test_100kb_of_headers_gets_4xx(fuzz_stack: Stack) -> None:
+def test_100kb_of_headers_gets_4xx(fuzz_stack: LoopbackAppliance) -> None:
     headers = {"Authorization": f"Bearer {fuzz_stack.admin_key}",
                **{f"X-Junk-{i}": "v" * 1000 for i in range(100)}}
     with httpx.Client(base_url=fuzz_stack.gateway, timeout=30) as client:
@@ -207,7 +209,7 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_oversize_bodies_are_refused_before_buffering(fuzz_stack: Stack) -> None:
+def test_oversize_bodies_are_refused_before_buffering(fuzz_stack: LoopbackAppliance) -> None:
     """Ten 11 MB chat bodies and three 80 MB uploads: all 413, and the gateway's memory stays flat."""
     pid = fuzz_stack.services["gateway"].pid
     key = fuzz_stack.admin_key
@@ -230,7 +232,7 @@ def test_oversize_bodies_are_refused_before_buffering(fuzz_stack: Stack) -> None
     assert growth_mib < 32, f"gateway grew {growth_mib:.0f} MiB while refusing oversize bodies"
 
 
-def test_oversize_chunked_upload_is_refused_without_buffering_it(fuzz_stack: Stack) -> None:
+def test_oversize_chunked_upload_is_refused_without_buffering_it(fuzz_stack: LoopbackAppliance) -> None:
     """Three 80 MB uploads with no Content-Length (chunked): the limit cannot be checked up front, so the
     gateway must refuse while streaming, not after holding the upload in memory."""
     pid = fuzz_stack.services["gateway"].pid
@@ -261,7 +263,7 @@ def test_oversize_chunked_upload_is_refused_without_buffering_it(fuzz_stack: Sta
 
 
 @pytest.mark.parametrize("case", ["authorization", "request id", "path", "query"])
-def test_invalid_utf8_outside_the_body_is_not_a_server_error(fuzz_stack: Stack, case: str) -> None:
+def test_invalid_utf8_outside_the_body_is_not_a_server_error(fuzz_stack: LoopbackAppliance, case: str) -> None:
     """Raw bytes that are not UTF-8 in headers, path and query: a 4xx (or a normal answer), never a 5xx."""
     import http.client
 
@@ -303,7 +305,7 @@ def _post_quietly(client: httpx.Client, path: str, length: int, body: Iterator[b
 
 @pytest.mark.parametrize("raw_path", ["/v1/collections/../../workers", "/v1/collections/%2e%2e/%2e%2e/workers",
                                       "/v1/collections/docs/..%2f..%2fworkers", "/v1/collections/a\\..\\b"])
-def test_collections_path_traversal_is_refused(fuzz_stack: Stack, raw_path: str) -> None:
+def test_collections_path_traversal_is_refused(fuzz_stack: LoopbackAppliance, raw_path: str) -> None:
     """Raw (un-normalised) paths: the proxy must not forward a path that leaves ``/collections``."""
     import http.client
 

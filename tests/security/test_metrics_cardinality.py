@@ -18,7 +18,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from tests.support.stack import Stack
+from tests.support.stack import LoopbackAppliance
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -39,7 +39,7 @@ def _chat(model: str) -> bytes:
     return json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
 
 
-def junk(stack: Stack, index: int) -> list[Request]:
+def junk(stack: LoopbackAppliance, index: int) -> list[Request]:
     """One round of unauthenticated junk, every model and path unique to ``index``."""
     bogus = {"Authorization": f"Bearer sk-bogus-{index}", "Content-Type": "application/json"}
     plain = {"Content-Type": "application/json"}
@@ -59,7 +59,7 @@ def junk(stack: Stack, index: int) -> list[Request]:
     ]
 
 
-def keyed(stack: Stack, key: str, index: int) -> list[Request]:
+def keyed(stack: LoopbackAppliance, key: str, index: int) -> list[Request]:
     """A real key naming a model nobody serves, at the gateway and (as the gateway forwards it) the balancer."""
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     internal = {**stack.internal_headers(), "Content-Type": "application/json"}
@@ -85,13 +85,15 @@ async def send_all(requests: list[Request]) -> dict[int, int]:
     return statuses
 
 
-async def flood(stack: Stack, make: Callable[[int], list[Request]], start: int, count: int) -> dict[int, int]:
+async def flood(
+    stack: LoopbackAppliance, make: Callable[[int], list[Request]], start: int, count: int
+) -> dict[int, int]:
     per_round = len(make(0))
     rounds = -(-count // per_round)
     return await send_all(list(itertools.chain.from_iterable(make(start + i) for i in range(rounds))))
 
 
-async def test_a_flood_of_unique_models_and_paths_adds_no_series(security_stack: Stack) -> None:
+async def test_a_flood_of_unique_models_and_paths_adds_no_series(security_stack: LoopbackAppliance) -> None:
     stack = security_stack
     key = stack.create_key("cardinality", ("chat",))
     services = {"gateway": stack.gateway, "balancer": stack.balancer, "worker": stack.workers[0]}
@@ -114,7 +116,7 @@ async def test_a_flood_of_unique_models_and_paths_adds_no_series(security_stack:
     assert all(lines <= SLACK_LINES for lines in grown.values()), f"/metrics grew by {grown} lines"
 
 
-async def test_a_served_model_keeps_its_own_label(security_stack: Stack) -> None:
+async def test_a_served_model_keeps_its_own_label(security_stack: LoopbackAppliance) -> None:
     """The closed set still names what the workers serve: a key's answered chat counts under its model."""
     stack = security_stack
     key = stack.create_key("labelled", ("chat",))

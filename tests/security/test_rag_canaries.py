@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.connection_watch import ConnectionWatch
 from tests.support.figures import record_figures
-from tests.support.stack import FAKE_MODEL, Stack
+from tests.support.stack import FAKE_MODEL, LoopbackAppliance
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -39,7 +39,7 @@ MARKERS = ("<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>", "[I
            "\n### Assistant:")
 
 
-def _api(stack: Stack, key: str) -> httpx.Client:
+def _api(stack: LoopbackAppliance, key: str) -> httpx.Client:
     return httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
@@ -51,12 +51,12 @@ def _ingest(api: httpx.Client, collection: str, docs: dict[str, str]) -> None:
         assert response.status_code == 201, response.text
 
 
-def _last_body(stack: Stack) -> dict[str, Any]:
+def _last_body(stack: LoopbackAppliance) -> dict[str, Any]:
     with urllib.request.urlopen(f"{stack.balancer}/_last", timeout=10) as response:
         return dict(json.loads(response.read()))
 
 
-def test_injected_documents_do_not_change_the_prompt_the_model_gets(rag_stack: Stack) -> None:
+def test_injected_documents_do_not_change_the_prompt_the_model_gets(rag_stack: LoopbackAppliance) -> None:
     key = rag_stack.create_key("canary", ("chat", "collections"))
     with _api(rag_stack, key) as api:
         _ingest(api, "policies", {"holiday policy": INJECTION,
@@ -84,7 +84,7 @@ def test_injected_documents_do_not_change_the_prompt_the_model_gets(rag_stack: S
     assert nonce_closers == len(response.json()["citations"]) + 1, "a document closed its own fence"
 
 
-def test_collections_stay_separate_in_search(rag_stack: Stack) -> None:
+def test_collections_stay_separate_in_search(rag_stack: LoopbackAppliance) -> None:
     key = rag_stack.create_key("tenants", ("chat", "collections"))
     with _api(rag_stack, key) as api:
         _ingest(api, "tenant-a", {"a-secret": "Project Falcon budget is 4 million euros, canary-AAA."})
@@ -97,7 +97,7 @@ def test_collections_stay_separate_in_search(rag_stack: Stack) -> None:
     assert "canary-BBB" in texts_b and "canary-AAA" not in texts_b
 
 
-def test_one_key_cannot_read_another_keys_collection(rag_stack: Stack) -> None:
+def test_one_key_cannot_read_another_keys_collection(rag_stack: LoopbackAppliance) -> None:
     owner = rag_stack.create_key("owner", ("chat", "collections"))
     other = rag_stack.create_key("other", ("chat", "collections"))
     with _api(rag_stack, owner) as api:
@@ -120,7 +120,9 @@ def test_one_key_cannot_read_another_keys_collection(rag_stack: Stack) -> None:
         assert "owner-private" in [c["name"] for c in api.get("/v1/collections").json()["collections"]]
 
 
-def test_no_service_opened_a_connection_beyond_loopback(rag_stack: Stack, rag_watch: ConnectionWatch) -> None:
+def test_no_service_opened_a_connection_beyond_loopback(
+    rag_stack: LoopbackAppliance, rag_watch: ConnectionWatch
+) -> None:
     """Runs last in this module: every stack process, sampled all along, only ever talked to loopback."""
     watch = rag_watch
     time.sleep(0.3)

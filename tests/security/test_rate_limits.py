@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.support.figures import record_figures
-from tests.support.stack import Stack, appliance_stack
+from tests.support.stack import LoopbackAppliance, appliance_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -26,7 +26,7 @@ REQUESTS = 120
 
 
 @pytest.fixture(scope="module")
-def four_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def four_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
     with appliance_stack(tmp_path_factory.mktemp("ratelimit"), upstream="fake", gateways=4) as stack:
         yield stack
 
@@ -38,7 +38,9 @@ async def _one(client: httpx.AsyncClient, base: str, key: str, index: int) -> ht
     return await client.post(f"{base}/v1/chat/completions", json=body, headers=headers)
 
 
-async def test_rpm_is_global_across_gateways_and_ignores_forwarded_for(four_gateways: Stack, tmp_path: Path) -> None:
+async def test_rpm_is_global_across_gateways_and_ignores_forwarded_for(
+    four_gateways: LoopbackAppliance, tmp_path: Path
+) -> None:
     stack = four_gateways
     key = stack.create_key("limited", ("chat",), rpm=RPM)
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=40)) as client:

@@ -31,10 +31,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
+from appliance.bench.fake_worker import FakeState, fake_workers
+from appliance.bench.harness import redis_answers, wait_until
 from balancer import BalancerSettings, create_app
-from tests.integration.gateway_harness import fake_upstream, gateway
-from tests.support.fake_worker import FakeState, start_fake_worker
-from tests.support.processes import REPO, Service, free_port, python_module, redis_server, wait_redis_pong
+from tests.support.gateway_harness import fake_upstream, gateway
+from tests.support.processes import REPO, Service, free_port, python_module, redis_server
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,7 @@ def runtime_redis(tmp: Path, maxmemory: str = "64mb") -> Iterator[tuple[int, Pat
     ensure_redis_users(data)
     service = Service(redis_argv(settings, data), {}, tmp / "redis.log")
     try:
-        wait_redis_pong(settings.redis_port, 10)
+        wait_until(lambda: redis_answers(settings.redis_port), 10, "redis-server", proc=service)
         yield settings.redis_port, data
     finally:
         service.stop()
@@ -147,20 +148,6 @@ async def balancer_app(settings: BalancerSettings) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
-
-
-@asynccontextmanager
-async def fake_workers(*states: FakeState) -> AsyncIterator[list[str]]:
-    runners, urls = [], []
-    try:
-        for state in states:
-            runner, url = await start_fake_worker(state)
-            runners.append(runner)
-            urls.append(url)
-        yield urls
-    finally:
-        for runner in runners:
-            await runner.cleanup()
 
 
 async def _chats(balancer: str, count: int) -> list[int]:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.support.figures import record_figures
-from tests.support.stack import Stack
+from tests.support.stack import LoopbackAppliance
 
 pytestmark = pytest.mark.integration
 
@@ -29,6 +29,7 @@ GATEWAY_ANY_KEY = ("/v1/models",)  # any valid key may list and read models (fil
 # The scope each protected gateway route declares (docs/CONTRACTS.md "Keys"); a route matching none is a failure.
 DECLARED_SCOPES = (
     (re.compile(r"^/v1/(chat/)?completions$"), "chat"),
+    (re.compile(r"^/v1/responses(/|$)"), "chat"),
     (re.compile(r"^/v1/embeddings$"), "embeddings"),
     (re.compile(r"^(/v1)?/(collections|jobs)(/|$)"), "collections"),
     (re.compile(r"^/admin/"), "admin"),
@@ -89,7 +90,7 @@ def probe(client: httpx.Client, method: str, url: str, headers: dict[str, str] |
                                                                **(headers or {})}).status_code
 
 
-def test_every_internal_route_is_public_or_needs_the_token(security_stack: Stack, tmp_path: Path,
+def test_every_internal_route_is_public_or_needs_the_token(security_stack: LoopbackAppliance, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     _empty_config(tmp_path, monkeypatch)
     bases = {"balancer": security_stack.balancer, "worker": security_stack.workers[0], "rag": security_stack.rag}
@@ -131,7 +132,7 @@ def _scope_failures(client: httpx.Client, method: str, path: str, keys: dict[str
     return failures
 
 
-def test_every_gateway_route_is_public_or_needs_key_and_scope(security_stack: Stack, tmp_path: Path,
+def test_every_gateway_route_is_public_or_needs_key_and_scope(security_stack: LoopbackAppliance, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     _empty_config(tmp_path, monkeypatch)
     routes = gateway_routes(tmp_path)
@@ -160,7 +161,7 @@ def test_every_gateway_route_is_public_or_needs_key_and_scope(security_stack: St
     assert not failures, failures
 
 
-def test_public_gateway_routes_leak_no_secret(security_stack: Stack) -> None:
+def test_public_gateway_routes_leak_no_secret(security_stack: LoopbackAppliance) -> None:
     """The public pages carry no key material: neither the admin key nor the internal token."""
     with httpx.Client(base_url=security_stack.gateway, timeout=30) as client:
         for path in ("/healthz", "/readyz", "/metrics", "/schema/openapi.json", *GATEWAY_UI_PAGES):

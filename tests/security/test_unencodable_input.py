@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.support.stack import Stack
+from tests.support.stack import LoopbackAppliance
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ def _chat(model: str, content: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def clients(security_stack: Stack) -> Iterator[dict[str, httpx.Client]]:
+def clients(security_stack: LoopbackAppliance) -> Iterator[dict[str, httpx.Client]]:
     key = security_stack.create_key("surrogates", ("chat", "embeddings", "collections"))
     internal = {**security_stack.internal_headers(), "Content-Type": "application/json"}
     made = {
@@ -80,7 +80,9 @@ def _is_openai_error(response: httpx.Response) -> bool:
     return isinstance(error, dict) and {"message", "type", "param", "code"} <= set(error)
 
 
-def test_a_lone_surrogate_is_a_400_at_every_service(security_stack: Stack, clients: dict[str, httpx.Client]) -> None:
+def test_a_lone_surrogate_is_a_400_at_every_service(
+    security_stack: LoopbackAppliance, clients: dict[str, httpx.Client]
+) -> None:
     embedder = clients["rag"].get("/v1/models").json()["data"][0]["id"]
     wrong = []
     for text in (LONE, "ok"):
@@ -105,7 +107,7 @@ ANY_TEXT = st.text(alphabet=st.characters(exclude_categories=()), min_size=1, ma
 @example(content="\ud800", service="worker")
 @example(content="a\udfffb", service="rag")
 def test_any_text_is_never_a_5xx(
-    security_stack: Stack, clients: dict[str, httpx.Client], content: str, service: str
+    security_stack: LoopbackAppliance, clients: dict[str, httpx.Client], content: str, service: str
 ) -> None:
     if service == "rag":
         embedder = clients["rag"].get("/v1/models").json()["data"][0]["id"]

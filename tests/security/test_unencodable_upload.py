@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.stack import Stack
+from tests.support.stack import LoopbackAppliance
 
 # Every case was a 500 before rag/uploads.py parsed uploads with strict_json and guarded a form field's text().
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -29,7 +29,7 @@ def _body(payload: dict[str, Any]) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def clients(rag_stack: Stack) -> Iterator[dict[str, httpx.Client]]:
+def clients(rag_stack: LoopbackAppliance) -> Iterator[dict[str, httpx.Client]]:
     key = rag_stack.create_key("surrogate-uploads", ("collections",))
     made = {
         "gateway": httpx.Client(

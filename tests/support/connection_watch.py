@@ -6,7 +6,7 @@ import threading
 
 import psutil
 
-from tests.support.stack import Stack
+from tests.support.stack import LoopbackAppliance
 
 __all__ = ["LOOPBACK", "ConnectionWatch"]
 
@@ -16,7 +16,7 @@ LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 class ConnectionWatch(threading.Thread):
     """Samples every stack process's sockets every 0.1 s while the stack runs; keeps any non-loopback one."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: LoopbackAppliance) -> None:
         super().__init__(daemon=True)
         self.stack, self.halt, self.outside, self.samples = stack, threading.Event(), set[str](), 0
 

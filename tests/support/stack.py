@@ -9,9 +9,9 @@ Usage::
 
 Every process binds 127.0.0.1 on a free port, writes its log under ``tmp/logs`` and is
 stopped when the context exits. ``upstream="fake"`` replaces balancer, workers and RAG
-with the instant fake upstream (``appliance.bench._gateway_fakes``) for fuzzing and load
+with the instant fake upstream (``appliance.bench.fake_worker``) for fuzzing and load
 tests of the gateway alone; ``fake_workers=N`` puts N failure-mode fake workers
-(``tests.support.fake_worker``) behind the real balancer instead of real ones.
+(``appliance.bench.fake_worker``) behind the real balancer instead of real ones.
 ``rag`` is ``"real"`` (the real service and embedding model), ``"fake"`` (the fake
 upstream answers RAG calls too) or ``"none"`` (the gateway then reports it as a failing
 dependency: ready but "degraded"); it defaults to the kind of ``upstream``.
@@ -21,7 +21,6 @@ dependency: ready but "degraded"); it defaults to the kind of ``upstream``.
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -29,22 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tests.support.processes import (
-    Service,
-    free_port,
-    python_module,
-    redis_server,
-    run_service,
-    wait_http_ok,
-    wait_redis_pong,
-)
+from appliance.bench.harness import redis_answers, wait_until
+from tests.support.processes import Service, free_port, python_module, redis_server, run_service, wait_http_ok
 
 TOKEN = "stack-internal-token-padded-to-at-least-32-characters"
 FAKE_MODEL = "fake-model"
 
 
 @dataclass
-class Stack:
+class LoopbackAppliance:
     """URLs, processes and secrets of a running stack."""
 
     tmp: Path
@@ -107,16 +99,6 @@ def metric_value(url: str, name: str, headers: Mapping[str, str] | None = None) 
     return total
 
 
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str = "condition") -> float:
-    """Poll ``predicate`` until true; returns the seconds it took, raises after ``timeout``."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        time.sleep(interval)
-    return time.monotonic() - started
-
-
 def _common(tmp: Path, token: str) -> dict[str, str]:
     (tmp / "empty.toml").write_text("")
     return {"APPLIANCE_CONFIG": str(tmp / "empty.toml"), "APPLIANCE_DATA_DIR": str(tmp / "data"),
@@ -128,7 +110,7 @@ def _prefixed(prefix: str, settings: Mapping[str, str] | None) -> dict[str, str]
     return {f"{prefix}{key.upper()}": value for key, value in (settings or {}).items()}
 
 
-def start_workers(stack: Stack, exits: ExitStack, count: int, model_path: Path,
+def start_workers(stack: LoopbackAppliance, exits: ExitStack, count: int, model_path: Path,
                   settings: Mapping[str, str] | None) -> None:
     """Start ``count`` real workers at once (they load the model in parallel), then wait for all."""
     base = {**_common(stack.tmp, stack.token), "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
@@ -146,30 +128,31 @@ def start_workers(stack: Stack, exits: ExitStack, count: int, model_path: Path,
         wait_http_ok(f"{url}/health", 180, stack.services[f"worker{index}"].proc)
 
 
-def start_fake_workers(stack: Stack, exits: ExitStack, count: int) -> None:
-    """Failure-mode fake workers (``tests.support.fake_worker``), switchable with ``POST /_mode``."""
+def start_fake_workers(stack: LoopbackAppliance, exits: ExitStack, count: int) -> None:
+    """Failure-mode fake workers (``appliance.bench.fake_worker``), switchable with ``POST /_mode``."""
     for index in range(count):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        argv = python_module("tests.support.fake_worker", "--port", str(port), "--model", FAKE_MODEL)
+        argv = python_module("appliance.bench.fake_worker", "--port", str(port), "--model", FAKE_MODEL)
         stack.services[f"worker{index}"] = exits.enter_context(run_service(
             argv, env={}, log_path=stack.tmp / "logs" / f"fake-worker{index}.log", ready_url=f"{url}/health"))
         stack.workers.append(url)
     stack.model = FAKE_MODEL
 
 
-def restart_redis(stack: Stack) -> Service:
+def restart_redis(stack: LoopbackAppliance) -> Service:
     """Start redis-server again on the same port and directory (its AOF is replayed) after a kill."""
     old = stack.services["redis"]
     old.stop(timeout=5)
-    service = Service(old.argv, {}, old.log_path)
+    service = Service(old.argv, log=old.log_path)
     stack.exits.callback(service.stop)
-    wait_redis_pong(int(stack.redis_url.rsplit("/", 1)[0].rsplit(":", 1)[1]), 15)
+    port = int(stack.redis_url.rsplit("/", 1)[0].rsplit(":", 1)[1])
+    wait_until(lambda: redis_answers(port), 15, "redis restarted", proc=service)
     stack.services["redis"] = service
     return service
 
 
-def start_balancer(stack: Stack, exits: ExitStack, settings: Mapping[str, str] | None) -> None:
+def start_balancer(stack: LoopbackAppliance, exits: ExitStack, settings: Mapping[str, str] | None) -> None:
     port = free_port()
     env = {**_common(stack.tmp, stack.token), "APPLIANCE_BALANCER_PORT": str(port),
            "APPLIANCE_BALANCER_WORKERS": ",".join(stack.workers), "APPLIANCE_BALANCER_PROBE_INTERVAL_S": "0.5",
@@ -185,7 +168,7 @@ def start_balancer(stack: Stack, exits: ExitStack, settings: Mapping[str, str] |
                    what="all workers healthy in the balancer")
 
 
-def start_rag(stack: Stack, exits: ExitStack, settings: Mapping[str, str] | None) -> None:
+def start_rag(stack: LoopbackAppliance, exits: ExitStack, settings: Mapping[str, str] | None) -> None:
     port = free_port()
     env = {**_common(stack.tmp, stack.token), "APPLIANCE_RAG_PORT": str(port),
            "APPLIANCE_RAG_EMBEDDING_DEVICE": "cpu", **_prefixed("APPLIANCE_RAG_", settings)}
@@ -196,10 +179,10 @@ def start_rag(stack: Stack, exits: ExitStack, settings: Mapping[str, str] | None
         ready_timeout=180))
 
 
-def start_fake_upstream(stack: Stack, exits: ExitStack) -> None:
+def start_fake_upstream(stack: LoopbackAppliance, exits: ExitStack) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = python_module("appliance.bench._gateway_fakes", "--port", str(port), "--token", stack.token,
+    argv = python_module("appliance.bench.fake_worker", "--port", str(port), "--token", stack.token,
                          "--model", FAKE_MODEL)
     stack.services["upstream"] = exits.enter_context(run_service(
         argv, env={}, log_path=stack.tmp / "logs" / "upstream.log", ready_url=f"{url}/health"))
@@ -207,7 +190,7 @@ def start_fake_upstream(stack: Stack, exits: ExitStack) -> None:
     stack.model = FAKE_MODEL
 
 
-def start_gateways(stack: Stack, exits: ExitStack, count: int, settings: Mapping[str, str] | None) -> None:
+def start_gateways(stack: LoopbackAppliance, exits: ExitStack, count: int, settings: Mapping[str, str] | None) -> None:
     """``count`` gateway processes sharing Redis and the data dir (so one admin key)."""
     for index in range(count):
         port = free_port()
@@ -234,7 +217,7 @@ def appliance_stack(
     worker_settings: Mapping[str, str] | None = None, balancer_settings: Mapping[str, str] | None = None,
     gateway_settings: Mapping[str, str] | None = None, rag_settings: Mapping[str, str] | None = None,
     token: str = TOKEN,
-) -> Iterator[Stack]:
+) -> Iterator[LoopbackAppliance]:
     """Start the stack (``upstream="none"``: no gateway either, just workers/balancer/RAG) and stop it on exit.
 
     Settings mappings use field names (``{"probe_interval_s": "0.2"}``) and become ``APPLIANCE_<SVC>_<FIELD>``.
@@ -243,7 +226,7 @@ def appliance_stack(
     (tmp / "data").mkdir(parents=True, exist_ok=True)
     with ExitStack() as exits:
         service, redis_url = exits.enter_context(redis_server(tmp / "redis", appendonly=redis_appendonly))
-        stack = Stack(tmp=tmp, token=token, redis_url=redis_url, services={"redis": service},
+        stack = LoopbackAppliance(tmp=tmp, token=token, redis_url=redis_url, services={"redis": service},
                       exits=exits.enter_context(ExitStack()))
         rag = rag or ("fake" if upstream == "fake" else "real")
         if upstream == "fake":

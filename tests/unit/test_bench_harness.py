@@ -15,7 +15,7 @@ from appliance.bench.__main__ import main as bench_main
 def test_list_shows_benchmarks_and_no_helper_module(capsys: pytest.CaptureFixture[str]) -> None:
     names = harness.benchmarks()
     assert {"balancer", "batching", "gateway", "rag"} <= set(names)
-    assert not {"harness", "_gateway_fakes", "_gateway_loadgen", "_balancer_roles"} & set(names)
+    assert not {"harness", "fake_worker", "_gateway_loadgen", "_balancer_roles"} & set(names)
     assert bench_main(["--list"]) == 0
     assert capsys.readouterr().out.split() == names
     assert bench_main(["harness"]) == 2  # a helper module is not a benchmark
@@ -24,9 +24,9 @@ def test_list_shows_benchmarks_and_no_helper_module(capsys: pytest.CaptureFixtur
 def test_service_waits_for_readiness_and_stops_the_process(tmp_path: Path) -> None:
     port = harness.free_port()
     argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
-    with harness.service(argv, log=tmp_path / "server.log", ready=f"http://127.0.0.1:{port}/", timeout=60) as proc:
+    with harness.service(argv, log=tmp_path / "server.log", ready=f"http://127.0.0.1:{port}/", timeout=60) as running:
         assert harness.http_ok(f"http://127.0.0.1:{port}/")
-    assert proc.poll() is not None  # stopped on exit
+    assert running.proc.poll() is not None  # stopped on exit
     assert harness.get_json(f"http://127.0.0.1:{port}/")[0] == 0  # nothing answers any more
 
 
@@ -35,6 +35,13 @@ def test_service_reports_a_process_that_exits_before_it_is_ready(tmp_path: Path)
     with pytest.raises(RuntimeError, match="exited with 3"), \
             harness.service(argv, ready=lambda: False, timeout=60):
         pass
+
+
+def test_wait_until_returns_how_long_it_took_and_gives_up_after_the_timeout() -> None:
+    calls = iter([False, False, True])
+    assert 0 <= harness.wait_until(lambda: next(calls), 5, "third poll", interval=0.01) < 5
+    with pytest.raises(TimeoutError, match="never: not within 0.05 s"):
+        harness.wait_until(lambda: False, 0.05, "never", interval=0.01)
 
 
 def test_emit_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:

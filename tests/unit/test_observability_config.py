@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from observability import dashboards
-from observability.promql import metric_names, owner_of, used_metric_names
+from tests.support.promql import metric_names, owner_of, used_metric_names
 
 REPO = Path(__file__).resolve().parents[2]
 OBS = REPO / "observability"

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import tests.conftest as root
+from tests.support import strict
 from tests.support.processes import REPO
 
 BROWSER_TEST = "tests/browser/test_chat_ui.py::test_sign_in_rejects_a_bad_key_then_accepts_a_good_one"
@@ -50,8 +50,8 @@ def test_a_missing_chromium_is_a_skip_on_a_developer_machine() -> None:
     ],
 )
 def test_only_a_gpu_may_be_a_skip_reason(monkeypatch: pytest.MonkeyPatch, reason: str, fails: bool) -> None:
-    monkeypatch.setattr(root, "STRICT", True)
+    monkeypatch.setattr(strict, "STRICT", True)
     report = SimpleNamespace(skipped=True, outcome="skipped", longrepr=("file.py", 1, f"Skipped: {reason}"))
     report.skipped = True
-    root._fail_strict_skip(report)
+    strict.fail_strict_skip(report)
     assert (report.outcome == "failed") is fails

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 
 from tests.support.processes import Service, free_port, python_module, run_service
+from tests.support.rag_service import TOKEN as RAG_TOKEN
+from tests.support.rag_service import rag_process
 
 TOKEN = "gateway-test-internal-token-padded-to-32-characters"
 
@@ -38,10 +41,10 @@ class Gateway:
 
 @contextmanager
 def fake_upstream(tmp: Path, model: str = "fake-model") -> Iterator[str]:
-    """The fast fake balancer + RAG service (appliance.bench._gateway_fakes) as its own process."""
+    """The fast fake balancer + RAG service (appliance.bench.fake_worker) as its own process."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = python_module("appliance.bench._gateway_fakes", "--port", str(port), "--token", TOKEN, "--model", model)
+    argv = python_module("appliance.bench.fake_worker", "--port", str(port), "--token", TOKEN, "--model", model)
     with run_service(argv, env={}, log_path=tmp / f"fake-{port}.log", ready_url=f"{url}/health"):
         yield url
 
@@ -114,3 +117,42 @@ def sse_events(raw: str) -> list[tuple[str, str]]:
 
 def last_upstream_body(upstream: str) -> dict[str, Any]:
     return dict(json.loads(httpx.get(f"{upstream}/_last", timeout=10).text))
+
+
+@dataclass
+class TwoGateways:
+    """Two gateways over one real worker, the balancer and the RAG service (:func:`two_gateways`)."""
+
+    gateways: list[Gateway]
+    balancer: str
+    worker: str
+
+    @property
+    def gw(self) -> Gateway:
+        return self.gateways[0]
+
+    def sdk(self, key: str, index: int = 0) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gateways[index].url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@contextmanager
+def two_gateways(tmp: Path, model_path: Path, redis_url: str) -> Iterator[TwoGateways]:
+    """A real worker (8 slots, 512 context), the balancer, the real RAG service and two gateways sharing Redis
+    and one data dir (so one admin key)."""
+    common = {"APPLIANCE_INTERNAL_TOKEN": RAG_TOKEN, "APPLIANCE_LOG_JSON": "true", "APPLIANCE_CONFIG": ""}
+    wport, bport = free_port(), free_port()
+    worker, balancer = f"http://127.0.0.1:{wport}", f"http://127.0.0.1:{bport}"
+    worker_env = {**common, "APPLIANCE_DATA_DIR": str(tmp / "worker"), "APPLIANCE_WORKER_PORT": str(wport),
+                  "APPLIANCE_WORKER_MODEL_PATH": str(model_path), "APPLIANCE_WORKER_SLOTS": "8",
+                  "APPLIANCE_WORKER_N_CTX": "512", "APPLIANCE_WORKER_QUEUE_SIZE": "64",
+                  "APPLIANCE_WORKER_MAX_TOKENS_CAP": "128"}
+    balancer_env = {**common, "APPLIANCE_DATA_DIR": str(tmp / "balancer"), "APPLIANCE_BALANCER_PORT": str(bport),
+                    "APPLIANCE_BALANCER_WORKERS": worker, "APPLIANCE_BALANCER_PROBE_INTERVAL_S": "0.5"}
+    with run_service(python_module("inference"), env=worker_env, log_path=tmp / "worker.log",
+                     ready_url=f"{worker}/health", ready_timeout=180), \
+            run_service(python_module("balancer"), env=balancer_env, log_path=tmp / "balancer.log",
+                        ready_url=f"{balancer}/health", ready_timeout=60), \
+            rag_process(tmp / "rag") as (_, rag_url), \
+            gateway(tmp, redis_url, balancer, rag_url, token=RAG_TOKEN, data_dir=tmp / "gw") as first, \
+            gateway(tmp, redis_url, balancer, rag_url, token=RAG_TOKEN, data_dir=tmp / "gw") as second:
+        yield TwoGateways([first, second], balancer, worker)

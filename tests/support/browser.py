@@ -1,13 +1,19 @@
-"""What the browser tests do the same way: sign in, send a message, wait for the answer, take screenshots."""
+"""What the browser tests share: the appliance they drive, and how they sign in, send a message, wait for the
+answer and take screenshots."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.support.processes import REPO
+from tests.support.stack import LoopbackAppliance
 
 SCREENSHOTS = REPO / "artifacts" / "screenshots"
+MODEL = "gemma-3-270m"
 
 # The streaming answer's text, read in the page in one go while it is still marked as streaming.
 PARTIAL_TEXT_JS = """() => {
@@ -47,3 +53,26 @@ def wait_answer_done(page: Any, count: int, timeout_ms: int = 60_000) -> Any:
         "(n) => { const m = document.querySelectorAll('.message.assistant'); "
         "return m.length >= n && !m[n - 1].classList.contains('streaming'); }", arg=count, timeout=timeout_ms)
     return page.locator(".message.assistant").nth(count - 1)
+
+
+@dataclass
+class BrowserAppliance:
+    """The loopback appliance the browser tests drive: the gateway's URL, its admin key, the workers."""
+
+    url: str
+    admin_key: str
+    workers: list[str]
+    tmp: Path
+    processes: LoopbackAppliance  # the processes: services by name, restart(), balancer_workers()
+
+    def create_key(self, name: str, scopes: tuple[str, ...] = ("chat",), **limits: int) -> dict[str, Any]:
+        body = {"name": name, "scopes": list(scopes), "limits": {"rpm": 0, **limits}}
+        response = httpx.post(f"{self.url}/admin/keys", json=body, timeout=30,
+                              headers={"Authorization": f"Bearer {self.admin_key}"})
+        assert response.status_code == 201, response.text
+        return dict(response.json())
+
+    def revoke(self, key_id: str) -> None:
+        response = httpx.delete(f"{self.url}/admin/keys/{key_id}", timeout=30,
+                                headers={"Authorization": f"Bearer {self.admin_key}"})
+        assert response.status_code == 200, response.text

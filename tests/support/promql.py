@@ -1,8 +1,8 @@
 """Which metric names the dashboards and alert rules use, and which names a /metrics page exports.
 
-The extractor is deliberately small: it reads the PromQL we write (selectors,
-functions, aggregations with ``by``/``without``, binary operators with
-``on``/``ignoring``/``group_left``), not every corner of the grammar.
+Expressions are parsed by ``promql-parser`` (Prometheus's grammar); before that, what Grafana adds to PromQL
+is reduced to PromQL: ``label_values(METRIC, label)`` to ``METRIC`` and a ``$variable`` range to ``[5m]``
+(variables inside label matchers are plain strings to the parser).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import promql_parser
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,18 +27,10 @@ __all__ = [
     "used_metric_names",
 ]
 
-HERE = Path(__file__).resolve().parent
+OBSERVABILITY = Path(__file__).resolve().parents[2] / "observability"
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-_MATCHERS = re.compile(r"\{[^{}]*\}")
-_RANGE = re.compile(r"\[[^\]]*\]")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
-_LABEL_VALUES = re.compile(r"\blabel_values\s*\(\s*([^,()]*?)\s*(?:,[^()]*)?\)")
-_GRAFANA_VAR = re.compile(r"\$\{[^}]*\}|\$\w+")
-_NUMBER = re.compile(r"(?<![\w:])(?:0x[0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)(?:ms|[smhdwy])?")
-_IDENT = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
-             "group_right", "inf", "nan", "atan2"}
+_LABEL_VALUES = re.compile(r"^\s*label_values\s*\(\s*(.*?)\s*(?:,\s*[A-Za-z_][A-Za-z0-9_]*\s*)?\)\s*$", re.DOTALL)
+_GRAFANA_RANGE = re.compile(r"\[\s*\$\{?\w+\}?\s*\]")
 
 # Which process exports a name, by prefix: the tests start that process and scrape it.
 OWNERS: tuple[tuple[str, str], ...] = (
@@ -62,23 +55,19 @@ def owner_of(name: str) -> str | None:
 
 
 def metric_names(expr: str) -> set[str]:
-    """The metric names one PromQL expression selects."""
-    text = _LABEL_VALUES.sub(r"\1", expr)
-    text = _STRING.sub(" ", text)
-    text = _GRAFANA_VAR.sub(" ", text)
-    text = _RANGE.sub(" ", text)
-    while True:  # label matchers and grouping lists hold label names, not metric names
-        stripped = _GROUPING.sub(" ", _MATCHERS.sub(" ", text))
-        if stripped == text:
-            break
-        text = stripped
-    text = _NUMBER.sub(" ", text)
-    names = set()
-    for match in _IDENT.finditer(text):
-        rest = text[match.end():].lstrip()
-        if rest.startswith("(") or match.group().lower() in _KEYWORDS:
-            continue  # a function or aggregation, or a keyword
-        names.add(match.group())
+    """The metric names one PromQL expression (or Grafana query) selects."""
+    text = _GRAFANA_RANGE.sub("[5m]", _LABEL_VALUES.sub(r"\1", expr))
+    names: set[str] = set()
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            if node.name:
+                names.add(node.name)
+            names.update(m.value for m in node.matchers.matchers
+                         if m.name == "__name__" and m.op == promql_parser.MatchOp.Equal)
+        return True
+
+    promql_parser.walk(promql_parser.parse(text), visit)
     return names
 
 
@@ -111,7 +100,7 @@ def dashboard_expressions(path: Path) -> Iterator[tuple[str, str]]:
             yield f"${variable.get('name')}", str(query)
 
 
-def used_metric_names(root: Path = HERE) -> dict[str, set[str]]:
+def used_metric_names(root: Path = OBSERVABILITY) -> dict[str, set[str]]:
     """Every metric name used under ``root`` → where it is used (file: rule or panel)."""
     used: dict[str, set[str]] = {}
     sources: list[tuple[Path, Iterator[tuple[str, str]]]] = []

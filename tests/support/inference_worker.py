@@ -1,0 +1,83 @@
+"""A real inference worker process on loopback, and its clients (the official openai client, raw HTTP)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from tests.support.processes import free_port, python_module, run_service
+
+__all__ = ["MODEL", "TOKEN", "Worker", "spawn_worker", "wait_idle"]
+
+TOKEN = "test-internal-token-padded-to-32-characters"
+MODEL = "gemma-3-270m"
+
+
+@dataclass(frozen=True)
+class Worker:
+    url: str
+    sdk: openai.OpenAI
+
+    def client(self) -> openai.OpenAI:
+        return self.sdk
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                                  default_headers={"X-Internal-Token": TOKEN})
+
+    def get(self, path: str, token: str | None = TOKEN) -> tuple[int, bytes]:
+        return self.call("GET", path, None, token)
+
+    def call(self, method: str, path: str, body: bytes | None, token: str | None = TOKEN) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["X-Internal-Token"] = token
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def post(self, path: str, payload: Any) -> tuple[int, dict[str, Any]]:
+        status, raw = self.call("POST", path, json.dumps(payload).encode())
+        return status, json.loads(raw)
+
+    def health(self) -> dict[str, Any]:
+        return json.loads(self.get("/health", token=None)[1])
+
+
+@contextmanager
+def spawn_worker(model_path: Path, logs: Path, **settings: str) -> Iterator[Worker]:
+    """A real worker process on the real model; ``settings`` are APPLIANCE_WORKER_* values by field name."""
+    port = free_port()
+    env = {
+        "APPLIANCE_WORKER_PORT": str(port), "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
+        "APPLIANCE_INTERNAL_TOKEN": TOKEN, "APPLIANCE_DATA_DIR": str(logs), "APPLIANCE_LOG_JSON": "false",
+        **{f"APPLIANCE_WORKER_{field.upper()}": value for field, value in settings.items()},
+    }
+    url = f"http://127.0.0.1:{port}"
+    with run_service(python_module("inference"), env=env, log_path=logs / "worker.log",
+                     ready_url=f"{url}/health") as service:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0,
+                           default_headers={"X-Internal-Token": TOKEN}) as sdk:
+            yield Worker(url, sdk)
+        assert service.proc.poll() is None, service.logs()[-3000:]
+
+
+def wait_idle(worker: Worker, timeout: float = 1.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if worker.health()["slots_busy"] == 0:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"slots still busy after {timeout}s: {worker.health()}")
