@@ -17,7 +17,7 @@ from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from appliance.core.errors import APIError, bad_request, not_found
+from appliance.core.errors import APIError, not_found
 from appliance.core.ids import ResponseId
 from appliance.core.wire import ChatCompletionRequest, parse_request
 from gateway.access import access_record
@@ -25,6 +25,7 @@ from gateway.admission import parse_bearer
 from gateway.generation import admit, decode_body, forward, validate
 from gateway.openapi import documented
 from gateway.responses.events import encode_json
+from gateway.responses.listing import items_page
 from gateway.responses.output import ResponsesOutput
 from gateway.responses.request import ResponsesRequest
 from gateway.responses.schema import DeletedResponse, ResponseItemList, ResponseObject, ResponseStreamEvent
@@ -130,33 +131,12 @@ async def delete_response(request: Request[Any, Any, Any], svc: Services, respon
     return Response(encode_json({"id": str(parsed), "object": "response", "deleted": True}), media_type=JSON)
 
 
-def _page(items: list[dict[str, Any]], query: Any) -> dict[str, Any]:
-    """``limit`` (1-100, default 20), ``order`` (asc or desc, default desc), ``after`` (an item id)."""
-    raw_limit = query.get("limit", "20")
-    if not (raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= 100):
-        raise bad_request("limit must be an integer from 1 to 100.", param="limit", code="invalid_value")
-    order = query.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise bad_request("order must be 'asc' or 'desc'.", param="order", code="invalid_value")
-    ordered = items if order == "asc" else items[::-1]
-    after = query.get("after")
-    if after is not None:
-        position = next((i for i, item in enumerate(ordered) if item.get("id") == after), None)
-        if position is None:
-            raise bad_request("after is not the id of one of this response's input items.", param="after",
-                              code="invalid_value")
-        ordered = ordered[position + 1:]
-    page = ordered[:int(raw_limit)]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > len(page)}
-
-
 @get("/v1/responses/{response_id:str}/input_items", summary="The input items of a stored response of this key",
      opt=documented(answers={200: ResponseItemList}, errors=(400, 401, 403, 404, 503)))
 async def list_input_items(request: Request[Any, Any, Any], svc: Services, responses: ResponseStoreDep,
                            response_id: FromPath[str]) -> Response[Any]:
     found = await _stored(request, svc, responses, response_id)
-    return Response(encode_json(_page(found.items, request.query_params)), media_type=JSON)
+    return Response(encode_json(items_page(found.items, request.query_params)), media_type=JSON)
 
 
 HANDLERS = (create_response, retrieve_response, delete_response, list_input_items)
