@@ -11,7 +11,7 @@ import redis
 from appliance.backup.archive import ArchiveWriter, copy_offsite, rotate, verify_archive
 from appliance.backup.key import default_key_path, load_or_create_key
 from appliance.backup.restore import RestoreResult, recover_interrupted_restore, restore_backup
-from appliance.backup.snapshot import add_models, add_rag_store, redis_bgsave
+from appliance.backup.snapshot import add_models, add_rag_store, add_responses_store, redis_bgsave
 from appliance.runtime.settings import RuntimeSettings
 
 __all__ = ["BackupResult", "RestoreResult", "create_backup", "recover_interrupted_restore", "restore_backup"]
@@ -48,7 +48,8 @@ def create_backup(
     step: Step | None = None,
     key_file: Path | None = None,
 ) -> BackupResult:
-    """A consistent snapshot while serving: Redis via BGSAVE, the RAG store, config, model manifest.
+    """A consistent snapshot while serving: Redis via BGSAVE, the RAG store, the gateway's stored responses,
+    config, model manifest.
 
     The manifest is authenticated with the backup key (``key_file``, default ``data/run/backup_key``,
     generated on the first backup).
@@ -62,6 +63,7 @@ def create_backup(
         writer.manifest.redis_keys = keys
         writer.add_file(rdb, "redis/dump.rdb")
         add_rag_store(writer, settings.data_dir)
+        add_responses_store(writer, settings.data_dir / "responses", settings.data_dir)
         for name in ("admin_key",):
             if (settings.data_dir / name).is_file():
                 writer.add_file(settings.data_dir / name, f"secrets/{name}")

@@ -20,6 +20,7 @@ __all__ = [
     "SnapshotError",
     "add_models",
     "add_rag_store",
+    "add_responses_store",
     "copy_rag_store",
     "record_derived",
     "redis_bgsave",
@@ -123,6 +124,17 @@ def add_rag_store(writer: ArchiveWriter, data_dir: Path) -> None:
         copy_rag_store(data_dir / "rag", Path(staging) / "rag")
         writer.add_tree(Path(staging) / "rag", "rag")
     record_derived(writer.manifest, data_dir / "rag", "rag")
+
+
+def add_responses_store(writer: ArchiveWriter, source: Path, staging_parent: Path) -> None:
+    """The gateway's stored responses (``source``: its ``responses`` directory, one SQLite file), copied
+    through SQLite's online backup API while the gateway writes, archived as ``responses/``."""
+    if not source.is_dir():
+        return
+    with tempfile.TemporaryDirectory(prefix=".backup-responses-", dir=staging_parent) as staging:
+        copy_rag_store(source, Path(staging) / "responses")  # any directory of SQLite files copies the same way
+        if (Path(staging) / "responses").is_dir():
+            writer.add_tree(Path(staging) / "responses", "responses")
 
 
 def add_models(writer: ArchiveWriter, models: list[Path], *, included: bool) -> None:
