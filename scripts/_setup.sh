@@ -1,5 +1,6 @@
-# Sourced by scripts/run and scripts/test: a .venv with the project installed.
-# Usage: source scripts/_setup.sh [EXTRAS]   (e.g. "test,dev"; none = what running needs)
+# Sourced by scripts/run and scripts/test: a .venv with the project installed for this host.
+# Usage: source scripts/_setup.sh [EXTRAS]   (e.g. "test,dev"; always with the "host" extra: every service
+# the local runtime runs, and the CLI; each service's own extra is in pyproject.toml)
 # Re-running is fast: pip skips what is already satisfied (the llama-cpp-python
 # wheel, built once from source, is reused from pip's cache).
 set -euo pipefail
@@ -11,12 +12,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
   .venv/bin/pip install --quiet --upgrade pip wheel
 fi
-extras="${1:-}"
-spec="."
-[ -z "$extras" ] || spec=".[$extras]"
-stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras:-run}
+extras="host${1:+,$1}"
+spec=".[$extras]"
+stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)-${extras//,/-}
 if [ ! -f "$stamp" ]; then
-  echo "==> installing the project (${extras:-run}) — the first time builds llama-cpp-python (~10 min on 2 cores)" >&2
+  echo "==> installing the project ($extras) — the first time builds llama-cpp-python (~10 min on 2 cores)" >&2
   .venv/bin/pip install --quiet --disable-pip-version-check -e "$spec"
   touch "$stamp"
 fi

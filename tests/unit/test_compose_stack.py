@@ -250,7 +250,7 @@ def test_dockerfiles_take_their_base_as_an_argument_and_run_as_non_root() -> Non
     assert re.search(r"^ARG CUDA_BUILD_BASE=nvidia/cuda:\S+-devel", cuda, re.M) and "-DGGML_CUDA=on" in cuda
     assert re.search(r"^ARG CUDA_BASE=nvidia/cuda:\S+-runtime", cuda, re.M)
     rag = (REPO / "docker" / "rag-cuda.Dockerfile").read_text()
-    assert re.search(r"^ARG CUDA_BASE=nvidia/cuda:", rag, re.M) and "--extra gpu" in rag
+    assert re.search(r"^ARG CUDA_BASE=nvidia/cuda:", rag, re.M) and "rag rag-torch gpu --without faiss-cpu" in rag
     for name in ("gateway", "balancer", "inference", "rag", "exporter"):
         text = (REPO / "docker" / f"{name}.Dockerfile").read_text()
         assert "--no-index --find-links /wheels" in text and "HEALTHCHECK" in text, name
@@ -272,20 +272,25 @@ def _requirements(*args: str) -> list[str]:
     ).stdout.split()
 
 
-def test_dockerfile_requirements_follow_pyproject() -> None:
-    rag = _requirements("--exclude", "faiss-cpu", "llama-cpp-python", "--extra", "gpu")
+def test_each_image_installs_the_extra_of_its_service() -> None:
+    for image, extra in (("gateway", "gateway"), ("balancer", "balancer"), ("inference", "worker"), ("rag", "rag")):
+        text = (REPO / "docker" / f"{image}.Dockerfile").read_text()
+        assert f"docker/requirements.py {extra} >" in text, image
+    gateway = _requirements("gateway")
+    assert any(r.startswith("litestar") for r in gateway) and not any(r.startswith("llama-cpp") for r in gateway)
+    rag = _requirements("rag", "rag-torch", "gpu", "--without", "faiss-cpu")
     assert any(r.startswith("faiss-gpu") for r in rag) and not any(r.startswith("faiss-cpu") for r in rag)
     assert not any(r.startswith("llama-cpp-python") for r in rag)
-    exporter = _requirements("--only", "aiohttp", "nvidia-ml-py")
-    assert [r.split(">")[0] for r in exporter] == ["aiohttp", "nvidia-ml-py"]
+    host = _requirements("host")  # `llm-appliance[...]` expanded: every service's extra and the CLI's
+    assert {"litestar>=2.12", "llama-cpp-python>=0.3.2", "torch==2.13.0", "typer>=0.12"} <= set(host)
 
 
-def test_cpu_images_carry_no_torch() -> None:
-    heavy = ("torch", "transformers", "sentence-transformers", "faiss-gpu", "llama-cpp-python")
-    for image in ("gateway", "balancer", "rag", "exporter"):
-        assert not [r for r in _requirements("--image", image) if r.startswith(heavy)], image
-    assert any(r.startswith("onnxruntime") for r in _requirements("--image", "rag"))
-    assert any(r.startswith("llama-cpp-python>=") for r in _requirements("--image", "inference"))
+def test_cpu_images_carry_no_torch_and_no_yaml() -> None:
+    heavy = ("torch", "transformers", "sentence-transformers", "faiss-gpu", "llama-cpp-python", "pyyaml")
+    for extra in ("gateway", "balancer", "rag", "exporter"):
+        assert not [r for r in _requirements(extra) if r.startswith(heavy)], extra
+    assert any(r.startswith("onnxruntime") for r in _requirements("rag"))
+    assert any(r.startswith("llama-cpp-python>=") for r in _requirements("worker"))
     wheelhouse = _requirements("--wheelhouse")
     assert not [r for r in wheelhouse if r.startswith(heavy[:4])]
     # The embedding model's package declares sentence-transformers: it goes in without its dependencies.
