@@ -180,6 +180,7 @@ def status_of(runtime: LocalRuntime) -> Status:
     lines = [
         f"  {w['name']}: model={w.get('model')} slots={w.get('slots_busy')}/{w.get('slots_total')} "
         f"queue={w.get('queue_depth')} ctx/slot={w.get('n_ctx')} layers on GPU={w.get('gpu_layers')}"
+        f" decode={(w.get('decode') or {}).get('mode', '-')}"  # the worker's decode mode (issue 31)
         for w in report.get("workers", [])
     ]
     redis_info, rag, gpu = report.get("redis") or {}, report.get("rag") or {}, report.get("gpu") or {}
