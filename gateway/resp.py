@@ -10,11 +10,9 @@ Errors use redis-py's exception types, so callers handle one family:
 the connection is dropped so replies can never be mismatched) and
 ``ResponseError`` (an ``-ERR`` reply).
 
-Kept over redis-py because ``appliance bench gateway`` shows the gain side by side (same Redis, same
-load, redis-py's pipeline in ``gateway/hot_redis.py``; quiet 2 cores, 2026-12-01 23:15): the hot path
-alone 17081 vs 3189 admissions/s (5.4x), the whole gateway 822.6 vs 653.8 req/s at concurrency 64 (1.26x;
-1.14x in the run before). While the balancer's worker hop still went through aiohttp's client it was the
-bound, and the whole-gateway figure sat at 0.98x.
+Kept over redis-py's pipeline because it is faster on this path; ``appliance bench gateway`` measures the
+two side by side on the same Redis and load (``resp_over_redispy`` for the whole gateway, ``redis_hot_path``
+for the client alone).
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def _faiss() -> Any:
 
 @contextmanager
 def _one_thread_when(condition: bool) -> Iterator[None]:
-    """One query gains nothing from OpenMP threads, and waking them costs: on a busy 2-core host an HNSW
-    search took ~12 ms with 2 threads against ~1.5 ms with 1. Per calling thread, so builds keep theirs."""
+    """One query gains nothing from OpenMP threads, and on a busy host waking them costs more than the search
+    itself. Per calling thread, so builds keep theirs."""
     if not condition:
         yield
         return

@@ -1,13 +1,13 @@
 """The embedding model on ONNX Runtime: the same vectors as sentence-transformers, without importing torch.
 
-Why: a short query through sentence-transformers costs ~25 ms on a 2-core CPU,
-mostly per-op overhead of eager torch and fp32 weights streamed from memory for
-a handful of tokens; ONNX Runtime runs the same graph in a fraction of that.
-Starting without torch also makes a restart take seconds instead of ~20 s.
+Why: a short query through sentence-transformers is mostly per-op overhead of
+eager torch and fp32 weights streamed from memory for a handful of tokens; ONNX
+Runtime runs the same graph in a fraction of that time (``appliance bench rag``
+measures both). Starting without torch also makes a restart much shorter.
 
 Queries can use a dynamically int8-quantised copy of the graph (``query_int8``):
-it is smaller than the L3 cache, so a short query gets faster again, at a
-cosine of ~0.99 to the fp32 vectors; stored chunk vectors always come from fp32.
+it is smaller than the L3 cache, so a short query gets faster again, its vectors
+close to (not equal to) the fp32 ones; stored chunk vectors always come from fp32.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ __all__ = ["OnnxEmbedder", "load_onnx_embedder"]
 
 log = logging.getLogger(__name__)
 
-# What one more session.run costs, in padded tokens of compute. Measured on the 2-core host (all-MiniLM-L6-v2,
-# one text): ~8 ms fixed per run against 0.27 ms per token at 8-64 tokens and ~0.6 ms at 128-205 (attention).
+# What one more session.run costs, in padded tokens of compute: a run's fixed cost over the cost of one token
+# at short lengths (all-MiniLM-L6-v2, one text; longer texts cost more per token, attention).
 RUN_COST_TOKENS = 24
 
 

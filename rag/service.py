@@ -85,7 +85,7 @@ class RagService:
         )
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-store")
         self._embed_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-embed")
-        # HNSW builds past approx_threshold (~1 min per 100k vectors) run here, not on rag-store.
+        # HNSW builds past approx_threshold (minutes for a large collection) run here, not on rag-store.
         self._build_thread = ThreadPoolExecutor(1, thread_name_prefix="rag-build")
         self._store: DocumentStore | None = None
         self._indexes: dict[str, CollectionIndex] = {}

@@ -25,7 +25,7 @@ API (all synchronous; safe to call from any benchmark process):
   passes first, yields it, and always stops it on exit (SIGTERM, then SIGKILL after 15 s).
 * ``Service``: a started process (``proc``, ``pid``, ``signal``, ``logs``, ``stop``); tests use it too.
 * ``run_json(argv, env=None, *, log=None, timeout=600)``: run a one-shot process (a measurement run in its
-  own process, such as ``python -m rag.measure``) and return the one JSON object it prints on stdout
+  own process, such as ``python -m appliance.bench._rag_reference``) and return the one JSON object it prints on stdout
   (stderr to ``log``); RuntimeError when it fails, times out or prints anything else.
 * ``wait_until(check, timeout, what, proc=None, interval=0.1)``: poll ``check()`` until true; the seconds it took.
 * ``http_ok(url, headers=None)`` / ``get_json(url, headers=None)``: one loopback GET, never raising
@@ -41,8 +41,8 @@ API (all synchronous; safe to call from any benchmark process):
 * ``benchmarks()``: the names ``appliance bench --list`` shows.
 
 What counts as a benchmark: a module of this package whose name does not start with ``_`` and that
-defines ``main(argv)`` at top level. Helper modules (load generators, fake upstreams, roles run in
-their own processes) start with ``_``; this module has no ``main``.
+defines ``main(argv)`` at top level. Helper modules (load generators, roles and references run in their own
+processes) start with ``_``; this module and ``fake_worker`` (shared with the tests) have no ``main``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """``appliance bench rag``: the RAG service against the raw embedding model and exact search, in one run.
 
-The service is reached over HTTP only; the raw references are measured by ``python -m rag.measure`` (a
-process of its own, with the service's settings), so this module imports nothing of ``rag``.
+The service is reached over HTTP only; the raw references are measured by ``python -m
+appliance.bench._rag_reference`` (a process of its own, with the service's settings), so this module imports
+nothing of ``rag``.
 
 * ``ingest_efficiency``: chunks/s ingested through the service's HTTP API
   (``python -m rag``: parse, chunk, embed, SQLite commit, index) divided by
@@ -41,7 +42,7 @@ _VOCABULARY = (
     "built carried measured grew opened crossed repaired painted counted traded studied described"
 )
 WORDS = tuple(_VOCABULARY.split())
-BULK = "bulk"  # the collection of --bulk chunks that ``rag.measure search`` writes and the service then serves
+BULK = "bulk"  # the collection of --bulk chunks that ``_rag_reference search`` writes and the service then serves
 
 
 def corpus(docs: int, seed: int) -> list[TextDocument]:
@@ -62,7 +63,7 @@ def corpus(docs: int, seed: int) -> list[TextDocument]:
 
 
 def _env(data_dir: Path, threads: int, token: str = "", **settings: object) -> dict[str, str]:
-    """The RAG settings of one data dir, for the service and for ``rag.measure`` alike."""
+    """The RAG settings of one data dir, for the service and for ``appliance.bench._rag_reference`` alike."""
     return harness.service_env("rag", data_dir, token, compute_threads=threads, **settings)
 
 
@@ -78,10 +79,11 @@ def rag_service(data_dir: Path, threads: int, **extra: object) -> Iterator[tuple
 
 
 def reference(command: str, workload: Path, data_dir: Path, threads: int, *args: str) -> dict[str, Any]:
-    """``python -m rag.measure COMMAND``: the raw references, in their own process with the service's settings."""
-    harness.progress("rag", f"rag.measure {command} {' '.join(args)}".strip())
-    argv = harness.python("rag.measure", command, str(workload), *args)
-    return harness.run_json(argv, _env(data_dir, threads), log=data_dir / "rag-measure.log", timeout=1800)
+    """``python -m appliance.bench._rag_reference COMMAND``: the raw references, in their own process with the
+    service's settings."""
+    harness.progress("rag", f"appliance.bench._rag_reference {command} {' '.join(args)}".strip())
+    argv = harness.python("appliance.bench._rag_reference", command, str(workload), *args)
+    return harness.run_json(argv, _env(data_dir, threads), log=data_dir / "rag-reference.log", timeout=1800)
 
 
 def _body(model: Any) -> dict[str, Any]:
@@ -189,7 +191,7 @@ def service_breakdown(url: str, token: str, queries: list[str]) -> dict[str, flo
 
 
 def _link_cache(data_dir: Path, cache: Path) -> Path:
-    """Every data dir of the run shares one ONNX export (``rag.measure encode --onnx`` makes it)."""
+    """Every data dir of the run shares one ONNX export (``appliance.bench._rag_reference encode --onnx`` makes it)."""
     (data_dir / "rag").mkdir(parents=True, exist_ok=True)
     (data_dir / "rag" / "onnx").symlink_to(cache, target_is_directory=True)
     return data_dir

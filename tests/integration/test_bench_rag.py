@@ -1,9 +1,10 @@
 """``appliance bench rag`` end to end on a tiny workload, and the RAG package's own commands it relies on.
 
-The bench reaches the service over HTTP only and takes its raw references from ``python -m rag.measure``
-(a process of its own, tests/unit/test_layering.py keeps ``rag`` imports out of the bench); here the two
+The bench reaches the service over HTTP only and takes its raw references from ``python -m
+appliance.bench._rag_reference`` (a process of its own: tests/unit/test_layering.py keeps ``rag`` imports out of
+every other bench module); here the two
 halves have to agree: the chunks the reference encodes are the ones the service ingests, and the
-collection ``rag.measure search`` writes is the one the service then serves.
+collection ``appliance.bench._rag_reference search`` writes is the one the service then serves.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-# The figures of `appliance bench rag --json` (names kept when the references moved to rag.measure).
+# The figures of `appliance bench rag --json`.
 FIGURES = set(
     [
         "device",
@@ -69,10 +70,11 @@ def test_bench_rag_end_to_end_on_a_tiny_workload(tmp_path: Path, monkeypatch: py
     result = json.loads(done.stdout)
     assert set(result) >= FIGURES, FIGURES - set(result)
     assert set(result["query_breakdown"]) >= BREAKDOWN
-    # rag.measure chunked the documents exactly as the service did (else ingest_efficiency compares apples and pears)
+    # the reference chunked the documents exactly as the service did (else ingest_efficiency compares apples and
+    # pears)
     assert result["chunks"] == result["service_chunks"] > 3
     assert result["raw_encode_chunks_s"] > 0 and result["service_ingest_chunks_s"] > 0
-    # the collection rag.measure wrote is what the service searched (a 404 there fails the bench run)
+    # the collection the reference wrote is what the service searched (a 404 there fails the bench run)
     assert result["bulk_chunks"] == 600
     assert result["query_breakdown"]["service_search_mean_ms"] > 0
     ef = result["approx_ef_search"]
@@ -80,7 +82,7 @@ def test_bench_rag_end_to_end_on_a_tiny_workload(tmp_path: Path, monkeypatch: py
     assert 0 <= result["approx_recall_at_10"] <= 1
     assert result["approx_recall_at_10"] >= 0.95 or ef == 4096
     # the references ran in their own processes, with the service's settings, and logged there
-    assert (run / "ingest" / "rag-measure.log").is_file() and (run / "bulk" / "rag-measure.log").is_file()
+    assert (run / "ingest" / "rag-reference.log").is_file() and (run / "bulk" / "rag-reference.log").is_file()
     assert (run / "bulk" / "rag" / "indexes" / "bulk.faiss").is_file()
     # `python -m rag.export` (what `appliance images build` runs) finds the export the run made and reuses it
     done = _run("-m", "rag.export", str(run / "onnx-cache"))
@@ -109,7 +111,7 @@ def test_measure_refuses_bad_arguments_without_a_traceback(tmp_path: Path) -> No
         (["search", str(workload), "--bulk", "10", "--collection", "Not A Name"], "--collection a valid name"),
         (["frobnicate", str(workload)], "invalid choice"),
     ):
-        done = _run("-m", "rag.measure", *args)
+        done = _run("-m", "appliance.bench._rag_reference", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert words in done.stderr and "Traceback" not in done.stderr and not done.stdout
 

@@ -40,7 +40,7 @@ def test_service_reports_a_process_that_exits_before_it_is_ready(tmp_path: Path)
 def test_wait_until_returns_how_long_it_took_and_gives_up_after_the_timeout() -> None:
     calls = iter([False, False, True])
     assert 0 <= harness.wait_until(lambda: next(calls), 5, "third poll", interval=0.01) < 5
-    with pytest.raises(TimeoutError, match="never: not within 0.05 s"):
+    with pytest.raises(TimeoutError, match=r"never: not within 0\.05 s"):
         harness.wait_until(lambda: False, 0.05, "never", interval=0.01)
 
 
@@ -73,7 +73,7 @@ def test_service_env_is_read_by_the_services_own_settings(tmp_path: Path, monkey
 
 
 def test_run_json_returns_the_one_object_a_process_prints_and_refuses_anything_else(tmp_path: Path) -> None:
-    """How a benchmark reads a reference measured in its own process (``python -m rag.measure``)."""
+    """How a benchmark reads a reference measured in its own process (``python -m appliance.bench._rag_reference``)."""
     log = tmp_path / "one-shot.log"
     printed = "import sys; sys.stderr.write('progress\\n'); print('{\"rate\": 2.5}')"
     assert harness.run_json([sys.executable, "-c", printed], log=log) == {"rate": 2.5}

@@ -1,12 +1,13 @@
-"""``python -m rag.measure``: the references ``appliance bench rag`` holds the RAG service against, measured
-in a process of their own so that the bench reaches the service over HTTP only and imports nothing of ``rag``.
+"""``python -m appliance.bench._rag_reference``: the references ``appliance bench rag`` holds the RAG service
+against, measured in a process of their own: the only bench module that imports ``rag``, and no other module
+imports it (tests/unit/test_layering.py), so the bench itself reaches the service over HTTP only.
 
 Settings are read as ``python -m rag`` reads them (``APPLIANCE_RAG_*``, ``APPLIANCE_DATA_DIR``,
 ``appliance.toml``): the same model, threads, chunk size and batch size as the service measured. Each
 command prints one JSON object on stdout (progress and library noise go to stderr)::
 
-    python -m rag.measure encode WORKLOAD [--onnx]
-    python -m rag.measure search WORKLOAD --bulk N [--collection NAME] [--onnx]
+    python -m appliance.bench._rag_reference encode WORKLOAD [--onnx]
+    python -m appliance.bench._rag_reference search WORKLOAD --bulk N [--collection NAME] [--onnx]
 
 ``WORKLOAD`` is a JSON file ``{"documents": [TextDocument, ...], "queries": [str, ...]}``: the documents as
 ``POST /collections/{name}/documents`` takes them (:class:`appliance.core.rag_wire.TextDocument`).
@@ -281,7 +282,8 @@ def measure_search(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m rag.measure", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m appliance.bench._rag_reference", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name in ("encode", "search"):
@@ -299,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     workload = json.loads(args.workload.read_text(encoding="utf-8"))
     docs = [TextDocument.model_validate(doc) for doc in workload["documents"]]
     queries = [str(query) for query in workload.get("queries", [])]
-    settings = load_or_exit(RagSettings, "rag.measure")
+    settings = load_or_exit(RagSettings, "appliance.bench._rag_reference")
     if args.command == "encode":
         result = measure_encode(settings, docs, args.onnx)
     else:
         if args.bulk < 2 or not queries or not is_collection_name(args.collection):
             sys.stderr.write(
-                "rag.measure search: --bulk must be at least 2, --collection a valid name, and the workload "
+                "_rag_reference search: --bulk must be at least 2, --collection a valid name, and the workload "
                 "needs queries\n"
             )
             return 2
