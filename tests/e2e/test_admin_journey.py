@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from appliance.runtime.plan import lan_addresses
-from tests.e2e.test_runtime_lifecycle import Stack
+from tests.support.supervised import SupervisedAppliance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,7 +31,7 @@ ALIAS = "team-model"
 
 
 @pytest.fixture(scope="module")
-def admin(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
+def admin(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[SupervisedAppliance]:
     """An admin's folder: appliance.toml naming a second GGUF (a copy of the bundled one) and its alias."""
     home = tmp_path_factory.mktemp("admin")
     models = home / "models"
@@ -40,7 +40,7 @@ def admin(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
     (home / "appliance.toml").write_text(
         f'[worker]\nmodel_path = "{models / "team-model-q4.gguf"}"\nmodel_alias = "{ALIAS}"\nslots = 2\n'
     )
-    stack = Stack(home / "data", cwd=home)
+    stack = SupervisedAppliance(home / "data", cwd=home)
     stack.env.pop("APPLIANCE_WORKER_SLOTS")  # the file says 2
     try:
         yield stack
@@ -48,7 +48,7 @@ def admin(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
         stack.cli("down", check=False, timeout=400)
 
 
-def _models(stack: Stack) -> list[str]:
+def _models(stack: SupervisedAppliance) -> list[str]:
     response = httpx.get(
         f"{stack.gateway}/v1/models",
         verify=stack.verify,
@@ -62,7 +62,7 @@ def _models(stack: Stack) -> list[str]:
 class Stream:
     """One streamed completion long enough to outlast a scale or a restart, read on a thread."""
 
-    def __init__(self, stack: Stack, max_tokens: int) -> None:
+    def __init__(self, stack: SupervisedAppliance, max_tokens: int) -> None:
         self.events: list[str] = []
         self.error: str | None = None
         self.first = threading.Event()
@@ -116,7 +116,7 @@ class Stream:
         return chunks
 
 
-def _tokens_lasting(stack: Stack, seconds: float) -> int:
+def _tokens_lasting(stack: SupervisedAppliance, seconds: float) -> int:
     """How many tokens one stream generates in about ``seconds`` on this machine now (measured, not assumed)."""
     body = {"model": ALIAS, "prompt": "Once upon a time,", "max_tokens": 48, "ignore_eos": True, "temperature": 0.7}
     started = time.monotonic()
@@ -136,7 +136,7 @@ def _text(chunks: list[dict[str, Any]]) -> str:
     return "".join(c["choices"][0].get("text") or "" for c in chunks if c.get("choices"))
 
 
-def test_own_model_on_the_lan_over_https(admin: Stack) -> None:
+def test_own_model_on_the_lan_over_https(admin: SupervisedAppliance) -> None:
     up = admin.cli("up", "--workers", "2", "--host", "0.0.0.0", "--tls", "--json")
     info = json.loads(up.stdout)
     assert info["model"] == ALIAS and info["listen"] == f"0.0.0.0:{admin.port}"
@@ -170,7 +170,7 @@ def test_own_model_on_the_lan_over_https(admin: Stack) -> None:
     assert "layers on GPU" in admin.cli("status", check=False).stdout
 
 
-def test_long_streams_survive_scale_and_restart(admin: Stack) -> None:
+def test_long_streams_survive_scale_and_restart(admin: SupervisedAppliance) -> None:
     tokens = _tokens_lasting(admin, 30)
     for verb in (("scale", "inference=3"), ("restart", "inference"), ("scale", "inference=2")):
         stream = Stream(admin, tokens)
@@ -185,7 +185,7 @@ def test_long_streams_survive_scale_and_restart(admin: Stack) -> None:
     assert code == 0 and len(report["workers"]) == 2 and {w["model"] for w in report["workers"]} == {ALIAS}
 
 
-def test_single_worker_rolling_restart_is_refused(admin: Stack) -> None:
+def test_single_worker_rolling_restart_is_refused(admin: SupervisedAppliance) -> None:
     admin.cli("scale", "inference=1")
     refused = admin.cli("restart", "inference", check=False)
     assert refused.returncode != 0 and "only one inference worker" in refused.stderr
@@ -193,7 +193,7 @@ def test_single_worker_rolling_restart_is_refused(admin: Stack) -> None:
     admin.cli("scale", "inference=2")
 
 
-def test_own_certificate(admin: Stack) -> None:
+def test_own_certificate(admin: SupervisedAppliance) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl is not installed")
@@ -236,7 +236,7 @@ def test_config_mistake_fails_fast_naming_the_variable(tmp_path: Path, model_pat
     home = tmp_path / "admin"
     (home / "data" / "models").mkdir(parents=True)
     shutil.copy(model_path, home / "data" / "models" / model_path.name)  # the bundled model, already assembled
-    stack = Stack(home / "data", cwd=home)
+    stack = SupervisedAppliance(home / "data", cwd=home)
     timeout = 900
     toml = f"[runtime]\nwith_rag = false\nwith_prometheus = false\nready_timeout_s = {timeout}\n"
     # A shared field set in the balancer's table: the balancer exits 2 naming APPLIANCE_LOG_LEVEL.
@@ -261,7 +261,7 @@ def test_config_mistake_fails_fast_naming_the_variable(tmp_path: Path, model_pat
         assert refused.returncode != 0 and "env APPLIANCE_LOG_LEVEL " in refused.stderr, refused.stderr
 
 
-def test_upgrade_keeps_serving(admin: Stack) -> None:
+def test_upgrade_keeps_serving(admin: SupervisedAppliance) -> None:
     """`appliance upgrade` (workers, RAG, balancer, gateway) while clients chat and a long stream runs."""
     import openai
 
@@ -289,7 +289,7 @@ def test_upgrade_keeps_serving(admin: Stack) -> None:
     assert _models(admin) == [ALIAS]
 
 
-def test_rotate_admin_key_and_logs(admin: Stack) -> None:
+def test_rotate_admin_key_and_logs(admin: SupervisedAppliance) -> None:
     old = admin.admin_key()
     admin.cli("rotate-admin-key")
     new = admin.admin_key()

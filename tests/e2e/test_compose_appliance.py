@@ -22,7 +22,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,10 @@ import httpx
 import openai
 import pytest
 
+from appliance.bench.harness import wait_until
 from tests.support.chat_load import ClientThreads
+from tests.support.compose_appliance import ComposeAppliance, docker
 from tests.support.compose_services import COMPOSE_SERVICES
-from tests.support.processes import free_port, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -46,26 +47,12 @@ NO_CACHE: dict[str, Any] = {"temperature": 0.7, "extra_headers": {"Cache-Control
 WORKER_BACK_S = 180 + 3 * 10 + 120
 
 
-def _docker(*args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    docker = shutil.which("docker") or "docker"
-    return subprocess.run([docker, *args], capture_output=True, text=True, check=check, timeout=timeout)
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(1.0)
-    raise AssertionError(f"{what} not within {timeout:.0f} s")
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The Docker daemon: the running one, or one started here (as root) and stopped at the end."""
     if shutil.which("docker") is None:
         pytest.skip("Docker is not installed (./scripts/test installs docker.io on Debian when run as root)")
-    if _docker("info").returncode == 0:
+    if docker("info").returncode == 0:
         yield
         return
     if os.geteuid() != 0 or shutil.which("dockerd") is None:
@@ -73,7 +60,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with (tmp_path_factory.mktemp("dockerd") / "dockerd.log").open("wb") as log:
         started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait(lambda: _docker("info").returncode == 0, 90, "dockerd answering")
+            wait_until(lambda: docker("info").returncode == 0, 90, "dockerd answering", interval=1.0)
             yield
         finally:
             started.terminate()
@@ -84,74 +71,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
                 started.wait(10)
 
 
-class Stack:
-    """`appliance … --runtime compose` as a subprocess, on free loopback ports and its own compose project."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.project = f"llm-appliance-e2e-{os.getpid()}"
-        self.port = free_port()
-        self.prometheus = free_port()
-        self.gateway = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "COMPOSE_PROJECT_NAME": self.project,
-            "APPLIANCE_RUNTIME_GATEWAY_HOST": "127.0.0.1",
-            "APPLIANCE_RUNTIME_GATEWAY_PORT": str(self.port),
-            "APPLIANCE_RUNTIME_PROMETHEUS_PORT": str(self.prometheus),
-            "APPLIANCE_WORKER_SLOTS": "4",
-            "NO_COLOR": "1",
-        }
-        for name in ("APPLIANCE_CONFIG", "COMPOSE_FILE", "APPLIANCE_INTERNAL_TOKEN"):
-            self.env.pop(name, None)
-        self.use(data_dir)
-
-    def use(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.env["APPLIANCE_DATA_DIR"] = str(data_dir)
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return run_cli(args, env=self.env, timeout=timeout, check=check)
-
-    def admin_key(self) -> str:
-        return (self.data_dir / "gateway" / "admin_key").read_text().strip()
-
-    def sdk(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=180)
-
-    def http(self, key: str) -> httpx.Client:
-        return httpx.Client(base_url=self.gateway, headers={"Authorization": f"Bearer {key}"}, timeout=120)
-
-    def container(self, service: str) -> dict[str, Any]:
-        ids = _docker(
-            "ps",
-            "-aq",
-            "--filter",
-            f"label=com.docker.compose.project={self.project}",
-            "--filter",
-            f"label=com.docker.compose.service={service}",
-        ).stdout.split()
-        assert len(ids) == 1, (service, ids)
-        info: dict[str, Any] = json.loads(_docker("inspect", ids[0], check=True).stdout)[0]
-        return info
-
-    def leftovers(self) -> tuple[list[str], list[str]]:
-        label = f"label=com.docker.compose.project={self.project}"
-        return (
-            _docker("ps", "-aq", "--filter", label).stdout.split(),
-            _docker("network", "ls", "-q", "--filter", label).stdout.split(),
-        )
-
-    def remove_everything(self) -> None:
-        containers, networks = self.leftovers()
-        if containers:
-            _docker("rm", "-f", *containers, timeout=300)
-        if networks:
-            _docker("network", "rm", *networks)
-
-
 @pytest.fixture(scope="module")
-def stack(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("compose") / "data")
+def stack(engine: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeAppliance]:
+    stack = ComposeAppliance(tmp_path_factory.mktemp("compose") / "data")
     try:
         started = time.monotonic()
         built = json.loads(stack.cli("images", "build", "--json", timeout=1800).stdout)
@@ -171,7 +93,7 @@ def shared() -> dict[str, Any]:
     return {}
 
 
-def test_chat_stream_and_embedding_through_the_gateway(stack: Stack) -> None:
+def test_chat_stream_and_embedding_through_the_gateway(stack: ComposeAppliance) -> None:
     with stack.sdk(stack.admin_key()) as sdk:
         reply = sdk.chat.completions.create(
             model=MODEL, max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Say hello."}]
@@ -187,7 +109,7 @@ def test_chat_stream_and_embedding_through_the_gateway(stack: Stack) -> None:
         assert len(embedded.data) == 2 and len(embedded.data[0].embedding) == 384
 
 
-def test_rag_ingest_and_a_cited_answer(stack: Stack, shared: dict[str, Any]) -> None:
+def test_rag_ingest_and_a_cited_answer(stack: ComposeAppliance, shared: dict[str, Any]) -> None:
     admin = stack.admin_key()
     with stack.http(admin) as client:
         assert client.post("/v1/collections", json={"name": "library"}).status_code in (200, 201)
@@ -213,14 +135,14 @@ def test_rag_ingest_and_a_cited_answer(stack: Stack, shared: dict[str, Any]) -> 
     assert shared["search"][0][0] == ids["honeybees.md"]
 
 
-def _search(stack: Stack, key: str) -> list[tuple[str, float]]:
+def _search(stack: ComposeAppliance, key: str) -> list[tuple[str, float]]:
     with stack.http(key) as client:
         found = client.post("/v1/collections/library/search", json={"query": QUESTION, "top_k": 3})
     assert found.status_code == 200, found.text
     return [(hit["document_id"], round(hit["score"], 4)) for hit in found.json()["results"]]
 
 
-def test_status_json_reports_every_service_healthy(stack: Stack) -> None:
+def test_status_json_reports_every_service_healthy(stack: ComposeAppliance) -> None:
     result = stack.cli("status", "--runtime", "compose", "--json", check=False)
     report = json.loads(result.stdout)
     assert result.returncode == 0, report
@@ -230,7 +152,7 @@ def test_status_json_reports_every_service_healthy(stack: Stack) -> None:
     assert all(s["healthy"] and s["state"] == "running" for s in report["services"]), report["services"]
 
 
-def test_prometheus_in_its_container_scrapes_every_target(stack: Stack) -> None:
+def test_prometheus_in_its_container_scrapes_every_target(stack: ComposeAppliance) -> None:
     url = f"http://127.0.0.1:{stack.prometheus}/api/v1/targets"
     targets: list[dict[str, Any]] = []
 
@@ -240,7 +162,7 @@ def test_prometheus_in_its_container_scrapes_every_target(stack: Stack) -> None:
         return bool(targets) and all(t["health"] == "up" for t in targets)
 
     try:
-        _wait(all_up, 120, "every Prometheus target up")
+        wait_until(all_up, 120, "every Prometheus target up", interval=1.0)
     except AssertionError:
         raise AssertionError([(t["scrapeUrl"], t["health"], t.get("lastError")) for t in targets]) from None
     jobs = {t["labels"]["job"] for t in targets}
@@ -254,7 +176,7 @@ class StreamLoad(ClientThreads):
 
     join_s = 300.0
 
-    def __init__(self, stack: Stack, key: str, clients: int) -> None:
+    def __init__(self, stack: ComposeAppliance, key: str, clients: int) -> None:
         self.ok = 0
         self.sent = 0
         self.cut: list[str] = []
@@ -298,38 +220,40 @@ class StreamLoad(ClientThreads):
         return self
 
 
-def _worker_requests(stack: Stack, service: str) -> float:
+def _worker_requests(stack: ComposeAppliance, service: str) -> float:
     """Requests the worker process in ``service``'s container has answered (its own /metrics, read inside)."""
     probe = (
         "import urllib.request; text = urllib.request.urlopen('http://127.0.0.1:8201/metrics', timeout=5).read()"
         ".decode(); print(sum(float(line.rsplit(' ', 1)[1]) for line in text.splitlines()"
         " if line.startswith('appliance_worker_requests_total{')))"
     )
-    result = _docker("exec", stack.container(service)["Id"], "python", "-c", probe)
+    result = docker("exec", stack.container(service)["Id"], "python", "-c", probe)
     return float(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip() else 0.0
 
 
-def _balancer_view(stack: Stack, name: str) -> dict[str, Any]:
+def _balancer_view(stack: ComposeAppliance, name: str) -> dict[str, Any]:
     """The balancer's entry for worker ``name`` (through the gateway's /admin/status); {} when it is gone."""
     with stack.http(stack.admin_key()) as client:
         workers = client.get("/admin/status").json()["workers"]
     return next((w for w in workers if w.get("url") == f"http://{name}:8201"), {})
 
 
-def _balancer_sees(stack: Stack, name: str) -> str | None:
+def _balancer_sees(stack: ComposeAppliance, name: str) -> str | None:
     return _balancer_view(stack, name).get("state")
 
 
-def test_a_killed_worker_loses_no_unstarted_request_and_rejoins(stack: Stack) -> None:
+def test_a_killed_worker_loses_no_unstarted_request_and_rejoins(stack: ComposeAppliance) -> None:
     if os.geteuid() != 0:
         pytest.skip("killing a container's process from the host needs root (CI runs this module as root)")
     before = stack.container("inference-1")
     assert _balancer_sees(stack, "inference-1") == "healthy"
     with StreamLoad(stack, stack.admin_key(), clients=3) as load:
         load.wait_served(1, WORKER_BACK_S, "the stream load running")
-        _wait(lambda: _balancer_view(stack, "inference-1").get("inflight", 0) > 0, 120, "inference-1 busy")
+        wait_until(lambda: _balancer_view(stack, "inference-1").get("inflight", 0) > 0, 120,
+                   "inference-1 busy", interval=1.0)
         os.kill(before["State"]["Pid"], signal.SIGKILL)  # the worker process, seen from the host
-        _wait(lambda: _balancer_sees(stack, "inference-1") != "healthy", 60, "the balancer dropping the killed worker")
+        wait_until(lambda: _balancer_sees(stack, "inference-1") != "healthy", 60,
+                   "the balancer dropping the killed worker", interval=1.0)
 
         def restarted_and_healthy() -> bool:
             now = stack.container("inference-1")
@@ -338,17 +262,20 @@ def test_a_killed_worker_loses_no_unstarted_request_and_rejoins(stack: Stack) ->
                 and (now["State"].get("Health") or {}).get("Status") == "healthy"
             )
 
-        back = _wait(restarted_and_healthy, WORKER_BACK_S, "the killed worker restarted by the engine, healthy")
-        _wait(lambda: _balancer_sees(stack, "inference-1") == "healthy", 120, "the worker back in the balancer")
+        back = wait_until(restarted_and_healthy, WORKER_BACK_S,
+                          "the killed worker restarted by the engine, healthy", interval=1.0)
+        wait_until(lambda: _balancer_sees(stack, "inference-1") == "healthy", 120,
+                   "the worker back in the balancer", interval=1.0)
         # The restarted process (its counters began at zero) answers requests of the load: it was routed to.
-        _wait(lambda: _worker_requests(stack, "inference-1") > 0, WORKER_BACK_S, "the restarted worker serving")
+        wait_until(lambda: _worker_requests(stack, "inference-1") > 0, WORKER_BACK_S,
+                   "the restarted worker serving", interval=1.0)
     print(f"worker healthy again {back:.0f} s after the kill; {load.ok} streams completed, {len(load.cut)} cut")
     assert not load.lost, load.lost
     assert stack.container("inference-1")["Id"] == before["Id"]  # the engine restarted it; nothing recreated it
 
 
 def test_a_backup_restores_into_an_empty_data_dir(
-    stack: Stack, shared: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+    stack: ComposeAppliance, shared: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     admin = stack.admin_key()
     backups = tmp_path_factory.mktemp("backups")
@@ -374,7 +301,7 @@ def test_a_backup_restores_into_an_empty_data_dir(
         assert client.get("/v1/models").status_code == 401
 
 
-def test_down_leaves_no_container_or_network(stack: Stack) -> None:
+def test_down_leaves_no_container_or_network(stack: ComposeAppliance) -> None:
     stack.cli("down", "--runtime", "compose")
     assert stack.leftovers() == ([], [])
     result = stack.cli("status", "--runtime", "compose", "--json", check=False)

@@ -7,87 +7,30 @@ import json
 import os
 import shutil
 import signal
-import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
+from appliance.bench.harness import wait_until
 from tests.support.chat_load import ChatLoad
 from tests.support.file_modes import loose_paths
-from tests.support.processes import free_port, run_cli
+from tests.support.supervised import SupervisedAppliance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-class Stack:
-    """`appliance` run as a subprocess against one data dir on free ports (``cwd`` is where the admin stands)."""
-
-    def __init__(self, data_dir: Path, cwd: Path = REPO, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.cwd = cwd
-        base = free_port()
-        while base + 2 > 65000 or any(_busy(base + i) for i in range(3)):
-            base = free_port()
-        self.env = {
-            **os.environ,
-            "APPLIANCE_DATA_DIR": str(data_dir),
-            "APPLIANCE_RUNTIME_GATEWAY_PORT": str(free_port()),
-            "APPLIANCE_RUNTIME_BALANCER_PORT": str(free_port()),
-            "APPLIANCE_RUNTIME_WORKER_BASE_PORT": str(base),
-            "APPLIANCE_RUNTIME_RAG_PORT": str(free_port()),
-            "APPLIANCE_RUNTIME_REDIS_PORT": str(free_port()),
-            "APPLIANCE_RUNTIME_PROMETHEUS_PORT": str(free_port()),
-            "APPLIANCE_RUNTIME_EXPORTER_PORT": str(free_port()),
-            "APPLIANCE_WORKER_SLOTS": "4",
-            "NO_COLOR": "1",
-            **(env or {}),
-        }
-        self.env.pop("APPLIANCE_CONFIG", None)
-        self.port = int(self.env["APPLIANCE_RUNTIME_GATEWAY_PORT"])
-        self.gateway = f"http://127.0.0.1:{self.port}"
-        self.verify: bool | ssl.SSLContext = True
-
-    def cli(self, *args: str, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess[str]:
-        return run_cli(args, env=self.env, cwd=self.cwd, timeout=timeout, check=check)
-
-    def status(self) -> tuple[int, dict[str, Any]]:
-        result = self.cli("status", "--json", check=False)
-        return result.returncode, json.loads(result.stdout)
-
-    def admin_key(self) -> str:
-        return (self.data_dir / "admin_key").read_text().strip()
-
-    def openai(self, key: str) -> openai.OpenAI:
-        if self.verify is True:
-            return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=120)
-        http = openai.DefaultHttpxClient(verify=self.verify, timeout=120)  # closed when collected, as the default
-        return openai.OpenAI(base_url=f"{self.gateway}/v1", api_key=key, max_retries=0, timeout=120, http_client=http)
-
-
-def _busy(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[SupervisedAppliance]:
     # The most permissive umask for everything this module starts (the CLI, supervisord, the services): what
     # lands under data/ must still be the user's alone, and the model copied in below (0666) is made so by `up`.
     umask = os.umask(0)
     data_dir = tmp_path_factory.mktemp("appliance") / "data"
     (data_dir / "models").mkdir(parents=True)
     shutil.copy(model_path, data_dir / "models" / model_path.name)
-    stack = Stack(data_dir)
+    stack = SupervisedAppliance(data_dir)
     try:
         yield stack
     finally:
@@ -99,20 +42,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
 NO_CACHE: dict[str, Any] = {"temperature": 0.7, "extra_headers": {"Cache-Control": "no-cache"}}
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not within {timeout}s")
-
-
-def _pid(stack: Stack, name: str) -> int:
+def _pid(stack: SupervisedAppliance, name: str) -> int:
     return int(next(s["pid"] for s in stack.status()[1]["services"] if s["name"] == name))
 
 
-def _workers_in_balancer(stack: Stack) -> int:
+def _workers_in_balancer(stack: SupervisedAppliance) -> int:
     """Workers the balancer routes to, from its admin API (internal token)."""
     port = stack.env["APPLIANCE_RUNTIME_BALANCER_PORT"]
     token = (stack.data_dir / "run" / "internal_token").read_text().strip()
@@ -120,7 +54,7 @@ def _workers_in_balancer(stack: Stack) -> int:
     return sum(1 for w in body["workers"] if w["state"] == "healthy")
 
 
-def _prometheus_worker_targets(stack: Stack, expected: int, wait_s: float = 20) -> list[str]:
+def _prometheus_worker_targets(stack: SupervisedAppliance, expected: int, wait_s: float = 20) -> list[str]:
     """Worker scrape targets Prometheus knows of (file-based discovery), waiting for ``expected`` of them."""
     port = stack.env["APPLIANCE_RUNTIME_PROMETHEUS_PORT"]
     deadline = time.monotonic() + wait_s
@@ -133,7 +67,7 @@ def _prometheus_worker_targets(stack: Stack, expected: int, wait_s: float = 20) 
         time.sleep(0.5)
 
 
-def _search(stack: Stack, key: str) -> list[str]:
+def _search(stack: SupervisedAppliance, key: str) -> list[str]:
     response = httpx.post(
         f"{stack.gateway}/v1/collections/handbook/search",
         timeout=30,
@@ -144,7 +78,7 @@ def _search(stack: Stack, key: str) -> list[str]:
     return [hit["document_id"] for hit in response.json()["results"]]
 
 
-def test_lifecycle(stack: Stack) -> None:
+def test_lifecycle(stack: SupervisedAppliance) -> None:
     up = stack.cli("up", "--workers", "2", "--json")
     assert json.loads(up.stdout)["openai_base_url"].endswith("/v1")
     assert stack.cli("up").returncode == 0  # idempotent on a running stack
@@ -209,7 +143,7 @@ def test_lifecycle(stack: Stack) -> None:
             for s in stack.status()[1]["services"]
         )
 
-    back = _wait(replaced, 30, "worker restart")
+    back = wait_until(replaced, 30, "worker restart", interval=0.5)
     print(f"killed worker healthy again after {back:.1f}s")
 
     # Rolling restart while 8 clients chat: no request fails.

@@ -26,9 +26,9 @@ import openai
 import pytest
 from supervisor.xmlrpc import SupervisorTransport
 
+from appliance.bench.harness import wait_until
 from appliance.runtime.local.supervisor_conf import socket_path
-from tests.e2e.test_runtime_lifecycle import Stack
-from tests.support.stack import wait_until
+from tests.support.supervised import SupervisedAppliance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -55,11 +55,11 @@ class Ledger:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[SupervisedAppliance]:
     data_dir = tmp_path_factory.mktemp("restarts") / "data"
     (data_dir / "models").mkdir(parents=True)
     shutil.copy(model_path, data_dir / "models" / model_path.name)
-    stack = Stack(data_dir, env={"APPLIANCE_RUNTIME_WITH_PROMETHEUS": "false"})
+    stack = SupervisedAppliance(data_dir, env={"APPLIANCE_RUNTIME_WITH_PROMETHEUS": "false"})
     try:
         stack.cli("up", "--workers", "1", "--slots", "2")
         yield stack
@@ -68,12 +68,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterato
 
 
 @pytest.fixture(scope="module")
-def alice(stack: Stack) -> Ledger:
+def alice(stack: SupervisedAppliance) -> Ledger:
     created = json.loads(stack.cli("keys", "create", "alice", "--scopes", "chat,collections", "--json").stdout)
     return Ledger(created["key"], created["id"])
 
 
-def _chat(stack: Stack, ledger: Ledger, stream: bool = False) -> None:
+def _chat(stack: SupervisedAppliance, ledger: Ledger, stream: bool = False) -> None:
     """One real chat completion, no retry: it must answer now."""
     request: dict[str, Any] = {
         "model": "gemma-3-270m",
@@ -100,7 +100,7 @@ def _chat(stack: Stack, ledger: Ledger, stream: bool = False) -> None:
     ledger.add(usage)
 
 
-def _usage(stack: Stack, key_id: str, cli: bool = False) -> dict[str, int]:
+def _usage(stack: SupervisedAppliance, key_id: str, cli: bool = False) -> dict[str, int]:
     """The key's usage today (UTC): `appliance usage --json`, or the admin API it calls (cheaper to poll).
 
     Either must answer at once: a 503 after a restart is a failure, not something to wait out."""
@@ -119,7 +119,7 @@ def _usage(stack: Stack, key_id: str, cli: bool = False) -> dict[str, int]:
     return {m: sum(int(row[m]) for row in mine) for m in ("requests", "prompt_tokens", "completion_tokens")}
 
 
-def _settled(stack: Stack, ledger: Ledger, cli: bool = False) -> None:
+def _settled(stack: SupervisedAppliance, ledger: Ledger, cli: bool = False) -> None:
     """Usage is settled just after each answer is sent: wait until all of it is counted (then, with ``cli``,
     `appliance usage` must show exactly what the answers reported)."""
     shown: dict[str, int] = {}
@@ -131,7 +131,7 @@ def _settled(stack: Stack, ledger: Ledger, cli: bool = False) -> None:
     assert not cli or _usage(stack, ledger.key_id, cli=True) == ledger.expected
 
 
-def _supervised(stack: Stack, name: str) -> tuple[str, int]:
+def _supervised(stack: SupervisedAppliance, name: str) -> tuple[str, int]:
     """The service's state and pid as supervisord has them (its own socket: cheaper than a CLI run)."""
     transport = SupervisorTransport(None, None, f"unix://{socket_path(stack.data_dir / 'run')}")
     with xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport) as supervisord:  # closes its socket
@@ -139,14 +139,14 @@ def _supervised(stack: Stack, name: str) -> tuple[str, int]:
     return str(info["statename"]), int(info["pid"])
 
 
-def _healthy_with_new_pid(stack: Stack, name: str, old_pid: int) -> None:
+def _healthy_with_new_pid(stack: SupervisedAppliance, name: str, old_pid: int) -> None:
     """`appliance status --json`: the whole stack healthy, the service in a new process."""
     code, report = stack.status()
     service = next(s for s in report["services"] if s["name"] == name)
     assert code == 0 and service["healthy"] and service["pid"] not in (None, old_pid), (old_pid, report)
 
 
-def _search(stack: Stack, ledger: Ledger, retry: bool = False) -> list[str]:
+def _search(stack: SupervisedAppliance, ledger: Ledger, retry: bool = False) -> list[str]:
     """The document ids a RAG search finds; with ``retry``, an unavailable RAG service finds none."""
     response = httpx.post(
         f"{stack.gateway}/v1/collections/restarts/search",
@@ -162,7 +162,7 @@ def _search(stack: Stack, ledger: Ledger, retry: bool = False) -> list[str]:
     return [hit["document_id"] for hit in response.json()["results"]]
 
 
-def test_usage_shows_the_tokens_the_answers_reported(stack: Stack, alice: Ledger) -> None:
+def test_usage_shows_the_tokens_the_answers_reported(stack: SupervisedAppliance, alice: Ledger) -> None:
     _chat(stack, alice)
     _chat(stack, alice, stream=True)
     _settled(stack, alice, cli=True)
@@ -171,7 +171,9 @@ def test_usage_shows_the_tokens_the_answers_reported(stack: Stack, alice: Ledger
 
 
 @pytest.mark.parametrize("name", ["gateway", "balancer", "rag", "redis"])
-def test_restart_brings_the_service_back_and_the_stack_answers(stack: Stack, alice: Ledger, name: str) -> None:
+def test_restart_brings_the_service_back_and_the_stack_answers(
+    stack: SupervisedAppliance, alice: Ledger, name: str
+) -> None:
     documents: list[str] = []
     if name == "rag":  # a document indexed before the restart is found after it
         headers = {"Authorization": f"Bearer {alice.secret}"}
@@ -212,7 +214,7 @@ def test_restart_brings_the_service_back_and_the_stack_answers(stack: Stack, ali
 
 
 @pytest.mark.parametrize("name", ["balancer", "rag"])
-def test_supervisord_restarts_a_killed_service(stack: Stack, alice: Ledger, name: str) -> None:
+def test_supervisord_restarts_a_killed_service(stack: SupervisedAppliance, alice: Ledger, name: str) -> None:
     state, old_pid = _supervised(stack, name)
     assert state == "RUNNING"
     os.kill(old_pid, signal.SIGKILL)
@@ -221,7 +223,7 @@ def test_supervisord_restarts_a_killed_service(stack: Stack, alice: Ledger, name
         state, pid = _supervised(stack, name)
         return state == "RUNNING" and pid != old_pid
 
-    took = wait_until(restarted, READY_S, 0.2, f"{name} restarted by supervisord")
+    took = wait_until(restarted, READY_S, f"{name} restarted by supervisord", interval=0.2)
     print(f"SIGKILLed {name} running again after {took:.1f}s")
 
     def answers() -> bool:
@@ -231,13 +233,13 @@ def test_supervisord_restarts_a_killed_service(stack: Stack, alice: Ledger, name
             return False
         return True
 
-    wait_until(answers, READY_S, 0.5, "the stack answering again")
+    wait_until(answers, READY_S, "the stack answering again", interval=0.5)
     if name == "rag":  # the restarted service answers too (the chat does not need it)
-        wait_until(lambda: _search(stack, alice, retry=True) != [], READY_S, 0.5, "RAG search answering again")
+        wait_until(lambda: _search(stack, alice, retry=True) != [], READY_S, "RAG search answering again", interval=0.5)
     _healthy_with_new_pid(stack, name, old_pid)
 
 
-def test_revoked_key_gets_401(stack: Stack) -> None:
+def test_revoked_key_gets_401(stack: SupervisedAppliance) -> None:
     created = json.loads(stack.cli("keys", "create", "bob", "--json").stdout)
     bob = Ledger(created["key"], created["id"])
     _chat(stack, bob)  # works before
@@ -261,5 +263,5 @@ def test_revoked_key_gets_401(stack: Stack) -> None:
     assert listed[bob.key_id]["revoked"] is True
 
 
-def test_usage_after_every_restart_is_what_the_answers_reported(stack: Stack, alice: Ledger) -> None:
+def test_usage_after_every_restart_is_what_the_answers_reported(stack: SupervisedAppliance, alice: Ledger) -> None:
     _settled(stack, alice, cli=True)

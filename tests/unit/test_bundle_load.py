@@ -15,7 +15,7 @@ import pytest
 
 from appliance.runtime.compose.bundle import _extract_verified, load_bundle
 from appliance.runtime.compose.engine import EngineError
-from tests.unit.test_compose_runtime import FakeEngine, _bundle, _rewrite
+from tests.support.compose_engine import FakeEngine, make_bundle, rewrite_bundle
 
 
 def _changed(archive: Path, tamper: str) -> Path:
@@ -26,7 +26,7 @@ def _changed(archive: Path, tamper: str) -> Path:
             return [(name, data[:-1] + bytes([data[-1] ^ 1]))]
         return [(name, data + b"+ one byte the manifest does not count")]
 
-    return _rewrite(archive, change)
+    return rewrite_bundle(archive, change)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def _changed(archive: Path, tamper: str) -> Path:
 def test_a_member_whose_size_or_hash_differs_is_refused_before_any_member_is_written(
     tmp_path: Path, tamper: str, reason: str
 ) -> None:
-    _, archive = _bundle(tmp_path)
+    _, archive = make_bundle(tmp_path)
     staging = tmp_path / "staging"
     staging.mkdir()
     with pytest.raises(EngineError, match=f"refusing the bundle: {reason}"):
@@ -48,7 +48,7 @@ def test_a_member_whose_size_or_hash_differs_is_refused_before_any_member_is_wri
 
 
 def test_a_manifest_that_is_not_one_is_refused_cleanly(tmp_path: Path) -> None:
-    _, archive = _bundle(tmp_path)
+    _, archive = make_bundle(tmp_path)
     staging = tmp_path / "staging"
     staging.mkdir()
 
@@ -60,12 +60,12 @@ def test_a_manifest_that_is_not_one_is_refused_cleanly(tmp_path: Path) -> None:
         return [(name, data)]
 
     with pytest.raises(EngineError, match=r"no readable manifest\.json"):
-        _extract_verified(_rewrite(archive, change), staging)
+        _extract_verified(rewrite_bundle(archive, change), staging)
     assert list(staging.rglob("*")) == []
 
 
 def test_a_verified_bundle_is_written_owner_only(tmp_path: Path) -> None:
-    _, archive = _bundle(tmp_path)
+    _, archive = make_bundle(tmp_path)
     staging = tmp_path / "staging"
     staging.mkdir()
     manifest = _extract_verified(archive, staging)
@@ -80,7 +80,7 @@ def test_a_verified_bundle_is_written_owner_only(tmp_path: Path) -> None:
 def test_a_lone_surrogate_in_the_manifest_is_refused_before_docker_load(tmp_path: Path) -> None:
     """JSON may spell a lone surrogate ("\\ud800"); as an image name it would crash the `docker` argv built
     from it (UnicodeEncodeError, a traceback) instead of a refusal."""
-    _, archive = _bundle(tmp_path)
+    _, archive = make_bundle(tmp_path)
 
     def change(name: str, data: bytes) -> list[tuple[str, bytes]]:
         if name == "manifest.json":
@@ -91,5 +91,5 @@ def test_a_lone_surrogate_in_the_manifest_is_refused_before_docker_load(tmp_path
 
     fresh = FakeEngine()
     with pytest.raises(EngineError, match=r"no readable manifest\.json"):
-        load_bundle(fresh, _rewrite(archive, change), tmp_path / "site", tmp_path / "site" / "models", print)
+        load_bundle(fresh, rewrite_bundle(archive, change), tmp_path / "site", tmp_path / "site" / "models", print)
     assert not any(call[0] == "load" for call in fresh.calls)  # type: ignore[attr-defined]

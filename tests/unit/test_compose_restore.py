@@ -22,8 +22,8 @@ from appliance.runtime.compose.backup import ADMIN_KEY_PLACE
 from appliance.runtime.compose.engine import EngineError
 from appliance.runtime.compose.images import DEBIAN_IMAGES, PYTHON_IMAGES
 from appliance.runtime.settings import RuntimeSettings
-from tests.support.processes import free_port
-from tests.unit.test_compose_runtime import REPO, FakeEngine
+from tests.support.compose_engine import FakeEngine
+from tests.support.processes import REPO, free_port
 
 
 class Stopped(BaseException):

@@ -4,7 +4,6 @@ driven in tests/e2e/test_compose_stack.py."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -17,52 +16,11 @@ from typing import Any
 import pytest
 
 from appliance.runtime.compose import ComposeRuntime, worker_index
-from appliance.runtime.compose.bundle import load_bundle, write_bundle
-from appliance.runtime.compose.engine import Engine, EngineError, explain, find_engine
+from appliance.runtime.compose.bundle import load_bundle
+from appliance.runtime.compose.engine import EngineError, explain, find_engine
 from appliance.runtime.settings import RuntimeSettings
-
-REPO = Path(__file__).resolve().parents[2]
-SERVICES = ["redis", "inference-1", "inference-2", "balancer", "rag", "gateway"]
-
-
-class FakeEngine(Engine):
-    """Answers `compose config --services`, `ps`, `inspect`, `save`, `load` like an idle engine would."""
-
-    def __init__(self) -> None:
-        super().__init__("docker", ("docker", "compose"))
-        object.__setattr__(self, "calls", [])
-        object.__setattr__(self, "loaded", {})
-
-    def run(self, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-        self.calls.append(args)  # type: ignore[attr-defined]
-        stdout = ""
-        if args[:2] == ("image", "inspect"):
-            stdout = self.loaded.get(args[-1], "")  # type: ignore[attr-defined]
-        elif args[0] == "save":
-            Path(args[2]).write_bytes(b"layers of " + " ".join(args[3:]).encode())
-        elif args[0] == "load":
-            self.loaded.update({"app/one:1": "sha256:one", "app/two:1": "sha256:two"})  # type: ignore[attr-defined]
-        return subprocess.CompletedProcess(list(args), 0, stdout, "")
-
-    def compose_run(
-        self,
-        files: list[Path],
-        project: str,
-        *args: str,
-        check: bool = True,
-        env: dict[str, str] | None = None,
-        capture: bool = True,
-        timeout: float | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        self.calls.append(("compose", *args))  # type: ignore[attr-defined]
-        stdout = "\n".join(SERVICES) if args[:2] == ("config", "--services") else ""
-        return subprocess.CompletedProcess(list(args), 0, stdout, "")
-
-    def image_exists(self, name: str) -> bool:
-        return name in self.loaded  # type: ignore[attr-defined]
-
-    def inspect(self, *names: str) -> list[dict[str, Any]]:
-        return []
+from tests.support.compose_engine import FakeEngine, make_bundle, rewrite_bundle
+from tests.support.processes import REPO
 
 
 def runtime(tmp_path: Path, **settings: Any) -> ComposeRuntime:
@@ -149,19 +107,8 @@ def test_the_environment_carries_data_path_ports_and_a_generated_token(tmp_path:
     assert {p.name for p in (tmp_path / "data").iterdir()} >= {"models", "redis", "rag", "gateway", "prometheus"}
 
 
-def _bundle(tmp_path: Path) -> tuple[FakeEngine, Path]:
-    engine = FakeEngine()
-    engine.loaded.update({"app/one:1": "sha256:one", "app/two:1": "sha256:two"})  # type: ignore[attr-defined]
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "mine.gguf").write_bytes(b"GGUF" + os.urandom(64))
-    result = write_bundle(engine, ["app/one:1", "app/two:1"], tmp_path / "b.tar", models, lambda _m: None)
-    assert result.images == ["app/one:1", "app/two:1"] and result.files > 3
-    return engine, result.archive
-
-
 def test_a_bundle_round_trip_loads_images_models_and_compose_files(tmp_path: Path) -> None:
-    _, archive = _bundle(tmp_path)
+    _, archive = make_bundle(tmp_path)
     fresh = FakeEngine()
     summary = load_bundle(fresh, archive, tmp_path / "site", tmp_path / "site" / "data" / "models", lambda _m: None)
     assert summary["images"] == ["app/one:1", "app/two:1"] and summary["models"] == ["mine.gguf"]
@@ -173,22 +120,9 @@ def test_a_bundle_round_trip_loads_images_models_and_compose_files(tmp_path: Pat
     assert any(call[0] == "load" for call in fresh.calls)  # type: ignore[attr-defined]
 
 
-def _rewrite(archive: Path, change: Any) -> Path:
-    """A copy of the bundle with ``change(name, data) -> list[(name, data)]`` applied to each member."""
-    out = archive.with_name("changed.tar")
-    with tarfile.open(archive) as source, tarfile.open(out, "w") as target:
-        for member in source:
-            data = source.extractfile(member).read()  # type: ignore[union-attr]
-            for name, payload in change(member.name, data):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                target.addfile(info, io.BytesIO(payload))
-    return out
-
-
 @pytest.mark.parametrize("tamper", ["flip-a-byte", "extra-member", "escaping-member", "missing-member"])
 def test_a_tampered_bundle_is_refused_before_anything_loads(tmp_path: Path, tamper: str) -> None:
-    _, archive = _bundle(tmp_path)
+    _, archive = make_bundle(tmp_path)
 
     def change(name: str, data: bytes) -> list[tuple[str, bytes]]:
         if name == "models/mine.gguf":
@@ -202,7 +136,7 @@ def test_a_tampered_bundle_is_refused_before_anything_loads(tmp_path: Path, tamp
             return [(name, data), ("../escape.txt", b"x")]
         return [(name, data)]
 
-    changed = _rewrite(archive, change)
+    changed = rewrite_bundle(archive, change)
     fresh = FakeEngine()
     with pytest.raises(EngineError, match="refusing the bundle"):
         load_bundle(fresh, changed, tmp_path / "site", tmp_path / "site" / "models", lambda _m: None)
@@ -211,7 +145,7 @@ def test_a_tampered_bundle_is_refused_before_anything_loads(tmp_path: Path, tamp
 
 
 def test_the_bundle_manifest_lists_images_by_id(tmp_path: Path) -> None:
-    _, archive = _bundle(tmp_path)
+    _, archive = make_bundle(tmp_path)
     with tarfile.open(archive) as tar:
         manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
     assert manifest["images"] == [{"name": "app/one:1", "id": "sha256:one"}, {"name": "app/two:1", "id": "sha256:two"}]

@@ -354,9 +354,9 @@ def test_a_bundle_carries_sha256sums_that_coreutils_checks_and_load_holds_to_the
 
     from appliance.runtime.compose.bundle import load_bundle
     from appliance.runtime.compose.engine import EngineError
-    from tests.unit.test_compose_runtime import FakeEngine, _bundle
+    from tests.support.compose_engine import FakeEngine, make_bundle
 
-    _, archive = _bundle(tmp_path)
+    _, archive = make_bundle(tmp_path)
     extracted = tmp_path / "extracted"
     with tarfile.open(archive) as tar:
         tar.extractall(extracted, filter="data")
