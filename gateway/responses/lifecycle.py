@@ -1,4 +1,4 @@
-"""The response store's life: opened in the app's lifespan, pruned by age while it runs, closed after."""
+"""The response store's life: opened in the app's lifespan, checkpointed and pruned while it runs, closed after."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from appliance.core.errors import overloaded
 from gateway.responses.store import ResponseStore
 from gateway.settings import GatewaySettings
 
-__all__ = ["ResponsesLifecycle"]
+__all__ = ["CHECKPOINT_EVERY_S", "ResponsesLifecycle"]
+
+CHECKPOINT_EVERY_S = 5.0  # how often the WAL is moved into the database file (and synced), off the request path
 
 
 class ResponsesLifecycle:
@@ -26,17 +28,18 @@ class ResponsesLifecycle:
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
         settings = self._settings
         directory = settings.responses_dir or settings.data_dir / "responses"
-        store = await asyncio.to_thread(ResponseStore, directory, settings.responses_retention_days)
-        pruning = asyncio.get_running_loop().create_task(store.run_pruning(settings.responses_prune_every_s))
+        store = ResponseStore(directory, settings.responses_retention_days)  # this loop's thread owns its connection
+        maintenance = asyncio.get_running_loop().create_task(
+            store.run_maintenance(CHECKPOINT_EVERY_S, settings.responses_prune_every_s))
         self._store = store
         try:
             yield
         finally:
             self._store = None
-            pruning.cancel()
+            maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await pruning
-            await asyncio.to_thread(store.close)
+                await maintenance
+            store.close()
 
     def provide(self) -> ResponseStore:
         if self._store is None:

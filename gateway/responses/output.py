@@ -52,7 +52,7 @@ class ResponsesOutput:
 
     async def complete(self, job: Job, document: dict[str, Any], body: bytes) -> bytes:
         final = whole_answer(self._events(), document)
-        await self._save(final)
+        self._save(final)
         return encode_json(final)
 
     async def stream(self, job: Job, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -60,32 +60,37 @@ class ResponsesOutput:
         for event in events.start():
             yield encode_sse(event)
         decoder = SSEDecoder()
-        async for raw in chat:
-            if raw.startswith(b":"):  # the balancer's "queued" notes: comments, which SDKs skip
-                yield raw
-            for sse in decoder.feed(raw):
-                if sse.is_error or sse.is_done:
-                    for event in await self._end(events, (_loads(sse.data) or _CUT) if sse.is_error else None):
+        try:
+            async for raw in chat:
+                if raw.startswith(b":"):  # the balancer's "queued" notes: comments, which SDKs skip
+                    yield raw
+                for sse in decoder.feed(raw):
+                    if sse.is_error or sse.is_done:
+                        for event in self._end(events, (_loads(sse.data) or _CUT) if sse.is_error else None):
+                            yield encode_sse(event)
+                        return
+                    chunk = _loads(sse.data)
+                    for event in events.chunk(chunk) if chunk is not None else ():
                         yield encode_sse(event)
-                    return
-                chunk = _loads(sse.data)
-                for event in events.chunk(chunk) if chunk is not None else ():
-                    yield encode_sse(event)
-        for event in await self._end(events, _CUT):
-            yield encode_sse(event)
+            for event in self._end(events, _CUT):
+                yield encode_sse(event)
+        finally:  # a client that hangs up ends the chat stream now (its slot is settled), not at collection
+            close = getattr(chat, "aclose", None)
+            if close is not None:
+                await close()
 
-    async def _end(self, events: ResponseEvents, error: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def _end(self, events: ResponseEvents, error: dict[str, Any] | None) -> list[dict[str, Any]]:
         closing = events.finish(error)
         assert events.final is not None
-        await self._save(events.final)
+        self._save(events.final)
         return closing
 
-    async def _save(self, final: dict[str, Any]) -> None:
+    def _save(self, final: dict[str, Any]) -> None:
         if self.store is None:
             return
         produced = [item for item in final["output"] if item.get("type") in ("message", "function_call")]
         stored = StoredResponse(final, self.turn.items, [*self.turn.history, *produced])
         try:
-            await self.store.put(self.key_id, stored)
+            self.store.put(self.key_id, stored)
         except sqlite3.Error as exc:  # the answer still goes out; only reading it back will fail
             _log.error("storing a response failed", extra={"response_id": final["id"], "error": str(exc)})

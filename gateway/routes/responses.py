@@ -63,7 +63,7 @@ async def create_response(request: Request[Any, Any, Any], svc: Services, respon
     try:
         parsed = parse_request(ResponsesRequest, payload)
         key_id = admitted.caller.key_id
-        earlier = await _history(responses, parsed.previous_response_id, key_id)
+        earlier = _history(responses, parsed.previous_response_id, key_id)
         turn = chat_payload(parsed, earlier)
         try:
             chat, policy = validate(request, svc, "chat", turn.chat)
@@ -82,10 +82,10 @@ async def create_response(request: Request[Any, Any, Any], svc: Services, respon
     return reply
 
 
-async def _history(store: ResponseStore, previous: str | None, key_id: str) -> list[dict[str, Any]]:
+def _history(store: ResponseStore, previous: str | None, key_id: str) -> list[dict[str, Any]]:
     if previous is None:
         return []
-    found = await store.get(ResponseId.parse(previous, param="previous_response_id"), key_id)
+    found = store.get(ResponseId.parse(previous, param="previous_response_id"), key_id)
     if found is None:
         raise _missing(previous, "previous_response_id")
     return found.history
@@ -107,7 +107,7 @@ async def _verified(request: Request[Any, Any, Any], svc: Services, response_id:
 async def _stored(request: Request[Any, Any, Any], svc: Services, store: ResponseStore,
                   response_id: str) -> StoredResponse:
     parsed, key_id = await _verified(request, svc, response_id)
-    found = await store.get(parsed, key_id)
+    found = store.get(parsed, key_id)
     if found is None:
         raise _missing(parsed, "response_id")
     return found
@@ -126,7 +126,7 @@ async def retrieve_response(request: Request[Any, Any, Any], svc: Services, resp
 async def delete_response(request: Request[Any, Any, Any], svc: Services, responses: ResponseStoreDep,
                           response_id: FromPath[str]) -> Response[Any]:
     parsed, key_id = await _verified(request, svc, response_id)
-    if not await responses.delete(parsed, key_id):
+    if not responses.delete(parsed, key_id):
         raise _missing(parsed, "response_id")
     return Response(encode_json({"id": str(parsed), "object": "response", "deleted": True}), media_type=JSON)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import stat
 from pathlib import Path
 
@@ -17,20 +16,18 @@ def _stored(created_at: int) -> StoredResponse:
 
 def test_a_response_is_its_keys_alone_survives_a_reopen_and_goes_after_the_retention(tmp_path: Path) -> None:
     now = [1_000_000.0]
+    store = ResponseStore(tmp_path / "responses", retention_days=1, clock=lambda: now[0])
+    store.put("key_a", _stored(int(now[0])))
+    assert store.get(RID, "key_b") is None and not store.delete(RID, "key_b")
+    store.close()
+    reopened = ResponseStore(tmp_path / "responses", retention_days=1, clock=lambda: now[0])
+    found = reopened.get(RID, "key_a")
+    assert found is not None and found.items == [{"id": "msg_1"}]
+    now[0] += 86400 + 1  # past the retention: never read again, then pruned
+    assert reopened.get(RID, "key_a") is None
+    assert reopened.prune() == 1
+    reopened.checkpoint()
+    reopened.close()
 
-    async def scenario() -> None:
-        store = ResponseStore(tmp_path / "responses", retention_days=1, clock=lambda: now[0])
-        await store.put("key_a", _stored(int(now[0])))
-        assert (await store.get(RID, "key_b")) is None and not await store.delete(RID, "key_b")
-        store.close()
-        reopened = ResponseStore(tmp_path / "responses", retention_days=1, clock=lambda: now[0])
-        found = await reopened.get(RID, "key_a")
-        assert found is not None and found.items == [{"id": "msg_1"}]
-        now[0] += 86400 + 1  # past the retention: never read again, then pruned
-        assert await reopened.get(RID, "key_a") is None
-        assert await reopened.prune() == 1
-        reopened.close()
-
-    asyncio.run(scenario())
     path = tmp_path / "responses" / STORE_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
