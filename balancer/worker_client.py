@@ -11,7 +11,7 @@ not HTTP), ``timeout`` (``read_timeout_s`` of silence) and ``stale`` (a kept-ali
 closed after the request was written, before any answer).
 
 The client never sends a request twice. A kept-alive connection is reused only while it is
-younger than ``keepalive_s`` and, checked just before the write, still open with nothing
+younger than ``keepalive_s`` and, polled just before the write, still open with nothing
 unread on it; one that fails the check is dropped before anything is written and the next (or
 a new one) is used. Once the request is written the worker may have read it, so a failure is
 the proxy's to handle: it retries on another worker only within its retry budget.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import socket
+import select
 import time
 from collections.abc import Callable
 from typing import cast
@@ -247,6 +247,7 @@ class WorkerClient:
         self._idle: dict[str, list[_Connection]] = {}
         self._targets: dict[str, tuple[str, int, str]] = {}
         self._closed = False
+        self._poll = select.poll()  # reused for the check before each reuse (one fd at a time)
 
     async def request(self, base: str, method: str, path: str, body: bytes,
                       headers: dict[str, str]) -> WorkerResponse:
@@ -287,7 +288,7 @@ class WorkerClient:
         while idle:
             conn = idle.pop()
             conn.idle = False
-            if conn.lost or conn.idle_since < expired_before or not _still_open(conn.transport):
+            if conn.lost or conn.idle_since < expired_before or not self._still_open(conn.transport):
                 conn.close()  # nothing was written on it: dropping it is not a resend
                 continue
             conn.reused = True
@@ -343,6 +344,24 @@ class WorkerClient:
             lines.append(f"{name}: {value}\r\n")
         return "".join(lines).encode(*_ENCODING)
 
+    def _still_open(self, transport: asyncio.Transport | None) -> bool:
+        """Whether an idle connection can carry a request: open, and nothing (not even the worker's FIN, which
+        the event loop may not have seen yet) waiting to be read on its socket. One ``poll`` with no wait."""
+        if transport is None or transport.is_closing():
+            return False
+        try:
+            fd = transport.get_extra_info("socket").fileno()
+        except (AttributeError, OSError):
+            return False
+        if fd < 0:
+            return False
+        poll = self._poll
+        poll.register(fd, select.POLLIN)
+        try:
+            return not poll.poll(0)  # readable (EOF or bytes nobody asked for), hung up or failed: not reusable
+        finally:
+            poll.unregister(fd)
+
     async def close(self) -> None:
         """Close every idle connection; connections in use close when their exchange ends."""
         self._closed = True
@@ -350,26 +369,3 @@ class WorkerClient:
             for conn in idle:
                 conn.close()
         self._idle.clear()
-
-
-def _still_open(transport: asyncio.Transport | None) -> bool:
-    """Whether an idle connection can carry a request: open, and nothing (not even the worker's FIN, which
-    the event loop may not have seen yet) waiting to be read. A non-blocking ``MSG_PEEK`` on the socket."""
-    if transport is None or transport.is_closing():
-        return False
-    try:
-        fd = transport.get_extra_info("socket").fileno()
-    except (AttributeError, OSError):
-        return False
-    if fd < 0:
-        return False
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)  # wraps the fd; detached below
-    try:
-        probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return True  # nothing to read: the worker has not closed it
-    except OSError:
-        return False
-    finally:
-        probe.detach()
-    return False  # EOF, or bytes nobody asked for

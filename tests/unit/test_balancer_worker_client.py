@@ -274,7 +274,7 @@ class ThreadedWorker:
 
 def test_a_connection_closed_before_the_request_is_written_is_not_used(run: Run) -> None:
     """The worker closed the idle connection but the event loop has not processed the close yet: the client
-    sees it before writing (a peek at the socket) and sends the request once, on a new connection."""
+    sees it before writing (a poll of the socket) and sends the request once, on a new connection."""
     worker = ThreadedWorker()
 
     async def main() -> None:
