@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from appliance.cli import admin, backup_cmds, bundle, images, stack
+from appliance.cli.context import RuntimeFor, runtime
 
 __all__ = ["create_app"]
 
@@ -25,11 +26,12 @@ def bench(
     raise typer.Exit(result.returncode)
 
 
-def create_app() -> typer.Typer:
+def create_app(runtime_for: RuntimeFor = runtime) -> typer.Typer:
+    """The CLI; the stack verbs get their runtime from ``runtime_for`` (the one the settings name)."""
     app = typer.Typer(
         name="appliance", help="Run the LLM appliance: up, status, keys, backups, benchmarks.",
         no_args_is_help=True, add_completion=False,
-        context_settings={"help_option_names": ["-h", "--help"]},
+        context_settings={"help_option_names": ["-h", "--help"], "obj": runtime_for},
     )
     stack.register(app)
     images.register(app)

@@ -12,7 +12,7 @@ from appliance.backup.key import created_notice
 from appliance.backup.manifest import ManifestError
 from appliance.backup.service import RestoreResult
 from appliance.backup.snapshot import SnapshotError
-from appliance.cli.context import load, runtime
+from appliance.cli.context import RuntimeFor, load
 from appliance.cli.output import err, fail, out, print_json
 from appliance.runtime.protocol import RuntimeFailure
 
@@ -29,6 +29,7 @@ def _interval(text: str) -> float:
 
 
 def backup(
+    ctx: typer.Context,
     to: Annotated[Path | None, typer.Option("--to", help="directory for archives (default data/backups)")] = None,
     keep: Annotated[int, typer.Option(help="archives to keep (older ones are deleted)")] = 7,
     with_models: Annotated[bool, typer.Option("--with-models", help="include GGUF weights")] = False,
@@ -38,7 +39,8 @@ def backup(
     runtime_name: Annotated[str | None, typer.Option("--runtime", help="local (default) or compose")] = None,
 ) -> None:
     """A consistent snapshot while serving: Redis, RAG store and indexes, config, model manifest."""
-    rt = runtime(load(runtime=runtime_name))
+    runtime_for: RuntimeFor = ctx.obj
+    rt = runtime_for(load(runtime=runtime_name))
     if (every or offsite) and not rt.schedules_backups:
         fail(
             "--every and --offsite are for the local runtime; on compose run `appliance backup --runtime "
@@ -84,6 +86,7 @@ def backup(
 
 
 def restore(
+    ctx: typer.Context,
     archive: Annotated[Path, typer.Argument(help="a backup archive")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="verify and say what would be restored")] = False,
     key_file: Annotated[
@@ -106,7 +109,8 @@ def restore(
         fail(f"{archive} is not a file")
     if key_file is not None and not key_file.is_file():
         fail(f"--key {key_file} is not a file")
-    rt = runtime(load(runtime=runtime_name))
+    runtime_for: RuntimeFor = ctx.obj
+    rt = runtime_for(load(runtime=runtime_name))
     try:
         result = rt.restore(archive, dry_run=dry_run, key_file=key_file, allow_unsigned=insecure_unsigned)
     except ManifestError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from appliance.runtime.local import LocalRuntime
 from appliance.runtime.protocol import Runtime
 from appliance.runtime.settings import RuntimeSettings
 
-__all__ = ["REMEMBERED", "admin_key", "forget", "load", "log", "remember", "runtime", "state_file"]
+__all__ = ["REMEMBERED", "RuntimeFor", "admin_key", "forget", "load", "log", "remember", "runtime", "state_file"]
 
 # RuntimeSettings fields that `up` (and `scale`) remember.
 REMEMBERED = (
@@ -35,6 +36,8 @@ REMEMBERED = (
     "gateway_host",
 )
 _CONFIG_KEY = "config"
+# How a command gets the runtime its settings name: `runtime` below, or what create_app was given (tests).
+RuntimeFor = Callable[[RuntimeSettings], Runtime]
 
 
 def state_file(settings: RuntimeSettings) -> Path:

@@ -15,7 +15,7 @@ import httpx
 import typer
 from rich.table import Table
 
-from appliance.cli.context import admin_key, forget, load, remember, runtime
+from appliance.cli.context import RuntimeFor, admin_key, forget, load, remember
 from appliance.cli.output import err, fail, out, print_json
 from appliance.runtime.protocol import Runtime, RuntimeFailure, Started, Status
 from appliance.runtime.settings import LOOPBACK_HOSTS, RuntimeSettings
@@ -25,11 +25,13 @@ __all__ = ["register"]
 RuntimeName = Annotated[str | None, typer.Option("--runtime", help="local (default) or compose")]
 
 
-def _runtime(runtime_name: str | None, **extra: Any) -> Runtime:
-    return runtime(load(runtime=runtime_name, **extra))
+def _runtime(ctx: typer.Context, runtime_name: str | None, **extra: Any) -> Runtime:
+    runtime_for: RuntimeFor = ctx.obj
+    return runtime_for(load(runtime=runtime_name, **extra))
 
 
 def up(
+    ctx: typer.Context,
     workers: Annotated[int | None, typer.Option(help="number of inference workers")] = None,
     model: Annotated[Path | None, typer.Option(help="GGUF file; overrides \\[worker] model_path")] = None,
     served_name: Annotated[
@@ -71,7 +73,7 @@ def up(
     }
     if reset:
         forget(load(runtime=runtime_name))
-    rt = _runtime(runtime_name, **given)
+    rt = _runtime(ctx, runtime_name, **given)
     started = time.monotonic()
     try:
         intro = rt.intro()
@@ -112,9 +114,9 @@ def _print_started(settings: RuntimeSettings, ready: Started, ready_in: float) -
         out.print(f"Admin API key:    in {ready.admin_key_file}")
 
 
-def down(runtime_name: RuntimeName = None) -> None:
+def down(ctx: typer.Context, runtime_name: RuntimeName = None) -> None:
     """Drain and stop everything, leaving no process behind."""
-    rt = _runtime(runtime_name)
+    rt = _runtime(ctx, runtime_name)
     try:
         stopped = rt.down()
     except RuntimeFailure as exc:
@@ -122,9 +124,11 @@ def down(runtime_name: RuntimeName = None) -> None:
     err.print(f"[green]Stopped[/]{rt.stopped_note}." if stopped else "Nothing was running.")
 
 
-def status(as_json: Annotated[bool, typer.Option("--json")] = False, runtime_name: RuntimeName = None) -> None:
+def status(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False, runtime_name: RuntimeName = None
+) -> None:
     """Every service, worker, Redis, RAG, GPU and the cache. Exit 0 healthy, 1 degraded, 2 down."""
-    found = _runtime(runtime_name).status()
+    found = _runtime(ctx, runtime_name).status()
     if as_json:
         print_json(found.report)
     else:
@@ -145,6 +149,7 @@ def _print_status(found: Status) -> None:
 
 
 def restart(
+    ctx: typer.Context,
     service: Annotated[str | None, typer.Argument(help="a service, or 'inference' for all workers")] = None,
     allow_outage: Annotated[bool, typer.Option(help="restart a single worker anyway (no one serves)")] = False,
     runtime_name: RuntimeName = None,
@@ -155,19 +160,21 @@ def restart(
     (or `appliance scale inference=2` first).
     """
     try:
-        done = _runtime(runtime_name).restart(service, allow_outage=allow_outage)
+        done = _runtime(ctx, runtime_name).restart(service, allow_outage=allow_outage)
     except RuntimeFailure as exc:
         fail(str(exc))
     if done.headline:
         err.print(f"[green]{done.headline}[/]: {', '.join(done.names) or done.when_none}")
 
 
-def scale(spec: Annotated[str, typer.Argument(help="inference=N")], runtime_name: RuntimeName = None) -> None:
+def scale(
+    ctx: typer.Context, spec: Annotated[str, typer.Argument(help="inference=N")], runtime_name: RuntimeName = None
+) -> None:
     """Add or remove inference workers live."""
     name, _, value = spec.partition("=")
     if name != "inference" or not value.isdigit() or not 1 <= int(value) <= 64:
         fail("expected inference=N with N between 1 and 64")
-    rt = _runtime(runtime_name)
+    rt = _runtime(ctx, runtime_name)
     try:
         done = rt.scale(int(value))
     except RuntimeFailure as exc:
@@ -180,6 +187,7 @@ def scale(spec: Annotated[str, typer.Argument(help="inference=N")], runtime_name
 
 
 def logs(
+    ctx: typer.Context,
     service: str,
     follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
     lines: Annotated[int, typer.Option("-n", "--lines")] = 100,
@@ -187,18 +195,19 @@ def logs(
 ) -> None:
     """Show a service's log (last lines; -f to follow)."""
     try:
-        _runtime(runtime_name).logs(service, follow=follow, lines=lines)
+        _runtime(ctx, runtime_name).logs(service, follow=follow, lines=lines)
     except RuntimeFailure as exc:
         fail(str(exc))
 
 
 def upgrade(
+    ctx: typer.Context,
     allow_outage: Annotated[bool, typer.Option(help="allow it with a single worker (a gap)")] = False,
     runtime_name: RuntimeName = None,
 ) -> None:
     """Move every running service to the installed code without a gap (after `./scripts/run --install-only`)."""
     try:
-        done = _runtime(runtime_name).upgrade(allow_outage=allow_outage)
+        done = _runtime(ctx, runtime_name).upgrade(allow_outage=allow_outage)
     except RuntimeFailure as exc:
         fail(str(exc))
     err.print(f"[green]Upgraded[/]: {', '.join(done)}")
