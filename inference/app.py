@@ -10,6 +10,7 @@ from aiohttp import web
 
 from appliance.core.edge import edge_middleware
 from appliance.core.metrics import CONTENT_TYPE, render
+from appliance.core.worker_health import encode_worker_health
 from inference import handlers
 from inference.keys import METRICS, SERVICE, SETTINGS, TOKEN
 from inference.metrics import WorkerMetrics
@@ -31,8 +32,8 @@ def _observe(request: web.Request, response: web.StreamResponse) -> None:
 
 
 async def _health(request: web.Request) -> web.Response:
-    status, body = request.app[SERVICE].health()
-    return web.json_response(body, status=status)
+    status, health = request.app[SERVICE].health()
+    return web.Response(body=encode_worker_health(health), status=status, content_type="application/json")
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -32,6 +32,7 @@ from appliance.core.wire import (
     model_object,
     reject_unsupported,
 )
+from appliance.core.worker_health import WorkerHealth
 from inference.answers import Answer, Streamed, Whole, stream, usage, whole
 from inference.metrics import WorkerMetrics
 from inference.model import LoadedModel, load_model
@@ -100,19 +101,19 @@ class WorkerService:
             self.model.close()
             self.model = None
 
-    def health(self) -> tuple[int, dict[str, Any]]:
+    def health(self) -> tuple[int, WorkerHealth]:
+        """What ``GET /health`` publishes (:class:`~appliance.core.worker_health.WorkerHealth`) and its status."""
         if self.state != "ok" or self.model is None or self.scheduler is None:
-            body: dict[str, Any] = {"status": self.state, "model": self.alias}
-            if self.failure:
-                body["error"] = self.failure
-            return 503, body
-        return 200, {
-            "status": "ok", "model": self.alias, "slots_total": self.scheduler.slots_total,
-            "slots_busy": self.scheduler.slots_busy, "queue_depth": self.scheduler.queue_depth,
-            "queue_limit": self.settings.queue_size, "model_sha256": self.model.sha256,
-            "n_ctx": self.settings.n_ctx, "gpu_layers": self.model.gpu_layers,
-            **self.limits().model_dump(exclude_none=True),
-        }
+            return 503, WorkerHealth(status=self.state, model=self.alias, error=self.failure or None)
+        limits = self.limits()
+        return 200, WorkerHealth(
+            status="ok", model=self.alias, slots_total=self.scheduler.slots_total,
+            slots_busy=self.scheduler.slots_busy, queue_depth=self.scheduler.queue_depth,
+            queue_limit=self.settings.queue_size, model_sha256=self.model.sha256,
+            n_ctx=self.settings.n_ctx, gpu_layers=self.model.gpu_layers,
+            context_length=limits.context_length, max_tokens=limits.max_tokens,
+            max_choices=limits.max_choices, max_prompts=limits.max_prompts,
+        )
 
     def _on_step(self, events: list[Event], batch_size: int, busy: int, waiting: int) -> None:
         """Runs on the event loop once per decode step."""
