@@ -11,7 +11,7 @@ configured service time, with OpenAI-shaped bodies:
 - RAG service: collections, documents, a word-overlap search and embeddings.
 
 Failure modes (switch a running fake with ``POST /_mode {"mode": ...}``, which also takes ``slots``,
-``chunks``, ``delay``, ``service_s`` and ``model``):
+``chunks``, ``delay``, ``service_s``, ``model`` and ``queue_keys``, the rows ``/queue`` shows waiting):
 
 - ``ok``: answers as above.
 - ``slow-stream``: like ``ok`` but streams ``chunks`` events ``delay`` seconds apart.
@@ -22,8 +22,9 @@ Failure modes (switch a running fake with ``POST /_mode {"mode": ...}``, which a
 - ``loading``: ``/health`` and requests answer 503 ``{"status": "loading"}``.
 
 ``GET /_stats`` reports the state (requests, completed, disconnected, active, max_active, the last request
-id and internal token seen); ``GET /_last`` the last generation body. With ``token`` set, a request without
-that internal token is refused (401), as the real services do.
+id and internal token seen, the headers of each generation and /queue request); ``GET /_last`` the last
+generation body. With ``token`` set, a request without that internal token is refused (401), as the real
+services do.
 
 In this event loop: ``async with fake_workers(FakeState(), ...) as urls``. As a process:
 ``python -m appliance.bench.fake_worker --port N [--model M] [--mode ok] [--slots S] [--token T]``.
@@ -48,7 +49,8 @@ from aiohttp import web
 
 from appliance.core.hop import INTERNAL_TOKEN_HEADER
 
-__all__ = ["MODES", "FakeState", "create_fake_worker", "fake_workers", "serve_raw", "start_fake_worker"]
+__all__ = ["MODES", "FakeState", "create_fake_worker", "fake_workers", "serve_raw", "serving", "start_app",
+           "start_fake_worker"]
 
 MODES = ("ok", "slow-stream", "die", "die-mid-stream", "hang", "429", "503", "loading")
 _CONTROL = ("/health", "/_mode", "/_stats", "/_last")  # answered without the internal token
@@ -77,6 +79,8 @@ class FakeState:
     last_token: str | None = None
     paths: list[str] = field(default_factory=list)
     limits: dict[str, int] = field(default_factory=dict)  # published on /health like a worker's ModelLimits
+    queue_keys: list[dict[str, Any]] = field(default_factory=list)  # the rows /queue shows as waiting
+    headers: list[dict[str, str]] = field(default_factory=list)  # of every generation and /queue request
     last: dict[str, Any] = field(default_factory=dict)
     collections: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
@@ -134,6 +138,7 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.requests += 1
     state.paths.append(request.path)
+    state.headers.append(dict(request.headers))
     state.last_request_id = request.headers.get("X-Request-Id")
     state.last_token = request.headers.get(INTERNAL_TOKEN_HEADER)
     state.active += 1
@@ -212,16 +217,19 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _queue(request: web.Request) -> web.Response:
-    """The balancer's queue view (GET /queue): an instant upstream never has anyone waiting."""
-    return web.json_response({"queue_depth": 0, "scheduling": "fair", "routing": "prefix",
-                              "models": [{"model": request.app[STATE].model, "waiting": 0, "virtual_time": 0.0,
-                                          "keys": []}]})
+    """The balancer's queue view (GET /queue): the rows of ``queue_keys`` (none by default) are waiting."""
+    state = request.app[STATE]
+    state.headers.append(dict(request.headers))
+    waiting = len(state.queue_keys)
+    return web.json_response({"queue_depth": waiting, "scheduling": "fair", "routing": "prefix",
+                              "models": [{"model": state.model, "waiting": waiting, "virtual_time": 0.0,
+                                          "keys": state.queue_keys}]})
 
 
 async def _set_mode(request: web.Request) -> web.Response:
     state = request.app[STATE]
     payload: dict[str, Any] = await request.json()
-    for key in ("mode", "slots", "chunks", "delay", "service_s", "model"):
+    for key in ("mode", "slots", "chunks", "delay", "service_s", "model", "queue_keys"):
         if key in payload:
             setattr(state, key, payload[key])
     if state.mode not in MODES:
@@ -312,24 +320,34 @@ def create_fake_worker(state: FakeState | None = None) -> web.Application:
     return app
 
 
-async def start_fake_worker(state: FakeState | None = None, port: int = 0) -> tuple[web.AppRunner, str]:
-    """Serve in this event loop on loopback; returns the runner (clean up!) and the base URL."""
-    runner = web.AppRunner(create_fake_worker(state), handler_cancellation=True, access_log=None)
+async def start_app(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` in this event loop on loopback; returns the runner (clean up!) and the base URL."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=512).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 @asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` served in this event loop on a free loopback port while the block runs; its base URL."""
+    runner, url = await start_app(app)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+async def start_fake_worker(state: FakeState | None = None, port: int = 0) -> tuple[web.AppRunner, str]:
+    """A fake served in this event loop on loopback; returns the runner (clean up!) and the base URL."""
+    return await start_app(create_fake_worker(state), port)
+
+
+@asynccontextmanager
 async def fake_workers(*states: FakeState) -> AsyncIterator[list[str]]:
     """One fake per state, served in this event loop; their base URLs, in order. Stopped on exit."""
     async with AsyncExitStack() as exits:
-        urls = []
-        for state in states:
-            runner, url = await start_fake_worker(state)
-            exits.push_async_callback(runner.cleanup)
-            urls.append(url)
-        yield urls
+        yield [await exits.enter_async_context(serving(create_fake_worker(state))) for state in states]
 
 
 # -- the lean variant: one fixed completion, no aiohttp ------------------------------------------------

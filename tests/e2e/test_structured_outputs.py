@@ -14,6 +14,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from tests.support.stack import LoopbackAppliance, appliance_stack
+from tests.support.tool_calls import WEATHER_TOOLS, weather_call
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -90,17 +91,8 @@ def test_nested_json_schema_validates_50_of_50(client: openai.OpenAI) -> None:
 
 
 def test_tool_call_round_trip_and_usage_chunk(client: openai.OpenAI) -> None:
-    tools: list[Any] = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}}}]
-    messages: list[Any] = [{"role": "user", "content": "What is the weather in Lyon?"}]
-    first = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
-                                           max_tokens=48, temperature=0)
-    choice = first.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
-    call = choice.message.tool_calls[0]
-    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
-    messages += [choice.message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21}'}]
+    tools = WEATHER_TOOLS
+    messages = weather_call(client, MODEL, "Lyon", 21)
     stream = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=16,
                                             temperature=0, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)

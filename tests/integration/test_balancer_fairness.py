@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from appliance.bench.fake_worker import FakeState, fake_workers
+from appliance.bench.fake_worker import FakeState, fake_workers, serving
 from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER
 from appliance.core.sse import SSEDecoder
 from tests.support.balancer_app import AUTH, MODEL, balancer, chat, until
@@ -48,13 +48,8 @@ async def recording_worker(seen: list[dict[str, str]], hold: asyncio.Event) -> A
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_post("/v1/chat/completions", complete)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def test_key_id_reaches_the_worker_and_the_queue_serves_the_light_key_first() -> None:

@@ -1,103 +1,49 @@
 """The gateway tells the balancer who is asking: key id, priority, weight from the key (never the secret);
 a request may lower its priority, never raise it; client-sent copies of the hop headers never pass.
 
-The gateway runs in process against a real Redis and a recording fake balancer on loopback.
+A real gateway process against a real Redis and the fake upstream as its balancer, which records the
+headers of what it is sent.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER, WEIGHT_HEADER
-from tests.support.gateway_harness import TOKEN, Gateway, gateway
+from tests.support.gateway_harness import TOKEN, Gateway, fake_upstream, gateway
 
 pytestmark = pytest.mark.integration
 
 MODEL = "fake-model"
-COMPLETION = {
-    "id": "x",
-    "object": "chat.completion",
-    "created": 0,
-    "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-}
 
 
-def _fake_balancer_app(seen: list[dict[str, str]]) -> web.Application:
-    async def complete(request: web.Request) -> web.Response:
-        seen.append(dict(request.headers))
-        return web.json_response(COMPLETION)
+class Recorded:
+    """The headers of every request the fake balancer received, read from it (``GET /_stats``)."""
 
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+    def __init__(self, url: str) -> None:
+        self.url = url
 
-    async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "healthy_workers": 1, "models": [MODEL]})
-
-    async def workers(_: web.Request) -> web.Response:
-        return web.json_response({"workers": [], "queue_depth": 0})
-
-    async def queue(request: web.Request) -> web.Response:
-        seen.append(dict(request.headers))
-        row = {"key_id": "key_nobody", "priority": "batch", "waiting": 1}
-        return web.json_response(
-            {
-                "queue_depth": 1,
-                "scheduling": "fair",
-                "routing": "prefix",
-                "models": [{"model": MODEL, "waiting": 1, "keys": [row]}],
-            }
-        )
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", complete)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/workers", workers)
-    app.router.add_get("/queue", queue)
-    return app
+    def __getitem__(self, index: int) -> dict[str, str]:
+        return dict(httpx.get(f"{self.url}/_stats", timeout=10).json()["headers"][index])
 
 
 @pytest.fixture(scope="module")
-def fake_balancer() -> Iterator[tuple[str, list[dict[str, str]]]]:
-    """A recording balancer on its own event loop in a thread (the gateway is a separate process)."""
-    seen: list[dict[str, str]] = []
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def serve() -> None:
-        runner = web.AppRunner(_fake_balancer_app(seen), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        box["url"], box["runner"] = f"http://127.0.0.1:{runner.addresses[0][1]}", runner
-        started.set()
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(serve(), loop).result(30)
-    assert started.is_set()
-    try:
-        yield box["url"], seen
-    finally:
-        asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+def fake_balancer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Recorded]]:
+    """The fake upstream as the balancer, one key waiting in its queue view."""
+    with fake_upstream(tmp_path_factory.mktemp("fake-balancer"), MODEL) as url:
+        row = {"key_id": "key_nobody", "priority": "batch", "waiting": 1}
+        httpx.post(f"{url}/_mode", json={"queue_keys": [row]}, timeout=10).raise_for_status()
+        yield url, Recorded(url)
 
 
 @pytest.fixture(scope="module")
 def stack(
-    fake_balancer: tuple[str, list[dict[str, str]]], redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Gateway, list[dict[str, str]]]]:
+    fake_balancer: tuple[str, Recorded], redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Gateway, Recorded]]:
     url, seen = fake_balancer
     with gateway(
         tmp_path_factory.mktemp("identity"), redis_url, url, settings={"cache_enabled": "false", "default_rpm": "0"}
@@ -116,7 +62,7 @@ def create_key(client: httpx.Client, admin: str, **spec: Any) -> dict[str, Any]:
 
 
 def chat(
-    client: httpx.Client, secret: str, seen: list[dict[str, str]], body: dict[str, Any] | None = None, **headers: str
+    client: httpx.Client, secret: str, seen: Recorded, body: dict[str, Any] | None = None, **headers: str
 ) -> dict[str, str]:
     payload = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **(body or {})}
     response = client.post("/v1/chat/completions", json=payload, headers=bearer(secret, **headers))
@@ -125,7 +71,7 @@ def chat(
 
 
 def test_hop_headers_come_from_the_key_and_client_copies_never_pass(
-    stack: tuple[Gateway, list[dict[str, str]]],
+    stack: tuple[Gateway, Recorded],
 ) -> None:
     running, seen = stack
     with running.client() as client:
@@ -141,7 +87,7 @@ def test_hop_headers_come_from_the_key_and_client_copies_never_pass(
 
 
 def test_a_request_may_lower_its_priority_and_admins_may_change_the_key(
-    stack: tuple[Gateway, list[dict[str, str]]],
+    stack: tuple[Gateway, Recorded],
 ) -> None:
     running, seen = stack
     admin = running.admin_key
@@ -168,7 +114,7 @@ def test_a_request_may_lower_its_priority_and_admins_may_change_the_key(
         assert response.status_code == 403
 
 
-def test_admin_queue_view_names_the_waiting_keys(stack: tuple[Gateway, list[dict[str, str]]]) -> None:
+def test_admin_queue_view_names_the_waiting_keys(stack: tuple[Gateway, Recorded]) -> None:
     running, seen = stack
     with running.client(running.admin_key) as client:
         response = client.get("/admin/queue")

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.support.inference_worker import MODEL, Worker, spawn_worker, wait_idle
+from tests.support.tool_calls import WEATHER_TOOLS, weather_call
 
 pytestmark = pytest.mark.integration
 
@@ -267,22 +268,14 @@ def test_sdk_parse_returns_a_pydantic_object(worker: Worker) -> None:
 
 def test_tool_call_round_trip(worker: Worker) -> None:
     client = worker.client()
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"]}}}]
-    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
-    first = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
-                                           max_tokens=48, temperature=0)
-    choice = first.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
-    call = choice.message.tool_calls[0]
-    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
-    messages += [choice.message.model_dump(exclude_none=True),
-                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18}'}]
+    tools = WEATHER_TOOLS
+    messages = weather_call(client, MODEL, "Paris", 18)
     streamed = list(client.chat.completions.create(model=MODEL, messages=messages[:1], tools=tools,
                                                    tool_choice="required", max_tokens=48, temperature=0, stream=True))
     deltas = [c.choices[0].delta for c in streamed if c.choices and c.choices[0].delta.tool_calls]
     assert deltas and deltas[0].tool_calls and deltas[0].tool_calls[0].function
-    assert deltas[0].tool_calls[0].function.arguments == call.function.arguments  # same call, streamed
+    called = messages[1]["tool_calls"][0]["function"]["arguments"]  # the call weather_call checked
+    assert deltas[0].tool_calls[0].function.arguments == called  # same call, streamed
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
     second = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=8,
                                             temperature=0)

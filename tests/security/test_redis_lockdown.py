@@ -26,12 +26,11 @@ import aiohttp
 import httpx
 import pytest
 import redis
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from appliance.bench.fake_worker import FakeState, fake_workers
+from appliance.bench.fake_worker import FakeState, fake_workers, serving
 from appliance.bench.harness import redis_answers, wait_until
 from balancer import BalancerSettings, create_app
 from tests.support.gateway_harness import fake_upstream, gateway
@@ -140,14 +139,8 @@ def test_each_service_user_can_do_only_its_own_work(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def balancer_app(settings: BalancerSettings) -> AsyncIterator[str]:
-    app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(create_app(settings)) as url:
+        yield url
 
 
 async def _chats(balancer: str, count: int) -> list[int]:

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from appliance.bench.fake_worker import serving
 from appliance.core.sse import SSEDecoder
 from balancer import BalancerSettings, create_app
 
@@ -31,13 +32,8 @@ async def balancer(workers: list[str], **overrides: Any) -> AsyncIterator[tuple[
     options: dict[str, Any] = {**FAST, **overrides}
     settings = BalancerSettings(workers=tuple(workers), internal_token=TOKEN, **options)
     app = create_app(settings, redis=options.pop("redis_client", None))
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url, app
 
 
 def chat(stream: bool = False, **extra: Any) -> dict[str, Any]:

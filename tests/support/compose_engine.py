@@ -37,14 +37,7 @@ class FakeEngine(Engine):
         return subprocess.CompletedProcess(list(args), 0, stdout, "")
 
     def compose_run(
-        self,
-        files: list[Path],
-        project: str,
-        *args: str,
-        check: bool = True,
-        env: dict[str, str] | None = None,
-        capture: bool = True,
-        timeout: float | None = None,
+        self, files: list[Path], project: str, *args: str, **_options: Any
     ) -> subprocess.CompletedProcess[str]:
         self.calls.append(("compose", *args))  # type: ignore[attr-defined]
         stdout = "\n".join(SERVICES) if args[:2] == ("config", "--services") else ""
