@@ -2,7 +2,8 @@
 
 A whole answer becomes the Response object; a chat SSE stream (already relayed: usage chunk included,
 a cut stream ending with ``event: error``) becomes the Responses event sequence. Either way, the
-finished response is stored (unless ``store`` is false) before its last byte goes out, so that a client
+finished response is stored (unless ``store`` is false) before this process reads another request (a whole
+answer: by a task that runs at the loop's next turn; a stream: before its last event), so that a client
 reading it back, or continuing from it, finds it.
 """
 
@@ -52,8 +53,14 @@ class ResponsesOutput:
 
     async def complete(self, job: Job, document: dict[str, Any], body: bytes) -> bytes:
         final = whole_answer(self._events(), document)
-        self._save(final)
+        if self.store is not None:
+            # Stored right after the answer is handed over, off its latency: the task runs at the loop's next
+            # turn, before this process reads any later request (a retrieve or the next turn of a chain).
+            job.svc.tasks.spawn(self._save_soon(final))
         return encode_json(final)
+
+    async def _save_soon(self, final: dict[str, Any]) -> None:
+        self._save(final)
 
     async def stream(self, job: Job, chat: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         events = self._events()
