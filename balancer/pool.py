@@ -1,4 +1,4 @@
-"""The worker pool: membership, exact in-flight accounting, leases, and the wait queue.
+"""The worker pool: membership, exact in-flight accounting, leases, and handing slots to waiters.
 
 Every lease taken with :meth:`WorkerPool.try_acquire` or :meth:`WorkerPool.wait_for_worker`
 is given back exactly once with :meth:`WorkerPool.release`; a released slot goes straight
@@ -8,7 +8,7 @@ sequence (``Demand.slots``, prompts x ``n``), at most the worker's slots (the wo
 its sequences itself), so a worker is never sent more than it has free. A waiter that needs more free
 slots than any worker has lets smaller waiters behind it go first. Which worker takes a lease is
 :class:`~balancer.picking.WorkerPicker`'s choice; the slots kept for interactive keys are
-:class:`~balancer.headroom.Headroom`'s.
+:class:`~balancer.headroom.Headroom`'s; the waiters' queues are :class:`~balancer.waiters.WaitQueues`.
 """
 
 from __future__ import annotations
@@ -16,31 +16,26 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 
 from balancer.fairqueue import INTERACTIVE, Demand, FairQueue, Waiter
 from balancer.headroom import Headroom
 from balancer.picking import Strategy, WorkerPicker
 from balancer.prefix import PrefixTable
+from balancer.waiters import (
+    NoHealthyWorker,
+    Notice,
+    QueueFull,
+    QueueTimeout,
+    WaitQueues,
+    handed_a_slot,
+    wait_with_notices,
+)
 from balancer.worker import Worker, WorkerState
 
 __all__ = ["NoHealthyWorker", "QueueFull", "QueueTimeout", "Strategy", "WorkerPool"]
 
 _NO_EXCLUDE: frozenset[Worker] = frozenset()
-_SERVICE_EWMA = 0.1
-Notice = Callable[[Waiter], Awaitable[None]]
-
-
-class NoHealthyWorker(Exception):
-    """No worker that could ever take the request is healthy right now."""
-
-
-class QueueFull(Exception):
-    """Every worker is at capacity and the wait queue is full."""
-
-
-class QueueTimeout(Exception):
-    """Every worker stayed at capacity for longer than the queue timeout."""
 
 
 class WorkerPool:
@@ -50,8 +45,7 @@ class WorkerPool:
                  rng: random.Random | None = None, *, fair: bool = True, prefixes: PrefixTable | None = None,
                  max_imbalance: float = 0.5, reserve: int = 0) -> None:
         self._headroom = Headroom(reserve if fair else 0)
-        self._queue_size = queue_size
-        self._fair = fair
+        self._waiters = WaitQueues(queue_size, fair=fair)
         self._prefixes = prefixes
         self.prefix_routing = prefixes is not None
         self._picker = WorkerPicker(strategy, rng, prefixes=prefixes, max_imbalance=max_imbalance)
@@ -60,9 +54,6 @@ class WorkerPool:
         # Per model: free slots on its routable workers, Σ max(0, slots - inflight), kept exact by
         # _reindex (from scratch) and every lease and release, so the headroom check costs no walk.
         self._free: dict[str, int] = {}
-        self._queues: dict[str, FairQueue] = {}
-        self._service_s: dict[str, float] = {}  # EWMA of lease durations per model (queue ETAs)
-        self._queued = 0
 
     # -- membership -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Worker]:
@@ -109,18 +100,14 @@ class WorkerPool:
 
     @property
     def queue_depth(self) -> int:
-        return self._queued
-
+        return self._waiters.waiting
 
     def queue(self, model: str) -> FairQueue:
         """The model's queue and fair-share counters (created on first use; kept while the process lives)."""
-        queue = self._queues.get(model)
-        if queue is None:
-            queue = self._queues[model] = FairQueue(self._fair)
-        return queue
+        return self._waiters.queue(model)
 
     def queues(self) -> dict[str, FairQueue]:
-        return dict(self._queues)
+        return self._waiters.all()
 
     @property
     def healthy_count(self) -> int:
@@ -149,13 +136,13 @@ class WorkerPool:
         self._routable = routable
         self._free = {model: sum(max(0, w.slots - w.inflight) for w in ws) for model, ws in routable.items()}
         self._headroom.resize(routable)
-        for model, queue in self._queues.items():
+        for model, queue in self._waiters.all().items():
             if not queue:
                 continue
             if routable.get(model):
                 self._dispatch(model)
             else:
-                self._fail_waiters(model)
+                self._waiters.fail(model)
 
     # -- leases ------------------------------------------------------------------------------
     def try_acquire(self, model: str, exclude: Collection[Worker] = _NO_EXCLUDE,
@@ -217,8 +204,8 @@ class WorkerPool:
             if self._prefixes is not None:
                 self._prefixes.forget(worker)
             return
-        if model is not None and self._queued:
-            queue = self._queues.get(model)
+        if model is not None and self._waiters.waiting:
+            queue = self._waiters.get(model)
             if queue:
                 self._dispatch(model)
 
@@ -227,10 +214,8 @@ class WorkerPool:
         queue = demand.held
         if queue is None:
             return
-        if not refund and self._queued:  # the service time feeds queue ETAs: only wanted while some wait
-            took = time.monotonic() - demand.leased_at
-            previous = self._service_s.get(demand.model)
-            self._service_s[demand.model] = took if previous is None else previous + _SERVICE_EWMA * (took - previous)
+        if not refund and self._waiters.waiting:  # the service time feeds queue ETAs: only wanted while some wait
+            self._waiters.served(demand.model, time.monotonic() - demand.leased_at)
         queue.settle(demand, prompt_tokens, completion_tokens, refund=refund)
 
     # -- interactive headroom ------------------------------------------------------------------
@@ -267,7 +252,7 @@ class WorkerPool:
         every ``notice_every_s`` with the waiter, to tell the client where it stands."""
         demand = demand if demand is not None else Demand()
         demand.model = model
-        if model not in self._queues and not self.can_serve(model, exclude):
+        if self._waiters.get(model) is None and not self.can_serve(model, exclude):
             raise NoHealthyWorker(model)  # before a queue exists for it: a made-up model name must not grow memory
         queue = self.queue(model)
         queue.arrive(demand.caller)
@@ -276,51 +261,32 @@ class WorkerPool:
             return worker
         if not self.can_serve(model, exclude):
             raise NoHealthyWorker(model)
-        if self._queued >= self._queue_size:
-            self._make_room(model, queue, demand)
+        if self._waiters.waiting >= self._waiters.size:
+            self._waiters.make_room(model, queue, demand)
         waiter = Waiter(asyncio.get_running_loop().create_future(), demand, exclude, time.monotonic())
-        queue.push(waiter)
-        self._queued += 1
+        self._waiters.push(queue, waiter)
         try:
             async with asyncio.timeout(patience_s):
                 if notice is None:
                     return await waiter.future
-                return await _wait_with_notices(waiter, notice, notice_after_s, notice_every_s)
+                return await wait_with_notices(waiter, notice, notice_after_s, notice_every_s)
         except TimeoutError:
-            if _handed_a_slot(waiter):
+            if handed_a_slot(waiter):
                 return waiter.future.result()  # the slot came just as the timer fired
             raise QueueTimeout(model) from None
         except BaseException:
-            if _handed_a_slot(waiter):  # cancelled (or the client left) after the hand-off
+            if handed_a_slot(waiter):  # cancelled (or the client left) after the hand-off
                 self.release(waiter.future.result(), demand, refund=True)
             raise
         finally:
-            self._forget(queue, waiter)
-
-    def _make_room(self, model: str, queue: FairQueue, demand: Demand) -> None:
-        """Full queue: push out the newest waiter of the longest lower-or-equal flow, or refuse."""
-        victim = queue.victim(demand.caller) if self._queue_size else None
-        if victim is None:
-            raise QueueFull(model)
-        queue.remove(victim)
-        self._queued -= 1
-        if not victim.future.done():
-            victim.future.set_exception(QueueFull(model))
+            self._waiters.forget(queue, waiter)
 
     def position(self, model: str, waiter: Waiter) -> tuple[int, float]:
         """(waiters ahead, estimated seconds until a slot) for a queued request."""
-        queue = self._queues.get(model)
-        ahead = queue.position(waiter) if queue is not None else 0
-        slots = sum(w.slots for w in self._routable.get(model, ())) or 1
-        service = self._service_s.get(model, 1.0)
-        return ahead, (ahead + 1) * service / slots
-
-    def _forget(self, queue: FairQueue, waiter: Waiter) -> None:
-        if queue.remove(waiter):
-            self._queued -= 1
+        return self._waiters.position(model, waiter, sum(w.slots for w in self._routable.get(model, ())))
 
     def _dispatch(self, model: str) -> None:
-        queue = self._queues.get(model)
+        queue = self._waiters.get(model)
         candidates = self._routable.get(model)
         if not queue or not candidates:
             return
@@ -337,32 +303,12 @@ class WorkerPool:
                     continue  # a worker it may not use, or not room enough for its sequences: the next may fit
                 if self._headroom.reserve and self._would_take_headroom(model, worker, demand):
                     continue
-                queue.remove(waiter)
-                self._queued -= 1
+                self._waiters.take(queue, waiter)
                 self._lease(model, worker, waiter.demand)
                 waiter.future.set_result(worker)
                 break
             else:
                 return
-
-    def _fail_waiters(self, model: str) -> None:
-        queue = self._queues.get(model)
-        if queue is None:
-            return
-        for waiter in queue.drain():
-            self._queued -= 1
-            if not waiter.future.done():
-                waiter.future.set_exception(NoHealthyWorker(model))
-
-
-async def _wait_with_notices(waiter: Waiter, notice: Notice, after_s: float, every_s: float) -> Worker:
-    delay = after_s
-    while True:
-        try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), delay)
-        except TimeoutError:
-            await notice(waiter)
-            delay = every_s
 
 
 def _need(worker: Worker, demand: Demand | None) -> int:
@@ -370,8 +316,3 @@ def _need(worker: Worker, demand: Demand | None) -> int:
     if demand is None:
         return 1
     return demand.slots if demand.slots < worker.slots else worker.slots
-
-
-def _handed_a_slot(waiter: Waiter) -> bool:
-    future = waiter.future
-    return future.done() and not future.cancelled() and future.exception() is None
