@@ -10,11 +10,12 @@ from pydantic import BaseModel
 
 from appliance.core.errors import APIError
 from appliance.core.hop import KEY_ID_HEADER
+from appliance.core.ids import KeyId
 from appliance.core.sse import DONE, encode_data, encode_error
 from appliance.core.wire import ChatCompletionRequest, CompletionRequest, parse_json
 from inference.answers import Answer, Whole
 from inference.keys import SERVICE
-from inference.prefix import caller_scope
+from inference.prefix import Scope
 
 __all__ = ["chat_completions", "completions", "model", "models"]
 
@@ -48,16 +49,22 @@ async def _send(request: web.Request, answer: Answer) -> web.StreamResponse:
     return response
 
 
+def _scope(request: web.Request) -> Scope:
+    """The calling API key as the gateway named it (None when called without one): prefix reuse stays within it."""
+    raw = request.headers.get(KEY_ID_HEADER)
+    return None if raw is None else KeyId.parse(raw, param=KEY_ID_HEADER)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    scope = _scope(request)
     body = await _body(request, ChatCompletionRequest)
-    caller_scope.set(request.headers.get(KEY_ID_HEADER, ""))  # prefix reuse stays within one API key
-    return await _send(request, await request.app[SERVICE].chat(body))
+    return await _send(request, await request.app[SERVICE].chat(body, scope))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    scope = _scope(request)
     body = await _body(request, CompletionRequest)
-    caller_scope.set(request.headers.get(KEY_ID_HEADER, ""))
-    return await _send(request, await request.app[SERVICE].complete(body))
+    return await _send(request, await request.app[SERVICE].complete(body, scope))
 
 
 async def models(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from inference.prefix import common_prefix
+from inference.prefix import Scope, common_prefix
 
 __all__ = ["HostPromptCache", "SavedPrefix"]
 
@@ -25,7 +25,7 @@ __all__ = ["HostPromptCache", "SavedPrefix"]
 @dataclass(frozen=True, slots=True)
 class SavedPrefix:
     model: str
-    scope: str
+    scope: Scope
     tokens: tuple[int, ...]
     state: bytes
 
@@ -41,7 +41,7 @@ class HostPromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, scope: str, tokens: Sequence[int], state: bytes) -> bool:
+    def put(self, scope: Scope, tokens: Sequence[int], state: bytes) -> bool:
         """Keep a slot's state; False when it is larger than the whole cache."""
         if not state or len(state) > self.capacity:
             return False
@@ -56,7 +56,7 @@ class HostPromptCache:
         self.used += len(state)
         return True
 
-    def best(self, scope: str, prompt: Sequence[int]) -> tuple[int, int]:
+    def best(self, scope: Scope, prompt: Sequence[int]) -> tuple[int, int]:
         """(entry id, prompt tokens it covers) of the entry sharing the longest prefix with ``prompt``."""
         best_id, best = -1, 0
         for entry_id, entry in self._entries.items():

@@ -35,6 +35,14 @@ class WorkerMetrics:
             ["model"],
             registry=r,
         ).labels(model)
+        # Speculative decoding: draft tokens decoded, and those the sampler then picked (each saves a step).
+        self.draft_tokens = Counter(
+            "appliance_worker_draft_tokens", "Draft tokens decoded by speculative decoding", ["model"], registry=r
+        ).labels(model)
+        self.draft_accepted = Counter(
+            "appliance_worker_draft_accepted_tokens", "Draft tokens accepted (the sampler picked them)", ["model"],
+            registry=r,
+        ).labels(model)
         self.ttft = Histogram(
             "appliance_worker_ttft_seconds", "Time to first token", ["model"], buckets=TOKEN_LATENCY_BUCKETS, registry=r
         ).labels(model)
@@ -65,6 +73,12 @@ class WorkerMetrics:
             self.prompt_tokens_prefilled.inc(prefilled)
         if reused:
             self.prompt_tokens_reused.inc(reused)
+
+    def count_draft(self, drafted: int, accepted: int) -> None:
+        """Called by the decode thread after a draft is checked."""
+        self.draft_tokens.inc(drafted)
+        if accepted:
+            self.draft_accepted.inc(accepted)
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(self.model, endpoint, str(status)).inc()

@@ -4,10 +4,13 @@ The context is sized for the scheduler: ``slots`` sequences, ``n_ctx`` KV cells
 each, and one decode call takes a token for every running sequence plus a
 chunk of prompt prefill.
 
-Batch-invariant decoding (``batch_invariant``, on the CPU): a token's numbers
-must not depend on what else is decoded with it, or prompt-prefix reuse could
-not give the answers a fresh prefill gives. Measured on llama.cpp's CPU
-backend (docs/wip/kv_layout_numerics.py.txt), four things make them depend on
+Two decode modes (``[worker] deterministic``, published in ``/health`` under
+``decode``). The default, fast, takes llama.cpp's fastest kernels: one unified
+KV cache, repacked weights, the tiled K-quant matmul, flash attention as
+llama.cpp chooses. The deterministic mode (CPU only) is batch-invariant: a
+token's numbers do not depend on what else is decoded with it, so prompt-prefix
+reuse and speculation give the answers a fresh prefill gives, bit for bit.
+Measured on llama.cpp's CPU backend (docs/wip/kv_layout_numerics.py.txt), four things make them depend on
 it, and this mode removes each: a unified KV cache (the softmax and the
 attention-weighted sum run over every cell, so other sequences' cells change
 the summation order: one KV stream per slot instead), the K-quant matmul that
@@ -32,7 +35,7 @@ from typing import Any
 from appliance.core.model_files import prepare_default_model, sha256_file
 from inference.settings import WorkerSettings
 
-__all__ = ["LoadedModel", "ModelRefused", "load_model", "resolve_model_path"]
+__all__ = ["DecodeMode", "LoadedModel", "ModelRefused", "load_model", "resolve_model_path"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,26 @@ class ContextShape:
     threads: int
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeMode:
+    """What the context decodes with: the ``decode`` object of the worker's ``/health``."""
+
+    deterministic: bool  # batch-invariant (exact prefix reuse and speculation)
+    kv_unified: bool  # one KV cache for every slot (else one stream per slot)
+    repacked: bool  # weights repacked for the CPU's wide kernels
+    tiled_matmul: bool  # the tiled K-quant matmul at 8+ rows
+    flash_attn: str  # "auto" (llama.cpp decides) or "off"
+    speculative: bool  # prompt-lookup drafting (decided per request and step)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "mode": "deterministic" if self.deterministic else "fast",
+            "kernels": {"repacked": self.repacked, "tiled_matmul": self.tiled_matmul, "flash_attn": self.flash_attn},
+            "kv_unified": self.kv_unified,
+            "speculative": self.speculative,
+        }
+
+
 def _gpu_layers(llama: Any, requested: int) -> int:
     if requested >= 0:
         return requested
@@ -82,15 +105,23 @@ class LoadedModel:
         self.shape = ContextShape(
             slots=settings.slots,
             n_ctx_per_slot=settings.n_ctx,
-            n_batch=settings.slots + settings.prefill_chunk,
+            # Deterministic mode: generating sequences decode two tokens each (their previous one again).
+            n_batch=max(settings.slots + settings.prefill_chunk, 2 * settings.slots if settings.deterministic else 0),
             threads=settings.threads(),
         )
         self.swa_full = settings.prefix_reuse
         self.gpu_layers = _gpu_layers(llama_cpp, settings.n_gpu_layers)
         # Batch-invariant decoding is a CPU property (GPU kernels pick tiles by batch shape too; not handled).
-        self.exact = settings.batch_invariant and self.gpu_layers == 0
+        self.exact = settings.deterministic and self.gpu_layers == 0
+        if settings.deterministic and not self.exact:
+            log.warning("deterministic decoding is a CPU mode: decoding with the GPU's fast kernels instead")
         if self.exact:
             os.environ[TILED_SWITCH_ENV] = "0"
+        self.decode_mode = DecodeMode(
+            deterministic=self.exact, kv_unified=not self.exact, repacked=not self.exact,
+            tiled_matmul=os.environ.get(TILED_SWITCH_ENV, "1") != "0", flash_attn="off" if self.exact else "auto",
+            speculative=settings.speculative,
+        )
         llama_cpp.llama_backend_init()
         self._split = (ctypes.c_float * max(1, len(settings.tensor_split)))(*settings.tensor_split)
         params = llama_cpp.llama_model_default_params()

@@ -1,8 +1,10 @@
 """Which slot a new prompt goes to, and which cached prefix it starts from (pure bookkeeping, no llama.cpp).
 
 Every slot remembers the tokens whose KV cells it holds (:class:`SlotTokens`)
-and whose they are (``scope``: one API key's id, or one scope for everyone
-when the site shares prefixes across keys). A finished sequence keeps its
+and whose they are (``scope``: the calling API key's id, or ``None`` for one
+scope shared by everyone: no key on the request, or a site that shares
+prefixes across keys). The scope is part of every request
+(``GenerationRequest.scope``, parsed by the HTTP handler), never ambient state. A finished sequence keeps its
 cells, so the next turn of the same conversation finds its history there.
 
 :func:`plan_admission` picks, for one waiting prompt, the free slot to run it
@@ -16,15 +18,15 @@ their shared part once).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
-__all__ = ["Admission", "SlotTokens", "caller_scope", "common_prefix", "plan_admission", "usable"]
+from appliance.core.ids import KeyId
 
-# The calling API key's id for the request being handled (set by the HTTP handler from the internal hop's
-# header; "" when absent: one anonymous scope). The scheduler stamps it on each sequence it is given, so a
-# prompt only reuses cells computed for the same key unless the site shares prefixes across keys.
-caller_scope: ContextVar[str] = ContextVar("caller_scope", default="")
+__all__ = ["Admission", "Scope", "SlotTokens", "common_prefix", "plan_admission", "usable"]
+
+# Whose cached cells a prompt may use: one API key's id, or None (no key given, or prefixes shared by all keys).
+Scope: TypeAlias = KeyId | None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -41,7 +43,7 @@ class SlotTokens:
     """What one slot's KV cells hold: ``tokens[i]`` at position ``i``, computed for ``scope``."""
 
     tokens: list[int] = field(default_factory=list)
-    scope: str = ""
+    scope: Scope = None
     used: int = 0  # admission tick of the last sequence that ran here (LRU order)
     planned: list[int] | None = None  # a prefilling sequence's whole prompt (the cells it will hold)
     group: str = ""  # the request group (GenerationRequest.group) of the last sequence that ran here
@@ -72,7 +74,7 @@ def plan_admission(
     slots: Sequence[SlotTokens],
     free: Sequence[int],
     prompt: Sequence[int],
-    scope: str,
+    scope: Scope,
     tail: int = 1,
     *,
     group: str | None = None,

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inference.logprobs import TokenLogprob
+from inference.prefix import Scope
 from inference.sampling import SamplingParams
+from inference.speculative import DraftPolicy, PromptLookup
 from inference.textstream import TextStream
 
 __all__ = ["ActiveSequence", "GenerationFailed", "GenerationRequest", "SequenceHandle"]
@@ -32,7 +34,7 @@ class GenerationRequest:
     stops: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; n: each token's logprob and its n likeliest alternatives
-    scope: str = ""  # whose cached prefixes this prompt may reuse (an API key's id, or "" shared by all)
+    scope: Scope = None  # whose cached prefixes this prompt may reuse (an API key's id; None: shared by all)
     # Sequences submitted together for one prompt (the n choices of a request): they may copy each other's KV
     # cells even with prefix reuse off ("": none; with reuse on, the scope alone decides what is shared).
     group: str = ""
@@ -140,6 +142,10 @@ class ActiveSequence:
     held_logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)  # (start byte, logprob)
     token_bytes: int = 0  # bytes of all generated tokens
     sent_bytes: int = 0  # bytes of the text handed to the client so far
+    # Speculative decoding (inference.speculative): the history's n-gram index, when to draft, this step's draft.
+    lookup: PromptLookup | None = None
+    policy: DraftPolicy | None = None
+    draft: list[int] = field(default_factory=list)
 
     def release_logprobs(self, text: str, *, final: bool) -> list[TokenLogprob]:
         """The logprobs of tokens now wholly sent (at the end: of every token that began in sent text)."""

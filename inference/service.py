@@ -36,9 +36,10 @@ from appliance.core.worker_health import WorkerHealth
 from inference.answers import Answer, Streamed, Whole, stream, usage, whole
 from inference.metrics import WorkerMetrics
 from inference.model import LoadedModel, load_model
+from inference.prefix import Scope
 from inference.replies import ChatReply, CompletionReply, Emitter, chat_response, completion_body, new_id
 from inference.sampling import SamplingParams, compile_grammar
-from inference.scheduler import Event, QueueFull, Scheduler
+from inference.scheduler import Event, QueueFull, Scheduler, SpeculationSettings
 from inference.sequence import GenerationRequest, SequenceHandle
 from inference.settings import WorkerSettings
 from inference.structured import LAZY_TRIGGER, StructuredPlan, plan_structured
@@ -82,16 +83,19 @@ class WorkerService:
         self.model = model
         source = self.settings.template_source() or model.metadata("tokenizer.chat_template")
         self.template = ChatTemplate(source, bos_token=model.bos_text(), eos_token=model.eos_text())
-        self.scheduler = Scheduler(model, queue_size=self.settings.queue_size,
-                                   prefill_chunk=self.settings.prefill_chunk, reuse=self.settings.prefix_reuse,
-                                   share_across_keys=self.settings.prefix_share_across_keys,
+        settings = self.settings
+        self.scheduler = Scheduler(model, queue_size=settings.queue_size, prefill_chunk=settings.prefill_chunk,
+                                   reuse=settings.prefix_reuse, share_across_keys=settings.prefix_share_across_keys,
                                    count_prompt=self.metrics.count_prompt,
-                                   host_cache_bytes=self.settings.prompt_cache_bytes)
+                                   host_cache_bytes=settings.prompt_cache_bytes,
+                                   speculation=SpeculationSettings(settings.speculative, settings.draft_max),
+                                   count_draft=self.metrics.count_draft)
         self.scheduler.start(asyncio.get_running_loop(), self._on_step)
         self.metrics.slots_total.set(self.settings.slots)
         self.state = "ok"
         log.info("model ready", extra={"model": self.alias, "fallback_template": self.template.is_fallback,
-                                       "gpu_layers": model.gpu_layers, "threads": model.shape.threads})
+                                       "gpu_layers": model.gpu_layers, "threads": model.shape.threads,
+                                       "decode": model.decode_mode.describe()})
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -111,6 +115,7 @@ class WorkerService:
             slots_busy=self.scheduler.slots_busy, queue_depth=self.scheduler.queue_depth,
             queue_limit=self.settings.queue_size, model_sha256=self.model.sha256,
             n_ctx=self.settings.n_ctx, gpu_layers=self.model.gpu_layers,
+            decode=self.model.decode_mode.describe(),
             context_length=limits.context_length, max_tokens=limits.max_tokens,
             max_choices=limits.max_choices, max_prompts=limits.max_prompts,
         )
@@ -163,7 +168,7 @@ class WorkerService:
             raise not_found(f"The model {name!r} does not exist on this worker (it serves {self.alias!r}).",
                             param="model", code="model_not_found")
 
-    async def chat(self, body: ChatCompletionRequest) -> Answer:
+    async def chat(self, body: ChatCompletionRequest, scope: Scope = None) -> Answer:
         """A chat answer with ``n`` choices: one prompt, prefilled once, its cells shared by every choice."""
         reject_unsupported(body)
         self.check_model(body.model)
@@ -175,7 +180,7 @@ class WorkerService:
         generation = self.generation(
             body, tokens, template_stops, ignore_eos=body.ignore_eos,
             grammar=plan.lazy_grammar if lazy else plan.grammar, grammar_trigger=LAZY_TRIGGER if lazy else None,
-            logprobs=top_logprobs,
+            logprobs=top_logprobs, scope=scope,
         )
         handles = await self.submit_all(self._shared(choices(generation, body.n)))
         first = ChatReply(new_id("chatcmpl"), self.alias, int(time.time()), plan, top_logprobs is not None)
@@ -191,7 +196,7 @@ class WorkerService:
         pairs = [(handle, reply.emitter()) for handle, reply in zip(handles, replies, strict=True)]
         return Streamed(stream(pairs, usage_chunk, body.n), tuple(handles))
 
-    async def complete(self, body: CompletionRequest) -> Answer:
+    async def complete(self, body: CompletionRequest, scope: Scope = None) -> Answer:
         """A text completion: ``n`` choices per prompt (choice ``prompt_index * n + i``), all decoded together."""
         reject_unsupported(body)
         self.check_model(body.model)
@@ -202,7 +207,8 @@ class WorkerService:
         prompts = await self.completion_prompts(body)
         generations = [choice for tokens in prompts
                        for choice in self._shared(choices(self.generation(body, tokens, ignore_eos=body.ignore_eos,
-                                                                          logprobs=body.logprobs), body.n))]
+                                                                          logprobs=body.logprobs, scope=scope),
+                                                          body.n))]
         handles = await self.submit_all(generations)
         id_, created, wants_logprobs = new_id("cmpl"), int(time.time()), body.logprobs is not None
         replies = [CompletionReply(id_, self.alias, created, wants_logprobs, index=i) for i in range(len(handles))]
@@ -292,8 +298,10 @@ class WorkerService:
 
     def generation(self, body: ChatCompletionRequest | CompletionRequest, tokens: list[int],
                    extra_stops: tuple[str, ...] = (), *, ignore_eos: bool = False, grammar: str | None = None,
-                   grammar_trigger: str | None = None, logprobs: int | None = None) -> GenerationRequest:
-        """Validate limits against the context and turn the request into scheduler terms."""
+                   grammar_trigger: str | None = None, logprobs: int | None = None,
+                   scope: Scope = None) -> GenerationRequest:
+        """Validate limits against the context and turn the request into scheduler terms (``scope``: the
+        calling key, whose cached prefixes the prompt may reuse)."""
         n_ctx, cap = self.settings.n_ctx, self.settings.max_tokens_cap
         if not tokens:
             raise bad_request("The prompt is empty.", param="prompt")
@@ -309,7 +317,7 @@ class WorkerService:
         stops = tuple(body.stop_list()) + tuple(s for s in extra_stops if s not in body.stop_list())
         sampling = self._sampling(body, grammar, grammar_trigger)
         return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stops=stops,
-                                 ignore_eos=ignore_eos and grammar is None, logprobs=logprobs)
+                                 ignore_eos=ignore_eos and grammar is None, logprobs=logprobs, scope=scope)
 
     def _sampling(self, body: ChatCompletionRequest | CompletionRequest, grammar: str | None,
                   grammar_trigger: str | None) -> SamplingParams:

@@ -55,12 +55,17 @@ class WorkerSettings(RedisClientSettings):
     allowed_sha256: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Prompt-prefix reuse (docs/CONTRACTS.md): finished sequences keep their KV cells for the next prompt.
     prefix_reuse: bool = Field(
-        default=True, description="reuse cached prompt prefixes (faster later turns; exact with batch_invariant)"
+        default=True, description="reuse cached prompt prefixes and answers (faster later turns)"
     )
-    batch_invariant: bool = Field(
-        default=True,
-        description="CPU: a token's numbers do not depend on what is batched with it (exact prefix reuse)",
+    deterministic: bool = Field(
+        default=False,
+        description="CPU: batch-invariant decoding (an answer is the same bit for bit with reuse and speculation "
+        "on or off), at the cost of the fastest kernels; false = fast kernels, one unified KV cache",
     )
+    speculative: bool = Field(
+        default=True, description="draft tokens from the prompt (prompt lookup) where a request's acceptance pays"
+    )
+    draft_max: int = Field(default=8, ge=1, le=64, description="most draft tokens per sequence and step")
     prefix_share_across_keys: bool = Field(
         default=False, description="let one API key's requests reuse prefixes another key's requests left"
     )

@@ -1,15 +1,18 @@
-"""Prefix reuse is exact: the real model and scheduler answer the same with reuse on and off.
+"""In the deterministic mode, prefix reuse and speculation are exact: the real model and scheduler answer the
+same with both on and both off.
 
 Two schedulers run side by side in this process on the real default model,
-one with ``reuse=True`` and one without. Hypothesis draws conversation trees
+one with prefix reuse and speculative decoding (prompt-lookup drafts) and one
+with neither. Hypothesis draws conversation trees
 (new conversations over a few shared system prompts, follow-up turns,
 branches from an earlier turn, edits of an earlier turn, prompts sent
 together, a long prompt cancelled in the middle of its prefill); with two
 slots, conversations evict each other. At temperature 0 every answer must be
-identical, and the reuse side must really have reused cells.
+identical, and the reuse side must really have reused cells, answers' cells
+included, and really have accepted drafts.
 
-Both sides decode batch-invariantly (the default, ``batch_invariant``; see
-inference.model). With it off (a unified KV cache, flash attention, repacked
+Both sides decode batch-invariantly (``[worker] deterministic = true``; see
+inference.model and inference.scheduler). With it off (a unified KV cache, flash attention, repacked
 weights, the K-quant kernel switch at 8 rows) the pinned example fails at
 once: the second of three prompts sent together answered differently.
 """
@@ -28,7 +31,7 @@ from hypothesis import strategies as st
 
 from inference.model import LoadedModel, load_model
 from inference.sampling import SamplingParams
-from inference.scheduler import Event, Scheduler
+from inference.scheduler import Event, Scheduler, SpeculationSettings
 from inference.sequence import GenerationRequest, SequenceHandle
 from inference.settings import WorkerSettings
 
@@ -65,11 +68,13 @@ class Engine:
             n_ctx=N_CTX,
             prefill_chunk=CHUNK,
             prefix_reuse=reuse,
-            batch_invariant=True,
+            deterministic=True,
         )
         self.model: LoadedModel = load_model(self.settings)
         self.reused = 0
         self.prefilled = 0
+        self.drafted = 0
+        self.accepted = 0
         self.scheduler = Scheduler(
             self.model,
             queue_size=8,
@@ -77,6 +82,8 @@ class Engine:
             reuse=reuse,
             count_prompt=self._count,
             host_cache_bytes=HOST_CACHE_BYTES,
+            speculation=SpeculationSettings(enabled=reuse),
+            count_draft=self._count_draft,
         )
         self.loop = asyncio.new_event_loop()
         self.steps = 0
@@ -88,6 +95,10 @@ class Engine:
         self.prefilled += prefilled
         self.reused += reused
 
+    def _count_draft(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+
     def _report(self, events: list[Event], batch: int, busy: int, waiting: int) -> None:
         self.steps += 1
         for handle, text, new_tokens, finish, error, logprobs in events:
@@ -96,17 +107,18 @@ class Engine:
     def tokens(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_special=True, parse_special=True)
 
-    def _submit(self, text: str) -> SequenceHandle:
+    def _submit(self, text: str, max_tokens: int) -> SequenceHandle:
         request = GenerationRequest(
-            prompt_tokens=self.tokens(text), max_tokens=ANSWER_TOKENS, sampling=SamplingParams(temperature=0.0)
+            prompt_tokens=self.tokens(text), max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0)
         )
         return self.scheduler.submit(request)
 
-    def ask(self, texts: list[str], cancel_after_steps: int | None = None) -> list[str]:
+    def ask(self, texts: list[str], cancel_after_steps: int | None = None, max_tokens: int = ANSWER_TOKENS
+            ) -> list[str]:
         """Answers to ``texts`` sent together; with ``cancel_after_steps`` the last one is cancelled then."""
 
         async def run() -> list[str]:
-            handles = [self._submit(text) for text in texts]
+            handles = [self._submit(text, max_tokens) for text in texts]
             if cancel_after_steps is not None:
                 start = self.steps
                 while self.steps - start < cancel_after_steps and not handles[-1].done:
@@ -231,3 +243,34 @@ def test_reuse_really_happened(engines: tuple[Engine, Engine]) -> None:
     prompt = render(conversation.system, conversation.turns)
     on.ask([prompt])
     assert on.reused - before >= len(on.tokens(render(SYSTEMS[0], [])))
+
+
+def test_the_next_turn_prefills_only_the_new_message(engines: tuple[Engine, Engine]) -> None:
+    """The answer's cells stayed with the slot: the next turn, resending it, prefills the new message only."""
+    on, _ = engines
+    conversation = Conversation(SYSTEMS[2], [(QUESTIONS[4], None)])
+    answer = on.ask([render(conversation.system, conversation.turns)], max_tokens=24)[0]
+    conversation.turns = [(QUESTIONS[4], answer), (QUESTIONS[5], None)]
+    before = on.prefilled
+    on.ask([render(conversation.system, conversation.turns)], max_tokens=2)
+    new_message = len(on.tokens(f"<end_of_turn>\n<start_of_turn>user\n{QUESTIONS[5]}<end_of_turn>\n"
+                                "<start_of_turn>model\n"))
+    assert on.prefilled - before <= new_message + 8
+
+
+QUOTED = (
+    "Document: The pump room is on level two, behind the blue door next to the freight lift. "
+    "Staff must sign the logbook before entering and wear ear protection at all times.\n"
+    "Question: Repeat the document word for word."
+)
+
+
+def test_drafts_from_the_prompt_are_accepted_and_change_nothing(engines: tuple[Engine, Engine]) -> None:
+    on, off = engines
+    prompt = render(SYSTEMS[0][:60], [(QUOTED, None)])
+    drafted, accepted = on.drafted, on.accepted
+    got = on.ask([prompt, prompt.replace("two", "three")], max_tokens=48)
+    want = off.ask([prompt, prompt.replace("two", "three")], max_tokens=48)
+    assert got == want
+    assert on.accepted - accepted > 0 and on.drafted - drafted > 0
+    assert off.drafted == 0
