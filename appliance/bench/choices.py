@@ -1,21 +1,17 @@
-"""One request with n=4 against 4 concurrent and 4 sequential n=1 requests, on one real worker (issue 19).
+"""``appliance bench choices [--json]``: one request with n=4 against 4 concurrent and 4 sequential n=1 requests,
+on one real worker, with prefix reuse on and off, side by side in one run.
 
 Each mode sends the same ~600-token prompt (``/v1/completions``: no template stop strings, so ``ignore_eos``
 makes every answer exactly ``max_tokens`` long) under a key id of its own (no prefix left by another mode),
-and reads the worker's own prefill counter; the load average is printed beside the figures. Run with prefix reuse on
-(the default) and off, side by side in one run:
-
-    python scripts/bench_n_choices.py [--max-tokens 32] [--slots 4]
+and reads the worker's own prefill counter (``prompt_tokens_prefilled``); each mode runs ``--rounds`` times,
+alternating, and the fastest wall time is kept. The load average is reported beside the figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import secrets
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +23,8 @@ from appliance.bench import harness
 from appliance.core.hop import KEY_ID_HEADER
 from appliance.core.model_files import prepare_default_model
 
-REPO = Path(__file__).resolve().parents[1]
+__all__ = ["main"]
+
 SYSTEM = "You are the hardware store's assistant. Be brief, friendly and precise about tools. " * 36
 
 
@@ -41,7 +38,7 @@ async def _mode(url: str, headers: dict[str, str], model: str, mode: str, *, n: 
                 ) -> dict[str, Any]:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 1.0, "seed": 1, "ignore_eos": True,
             "prompt": SYSTEM + "\nCustomer: Which saw for oak?\nAssistant:"}
-    scoped = {**headers, KEY_ID_HEADER: f"bench-{mode}-{secrets.token_hex(4)}"}
+    scoped = {**headers, KEY_ID_HEADER: f"key_bench{mode}{secrets.token_hex(4)}"}  # a key id as the gateway makes
     async with httpx.AsyncClient(base_url=url, headers=scoped, timeout=600) as client:
 
         async def one(extra: dict[str, Any]) -> dict[str, Any]:
@@ -65,14 +62,15 @@ async def _mode(url: str, headers: dict[str, str], model: str, mode: str, *, n: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser("choices", __doc__)
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2, help="each mode this often, alternating; best wall kept")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("APPLIANCE_DATA_DIR", "data")))
     args = parser.parse_args(argv)
-    model_path = prepare_default_model(REPO / "data")
-    token = secrets.token_urlsafe(16)
+    model_path = prepare_default_model(args.data_dir)
+    token = secrets.token_urlsafe(32)
     headers = harness.internal_headers(token)
     result: dict[str, Any] = {"n": args.n, "max_tokens": args.max_tokens, "slots": args.slots}
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                       slots=args.slots, n_ctx=2048, prefix_reuse=reuse)
             with harness.service(harness.python("inference"), env, ready=f"{url}/health", timeout=180):
                 model = harness.get_json(f"{url}/health", timeout=5)[1]["model"]
+                harness.progress("choices", f"prefix reuse {reuse}: {args.rounds} rounds of n, concurrent, sequential")
                 asyncio.run(_mode(url, headers, model, "sequential", n=1, max_tokens=4))  # warm-up
                 runs: dict[str, list[dict[str, Any]]] = {"n": [], "concurrent": [], "sequential": []}
                 for _ in range(args.rounds):
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 result[f"reuse_{reuse}"] = {mode: min(found, key=lambda r: r["wall_s"]) | {
                     "wall_s_all": [r["wall_s"] for r in found]} for mode, found in runs.items()}
     result["loadavg_1m_after"] = os.getloadavg()[0]
-    sys.stdout.write(json.dumps(result, indent=2) + "\n")
-    return 0
+    return harness.emit(result, args.json)
 
 
 if __name__ == "__main__":
