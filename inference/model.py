@@ -10,7 +10,7 @@ KV cache, repacked weights, the tiled K-quant matmul, flash attention as
 llama.cpp chooses. The deterministic mode (CPU only) is batch-invariant: a
 token's numbers do not depend on what else is decoded with it, so prompt-prefix
 reuse and speculation give the answers a fresh prefill gives, bit for bit.
-Measured on llama.cpp's CPU backend (docs/wip/kv_layout_numerics.py.txt), four things make them depend on
+On llama.cpp's CPU backend (``appliance bench kv_numerics`` checks it), four things make them depend on
 it, and this mode removes each: a unified KV cache (the softmax and the
 attention-weighted sum run over every cell, so other sequences' cells change
 the summation order: one KV stream per slot instead), the K-quant matmul that
