@@ -29,6 +29,7 @@ from appliance.core.wire import (
     check_n,
     check_prompts,
     message_text,
+    parse_json,
     parse_request,
     reject_unsupported,
 )
@@ -41,7 +42,8 @@ from gateway.relay import StreamOutcome, relay_stream
 from gateway.service_client import CLIENT_PRIORITY_HEADER, decode_json_object, ensure_error_body
 from gateway.services import GatewayServices
 
-__all__ = ["PASS_THROUGH", "Admitted", "Job", "Output", "admit", "decode_body", "forward", "generate", "validate"]
+__all__ = ["PASS_THROUGH", "Admitted", "Job", "Output", "admit", "decode_body", "forward", "generate", "validate",
+           "with_usage"]
 
 Kind = Literal["chat", "completions"]
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -128,26 +130,30 @@ def decode_body(raw: bytes) -> dict[str, Any]:
 
 async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind) -> Response[Any]:
     parse_bearer(request.headers.get("authorization"))  # a missing key is a 401 before any body error
-    payload = decode_body(await request.body())
-    # Validate before admission so the cache lookup can ride in the admission round trip; report a bad
-    # request only after the key is known to be good (a bad key is a 401 whatever the body).
+    raw = await request.body()
+    # Validate (once, from the raw bytes) before admission so the cache lookup can ride in the admission
+    # round trip; report a bad request only after the key is known to be good (a bad key is a 401 whatever
+    # the body). Only a body that is not a JSON object is refused first.
     invalid: APIError | None = None
     try:
-        parsed, policy = validate(request, svc, kind, payload)
+        parsed, policy = _validated(request, svc, kind, raw)
+        facts: dict[str, Any] = {"model": parsed.model, "service_tier": parsed.service_tier}
     except APIError as exc:
-        invalid = exc
+        if exc.code == "invalid_json":
+            raise
+        invalid, facts = exc, decode_body(raw)
     key = ""
     if invalid is None and policy.active and not (isinstance(parsed, ChatCompletionRequest) and parsed.rag):
         key = cache_key(kind, parsed, svc.catalog.model_sha256(parsed.model))
     lookup = svc.cache.get_command(key) if key and policy.lookup else None
     # What the request occupies counts against the key's concurrency limit: a slot per sequence.
     slots = RequestCost.of(parsed).slots if invalid is None else 1
-    admitted = await admit(request, svc, payload, slots=slots, lookup=lookup)
+    admitted = await admit(request, svc, facts, slots=slots, lookup=lookup)
     try:
         if invalid is not None:
             raise invalid
-        job = Job(admitted, kind, parsed, b"", policy, PASS_THROUGH, key=key)
-        await _prepare(request, job, payload)
+        job = Job(admitted, kind, parsed, raw, policy, PASS_THROUGH, key=key)
+        await _prepare(job)
         return await _dispatch(job, admitted.ticket.prefetched if lookup else _NOT_FETCHED)
     except BaseException:
         svc.tasks.spawn(svc.admission.settle(admitted.ticket))
@@ -180,7 +186,7 @@ async def forward(admitted: Admitted, parsed: ChatCompletionRequest, policy: Cac
         job = Job(admitted, "chat", parsed, body, policy, output, key=key)
         admitted.record.stream = parsed.stream
         if parsed.stream and not (parsed.stream_options and parsed.stream_options.include_usage):
-            job.body = msgspec.json.encode({**decode_body(body), "stream_options": {"include_usage": True}})
+            job.body = with_usage(body)
             job.hide_usage = output is PASS_THROUGH  # another output reads the usage chunk itself
         return await _dispatch(job, _NOT_FETCHED)
     except BaseException:
@@ -190,18 +196,28 @@ async def forward(admitted: Admitted, parsed: ChatCompletionRequest, policy: Cac
 
 def validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
              payload: dict[str, Any]) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
-    """The request as the workers will read it, refused here exactly as they would refuse it, and the
-    cache policy its headers ask for."""
-    settings = svc.settings
-    ModelId.parse(payload.get("model"), param="model")  # one rule for every model id (a key's allow-list, routing)
-    parsed: ChatCompletionRequest | CompletionRequest
+    """The request (a decoded body) as the workers will read it, refused here exactly as they would refuse
+    it, and the cache policy its headers ask for."""
     if kind == "chat":
-        parsed = parse_request(ChatCompletionRequest, payload)
-        if len(parsed.messages) > settings.max_messages:
-            raise bad_request(f"Too many messages: at most {settings.max_messages}.", param="messages",
-                              code="too_many_messages")
-    else:
-        parsed = parse_request(CompletionRequest, payload)
+        return _checked(request, svc, parse_request(ChatCompletionRequest, payload))
+    return _checked(request, svc, parse_request(CompletionRequest, payload))
+
+
+def _validated(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
+               raw: bytes) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
+    """``validate`` straight from the client's bytes: parsed once, no intermediate dict."""
+    if kind == "chat":
+        return _checked(request, svc, parse_json(ChatCompletionRequest, raw))
+    return _checked(request, svc, parse_json(CompletionRequest, raw))
+
+
+def _checked(request: Request[Any, Any, Any], svc: GatewayServices, parsed: ChatCompletionRequest | CompletionRequest,
+             ) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
+    settings = svc.settings
+    ModelId.parse(parsed.model, param="model")  # one rule for every model id (a key's allow-list, routing)
+    if isinstance(parsed, ChatCompletionRequest) and len(parsed.messages) > settings.max_messages:
+        raise bad_request(f"Too many messages: at most {settings.max_messages}.", param="messages",
+                          code="too_many_messages")
     reject_unsupported(parsed)
     limits = svc.catalog.limits(parsed.model)  # the workers' own limits, refused here exactly as they would refuse
     if limits is not None:
@@ -210,35 +226,43 @@ def validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
             check_n(parsed, limits.max_choices)
         if limits.max_prompts is not None:
             check_prompts(parsed, limits.max_prompts)
-    headers = {name: request.headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
-    return parsed, cache_policy(parsed, headers, settings.cache_enabled, settings.cache_ttl_s)
+    headers = request.headers
+    asked = {name: headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
+    return parsed, cache_policy(parsed, asked, settings.cache_enabled, settings.cache_ttl_s)
 
 
-async def _prepare(request: Request[Any, Any, Any], job: Job, payload: dict[str, Any]) -> None:
-    """RAG augmentation, and the body the balancer gets (the client's own bytes when nothing changed)."""
+async def _prepare(job: Job) -> None:
+    """RAG augmentation, and the body the balancer gets: the client's own bytes unless something changed."""
     parsed, svc = job.parsed, job.svc
     job.record.stream = parsed.stream
     if svc.settings.log_prompts:
         job.record.prompt = _prompt_text(parsed)[:2000]
-    changed = False
     if isinstance(parsed, ChatCompletionRequest) and parsed.rag is not None:
         options = parse_rag_options(parsed.rag)
         await svc.owners.check(options.collection, job.ticket.principal, write=False)
         job.parsed, job.citations = await augment(parsed, options, svc.rag, caller=job.admitted.caller,
                                                   secret=svc.fence_secret,
                                                   max_chars=svc.settings.rag_max_context_chars)
-        payload = {**payload, "messages": [m.model_dump(mode="json", exclude_none=True, by_alias=True)
-                                           for m in job.parsed.messages]}
+        payload = {k: v for k, v in decode_body(job.body).items() if k != "rag"}
+        payload["messages"] = [m.model_dump(mode="json", exclude_none=True, by_alias=True)
+                               for m in job.parsed.messages]
+        job.body = msgspec.json.encode(payload)
         if job.policy.active:
             job.key = cache_key(job.kind, job.parsed, svc.catalog.model_sha256(parsed.model))
-        changed = True
-    if "rag" in payload:
-        payload = {k: v for k, v in payload.items() if k != "rag"}
-        changed = True
     if parsed.stream and not (parsed.stream_options and parsed.stream_options.include_usage):
-        payload = {**payload, "stream_options": {"include_usage": True}}
-        job.hide_usage, changed = True, True
-    job.body = msgspec.json.encode(payload) if changed else await request.body()
+        job.body, job.hide_usage = with_usage(job.body), True
+
+
+def with_usage(body: bytes) -> bytes:
+    """A streaming request's body asking for the usage chunk (the gateway counts tokens from it).
+
+    The member is appended to the client's own validated object, as its last member: JSON readers here
+    keep the last of duplicate names, so whatever the client spelled (``"stream\\u005foptions": null``
+    included) cannot hide the usage the key is charged from."""
+    tail = body.rstrip()
+    if tail.endswith(b"}") and not tail[:-1].rstrip().endswith(b"{"):
+        return tail[:-1] + b',"stream_options":{"include_usage":true}}'
+    return msgspec.json.encode({**decode_body(body), "stream_options": {"include_usage": True}})
 
 
 async def _dispatch(job: Job, prefetched: Any) -> Response[Any]:

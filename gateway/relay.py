@@ -1,8 +1,11 @@
-"""Relay an upstream SSE stream to the client event by event, without buffering.
+"""Relay an upstream SSE stream to the client event by event, without buffering or re-encoding.
 
-On the way it picks up token usage, appends RAG citations before ``[DONE]``,
-records the bytes for the cache, and enforces the stream contract: a stream
-that breaks ends with ``event: error`` and no ``[DONE]``.
+Each upstream event is forwarded as the bytes it came in; only an event that carries token usage is
+decoded (to count it, and to drop it when the client did not ask for it), and the first one (for the
+id the citations chunk repeats). Comments (the balancer's ``: queued position=N eta_s=X`` while the
+request waits for a worker) pass through; SDKs ignore them, the chat UI shows them. RAG citations go
+before ``[DONE]``; the bytes are recorded for the cache. A stream that breaks ends with ``event: error``
+and no ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -15,13 +18,12 @@ from typing import Any
 import aiohttp
 
 from appliance.core.errors import error_body
-from appliance.core.sse import DONE, SSEDecoder, SSEEvent, encode_data, encode_error, encode_event
+from appliance.core.sse import DONE, encode_data, encode_error
 
-__all__ = ["StreamOutcome", "relay_stream"]
+__all__ = ["SSESplitter", "StreamOutcome", "relay_stream"]
 
-# ": queued position=N eta_s=X" comments the balancer sends while a streaming request waits for a
-# worker: passed on to the client (SDKs ignore comments; the chat UI shows "waiting: N ahead").
-_QUEUED = b": queued "
+_ERROR_EVENT = b"event: error"
+_USAGE = b'"usage"'
 
 
 @dataclass(slots=True)
@@ -34,6 +36,37 @@ class StreamOutcome:
     first: dict[str, Any] = field(default_factory=dict)
 
 
+class SSESplitter:
+    """Cuts an SSE byte stream into whole events, each kept as its own bytes (blank line included)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:  # CRLF or CR line ends: normalised, a CR that may start a CRLF kept for later
+            keep = buffer.endswith(b"\r")
+            buffer = (buffer[:-1] if keep else buffer).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            buffer += b"\r" if keep else b""
+        events = buffer.split(b"\n\n")
+        self._buffer = events.pop()
+        return [event + b"\n\n" for event in events if event.strip(b"\n")]
+
+
+def _data(event: bytes) -> bytes:
+    """The event's data (several ``data:`` lines joined by newlines)."""
+    lines = [line[5:].removeprefix(b" ") for line in event.rstrip(b"\n").split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines)
+
+
+def _loads(data: bytes) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def _citation_chunk(first: dict[str, Any], citations: list[dict[str, Any]]) -> bytes:
     return encode_data({
         "id": first.get("id", ""), "object": first.get("object", "chat.completion.chunk"),
@@ -43,49 +76,33 @@ def _citation_chunk(first: dict[str, Any], citations: list[dict[str, Any]]) -> b
 
 
 class _EventFilter:
-    """Turns one upstream event into the bytes the client gets (or nothing)."""
+    """What the client gets for one upstream event: the same bytes, other bytes, or nothing."""
 
     def __init__(self, outcome: StreamOutcome, hide_usage: bool) -> None:
         self._outcome = outcome
         self._hide_usage = hide_usage
 
-    def __call__(self, event: SSEEvent) -> bytes | None:
-        if event.is_error:
-            return encode_event(event.data, event="error")
-        if event.is_done:
-            return DONE
+    def __call__(self, event: bytes) -> bytes | None:
         outcome = self._outcome
         outcome.chunks += 1
-        if not outcome.first or '"usage"' in event.data:
-            obj = _loads(event.data)
-            if obj is None:
-                return encode_event(event.data)
-            if not outcome.first:
-                outcome.first = obj
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
-                if self._hide_usage:
-                    if not obj.get("choices"):
-                        return None
-                    del obj["usage"]
-                    return encode_data(obj)
-        return encode_event(event.data)
-
-
-def _queue_notes(raw: bytes) -> bytes:
-    if _QUEUED not in raw:
-        return b""
-    return b"".join(line + b"\n\n" for line in raw.split(b"\n") if line.startswith(_QUEUED))
-
-
-def _loads(data: str) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
+        if outcome.first and _USAGE not in event:
+            return event
+        obj = _loads(_data(event))
+        if obj is None:
+            return event
+        if not outcome.first:
+            outcome.first = obj
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            return event
+        outcome.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        outcome.completion_tokens = int(usage.get("completion_tokens") or 0)
+        if not self._hide_usage:
+            return event
+        if not obj.get("choices"):
+            return None
+        del obj["usage"]
+        return encode_data(obj)
 
 
 async def relay_stream(
@@ -93,29 +110,33 @@ async def relay_stream(
     citations: list[dict[str, Any]] | None, on_end: Callable[[StreamOutcome], None],
 ) -> AsyncIterator[bytes]:
     """Yield client bytes; ``on_end`` runs exactly once however the stream ends (even a client hang-up)."""
-    decoder = SSEDecoder()
+    splitter = SSESplitter()
     to_client = _EventFilter(outcome, hide_usage)
     recorded = outcome.recorded
-    ended = False
     try:
         async for raw in resp.content.iter_any():
-            if not outcome.chunks and (notes := _queue_notes(raw)):  # the balancer's, before any event
-                yield notes
-            for event in decoder.feed(raw):
-                out = to_client(event)
-                if out is None:
+            out = bytearray()
+            for event in splitter.feed(raw):
+                if event.startswith(b":"):  # a comment: passed on, never recorded
+                    out += event
                     continue
-                if event.is_done:
-                    if citations is not None:
-                        out = _citation_chunk(outcome.first, citations) + out
+                if event.startswith(DONE[:-2]):
+                    done = DONE if citations is None else _citation_chunk(outcome.first, citations) + DONE
                     outcome.finished = True
-                if event.is_error:
-                    ended = True
-                if recorded is not None:
-                    recorded += out
-                yield out
-                if ended or outcome.finished:
+                    if recorded is not None:
+                        recorded += done
+                    yield bytes(out + done)
                     return
+                if event.startswith(_ERROR_EVENT) or b"\n" + _ERROR_EVENT in event:
+                    yield bytes(out + event)
+                    return
+                forwarded = to_client(event)
+                if forwarded is not None:
+                    out += forwarded
+                    if recorded is not None:
+                        recorded += forwarded
+            if out:
+                yield bytes(out)
         yield encode_error(error_body("The model stream ended unexpectedly.", "server_error",
                                       code="stream_interrupted"))
     except (aiohttp.ClientError, TimeoutError) as exc:

@@ -119,6 +119,7 @@ class _Sampling(_Wire):
     repeat_penalty: float = Field(default=1.0, ge=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    service_tier: str | None = None  # "flex" lowers the request to the batch class (never raises it)
     ignore_eos: bool = False  # appliance extension (benchmarks): generate max_tokens whatever the model says
 
     @field_validator("stop")
