@@ -15,7 +15,7 @@ import aiohttp
 import msgspec
 
 from appliance.core.errors import APIError, error_body, overloaded
-from appliance.core.hop import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
+from appliance.core.hop import HOP_BY_HOP, INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
 from appliance.core.request_id import current_request_id
 from gateway.caller import IDENTITY_HEADERS, Caller
 
@@ -24,9 +24,8 @@ __all__ = ["CLIENT_PRIORITY_HEADER", "ServiceClient", "ServiceReply", "decode_js
 # A client may lower its request's priority with this header (or OpenAI's ``service_tier: "flex"``).
 CLIENT_PRIORITY_HEADER = "X-Priority"
 
-# Hop-by-hop and framing headers never copied between hops.
-_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
-                   "host", "authorization", INTERNAL_TOKEN_HEADER.lower(), "te", "trailer", "upgrade"})
+# Never copied from a service's answer: hop-by-hop and framing headers, and what only the hop itself carries.
+_DROP = HOP_BY_HOP | {"content-encoding", "host", "authorization", INTERNAL_TOKEN_HEADER.lower()}
 
 
 class ServiceReply(msgspec.Struct, frozen=True):
