@@ -23,7 +23,7 @@ from appliance.core.wire import ChatCompletionRequest, parse_request
 from gateway.access import access_record
 from gateway.admission import parse_bearer
 from gateway.generation import admit, decode_body, forward, validate
-from gateway.openapi import documented
+from gateway.openapi import documented, link
 from gateway.responses.events import encode_json
 from gateway.responses.listing import items_page
 from gateway.responses.output import ResponsesOutput
@@ -52,9 +52,15 @@ def _in_responses_terms(error: APIError) -> APIError:
     return error
 
 
+_MADE = "$response.body#/id"
+_LINKS = {"RetrieveResponse": link("GET", "/v1/responses/{response_id}", response_id=_MADE),
+          "ListInputItems": link("GET", "/v1/responses/{response_id}/input_items", response_id=_MADE),
+          "DeleteResponse": link("DELETE", "/v1/responses/{response_id}", response_id=_MADE)}
+
+
 @post("/v1/responses", summary="Create a response (OpenAI Responses API; stored per key unless store is false)",
       status_code=200, opt=documented(body=ResponsesRequest, answers={200: ResponseObject}, streams=ResponseStreamEvent,
-                                      errors=_GENERATION_ERRORS))
+                                      errors=_GENERATION_ERRORS, links={200: _LINKS}))
 async def create_response(request: Request[Any, Any, Any], svc: Services, responses: ResponseStoreDep) -> Response[Any]:
     parse_bearer(request.headers.get("authorization"))  # a missing key is a 401 before any body error
     payload = decode_body(await request.body())
