@@ -15,7 +15,7 @@ Every benchmark module uses these instead of its own copies::
             result = {...}
         return harness.emit(result, args.json, render)    # one JSON object, or render(result) as text
 
-API (all synchronous; safe to call from any benchmark process):
+API (synchronous but ``until``; safe to call from any benchmark process):
 
 * ``free_port()``: a TCP port on 127.0.0.1 that was free a moment ago (``appliance.core.ports``).
 * ``python(module, *args)``: argv running ``python -m module args`` with this interpreter.
@@ -28,6 +28,7 @@ API (all synchronous; safe to call from any benchmark process):
   own process, such as ``python -m appliance.bench._rag_reference``) and return the one JSON object it prints on stdout
   (stderr to ``log``); RuntimeError when it fails, times out or prints anything else.
 * ``wait_until(check, timeout, what, proc=None, interval=0.1)``: poll ``check()`` until true; the seconds it took.
+  ``until(check, limit_s=30, what)`` is the same inside a coroutine (awaited; the loop keeps running).
 * ``http_ok(url, headers=None)`` / ``get_json(url, headers=None)``: one loopback GET, never raising
   (``get_json`` returns ``(status, body)``, status 0 when nothing answered).
 * ``redis_server(directory, user='gateway')``: context manager; a throwaway ``redis-server`` (no persistence,
@@ -48,6 +49,7 @@ processes) start with ``_``; this module and ``fake_worker`` (shared with the te
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import pkgutil
@@ -84,6 +86,7 @@ __all__ = [
     "run_json",
     "service",
     "service_env",
+    "until",
     "wait_until",
 ]
 
@@ -155,6 +158,18 @@ def wait_until(
         if time.monotonic() - started > timeout:
             raise TimeoutError(f"{what}: not within {timeout:g} s")
         time.sleep(interval)
+    return time.monotonic() - started
+
+
+async def until(check: Callable[[], bool], limit_s: float = 30.0, what: str = "condition", *,
+                interval: float = 0.02) -> float:
+    """:func:`wait_until` inside a coroutine: polls ``check`` without blocking the event loop; the bound only
+    turns a hang into a failure (it returns as soon as ``check`` holds)."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > limit_s:
+            raise TimeoutError(f"{what}: not within {limit_s:g} s")
+        await asyncio.sleep(interval)
     return time.monotonic() - started
 
 

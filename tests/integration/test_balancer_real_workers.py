@@ -18,7 +18,7 @@ from typing import Any
 import openai
 import pytest
 
-from appliance.bench.harness import wait_until
+from appliance.bench.harness import until, wait_until
 from tests.support.stack import LoopbackAppliance, appliance_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -105,13 +105,6 @@ class Streams:
         return [asyncio.create_task(self.one(api, i)) for i in range(len(self.outcome))]
 
 
-async def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
-
-
 async def test_kill_9_mid_stream_ends_streams_with_error_event_and_readmits(stack: LoopbackAppliance) -> None:
     victim = stack.workers[0]
     # Every stream runs its 24 tokens: one that counted to 2 and stopped could leave the victim below
@@ -119,12 +112,12 @@ async def test_kill_9_mid_stream_ends_streams_with_error_event_and_readmits(stac
     streams = Streams(3 * SLOTS, max_tokens=24, ignore_eos=True)
     async with client(stack) as api:
         tasks = streams.run(api)
-        await wait_for(lambda: worker_view(stack, victim)["inflight"] == SLOTS and sum(streams.started) >= 2 * SLOTS,
+        await until(lambda: worker_view(stack, victim)["inflight"] == SLOTS and sum(streams.started) >= 2 * SLOTS,
                        120, "streams never got going")
         stack.services["worker0"].signal(signal.SIGKILL)
         killed_at = time.monotonic()
         # Passively, on the broken connections; waited for, not timed (a loaded machine delays everything).
-        await wait_for(lambda: worker_view(stack, victim)["state"] == "ejected", 30, "the killed worker ejected")
+        await until(lambda: worker_view(stack, victim)["state"] == "ejected", 30, "the killed worker ejected")
         await asyncio.gather(*tasks)
 
     cut = [i for i, o in enumerate(streams.outcome) if o != "done"]
@@ -152,7 +145,7 @@ async def test_kill_9_before_first_byte_retries_on_other_workers(stack: Loopback
     try:
         async with client(stack) as api:
             tasks = streams.run(api)
-            await wait_for(lambda: worker_view(stack, victim)["inflight"] == SLOTS, 30, "victim got no requests")
+            await until(lambda: worker_view(stack, victim)["inflight"] == SLOTS, 30, "victim got no requests")
             stack.services["worker0"].signal(signal.SIGKILL)
             await asyncio.gather(*tasks)
     finally:

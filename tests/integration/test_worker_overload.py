@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.bench.harness import wait_until
 from tests.support.processes import REPO, free_port, python_module, run_service
 
 pytestmark = pytest.mark.integration
@@ -45,12 +45,7 @@ def health(url: str) -> dict[str, int]:
 
 
 def wait_for(url: str, key: str, value: int, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if health(url)[key] == value:
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"{key} != {value} after {timeout}s: {health(url)}")
+    return wait_until(lambda: health(url)[key] == value, timeout, f"{key} == {value} on /health", interval=0.02)
 
 
 def open_stream(url: str, payload: dict[str, object], stream: bool = True) -> socket.socket:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from appliance.bench.fake_worker import serving
+from appliance.bench.harness import until
 from appliance.core.sse import SSEDecoder
 from balancer import BalancerSettings, create_app
 
@@ -54,12 +54,3 @@ async def stream_events(client: aiohttp.ClientSession, url: str, body: dict[str,
         async for chunk in response.content.iter_any():
             events.extend(decoder.feed(chunk))
         return events
-
-
-async def until(predicate: Any, timeout: float = 30.0) -> None:
-    """Wait for an event; the bound only turns a hang into a failure (it returns as soon as it holds)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)

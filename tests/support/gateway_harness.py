@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 
+from appliance.bench.harness import wait_until
 from tests.support.processes import Service, free_port, python_module, run_service
 from tests.support.rag_service import TOKEN as RAG_TOKEN
 from tests.support.rag_service import rag_process
@@ -74,19 +75,14 @@ def gateway(tmp: Path, redis_url: str, balancer_url: str, rag_url: str | None = 
 
 
 def _wait_tls(url: str, cert: Path, service: Service) -> None:
-    import time
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert service.proc.poll() is None, service.logs()[-2000:]
+    def answers() -> bool:
         try:
-            if cert.exists() and httpx.get(f"{url}/healthz", timeout=2,
-                                           verify=ssl.create_default_context(cafile=str(cert))).status_code == 200:
-                return
+            trusted = ssl.create_default_context(cafile=str(cert))
+            return cert.exists() and httpx.get(f"{url}/healthz", timeout=2, verify=trusted).status_code == 200
         except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready")
+            return False
+
+    wait_until(answers, 60, f"{url} ready over TLS", proc=service)
 
 
 def assert_error_shape(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 
 import openai
 
+from appliance.bench.harness import wait_until
 from tests.support.processes import free_port, python_module, run_service
 
 __all__ = ["MODEL", "TOKEN", "Worker", "spawn_worker", "wait_idle"]
@@ -75,9 +75,5 @@ def spawn_worker(model_path: Path, logs: Path, **settings: str) -> Iterator[Work
 
 
 def wait_idle(worker: Worker, timeout: float = 1.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if worker.health()["slots_busy"] == 0:
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"slots still busy after {timeout}s: {worker.health()}")
+    """Until every slot of ``worker`` is free; the seconds that took."""
+    return wait_until(lambda: worker.health()["slots_busy"] == 0, timeout, "every slot free", interval=0.02)
