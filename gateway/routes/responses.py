@@ -47,7 +47,8 @@ _PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_for
 def _in_responses_terms(error: APIError) -> APIError:
     head = (error.param or "").split(".", 1)[0]
     if head in _PARAMS:
-        error.message = error.message.replace(head, _PARAMS[head], 1)
+        if head == "max_tokens":  # "max_tokens is N, above this model's limit..." names the parameter itself
+            error.message = error.message.replace(head, _PARAMS[head], 1)
         error.param = _PARAMS[head]
     return error
 

@@ -179,3 +179,11 @@ def test_a_stored_response_survives_a_gateway_restart_and_a_backup_restore(
     assert "responses" in restored.restored
     stack.restart("gateway", "/healthz")
     assert client.responses.retrieve(made.id).output_text == made.output_text
+
+
+def test_a_limit_is_refused_in_the_responses_terms(client: openai.OpenAI, stack: LoopbackAppliance) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=stack.model, input="x", max_output_tokens=10**6)
+    assert refused.value.param == "max_output_tokens" and "max_output_tokens is 1000000" in refused.value.message
+    with pytest.raises(openai.NotFoundError):  # a well-formed id nobody stored
+        client.responses.create(model=stack.model, input="x", previous_response_id="resp_" + "0" * 48)
