@@ -10,7 +10,13 @@ In one run, on the same model and threads:
   free ones, the median ratio of back-to-back pairs (grammar cost).
 
 It prints both and the ratios ``c8/c1`` (what batching buys) and
-``worker_c8/raw_c8`` (what the worker's HTTP and scheduling cost).
+``worker_c8/raw_c8`` (what the worker's HTTP and scheduling cost) for the
+default (fast) decode mode, and beside them the same figures of a worker in
+the deterministic mode (``deterministic.*``: ``[worker] deterministic =
+true``, batch-invariant). Both workers run without speculative decoding
+(``--speculative`` turns it on), so they decode what the raw loop decodes;
+``appliance bench speculative`` measures that. Each worker's ``decode``
+object from ``/health`` is printed with its figures.
 """
 
 from __future__ import annotations
@@ -215,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--levels", default="1,4,8", help="concurrency levels")
     parser.add_argument("--no-grammar", dest="grammar", action="store_false",
                         help="skip the grammar-constrained (json_schema) runs at the highest concurrency")
+    parser.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                        help="skip the deterministic-mode worker")
+    parser.add_argument("--speculative", action="store_true", help="run the workers with speculative decoding on")
     parser.add_argument("--grammar-pairs", type=int, default=3,
                         help="back-to-back free/grammar run pairs; the ratio reported is their median")
     return parser
@@ -232,13 +241,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             _progress(f"raw c{level}: {raw_rates[level]:.1f} tok/s")
     finally:
         raw.close()
-    with worker(args, path) as (port, token):
-        alias = harness.get_json(f"http://127.0.0.1:{port}/health", timeout=5)[1]["model"]
+    speculative = "true" if args.speculative else "false"
+    with worker(args, path, deterministic="false", speculative=speculative) as (port, token):
+        health = harness.get_json(f"http://127.0.0.1:{port}/health", timeout=5)[1]
+        alias, decode = health["model"], health.get("decode")
         worker_rates = asyncio.run(_worker_rates(port, token, alias, levels, tokens=args.tokens, rounds=args.rounds))
         pairs = asyncio.run(_grammar_pairs(port, token, alias, max(levels), tokens=args.tokens,
                                             pairs=args.grammar_pairs)) \
             if args.grammar else []
-    result: dict[str, Any] = {"model": path.name, "threads": args.threads, "tokens_per_request": args.tokens}
+    exact: dict[str, Any] = {}
+    if args.deterministic:
+        with worker(args, path, deterministic="true", speculative=speculative) as (port, token):
+            exact["decode"] = harness.get_json(f"http://127.0.0.1:{port}/health", timeout=5)[1].get("decode")
+            exact_rates = asyncio.run(_worker_rates(port, token, alias, levels, tokens=args.tokens,
+                                                    rounds=args.rounds))
+        low, high = min(levels), max(levels)
+        for level in levels:
+            exact[f"worker_c{level}_tok_s"] = round(exact_rates[level], 1)
+        exact[f"c{high}/c{low}"] = round(exact_rates[high] / exact_rates[low], 3)
+        exact[f"worker_c{high}/raw_c{high}"] = round(exact_rates[high] / raw_rates[high], 3)
+        exact[f"worker_c{low}/raw_c{low}"] = round(exact_rates[low] / raw_rates[low], 3)
+        exact[f"fast_c{high}/deterministic_c{high}"] = round(worker_rates[high] / exact_rates[high], 3)
+    result: dict[str, Any] = {"model": path.name, "threads": args.threads, "tokens_per_request": args.tokens,
+                              "decode": decode}
     for level in levels:
         result[f"raw_c{level}_tok_s"] = round(raw_rates[level], 1)
         result[f"worker_c{level}_tok_s"] = round(worker_rates[level], 1)
@@ -252,6 +277,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         result[f"worker_c{high}_grammar_tok_s"] = round(statistics.median(g for _, g in pairs), 1)
         result[f"grammar_c{high}/free_c{high}"] = round(statistics.median(ratios), 3)
         result["grammar_pair_ratios"] = [round(r, 3) for r in ratios]
+    if exact:
+        result["deterministic"] = exact
     return result
 
 
@@ -270,4 +297,5 @@ def _render(result: Mapping[str, Any]) -> str:
             raw_rate, worker_rate = result[key], result[f"worker_c{level}_tok_s"]
             lines.append(f"{level:>12} {raw_rate:>10.1f} {worker_rate:>13.1f} {worker_rate / raw_rate:>11.3f}")
     lines += [f"{key} = {value}" for key, value in result.items() if "/" in key or key == "grammar_pair_ratios"]
+    lines += [f"deterministic {key} = {value}" for key, value in result.get("deterministic", {}).items()]
     return "\n".join(lines)

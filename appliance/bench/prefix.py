@@ -16,6 +16,12 @@ same load against a real worker on the same model, once with
   tokens (``burst_prefilled_over_one_prompt``, 1.0 = the shared part
   prefilled once).
 
+``prefilled_per_later_turn``: prompt tokens a later turn prefilled (its
+prompt minus ``cached_tokens``), on average, with reuse on; beside it
+``new_message_tokens_per_later_turn``, what each later turn added after the
+last answer (the new user message and its template). The answers' cells stay
+with their slot, so the two are close.
+
 With ``--balancer``, the conversation load also runs through a balancer in
 front of 3 workers (reuse on), with ``APPLIANCE_BALANCER_ROUTING=prefix``
 against ``least_connections``: ``prefix_hit_ratio`` (reused / prompt tokens
@@ -75,6 +81,8 @@ class LoadResult:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prefilled_later: list[int] = field(default_factory=list)  # prompt tokens prefilled by each later turn
+    new_later: list[int] = field(default_factory=list)  # prompt tokens each later turn added after the last answer
     wall_s: float = 0.0
 
 
@@ -124,6 +132,7 @@ async def conversations(
 
     async def one(index: int, session: Any) -> None:
         messages = [{"role": "system", "content": system}]
+        last_prompt = last_answer = 0
         for turn in range(turns):
             topic = TOPICS[(index + turn) % len(TOPICS)]
             messages.append(
@@ -136,7 +145,13 @@ async def conversations(
             (result.ttft_turn1 if turn == 0 else result.ttft_later).append(ttft)
             result.completion_tokens += int(usage.get("completion_tokens", 0))
             result.prompt_tokens += int(usage.get("prompt_tokens", 0))
-            result.cached_tokens += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+            cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0))
+            result.cached_tokens += cached
+            prompt = int(usage.get("prompt_tokens", 0))
+            if turn:
+                result.prefilled_later.append(prompt - cached)
+                result.new_later.append(prompt - last_prompt - last_answer)
+            last_prompt, last_answer = prompt, int(usage.get("completion_tokens", 0))
             messages.append({"role": "assistant", "content": text})
 
     start = time.perf_counter()
@@ -252,6 +267,11 @@ def single_worker(args: argparse.Namespace, path: Path) -> dict[str, Any]:
             "generated_tok_s": round(load.completion_tokens / load.wall_s, 2),
             "prompt_tokens": load.prompt_tokens,
             "cached_tokens": load.cached_tokens,
+            "prefilled_per_later_turn": round(statistics.mean(load.prefilled_later), 1) if load.prefilled_later
+            else 0.0,
+            "prefilled_later_turn_max": max(load.prefilled_later, default=0),
+            "new_message_tokens_per_later_turn": round(statistics.mean(load.new_later), 1) if load.new_later
+            else 0.0,
             "burst_prompt_tokens_each": max(prompts),
             "burst_prefilled": int(prefilled),
             "burst_prefilled_over_one_prompt": round(prefilled / max(1, *prompts), 3),
@@ -263,6 +283,8 @@ def single_worker(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     out["reuse_speedup"] = round(off["ttft_later_p50_s"] / max(on["ttft_later_p50_s"], 1e-9), 2)
     out["workload_speedup"] = round(off["wall_s"] / max(on["wall_s"], 1e-9), 2)
     out["burst_prefilled_over_one_prompt"] = on["burst_prefilled_over_one_prompt"]
+    out["prefilled_per_later_turn"] = on["prefilled_per_later_turn"]
+    out["new_message_tokens_per_later_turn"] = on["new_message_tokens_per_later_turn"]
     return out
 
 
@@ -377,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.balancer_only:
         result["worker"] = single_worker(args, path)
-        for key in ("ttft_later_over_turn1", "reuse_speedup", "workload_speedup", "burst_prefilled_over_one_prompt"):
+        for key in ("ttft_later_over_turn1", "reuse_speedup", "workload_speedup", "burst_prefilled_over_one_prompt",
+                    "prefilled_per_later_turn", "new_message_tokens_per_later_turn"):
             result[key] = result["worker"][key]
     if args.balancer or args.balancer_only:
         result["balancer"] = through_balancer(args, path)
