@@ -96,12 +96,14 @@ if conc > 0 then
   if redis.call('ZCARD', KEYS[5]) + want > conc then
     return reply('concurrency', 1, rpm, math.max(rpm - used, 0), reset)
   end
-  local add = {}
-  for i = 1, want do
-    add[#add + 1] = now
-    add[#add + 1] = ARGV[3] .. '#' .. i
+  for first = 1, want, 1000 do  -- in batches: unpack has a bounded stack
+    local add = {}
+    for i = first, math.min(want, first + 999) do
+      add[#add + 1] = now
+      add[#add + 1] = ARGV[3] .. '#' .. i
+    end
+    redis.call('ZADD', KEYS[5], unpack(add))
   end
-  redis.call('ZADD', KEYS[5], unpack(add))
   redis.call('EXPIRE', KEYS[5], ttl)
 end
 if rpm > 0 then
@@ -117,9 +119,15 @@ return reply('ok', 0, rpm, math.max(rpm - used - 1, 0), reset)
 SETTLE = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local held = {}
-for i = 1, math.max(1, math.floor(tonumber(ARGV[10]) or 1)) do held[#held + 1] = ARGV[1] .. '#' .. i end
-redis.call('ZREM', KEYS[3], unpack(held))
+-- A request's members were added together (same score, same expiry) and only under a concurrency limit, so
+-- the set holds at least as many members as this request still has: never loop past its size (a key without a
+-- limit holds none, whatever the request's cost).
+local count = math.min(math.max(1, math.floor(tonumber(ARGV[10]) or 1)), redis.call('ZCARD', KEYS[3]))
+for first = 1, count, 1000 do  -- in batches: unpack has a bounded stack
+  local held = {}
+  for i = first, math.min(count, first + 999) do held[#held + 1] = ARGV[1] .. '#' .. i end
+  redis.call('ZREM', KEYS[3], unpack(held))
+end
 local spent = tonumber(ARGV[2])
 local function debit(key, cap, per)
   if cap <= 0 or spent <= 0 then return end

@@ -163,3 +163,31 @@ async def test_day_bucket_alone_and_unlimited_keys_send_no_stray_headers(guard: 
                        "x-ratelimit-reset-tokens": "0ms"}
     free, _ = await store.create("free", {"chat"}, KeyLimits())
     assert (await admission(guard).admit(free, "chat")).rate_headers == {}
+
+
+async def test_a_huge_request_cost_never_stalls_redis(guard: RedisGuard) -> None:
+    """A key without a concurrency limit takes no slots, so settling its request of 10^9 sequences (a huge `n`
+    where no worker publishes max_choices) removes nothing: it once looped 10^9 times inside Redis, which
+    answered BUSY to every other request of every key."""
+    secret, _ = await KeyStore(guard.client).create("huge", {"chat"}, KeyLimits())
+    limited, _ = await KeyStore(guard.client).create("bounded", {"chat"}, KeyLimits(max_concurrent=4))
+    gate = admission(guard)
+    ticket = await gate.admit(secret, "chat", slots=10**9)
+    await asyncio.wait_for(gate.settle(ticket), 5)
+    other = await asyncio.wait_for(gate.admit(limited, "chat", slots=4), 5)  # Redis still answers everyone
+    inflight = f"gw:rl:{hash_secret(limited)}:inflight"
+    assert await guard.client.zcard(inflight) == 4
+    await asyncio.wait_for(gate.settle(other), 5)
+    assert await guard.client.zcard(inflight) == 0
+
+
+async def test_thousands_of_slots_are_taken_and_freed(guard: RedisGuard) -> None:
+    """An admin may allow a key thousands of concurrent slots: admitting and settling them stays within Lua's
+    bounded unpack (members are added and removed in batches)."""
+    secret, _ = await KeyStore(guard.client).create("wide", {"chat"}, KeyLimits(max_concurrent=20_000))
+    gate = admission(guard)
+    ticket = await gate.admit(secret, "chat", slots=12_345)
+    inflight = f"gw:rl:{hash_secret(secret)}:inflight"
+    assert await guard.client.zcard(inflight) == 12_345
+    await gate.settle(ticket)
+    assert await guard.client.zcard(inflight) == 0
