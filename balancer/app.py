@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from appliance.core.hop_client import HopClient
 from appliance.core.metrics import CONTENT_TYPE
 from appliance.core.wire import model_list, strictest_limits
 from balancer.admin import WorkerAdmin
@@ -25,7 +26,6 @@ from balancer.registry import RegistryWatcher
 from balancer.retry import RetryBudget
 from balancer.settings import BalancerSettings
 from balancer.worker import Worker
-from balancer.worker_client import WorkerClient
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -89,7 +89,7 @@ def _session_ctx(settings: BalancerSettings, given: aiohttp.ClientSession | None
             auto_decompress=False,
         )
         app[SESSION] = session  # probes and the admin API
-        client = WorkerClient(connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s,
+        client = HopClient(connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s,
                               keepalive_s=settings.worker_keepalive_s)
         proxy.attach(client)  # the proxied requests
         try:

@@ -24,6 +24,7 @@ from aiohttp import web
 from appliance.core.errors import APIError, error_body, not_found, overloaded
 from appliance.core.hop import KEY_ID_HEADER
 from appliance.core.hop import REQUEST_ID_HEADER as REQUEST_ID
+from appliance.core.hop_client import HopClient, HopError, HopResponse
 from appliance.core.request_id import is_sane, request_id_var
 from balancer.fairqueue import Demand, Waiter
 from balancer.health import note_failure
@@ -34,7 +35,6 @@ from balancer.pool import NoHealthyWorker, QueueFull, QueueTimeout, WorkerPool
 from balancer.relay import SSE, Call, answer_headers, end_with_error, relay_stream, usage_of
 from balancer.retry import RetryBudget
 from balancer.worker import Worker
-from balancer.worker_client import WorkerClient, WorkerError, WorkerResponse
 
 __all__ = ["Proxy", "ProxyTimeouts", "QueueNotices"]
 
@@ -77,13 +77,13 @@ class Proxy:
         self._token_bytes = token.encode()
         self._timeouts = timeouts
         self._max_attempts = max_attempts
-        self._client: WorkerClient | None = None
+        self._client: HopClient | None = None
         # Ids for requests that came without one: a random per-process prefix and a counter
         # (unique, cheaper than a uuid4 per request; the gateway normally sends its own).
         self._id_prefix = f"bal-{secrets.token_hex(6)}-"
         self._id_counter = itertools.count(1)
 
-    def attach(self, client: WorkerClient | None) -> None:
+    def attach(self, client: HopClient | None) -> None:
         """The worker-hop client, opened and closed by the app's lifespan."""
         self._client = client
 
@@ -229,13 +229,13 @@ class Proxy:
             return self._failed(worker, "reset", "empty event stream")
         return response
 
-    async def _first_byte(self, call: Call, worker: Worker) -> tuple[WorkerResponse, bytes, bool] | _Failure:
+    async def _first_byte(self, call: Call, worker: Worker) -> tuple[HopResponse, bytes, bool] | _Failure:
         """Send, then wait for the first body byte (all of a non-SSE body); nothing reached the client yet."""
         client = self._client
         assert client is not None, "proxy used before the app started"
         task = asyncio.current_task()
         assert task is not None
-        answer: WorkerResponse | None = None
+        answer: HopResponse | None = None
         worker.pending.add(task)  # ejecting the worker aborts this wait (a hung worker's requests move on)
         try:
             pending = client.request(worker.url, call.request.method, call.request.raw_path, call.body, call.headers)
@@ -247,10 +247,10 @@ class Proxy:
                 sse = answer.status == 200 and answer.headers.get("Content-Type", "").startswith(SSE)
                 first = await answer.readany() if sse else await answer.read()
             return answer, first, sse
-        except TimeoutError:  # only the first-byte deadline raises this; the client's own are WorkerError
+        except TimeoutError:  # only the first-byte deadline raises this; the client's own are HopError
             _close(answer)
             return self._failed(worker, "first_byte_timeout", "no first byte in time")
-        except WorkerError as exc:
+        except HopError as exc:
             _close(answer)
             return self._failed(worker, exc.kind, str(exc))
         except asyncio.CancelledError:
@@ -277,6 +277,6 @@ class Proxy:
         raise error
 
 
-def _close(answer: WorkerResponse | None) -> None:
+def _close(answer: HopResponse | None) -> None:
     if answer is not None:
         answer.close()

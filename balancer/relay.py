@@ -17,12 +17,12 @@ from multidict import CIMultiDict
 
 from appliance.core.errors import error_body
 from appliance.core.hop import HOP_BY_HOP, QUEUE_WAIT_HEADER
+from appliance.core.hop_client import HopError, HopResponse
 from appliance.core.sse import encode_error
 from balancer.fairqueue import Demand
 from balancer.health import note_failure
 from balancer.pool import WorkerPool
 from balancer.worker import Worker
-from balancer.worker_client import WorkerError, WorkerResponse
 
 __all__ = ["SSE", "Call", "Usage", "answer_headers", "end_with_error", "relay_stream", "usage_of"]
 
@@ -69,7 +69,7 @@ def answer_headers(call: Call, headers: CIMultiDict[str]) -> CIMultiDict[str]:
     return headers
 
 
-async def relay_stream(call: Call, pool: WorkerPool, worker: Worker, answer: WorkerResponse,
+async def relay_stream(call: Call, pool: WorkerPool, worker: Worker, answer: HopResponse,
                        first: bytes) -> web.StreamResponse:
     """Copy the rest of an event stream whose first bytes are ``first``; sets ``call.usage``."""
     out = call.out
@@ -85,7 +85,7 @@ async def relay_stream(call: Call, pool: WorkerPool, worker: Worker, answer: Wor
         while True:
             try:
                 chunk = await answer.readany()
-            except WorkerError as exc:
+            except HopError as exc:
                 note_failure(pool, worker, exc.kind, f"mid-stream: {exc}")
                 await out.write(_stream_error(f"The worker failed mid-stream ({exc.kind})."))
                 break

@@ -72,7 +72,8 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
     token = settings.resolved_internal_token()
     guard = RedisGuard(redis, hot_redis(settings, redis))
     balancer = ServiceClient("balancer", settings.balancer_url, http, token,
-                        connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s)
+                             connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s,
+                             keepalive_s=settings.upstream_keepalive_s)
     return GatewayServices(
         settings=settings, guard=guard,
         admission=Admission(guard, key_cache_ttl_s=settings.key_cache_ttl_s,
@@ -82,7 +83,8 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
                             max_ttl_s=settings.cache_max_ttl_s), keys=KeyStore(redis),
         balancer=balancer,
         rag=ServiceClient("rag service", settings.rag_url, http, token,
-                     connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s),
+                          connect_timeout_s=settings.connect_timeout_s, read_timeout_s=settings.read_timeout_s,
+                          keepalive_s=settings.upstream_keepalive_s),
         catalog=ModelCatalog(balancer, settings.model_info_ttl_s), metrics=metrics, fence_secret=token,
         owners=CollectionOwners(guard),
     )
@@ -122,6 +124,8 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
                 await refresher
             await svc.tasks.drain()
             await svc.guard.pipe.close()
+            await svc.balancer.close()
+            await svc.rag.close()
             if own_http:
                 await session.close()
             if own_redis:

@@ -20,6 +20,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from appliance.core.errors import APIError, bad_request
+from appliance.core.hop_client import HopError
 from appliance.core.ids import ModelId
 from appliance.core.wire import (
     ChatCompletionRequest,
@@ -319,6 +320,8 @@ async def _stream(job: Job, result: str) -> Response[Any]:
     if resp.status != 200:
         try:
             raw = await resp.read()
+        except HopError:
+            raw = b""
         finally:
             resp.release()
         error = msgspec.json.decode(ensure_error_body(resp.status, raw))["error"]

@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import error_body
+from appliance.core.hop_client import HopError
 from appliance.core.sse import DONE, encode_data, encode_error
+
+if TYPE_CHECKING:
+    from gateway.service_client import ServiceStream
 
 __all__ = ["SSESplitter", "StreamOutcome", "relay_stream"]
 
@@ -106,7 +108,7 @@ class _EventFilter:
 
 
 async def relay_stream(
-    resp: aiohttp.ClientResponse, outcome: StreamOutcome, *, hide_usage: bool,
+    resp: ServiceStream, outcome: StreamOutcome, *, hide_usage: bool,
     citations: list[dict[str, Any]] | None, on_end: Callable[[StreamOutcome], None],
 ) -> AsyncIterator[bytes]:
     """Yield client bytes; ``on_end`` runs exactly once however the stream ends (even a client hang-up)."""
@@ -114,7 +116,7 @@ async def relay_stream(
     to_client = _EventFilter(outcome, hide_usage)
     recorded = outcome.recorded
     try:
-        async for raw in resp.content.iter_any():
+        while raw := await resp.readany():
             out = bytearray()
             for event in splitter.feed(raw):
                 if event.startswith(b":"):  # a comment: passed on, never recorded
@@ -139,7 +141,7 @@ async def relay_stream(
                 yield bytes(out)
         yield encode_error(error_body("The model stream ended unexpectedly.", "server_error",
                                       code="stream_interrupted"))
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (HopError, TimeoutError) as exc:
         yield encode_error(error_body(f"The model stream was interrupted ({type(exc).__name__}).",
                                       "server_error", code="stream_interrupted"))
     finally:

@@ -1,4 +1,8 @@
-"""The gateway's client of its internal services (the balancer, the RAG service), over one injected session.
+"""The gateway's client of its internal services (the balancer, the RAG service).
+
+JSON posts and streams (the hot path) go over the hop's own keep-alive HTTP/1.1 client
+(``appliance.core.hop_client``), which sends a request once and never twice; other calls (reads,
+uploads streamed from the client, query parameters) over one injected aiohttp session.
 
 Every call has explicit timeouts: connect and per-read, never a total one, so
 a long stream lives as long as tokens keep coming. A service that cannot be
@@ -16,10 +20,15 @@ import msgspec
 
 from appliance.core.errors import APIError, error_body, overloaded
 from appliance.core.hop import HOP_BY_HOP, INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER
+from appliance.core.hop_client import HopClient, HopError, HopResponse
 from appliance.core.request_id import current_request_id
 from gateway.caller import IDENTITY_HEADERS, Caller
 
-__all__ = ["CLIENT_PRIORITY_HEADER", "ServiceClient", "ServiceReply", "decode_json_object", "ensure_error_body"]
+__all__ = ["CLIENT_PRIORITY_HEADER", "ServiceClient", "ServiceReply", "ServiceStream", "decode_json_object",
+           "ensure_error_body"]
+
+# An answer being streamed: ``status`` and ``headers`` now, ``readany()`` until b"", then ``release()``.
+ServiceStream = HopResponse
 
 # A client may lower its request's priority with this header (or OpenAI's ``service_tier: "flex"``).
 CLIENT_PRIORITY_HEADER = "X-Priority"
@@ -67,13 +76,19 @@ class ServiceClient:
     is asking from that value alone."""
 
     def __init__(self, name: str, base_url: str, session: aiohttp.ClientSession, token: str, *,
-                 connect_timeout_s: float, read_timeout_s: float) -> None:
+                 connect_timeout_s: float, read_timeout_s: float, keepalive_s: float = 30.0) -> None:
         self.name = name
         self._base = base_url.rstrip("/")
         self._session = session
         self._token = token
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                               sock_read=read_timeout_s)
+        self._hop = HopClient(connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s,
+                              keepalive_s=keepalive_s)
+
+    async def close(self) -> None:
+        """Close the kept-alive hop connections (the session belongs to whoever injected it)."""
+        await self._hop.close()
 
     def _headers(self, caller: Caller | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = {INTERNAL_TOKEN_HEADER: self._token}
@@ -105,7 +120,16 @@ class ServiceClient:
             raise self._unreachable(exc) from exc
 
     async def post_json(self, path: str, body: bytes, *, caller: Caller | None) -> ServiceReply:
-        return await self.request("POST", path, caller=caller, body=body, headers={"Content-Type": "application/json"})
+        answer = await self.open_stream(path, body, caller=caller)
+        try:
+            payload = await answer.read()
+        except HopError as exc:
+            raise self._unreachable(exc) from exc
+        finally:
+            answer.release()
+        kept = {k: v for k, v in answer.headers.items() if k.lower() not in _DROP}
+        content_type = answer.headers.get("Content-Type", "application/json").partition(";")[0].strip()
+        return ServiceReply(answer.status, payload, content_type, kept)
 
     async def get_json(self, path: str) -> Any:
         reply = await self.request("GET", path, caller=None)
@@ -113,10 +137,11 @@ class ServiceClient:
             raise APIError(reply.status, f"{self.name} {path} returned {reply.status}", type_="server_error")
         return msgspec.json.decode(reply.body)
 
-    async def open_stream(self, path: str, body: bytes, *, caller: Caller) -> aiohttp.ClientResponse:
-        """Start a streaming POST; whoever opens it reads ``resp.content`` and must ``release()`` it."""
+    async def open_stream(self, path: str, body: bytes, *, caller: Caller | None) -> ServiceStream:
+        """POST ``body`` as JSON once; return when the status line and headers are in. Whoever opens it reads
+        the body (``readany`` until b"", or ``read``) and must ``release()`` it."""
         try:
-            return await self._session.post(self._base + path, data=body, timeout=self._timeout,
-                                            headers=self._headers(caller, {"Content-Type": "application/json"}))
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            return await self._hop.request(self._base, "POST", path, body,
+                                           self._headers(caller, {"Content-Type": "application/json"}))
+        except HopError as exc:
             raise self._unreachable(exc) from exc

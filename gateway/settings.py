@@ -66,6 +66,10 @@ class GatewaySettings(RedisClientSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=300.0, gt=0)
     upstream_pool_size: int = Field(default=256, ge=1)
+    upstream_keepalive_s: float = Field(
+        default=30.0, gt=0, lt=75,
+        description="a kept-alive connection to the balancer or the RAG service is reused this long at most "
+                    "(under their servers' 75 s idle timeout)")
     model_info_ttl_s: float = Field(default=10.0, ge=0)
 
     log_prompts: bool = False
@@ -90,6 +94,14 @@ class GatewaySettings(RedisClientSettings):
             raise ValueError(f"cache_max_entry_bytes ({self.cache_max_entry_bytes}) is above cache_max_bytes "
                              f"({self.cache_max_bytes})")
         return self
+
+    @field_validator("balancer_url", "rag_url")
+    @classmethod
+    def _plain_http(cls, value: str) -> str:
+        if not value.startswith("http://"):
+            raise ValueError(f"must be http:// (internal services serve plain HTTP on the internal network): "
+                             f"{value!r}")
+        return value.rstrip("/")
 
     @field_validator("tls_names", mode="before")
     @classmethod

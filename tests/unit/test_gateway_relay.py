@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 from hypothesis import example, given
@@ -43,19 +42,15 @@ def test_splitter_gives_back_whole_events_whatever_the_chunking(wanted: list[byt
     assert got == wanted
 
 
-class _Content:
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = pieces
-
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        for piece in self._pieces:
-            yield piece
-
-
 class _Response:
+    """An answer being streamed, as the hop client hands it over."""
+
     def __init__(self, pieces: list[bytes]) -> None:
-        self.content = _Content(pieces)
+        self._pieces = list(pieces)
         self.released = False
+
+    async def readany(self) -> bytes:
+        return self._pieces.pop(0) if self._pieces else b""
 
     def release(self) -> None:
         self.released = True

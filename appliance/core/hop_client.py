@@ -1,20 +1,21 @@
-"""The worker hop's HTTP/1.1 client: keep-alive connections per worker, parsed by httptools.
+"""The internal hop's HTTP/1.1 client: keep-alive connections per service, parsed by httptools.
 
-The proxy's only client on its hot path: it writes one request head, parses the answer with
-llhttp (``httptools``) and hands body bytes over as they come (``Content-Length``, chunked and
-read-until-close bodies alike). Workers serve plain HTTP on the internal network: ``http://``
-only.
+The hot-path client of the gateway (to the balancer and the RAG service) and of the balancer (to
+its workers): it writes one request head, parses the answer with llhttp (``httptools``) and hands
+body bytes over as they come (``Content-Length``, chunked and read-until-close bodies alike).
+Internal services serve plain HTTP on the internal network: ``http://`` only.
 
-Failures are ``WorkerError`` with the balancer's failure kinds: ``connect`` (refused, or no
-connection within ``connect_timeout_s``), ``reset`` (the connection dropped or the answer is
-not HTTP), ``timeout`` (``read_timeout_s`` of silence) and ``stale`` (a kept-alive connection
-closed after the request was written, before any answer).
+Failures are ``HopError`` of one kind: ``connect`` (refused, or no connection within
+``connect_timeout_s``), ``reset`` (the connection dropped or the answer is not HTTP), ``timeout``
+(``read_timeout_s`` of silence) and ``stale`` (a kept-alive connection closed after the request was
+written, before any answer).
 
 The client never sends a request twice. A kept-alive connection is reused only while it is
 younger than ``keepalive_s`` and, polled just before the write, still open with nothing
 unread on it; one that fails the check is dropped before anything is written and the next (or
-a new one) is used. Once the request is written the worker may have read it, so a failure is
-the proxy's to handle: it retries on another worker only within its retry budget.
+a new one) is used. Once the request is written the service may have read it, so a failure is
+the caller's to handle (the balancer retries on another worker only within its retry budget;
+the gateway answers 503).
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict
 
-__all__ = ["WorkerClient", "WorkerError", "WorkerResponse"]
+__all__ = ["HopClient", "HopError", "HopResponse"]
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the worker pauses
 _ENCODING = ("utf-8", "surrogateescape")  # how aiohttp's server hands header values over
 
 
-class WorkerError(Exception):
+class HopError(Exception):
     """A failed exchange with a worker; ``kind`` is ``connect``, ``reset``, ``timeout`` or ``stale``."""
 
     def __init__(self, kind: str, detail: str) -> None:
@@ -69,7 +70,7 @@ class _Connection(asyncio.Protocol):
         self.received = 0
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
-        self.error: WorkerError | None = None
+        self.error: HopError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._framed = False  # Content-Length or chunked: the end is in the stream, not the close
@@ -100,7 +101,7 @@ class _Connection(asyncio.Protocol):
         if self.head_done and not self.complete and not self._framed and self.error is None:
             self.complete = True  # a body without Content-Length or chunks ends with the connection
         elif not self.complete and self.error is None:
-            self.error = WorkerError("reset", f"connection closed by the worker{f': {exc}' if exc else ''}")
+            self.error = HopError("reset", f"connection closed by the worker{f': {exc}' if exc else ''}")
         self._wake()
 
     def pause_writing(self) -> None:  # the request body is buffered by the transport; nothing to hold back
@@ -140,7 +141,7 @@ class _Connection(asyncio.Protocol):
     # -- used by the response ------------------------------------------------------------------
 
     def _fail(self, detail: str) -> None:
-        self.error = WorkerError("reset", detail)
+        self.error = HopError("reset", detail)
         self.keep_alive = False
         if self.transport is not None:
             self.transport.abort()
@@ -179,15 +180,15 @@ class _Connection(asyncio.Protocol):
 
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
-        waiter.set_exception(WorkerError("timeout", "the worker sent nothing for read_timeout_s"))
+        waiter.set_exception(HopError("timeout", "the worker sent nothing for read_timeout_s"))
 
 
-class WorkerResponse:
+class HopResponse:
     """A worker's answer: status and headers now, the body as it arrives."""
 
     __slots__ = ("_conn", "_done", "_pool", "_read_timeout_s", "headers", "status")
 
-    def __init__(self, conn: _Connection, pool: WorkerClient, read_timeout_s: float) -> None:
+    def __init__(self, conn: _Connection, pool: HopClient, read_timeout_s: float) -> None:
         self._conn = conn
         self._pool = pool
         self._read_timeout_s = read_timeout_s
@@ -237,7 +238,7 @@ class WorkerResponse:
             self._conn.close()
 
 
-class WorkerClient:
+class HopClient:
     """Keep-alive connections per worker ``http://host:port``; no limit (the workers' slots bound them)."""
 
     def __init__(self, *, connect_timeout_s: float, read_timeout_s: float, keepalive_s: float) -> None:
@@ -250,7 +251,7 @@ class WorkerClient:
         self._poll = select.poll()  # reused for the check before each reuse (one fd at a time)
 
     async def request(self, base: str, method: str, path: str, body: bytes,
-                      headers: dict[str, str]) -> WorkerResponse:
+                      headers: dict[str, str]) -> HopResponse:
         """Send ``method path`` with ``body`` to the worker at ``base`` once; return once the status line and
         headers are in."""
         head = self._head(base, method, path, headers) + b"Content-Length: %d\r\n\r\n" % len(body)
@@ -260,7 +261,7 @@ class WorkerClient:
             response.end_without_body()
         return response
 
-    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> WorkerResponse:
+    async def _exchange(self, conn: _Connection, head: bytes, body: bytes) -> HopResponse:
         transport = conn.transport
         assert transport is not None
         conn.begin()
@@ -271,13 +272,13 @@ class WorkerClient:
             while not conn.head_done:
                 if conn.error is not None:
                     if conn.reused and conn.received == 0:  # written, maybe read: never sent again from here
-                        raise WorkerError("stale", "the worker closed a kept-alive connection without answering")
+                        raise HopError("stale", "the worker closed a kept-alive connection without answering")
                     raise conn.error
                 await conn.wait(self._read_timeout_s)
         except BaseException:
             conn.close()  # cancelled (client gone, worker ejected) or failed: nothing reuses it
             raise
-        return WorkerResponse(conn, self, self._read_timeout_s)
+        return HopResponse(conn, self, self._read_timeout_s)
 
     def _reuse(self, base: str) -> _Connection | None:
         """The newest idle connection to ``base`` that is young enough and still open, or None."""
@@ -297,16 +298,16 @@ class WorkerClient:
 
     async def _connect(self, base: str) -> _Connection:
         if self._closed:
-            raise WorkerError("connect", "the balancer is shutting down")
+            raise HopError("connect", "the balancer is shutting down")
         host, port, _ = self._target(base)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, conn = await loop.create_connection(lambda: _Connection(loop, base, self._forget), host, port)
         except TimeoutError:
-            raise WorkerError("connect", f"no connection within {self._connect_timeout_s} s") from None
+            raise HopError("connect", f"no connection within {self._connect_timeout_s} s") from None
         except OSError as exc:
-            raise WorkerError("connect", f"{type(exc).__name__}: {exc}") from None
+            raise HopError("connect", f"{type(exc).__name__}: {exc}") from None
         return conn
 
     def put_back(self, conn: _Connection) -> None:
@@ -331,7 +332,7 @@ class WorkerClient:
         if target is None:
             parts = urlsplit(base)
             if parts.scheme != "http":
-                raise WorkerError("connect", f"workers are reached over http://, not {parts.scheme}://")
+                raise HopError("connect", f"workers are reached over http://, not {parts.scheme}://")
             target = self._targets[base] = (parts.hostname or "127.0.0.1", parts.port or 80, parts.netloc)
         return target
 

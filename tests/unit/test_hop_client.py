@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from balancer.worker_client import WorkerClient, WorkerError
+from appliance.core.hop_client import HopClient, HopError
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 Run = Callable[[Coroutine[Any, Any, None]], None]
@@ -76,8 +76,8 @@ def answer(data: bytes, *, close: bool = False) -> Script:
     return script
 
 
-def client(read_timeout_s: float = 5.0, keepalive_s: float = 30.0) -> WorkerClient:
-    return WorkerClient(connect_timeout_s=2.0, read_timeout_s=read_timeout_s, keepalive_s=keepalive_s)
+def client(read_timeout_s: float = 5.0, keepalive_s: float = 30.0) -> HopClient:
+    return HopClient(connect_timeout_s=2.0, read_timeout_s=read_timeout_s, keepalive_s=keepalive_s)
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\": 1}\r\n"
@@ -154,7 +154,7 @@ def test_refused_connection_is_a_connect_failure(run: Run) -> None:
         port = sock.getsockname()[1]  # bound, never listening: connections are refused
 
         async def main() -> None:
-            with pytest.raises(WorkerError) as caught:
+            with pytest.raises(HopError) as caught:
                 await client().request(f"http://127.0.0.1:{port}", "POST", "/v1/x", b"{}", {})
             assert caught.value.kind == "connect"
 
@@ -167,19 +167,19 @@ def test_silence_is_a_timeout_and_a_drop_mid_body_is_a_reset(run: Run) -> None:
 
     async def main() -> None:
         async with serve(silent) as (_, base):
-            with pytest.raises(WorkerError) as caught:
+            with pytest.raises(HopError) as caught:
                 await client(read_timeout_s=0.2).request(base, "POST", "/v1/x", b"{}", {})
             assert caught.value.kind == "timeout"
         cut = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part"
         async with serve(answer(cut, close=True)) as (_, base):
             response = await client().request(base, "POST", "/v1/x", b"{}", {})
             assert await response.readany() == b"only part"
-            with pytest.raises(WorkerError) as caught:
+            with pytest.raises(HopError) as caught:
                 await response.readany()
             assert caught.value.kind == "reset"
             response.release()
         async with serve(answer(b"SSH-2.0-not-http\r\n\r\n")) as (_, base):
-            with pytest.raises(WorkerError) as caught:
+            with pytest.raises(HopError) as caught:
                 await client().request(base, "POST", "/v1/x", b"{}", {})
             assert caught.value.kind == "reset" and "not an HTTP answer" in str(caught.value)
 
@@ -197,7 +197,7 @@ def test_a_request_the_worker_may_have_read_is_not_sent_twice(run: Run) -> None:
             response.release()
             assert len(up._idle[base]) == 1
             server.script = answer(b"", close=True)
-            with pytest.raises(WorkerError) as caught:
+            with pytest.raises(HopError) as caught:
                 await up.request(base, "POST", "/v1/x", b'{"second": 2}', {})
             assert caught.value.kind == "stale"
             await asyncio.sleep(0.05)  # room for a resend to arrive, were one made
@@ -214,7 +214,7 @@ def test_a_request_the_worker_may_have_read_is_not_sent_twice(run: Run) -> None:
 def test_a_fresh_connection_closed_without_an_answer_is_a_reset(run: Run) -> None:
     async def main() -> None:
         async with serve(answer(b"", close=True)) as (server, base):
-            with pytest.raises(WorkerError) as caught:
+            with pytest.raises(HopError) as caught:
                 await client().request(base, "POST", "/v1/x", b"{}", {})
             assert caught.value.kind == "reset"
             assert server.connections == 1 and len(server.requests) == 1
@@ -313,7 +313,7 @@ def test_an_idle_connection_past_keepalive_s_is_not_reused(run: Run) -> None:
 
 def test_workers_are_reached_over_plain_http_only(run: Run) -> None:
     async def main() -> None:
-        with pytest.raises(WorkerError) as caught:
+        with pytest.raises(HopError) as caught:
             await client().request("https://127.0.0.1:1", "POST", "/v1/x", b"{}", {})
         assert caught.value.kind == "connect" and "http://" in str(caught.value)
 
