@@ -15,11 +15,9 @@ post to api.openai.com.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
 from agents import (
     Agent,
@@ -36,7 +34,7 @@ from agents.models.interface import Model
 from openai import AsyncOpenAI
 from pydantic import BaseModel
 
-from tests.support.stack import LoopbackAppliance, appliance_stack
+from tests.support.stack import LoopbackAppliance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -47,20 +45,14 @@ class WeatherReport(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
+def stack(clients_stack: LoopbackAppliance) -> LoopbackAppliance:
     set_tracing_disabled(True)
-    with appliance_stack(tmp_path_factory.mktemp("agents"), model_path=model_path, workers=1, rag="none",
-                         worker_settings={"slots": "2", "n_ctx": "2048"}) as stack:
-        yield stack
+    return clients_stack
 
 
 @pytest.fixture(scope="module")
-def key(stack: LoopbackAppliance) -> str:
-    with httpx.Client(base_url=stack.gateway, timeout=60,
-                      headers={"Authorization": f"Bearer {stack.admin_key}"}) as admin:
-        response = admin.post("/admin/keys", json={"name": "agents-sdk", "scopes": ["chat"]})
-    assert response.status_code == 201, response.text
-    return str(response.json()["key"])
+def key(new_chat_key: Callable[[str], str]) -> str:
+    return new_chat_key("agents-sdk")
 
 
 def _weather_tool(calls: list[dict[str, Any]]) -> FunctionTool:

@@ -22,17 +22,16 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 
-from tests.support.stack import LoopbackAppliance, appliance_stack
+from tests.support.stack import LoopbackAppliance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -116,19 +115,13 @@ def codex() -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackAppliance]:
-    with appliance_stack(tmp_path_factory.mktemp("codex"), model_path=model_path, workers=1, rag="none",
-                         worker_settings={"slots": "2", "n_ctx": "4096"}) as stack:
-        yield stack
+def stack(clients_stack: LoopbackAppliance) -> LoopbackAppliance:
+    return clients_stack
 
 
 @pytest.fixture(scope="module")
-def key(stack: LoopbackAppliance) -> str:
-    with httpx.Client(base_url=stack.gateway, timeout=60,
-                      headers={"Authorization": f"Bearer {stack.admin_key}"}) as admin:
-        response = admin.post("/admin/keys", json={"name": "codex", "scopes": ["chat"]})
-    assert response.status_code == 201, response.text
-    return str(response.json()["key"])
+def key(new_chat_key: Callable[[str], str]) -> str:
+    return new_chat_key("codex")
 
 
 def _codex_home(home: Path, model: str, base_url: str) -> None:
