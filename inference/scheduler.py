@@ -73,7 +73,7 @@ class SpeculationSettings:
 
     enabled: bool = False
     draft_max: int = 8
-    token_cost: float = 0.15  # one more token's share of a step's fixed cost until calls are measured (StepCost)
+    token_cost: float = 0.15  # one more output row's share of a one-row call until calls are measured (StepCost)
 
 
 class QueueFull(Exception):
@@ -262,6 +262,7 @@ class Scheduler:
         if not spec.enabled or not generating:
             return
         tokens = sum(take for _, take in work) + len(generating) * (2 if self.exact else 1)
+        outputs = len(generating)  # rows with logits before any draft (each finished prompt adds one: ignored)
         room = self.n_batch - tokens
         most = spec.draft_max
         if self.exact:  # a group of equal chunks must fit one ubatch, or llama.cpp splits the chunks
@@ -276,7 +277,7 @@ class Scheduler:
             assert seq.policy is not None
             limit = min(most, room, request.max_tokens - seq.generated - 1, self.n_ctx - seq.n_past - 2)
             candidates = seq.lookup.draft(limit) if limit > 0 else []
-            length = seq.policy.length(len(candidates), tokens, self._cost.token_cost)
+            length = seq.policy.length(len(candidates), outputs, self._cost)
             if length:
                 seq.draft = candidates[:length]
                 room -= length - (1 if self.exact else 0)  # a draft replaces the exact mode's repeated token
@@ -344,9 +345,10 @@ class Scheduler:
     def _decode(self, call: list[Work], events: list[Event]) -> bool:
         """One ``llama_decode`` of ``call``, then sample the sequences that have logits in it."""
         self._fill(call)
+        generation = all(take == 0 for _, take in call)  # a prompt chunk's time says nothing about drafts
+        rows = sum(1 + len(seq.draft) for seq, _ in call)
         started = time.perf_counter()
         rc = self.model.llama.llama_decode(self.model.ctx, self._batch)
-        self._cost.add(self._batch.n_tokens, time.perf_counter() - started)
         if rc != 0:
             log.error("llama_decode failed", extra={"rc": rc, "tokens": self._batch.n_tokens})
             self._deliver(events, 0)
@@ -359,6 +361,8 @@ class Scheduler:
                 events.append(event)
                 if event[3] is not None:
                     self._release(seq)
+        if generation:  # the call and its sampling: what a draft row costs the step
+            self._cost.add(rows, time.perf_counter() - started)
         return True
 
     def _advance(self, seq: ActiveSequence) -> Event:

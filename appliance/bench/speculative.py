@@ -57,18 +57,22 @@ def _progress(message: str) -> None:
 
 
 def _messages(kind: str, index: int) -> list[dict[str, str]]:
+    """Conversation ``index`` of a workload (each its own prompt: no two share their cells)."""
     if kind == "rag":  # the bundled 270M model quotes a document when asked to repeat it
-        return [{"role": "user", "content": f"{RAG_QUESTIONS[index % len(RAG_QUESTIONS)]}\n\n{DOCUMENT}"}]
-    return [{"role": "user", "content": FREE_QUESTIONS[index % len(FREE_QUESTIONS)]}]
+        question = RAG_QUESTIONS[index % len(RAG_QUESTIONS)]
+        return [{"role": "user", "content": f"{question}\n\nNotice {index + 1}. {DOCUMENT}"}]
+    return [{"role": "user", "content": f"{FREE_QUESTIONS[index % len(FREE_QUESTIONS)]} Call it number {index + 1}."}]
 
 
 async def _one(session: Any, url: str, token: str, alias: str, messages: list[dict[str, str]], *, tokens: int
                ) -> tuple[str, int]:
     # Greedy quoting; free chat sampled (at temperature 0 the bundled model soon repeats itself, which drafts
     # predict). The seed keeps each side's text comparable.
+    # Free chat runs to max_tokens (ignore_eos): the two sides' samples differ in the fast mode, and an answer
+    # that ends early would be a shorter run, not a slower one.
     quoting = messages[0]["content"].startswith(RAG_QUESTIONS)
     body = {"model": alias, "messages": messages, "max_tokens": tokens, "temperature": 0 if quoting else 0.8,
-            "seed": 7}
+            "seed": 7, "ignore_eos": not quoting}
     async with session.post(f"{url}/v1/chat/completions", json=body, headers=harness.internal_headers(token)) as r:
         r.raise_for_status()
         data = await r.json()
@@ -151,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64, help="answer tokens per request")
+    parser.add_argument("--tokens", type=int, default=96, help="answer tokens per request")
     parser.add_argument("--repeats", type=int, default=2, help="alternating on/off runs per workload (median)")
     parser.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                         help="skip the deterministic-mode identical-text check")
