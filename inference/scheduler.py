@@ -259,7 +259,9 @@ class Scheduler:
         generating = [seq for seq, take in work if take == 0]
         for seq in generating:
             seq.draft = []
-        if not spec.enabled or not generating:
+        # Deterministic mode: chunks of different lengths go in separate calls, so a draft beside other generating
+        # sequences would split the step's one call in two; there, drafts are for a sequence decoding alone.
+        if not spec.enabled or not generating or (self.exact and len(generating) > 1):
             return
         tokens = sum(take for _, take in work) + len(generating) * (2 if self.exact else 1)
         outputs = len(generating)  # rows with logits before any draft (each finished prompt adds one: ignored)

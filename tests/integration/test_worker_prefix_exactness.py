@@ -269,8 +269,7 @@ def test_drafts_from_the_prompt_are_accepted_and_change_nothing(engines: tuple[E
     on, off = engines
     prompt = render(SYSTEMS[0][:60], [(QUOTED, None)])
     drafted, accepted = on.drafted, on.accepted
-    got = on.ask([prompt, prompt.replace("two", "three")], max_tokens=48)
-    want = off.ask([prompt, prompt.replace("two", "three")], max_tokens=48)
-    assert got == want
+    for text in (prompt, prompt.replace("two", "three")):  # one at a time: drafts are for a sequence alone here
+        assert on.ask([text], max_tokens=48) == off.ask([text], max_tokens=48)
     assert on.accepted - accepted > 0 and on.drafted - drafted > 0
     assert off.drafted == 0
