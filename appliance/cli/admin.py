@@ -139,9 +139,13 @@ def keys_revoke(key_id: str, key: AdminKey = None) -> None:
     err.print(f"[green]Revoked[/] {key_id}.")
 
 
-def usage(key: AdminKey = None, as_json: Json = False) -> None:
-    """Prompt and completion tokens per key per day."""
-    report = _call(load(), key, "GET", "/admin/usage")
+def usage(
+    key: AdminKey = None,
+    as_json: Json = False,
+    days: Annotated[int, typer.Option("--days", min=1, max=366, help="this many days back, today included")] = 1,
+) -> None:
+    """Requests, prompt and completion tokens per key per day (UTC)."""
+    report = _call(load(), key, "GET", "/admin/usage", params={"days": days})
     if as_json:
         print_json(report)
         return

@@ -101,16 +101,17 @@ def _chat(stack: SupervisedAppliance, ledger: Ledger, stream: bool = False) -> N
 
 
 def _usage(stack: SupervisedAppliance, key_id: str, cli: bool = False) -> dict[str, int]:
-    """The key's usage today (UTC): `appliance usage --json`, or the admin API it calls (cheaper to poll).
+    """The key's usage today and yesterday (UTC: a run may cross midnight): `appliance usage --json`, or the
+    admin API it calls (cheaper to poll).
 
     Either must answer at once: a 503 after a restart is a failure, not something to wait out."""
     if cli:
-        rows = json.loads(stack.cli("usage", "--json").stdout)["data"]
+        rows = json.loads(stack.cli("usage", "--json", "--days", "2").stdout)["data"]
     else:
         reply = httpx.get(
             f"{stack.gateway}/admin/usage",
             timeout=30,
-            params={"key_id": key_id},
+            params={"key_id": key_id, "days": 2},
             headers={"Authorization": f"Bearer {stack.admin_key()}"},
         )
         assert reply.status_code == 200, reply.text
