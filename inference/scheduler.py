@@ -73,6 +73,7 @@ class SpeculationSettings:
 
     enabled: bool = False
     draft_max: int = 8
+    probe_every: int = 48  # steps a sequence whose drafts do not pay waits before it tries one again
     token_cost: float = 0.15  # one more output row's share of a one-row call until calls are measured (StepCost)
 
 
@@ -275,7 +276,7 @@ class Scheduler:
                 continue
             if seq.lookup is None:
                 seq.lookup = PromptLookup([*seq.prompt, seq.last_token])  # the first generating step
-                seq.policy = DraftPolicy(most=spec.draft_max)
+                seq.policy = DraftPolicy(most=spec.draft_max, probe_every=spec.probe_every)
             assert seq.policy is not None
             limit = min(most, room, request.max_tokens - seq.generated - 1, self.n_ctx - seq.n_past - 2)
             candidates = seq.lookup.draft(limit) if limit > 0 else []

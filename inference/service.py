@@ -88,7 +88,8 @@ class WorkerService:
                                    reuse=settings.prefix_reuse, share_across_keys=settings.prefix_share_across_keys,
                                    count_prompt=self.metrics.count_prompt,
                                    host_cache_bytes=settings.prompt_cache_bytes,
-                                   speculation=SpeculationSettings(settings.speculative, settings.draft_max),
+                                   speculation=SpeculationSettings(settings.speculative, settings.draft_max,
+                                                                   settings.draft_probe_every),
                                    count_draft=self.metrics.count_draft)
         self.scheduler.start(asyncio.get_running_loop(), self._on_step)
         self.metrics.slots_total.set(self.settings.slots)

@@ -66,6 +66,10 @@ class WorkerSettings(RedisClientSettings):
         default=True, description="draft tokens from the prompt (prompt lookup) where a request's acceptance pays"
     )
     draft_max: int = Field(default=8, ge=1, le=64, description="most draft tokens per sequence and step")
+    draft_probe_every: int = Field(
+        default=48, ge=1, le=4096,
+        description="a sequence whose drafts do not pay (measured acceptance and step costs) tries one again "
+                    "after this many steps, so a quoting stretch later in an answer is still found")
     prefix_share_across_keys: bool = Field(
         default=False, description="let one API key's requests reuse prefixes another key's requests left"
     )

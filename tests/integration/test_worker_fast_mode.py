@@ -45,8 +45,10 @@ HEADERS = {KEY_ID_HEADER: "key_fastmode"}
 @pytest.fixture(scope="module")
 def workers(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Worker, Worker]]:
     common = {"slots": "2", "n_ctx": "1024", "prefill_chunk": "32", "n_threads": "2"}
+    # Whether a lone sequence's draft pays depends on this machine's measured step costs: the `on` worker tries
+    # one again every 4 steps whatever they say, so a quoting answer is drafted on any machine.
     with spawn_worker(model_path, tmp_path_factory.mktemp("fast-on"), prefix_reuse="true", speculative="true",
-                      **common) as on, \
+                      draft_probe_every="4", **common) as on, \
             spawn_worker(model_path, tmp_path_factory.mktemp("fast-off"), prefix_reuse="false",
                          speculative="false", **common) as off:
         yield on, off
