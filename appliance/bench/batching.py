@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import statistics
 import time
@@ -210,12 +209,7 @@ async def _worker_rates(port: int, token: str, alias: str, levels: list[int], *,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = harness.parser("batching", __doc__)
-    parser.add_argument("--model", default="", help="GGUF file (default: the bundled Gemma 3 270M)")
-    parser.add_argument("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser = harness.model_parser("batching", __doc__)
     parser.add_argument("--tokens", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client at each concurrency")
     parser.add_argument("--levels", default="1,4,8", help="concurrency levels")

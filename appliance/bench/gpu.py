@@ -141,13 +141,8 @@ def _table(result: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = harness.parser("gpu", __doc__)
+    parser = harness.model_parser("gpu", __doc__)
     parser.add_argument("--out", default="", help="also write the JSON here")
-    parser.add_argument("--model", default="")
-    parser.add_argument("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args(argv)
     result = measure(args)

@@ -317,6 +317,18 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     return built
 
 
+def model_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    """``parser`` with the options of every benchmark that runs the real model: which GGUF, where the data
+    lives, threads, slots and context per slot."""
+    built = parser(name, doc)
+    built.add_argument("--model", default="", help="GGUF file (default: the bundled Gemma 3 270M)")
+    built.add_argument("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
+    built.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    built.add_argument("--slots", type=int, default=8)
+    built.add_argument("--n-ctx", type=int, default=2048)
+    return built
+
+
 def progress(name: str, message: str) -> None:
     """One progress line on stderr, so stdout carries only the result."""
     print(f"bench {name}: {message}", file=sys.stderr, flush=True)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import statistics
 import time
@@ -370,12 +369,7 @@ def through_balancer(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = harness.parser(NAME, __doc__)
-    parser.add_argument("--model", default="", help="GGUF file (default: the bundled Gemma 3 270M)")
-    parser.add_argument("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser = harness.model_parser(NAME, __doc__)
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=16, help="answer tokens per turn")

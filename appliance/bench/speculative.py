@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from collections.abc import Mapping
@@ -148,12 +147,7 @@ def _side_by_side(args: argparse.Namespace, path: Path, *, deterministic: bool) 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = harness.parser(NAME, __doc__)
-    parser.add_argument("--model", default="", help="GGUF file (default: the bundled Gemma 3 270M)")
-    parser.add_argument("--data-dir", default=os.environ.get("APPLIANCE_DATA_DIR", "data"))
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser = harness.model_parser(NAME, __doc__)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=96, help="answer tokens per request")
     parser.add_argument("--repeats", type=int, default=2, help="alternating on/off runs per workload (median)")
