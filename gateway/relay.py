@@ -10,14 +10,13 @@ and no ``[DONE]``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.errors import error_body
 from appliance.core.hop_client import HopError
-from appliance.core.sse import DONE, encode_data, encode_error
+from appliance.core.sse import DONE, encode_data, encode_error, json_object
 
 if TYPE_CHECKING:
     from gateway.service_client import ServiceStream
@@ -61,14 +60,6 @@ def _data(event: bytes) -> bytes:
     return b"\n".join(lines)
 
 
-def _loads(data: bytes) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def _citation_chunk(first: dict[str, Any], citations: list[dict[str, Any]]) -> bytes:
     return encode_data({
         "id": first.get("id", ""), "object": first.get("object", "chat.completion.chunk"),
@@ -89,7 +80,7 @@ class _EventFilter:
         outcome.chunks += 1
         if outcome.first and _USAGE not in event:
             return event
-        obj = _loads(_data(event))
+        obj = json_object(_data(event))
         if obj is None:
             return event
         if not outcome.first:

@@ -19,6 +19,7 @@ __all__ = [
     "encode_data",
     "encode_error",
     "encode_event",
+    "json_object",
 ]
 
 DONE = b"data: [DONE]\n\n"
@@ -50,6 +51,15 @@ class SSEEvent:
 
     def json(self) -> Any:
         return json.loads(self.data)
+
+
+def json_object(data: str | bytes) -> dict[str, Any] | None:
+    """An event's data as the JSON object it should be, or None (not JSON, or not an object)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def encode_event(data: str, event: str | None = None) -> bytes:

@@ -9,14 +9,13 @@ reading it back, or continuing from it, finds it.
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.core.sse import SSEDecoder
+from appliance.core.sse import SSEDecoder, json_object
 from gateway.generation import Job
 from gateway.responses.events import ResponseEvents, encode_json, encode_sse, whole_answer
 from gateway.responses.shape import Draft
@@ -28,14 +27,6 @@ __all__ = ["ResponsesOutput"]
 _log = logging.getLogger("gateway.responses")
 _CUT = {"error": {"message": "The model stream ended unexpectedly.", "type": "server_error",
                   "code": "stream_interrupted"}}
-
-
-def _loads(data: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +64,10 @@ class ResponsesOutput:
                     yield raw
                 for sse in decoder.feed(raw):
                     if sse.is_error or sse.is_done:
-                        for event in self._end(events, (_loads(sse.data) or _CUT) if sse.is_error else None):
+                        for event in self._end(events, (json_object(sse.data) or _CUT) if sse.is_error else None):
                             yield encode_sse(event)
                         return
-                    chunk = _loads(sse.data)
+                    chunk = json_object(sse.data)
                     for event in events.chunk(chunk) if chunk is not None else ():
                         yield encode_sse(event)
             for event in self._end(events, _CUT):

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from appliance import __version__
 from appliance.core import strict_json
+from appliance.core.model_files import sha256_file
 from appliance.runtime.compose.engine import Engine, EngineError
 
 __all__ = ["BUNDLE_FORMAT", "COMPOSE_FILES", "BundleResult", "load_bundle", "write_bundle"]
@@ -59,14 +60,6 @@ class BundleResult:
     images: list[str]
     files: int
     seconds: float
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sums(files: dict[str, Any]) -> bytes:
@@ -127,7 +120,7 @@ def write_bundle(engine: Engine, images: list[str], output: Path, models_dir: Pa
         with tarfile.open(partial, "w") as tar:
             for path, member in members:
                 log(f"+ {member}")
-                manifest["files"][member] = {"sha256": _sha256(path), "size": path.stat().st_size}
+                manifest["files"][member] = {"sha256": sha256_file(path), "size": path.stat().st_size}
                 tar.add(path, arcname=member, recursive=False)
             _add_bytes(tar, SUMS, _sums(manifest["files"]))
             _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
