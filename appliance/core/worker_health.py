@@ -1,7 +1,8 @@
 """What a worker publishes on ``GET /health``: one typed contract, written by the worker, read by the balancer.
 
 ``200`` with ``status: "ok"`` once the model is loaded, every field below filled in except ``error``;
-``503`` with ``status`` ``"loading"`` or ``"failed"`` (and ``error``) before that, with only ``model``.
+``503`` with ``status`` ``"loading"`` or ``"failed"`` (and ``error``) before that, with only ``model`` (and a
+swap host's ``swap_host``, ``loading``, ``memory_bytes``; ``"empty"`` for a swap host that holds no model).
 Fields left at None are not sent. A reader ignores fields it does not know, so a worker may publish
 more than an older balancer reads. The balancer keeps each worker's last good answer and publishes, per
 model, the limits every worker accepts and the sha256 of the weights they serve: the gateway reads
@@ -36,6 +37,12 @@ class WorkerHealth(msgspec.Struct, frozen=True, omit_defaults=True):
     max_choices: int | None = None
     max_prompts: int | None = None
     decode: dict[str, Any] | None = None  # how the worker decodes (its mode and settings), as it describes it
+    # Model swapping (docs/CONTRACTS.md C2). A swap host serves any on_demand catalogue entry, one at a time,
+    # switched by ``POST /admin/model``. While it loads one (503, status "loading"), ``model`` is the alias being
+    # loaded and ``loading`` is true; a swap host holding no model answers 503 with status "empty" and model "".
+    swap_host: bool | None = None
+    loading: bool | None = None
+    memory_bytes: int | None = None  # the memory this worker may use for weights and KV cache (0: not bounded)
 
     @property
     def ready(self) -> bool:
