@@ -11,8 +11,9 @@ touch only the keys that service needs:
 
 * ``gateway``: its own keys (``gw:*``: API keys, limits, usage, response cache; the collection owner map);
   no admin or dangerous commands, and not the worker registry.
-* ``balancer``: reads the worker registry (``SCAN``/``GET``/``MGET`` on ``appliance:workers:*``), nothing else.
-* ``worker``: writes and deletes its registry entry (``appliance:workers:*``), nothing else.
+* ``balancer``: reads the worker registry (``SCAN``/``GET``/``MGET`` on ``appliance:workers:*``) and the model
+  catalogue (``HGET``/``HGETALL`` on ``appliance:models``), nothing else.
+* ``worker``: writes and deletes its registry entry (``appliance:workers:*``), reads the model catalogue.
 * ``exporter``: ``INFO`` and a few read-only introspection commands, no key at all.
 * ``admin``: everything (the CLI's ``status``, ``backup``; tests).
 """
@@ -46,8 +47,15 @@ _CONNECT = "+ping +select +echo +client|setname"
 
 ACL_RULES: dict[str, str] = {
     "gateway": f"resetkeys ~gw:* ~appliance:collection* resetchannels +@all -@admin -@dangerous -@pubsub {_CONNECT}",
-    "balancer": f"resetkeys ~appliance:workers:* resetchannels -@all +scan +get +mget +type {_CONNECT}",
-    "worker": f"resetkeys ~appliance:workers:* resetchannels -@all +set +del +get {_CONNECT}",
+    # Both read the signed model catalogue (appliance.core.model_catalogue); only the admin user writes it.
+    "balancer": (
+        f"resetkeys ~appliance:workers:* ~appliance:models resetchannels -@all +scan +get +mget +type +hget +hgetall "
+        f"{_CONNECT}"
+    ),
+    "worker": (
+        f"resetkeys ~appliance:workers:* ~appliance:models resetchannels -@all +set +del +get +hget +hgetall "
+        f"{_CONNECT}"
+    ),
     "exporter": (
         "resetkeys resetchannels -@all +info +config|get +slowlog|get +slowlog|len +latency|latest +dbsize "
         f"+memory|stats {_CONNECT}"
