@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from appliance.core.audit import AuditLog
 from gateway.access import access_middleware
 from gateway.admission import Admission
 from gateway.bootstrap import ensure_admin_key
@@ -87,6 +88,7 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
                           keepalive_s=settings.upstream_keepalive_s),
         catalog=ModelCatalog(balancer, settings.model_info_ttl_s), metrics=metrics, fence_secret=token,
         owners=CollectionOwners(guard),
+        audit=AuditLog(settings.resolved_audit_path(), anchor_every=settings.audit_anchor_every),
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from litestar.di import NamedDependency
 
+from appliance.core.audit import AuditLog
 from gateway.admission import Admission
 from gateway.cache import ResponseCache
 from gateway.catalog import ModelCatalog
@@ -63,6 +64,7 @@ class GatewayServices:
     catalog: ModelCatalog
     metrics: GatewayMetrics
     owners: CollectionOwners
+    audit: AuditLog
     fence_secret: str = ""
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
 

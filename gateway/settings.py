@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from appliance.core.audit import audit_path as default_audit_path
 from appliance.core.redis_settings import RedisClientSettings
 
 __all__ = ["GatewaySettings"]
@@ -85,6 +86,16 @@ class GatewaySettings(RedisClientSettings):
         default=30.0, gt=0, description="stored responses older than this are no longer served and are deleted"
     )
     responses_prune_every_s: float = Field(default=3600.0, gt=0, description="how often old responses are deleted")
+
+    audit_path: Path | None = Field(
+        default=None, description="the audit log (JSON lines, hash-chained); default: data_dir/audit/audit.jsonl"
+    )
+    audit_anchor_every: int = Field(
+        default=100, ge=1, description="every this many audit records the head (seq:hash) goes to the log"
+    )
+
+    def resolved_audit_path(self) -> Path:
+        return self.audit_path or default_audit_path(self.data_dir)
 
     @model_validator(mode="after")
     def _cache_bounds(self) -> GatewaySettings:
