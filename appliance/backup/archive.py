@@ -113,6 +113,13 @@ class ArchiveWriter:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             self.add_file(path, f"{prefix}/{path.relative_to(root).as_posix()}")
 
+    def add_bytes(self, member: str, raw: bytes) -> None:
+        """A member taken from memory (a snapshot read under a lock), listed in the manifest like a file."""
+        self._add_bytes(member, raw)
+        self.manifest.add(member, hashlib.sha256(raw).hexdigest(), len(raw))
+        if self.step:
+            self.step(member)
+
     def _add_bytes(self, name: str, raw: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(raw), int(time.time()), 0o600

@@ -37,6 +37,7 @@ class Manifest:
     derived: list[dict[str, Any]] = field(default_factory=list)  # {path, files, bytes, recreated_by}: left out
     key_id: str | None = None  # the backup key whose MAC covers this manifest
     format: int = FORMAT
+    audit_head: dict[str, Any] | None = None  # {seq, hash}: the audit log's head when the backup was taken
     authenticated: bool = field(default=False, compare=False)  # set by verification, never serialized
 
     def add(self, member: str, data_sha256: str, size: int) -> None:
@@ -52,6 +53,7 @@ class Manifest:
             "redis_keys": self.redis_keys,
             "derived": self.derived,
             "key_id": self.key_id,
+            **({"audit_head": self.audit_head} if self.audit_head is not None else {}),
         }
         return json.dumps(body, indent=2, sort_keys=True).encode()
 
@@ -70,6 +72,7 @@ class Manifest:
                 list(body.get("derived", [])),
                 body.get("key_id"),
                 int(body["format"]),
+                _audit_head(body.get("audit_head")),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ManifestError(f"the manifest is unreadable ({exc})") from None
@@ -81,6 +84,14 @@ class Manifest:
             ):
                 raise ManifestError(f"the manifest entry for {member} is malformed")
         return manifest
+
+
+def _audit_head(found: Any) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    if not isinstance(found, dict) or not isinstance(found.get("seq"), int) or not isinstance(found.get("hash"), str):
+        raise ValueError("audit_head must be {seq, hash}")
+    return {"seq": found["seq"], "hash": found["hash"]}
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -34,8 +34,10 @@ from typing import BinaryIO
 import redis
 
 from appliance.backup.archive import extract_stream, verify_stream
+from appliance.backup.audit_snapshot import live_audit_path, manifest_anchor, restore_audit_log
 from appliance.backup.key import default_key_path, load_key
 from appliance.backup.manifest import Manifest, ManifestError
+from appliance.core.audit import AuditHead
 from appliance.core.durable import fsync_path
 from appliance.runtime.plan import find_redis_server
 from appliance.runtime.settings import RuntimeSettings
@@ -67,6 +69,7 @@ class RestoreResult:
     models_missing: list[str]
     dry_run: bool
     authenticated: bool = True  # False only for a legacy archive restored with allow_unsigned
+    audit_head: AuditHead | None = None  # the audit head the archive's manifest anchors
 
 
 def _write_journal(work: Path, parts: list[str], places: dict[str, str]) -> None:
@@ -222,7 +225,8 @@ def _stage_redis(redis_dir: Path, server: RedisServer) -> None:
 
 
 def _stage(
-    handle: BinaryIO, manifest: Manifest, *, data_dir: Path, staged: Path, step: Step | None, server: RedisServer
+    handle: BinaryIO, manifest: Manifest, *, data_dir: Path, staged: Path, step: Step | None, server: RedisServer,
+    audit_log: Path | None = None,
 ) -> list[str]:
     """Extract (from the verified open archive) and prepare everything new under ``staged``; the parts to swap in."""
     extract_stream(handle, manifest, staged)
@@ -246,6 +250,8 @@ def _stage(
             os.replace(model, models / model.name)
     if (staged / "config" / "appliance.toml").is_file():
         shutil.copy2(staged / "config" / "appliance.toml", data_dir / "appliance.toml.restored")
+    if audit_log is not None:
+        restore_audit_log(staged, audit_log)  # only onto a host without one: the live log is never rolled back
     return parts
 
 
@@ -287,14 +293,15 @@ def restore_backup(
             m["path"] for m in manifest.models if not m.get("included") and not (models_dir / m["path"]).is_file()
         ]
         if dry_run:
-            return RestoreResult(archive, parts, missing, True, manifest.authenticated)
+            return RestoreResult(archive, parts, missing, True, manifest.authenticated, manifest_anchor(manifest))
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         recover_interrupted_restore(data_dir)
         work = data_dir / RESTORE_DIR
         work.mkdir(mode=0o700)
         try:
             swapped = _stage(
-                handle, manifest, data_dir=data_dir, staged=work / "staged", step=step, server=redis_server
+                handle, manifest, data_dir=data_dir, staged=work / "staged", step=step, server=redis_server,
+                audit_log=live_audit_path(settings),
             )
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)  # nothing live was touched
@@ -309,4 +316,4 @@ def restore_backup(
     _roll_forward(data_dir, work, step)
     if start:
         start()
-    return RestoreResult(archive, parts, missing, False, manifest.authenticated)
+    return RestoreResult(archive, parts, missing, False, manifest.authenticated, manifest_anchor(manifest))

@@ -211,6 +211,20 @@ class AuditLog:
         finally:
             os.close(fd)
 
+    def snapshot(self) -> tuple[bytes, AuditHead | None]:
+        """The whole log as it stands (read under a shared lock, so no append is half in it) and its head."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return b"", None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            size = os.fstat(fd).st_size
+            raw = os.pread(fd, size, 0)
+            return raw, _head_of(fd, size, self.path)
+        finally:
+            os.close(fd)
+
     def _open(self) -> int:
         created = not self.path.exists()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.backup.archive import ArchiveWriter, verify_archive
+from appliance.backup.audit_snapshot import add_audit_log, live_audit_path
 from appliance.backup.key import default_key_path, load_or_create_key
 from appliance.backup.restore import RedisServer
 from appliance.backup.service import BackupResult, RestoreResult, restore_backup
@@ -88,6 +89,7 @@ def compose_backup(
         writer.add_file(rdb, "redis/dump.rdb")
         add_rag_store(writer, data)  # the ONNX export is left out: named, not stored
         add_responses_store(writer, data / RESPONSES_PLACE, data)
+        audit_head = add_audit_log(writer, live_audit_path(runtime.settings))
         if runtime.admin_key_file.is_file():
             writer.add_file(runtime.admin_key_file, "secrets/admin_key")
         add_models(writer, sorted((data / "models").glob("*.gguf")), included=with_models)
@@ -96,7 +98,8 @@ def compose_backup(
         writer.abort()
         raise
     verify_archive(archive, key)
-    return BackupResult(archive, len(writer.manifest.files), archive.stat().st_size, keys, key.path, key.created)
+    return BackupResult(archive, len(writer.manifest.files), archive.stat().st_size, keys, key.path, key.created,
+                        audit_head=audit_head)
 
 
 def redis_in_image(runtime: ComposeRuntime) -> RedisServer:
