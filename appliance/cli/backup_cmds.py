@@ -10,11 +10,13 @@ import typer
 
 from appliance.backup.key import created_notice
 from appliance.backup.manifest import ManifestError
-from appliance.backup.service import RestoreResult
+from appliance.backup.service import BackupResult, RestoreResult
 from appliance.backup.snapshot import SnapshotError
+from appliance.cli.audit_trail import record
 from appliance.cli.context import RuntimeFor, load
 from appliance.cli.output import err, fail, out, print_json
 from appliance.runtime.protocol import RuntimeFailure
+from appliance.runtime.settings import RuntimeSettings
 
 __all__ = ["register"]
 
@@ -58,10 +60,13 @@ def backup(
                 step=lambda member: err.print(f"  + {member}", highlight=False),
             )
         except (RuntimeFailure, SnapshotError, ManifestError, OSError) as exc:
+            record(rt.settings, action="backup.create", target=str(to or "backups"), outcome="failed",
+                   detail={"error": type(exc).__name__})
             if period is None:
                 fail(f"backup failed: {exc}")
             err.print(f"[red]backup failed[/]: {exc}; retrying at the next period")
         else:
+            _record_backup(rt.settings, result)
             if result.key_created:
                 err.print(f"[yellow]{created_notice(result.key_file)}[/]", highlight=False)
             summary = {
@@ -83,6 +88,14 @@ def backup(
         if period is None:
             return
         time.sleep(period)
+
+
+def _record_backup(settings: RuntimeSettings, result: BackupResult) -> None:
+    head = result.audit_head
+    if head is not None:
+        err.print(f"  audit head {head} anchored in the manifest", highlight=False)
+    record(settings, action="backup.create", target=result.archive.name,
+           detail={"files": result.files, "bytes": result.bytes, "anchored_seq": head.seq if head else 0})
 
 
 def restore(
@@ -114,12 +127,24 @@ def restore(
     try:
         result = rt.restore(archive, dry_run=dry_run, key_file=key_file, allow_unsigned=insecure_unsigned)
     except ManifestError as exc:
+        _record_restore(rt.settings, archive, "refused", type(exc).__name__)
         fail(f"refusing to restore {archive.name}: {exc}")
     except RuntimeFailure as exc:
+        _record_restore(rt.settings, archive, "failed", type(exc).__name__)
         fail(str(exc))
     except OSError as exc:
+        _record_restore(rt.settings, archive, "failed", type(exc).__name__)
         fail(f"restore failed, the live data is unchanged or rolled forward by the next `appliance up`: {exc}")
+    if not result.dry_run:
+        head = result.audit_head
+        record(rt.settings, action="backup.restore", target=archive.name,
+               detail={"restored": ",".join(result.restored), "authenticated": result.authenticated,
+                       "archive_audit_seq": head.seq if head else 0})
     _report_restore(result, as_json)
+
+
+def _record_restore(settings: RuntimeSettings, archive: Path, outcome: str, error: str) -> None:
+    record(settings, action="backup.restore", target=archive.name, outcome=outcome, detail={"error": error})
 
 
 def _report_restore(result: RestoreResult, as_json: bool) -> None:

@@ -15,6 +15,7 @@ import httpx
 import typer
 from rich.table import Table
 
+from appliance.cli.audit_trail import record_config
 from appliance.cli.context import RuntimeFor, admin_key, forget, load, remember
 from appliance.cli.output import err, fail, out, print_json
 from appliance.runtime.protocol import Runtime, RuntimeFailure, Started, Status
@@ -84,6 +85,7 @@ def up(
     except RuntimeFailure as exc:
         fail(str(exc))
     remember(rt.settings, given)
+    record_config(rt.settings)
     ready_in = round(time.monotonic() - started, 1)
     if as_json:
         print_json(ready.report(ready_in))
@@ -180,6 +182,7 @@ def scale(
     except RuntimeFailure as exc:
         fail(str(exc))
     remember(rt.settings, {"workers": done.count})
+    record_config(load(runtime=runtime_name))
     err.print(
         f"[green]Scaled to {done.count} workers[/] (added: {', '.join(done.added) or 'none'}, "
         f"removed: {', '.join(done.removed) or 'none'})"
