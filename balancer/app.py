@@ -14,23 +14,25 @@ from aiohttp import web
 
 from appliance.core.hop_client import HopClient
 from appliance.core.metrics import CONTENT_TYPE
-from appliance.core.wire import model_list, strictest_limits
 from balancer.admin import WorkerAdmin
+from balancer.catalogue import CatalogueWatcher
 from balancer.health import Prober
 from balancer.http import error_middleware, json_response, require_token
 from balancer.metrics import BalancerMetrics
+from balancer.models_view import models_view
 from balancer.pool import WorkerPool
 from balancer.prefix import PrefixTable
 from balancer.proxy import Proxy, ProxyTimeouts, QueueNotices
 from balancer.registry import RegistryWatcher
 from balancer.retry import RetryBudget
 from balancer.settings import BalancerSettings
-from balancer.worker import Worker
+from balancer.swap_metrics import SwapMetrics
+from balancer.swapper import Swapper, SwapSettings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["BUDGET", "METRICS", "POOL", "PROBER", "SETTINGS", "create_app"]
+__all__ = ["BUDGET", "METRICS", "POOL", "PROBER", "SETTINGS", "SWAPPER", "create_app"]
 
 SETTINGS = web.AppKey("settings", BalancerSettings)
 POOL = web.AppKey("pool", WorkerPool)
@@ -38,6 +40,7 @@ BUDGET = web.AppKey("budget", RetryBudget)
 METRICS = web.AppKey("metrics", BalancerMetrics)
 PROBER = web.AppKey("prober", Prober)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+SWAPPER = web.AppKey("swapper", Swapper)
 
 
 def create_app(settings: BalancerSettings, *, session: aiohttp.ClientSession | None = None,
@@ -45,6 +48,10 @@ def create_app(settings: BalancerSettings, *, session: aiohttp.ClientSession | N
     """Build the app. ``session``/``redis`` are used as given (and not closed) when passed."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     prefixes = PrefixTable(settings.prefix_table_size) if settings.routing == "prefix" else None
+    token = settings.resolved_internal_token()
+    swap_settings = SwapSettings(policy=settings.swap_policy, max_wait_s=settings.max_swap_wait_s,
+                                 queue_timeout_s=settings.swap_queue_timeout_s,
+                                 load_timeout_s=settings.swap_load_timeout_s)
     pool = WorkerPool(settings.strategy, settings.queue_size, rng, fair=settings.scheduling == "fair",
                       prefixes=prefixes, max_imbalance=settings.prefix_max_imbalance,
                       reserve=settings.interactive_headroom)
@@ -52,13 +59,16 @@ def create_app(settings: BalancerSettings, *, session: aiohttp.ClientSession | N
         pool.add(url, source="static")
     budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst)
     metrics = BalancerMetrics(pool, budget)
-    token = settings.resolved_internal_token()
+    swapper = Swapper(pool, SwapMetrics(metrics.registry), token=token, settings=swap_settings)
+    pool.attach_on_demand(swapper)
     proxy = Proxy(pool, budget, metrics, token=token, max_attempts=settings.max_attempts,
                   timeouts=ProxyTimeouts(first_byte_s=settings.first_byte_timeout_s,
                                          queue_s=settings.queue_timeout_s),
-                  notices=QueueNotices(settings.queue_notice_after_s, settings.queue_notice_interval_s))
+                  notices=QueueNotices(settings.queue_notice_after_s, settings.queue_notice_interval_s),
+                  swapper=swapper)
     admin = WorkerAdmin(pool, token)
     app[SETTINGS], app[POOL], app[BUDGET], app[METRICS] = settings, pool, budget, metrics
+    app[SWAPPER] = swapper
 
     app.cleanup_ctx.append(_session_ctx(settings, session, proxy))
     app.cleanup_ctx.append(_prober_ctx(settings, admin))
@@ -111,10 +121,16 @@ def _prober_ctx(settings: BalancerSettings, admin: WorkerAdmin) -> Ctx:
                         readmit_after=settings.readmit_after_good_probes)
         app[PROBER] = prober
         admin.attach(prober)
+        swapper = app[SWAPPER]
+        swapper.attach(app[SESSION], prober)
         await prober.probe_all()  # serve with known workers from the first request
-        async with _owned_task(prober.run()):
-            yield
-        admin.attach(None)
+        try:
+            async with _owned_task(prober.run()), _owned_task(swapper.run()):
+                yield
+        finally:
+            await swapper.close()
+            swapper.attach(None, None)
+            admin.attach(None)
 
     return ctx
 
@@ -126,10 +142,11 @@ def _registry_ctx(settings: BalancerSettings, given: Redis | None) -> Ctx:
 
         client = given or Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2,
                                          **settings.redis_login())
-        watcher = RegistryWatcher(app[POOL], app[PROBER], client, settings.registry_poll_s,
-                                  settings.resolved_internal_token())
+        token = settings.resolved_internal_token()
+        watcher = RegistryWatcher(app[POOL], app[PROBER], client, settings.registry_poll_s, token)
+        catalogue = CatalogueWatcher(app[SWAPPER], client, settings.registry_poll_s, token)
         try:
-            async with _owned_task(watcher.run()):
+            async with _owned_task(watcher.run()), _owned_task(catalogue.run()):
                 yield
         finally:
             if given is None:
@@ -187,28 +204,8 @@ def _models_handler(token: str) -> Callable[[web.Request], Coroutine[Any, Any, w
     token_bytes = token.encode()
 
     async def models(request: web.Request) -> web.Response:
-        """The models served, each with the limits every worker of it accepts and its weights' sha256."""
+        """Every servable model, loaded or not, with its state (balancer.models_view)."""
         require_token(request, token_bytes)
-        pool = request.app[POOL]
-        serving = [w for w in pool if w.model is not None and not w.draining]
-        limits = strictest_limits((w.model, w.limits) for w in serving if w.model is not None and w.limits is not None)
-        body = model_list(pool.models(), limits=limits)
-        weights = _weights(serving)
-        for item in body["data"]:
-            digest = weights.get(item["id"])
-            if digest:
-                item["model_sha256"] = digest
-        return json_response(body)
+        return json_response(models_view(request.app[POOL], request.app[SWAPPER].catalogue))
 
     return models
-
-
-def _weights(workers: list[Worker]) -> dict[str, str]:
-    """Per model, the sha256 of its weights when every worker that reported one agrees (left out while they
-    differ, as during a rolling change of weights: no single file answers for the model then)."""
-    seen: dict[str, set[str]] = {}
-    for worker in workers:
-        digest = worker.health.model_sha256 if worker.health is not None else None
-        if worker.model is not None and digest:
-            seen.setdefault(worker.model, set()).add(digest)
-    return {model: digests.pop() for model, digests in seen.items() if len(digests) == 1}

@@ -62,8 +62,12 @@ class Prober:
             await asyncio.gather(*(self.probe(worker) for worker in workers))
 
     async def probe(self, worker: Worker) -> None:
-        """One probe; never raises (a probe failure is a verdict, not an error)."""
+        """One probe; never raises (a probe failure is a verdict, not an error). A swap host's answer to a probe
+        sent before a swap began, or while one runs, is dropped: the swap owns its state until it ends."""
+        epoch = worker.swap_epoch
         status, body, error = await self._fetch(worker)
+        if worker.swap_to is not None or worker.swap_epoch != epoch:
+            return
         worker.last_probe_at = self._wall_clock()
         health: WorkerHealth | None = None
         if body is not None:
@@ -71,6 +75,8 @@ class Prober:
                 health = decode_worker_health(body)
         if status == 200 and health is not None and health.ready:
             self._good(worker, health)
+        elif status == 503 and health is not None and health.status == "empty" and health.swap_host:
+            self._empty(worker, health)
         elif status == 503 and health is not None and health.status == "loading":
             worker.last_probe_ok, worker.good_probes, worker.bad_probes = False, 0, 0
             worker.last_error = "loading"
@@ -101,6 +107,17 @@ class Prober:
             log.info("worker healthy", extra={"worker": worker.url, "model": health.model, "was": str(state)})
         worker.last_error = ""
         self._pool.mark(worker, WorkerState.HEALTHY, model=health.model, slots=health.slots_total)
+
+    def _empty(self, worker: Worker, health: WorkerHealth) -> None:
+        """A swap host holding no model: healthy, and free to load one (it serves nothing until then)."""
+        worker.last_probe_ok, worker.bad_probes, worker.last_error = True, 0, ""
+        worker.good_probes += 1
+        worker.health = health
+        worker.slots_busy_reported = 0
+        if worker.model is not None or worker.state is not WorkerState.HEALTHY:
+            worker.model = None
+            self._pool.mark(worker, WorkerState.HEALTHY)
+            self._pool.refresh()
 
     def _bad(self, worker: Worker, error: str) -> None:
         worker.last_probe_ok, worker.good_probes = False, 0

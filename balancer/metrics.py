@@ -44,11 +44,16 @@ class BalancerMetrics:
             ["worker"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self._upstream_children: dict[str, Histogram] = {}
-        self.registry.register(_PoolCollector(pool, budget, self.unrouted))
+        self._model_requests: Counter[str] = Counter()  # model label -> requests (read at scrape time)
+        self.registry.register(_PoolCollector(pool, budget, self.unrouted, self._model_requests))
 
     def model_label(self, model: str) -> str:
         """``model`` when a worker in the pool serves it, else ``other``: a client names any model it likes."""
         return model if self._pool.has_model(model) else OTHER
+
+    def model_requests(self, model: str) -> None:
+        """Count a request for ``model`` (``appliance_balancer_model_requests_total``)."""
+        self._model_requests[self.model_label(model)] += 1
 
     def upstream_latency(self, worker: Worker) -> Histogram:
         child = self._upstream_children.get(worker.url)
@@ -64,10 +69,12 @@ class BalancerMetrics:
 
 
 class _PoolCollector(Collector):
-    def __init__(self, pool: WorkerPool, budget: RetryBudget, unrouted: Counter[tuple[str, int]]) -> None:
+    def __init__(self, pool: WorkerPool, budget: RetryBudget, unrouted: Counter[tuple[str, int]],
+                 model_requests: Counter[str]) -> None:
         self._pool = pool
         self._budget = budget
         self._unrouted = unrouted
+        self._model_requests = model_requests
 
     def collect(self) -> Iterator[Metric]:
         workers = list(self._pool)
@@ -105,3 +112,9 @@ class _PoolCollector(Collector):
             for name, depth in zip(PRIORITIES, queue.depth_by_priority(), strict=True):
                 by_priority.add_metric([model, name], depth)
         yield by_priority
+        per_model = CounterMetricFamily("appliance_balancer_model_requests", "Requests received, by the model asked "
+                                        "for ('other': no worker serves it and no swap host can load it).",
+                                        labels=["model"])
+        for model, count in self._model_requests.items():
+            per_model.add_metric([model], count)
+        yield per_model

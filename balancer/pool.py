@@ -17,6 +17,7 @@ import asyncio
 import random
 import time
 from collections.abc import Collection, Iterator
+from typing import Protocol
 
 from balancer.fairqueue import INTERACTIVE, Demand, FairQueue, Waiter
 from balancer.headroom import Headroom
@@ -38,12 +39,24 @@ __all__ = ["NoHealthyWorker", "QueueFull", "QueueTimeout", "Strategy", "WorkerPo
 _NO_EXCLUDE: frozenset[Worker] = frozenset()
 
 
+class OnDemand(Protocol):
+    """Models a swap host can load (:class:`balancer.swapper.Swapper`): their requests wait for a load
+    instead of failing when no worker serves them."""
+
+    def loadable(self, model: str) -> bool: ...
+
+    def queued(self, model: str) -> None: ...
+
+    def released(self, worker: Worker) -> None: ...
+
+
 class WorkerPool:
     """Workers grouped by the model they serve; all methods are synchronous except waiting."""
 
     def __init__(self, strategy: Strategy = "least_connections", queue_size: int = 256,
                  rng: random.Random | None = None, *, fair: bool = True, prefixes: PrefixTable | None = None,
                  max_imbalance: float = 0.5, reserve: int = 0) -> None:
+        self._on_demand: OnDemand | None = None
         self._headroom = Headroom(reserve if fair else 0)
         self._waiters = WaitQueues(queue_size, fair=fair)
         self._prefixes = prefixes
@@ -95,8 +108,20 @@ class WorkerPool:
         return sorted(m for m, ws in self._routable.items() if ws)
 
     def has_model(self, model: str) -> bool:
-        """Whether any known worker (even unhealthy or draining) serves ``model``: 503, not 404."""
-        return any(w.model == model for w in self._workers.values())
+        """Whether any known worker (even unhealthy or draining) serves ``model``, or a swap host can load it:
+        503, not 404."""
+        return any(w.model == model for w in self._workers.values()) or self._loadable(model)
+
+    def attach_on_demand(self, on_demand: OnDemand | None) -> None:
+        """The swap driver (it reads this pool, so it is made after it)."""
+        self._on_demand = on_demand
+
+    def _loadable(self, model: str) -> bool:
+        return self._on_demand is not None and self._on_demand.loadable(model)
+
+    def refresh(self) -> None:
+        """Re-route after a change made on a worker outside :meth:`mark` (a swap begun or ended)."""
+        self._reindex()
 
     @property
     def queue_depth(self) -> int:
@@ -141,7 +166,7 @@ class WorkerPool:
                 continue
             if routable.get(model):
                 self._dispatch(model)
-            else:
+            elif not self._loadable(model):
                 self._waiters.fail(model)
 
     # -- leases ------------------------------------------------------------------------------
@@ -199,6 +224,8 @@ class WorkerPool:
             demand.leased = 0
             self._headroom.give_back(demand)
             self._settle(demand, prompt_tokens, completion_tokens, refund)
+        if self._on_demand is not None:
+            self._on_demand.released(worker)
         if worker.draining and worker.inflight == 0 and self._workers.get(worker.url) is worker:
             del self._workers[worker.url]
             if self._prefixes is not None:
@@ -252,19 +279,21 @@ class WorkerPool:
         every ``notice_every_s`` with the waiter, to tell the client where it stands."""
         demand = demand if demand is not None else Demand()
         demand.model = model
-        if self._waiters.get(model) is None and not self.can_serve(model, exclude):
+        if self._waiters.get(model) is None and not self.can_serve(model, exclude) and not self._loadable(model):
             raise NoHealthyWorker(model)  # before a queue exists for it: a made-up model name must not grow memory
         queue = self.queue(model)
         queue.arrive(demand.caller)
         worker = self.try_acquire(model, exclude, demand)
         if worker is not None:
             return worker
-        if not self.can_serve(model, exclude):
+        if not self.can_serve(model, exclude) and not self._loadable(model):
             raise NoHealthyWorker(model)
         if self._waiters.waiting >= self._waiters.size:
             self._waiters.make_room(model, queue, demand)
         waiter = Waiter(asyncio.get_running_loop().create_future(), demand, exclude, time.monotonic())
         self._waiters.push(queue, waiter)
+        if self._on_demand is not None:
+            self._on_demand.queued(model)
         try:
             async with asyncio.timeout(patience_s):
                 if notice is None:
@@ -280,6 +309,10 @@ class WorkerPool:
             raise
         finally:
             self._waiters.forget(queue, waiter)
+
+    def service_time(self, model: str) -> float | None:
+        """The mean time a lease of ``model`` lasted lately (None before one was measured)."""
+        return self._waiters.service_time(model)
 
     def position(self, model: str, waiter: Waiter) -> tuple[int, float]:
         """(waiters ahead, estimated seconds until a slot) for a queued request."""

@@ -22,11 +22,11 @@ import msgspec
 from aiohttp import web
 
 from appliance.core.errors import APIError, error_body, not_found, overloaded
-from appliance.core.hop import KEY_ID_HEADER
+from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER
 from appliance.core.hop import REQUEST_ID_HEADER as REQUEST_ID
 from appliance.core.hop_client import HopClient, HopError, HopResponse
 from appliance.core.request_id import is_sane, request_id_var
-from balancer.fairqueue import Demand, Waiter
+from balancer.fairqueue import PRIORITIES, Demand, Waiter
 from balancer.health import note_failure
 from balancer.http import TOKEN_HEADER, require_token
 from balancer.metrics import BalancerMetrics
@@ -34,6 +34,7 @@ from balancer.peek import caller_of, peek_body
 from balancer.pool import NoHealthyWorker, QueueFull, QueueTimeout, WorkerPool
 from balancer.relay import SSE, Call, answer_headers, end_with_error, relay_stream, usage_of
 from balancer.retry import RetryBudget
+from balancer.swapper import Swapper
 from balancer.worker import Worker
 
 __all__ = ["Proxy", "ProxyTimeouts", "QueueNotices"]
@@ -68,8 +69,10 @@ class _Failure:
 
 class Proxy:
     def __init__(self, pool: WorkerPool, budget: RetryBudget, metrics: BalancerMetrics, *, token: str,
-                 timeouts: ProxyTimeouts, max_attempts: int, notices: QueueNotices | None = None) -> None:
+                 timeouts: ProxyTimeouts, max_attempts: int, notices: QueueNotices | None = None,
+                 swapper: Swapper | None = None) -> None:
         self._pool = pool
+        self._swapper = swapper
         self._notices = notices or QueueNotices()
         self._budget = budget
         self._metrics = metrics
@@ -94,6 +97,7 @@ class Proxy:
         caller = caller_of(incoming)
         demand = Demand(caller)
         model, stream = peek_body(body, demand, self._pool)
+        self._metrics.model_requests(model)
         given = incoming.get(REQUEST_ID)
         request_id = given if given and is_sane(given) else f"{self._id_prefix}{next(self._id_counter):x}"
         request_id_var.set(request_id)
@@ -105,6 +109,7 @@ class Proxy:
         }
         if caller.key_id:
             headers[KEY_ID_HEADER] = caller.key_id  # the worker scopes prompt-prefix reuse by key
+        headers[PRIORITY_HEADER] = PRIORITIES[caller.priority]  # the worker's decode lanes: batch yields compute
         call = Call(request, body, headers, model, stream, demand)
         try:
             return await self._serve(call)
@@ -170,8 +175,9 @@ class Proxy:
         loop = asyncio.get_running_loop()
         started = loop.time()
         notice = self._notice(call) if call.stream and call.out is None else None
+        patience = self._patience(model) if first else self._timeouts.queue_s
         try:
-            worker = await pool.wait_for_worker(model, self._timeouts.queue_s, tried, demand, notice=notice,
+            worker = await pool.wait_for_worker(model, patience, tried, demand, notice=notice,
                                                 notice_after_s=self._notices.after_s,
                                                 notice_every_s=self._notices.every_s)
         except NoHealthyWorker:
@@ -190,6 +196,20 @@ class Proxy:
         call.waited_s = waited if call.waited_s is None else call.waited_s + waited
         self._metrics.queue_wait_by_priority[demand.caller.priority].observe(waited)
         return worker
+
+    def _patience(self, model: str) -> float:
+        """How long a request may queue: the queue timeout, or for a model a swap host must load first the
+        swap queue timeout; one whose expected wait is longer than that is refused now, before any byte."""
+        swapper = self._swapper
+        expected = swapper.expected_wait(model) if swapper is not None else None
+        if swapper is None or expected is None:
+            return self._timeouts.queue_s
+        patience = swapper.settings.queue_timeout_s
+        if expected > patience:
+            raise self._reject(model, overloaded(
+                f"The model {model!r} is not loaded and would take about {expected:.0f} s to be served, longer than "
+                f"the {patience:.0f} s a request may wait.", retry_after=expected))
+        return patience
 
     def _notice(self, call: Call) -> Callable[[Waiter], Awaitable[None]]:
         async def notice(waiter: Waiter) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+import tomllib
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.core.redis_settings import RedisClientSettings
+from appliance.core.settings import ConfigError, config_path
 
 __all__ = ["BalancerSettings", "normalise_worker_url"]
 
@@ -93,6 +96,38 @@ class BalancerSettings(RedisClientSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="413 past this; above the gateway's 1 MiB (room for RAG context)."
     )
+    # Model swapping (issue 29): also read from [models] of appliance.toml, below [balancer] (balancer.swaps).
+    max_swap_wait_s: float = Field(
+        default=30.0, ge=0,
+        description="grouped swaps: a swap host keeps serving its model while that model has work, unless a model "
+        "that needs the host has waited this long (then the host is drained and loads it).",
+    )
+    swap_policy: Literal["grouped", "fcfs"] = Field(
+        default="grouped",
+        description="grouped: group requests by model with the bounded wait above; fcfs: swap as soon as the oldest "
+        "waiting request is for another model (what llama-swap does; for comparison).",
+    )
+    swap_queue_timeout_s: float = Field(
+        default=120.0, gt=0,
+        description="How long a request may wait for its model to be loaded; one whose expected wait is longer gets "
+        "503 with Retry-After at once.",
+    )
+    swap_load_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest a swap host may take to answer POST /admin/model (load + restore)."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        own = super().settings_customise_sources(settings_cls, init_settings, env_settings, dotenv_settings,
+                                                 file_secret_settings)
+        return (*own, _ModelsTable(settings_cls))
 
     @field_validator("workers", mode="before")
     @classmethod
@@ -103,3 +138,35 @@ class BalancerSettings(RedisClientSettings):
         if isinstance(value, list | tuple):
             return tuple(normalise_worker_url(str(item)) for item in value)
         return value
+
+
+_SWAP_FIELDS = ("max_swap_wait_s", "swap_policy", "swap_queue_timeout_s", "swap_load_timeout_s")
+
+
+class _ModelsTable(PydanticBaseSettingsSource):
+    """The swap settings from ``[models]`` of appliance.toml (where the model catalogue is configured), under
+    ``[balancer]`` and the environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self._values = self._read()
+
+    @staticmethod
+    def _read() -> dict[str, Any]:
+        path = config_path()
+        if path is None:
+            return {}
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+        table = document.get("models", {})
+        if not isinstance(table, dict):  # [[models]] (the catalogue's entries) is a list: no settings there
+            return {}
+        return {name: table[name] for name in _SWAP_FIELDS if name in table}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)

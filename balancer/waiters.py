@@ -95,6 +95,9 @@ class WaitQueues:
         previous = self._service_s.get(model)
         self._service_s[model] = took_s if previous is None else previous + _SERVICE_EWMA * (took_s - previous)
 
+    def service_time(self, model: str) -> float | None:
+        return self._service_s.get(model)
+
     def position(self, model: str, waiter: Waiter, slots: int) -> tuple[int, float]:
         """(waiters ahead, estimated seconds until a slot) for a queued request; ``slots``: the model's."""
         queue = self._queues.get(model)

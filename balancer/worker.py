@@ -46,6 +46,10 @@ class Worker:
     # Requests waiting for this worker's first byte, and those aborted because it was ejected.
     pending: set[asyncio.Task[Any]] = field(default_factory=set)
     aborted: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Model swapping (balancer.swapper): the model this swap host was told to load next (it takes no new request
+    # from then until it serves that model), and a count of swaps begun, so a probe sent before one is dropped.
+    swap_to: str | None = None
+    swap_epoch: int = 0
 
     def abort_pending(self) -> None:
         """Cancel every wait for a first byte from this worker; the proxy retries them elsewhere."""
@@ -59,14 +63,21 @@ class Worker:
 
     @property
     def routable(self) -> bool:
-        return self.state is WorkerState.HEALTHY and not self.draining
+        return self.state is WorkerState.HEALTHY and not self.draining and self.swap_to is None
+
+    @property
+    def swap_host(self) -> bool:
+        """A worker that loads any on_demand catalogue entry when told (``POST /admin/model``)."""
+        return self.health is not None and bool(self.health.swap_host)
 
     def describe(self) -> dict[str, Any]:
         return {
             "url": self.url,
             "source": self.source,
             "model": self.model,
-            "state": "draining" if self.draining else str(self.state),
+            "state": "draining" if self.draining or self.swap_to is not None else str(self.state),
+            "swap_host": self.swap_host,
+            "swap_to": self.swap_to,
             "healthy": self.state is WorkerState.HEALTHY,
             "inflight": self.inflight,
             "slots": self.slots,
