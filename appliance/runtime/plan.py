@@ -12,13 +12,18 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS
 from appliance.core.redis_auth import acl_file, password_file
 from appliance.core.settings import config_path
 from appliance.runtime.settings import RuntimeSettings
+
+if TYPE_CHECKING:
+    from appliance.runtime.models import WorkerRole
 
 __all__ = [
     "Program",
@@ -80,23 +85,36 @@ def _python(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
-def _worker_threads(settings: RuntimeSettings) -> int:
-    if settings.worker_threads:
-        return settings.worker_threads
-    # CPU workers share the cores; oversubscribing threads makes llama.cpp slower, not faster.
-    return max(1, (os.cpu_count() or 1) // settings.workers)
+def _role_env(role: WorkerRole) -> dict[str, str]:
+    """A worker of a catalogue entry: that file, pinned to its sha256 (the worker refuses another); a swap host
+    starts with ``role.entry`` and loads the others from the catalogue on demand."""
+    entry, config = role.entry, role.config
+    env = {"APPLIANCE_WORKER_MODEL_PATH": entry.path, "APPLIANCE_WORKER_MODEL_ALIAS": entry.alias,
+           "APPLIANCE_WORKER_ALLOWED_SHA256": entry.sha256}
+    if config.slots is not None:
+        env["APPLIANCE_WORKER_SLOTS"] = str(config.slots)
+    if config.n_ctx is not None:
+        env["APPLIANCE_WORKER_N_CTX"] = str(config.n_ctx)
+    if role.swap_host:
+        env.update({"APPLIANCE_WORKER_SWAP_HOST": "true", "APPLIANCE_WORKER_INITIAL_MODEL": entry.alias,
+                    "APPLIANCE_WORKER_MEMORY_BYTES": str(role.memory_bytes)})
+    return env
 
 
-def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str, data: Path) -> list[Program]:
+def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str, data: Path,
+             roles: Sequence[WorkerRole] | None = None) -> list[Program]:
     programs = []
-    for index, name in enumerate(worker_names(settings.workers), start=1):
+    count = len(roles) if roles is not None else settings.workers
+    # CPU workers share the cores; oversubscribing threads makes llama.cpp slower, not faster.
+    threads = settings.worker_threads or max(1, (os.cpu_count() or 1) // count)
+    for index, name in enumerate(worker_names(count), start=1):
         port = settings.worker_port(index)
         env = {
             "APPLIANCE_WORKER_PORT": str(port),
             # The resolved model: [worker] settings of appliance.toml unless `up --model/...` overrode them.
             "APPLIANCE_WORKER_MODEL_PATH": str(model_path),
             "APPLIANCE_WORKER_MODEL_ALIAS": settings.model_alias or DEFAULT_MODEL_ALIAS,
-            "APPLIANCE_WORKER_N_THREADS": str(_worker_threads(settings)),
+            "APPLIANCE_WORKER_N_THREADS": str(threads),
             # The worker announces itself once ready and withdraws on SIGTERM: the balancer
             # follows the registry, so adding or stopping a worker never touches the balancer.
             "APPLIANCE_WORKER_REDIS_URL": redis_url,
@@ -105,6 +123,9 @@ def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str, data: 
         }
         if settings.worker_slots is not None:
             env["APPLIANCE_WORKER_SLOTS"] = str(settings.worker_slots)
+        if roles is not None:  # several models: each worker its catalogue entry
+            env.pop("APPLIANCE_WORKER_SLOTS", None)
+            env.update(_role_env(roles[index - 1]))
         programs.append(
             Program(
                 name,
@@ -118,8 +139,10 @@ def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str, data: 
     return programs
 
 
-def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
-    """Every program of the local stack, in start order."""
+def build_plan(settings: RuntimeSettings, model_path: Path, roles: Sequence[WorkerRole] | None = None) -> list[Program]:
+    """Every program of the local stack, in start order. ``roles``: one per worker when the catalogue has
+    several models (:func:`appliance.runtime.models.plan_models`); None: ``settings.workers`` workers of the
+    one model at ``model_path``."""
     data = settings.data_dir.resolve()
     redis_url = f"redis://127.0.0.1:{settings.redis_port}/0"
     plan = [_redis(settings, data)]
@@ -133,7 +156,7 @@ def build_plan(settings: RuntimeSettings, model_path: Path) -> list[Program]:
                 f"http://127.0.0.1:{settings.rag_port}/health",
             )
         )
-    plan += _workers(settings, model_path, redis_url, data)
+    plan += _workers(settings, model_path, redis_url, data, roles)
     balancer_env = {
         "APPLIANCE_BALANCER_PORT": str(settings.balancer_port),
         "APPLIANCE_BALANCER_REDIS_URL": redis_url,

@@ -24,6 +24,7 @@ from appliance.core.files import make_private
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS, default_model_path, prepare_default_model
 from appliance.core.redis_auth import ensure_redis_users
 from appliance.core.settings import ConfigError, load_settings
+from appliance.runtime.local.catalogue import publish
 from appliance.runtime.local.health import Probe, probe_http, probe_redis
 from appliance.runtime.local.prometheus_conf import WORKER_TARGETS_FILE, render_prometheus_conf, render_worker_targets
 from appliance.runtime.local.rolling import rolling_restart, scale_workers
@@ -31,6 +32,7 @@ from appliance.runtime.local.status import status_of
 from appliance.runtime.local.supervisor_client import SupervisorClient
 from appliance.runtime.local.supervisor_conf import render_supervisor_conf, socket_path
 from appliance.runtime.local.upgrade import upgrade as upgrade_stack
+from appliance.runtime.models import ModelPlan, catalogue_plan
 from appliance.runtime.plan import (
     DRAIN_MARGIN_S,
     STAGES,
@@ -114,12 +116,25 @@ class LocalRuntime:
             }
         )
 
-    def plan(self) -> list[Program]:
-        served = self.served_model()
+    def served_path(self, served: RuntimeSettings) -> Path:
         path = served.model_path or default_model_path(self.settings.data_dir)
         if path == default_model_path(self.settings.data_dir):
             path = prepare_default_model(self.settings.data_dir)  # assembled once; a hash check afterwards
-        return build_plan(served, path.resolve())
+        return path.resolve()
+
+    def model_plan(self) -> ModelPlan | None:
+        """The catalogue's plan when it has several models ([[models.entry]] or `appliance models add`); None for
+        the single model of ``[worker]``, whose workers run exactly as before."""
+        served = self.served_model()
+        return catalogue_plan(self.settings, served, self.served_path(served))
+
+    def plan(self) -> list[Program]:
+        served = self.served_model()
+        path = self.served_path(served)
+        models = catalogue_plan(self.settings, served, path)
+        if models is not None and not models.legacy:
+            return build_plan(served, path, models.roles)
+        return build_plan(served, path)
 
     # -- up -----------------------------------------------------------------------------------
     def intro(self) -> Intro:
@@ -170,7 +185,17 @@ class LocalRuntime:
                     client.start(program.name, wait=False)
             for program in programs:
                 self.wait_ready(program)
+            if stage == "redis":  # before any worker starts: swap hosts load their entries from it
+                self.publish_catalogue()
         return plan
+
+    def publish_catalogue(self) -> list[str]:
+        """Write the catalogue to Redis (contract C1), dropping entries no longer configured; the aliases."""
+        served = self.served_model()
+        models = catalogue_plan(self.settings, served, self.served_path(served))
+        entries = list(models.entries) if models is not None else []
+        publish(self.settings, entries)
+        return [e.alias for e in entries]
 
     def write_files(self, plan: list[Program]) -> None:
         settings = self.settings

@@ -1,0 +1,173 @@
+"""The model catalogue as configured and planned: [models] settings, the GGUF's KV size, the memory budget
+and its arithmetic, and which worker serves what (on the real bundled GGUF)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance.core.gguf_header import GGUFError, kv_shape
+from appliance.core.model_catalogue import entry_bytes
+from appliance.core.model_settings import ModelConfig, ModelsSettings, parse_bytes
+from appliance.core.settings import ConfigError, load_settings
+from appliance.runtime.budget import Budget, host_memory
+from appliance.runtime.models import apply_changes, plan_models, read_changes, write_changes
+from appliance.runtime.plan import build_plan
+from appliance.runtime.protocol import RuntimeFailure
+from appliance.runtime.settings import RuntimeSettings
+
+GIB = 1 << 30
+TOKEN = "model-plan-test-internal-token-0123456789abc"
+
+
+def _settings(tmp_path: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> ModelsSettings:
+    config = tmp_path / "appliance.toml"
+    config.write_text(text)
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(config))
+    return load_settings(ModelsSettings)
+
+
+def test_models_table_and_its_entries_parse_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _settings(tmp_path, """
+[models]
+memory_budget = "2GiB"
+max_swap_wait_s = 12
+swap_policy = "fcfs"
+
+[[models.entry]]
+alias = "chat"
+path = "/srv/a.gguf"
+context = 4096
+slots = 4
+
+[[models.entry]]
+alias = "org/code"
+path = "/srv/b.gguf"
+resident = "on_demand"
+allowed_sha256 = ["AB%s"]
+""" % ("ab" * 31), monkeypatch)
+    assert models.memory_budget == 2 * GIB and models.max_swap_wait_s == 12 and models.swap_policy == "fcfs"
+    chat, code = models.entry
+    assert (chat.alias, chat.n_ctx, chat.slots, chat.resident, chat.workers) == ("chat", 4096, 4, "always", 1)
+    assert (code.resident, code.allowed_sha256, code.slots_or_default) == ("on_demand", ["ab" * 32], 8)
+
+
+def test_the_list_form_and_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = _settings(tmp_path, '[[models]]\nalias = "a"\npath = "/a.gguf"\n\n[[models]]\nalias = "b"\n'
+                       'path = "/b.gguf"\n', monkeypatch)
+    assert [m.alias for m in models.entry] == ["a", "b"]
+    monkeypatch.setenv("APPLIANCE_MODELS_ENTRY", '[{"alias": "c", "path": "/c.gguf", "workers": 2}]')
+    monkeypatch.setenv("APPLIANCE_MODELS_MEMORY_BUDGET", "512MiB")
+    models = load_settings(ModelsSettings)
+    assert [(m.alias, m.workers) for m in models.entry] == [("c", 2)] and models.memory_budget == 512 << 20
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ('[[models]]\nalias = "a"\npath = "/a"\n[[models]]\nalias = "a"\npath = "/b"\n', "listed twice"),
+    ('[[models]]\nalias = "../x"\npath = "/a"\n', "alias"),
+    ('[[models]]\nalias = "a"\npath = "/a"\nresident = "sometimes"\n', "resident"),
+    ('[[models]]\nalias = "a"\npath = "/a"\nallowed_sha256 = ["nothex"]\n', "64 hex digits"),
+    ('[[models]]\nalias = "a"\npath = "/a"\nslots = 0\n', "slots"),
+    ('[[models]]\nalias = "a"\npath = "/a"\ngpus = 2\n', "gpus"),
+    ('[models]\nmemory_budget = "lots"\n', "memory_budget"),
+])
+def test_bad_model_configuration_names_the_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        _settings(tmp_path, text, monkeypatch)
+
+
+def test_sizes() -> None:
+    assert parse_bytes("24GiB") == 24 * GIB and parse_bytes("16 GB") == 16 * 10**9 and parse_bytes(1024) == 1024
+    assert parse_bytes("1.5GiB") == 3 * GIB // 2
+    with pytest.raises(ValueError, match="a size"):
+        parse_bytes("12 parsecs")
+    found = host_memory(None)
+    assert found.bytes > 0 and (found.source == "host RAM" or found.source.startswith("GPU memory"))
+    assert host_memory(3 * GIB) == Budget(3 * GIB, "[models] memory_budget")
+
+
+def test_the_kv_size_comes_from_the_gguf_header(model_path: Path, tmp_path: Path) -> None:
+    shape = kv_shape(model_path)
+    # Gemma 3 270M: 18 layers, 1 KV head of 256: 18 KiB per token (the README's figure).
+    assert (shape.architecture, shape.layers, shape.kv_heads, shape.key_length) == ("gemma3", 18, 1, 256)
+    assert shape.bytes_per_token == 18 * 1024
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(model_path.read_bytes()[:4096])
+    for bad, message in ((cut, "cut short"), (Path(__file__), "not a GGUF"), (tmp_path / "none", "cannot read")):
+        with pytest.raises(GGUFError, match=message):
+            kv_shape(bad)
+
+
+def _configs(model_path: Path, copy: Path) -> list[ModelConfig]:
+    return [
+        ModelConfig(alias="chat", path=model_path, slots=2, n_ctx=2048, workers=2),
+        ModelConfig(alias="chat-copy", path=copy, slots=2, n_ctx=2048, resident="on_demand"),
+        ModelConfig(alias="chat-third", path=model_path, slots=4, n_ctx=4096, resident="on_demand"),
+    ]
+
+
+def test_workers_per_model_and_swap_hosts_from_the_budget(model_path: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(model_path, copy)
+    configs = _configs(model_path, copy)
+    run = tmp_path / "run"
+    roomy = plan_models(configs, ModelsSettings(), run, budget=Budget(64 * GIB, "test"))
+    chat, copied, third = roomy.entries
+    assert chat.sha256 == copied.sha256 and chat.size_bytes == model_path.stat().st_size
+    assert entry_bytes(chat) == chat.size_bytes + 2 * 2048 * 18432
+    # Two resident workers, then one swap host per on_demand entry (the budget allows both), each sized for the
+    # largest on_demand entry and starting with a different one.
+    assert [(r.entry.alias, r.swap_host) for r in roomy.roles] == [
+        ("chat", False), ("chat", False), ("chat-copy", True), ("chat-third", True)]
+    assert {r.memory_bytes for r in roomy.roles if r.swap_host} == {entry_bytes(third)}
+    tight = Budget(2 * entry_bytes(chat) + entry_bytes(third) + 1, "test")
+    assert [r.swap_host for r in plan_models(configs, ModelsSettings(), run, budget=tight).roles] == [
+        False, False, True]
+    too_small = Budget(2 * entry_bytes(chat) + entry_bytes(third) - 1, "[models] memory_budget")
+    with pytest.raises(RuntimeFailure) as refused:
+        plan_models(configs, ModelsSettings(), run, budget=too_small)
+    message = str(refused.value)
+    # The arithmetic, each term named, in MiB/GiB.
+    for term in ("does not fit the memory budget", "[models] memory_budget", "2 workers x (chat:", "MiB weights",
+                 "2 slots x 2048 tokens x 18.0 KiB KV", "1 swap host x", "largest on_demand entry, chat-third",
+                 "total"):
+        assert term in message, (term, message)
+
+
+def test_a_file_not_in_allowed_sha256_is_refused(model_path: Path, tmp_path: Path) -> None:
+    config = ModelConfig(alias="chat", path=model_path, allowed_sha256=["00" * 32])
+    with pytest.raises(RuntimeFailure, match="allowed_sha256 does not list"):
+        plan_models([config], ModelsSettings(), tmp_path, budget=Budget(64 * GIB, "test"))
+    missing = ModelConfig(alias="gone", path=tmp_path / "gone.gguf")
+    with pytest.raises(RuntimeFailure, match="does not exist"):
+        plan_models([missing], ModelsSettings(), tmp_path, budget=Budget(64 * GIB, "test"))
+
+
+def test_each_worker_program_runs_its_entry(model_path: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(model_path, copy)
+    models = plan_models(_configs(model_path, copy), ModelsSettings(), tmp_path / "run", budget=Budget(64 * GIB, "t"))
+    settings = RuntimeSettings(data_dir=tmp_path / "data", internal_token=TOKEN, worker_threads=1)
+    workers = [p for p in build_plan(settings, model_path, models.roles) if p.stage == "inference"]
+    assert [w.name for w in workers] == ["inference-1", "inference-2", "inference-3", "inference-4"]
+    assert [w.env["APPLIANCE_WORKER_PORT"] for w in workers] == ["8201", "8202", "8203", "8204"]
+    assert [w.env["APPLIANCE_WORKER_MODEL_ALIAS"] for w in workers] == ["chat", "chat", "chat-copy", "chat-third"]
+    assert workers[2].env["APPLIANCE_WORKER_MODEL_PATH"] == str(copy.resolve())
+    assert {w.env["APPLIANCE_WORKER_ALLOWED_SHA256"] for w in workers} == {models.entries[0].sha256}
+    assert workers[0].env["APPLIANCE_WORKER_N_CTX"] == "2048" and "APPLIANCE_WORKER_SWAP_HOST" not in workers[0].env
+    assert workers[3].env["APPLIANCE_WORKER_SWAP_HOST"] == "true"
+    assert workers[3].env["APPLIANCE_WORKER_INITIAL_MODEL"] == "chat-third"
+    assert int(workers[3].env["APPLIANCE_WORKER_MEMORY_BYTES"]) == entry_bytes(models.entries[2])
+
+
+def test_remembered_cli_changes_apply_over_the_file(model_path: Path, tmp_path: Path) -> None:
+    base = [ModelConfig(alias="a", path=model_path), ModelConfig(alias="b", path=model_path, resident="on_demand")]
+    assert read_changes(tmp_path) == {"added": {}, "removed": [], "pinned": {}}
+    write_changes(tmp_path, {"added": {"c": {"alias": "c", "path": str(model_path), "resident": "on_demand"}},
+                             "removed": ["a"], "pinned": {"b": True}})
+    merged = apply_changes(base, read_changes(tmp_path))
+    assert [(m.alias, m.pinned) for m in merged] == [("b", True), ("c", False)]
