@@ -9,8 +9,9 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from appliance.core.errors import APIError
-from appliance.core.hop import KEY_ID_HEADER
+from appliance.core.hop import KEY_ID_HEADER, PRIORITY_HEADER
 from appliance.core.ids import KeyId
+from appliance.core.priority import Priority
 from appliance.core.sse import DONE, encode_data, encode_error
 from appliance.core.wire import ChatCompletionRequest, CompletionRequest, parse_json
 from inference.answers import Answer, Whole
@@ -55,16 +56,21 @@ def _scope(request: web.Request) -> Scope:
     return None if raw is None else KeyId.parse(raw, param=KEY_ID_HEADER)
 
 
+def _priority(request: web.Request) -> Priority:
+    """The request's class as the balancer named it (interactive when absent): batch work yields the compute."""
+    return Priority.parse(request.headers.get(PRIORITY_HEADER), param=PRIORITY_HEADER)
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    scope = _scope(request)
+    scope, priority = _scope(request), _priority(request)
     body = await _body(request, ChatCompletionRequest)
-    return await _send(request, await request.app[SERVICE].chat(body, scope))
+    return await _send(request, await request.app[SERVICE].chat(body, scope, priority))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    scope = _scope(request)
+    scope, priority = _scope(request), _priority(request)
     body = await _body(request, CompletionRequest)
-    return await _send(request, await request.app[SERVICE].complete(body, scope))
+    return await _send(request, await request.app[SERVICE].complete(body, scope, priority))
 
 
 async def models(request: web.Request) -> web.Response:

@@ -19,9 +19,10 @@ class WorkerMetrics:
         self.requests = Counter(
             "appliance_worker_requests", "Requests by endpoint and status", ["model", "endpoint", "status"], registry=r
         )
-        self.prompt_tokens = Counter(
+        self._prompt_tokens_family = Counter(
             "appliance_worker_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
-        ).labels(model)
+        )
+        self.prompt_tokens = self._prompt_tokens_family.labels(model)
         self.generated_tokens = Counter(
             "appliance_worker_generated_tokens", "Tokens generated", ["model"], registry=r
         ).labels(model)
@@ -29,12 +30,13 @@ class WorkerMetrics:
         self.prompt_tokens_prefilled = Counter(
             "appliance_worker_prompt_tokens_prefilled", "Prompt tokens computed by a prefill", ["model"], registry=r
         ).labels(model)
-        self.prompt_tokens_reused = Counter(
+        self._prompt_tokens_reused_family = Counter(
             "appliance_worker_prompt_tokens_reused",
             "Prompt tokens taken from cached KV cells instead of a prefill",
             ["model"],
             registry=r,
-        ).labels(model)
+        )
+        self.prompt_tokens_reused = self._prompt_tokens_reused_family.labels(model)
         # Speculative decoding: draft tokens decoded, and those the sampler then picked (each saves a step).
         self.draft_tokens = Counter(
             "appliance_worker_draft_tokens", "Draft tokens decoded by speculative decoding", ["model"], registry=r
@@ -74,6 +76,11 @@ class WorkerMetrics:
         if reused:
             self.prompt_tokens_reused.inc(reused)
 
+    def prompt_totals(self) -> tuple[int, int]:
+        """(prompt tokens, of them reused) since the worker started, over every model it served: the values of
+        ``appliance_worker_prompt_tokens_total`` and ``appliance_worker_prompt_tokens_reused_total``, summed."""
+        return _total(self._prompt_tokens_family), _total(self._prompt_tokens_reused_family)
+
     def count_draft(self, drafted: int, accepted: int) -> None:
         """Called by the decode thread after a draft is checked."""
         self.draft_tokens.inc(drafted)
@@ -82,3 +89,7 @@ class WorkerMetrics:
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(self.model, endpoint, str(status)).inc()
+
+
+def _total(family: Counter) -> int:
+    return int(sum(s.value for metric in family.collect() for s in metric.samples if s.name.endswith("_total")))

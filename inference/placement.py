@@ -50,24 +50,36 @@ class KvPlacement:
     def place(self, handle: SequenceHandle, free: list[int]) -> ActiveSequence:
         """A sequence in one of the ``free`` slots, starting from the longest prefix the KV cache holds for it."""
         request = handle.request
-        prompt, scope = request.prompt_tokens, request.scope
+        slot, start, follow, wait = self.locate(request.prompt_tokens, request.scope, request.group, free)
+        handle.cached_tokens = start
+        if start and self._count_prompt is not None:
+            self._count_prompt(0, start)
+        return ActiveSequence(handle, slot, TextStream(request.stops), prefilled=start, n_past=start,
+                              follow=follow, wait=wait)
+
+    def resume(self, seq: ActiveSequence, free: list[int]) -> None:
+        """An evicted sequence back in one of the ``free`` slots, from the longest cached prefix of its history
+        (``seq.prompt``); its cells, its usage and the prompt counters are left as they were."""
+        request = seq.handle.request
+        seq.seq_id, seq.prefilled, seq.follow, seq.wait = self.locate(seq.prompt, request.scope, request.group, free)
+        seq.n_past = seq.prefilled
+
+    def locate(self, prompt: list[int], scope: Scope, group: str, free: list[int]) -> tuple[int, int, int, int]:
+        """Carry out the best admission of ``prompt``: (slot, cells it starts from, slot it follows or -1,
+        cells it waits for there)."""
         self._tick += 1
         if self.reuse:
             plan = plan_admission(self.held, free, prompt, scope, self.tail)
-        elif request.group:  # without reuse, the choices of one request share with each other only (the only
+        elif group:  # without reuse, the choices of one request share with each other only (the only
             # cells they can find are their running siblings': released slots hold nothing)
-            plan = plan_admission(self.held, free, prompt, scope, self.tail, group=request.group)
+            plan = plan_admission(self.held, free, prompt, scope, self.tail, group=group)
         else:
             plan = Admission(slot=free[0], keep=0, source=-1, copy=0, follow=-1, wait=0)
         slot, start, follow = self._start(plan, scope, prompt)
         held = self.held[slot]
         held.tokens, held.scope, held.used, held.planned = prompt[:start], scope, self._tick, prompt
-        held.group = request.group
-        handle.cached_tokens = start
-        if start and self._count_prompt is not None:
-            self._count_prompt(0, start)
-        return ActiveSequence(handle, slot, TextStream(request.stops), prefilled=start, n_past=start,
-                              follow=follow, wait=plan.wait)
+        held.group = group
+        return slot, start, follow, plan.wait
 
     def _start(self, plan: Admission, scope: Scope, prompt: list[int]) -> tuple[int, int, int]:
         """Carry out ``plan``: (slot, cells the sequence starts from, slot it still follows or -1)."""

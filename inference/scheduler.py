@@ -42,7 +42,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from appliance.core.priority import Priority
 from inference.constrained import ConstrainedSampler
+from inference.lanes import LaneBook, LaneCounter, LanePolicy, Runner, victims
 from inference.logprobs import LogprobReader, TokenLogprob
 from inference.model import LoadedModel
 from inference.placement import KvPlacement, PromptCounter
@@ -62,6 +64,7 @@ StepReport = Callable[[list[Event], int, int, int], None]
 DraftCounter = Callable[[int, int], None]
 
 IDLE_WAIT_S = 0.5
+PAUSE_WAIT_S = 0.001
 # One step's work for one sequence: (sequence, prompt tokens to prefill; 0 = decode its last sampled token
 # and its draft).
 Work = tuple[ActiveSequence, int]
@@ -94,6 +97,8 @@ class Scheduler:
         host_cache_bytes: int = 0,
         speculation: SpeculationSettings | None = None,
         count_draft: DraftCounter | None = None,
+        lanes: LanePolicy | None = None,
+        count_lane: LaneCounter | None = None,
     ) -> None:
         self.model = model
         self.reuse = reuse
@@ -112,6 +117,10 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self._slots: list[ActiveSequence | None] = [None] * self.slots_total
         self._waiting: deque[SequenceHandle] = deque()
+        # Batch sequences evicted for interactive ones (inference.lanes), resumed before any new batch request.
+        self._parked: deque[ActiveSequence] = deque()
+        self.lanes = LaneBook(self.slots_total, lanes or LanePolicy(batch_busy=self.slots_total, grace_s=0.0),
+                              count_lane)
         self._active = 0
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -132,7 +141,7 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._parked)
 
     def start(self, loop: asyncio.AbstractEventLoop, report: StepReport) -> None:
         self._loop, self._report = loop, report
@@ -148,7 +157,7 @@ class Scheduler:
         """Queue a request (its ``scope``: whose cached prefixes it may use); raises QueueFull past slots +
         queue_size, ValueError on a bad grammar."""
         with self._lock:
-            if self._active + len(self._waiting) >= self.slots_total + self.queue_size:
+            if self._active + len(self._waiting) + len(self._parked) >= self.slots_total + self.queue_size:
                 raise QueueFull
         if self.share_across_keys and request.scope is not None:
             request = dataclasses.replace(request, scope=None)
@@ -168,8 +177,9 @@ class Scheduler:
             self._thread.join()
             self._thread = None
         with self._lock:
-            leftovers = list(self._waiting)
+            leftovers = list(self._waiting) + [seq.handle for seq in self._parked]
             self._waiting.clear()
+            self._parked.clear()
         for handle in leftovers:
             self._free_samplers(handle)
         if self._batch is not None:
@@ -185,7 +195,9 @@ class Scheduler:
                     self._wakeup.wait(IDLE_WAIT_S)
                     self._wakeup.clear()
                     continue
-                self._step()
+                if not self._step():  # every sequence held out (the batch lane paused): until the grace ends
+                    self._wakeup.wait(max(PAUSE_WAIT_S, min(self.lanes.grace_left(), IDLE_WAIT_S)))
+                    self._wakeup.clear()
         except Exception:  # the thread must not die silently: fail everything it holds
             log.exception("decode thread crashed")
             self._fail_all("the inference engine failed")
@@ -194,24 +206,78 @@ class Scheduler:
             self._fail_all("the worker is shutting down")
 
     def _admit(self) -> bool:
-        """Drop cancelled sequences, move waiting requests into free slots; True if any slot is busy."""
+        """Drop cancelled sequences, move waiting requests into free slots (interactive ones first, taking a batch
+        sequence's slot when none is free; then evicted batch sequences, then the rest in order); True if any
+        slot is busy."""
         for seq in self._slots:
             if seq is not None and seq.handle.cancelled:
                 self._release(seq)
+        for seq in [seq for seq in self._parked if seq.handle.cancelled]:
+            self._parked.remove(seq)
+            self._free_samplers(seq.handle)
         with self._lock:
             if any(handle.cancelled for handle in self._waiting):  # gone while queued: free their places now
                 for handle in [h for h in self._waiting if h.cancelled]:
                     self._waiting.remove(handle)
                     self._free_samplers(handle)
+            self._admit_interactive()
+            while self._parked and self._active < self.slots_total:
+                self._resume(self._parked.popleft())
             while self._waiting and self._active < self.slots_total:
-                handle = self._waiting.popleft()
-                if handle.cancelled:
-                    self._free_samplers(handle)
-                    continue
-                seq = self.kv.place(handle, [i for i, seq in enumerate(self._slots) if seq is None])
-                self._slots[seq.seq_id] = seq
-                self._active += 1
+                self._place(self._waiting.popleft())
             return self._active > 0
+
+    def _admit_interactive(self) -> None:
+        """Waiting interactive requests go first; with no free slot, a batch sequence gives its slot up."""
+        interactive = [h for h in self._waiting if h.request.priority is Priority.INTERACTIVE]
+        if not interactive:
+            return
+        self.lanes.note_interactive()
+        for handle in interactive:
+            if self._active >= self.slots_total:
+                victim = victims(self._runners(), 1)
+                if not victim:
+                    return
+                seq = self._slots[victim[0]]
+                assert seq is not None
+                self._evict(seq)
+            self._waiting.remove(handle)
+            self._place(handle)
+
+    def _place(self, handle: SequenceHandle) -> None:
+        seq = self.kv.place(handle, [i for i, seq in enumerate(self._slots) if seq is None])
+        self._slots[seq.seq_id] = seq
+        self._active += 1
+        self.lanes.admitted(seq.seq_id)
+
+    def _evict(self, seq: ActiveSequence) -> None:
+        """A batch sequence leaves its slot for an interactive one. Nothing it generated is lost or sent twice:
+        its sampler, text stream and counts stay with it, and it resumes from its history (prompt and generated
+        tokens), whose cells stay behind as a cached prefix (with prefix reuse) or are prefilled again."""
+        slot = seq.seq_id
+        fresh = seq.history is None and seq.generated == 0
+        if not seq.prefilling:
+            seq.history = [*self.kv.held[slot].tokens[: seq.n_past], seq.last_token]
+        seq.draft, seq.batch_index, seq.follow = [], -1, -1
+        self.kv.release(slot)
+        self.lanes.left(slot)
+        self._slots[slot] = None
+        self._active -= 1
+        self.lanes.counter.evicted(1)
+        if fresh and seq.prefilling:  # nothing generated yet: it starts again as the request it was
+            self._waiting.appendleft(seq.handle)
+        else:
+            self._parked.append(seq)
+
+    def _resume(self, seq: ActiveSequence) -> None:
+        self.kv.resume(seq, [i for i, slot in enumerate(self._slots) if slot is None])
+        self._slots[seq.seq_id] = seq
+        self._active += 1
+        self.lanes.admitted(seq.seq_id)
+        self.lanes.counter.resumed(1)
+
+    def _runners(self) -> list[Runner]:
+        return [Runner(seq.seq_id, seq.priority, seq.prefilling, seq.n_past) for seq in self._slots if seq is not None]
 
     def _free_samplers(self, handle: SequenceHandle) -> None:
         llama = self.model.llama
@@ -221,23 +287,30 @@ class Scheduler:
 
     def _release(self, seq: ActiveSequence) -> None:
         self.kv.release(seq.seq_id)
+        self.lanes.left(seq.seq_id)
         self._free_samplers(seq.handle)
         with self._lock:
             self._slots[seq.seq_id] = None
             self._active -= 1
 
     def _plan_step(self) -> list[Work]:
-        """Generating sequences first (one token each, and their drafts), then prompt chunks within the
-        prefill budget."""
-        for seq in self._slots:
+        """The sequences the lanes let step (inference.lanes): generating ones (one token each, and their
+        drafts), then prompt chunks within the prefill budget, interactive prompts first."""
+        slots = self._slots
+        for seq in slots:
             if seq is not None and seq.follow >= 0:
-                self.kv.resolve_follow(seq)
-        work: list[Work] = [(seq, 0) for seq in self._slots if seq is not None and not seq.prefilling]
+                source = slots[seq.follow]
+                if seq.priority is Priority.INTERACTIVE and source is not None and source.priority is Priority.BATCH:
+                    seq.follow = -1  # an interactive prompt never waits on a batch prefill the lanes may hold back
+                else:
+                    self.kv.resolve_follow(seq)
+        stepping = [seq for slot in self.lanes.stepping(self._runners()) if (seq := slots[slot]) is not None]
+        work: list[Work] = [(seq, 0) for seq in stepping if not seq.prefilling]
         budget = self.prefill_chunk
-        for seq in self._slots:
+        for seq in sorted(stepping, key=lambda seq: seq.priority):
             if budget <= 0:
                 break
-            if seq is None or not seq.prefilling or seq.follow >= 0:
+            if not seq.prefilling or seq.follow >= 0:
                 continue
             take = self._chunk(len(seq.prompt) - seq.prefilled, budget)
             work.append((seq, take))
@@ -312,8 +385,12 @@ class Scheduler:
                 continue
             prompt, start = seq.prompt, seq.prefilled
             held.tokens.extend(prompt[start : start + take])
-            if self._count_prompt is not None:
-                self._count_prompt(take, 0)
+            if seq.history is not None:  # a resumed sequence's cells again, not prompt work
+                self.lanes.counter.recomputed(take)
+            else:
+                self.lanes.counter.tokens(seq.priority, take, 0)
+                if self._count_prompt is not None:
+                    self._count_prompt(take, 0)
             for offset in range(take):
                 token[n], pos[n], n_seq_id[n], logits[n] = prompt[start + offset], start + offset, 1, 0
                 seq_ids[n][0] = seq.seq_id
@@ -335,15 +412,18 @@ class Scheduler:
                 groups.setdefault(1 + max(1, len(item[0].draft)), []).append(item)
         return [*groups.values(), *([item] for item in work if item[1] > 0)]
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One decode step; False when no sequence could step (held out by the lanes, or waiting for another
+        slot's prefill)."""
         work = self._plan_step()
-        if not work:  # only sequences waiting for another slot's prefill (resolved next step)
-            return
+        if not work:
+            return False
         events: list[Event] = []
         for call in self._calls(work):
             if call and not self._decode(call, events):
-                return
+                return True
         self._deliver(events, len(work))
+        return True
 
     def _decode(self, call: list[Work], events: list[Event]) -> bool:
         """One ``llama_decode`` of ``call``, then sample the sequences that have logits in it."""
@@ -362,6 +442,8 @@ class Scheduler:
                 event = self._advance(seq) if take == 0 else self._sample(seq, seq.batch_index)
                 seq.batch_index = -1
                 events.append(event)
+                if event[2]:
+                    self.lanes.counter.tokens(seq.priority, 0, event[2])
                 if event[3] is not None:
                     self._release(seq)
         if generation:  # the call and its sampling: what a draft row costs the step
@@ -445,8 +527,9 @@ class Scheduler:
                 self._release(seq)
         if not self._running:
             with self._lock:
-                waiting = list(self._waiting)
+                waiting = list(self._waiting) + [seq.handle for seq in self._parked]
                 self._waiting.clear()
+                self._parked.clear()
             for handle in waiting:
                 self._free_samplers(handle)
                 events.append((handle, "", 0, None, message, None))

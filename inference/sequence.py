@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.core.priority import Priority
 from inference.logprobs import TokenLogprob
 from inference.prefix import Scope
 from inference.sampling import SamplingParams
@@ -38,6 +39,8 @@ class GenerationRequest:
     # Sequences submitted together for one prompt (the n choices of a request): they may copy each other's KV
     # cells even with prefix reuse off ("": none; with reuse on, the scope alone decides what is shared).
     group: str = ""
+    # Interactive work goes first; batch work takes the compute interactive work leaves (inference.lanes).
+    priority: Priority = Priority.INTERACTIVE
 
 
 class SequenceHandle:
@@ -146,6 +149,9 @@ class ActiveSequence:
     lookup: PromptLookup | None = None
     policy: DraftPolicy | None = None
     draft: list[int] = field(default_factory=list)
+    # A batch sequence that left its slot for an interactive one (inference.lanes) resumes from its whole history,
+    # prompt and generated tokens, as its prompt: what is not cached is prefilled again, the sampler state kept.
+    history: list[int] | None = None
 
     def release_logprobs(self, text: str, *, final: bool) -> list[TokenLogprob]:
         """The logprobs of tokens now wholly sent (at the end: of every token that began in sent text)."""
@@ -162,8 +168,13 @@ class ActiveSequence:
 
     @property
     def prompt(self) -> list[int]:
-        return self.handle.request.prompt_tokens
+        """The tokens to prefill: the request's prompt, or after an eviction the whole history."""
+        return self.handle.request.prompt_tokens if self.history is None else self.history
 
     @property
     def prefilling(self) -> bool:
-        return self.prefilled < len(self.handle.request.prompt_tokens)
+        return self.prefilled < len(self.prompt)
+
+    @property
+    def priority(self) -> Priority:
+        return self.handle.request.priority

@@ -111,6 +111,7 @@ class WorkerService:
         if self.state != "ok" or self.model is None or self.scheduler is None:
             return 503, WorkerHealth(status=self.state, model=self.alias, error=self.failure or None)
         limits = self.limits()
+        prompt_tokens, reused = self.metrics.prompt_totals()
         return 200, WorkerHealth(
             status="ok", model=self.alias, slots_total=self.scheduler.slots_total,
             slots_busy=self.scheduler.slots_busy, queue_depth=self.scheduler.queue_depth,
@@ -119,6 +120,7 @@ class WorkerService:
             decode=self.model.decode_mode.describe(),
             context_length=limits.context_length, max_tokens=limits.max_tokens,
             max_choices=limits.max_choices, max_prompts=limits.max_prompts,
+            prompt_tokens=prompt_tokens, prompt_tokens_reused=reused,
         )
 
     def _on_step(self, events: list[Event], batch_size: int, busy: int, waiting: int) -> None:

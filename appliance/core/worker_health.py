@@ -37,6 +37,10 @@ class WorkerHealth(msgspec.Struct, frozen=True, omit_defaults=True):
     max_choices: int | None = None
     max_prompts: int | None = None
     decode: dict[str, Any] | None = None  # how the worker decodes (its mode and settings), as it describes it
+    # Since the worker started, over every model it served: its counters appliance_worker_prompt_tokens_total and
+    # appliance_worker_prompt_tokens_reused_total (the admin dashboard's prefix reuse rate is their ratio).
+    prompt_tokens: int | None = None
+    prompt_tokens_reused: int | None = None
     # Model swapping (docs/CONTRACTS.md C2). A swap host serves any on_demand catalogue entry, one at a time,
     # switched by ``POST /admin/model``. While it loads one (503, status "loading"), ``model`` is the alias being
     # loaded and ``loading`` is true; a swap host holding no model answers 503 with status "empty" and model "".

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,10 @@ def test_the_next_turn_reuses_the_history_and_says_so(worker: Worker) -> None:
     assert after["prompt_tokens_reused"] - before["prompt_tokens_reused"] == cached_2
     assert after["prompt_tokens_prefilled"] - before["prompt_tokens_prefilled"] == prompt_2 - cached_2
     assert after["prompt_tokens"] - before["prompt_tokens"] == prompt_2
+    # /health publishes the same two counters (the admin dashboard's prefix reuse rate is their ratio).
+    health = json.loads(worker.get("/health")[1])
+    assert (health["prompt_tokens"], health["prompt_tokens_reused"]) == (
+        int(after["prompt_tokens"]), int(after["prompt_tokens_reused"]))
 
 
 def test_a_malformed_key_id_is_refused(worker: Worker) -> None:
