@@ -10,6 +10,7 @@ event loop, and a repeated schema reuses its compiled grammar.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,10 +18,11 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from appliance.core.errors import APIError, bad_request, not_found, overloaded
+from appliance.core.priority import Priority
 from appliance.core.wire import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -34,6 +36,9 @@ from appliance.core.wire import (
 )
 from appliance.core.worker_health import WorkerHealth
 from inference.answers import Answer, Streamed, Whole, stream, usage, whole
+from inference.diskcache import CacheReport, DiskPromptCache
+from inference.kvstore import SavedPrefix
+from inference.lanes import LanePolicy
 from inference.metrics import WorkerMetrics
 from inference.model import LoadedModel, load_model
 from inference.prefix import Scope
@@ -57,14 +62,21 @@ PLAN_CACHE_SIZE = 64
 
 
 class WorkerService:
-    def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics, loader: ModelLoader = load_model) -> None:
+    """``settings`` are the worker's; a swap host replaces ``self.settings`` with those of each catalogue entry it
+    loads (its file, alias, slots and n_ctx). ``disk`` keeps a model's prompt cache across unloads and restarts."""
+
+    def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics, loader: ModelLoader = load_model,
+                 disk: DiskPromptCache | None = None) -> None:
+        self.base = settings
         self.settings = settings
         self.metrics = metrics
-        self.alias = settings.model_alias
-        self.state = "loading"
+        self.alias = settings.initial_model if settings.swap_host else settings.model_alias
+        self.state = "loading"  # "ok", "loading", "failed", or "empty" (a swap host holding no model)
         self.failure: str | None = None
         self.failed = asyncio.Event()
+        self.in_flight = 0  # generation requests between their handler's start and their answer's end
         self._loader = loader
+        self._disk = disk
         self.model: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self.template = ChatTemplate(None)
@@ -73,43 +85,114 @@ class WorkerService:
     # -- lifecycle --
 
     async def load(self) -> None:
+        """The worker's own model at start (not a swap host's: inference.swap loads those)."""
         try:
-            model = await asyncio.to_thread(self._loader, self.settings)
+            await self.open(self.settings)
         except Exception as exc:
             self.state, self.failure = "failed", str(exc)
             log.error("model load failed: %s", exc)
             self.failed.set()
-            return
+
+    async def open(self, settings: WorkerSettings) -> CacheReport:
+        """Load the model ``settings`` name, read back its saved prompt cache, start decoding; what was restored.
+
+        Raises what the loader raises (the state is then the caller's to set)."""
+        self.state, self.alias, self.settings, self.failure = "loading", settings.model_alias, settings, None
+        model = await asyncio.to_thread(self._loader, settings)
+        try:
+            saved, report = await asyncio.to_thread(self._read_saved, model, settings)
+        except BaseException:
+            await asyncio.to_thread(model.close)
+            raise
         self.model = model
-        source = self.settings.template_source() or model.metadata("tokenizer.chat_template")
+        source = settings.template_source() or model.metadata("tokenizer.chat_template")
         self.template = ChatTemplate(source, bos_token=model.bos_text(), eos_token=model.eos_text())
-        settings = self.settings
+        self._plans.clear()
+        self.metrics.serve(self.alias)
         self.scheduler = Scheduler(model, queue_size=settings.queue_size, prefill_chunk=settings.prefill_chunk,
                                    reuse=settings.prefix_reuse, share_across_keys=settings.prefix_share_across_keys,
                                    count_prompt=self.metrics.count_prompt,
                                    host_cache_bytes=settings.prompt_cache_bytes,
                                    speculation=SpeculationSettings(settings.speculative, settings.draft_max,
                                                                    settings.draft_probe_every),
-                                   count_draft=self.metrics.count_draft)
+                                   count_draft=self.metrics.count_draft,
+                                   lanes=LanePolicy(settings.batch_lane_busy, settings.batch_lane_grace_s),
+                                   count_lane=self.metrics.lanes)
+        host = self.scheduler.kv.host_cache
+        if host is not None:
+            for entry in reversed(saved):  # oldest first: the newest end up last out
+                host.put(entry.scope, entry.tokens, entry.state)
         self.scheduler.start(asyncio.get_running_loop(), self._on_step)
-        self.metrics.slots_total.set(self.settings.slots)
+        self.metrics.slots_total.set(settings.slots)
+        self.metrics.prompt_cache_restored_prefixes.labels(self.alias).inc(report.prefixes)
+        self.metrics.prompt_cache_restored_tokens.labels(self.alias).inc(report.tokens)
         self.state = "ok"
         log.info("model ready", extra={"model": self.alias, "fallback_template": self.template.is_fallback,
                                        "gpu_layers": model.gpu_layers, "threads": model.shape.threads,
-                                       "decode": model.decode_mode.describe()})
+                                       "decode": model.decode_mode.describe(), "restored_prefixes": report.prefixes,
+                                       "restored_tokens": report.tokens})
+        return report
+
+    def _read_saved(self, model: LoadedModel, settings: WorkerSettings) -> tuple[list[SavedPrefix], CacheReport]:
+        if self._disk is None or not settings.prefix_reuse or not settings.prompt_cache_bytes:
+            return [], CacheReport()
+        return self._disk.load(model.sha256, cache_layout(model), capacity=settings.prompt_cache_bytes,
+                               max_tokens=settings.n_ctx - 1)
+
+    def idle(self) -> bool:
+        """No generation request is being handled and no sequence runs or waits."""
+        scheduler = self.scheduler
+        return self.in_flight == 0 and (scheduler is None or scheduler.slots_busy + scheduler.queue_depth == 0)
+
+    async def unload(self) -> CacheReport:
+        """Free the model (only when :meth:`idle`): its slots' cells and host-RAM prefixes go to disk first."""
+        self.state = "loading"
+        report = await asyncio.to_thread(self._close, True)
+        self.state, self.alias = "empty", ""
+        return report
 
     def close(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.stop()
-            self.scheduler = None
-        if self.model is not None:
-            self.model.close()
-            self.model = None
+        """On the worker's way out (blocking): the prompt cache is saved when ``prompt_cache_save_on_stop``."""
+        self._close(self.base.prompt_cache_save_on_stop)
+
+    def _close(self, keep_cache: bool) -> CacheReport:
+        scheduler, model = self.scheduler, self.model
+        self.scheduler = self.model = None
+        report = CacheReport()
+        if scheduler is not None and model is not None and keep_cache and self._disk is not None:
+            if scheduler.slots_busy + scheduler.queue_depth == 0:  # the decode thread is idle: its cells are ours
+                scheduler.kv.save_slots()
+            scheduler.stop()
+            report = self._save(model, scheduler)
+        elif scheduler is not None:
+            scheduler.stop()
+        if model is not None:
+            model.close()
+        return report
+
+    def _save(self, model: LoadedModel, scheduler: Scheduler) -> CacheReport:
+        host = scheduler.kv.host_cache
+        if self._disk is None or host is None:
+            return CacheReport()
+        try:
+            report = self._disk.save(model.sha256, cache_layout(model), host.newest_first())
+        except OSError as exc:  # a full or read-only disk costs the saved prefixes, never the unload
+            log.warning("could not save the prompt cache", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            return CacheReport()
+        self.metrics.prompt_cache_saved_prefixes.labels(self.alias).inc(report.prefixes)
+        log.info("prompt cache saved", extra={"model": self.alias, "prefixes": report.prefixes,
+                                              "tokens": report.tokens, "bytes": report.bytes})
+        return report
 
     def health(self) -> tuple[int, WorkerHealth]:
         """What ``GET /health`` publishes (:class:`~appliance.core.worker_health.WorkerHealth`) and its status."""
+        swap = self.base.swap_host
+        memory = self.base.memory_bytes or None
         if self.state != "ok" or self.model is None or self.scheduler is None:
-            return 503, WorkerHealth(status=self.state, model=self.alias, error=self.failure or None)
+            state = self.state if self.state != "ok" else "loading"
+            return 503, WorkerHealth(status=state, model=self.alias, error=self.failure or None,
+                                     swap_host=swap or None, loading=(state == "loading") if swap else None,
+                                     memory_bytes=memory)
         limits = self.limits()
         prompt_tokens, reused = self.metrics.prompt_totals()
         return 200, WorkerHealth(
@@ -121,6 +204,7 @@ class WorkerService:
             context_length=limits.context_length, max_tokens=limits.max_tokens,
             max_choices=limits.max_choices, max_prompts=limits.max_prompts,
             prompt_tokens=prompt_tokens, prompt_tokens_reused=reused,
+            swap_host=swap or None, loading=False if swap else None, memory_bytes=memory,
         )
 
     def _on_step(self, events: list[Event], batch_size: int, busy: int, waiting: int) -> None:
@@ -153,7 +237,8 @@ class WorkerService:
                            max_choices=settings.slots, max_prompts=settings.max_prompts)
 
     def models(self) -> dict[str, Any]:
-        return model_list([self.alias], limits={self.alias: self.limits()})
+        served = [self.alias] if self.alias else []  # a swap host may hold none
+        return model_list(served, limits={alias: self.limits() for alias in served})
 
     def model_card(self, name: str) -> dict[str, Any]:
         self.check_model(name)
@@ -162,16 +247,35 @@ class WorkerService:
     # -- requests --
 
     def ready(self) -> tuple[LoadedModel, Scheduler]:
-        if self.model is None or self.scheduler is None:
-            raise APIError(503, "The model is still loading.", type_="server_error", code="loading", retry_after=2)
+        if self.state == "empty":
+            raise APIError(503, "This worker holds no model yet.", type_="server_error", code="loading",
+                           retry_after=2)
+        if self.state != "ok" or self.model is None or self.scheduler is None:
+            raise APIError(503, f"The model {self.alias!r} is still loading." if self.alias else
+                           "The model is still loading.", type_="server_error", code="loading", retry_after=2)
         return self.model, self.scheduler
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around one generation request, its answer included: refused (503) while no model is ready, and counted
+        in :attr:`in_flight` so a swap never frees the model under it."""
+        self.ready()
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
     def check_model(self, name: str) -> None:
+        if name != self.alias and self.base.swap_host:  # another model may be back here soon: not a 404
+            raise APIError(503, f"This worker serves {self.alias!r} now, not {name!r}.", type_="server_error",
+                           code="model_not_loaded", retry_after=1)
         if name != self.alias:
             raise not_found(f"The model {name!r} does not exist on this worker (it serves {self.alias!r}).",
                             param="model", code="model_not_found")
 
-    async def chat(self, body: ChatCompletionRequest, scope: Scope = None) -> Answer:
+    async def chat(self, body: ChatCompletionRequest, scope: Scope = None,
+                   priority: Priority = Priority.INTERACTIVE) -> Answer:
         """A chat answer with ``n`` choices: one prompt, prefilled once, its cells shared by every choice."""
         reject_unsupported(body)
         self.check_model(body.model)
@@ -183,7 +287,7 @@ class WorkerService:
         generation = self.generation(
             body, tokens, template_stops, ignore_eos=body.ignore_eos,
             grammar=plan.lazy_grammar if lazy else plan.grammar, grammar_trigger=LAZY_TRIGGER if lazy else None,
-            logprobs=top_logprobs, scope=scope,
+            logprobs=top_logprobs, scope=scope, priority=priority,
         )
         handles = await self.submit_all(self._shared(choices(generation, body.n)))
         first = ChatReply(new_id("chatcmpl"), self.alias, int(time.time()), plan, top_logprobs is not None)
@@ -199,7 +303,8 @@ class WorkerService:
         pairs = [(handle, reply.emitter()) for handle, reply in zip(handles, replies, strict=True)]
         return Streamed(stream(pairs, usage_chunk, body.n), tuple(handles))
 
-    async def complete(self, body: CompletionRequest, scope: Scope = None) -> Answer:
+    async def complete(self, body: CompletionRequest, scope: Scope = None,
+                       priority: Priority = Priority.INTERACTIVE) -> Answer:
         """A text completion: ``n`` choices per prompt (choice ``prompt_index * n + i``), all decoded together."""
         reject_unsupported(body)
         self.check_model(body.model)
@@ -210,7 +315,8 @@ class WorkerService:
         prompts = await self.completion_prompts(body)
         generations = [choice for tokens in prompts
                        for choice in self._shared(choices(self.generation(body, tokens, ignore_eos=body.ignore_eos,
-                                                                          logprobs=body.logprobs, scope=scope),
+                                                                          logprobs=body.logprobs, scope=scope,
+                                                                          priority=priority),
                                                           body.n))]
         handles = await self.submit_all(generations)
         id_, created, wants_logprobs = new_id("cmpl"), int(time.time()), body.logprobs is not None
@@ -302,7 +408,7 @@ class WorkerService:
     def generation(self, body: ChatCompletionRequest | CompletionRequest, tokens: list[int],
                    extra_stops: tuple[str, ...] = (), *, ignore_eos: bool = False, grammar: str | None = None,
                    grammar_trigger: str | None = None, logprobs: int | None = None,
-                   scope: Scope = None) -> GenerationRequest:
+                   scope: Scope = None, priority: Priority = Priority.INTERACTIVE) -> GenerationRequest:
         """Validate limits against the context and turn the request into scheduler terms (``scope``: the
         calling key, whose cached prefixes the prompt may reuse)."""
         n_ctx, cap = self.settings.n_ctx, self.settings.max_tokens_cap
@@ -320,7 +426,8 @@ class WorkerService:
         stops = tuple(body.stop_list()) + tuple(s for s in extra_stops if s not in body.stop_list())
         sampling = self._sampling(body, grammar, grammar_trigger)
         return GenerationRequest(prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling, stops=stops,
-                                 ignore_eos=ignore_eos and grammar is None, logprobs=logprobs, scope=scope)
+                                 ignore_eos=ignore_eos and grammar is None, logprobs=logprobs, scope=scope,
+                                 priority=priority)
 
     def _sampling(self, body: ChatCompletionRequest | CompletionRequest, grammar: str | None,
                   grammar_trigger: str | None) -> SamplingParams:
@@ -380,6 +487,11 @@ def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
         return [request] * n  # each sequence draws its own random seed
     return [request if i == 0 else dataclasses.replace(request, sampling=dataclasses.replace(
         request.sampling, seed=seed + i)) for i in range(n)]
+
+
+def cache_layout(model: LoadedModel) -> str:
+    """What a saved prompt cache must have been written from to be restored into ``model``'s context."""
+    return f"v1;exact={int(model.exact)};swa_full={int(model.swa_full)}"
 
 
 def _tokenize(model: LoadedModel, prompt: RenderedPrompt) -> list[int]:
