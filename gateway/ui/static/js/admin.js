@@ -1,6 +1,8 @@
-// The admin dashboard: workers, throughput and latency charts, cache, GPU, keys, collections.
+// The admin dashboard: workers, throughput and latency charts, cache, GPU, prompt-prefix reuse, models, batches,
+// users, keys, collections.
 import { ApiError, getJSON, request } from "./api.js";
 import { KeysPanel, renderQueue } from "./admin_keys.js";
+import { endpointPanels, labelCellsOnChange, renderReuse } from "./admin_panels.js";
 import { Series, drawChart } from "./charts.js";
 import { parseMetrics, sum } from "./prom.js";
 import { setupSignIn } from "./signin.js";
@@ -10,8 +12,10 @@ const INTERVAL_MS = Number(new URLSearchParams(location.search).get("interval"))
 const GENERATION_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/responses"];
 const tokensPerSecond = new Series();
 const latencySeconds = new Series();
+const BATCHES_EVERY = 5; // ticks between two reads of the batch list (users: on load and on request)
 let previous = null;
 let timer = null;
+let ticks = 0;
 
 function cell(text, className = "") {
   const td = document.createElement("td");
@@ -39,6 +43,7 @@ function renderWorkers(status) {
   $("cache-rate").textContent = rate == null ? "no lookups yet" : `${(rate * 100).toFixed(1)} %`;
   $("cache-counts").textContent = `${status.cache?.hits ?? 0} hits · ${status.cache?.misses ?? 0} misses`;
   renderGpu(status.gpu);
+  renderReuse(workers);
 }
 
 function renderGpu(gpus) {
@@ -93,6 +98,9 @@ async function tick() {
     renderWorkers(status);
     updateCharts(sample(parseMetrics(metricsText)));
     renderQueue().catch((err) => { $("queue-summary").textContent = err instanceof ApiError ? err.friendly : String(err); });
+    panels.models.refresh();
+    if (ticks % BATCHES_EVERY === 0) panels.batches.refresh();
+    ticks += 1;
     $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
     if (err.status === 401 || err.status === 403) return lost(err);
@@ -107,13 +115,19 @@ function lost(err) {
 }
 
 const keys = new KeysPanel({ onAuthLost: lost });
+const panels = endpointPanels(lost);
+for (const table of document.querySelectorAll("table.stack")) labelCellsOnChange(table);
 const signin = setupSignIn({
   verify: (key) => getJSON("/admin/status", { key }),
   onReady: () => {
     clearTimeout(timer);
+    ticks = 0;
     tick();
+    panels.users.refresh();
     keys.refresh().catch((err) => keys.report(err));
     renderCollections();
   },
 });
 $("refresh-keys").addEventListener("click", () => keys.refresh().catch((err) => keys.report(err)));
+$("refresh-batches").addEventListener("click", () => panels.batches.refresh());
+$("refresh-users").addEventListener("click", () => panels.users.refresh());

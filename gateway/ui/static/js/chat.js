@@ -1,6 +1,7 @@
 // The chat page: sign in, models, conversations, composer (Enter sends, Shift+Enter newline, Esc stops).
 import { getJSON } from "./api.js";
 import { Conversations, download, toJSON, toMarkdown } from "./conversations.js";
+import { Drawer, trackViewportHeight } from "./drawer.js";
 import { streamAnswer } from "./generate.js";
 import { messageElement, updateMessage, wireMessageLog } from "./messages.js";
 import { RagPanel } from "./rag.js";
@@ -11,6 +12,14 @@ const store = new Conversations();
 const state = { controller: null, models: [] };
 const log = $("messages");
 const input = $("prompt");
+const drawer = new Drawer({ toggle: $("sidebar-toggle"), panel: $("sidebar"), backdrop: $("drawer-backdrop"),
+  root: $("app"), inert: [document.querySelector(".chat"), $("model"), document.querySelector(".topbar .links")] });
+trackViewportHeight(document.documentElement);
+
+/** After a choice in the sidebar: on a phone the drawer closes (focus back on its button), else the prompt. */
+function chosen() {
+  if (!drawer.close()) input.focus();
+}
 
 function announce(text) {
   $("banner").textContent = text;
@@ -26,7 +35,7 @@ function renderList() {
     open.className = "open-conversation";
     open.textContent = c.title || "New chat";
     if (c.id === store.currentId) open.setAttribute("aria-current", "true");
-    open.addEventListener("click", () => { store.select(c.id); renderAll(); input.focus(); });
+    open.addEventListener("click", () => { store.select(c.id); renderAll(); chosen(); });
     const del = document.createElement("button");
     del.type = "button";
     del.className = "delete-conversation";
@@ -177,10 +186,10 @@ input.addEventListener("keydown", (e) => {
     send();
   }
 });
-document.addEventListener("keydown", (e) => { if (e.key === "Escape" && state.controller) stop(); });
+document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !e.defaultPrevented && state.controller) stop(); });
 $("stop").addEventListener("click", stop);
 $("regenerate").addEventListener("click", regenerate);
-$("new-chat").addEventListener("click", () => { store.create(); renderAll(); input.focus(); });
+$("new-chat").addEventListener("click", () => { store.create(); renderAll(); chosen(); });
 $("model").addEventListener("change", (e) => {
   localStorage.setItem("appliance.model", e.target.value);
   applyLimits();

@@ -1,0 +1,150 @@
+// Dashboard panels: the prompt-prefix reuse rate per worker (from the workers' /health, passed on by
+// /admin/status), and panels fed by endpoints a gateway may not have yet: models with their load state
+// (GET /v1/models), batches (GET /admin/batches) and users (GET /admin/users). A panel whose endpoint answers 404
+// hides itself; any other failure is said in the panel.
+import { ApiError, getJSON } from "./api.js";
+
+const $ = (id) => document.getElementById(id);
+
+function cell(text, className = "") {
+  const td = document.createElement("td");
+  td.textContent = text === undefined || text === null || text === "" ? "—" : String(text);
+  if (className) td.className = className;
+  return td;
+}
+
+function row(...cells) {
+  const tr = document.createElement("tr");
+  tr.append(...cells);
+  return tr;
+}
+
+/** The list in a body that is a list, or holds one under `data` or `name`. */
+export function listOf(body, name) {
+  if (Array.isArray(body)) return body;
+  const found = body?.data ?? body?.[name];
+  return Array.isArray(found) ? found : [];
+}
+
+/** A time given as Unix seconds, milliseconds or an ISO string, in the reader's locale ("" when absent). */
+export function when(value) {
+  if (value === null || value === undefined || value === "") return "";
+  const date = typeof value === "number" ? new Date(value < 1e12 ? value * 1000 : value) : new Date(value);
+  return Number.isNaN(date.getTime()) ? String(value) : date.toLocaleString();
+}
+
+/** "83.4 %" of part ÷ whole, or null when there is no whole. */
+export function percent(part, whole) {
+  return whole > 0 ? `${((100 * part) / whole).toFixed(1)} %` : null;
+}
+
+const count = (n) => (Number.isFinite(n) ? n.toLocaleString("en") : "—");
+
+function tokensOf(value) {
+  if (typeof value === "number") return value;
+  if (value && typeof value === "object") {
+    if (typeof value.total === "number") return value.total;
+    if (typeof value.total_tokens === "number") return value.total_tokens;
+    return Object.values(value).filter((v) => typeof v === "number").reduce((a, b) => a + b, 0);
+  }
+  return null;
+}
+
+/** Per worker and over all of them: reused ÷ prompt tokens, the workers' own counters since they started. */
+export function renderReuse(workers) {
+  let prompt = 0;
+  let reused = 0;
+  const rows = (workers || []).map((w) => {
+    const p = w.health?.prompt_tokens;
+    const r = w.health?.prompt_tokens_reused;
+    const known = Number.isFinite(p) && Number.isFinite(r);
+    if (known) {
+      prompt += p;
+      reused += r;
+    }
+    const tr = row(cell(w.url), cell(known ? percent(r, p) ?? "no prompts yet" : "not reported"),
+      cell(known ? `${count(r)} / ${count(p)}` : ""));
+    tr.className = "reuse";
+    return tr;
+  });
+  $("reuse-body").replaceChildren(...rows);
+  $("reuse-rate").textContent = percent(reused, prompt) ?? "no prompts yet";
+  $("reuse-counts").textContent = `${count(reused)} of ${count(prompt)} prompt tokens reused`;
+}
+
+const STATE_CLASS = { loaded: "ok", unloaded: "", loading: "busy", draining: "busy" };
+
+function modelRow(m) {
+  const workers = Array.isArray(m.workers) ? m.workers.length : m.workers;
+  const memory = Number.isFinite(m.memory_bytes) ? `${(m.memory_bytes / 2 ** 30).toFixed(2)} GiB` : "";
+  return row(cell(m.id), cell(m.state, STATE_CLASS[m.state] ?? ""), cell(m.resident), cell(workers), cell(memory),
+    cell(m.context_length), cell(m.max_tokens));
+}
+
+function batchRow(b) {
+  const counts = b.request_counts || {};
+  const tr = row(cell(b.id), cell(b.key_name), cell(b.status, b.status === "failed" ? "bad" : ""),
+    cell(`${count(counts.completed)} / ${count(counts.total)}`), cell(count(counts.failed)),
+    cell(count(tokensOf(b.tokens))), cell(when(b.created_at)));
+  tr.dataset.batchId = String(b.id ?? "");
+  return tr;
+}
+
+function userRow(u) {
+  const tr = row(cell(u.subject), cell(u.email), cell(u.role), cell((u.groups || []).join(", ")),
+    cell(u.disabled ? "disabled" : "active", u.disabled ? "bad" : "ok"), cell(when(u.last_sign_in) || "never"),
+    cell(count(u.usage_today_tokens)));
+  tr.dataset.subject = String(u.subject ?? "");
+  return tr;
+}
+
+/** One panel over one endpoint: shown with its rows when the endpoint answers, hidden when it answers 404. */
+export class EndpointPanel {
+  constructor({ name, path, render, onAuthLost, note = null }) {
+    Object.assign(this, { path, render, onAuthLost, note });
+    this.section = $(`${name}-panel`);
+    this.body = $(`${name}-body`);
+    this.message = $(`${name}-note`);
+    this.name = name;
+  }
+
+  async refresh() {
+    let found;
+    try {
+      found = await getJSON(this.path);
+    } catch (err) {
+      if (err.status === 404) {
+        this.section.hidden = true; // this gateway has no such endpoint (yet)
+        return;
+      }
+      if (err.status === 401) return this.onAuthLost(err);
+      this.section.hidden = false;
+      this.message.textContent = err instanceof ApiError ? err.friendly : String(err);
+      return;
+    }
+    const items = listOf(found, this.name);
+    this.body.replaceChildren(...items.map(this.render));
+    this.message.textContent = this.note ? this.note(items) : (items.length ? "" : `No ${this.name} yet.`);
+    this.section.hidden = false;
+  }
+}
+
+/** The three endpoint panels of the dashboard. */
+export function endpointPanels(onAuthLost) {
+  return {
+    models: new EndpointPanel({ name: "models", path: "/v1/models", render: modelRow, onAuthLost,
+      note: (items) => (items.some((m) => "state" in m) ? "" : "This gateway does not publish model states.") }),
+    batches: new EndpointPanel({ name: "batches", path: "/admin/batches", render: batchRow, onAuthLost }),
+    users: new EndpointPanel({ name: "users", path: "/admin/users", render: userRow, onAuthLost }),
+  };
+}
+
+/** Phones show a table row as "heading: value" lines: each body cell carries its column's heading. */
+export function labelCellsOnChange(table) {
+  const heads = [...table.tHead.rows[0].cells].map((th) => th.textContent.trim());
+  const label = () => {
+    for (const tr of table.tBodies[0].rows) [...tr.cells].forEach((td, i) => { td.dataset.label = heads[i] ?? ""; });
+  };
+  new MutationObserver(label).observe(table.tBodies[0], { childList: true });
+  label();
+}

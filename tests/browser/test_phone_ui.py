@@ -1,0 +1,160 @@
+"""The chat page on a phone (390 x 844, touch) in real Chromium against the real stack: the sidebar is a drawer, the
+message list takes the screen, the composer stays reachable, every control is a thumb-sized target, nothing
+scrolls sideways; and at laptop size the sidebar is still there without a drawer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.support.browser import PARTIAL_TEXT_JS, BrowserAppliance, screenshot, wait_answer_done
+
+pytestmark = pytest.mark.browser
+
+PHONE = {"width": 390, "height": 844}
+TAP = 44  # px: the smallest target a thumb hits reliably (WCAG 2.5.5, Apple's and Google's guidelines)
+
+# Every control a person can reach in `root` that is on screen now, with its box.
+TARGETS_JS = """(root) => [...document.querySelector(root).querySelectorAll(
+    'button, a[href], input, select, textarea, summary')]
+  .filter((el) => { const r = el.getBoundingClientRect(); const s = getComputedStyle(el);
+    return r.width > 1 && r.height > 1 && s.visibility === 'visible' && !el.closest('[inert]'); })
+  .map((el) => { const r = el.getBoundingClientRect();
+    return {what: el.id || el.getAttribute('aria-label') || el.textContent.trim().slice(0, 30) || el.tagName,
+            width: r.width, height: r.height}; })"""
+
+
+@pytest.fixture
+def phone(browser: Any, stack: BrowserAppliance) -> Iterator[Any]:
+    """A fresh touch-screen context the size of a phone."""
+    context = browser.new_context(base_url=stack.url, viewport=PHONE, has_touch=True, is_mobile=True)
+    context.set_default_timeout(30_000)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield tab
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def _box(locator: Any) -> dict[str, float]:
+    box = locator.bounding_box()
+    assert box is not None, locator
+    return dict(box)
+
+
+def _no_sideways_scroll(page: Any) -> None:
+    widths = page.evaluate("() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], f"the page scrolls sideways: {widths}"
+
+
+def _thumb_sized(page: Any, root: str) -> None:
+    targets = page.evaluate(TARGETS_JS, root)
+    assert targets, root
+    small = [t for t in targets if t["width"] < TAP or t["height"] < TAP]
+    assert not small, f"targets under {TAP} px: {small}"
+
+
+def test_phone_chat_drawer_composer_and_stream(phone: Any, stack: BrowserAppliance) -> None:
+    page = phone
+    page.goto("/")
+    _no_sideways_scroll(page)
+    _thumb_sized(page, "#signin")
+    page.get_by_label("API key").fill(stack.admin_key)
+    page.get_by_role("button", name="Sign in").tap()
+    expect(page.locator("#app")).to_be_visible()
+
+    toggle = page.get_by_role("button", name="Conversations and documents")
+    sidebar = page.locator("#sidebar")
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    expect(sidebar).to_be_hidden()
+    messages, prompt = page.locator("#messages"), page.get_by_label("Message", exact=True)
+    assert _box(messages)["height"] >= 0.6 * PHONE["height"], _box(messages)  # most of the screen is the chat
+    composer = _box(page.locator("#composer"))
+    assert composer["y"] + composer["height"] <= PHONE["height"] + 0.5, composer  # at the foot, on screen
+    _no_sideways_scroll(page)
+    _thumb_sized(page, "#app")
+
+    # Tap: the drawer opens over the conversation, focus inside, the conversation unreachable meanwhile.
+    toggle.tap()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    expect(sidebar).to_be_visible()
+    expect(page.get_by_role("button", name="New chat")).to_be_focused()
+    expect(page.locator(".chat")).to_have_attribute("inert", "")
+    page.wait_for_function("() => document.getElementById('sidebar').getBoundingClientRect().left >= 0")  # slid in
+    drawer = _box(sidebar)
+    assert drawer["x"] >= 0 and drawer["x"] + drawer["width"] < PHONE["width"], drawer
+    _thumb_sized(page, "#sidebar")
+    _no_sideways_scroll(page)
+    screenshot(page, "chat-phone-drawer")
+    # Escape closes it and gives focus back to its button.
+    page.keyboard.press("Escape")
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    expect(sidebar).to_be_hidden()
+    expect(toggle).to_be_focused()
+    # Keyboard: Enter on the button opens it, Enter on the button again closes it.
+    page.keyboard.press("Enter")
+    expect(sidebar).to_be_visible()
+    page.keyboard.press("Shift+Tab")
+    expect(toggle).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(sidebar).to_be_hidden()
+    # A tap outside the drawer (on the dimmed conversation) closes it.
+    toggle.tap()
+    expect(sidebar).to_be_visible()
+    outside = (PHONE["width"] - 20, PHONE["height"] // 2)
+    # What a tap there hits is the drawer's backdrop, not the conversation under it.
+    assert page.evaluate("([x, y]) => document.elementFromPoint(x, y).id", outside) == "drawer-backdrop"
+    page.touchscreen.tap(*outside)
+    expect(sidebar).to_be_hidden()
+    expect(page.locator(".chat")).not_to_have_attribute("inert", "")
+
+    # The answer's length is a setting in the drawer; then a chat streams on the real worker.
+    toggle.tap()
+    page.locator("details.settings summary").tap()
+    page.get_by_label("Longest answer (tokens)").fill("40")
+    page.keyboard.press("Escape")
+    expect(sidebar).to_be_hidden()
+    prompt.tap()
+    prompt.fill("Tell me a short story about a lighthouse keeper and the sea.")
+    page.get_by_role("button", name="Send").tap()
+    page.wait_for_function(PARTIAL_TEXT_JS, timeout=60_000)  # text on screen while the answer still streams
+    stop = page.get_by_role("button", name="Stop")
+    if stop.is_visible():  # the answer may finish first: 40 tokens are quick
+        box = _box(stop)
+        assert box["height"] >= TAP and box["y"] + box["height"] <= PHONE["height"] + 0.5, box
+    answer = wait_answer_done(page, 1)
+    expect(answer.locator(".meta")).to_contain_text("tokens")
+    assert answer.locator(".body").inner_text().strip()
+    assert _box(messages)["height"] >= 0.6 * PHONE["height"]
+    _no_sideways_scroll(page)
+    _thumb_sized(page, "#app")
+    screenshot(page, "chat-phone-answer")
+
+    # The conversation is listed in the drawer; choosing it closes the drawer.
+    toggle.tap()
+    page.locator(".open-conversation").first.tap()
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    expect(sidebar).to_be_hidden()
+    expect(page.locator(".message.assistant")).to_have_count(1)
+
+
+def test_laptop_keeps_the_sidebar_beside_the_chat(page: Any, stack: BrowserAppliance) -> None:
+    page.goto("/")
+    page.get_by_label("API key").fill(stack.admin_key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#app")).to_be_visible()
+    sidebar, messages = page.locator("#sidebar"), page.locator("#messages")
+    expect(sidebar).to_be_visible()
+    expect(page.locator("#sidebar-toggle")).to_be_hidden()  # no drawer: nothing to open
+    expect(page.get_by_role("button", name="New chat")).to_be_visible()
+    side, chat = _box(sidebar), _box(messages)
+    assert side["x"] == 0 and 200 <= side["width"] <= 320, side
+    assert chat["x"] >= side["x"] + side["width"], (side, chat)  # beside it, not under it
+    assert side["height"] >= 0.8 * 800 and chat["height"] >= 0.6 * 800, (side, chat)
+    page.keyboard.press("Escape")  # Escape has no drawer to close here
+    expect(sidebar).to_be_visible()
+    _no_sideways_scroll(page)
