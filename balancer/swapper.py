@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class Swapper:
         self._loads: dict[str, asyncio.Task[None]] = {}  # host url -> its load
         self._load_s: dict[str, float] = {}  # model -> EWMA of its load time, seen from here
         self._failed: dict[str, float] = {}  # model -> when its last load failed
+        self._idle_since: dict[str, float] = {}  # host url -> when its last request ended
         self._session: aiohttp.ClientSession | None = None
         self._prober: Prober | None = None
 
@@ -99,6 +101,7 @@ class Swapper:
 
     def released(self, worker: Worker) -> None:
         if worker.inflight == 0 and (worker.swap_to is not None or worker.swap_host):
+            self._idle_since[worker.url] = self._clock()
             self._wake.set()
 
     # -- estimates ------------------------------------------------------------------------------
@@ -160,15 +163,19 @@ class Swapper:
     def _hosts(self) -> list[Host]:
         """The swap hosts the policy may use: healthy ones, and those it already drains or loads."""
         hosts = []
+        now = self._clock()
         for worker in self._pool:
             if not worker.swap_host or worker.draining:
                 continue
             if worker.swap_to is None and worker.state is not WorkerState.HEALTHY:
                 continue
             model = worker.model
-            drain = (self._pool.service_time(model) or 0.0) if model is not None and worker.inflight else 0.0
+            # A drain lasts about one request of its model: whether one runs now or it would start one next.
+            busy = model is not None and (worker.inflight or len(self._pool.queue(model)))
+            drain = (self._pool.service_time(model) or 0.0) if busy and model is not None else 0.0
+            idle = now - self._idle_since.get(worker.url, -math.inf) if not worker.inflight else 0.0
             hosts.append(Host(worker.url, model, worker.inflight, pinned=model is not None and self._pinned(model),
-                              swap_to=worker.swap_to, drain_s=drain))
+                              swap_to=worker.swap_to, drain_s=drain, idle_s=idle))
         return hosts
 
     def _backlogs(self) -> dict[str, Backlog]:

@@ -3,7 +3,8 @@
 A swap host serves one on_demand model at a time. A model with waiting requests and no worker serving it
 (nor a host already on its way to it) is *needy*; needy models are taken oldest waiter first, and each gets:
 
-1. an empty host, else an idle one (nothing running, nothing queued for its model);
+1. an empty host, else an idle one (nothing running, nothing queued for its model; under ``grouped``, for
+   :data:`IDLE_GRACE_S` at least, as a client of the model sends its next request just after the last ended);
 2. else, by policy:
 
    - ``grouped`` (default): a host keeps serving its model while that model has work (running or queued),
@@ -24,9 +25,10 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Backlog", "Host", "Swap", "SwapPolicy", "plan_swaps", "ready_to_load"]
+__all__ = ["IDLE_GRACE_S", "Backlog", "Host", "Swap", "SwapPolicy", "plan_swaps", "ready_to_load"]
 
 SwapPolicy = Literal["grouped", "fcfs"]
+IDLE_GRACE_S = 1.0  # capped at the bounded wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,7 @@ class Host:
     pinned: bool = False  # its model is pinned: never unloaded
     swap_to: str | None = None  # already draining for, or loading, this model: not free
     drain_s: float = 0.0  # expected seconds until what runs on it has ended
+    idle_s: float = float("inf")  # seconds since its last request ended (0 while one runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +89,8 @@ def _choose(free: list[Host], needy: Backlog, backlogs: Mapping[str, Backlog], p
     empty = [h for h in free if h.model is None]
     if empty:
         return min(empty, key=lambda h: h.url)
-    idle = [h for h in free if not h.running and waiting(h) is None]
+    grace = 0.0 if policy == "fcfs" else min(IDLE_GRACE_S, max_wait_s)
+    idle = [h for h in free if not h.running and waiting(h) is None and h.idle_s >= grace]
     if idle:
         return min(idle, key=lambda h: h.url)
     if policy == "fcfs":
