@@ -8,7 +8,7 @@ A file is written to a temporary name, fsynced and renamed, so a reader sees a w
 file ends with an HMAC-SHA256 over everything before it, keyed from the internal token: a truncated or
 flipped file, a file of another model or another context layout, or one planted by a process that cannot
 read the token is ignored (logged) on read, never restored and never a crash. ``bound_bytes`` caps every
-model's files together; the most recently saved stay.
+model's files together; the most recently written stay.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class DiskPromptCache:
         return body + hmac.new(self._key, body, hashlib.sha256).digest()
 
     def save(self, model_sha256: str, layout: str, entries: Sequence[SavedPrefix]) -> CacheReport:
-        """Replace the model's files with ``entries`` (most valuable first) within the bound; blocking."""
+        """Write ``entries`` (most valuable first) as far as the bound allows; blocking. The model's older files
+        stay (their cells are still this model's) until the bound needs their room: the oldest go first."""
         if self.bound <= 0:
             return CacheReport()
         directory = self.directory(model_sha256)
@@ -110,10 +111,6 @@ class DiskPromptCache:
             left -= len(data)
             tokens += len(entry.tokens)
             written += len(data)
-        for stale in directory.glob(f"*{SUFFIX}"):  # another process's temporary files are its own
-            if stale.name not in kept:
-                with contextlib.suppress(OSError):
-                    stale.unlink()
         fsync_path(directory)
         self._prune()
         return CacheReport(prefixes=len(kept), tokens=tokens, bytes=written)

@@ -62,15 +62,19 @@ def _priority(request: web.Request) -> Priority:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    scope, priority = _scope(request), _priority(request)
-    body = await _body(request, ChatCompletionRequest)
-    return await _send(request, await request.app[SERVICE].chat(body, scope, priority))
+    service = request.app[SERVICE]
+    with service.serving():
+        scope, priority = _scope(request), _priority(request)
+        body = await _body(request, ChatCompletionRequest)
+        return await _send(request, await service.chat(body, scope, priority))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    scope, priority = _scope(request), _priority(request)
-    body = await _body(request, CompletionRequest)
-    return await _send(request, await request.app[SERVICE].complete(body, scope, priority))
+    service = request.app[SERVICE]
+    with service.serving():
+        scope, priority = _scope(request), _priority(request)
+        body = await _body(request, CompletionRequest)
+        return await _send(request, await service.complete(body, scope, priority))
 
 
 async def models(request: web.Request) -> web.Response:

@@ -8,7 +8,8 @@ entry than any slot holds gets it written back into its slot
 
 Bounded in bytes, least recently used first out; entries are keyed by the
 model's sha256 and the caller's scope, so a state is only ever restored into
-the model that wrote it and for the key that computed it.
+the model that wrote it and for the key that computed it. inference.diskcache
+keeps the entries on disk across a model swap or a restart.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class HostPromptCache:
             if match > best:
                 best_id, best = entry_id, match
         return best_id, best
+
+    def newest_first(self) -> list[SavedPrefix]:
+        """Every entry, the most recently kept first (what a save to disk writes while it has room)."""
+        return list(reversed(self._entries.values()))
 
     def take(self, entry_id: int) -> SavedPrefix:
         """Remove and return an entry (it goes back into a slot, which will save it again if evicted)."""

@@ -47,6 +47,17 @@ class KvPlacement:
         self._count_prompt = count_prompt
         self._tick = 0
 
+    @property
+    def host_cache(self) -> HostPromptCache | None:
+        """The host-RAM prompt cache (None when prefix reuse or the cache is off)."""
+        return self._host
+
+    def save_slots(self) -> None:
+        """Every slot's cells to host RAM, before the context goes (a model swap, a shutdown): the last turns of
+        the conversations the slots hold. Only while no sequence runs: the caller stopped admitting them."""
+        for slot in range(len(self.held)):
+            self._save_evicted(slot, 0)
+
     def place(self, handle: SequenceHandle, free: list[int]) -> ActiveSequence:
         """A sequence in one of the ``free`` slots, starting from the longest prefix the KV cache holds for it."""
         request = handle.request

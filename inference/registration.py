@@ -11,19 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from appliance.core import registry
 from inference.keys import SERVICE, SETTINGS, TOKEN
 
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
-__all__ = ["REGISTRATION", "Registration", "registration_ctx", "withdraw_before_stop"]
+__all__ = ["REDIS", "REGISTRATION", "Registration", "redis_ctx", "registration_ctx", "withdraw_before_stop"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ class Registration:
         self,
         client: Redis,
         url: str,
-        model: str,
+        model: str | None,
         ready: Callable[[], bool],
         *,
         token: str,
@@ -74,6 +72,18 @@ class Registration:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="registry-heartbeat")
+
+    async def switch(self, model: str | None) -> None:
+        """A swap host serves another model (None: none): announce it now rather than at the next heartbeat."""
+        self._model = model
+        if self.withdrawn or not self._ready():
+            return
+        try:
+            await self._call(registry.announce(self._client, self.url, self._model, self._token, self._ttl_s))
+        except RedisFailure as exc:  # the heartbeat announces it as soon as Redis answers
+            log.warning("could not announce the new model", extra={"redis": self._where, "error": type(exc).__name__})
+            return
+        self.announced = True
 
     async def _run(self) -> None:
         failures = 0
@@ -144,10 +154,10 @@ class Registration:
 
 
 REGISTRATION = web.AppKey("registration", Registration)
+REDIS = web.AppKey("redis", Redis)
 
 
 def _client(url: str, login: dict[str, Any]) -> Redis:
-    from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
@@ -158,19 +168,37 @@ def _client(url: str, login: dict[str, Any]) -> Redis:
     )
 
 
-async def registration_ctx(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: heartbeat while the app runs when ``redis_url`` is set; withdraw on the way out."""
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx, first: the worker's Redis client (the registry, a swap host's catalogue) when ``redis_url``
+    is set."""
     settings = app[SETTINGS]
     if not settings.redis_url:
         yield
         return
     client = _client(settings.redis_url, settings.redis_login())
+    app[REDIS] = client
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+async def registration_ctx(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: heartbeat while the app runs when ``redis_url`` is set; withdraw on the way out.
+
+    A swap host is announced while it loads or holds no model too (its ``/health`` says which): balancers
+    must find it to give it a model."""
+    settings = app[SETTINGS]
+    client = app.get(REDIS)
+    if client is None:
+        yield
+        return
     service = app[SERVICE]
     registration = Registration(
         client,
         settings.resolved_advertise_url(),
-        settings.model_alias,
-        lambda: service.health()[0] == 200,
+        service.alias or None,
+        lambda: service.health()[0] == 200 or (settings.swap_host and service.state in {"loading", "empty"}),
         token=app[TOKEN],
         heartbeat_s=settings.heartbeat_s,
         ttl_s=settings.registry_ttl_s,
@@ -183,7 +211,6 @@ async def registration_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await registration.close()
-        await client.aclose()
 
 
 async def withdraw_before_stop(app: web.Application) -> None:

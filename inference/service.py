@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 ModelLoader = Callable[[WorkerSettings], LoadedModel]
 # Rendering and tokenizing a long prompt takes milliseconds: do it off the event loop past this size.
 TOKENIZE_INLINE_CHARS = 4096
+SETTLE_POLL_S = 0.05
 # Structured-output plans (schema -> GBNF) remembered per distinct tools/response_format.
 PLAN_CACHE_SIZE = 64
 
@@ -143,6 +144,16 @@ class WorkerService:
         """No generation request is being handled and no sequence runs or waits."""
         scheduler = self.scheduler
         return self.in_flight == 0 and (scheduler is None or scheduler.slots_busy + scheduler.queue_depth == 0)
+
+    async def settle(self) -> bool:
+        """Whether the worker is :meth:`idle`, after waiting up to ``settle_s`` for sequences whose clients left
+        (the decode thread frees them at its next step); False at once while a request is being handled."""
+        deadline = time.monotonic() + self.base.settle_s
+        while not self.idle():
+            if self.in_flight or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(SETTLE_POLL_S)
+        return True
 
     async def unload(self) -> CacheReport:
         """Free the model (only when :meth:`idle`): its slots' cells and host-RAM prefixes go to disk first."""

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from appliance.core.model_files import DEFAULT_MODEL_ALIAS
@@ -84,6 +84,30 @@ class WorkerSettings(RedisClientSettings):
     prompt_cache_bytes: int = Field(
         default=256 << 20, ge=0, description="host-RAM cache of prefixes evicted from slots; 0 = none"
     )
+    prompt_cache_disk_bytes: int = Field(
+        default=1 << 30, ge=0,
+        description="bytes of saved prompt caches under data_dir/kvcache (every model together): a model's host-RAM "
+                    "cache and its slots' cells are saved when it is unloaded and read back when it loads again; "
+                    "0 = never saved",
+    )
+    prompt_cache_save_on_stop: bool = Field(
+        default=True, description="save the prompt cache on a graceful stop too, for the next start of the model"
+    )
+    # Swap host (docs/CONTRACTS.md C2): serves any on_demand catalogue entry, one at a time (POST /admin/model).
+    swap_host: bool = Field(default=False, description="load catalogue entries on demand instead of model_path")
+    initial_model: str = Field(
+        default="", description="swap host: the catalogue alias it loads at start; empty = it starts with none"
+    )
+    memory_bytes: int = Field(
+        default=0, ge=0,
+        description="memory this worker may use (weights + slots x n_ctx KV); a swap host refuses a larger entry; "
+                    "0 = not bounded",
+    )
+    settle_s: float = Field(
+        default=2.0, ge=0, le=60,
+        description="how long a swap (before 409) or a stop (before saving the cache) waits for the slots of "
+                    "requests whose clients went away to empty",
+    )
     # Worker registry (docs/CONTRACTS.md): announce this worker to balancers through Redis once ready.
     redis_url: str = Field(default="", repr=False, description="empty = no registration (static balancer list)")
     redis_username: str = Field(default="worker", description="Redis ACL user this service logs in as")
@@ -137,6 +161,14 @@ class WorkerSettings(RedisClientSettings):
         if value <= info.data.get("heartbeat_s", 0):
             raise ValueError("must be longer than heartbeat_s (3x is a good choice)")
         return value
+
+    @model_validator(mode="after")
+    def _swap_host_reads_the_catalogue(self) -> WorkerSettings:
+        if self.swap_host and not self.redis_url:
+            raise ValueError("swap_host needs redis_url: a swap host loads models from the catalogue in Redis")
+        if self.initial_model and not self.swap_host:
+            raise ValueError("initial_model is for a swap host (swap_host = true); others serve model_path")
+        return self
 
     def resolved_advertise_url(self) -> str:
         """The base URL this worker registers under (the balancer's spelling: no trailing slash)."""

@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 CatalogueReader = Callable[[str], Awaitable[CatalogueEntry | None]]
 # Tell the registry which model this worker serves now (None: none).
 Announcer = Callable[[str | None], Awaitable[None]]
-IDLE_POLL_S = 0.05
 
 
 def busy(message: str) -> APIError:
@@ -103,24 +102,12 @@ class ModelSwapper:
         if service.state == "ok" and service.alias == alias and service.model is not None \
                 and service.model.sha256 == entry.sha256 and service.settings == settings:
             return {"model": alias, "load_s": 0.0, "unload_s": 0.0, "restored_prefixes": 0, "restored_tokens": 0}
-        if not await self._settle():
+        if not await service.settle():
             raise busy("Requests are in flight on this worker; drain it before swapping its model.")
         if self.swapping:  # another swap began while this one waited
             raise busy("This worker is already loading a model.")
         self._task = asyncio.create_task(self._replace(settings), name=f"swap-to-{alias}")
         return await asyncio.shield(self._task)
-
-    async def _settle(self) -> bool:
-        """Whether the worker is idle, after waiting up to ``swap_idle_wait_s`` for slots whose clients left."""
-        service = self._service
-        if service.in_flight:
-            return False
-        deadline = time.monotonic() + service.base.swap_idle_wait_s
-        while not service.idle():
-            if service.in_flight or time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(IDLE_POLL_S)
-        return True
 
     async def _replace(self, settings: WorkerSettings) -> dict[str, Any]:
         service, metrics = self._service, self._metrics
@@ -145,8 +132,6 @@ class ModelSwapper:
         load_s = time.perf_counter() - unloaded
         metrics.model_loads.labels(alias).inc()
         metrics.model_load_seconds.observe(load_s)
-        metrics.prompt_cache_restored_prefixes.labels(alias).inc(restored.prefixes)
-        metrics.prompt_cache_restored_tokens.labels(alias).inc(restored.tokens)
         log.info("model swapped in", extra={"model": alias, "previous": old, "load_s": round(load_s, 3),
                                             "restored_prefixes": restored.prefixes,
                                             "restored_tokens": restored.tokens, "ignored_files": restored.ignored})

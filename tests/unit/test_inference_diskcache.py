@@ -38,11 +38,16 @@ def test_a_saved_cache_comes_back_newest_first_with_its_scopes(tmp_path: Path) -
     assert (tmp_path / MODEL_A).is_dir()
 
 
-def test_a_new_save_replaces_the_models_files(tmp_path: Path) -> None:
+def test_a_new_save_comes_first_and_older_files_stay_within_the_bound(tmp_path: Path) -> None:
     disk = DiskPromptCache(tmp_path, TOKEN, 1 << 20)
     disk.save(MODEL_A, LAYOUT, [prefix(MODEL_A, 1), prefix(MODEL_A, 100)])
+    old = os.stat(next((tmp_path / MODEL_A).iterdir())).st_mtime - 10
+    for path in (tmp_path / MODEL_A).iterdir():
+        os.utime(path, (old, old))
     disk.save(MODEL_A, LAYOUT, [prefix(MODEL_A, 200)])
-    assert load(disk) == [prefix(MODEL_A, 200)]
+    assert load(disk)[0] == prefix(MODEL_A, 200) and len(load(disk)) == 3
+    disk.save(MODEL_A, LAYOUT, [])  # a save with nothing to keep loses nothing
+    assert len(load(disk)) == 3
 
 
 def test_files_of_one_model_are_never_read_as_another(tmp_path: Path) -> None:
