@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from appliance.core.audit import AuditLog
 from gateway.access import access_middleware
 from gateway.admission import Admission
+from gateway.audit_trail import AdminViews
 from gateway.bootstrap import ensure_admin_key
 from gateway.cache import ResponseCache
 from gateway.catalog import ModelCatalog
@@ -89,6 +90,7 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
         catalog=ModelCatalog(balancer, settings.model_info_ttl_s), metrics=metrics, fence_secret=token,
         owners=CollectionOwners(guard),
         audit=AuditLog(settings.resolved_audit_path(), anchor_every=settings.audit_anchor_every),
+        admin_views=AdminViews(settings.audit_view_gap_s),
     )
 
 

@@ -12,6 +12,8 @@ from litestar.di import NamedDependency
 
 from appliance.core.audit import AuditLog
 from gateway.admission import Admission
+from gateway.auth.web import WebAuth
+from gateway.audit_trail import AdminViews
 from gateway.cache import ResponseCache
 from gateway.catalog import ModelCatalog
 from gateway.keys import KeyStore
@@ -65,6 +67,8 @@ class GatewayServices:
     metrics: GatewayMetrics
     owners: CollectionOwners
     audit: AuditLog
+    admin_views: AdminViews
+    web_auth: WebAuth
     fence_secret: str = ""
     tasks: BackgroundTasks = field(default_factory=BackgroundTasks)
 

@@ -93,6 +93,9 @@ class GatewaySettings(RedisClientSettings):
     audit_anchor_every: int = Field(
         default=100, ge=1, description="every this many audit records the head (seq:hash) goes to the log"
     )
+    audit_view_gap_s: float = Field(
+        default=300.0, gt=0, description="an admin's reads count as a new admin.view after this long without any"
+    )
 
     def resolved_audit_path(self) -> Path:
         return self.audit_path or default_audit_path(self.data_dir)

@@ -1,7 +1,7 @@
 """The audit log: who did what to what, append-only JSON lines, each record hash-chained to the one before.
 
 A record is ``{"seq", "time", "actor", "action", "target", "outcome", "detail", "prev", "hash"}``:
-``hash`` is the SHA-256 of the record's canonical JSON without ``hash`` (sorted keys, no spaces),
+``hash`` is the SHA-256 of the line's own bytes up to ``,"hash":`` (closed with ``}``), so any byte changed shows,
 ``prev`` the ``hash`` of the record before it (64 zeros for the first), ``seq`` counts from 1. Editing,
 removing or reordering a record breaks the chain where it happened (see :mod:`appliance.core.audit_verify`);
 rewriting the whole chain from some record on is caught only against a head kept elsewhere (an anchor:
@@ -18,7 +18,6 @@ import asyncio
 import fcntl
 import getpass
 import hashlib
-import json
 import logging
 import math
 import os
@@ -61,8 +60,8 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
     hash: str
 
     def line(self) -> bytes:
-        """The record as one JSON line (the key order of the struct, then a newline)."""
-        return msgspec.json.encode(self) + b"\n"
+        """The record as stored: one JSON line, fields in the struct's order, ``hash`` last."""
+        return _line(msgspec.structs.asdict(self), self.hash)
 
 
 class AuditHead(msgspec.Struct, frozen=True):
@@ -84,10 +83,17 @@ class AuditHead(msgspec.Struct, frozen=True):
 
 
 def record_hash(body: Mapping[str, Any]) -> str:
-    """SHA-256 of a record's canonical JSON, every field but ``hash``."""
-    fields = {name: value for name, value in body.items() if name != "hash"}
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """SHA-256 of a record's stored JSON without ``hash``: every field in order, compact, as msgspec writes it."""
+    return hashlib.sha256(_body_bytes(body)).hexdigest()
+
+
+def _body_bytes(body: Mapping[str, Any]) -> bytes:
+    return msgspec.json.encode({name: value for name, value in body.items() if name != "hash"})
+
+
+def _line(body: Mapping[str, Any], digest: str) -> bytes:
+    """The stored line: the body's exact bytes with ``"hash"`` added last, so a check can hash what is stored."""
+    return _body_bytes(body)[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
 
 
 def audit_path(data_dir: Path) -> Path:
@@ -245,7 +251,7 @@ class AuditLog:
             body = {"seq": head.seq + 1 if head else 1, "time": _now(), **fields,
                     "prev": head.hash if head else GENESIS}
             record = AuditRecord(**body, hash=record_hash(body))
-            _write_all(fd, record.line())
+            _write_all(fd, _line(body, record.hash))
             os.fsync(fd)
             return record
         finally:

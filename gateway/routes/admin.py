@@ -15,8 +15,9 @@ from appliance.core.ids import CollectionName, KeyId
 from appliance.core.wire import parse_request
 from gateway.access import access_record
 from gateway.admission import STATS, parse_bearer, usage_key
+from gateway.audit_trail import actor_of, audit
 from gateway.generation import decode_body
-from gateway.keys import MAX_WEIGHT, SCOPES, KeyLimits
+from gateway.keys import MAX_WEIGHT, SCOPES, KeyLimits, Principal
 from gateway.openapi import documented, link
 from gateway.redis_guard import RedisUnavailable
 from gateway.service_client import decode_json_object
@@ -56,10 +57,19 @@ class KeyUpdate(BaseModel):
     limits: LimitsIn = Field(default_factory=LimitsIn)
 
 
-async def _admin(request: Request[Any, Any, Any], svc: GatewayServices) -> None:
+async def _admin(request: Request[Any, Any, Any], svc: GatewayServices) -> Principal:
     record = access_record(request)
     ticket = await svc.admission.admit(parse_bearer(request.headers.get("authorization")), "admin", limited=False)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
+    return ticket.principal
+
+
+async def _admin_read(request: Request[Any, Any, Any], svc: GatewayServices) -> Principal:
+    """An admin read: the first one after a pause is an ``admin.view`` in the audit log (not every poll)."""
+    principal = await _admin(request, svc)
+    if svc.admin_views.is_new_view(actor_of(principal)):
+        await audit(svc.audit, principal, "admin.view", f"admin:{request.url.path}")
+    return principal
 
 
 _ADMIN_ERRORS = (401, 403, 503)
@@ -70,7 +80,7 @@ _ADMIN_ERRORS = (401, 403, 503)
           "GetKey": link("GET", "/admin/keys/{key_id}", key_id="$response.body#/id"),
           "RevokeKey": link("DELETE", "/admin/keys/{key_id}", key_id="$response.body#/id")}}))
 async def create_key(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any]:
-    await _admin(request, svc)
+    admin = await _admin(request, svc)
     spec = parse_request(NewKey, decode_body(await request.body()))
     unknown = set(spec.scopes) - SCOPES
     if unknown or not spec.scopes:
@@ -85,34 +95,38 @@ async def create_key(request: Request[Any, Any, Any], svc: Services) -> dict[str
     expires_at = time.time() + spec.expires_in_s if spec.expires_in_s else 0.0
     secret, view = await svc.keys.create(spec.name, set(spec.scopes), limits, models=set(spec.models),
                                          expires_at=expires_at, priority=spec.priority, weight=spec.weight)
+    await audit(svc.audit, admin, "key.create", f"key:{view['id']}",
+                detail={"name": spec.name, "scopes": ",".join(sorted(spec.scopes)), "priority": spec.priority})
     return {**view, "key": secret}
 
 
 @patch("/admin/keys/{key_id:str}", summary="Change a key's priority, weight or limits",
        opt=documented(body=KeyUpdate, errors=(400, 404, 413, *_ADMIN_ERRORS)))
 async def update_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
-    await _admin(request, svc)
+    admin = await _admin(request, svc)
     spec = parse_request(KeyUpdate, decode_body(await request.body()))
     fields = {name: str(value) for name, value in spec.limits.model_dump(exclude_none=True).items()}
     if spec.priority is not None:
         fields["priority"] = spec.priority
     if spec.weight is not None:
         fields["weight"] = repr(spec.weight)
-    view = await svc.keys.update(KeyId.parse(key_id, param="key_id"), fields)
+    kid = KeyId.parse(key_id, param="key_id")
+    view = await svc.keys.update(kid, fields)
     if view is None:
         raise not_found(f"No key with id {key_id!r}.", param="key_id")
+    await audit(svc.audit, admin, "key.update", f"key:{kid}", detail=fields)
     return view
 
 
 @get("/admin/keys", summary="List API keys (never their secrets)", opt=documented(errors=_ADMIN_ERRORS))
 async def list_keys(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any]:
-    await _admin(request, svc)
+    await _admin_read(request, svc)
     return {"object": "list", "data": await svc.keys.list()}
 
 
 @get("/admin/keys/{key_id:str}", summary="One API key", opt=documented(errors=(400, 404, *_ADMIN_ERRORS)))
 async def get_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
-    await _admin(request, svc)
+    await _admin_read(request, svc)
     view = await svc.keys.get(KeyId.parse(key_id, param="key_id"))
     if view is None:
         raise not_found(f"No key with id {key_id!r}.", param="key_id")
@@ -122,9 +136,11 @@ async def get_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPa
 @delete("/admin/keys/{key_id:str}", summary="Revoke an API key (effective at once)", status_code=200,
         opt=documented(errors=(400, 404, *_ADMIN_ERRORS)))
 async def revoke_key(request: Request[Any, Any, Any], svc: Services, key_id: FromPath[str]) -> dict[str, Any]:
-    await _admin(request, svc)
-    if not await svc.keys.revoke(KeyId.parse(key_id, param="key_id")):
+    admin = await _admin(request, svc)
+    kid = KeyId.parse(key_id, param="key_id")
+    if not await svc.keys.revoke(kid):
         raise not_found(f"No key with id {key_id!r}.", param="key_id")
+    await audit(svc.audit, admin, "key.revoke", f"key:{kid}")
     return {"id": key_id, "revoked": True}
 
 
@@ -138,7 +154,7 @@ class Sharing(BaseModel):
 async def share_collection(request: Request[Any, Any, Any], svc: Services, name: FromPath[str]) -> dict[str, Any]:
     """Sharing is explicit and only an admin sets it; the owner stays (a key's collection is private to it again
     once unshared; a collection without a record becomes the admins')."""
-    await _admin(request, svc)
+    admin = await _admin(request, svc)
     collection = CollectionName.parse(name, param="name")
     spec = parse_request(Sharing, decode_body(await request.body()))
     reply = await svc.rag.request("GET", f"/collections/{collection.segment()}", caller=None)
@@ -148,6 +164,8 @@ async def share_collection(request: Request[Any, Any, Any], svc: Services, name:
         raise APIError(502, f"The RAG service answered {reply.status}.", type_="server_error",
                        code="bad_upstream_response")
     access = await svc.owners.set_shared(collection, spec.shared)
+    await audit(svc.audit, admin, "collection.share", f"collection:{collection}",
+                detail={"shared": spec.shared, "access": str(access)})
     return {"name": str(collection), "object": "collection", "access": access}
 
 
@@ -155,7 +173,7 @@ async def share_collection(request: Request[Any, Any, Any], svc: Services, name:
      opt=documented(errors=(400, *_ADMIN_ERRORS)))
 async def usage(request: Request[Any, Any, Any], svc: Services, days: FromQuery[int] = 1,
                 day: FromQuery[str | None] = None, key_id: FromQuery[str | None] = None) -> dict[str, Any]:
-    await _admin(request, svc)
+    admin = await _admin_read(request, svc)
     try:
         last = dt.date.fromisoformat(day) if day else dt.datetime.now(dt.UTC).date()
     except ValueError:
@@ -163,6 +181,8 @@ async def usage(request: Request[Any, Any, Any], svc: Services, days: FromQuery[
     if not 1 <= days <= 366:
         raise bad_request("days must be between 1 and 366.", param="days")
     only = None if key_id is None else KeyId.parse(key_id, param="key_id")
+    await audit(svc.audit, admin, "usage.read", f"key:{only}" if only else "usage",
+                detail={"days": days, "last_day": last.isoformat()})
     names = await svc.keys.names()
     rows: list[dict[str, Any]] = []
     for offset in range(days):
@@ -188,7 +208,7 @@ def _usage_rows(date: dt.date, raw: dict[Any, Any], names: dict[str, str],
 @get("/admin/queue", summary="Who waits for a worker (per model, per key), from the balancer",
      opt=documented(errors=(502, *_ADMIN_ERRORS)))
 async def queue(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any]:
-    await _admin(request, svc)
+    await _admin_read(request, svc)
     reply = await svc.balancer.request("GET", "/queue", caller=None)
     if reply.status != 200:
         raise APIError(502, f"The balancer answered {reply.status} for its queue.", type_="server_error",
@@ -204,7 +224,7 @@ async def queue(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any
 @get("/admin/status", summary="Dependencies, workers behind the balancer, cache hit rate",
      opt=documented(answers={200: None}, errors=_ADMIN_ERRORS))
 async def admin_status(request: Request[Any, Any, Any], svc: Services) -> Response[Any]:
-    await _admin(request, svc)
+    await _admin_read(request, svc)
     await svc.catalog.refresh()
     try:
         raw: dict[Any, Any] = await svc.guard.call(lambda: svc.guard.client.hgetall(STATS))

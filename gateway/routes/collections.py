@@ -17,6 +17,7 @@ from appliance.core.ids import CollectionName, DocumentId, Identifier, JobId
 from appliance.core.rag_wire import FileDocument, NewCollection, SearchQuery, TextDocument
 from gateway.access import access_record
 from gateway.admission import parse_bearer
+from gateway.audit_trail import audit
 from gateway.caller import Caller
 from gateway.keys import Principal
 from gateway.openapi import JSON, documented, link
@@ -250,6 +251,9 @@ async def create_collection(request: Request[Any, Any, Any], svc: Services) -> R
     async def settle(svc: GatewayServices, principal: Principal, reply: ServiceReply) -> bytes | None:
         if reply.status >= 400 and claimed:  # not created (409: someone else's, or RAG refused): drop our claim
             await svc.owners.release(_name(wanted.name), claimed[0])
+        elif reply.status < 400:
+            await audit(svc.audit, principal, "collection.create", f"collection:{_name(wanted.name)}",
+                        detail={"shared": wanted.shared})
         return None
 
     return await _forward(request, svc, build, before=claim, after=settle)
@@ -284,6 +288,7 @@ async def delete_collection(request: Request[Any, Any, Any], svc: Services, name
     async def forget(svc: GatewayServices, principal: Principal, reply: ServiceReply) -> bytes | None:
         if reply.status < 400:
             await svc.owners.release(_name(name))
+            await audit(svc.audit, principal, "collection.delete", f"collection:{_name(name)}")
         return None
 
     return await _forward(request, svc, lambda: _write(_collection_path(n := _name(name)), n), after=forget)
