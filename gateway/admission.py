@@ -93,8 +93,13 @@ class Admission:
         ``slots``: what the request occupies (:class:`appliance.core.wire.RequestCost`), the units it takes of
         the key's concurrency limit. The extra command's reply is ``ticket.prefetched`` (None when Redis is
         down)."""
+        return await self.admit_digest(hash_secret(secret), scope, model, limited, extra, slots=slots)
+
+    async def admit_digest(self, digest: str, scope: str, model: str = "", limited: bool = True,
+                           extra: Sequence[Arg] | None = None, *, slots: int = 1) -> Ticket:
+        """:meth:`admit` for a key known by its stored hash (a batch line runs as the key that created the
+        batch, whose secret the gateway never keeps): the same checks, limits and counts."""
         slots = max(1, slots)
-        digest = hash_secret(secret)
         member = f"{self._member_prefix}{next(self._counter)}"
         keys: list[Arg] = [record_key(digest), f"gw:rl:{digest}:req", f"gw:rl:{digest}:tpm",
                            f"gw:rl:{digest}:tpd", f"gw:rl:{digest}:inflight"]

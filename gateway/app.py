@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from appliance.core.audit import AuditLog
 from gateway.access import access_middleware
 from gateway.admission import Admission
+from gateway.batches import BatchesLifecycle
 from gateway.audit_trail import AdminViews
 from gateway.bootstrap import ensure_admin_key
 from gateway.cache import ResponseCache
@@ -36,8 +37,9 @@ from gateway.ownership import CollectionOwners
 from gateway.redis_guard import RedisGuard, RedisUnavailable
 from gateway.resp import PipelinedRedis
 from gateway.responses import ResponsesLifecycle
-from gateway.routes import admin, openai, ops, responses
+from gateway.routes import admin, batches, openai, ops, responses
 from gateway.routes.collections import collections_router
+from gateway.routes.files import files_router
 from gateway.service_client import ServiceClient
 from gateway.services import GatewayServices
 from gateway.settings import GatewaySettings
@@ -102,6 +104,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
     state: dict[str, GatewayServices] = {}
     metrics = GatewayMetrics()
     stored_responses = ResponsesLifecycle(settings)
+    batch_api = BatchesLifecycle(settings, lambda: state["svc"], stored_responses.provide)
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -143,14 +146,15 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         admin.create_key, admin.list_keys, admin.get_key, admin.revoke_key, admin.usage, admin.admin_status,
         admin.update_key, admin.queue, admin.share_collection, *responses.HANDLERS,
         ops.healthz, ops.readyz, ops.metrics,
-        collections_router(settings.max_upload_bytes),
+        collections_router(settings.max_upload_bytes), files_router(settings.files_max_bytes), *batches.HANDLERS,
         *ops.ui_routes(UI_STATIC),
     ]
     app = Litestar(
         route_handlers=handlers,
         dependencies={"svc": Provide(provide_services, sync_to_thread=False),
-                      "responses": Provide(stored_responses.provide, sync_to_thread=False)},
-        lifespan=[lifespan, stored_responses.lifespan],
+                      "responses": Provide(stored_responses.provide, sync_to_thread=False),
+                      "batches": Provide(batch_api.provide, sync_to_thread=False)},
+        lifespan=[lifespan, stored_responses.lifespan, batch_api.lifespan],
         exception_handlers=exception_handlers(),
         middleware=[access_middleware(metrics)],
         request_max_body_size=settings.max_body_bytes,

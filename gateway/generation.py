@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -43,8 +43,8 @@ from gateway.relay import StreamOutcome, relay_stream
 from gateway.service_client import CLIENT_PRIORITY_HEADER, decode_json_object, ensure_error_body
 from gateway.services import GatewayServices
 
-__all__ = ["PASS_THROUGH", "Admitted", "Job", "Output", "admit", "decode_body", "forward", "generate", "validate",
-           "with_usage"]
+__all__ = ["PASS_THROUGH", "Admitted", "Job", "Output", "admit", "check", "decode_body", "dispatch", "forward",
+           "generate", "validate", "with_usage"]
 
 Kind = Literal["chat", "completions"]
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -150,12 +150,22 @@ async def generate(request: Request[Any, Any, Any], svc: GatewayServices, kind: 
     # What the request occupies counts against the key's concurrency limit: a slot per sequence.
     slots = RequestCost.of(parsed).slots if invalid is None else 1
     admitted = await admit(request, svc, facts, slots=slots, lookup=lookup)
+    if invalid is not None:
+        svc.tasks.spawn(svc.admission.settle(admitted.ticket))
+        raise invalid
+    return await dispatch(admitted, kind, parsed, raw, policy, key=key,
+                          prefetched=admitted.ticket.prefetched if lookup else _NOT_FETCHED)
+
+
+async def dispatch(admitted: Admitted, kind: Kind, parsed: ChatCompletionRequest | CompletionRequest, body: bytes,
+                   policy: CachePolicy, *, key: str = "", prefetched: Any = _NOT_FETCHED) -> Response[Any]:
+    """A validated request (``body``: its JSON) presented as it is: RAG, the cache, the balancer; the ticket is
+    settled when the answer ends. Also what a batch line runs (``gateway.batches``)."""
+    svc = admitted.svc
     try:
-        if invalid is not None:
-            raise invalid
-        job = Job(admitted, kind, parsed, raw, policy, PASS_THROUGH, key=key)
+        job = Job(admitted, kind, parsed, body, policy, PASS_THROUGH, key=key)
         await _prepare(job)
-        return await _dispatch(job, admitted.ticket.prefetched if lookup else _NOT_FETCHED)
+        return await _dispatch(job, prefetched)
     except BaseException:
         svc.tasks.spawn(svc.admission.settle(admitted.ticket))
         raise
@@ -195,25 +205,32 @@ async def forward(admitted: Admitted, parsed: ChatCompletionRequest, policy: Cac
         raise
 
 
-def validate(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
+def validate(headers: Mapping[str, str], svc: GatewayServices, kind: Kind,
              payload: dict[str, Any]) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
     """The request (a decoded body) as the workers will read it, refused here exactly as they would refuse
-    it, and the cache policy its headers ask for."""
+    it, and the cache policy its ``headers`` ask for (a batch line has none)."""
     if kind == "chat":
-        return _checked(request, svc, parse_request(ChatCompletionRequest, payload))
-    return _checked(request, svc, parse_request(CompletionRequest, payload))
+        return _checked(headers, svc, parse_request(ChatCompletionRequest, payload))
+    return _checked(headers, svc, parse_request(CompletionRequest, payload))
 
 
 def _validated(request: Request[Any, Any, Any], svc: GatewayServices, kind: Kind,
                raw: bytes) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
     """``validate`` straight from the client's bytes: parsed once, no intermediate dict."""
     if kind == "chat":
-        return _checked(request, svc, parse_json(ChatCompletionRequest, raw))
-    return _checked(request, svc, parse_json(CompletionRequest, raw))
+        return _checked(request.headers, svc, parse_json(ChatCompletionRequest, raw))
+    return _checked(request.headers, svc, parse_json(CompletionRequest, raw))
 
 
-def _checked(request: Request[Any, Any, Any], svc: GatewayServices, parsed: ChatCompletionRequest | CompletionRequest,
+def _checked(headers: Mapping[str, str], svc: GatewayServices, parsed: ChatCompletionRequest | CompletionRequest,
              ) -> tuple[ChatCompletionRequest | CompletionRequest, CachePolicy]:
+    check(svc, parsed)
+    asked = {name: headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
+    return parsed, cache_policy(parsed, asked, svc.settings.cache_enabled, svc.settings.cache_ttl_s)
+
+
+def check(svc: GatewayServices, parsed: ChatCompletionRequest | CompletionRequest) -> None:
+    """Refuse here what the workers would refuse, exactly as they would (their own published limits)."""
     settings = svc.settings
     ModelId.parse(parsed.model, param="model")  # one rule for every model id (a key's allow-list, routing)
     if isinstance(parsed, ChatCompletionRequest) and len(parsed.messages) > settings.max_messages:
@@ -227,9 +244,6 @@ def _checked(request: Request[Any, Any, Any], svc: GatewayServices, parsed: Chat
             check_n(parsed, limits.max_choices)
         if limits.max_prompts is not None:
             check_prompts(parsed, limits.max_prompts)
-    headers = request.headers
-    asked = {name: headers.get(name, "") for name in ("cache-control", "x-cache", "x-cache-ttl")}
-    return parsed, cache_policy(parsed, asked, settings.cache_enabled, settings.cache_ttl_s)
 
 
 async def _prepare(job: Job) -> None:

@@ -42,6 +42,11 @@ class GatewayMetrics:
                               registry=r)
         self.dependency_up = Gauge("appliance_gateway_dependency_up", "1 if the dependency answers",
                                    ["dependency"], registry=r)
+        self.batch_lines = Counter("appliance_gateway_batch_lines_total", "Batch lines done, by outcome "
+                                   "(completed: a 2xx answer in the output file; failed: in the error file)",
+                                   ["outcome"], registry=r)
+        self.batch_tokens = Counter("appliance_gateway_batch_tokens_total", "Tokens of batch lines", ["kind"],
+                                    registry=r)
 
     def follow_models(self, served: Callable[[str], bool]) -> None:
         """Label models with what ``served`` recognises (the catalog, once the lifespan has built it)."""
@@ -59,3 +64,9 @@ class GatewayMetrics:
             self.tokens.labels(label, "prompt").inc(prompt)
         if completion:
             self.tokens.labels(label, "completion").inc(completion)
+
+    def count_batch_tokens(self, prompt: int, completion: int) -> None:
+        if prompt:
+            self.batch_tokens.labels("prompt").inc(prompt)
+        if completion:
+            self.batch_tokens.labels("completion").inc(completion)

@@ -87,6 +87,17 @@ class GatewaySettings(RedisClientSettings):
     )
     responses_prune_every_s: float = Field(default=3600.0, gt=0, description="how often old responses are deleted")
 
+    files_dir: Path | None = Field(default=None, description="the Files API and batch runs; default: data_dir/files")
+    files_max_bytes: int = Field(default=100 << 20, ge=1024, description="the largest file one upload may be")
+    files_max_bytes_per_key: int = Field(default=1 << 30, ge=0, description="files one key may hold; 0 = no cap")
+    batch_max_lines: int = Field(default=50_000, ge=1, description="requests one batch may hold")
+    batch_concurrency: int = Field(default=8, ge=1, description="batch lines one gateway has in flight at once")
+    batch_max_running: int = Field(default=4, ge=1, description="batches one gateway runs at once")
+    batch_lease_s: float = Field(default=15.0, ge=1, description="a dead gateway's batch is taken over after this")
+    batch_poll_s: float = Field(default=2.0, gt=0, description="how often a runner looks for batches to take")
+    batch_drain_s: float = Field(default=30.0, ge=0, description="on shutdown, batch lines in flight get this long")
+    batch_line_attempts: int = Field(default=8, ge=1, description="tries of a line whose upstream fails (5xx)")
+
     audit_path: Path | None = Field(
         default=None, description="the audit log (JSON lines, hash-chained); default: data_dir/audit/audit.jsonl"
     )

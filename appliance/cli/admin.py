@@ -15,7 +15,7 @@ from appliance.cli.context import admin_key, load
 from appliance.cli.output import err, fail, out, print_json
 from appliance.runtime.settings import RuntimeSettings
 
-__all__ = ["register"]
+__all__ = ["AdminKey", "Json", "admin_call", "register"]
 
 keys_app = typer.Typer(help="Create, list, update and revoke API keys.", no_args_is_help=True)
 
@@ -41,6 +41,8 @@ def _call(settings: RuntimeSettings, key: str | None, method: str, path: str, **
         fail(f"{method} {path} failed with {response.status_code}: {message}")
     return response.json() if response.content else None
 
+
+admin_call = _call  # other verbs over the admin API (appliance.cli.batches_cmds) call it the same way
 
 AdminKey = Annotated[
     str | None, typer.Option("--admin-key", envvar="APPLIANCE_ADMIN_KEY", help="default: data/admin_key")

@@ -24,7 +24,8 @@ from urllib.parse import quote
 from appliance.core.errors import bad_request
 
 __all__ = [
-    "COLLECTION_NAME_RULE", "CollectionName", "DocumentId", "Identifier", "JobId", "KeyId", "ModelId", "ResponseId",
+    "COLLECTION_NAME_RULE", "BatchId", "CollectionName", "DocumentId", "FileId", "Identifier", "JobId", "KeyId",
+    "ModelId", "ResponseId",
 ]
 
 COLLECTION_NAME_RULE = "[a-z0-9][a-z0-9_-]{0,62}"
@@ -119,3 +120,29 @@ class ResponseId(Identifier):
     @classmethod
     def mint(cls) -> ResponseId:
         return cls(f"resp_{secrets.token_hex(24)}")
+
+
+class FileId(Identifier):
+    """A file of the Files API (uploaded or a batch's result): ``file-`` and 24 lower-case hex digits."""
+
+    __slots__ = ()
+    rule = "file-[0-9a-f]{24}"
+    described = "a file id as the gateway returned it (file- and 24 hex digits)"
+    code = "invalid_file_id"
+
+    @classmethod
+    def mint(cls) -> FileId:
+        return cls(f"file-{secrets.token_hex(12)}")
+
+
+class BatchId(Identifier):
+    """A batch of the Batch API: ``batch_`` and 24 lower-case hex digits, as the gateway mints it."""
+
+    __slots__ = ()
+    rule = "batch_[0-9a-f]{24}"
+    described = "a batch id as the gateway returned it (batch_ and 24 hex digits)"
+    code = "invalid_batch_id"
+
+    @classmethod
+    def mint(cls) -> BatchId:
+        return cls(f"batch_{secrets.token_hex(12)}")

@@ -11,6 +11,7 @@ named in ``X-Appliance-Ignored`` (``gateway.responses.request``).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from litestar import Request, Response, delete, get, post
@@ -22,7 +23,7 @@ from appliance.core.ids import ResponseId
 from appliance.core.wire import ChatCompletionRequest, parse_request
 from gateway.access import access_record
 from gateway.admission import parse_bearer
-from gateway.generation import admit, decode_body, forward, validate
+from gateway.generation import Admitted, admit, decode_body, forward, validate
 from gateway.openapi import documented, link
 from gateway.responses.events import encode_json
 from gateway.responses.listing import items_page
@@ -34,7 +35,8 @@ from gateway.responses.store import ResponseStore, StoredResponse
 from gateway.responses.translate import chat_payload
 from gateway.services import Services
 
-__all__ = ["HANDLERS", "IGNORED_HEADER", "create_response", "delete_response", "list_input_items", "retrieve_response"]
+__all__ = ["HANDLERS", "IGNORED_HEADER", "create_response", "delete_response", "list_input_items", "respond",
+           "retrieve_response"]
 
 IGNORED_HEADER = "X-Appliance-Ignored"
 JSON = "application/json"
@@ -67,13 +69,21 @@ async def create_response(request: Request[Any, Any, Any], svc: Services, respon
     payload = decode_body(await request.body())
     created_at = int(time.time())
     admitted = await admit(request, svc, payload)
+    return await respond(admitted, responses, payload, request.headers, created_at)
+
+
+async def respond(admitted: Admitted, responses: ResponseStore, payload: dict[str, Any], headers: Mapping[str, str],
+                  created_at: int) -> Response[Any]:
+    """An admitted Responses request (``payload``, its decoded body) answered; the ticket is settled when the
+    answer ends. Also what a batch line of ``/v1/responses`` runs (``gateway.batches``)."""
+    svc = admitted.svc
     try:
         parsed = parse_request(ResponsesRequest, payload)
         key_id = admitted.caller.key_id
         earlier = _history(responses, parsed.previous_response_id, key_id)
         turn = chat_payload(parsed, earlier)
         try:
-            chat, policy = validate(request, svc, "chat", turn.chat)
+            chat, policy = validate(headers, svc, "chat", turn.chat)
         except APIError as exc:
             raise _in_responses_terms(exc) from None
         assert isinstance(chat, ChatCompletionRequest)

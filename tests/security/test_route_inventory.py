@@ -30,6 +30,7 @@ GATEWAY_ANY_KEY = ("/v1/models",)  # any valid key may list and read models (fil
 DECLARED_SCOPES = (
     (re.compile(r"^/v1/(chat/)?completions$"), "chat"),
     (re.compile(r"^/v1/responses(/|$)"), "chat"),
+    (re.compile(r"^/v1/(files|batches)(/|$)"), "chat"),  # the Batch API: its files and batches generate
     (re.compile(r"^/v1/embeddings$"), "embeddings"),
     (re.compile(r"^(/v1)?/(collections|jobs)(/|$)"), "collections"),
     (re.compile(r"^/admin/"), "admin"),
