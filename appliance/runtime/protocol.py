@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from appliance.backup.service import BackupResult, RestoreResult
+    from appliance.core.model_settings import ModelConfig
     from appliance.runtime.settings import RuntimeSettings
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "HEALTHY",
     "BackupStep",
     "Intro",
+    "ModelChange",
+    "ModelRow",
     "Restarted",
     "Runtime",
     "RuntimeFailure",
@@ -115,6 +118,32 @@ class Scaled:
     removed: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ModelRow:
+    """One model of `appliance models list`: its catalogue entry and the balancer's view of it (contract C3)."""
+
+    alias: str
+    resident: str
+    pinned: bool
+    workers: int  # dedicated workers (resident=always); 0 for an on_demand entry (it uses the swap hosts)
+    state: str  # loaded | loading | unloaded | draining, "unknown" when the balancer does not answer
+    memory_bytes: int
+    path: str
+    sha256: str
+    serving: list[str] = field(default_factory=list)  # the worker URLs holding it now
+
+
+@dataclass(frozen=True)
+class ModelChange:
+    """What `appliance models add|remove|pin` did: the workers started or moved, and those stopped."""
+
+    alias: str
+    action: str  # added | removed | pinned | unpinned
+    budget: str  # the memory arithmetic after the change
+    started: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+
+
 class Runtime(Protocol):
     """The stack verbs, whichever runtime carries them out."""
 
@@ -164,4 +193,20 @@ class Runtime(Protocol):
         self, archive: Path, *, dry_run: bool, key_file: Path | None, allow_unsigned: bool
     ) -> RestoreResult:
         """Verify ``archive``, put its data back and bring the stopped services up again."""
+        ...
+
+    def models(self) -> list[ModelRow]:
+        """The catalogue and each model's state."""
+        ...
+
+    def add_model(self, config: ModelConfig) -> ModelChange:
+        """Check (file, sha256, budget), write the entry and start a resident model's workers, live."""
+        ...
+
+    def remove_model(self, alias: str) -> ModelChange:
+        """Drain the model's workers (running requests end normally) and delete its entry."""
+        ...
+
+    def pin_model(self, alias: str, pinned: bool) -> ModelChange:
+        """Pin (never chosen for unload) or unpin an on_demand model."""
         ...

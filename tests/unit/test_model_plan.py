@@ -171,3 +171,29 @@ def test_remembered_cli_changes_apply_over_the_file(model_path: Path, tmp_path: 
                              "removed": ["a"], "pinned": {"b": True}})
     merged = apply_changes(base, read_changes(tmp_path))
     assert [(m.alias, m.pinned) for m in merged] == [("b", True), ("c", False)]
+
+
+def test_compose_gets_one_worker_service_per_role(model_path: Path, tmp_path: Path) -> None:
+    from appliance.runtime.compose.models import IMAGE_MODEL, render_override, worker_path
+
+    data = tmp_path / "data"
+    (data / "models" / "team").mkdir(parents=True)
+    copy = data / "models" / "team" / "copy.gguf"
+    shutil.copyfile(model_path, copy)
+    assert worker_path(copy, data) == "/data/models/team/copy.gguf"
+    assert worker_path(data / "models" / model_path.name, data) == IMAGE_MODEL  # the image's own copy
+    with pytest.raises(RuntimeFailure, match="outside"):
+        worker_path(model_path, data)
+    configs = _configs(copy, copy)
+    paths = {c.alias: worker_path(c.path, data) for c in configs}
+    models = plan_models(configs, ModelsSettings(), tmp_path / "run", budget=Budget(64 * GIB, "t"), worker_paths=paths)
+    import json
+
+    services = json.loads(render_override(models, Path("/repo/compose.yaml"), 2).split("\n", 1)[1])["services"]
+    assert sorted(services) == ["inference-1", "inference-2", "inference-3", "inference-4"]
+    assert "extends" not in services["inference-2"]  # compose.yaml's own services only get their model
+    assert services["inference-3"]["extends"] == {"file": "/repo/compose.yaml", "service": "inference-1"}
+    env = services["inference-4"]["environment"]
+    assert env["APPLIANCE_WORKER_MODEL_PATH"] == "/data/models/team/copy.gguf"
+    assert env["APPLIANCE_WORKER_ADVERTISE_URL"] == "http://inference-4:8201"
+    assert (env["APPLIANCE_WORKER_SWAP_HOST"], env["APPLIANCE_WORKER_INITIAL_MODEL"]) == ("true", "chat-third")

@@ -26,12 +26,16 @@ from typing import TYPE_CHECKING, Any
 from appliance.core.redis_auth import ensure_redis_users
 from appliance.runtime.compose.engine import Engine, EngineError, find_engine
 from appliance.runtime.compose.images import DEBIAN_IMAGES, PYTHON_IMAGES, build_images, image_name
+from appliance.runtime.compose.models import compose_model_plan, override_path, write_override, written_workers
+from appliance.runtime.compose.models import publish as publish_catalogue
 from appliance.runtime.protocol import (
     DEGRADED,
     DOWN,
     HEALTHY,
     BackupStep,
     Intro,
+    ModelChange,
+    ModelRow,
     Restarted,
     Scaled,
     ServiceRow,
@@ -42,6 +46,7 @@ from appliance.runtime.settings import RuntimeSettings
 
 if TYPE_CHECKING:
     from appliance.backup.service import BackupResult, RestoreResult
+    from appliance.core.model_settings import ModelConfig
 
 __all__ = ["DATA_DIRS", "PROJECT", "ComposeRuntime", "worker_index"]
 
@@ -108,7 +113,15 @@ class ComposeRuntime:
         listed = os.environ.get("COMPOSE_FILE") or self._dotenv().get("COMPOSE_FILE", "")
         base = self.compose_file.parent
         names = [n for n in listed.split(os.pathsep) if n]
-        return [(base / n).resolve() for n in names] if names else [self.compose_file]
+        files = [(base / n).resolve() for n in names] if names else [self.compose_file]
+        generated = override_path(self)  # several models: each worker service's model (compose/models.py)
+        return [*files, generated] if generated.is_file() else files
+
+    def defined_workers(self) -> int:
+        """How many worker services the compose files themselves define (without the generated one)."""
+        files = [f for f in self.files() if f != override_path(self)]
+        listed = self.docker.compose_run(files, self.project, "config", "--services", env=self.env()).stdout or ""
+        return sum(1 for s in listed.split() if worker_index(s) is not None)
 
     @property
     def cpu_profile(self) -> bool:
@@ -149,9 +162,14 @@ class ComposeRuntime:
         found = [s for s in self.services() if worker_index(s) is not None]
         return sorted(found, key=lambda s: worker_index(s) or 0)
 
+    def worker_count(self) -> int:
+        """The planned workers: one per resident worker and swap host with several models, else the scale."""
+        return len(written_workers(self)) or self.settings.workers
+
     def wanted(self) -> list[str]:
-        """Every service but the workers past the remembered scale."""
-        return [s for s in self.services() if (worker_index(s) or 0) <= self.settings.workers]
+        """Every service but the workers past the remembered scale (or the model plan's workers)."""
+        count = self.worker_count()
+        return [s for s in self.services() if (worker_index(s) or 0) <= count]
 
     def containers(self) -> dict[str, dict[str, Any]]:
         """service -> its container's `docker inspect` (one container per service in this design)."""
@@ -250,15 +268,20 @@ class ComposeRuntime:
     def start_containers(self, build: bool = False) -> float:
         """Build what is missing, start in dependency order, wait until healthy; seconds to healthy."""
         self.finish_interrupted_restore()
-        workers = self.workers()
-        if self.settings.workers > len(workers):
-            raise EngineError(self._scale_limit(len(workers)))
         self.prepare_data()
+        models = compose_model_plan(self)
+        write_override(self, models, self.defined_workers())
+        workers = self.workers()
+        if self.worker_count() > len(workers):
+            raise EngineError(self._scale_limit(len(workers)))
         missing = self.missing_images()
         if build or missing:
             self.build(None if build else missing)
         self.check_ports()
         started = time.monotonic()
+        self.compose("up", "-d", "redis")  # the catalogue is in Redis before any worker starts (contract C1)
+        self.wait_healthy(["redis"])
+        publish_catalogue(self, models)
         wanted = self.wanted()
         self.compose("up", "-d", "--remove-orphans", *wanted)
         extra = [w for w in workers if w not in wanted]
@@ -435,6 +458,9 @@ class ComposeRuntime:
 
     def scale(self, count: int) -> Scaled:
         """Start or stop the worker services compose.yaml defines (each pins its own GPU: no --scale)."""
+        if written_workers(self):
+            raise EngineError("with several models each one's workers are set per model ([[models.entry]] "
+                              "workers, `appliance models add --workers N`); scale serves the single-model stack")
         workers = self.workers()
         if count > len(workers):
             raise EngineError(self._scale_limit(len(workers)))
@@ -493,6 +519,26 @@ class ComposeRuntime:
         if offsite is not None:
             raise EngineError("--offsite is for the local runtime; on compose copy the archive yourself")
         return compose_backup(self, to, with_models=with_models, step=step)
+
+    def models(self) -> list[ModelRow]:
+        from appliance.runtime.compose.model_verbs import list_models
+
+        return list_models(self)
+
+    def add_model(self, config: ModelConfig) -> ModelChange:
+        from appliance.runtime.compose.model_verbs import add_model
+
+        return add_model(self, config)
+
+    def remove_model(self, alias: str) -> ModelChange:
+        from appliance.runtime.compose.model_verbs import remove_model
+
+        return remove_model(self, alias)
+
+    def pin_model(self, alias: str, pinned: bool) -> ModelChange:
+        from appliance.runtime.compose.model_verbs import pin_model
+
+        return pin_model(self, alias, pinned)
 
     def restore(
         self, archive: Path, *, dry_run: bool, key_file: Path | None, allow_unsigned: bool

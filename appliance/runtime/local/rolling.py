@@ -20,7 +20,7 @@ from appliance.runtime.protocol import RuntimeFailure
 if TYPE_CHECKING:
     from appliance.runtime.local.runtime import LocalRuntime
 
-__all__ = ["BalancerView", "rolling_restart", "scale_workers"]
+__all__ = ["BalancerView", "rolling_restart", "scale_workers", "start_and_admit", "worker_replace"]
 
 
 class BalancerView:
@@ -67,7 +67,7 @@ def _program(plan: list[Program], name: str) -> Program:
     return next(p for p in plan if p.name == name)
 
 
-def _start_and_admit(runtime: LocalRuntime, view: BalancerView, program: Program) -> None:
+def start_and_admit(runtime: LocalRuntime, view: BalancerView, program: Program) -> None:
     runtime.supervisor.start(program.name, wait=False)
     runtime.progress(program.name, "starting", "")
     runtime.wait_ready(program)
@@ -75,7 +75,7 @@ def _start_and_admit(runtime: LocalRuntime, view: BalancerView, program: Program
     runtime.progress(program.name, "ready", "in the balancer")
 
 
-def _replace(runtime: LocalRuntime, view: BalancerView, program: Program, reload_group: bool) -> None:
+def worker_replace(runtime: LocalRuntime, view: BalancerView, program: Program, reload_group: bool) -> None:
     """Stop (the worker withdraws and is drained first), start, wait until the balancer routes to it."""
     supervisor = runtime.supervisor
     runtime.progress(program.name, "draining", "withdrawn from the registry")
@@ -83,7 +83,7 @@ def _replace(runtime: LocalRuntime, view: BalancerView, program: Program, reload
     if reload_group:  # its configuration changed: the new one applies to a re-added group
         supervisor.remove_group(program.name)
         supervisor.add_group(program.name)
-    _start_and_admit(runtime, view, program)
+    start_and_admit(runtime, view, program)
 
 
 def rolling_restart(runtime: LocalRuntime, allow_outage: bool = False) -> list[str]:
@@ -104,7 +104,7 @@ def rolling_restart(runtime: LocalRuntime, allow_outage: bool = False) -> list[s
     view = _view(runtime)
     try:
         for name in names:
-            _replace(runtime, view, _program(plan, name), reload_group=name in changed)
+            worker_replace(runtime, view, _program(plan, name), reload_group=name in changed)
     finally:
         view.close()
     return names
@@ -129,9 +129,9 @@ def scale_workers(runtime: LocalRuntime, count: int) -> tuple[list[str], list[st
         for name in added:
             supervisor.add_group(name)
         for name in added:
-            _start_and_admit(runtime, view, _program(plan, name))
+            start_and_admit(runtime, view, _program(plan, name))
         for name in sorted((n for n in changed if n.startswith("inference-")), key=_index):
-            _replace(runtime, view, _program(plan, name), reload_group=True)
+            worker_replace(runtime, view, _program(plan, name), reload_group=True)
     finally:
         view.close()
     runtime.stop_together(removed)

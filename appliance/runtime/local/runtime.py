@@ -26,6 +26,7 @@ from appliance.core.redis_auth import ensure_redis_users
 from appliance.core.settings import ConfigError, load_settings
 from appliance.runtime.local.catalogue import publish
 from appliance.runtime.local.health import Probe, probe_http, probe_redis
+from appliance.runtime.local.models import add_model, list_models, pin_model, remove_model
 from appliance.runtime.local.prometheus_conf import WORKER_TARGETS_FILE, render_prometheus_conf, render_worker_targets
 from appliance.runtime.local.rolling import rolling_restart, scale_workers
 from appliance.runtime.local.status import status_of
@@ -42,11 +43,22 @@ from appliance.runtime.plan import (
     build_plan,
     lan_addresses,
 )
-from appliance.runtime.protocol import BackupStep, Intro, Restarted, RuntimeFailure, Scaled, Started, Status
+from appliance.runtime.protocol import (
+    BackupStep,
+    Intro,
+    ModelChange,
+    ModelRow,
+    Restarted,
+    RuntimeFailure,
+    Scaled,
+    Started,
+    Status,
+)
 from appliance.runtime.settings import LOOPBACK_HOSTS, RuntimeSettings, WorkerModelView
 
 if TYPE_CHECKING:
     from appliance.backup.service import BackupResult, RestoreResult
+    from appliance.core.model_settings import ModelConfig
 
 __all__ = ["LocalRuntime", "Progress"]
 
@@ -338,6 +350,10 @@ class LocalRuntime:
         return Restarted([service], None)
 
     def scale(self, count: int) -> Scaled:
+        models = self.model_plan()
+        if models is not None and not models.legacy:
+            raise RuntimeFailure("with several models each one's workers are set per model ([[models.entry]] "
+                                 "workers, `appliance models add --workers N`); scale serves the single-model stack")
         try:
             added, removed = scale_workers(self, count)
         except httpx.HTTPError as exc:
@@ -396,6 +412,25 @@ class LocalRuntime:
             stop=stop,
             start=start,
         )
+
+    def models(self) -> list[ModelRow]:
+        return list_models(self)
+
+    def add_model(self, config: ModelConfig) -> ModelChange:
+        return self._models_call(lambda: add_model(self, config))
+
+    def remove_model(self, alias: str) -> ModelChange:
+        return self._models_call(lambda: remove_model(self, alias))
+
+    def pin_model(self, alias: str, pinned: bool) -> ModelChange:
+        return self._models_call(lambda: pin_model(self, alias, pinned))
+
+    @staticmethod
+    def _models_call(change: Callable[[], ModelChange]) -> ModelChange:
+        try:
+            return change()
+        except httpx.HTTPError as exc:
+            raise RuntimeFailure(f"the balancer's admin API failed while moving workers ({exc})") from None
 
     @staticmethod
     def _names_in(stage: str, names: set[str]) -> list[str]:
