@@ -106,6 +106,7 @@ class ModelSwapper:
             raise busy("Requests are in flight on this worker; drain it before swapping its model.")
         if self.swapping:  # another swap began while this one waited
             raise busy("This worker is already loading a model.")
+        service.state = "loading"  # from now on (no await before this) a new request gets 503
         self._task = asyncio.create_task(self._replace(settings), name=f"swap-to-{alias}")
         return await asyncio.shield(self._task)
 
