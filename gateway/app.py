@@ -23,14 +23,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from appliance.core.audit import AuditLog
 from gateway.access import access_middleware
 from gateway.admission import Admission
-from gateway.batches import BatchesLifecycle
+from gateway.auth.middleware import session_middleware
+from gateway.auth.web import new_web_auth
 from gateway.audit_trail import AdminViews
+from gateway.batches import BatchesLifecycle
 from gateway.bootstrap import ensure_admin_key
 from gateway.cache import ResponseCache
 from gateway.catalog import ModelCatalog
 from gateway.exceptions import exception_handlers
 from gateway.hot_redis import HotRedis
-from gateway.keys import KeyStore
+from gateway.keys import KeyLimits, KeyStore
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import complete_openapi
 from gateway.ownership import CollectionOwners
@@ -38,6 +40,8 @@ from gateway.redis_guard import RedisGuard, RedisUnavailable
 from gateway.resp import PipelinedRedis
 from gateway.responses import ResponsesLifecycle
 from gateway.routes import admin, batches, openai, ops, responses
+from gateway.routes import auth as sign_in_routes
+from gateway.routes import users as user_routes
 from gateway.routes.collections import collections_router
 from gateway.routes.files import files_router
 from gateway.service_client import ServiceClient
@@ -91,6 +95,10 @@ def _services(settings: GatewaySettings, redis: Redis, http: aiohttp.ClientSessi
                           keepalive_s=settings.upstream_keepalive_s),
         catalog=ModelCatalog(balancer, settings.model_info_ttl_s), metrics=metrics, fence_secret=token,
         owners=CollectionOwners(guard),
+        web_auth=new_web_auth(settings.auth, redis, KeyStore(redis), server_secret=token,
+                              default_limits=KeyLimits(settings.default_rpm, settings.default_tpm, settings.default_tpd,
+                                                       settings.default_max_concurrent),
+                              tls=bool(settings.tls_cert or settings.tls_self_signed)),
         audit=AuditLog(settings.resolved_audit_path(), anchor_every=settings.audit_anchor_every),
         admin_views=AdminViews(settings.audit_view_gap_s),
     )
@@ -130,6 +138,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             await svc.tasks.drain()
+            await svc.web_auth.close()
             await svc.guard.pipe.close()
             await svc.balancer.close()
             await svc.rag.close()
@@ -146,6 +155,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         admin.create_key, admin.list_keys, admin.get_key, admin.revoke_key, admin.usage, admin.admin_status,
         admin.update_key, admin.queue, admin.share_collection, *responses.HANDLERS,
         ops.healthz, ops.readyz, ops.metrics,
+        *sign_in_routes.HANDLERS, *user_routes.HANDLERS,
         collections_router(settings.max_upload_bytes), files_router(settings.files_max_bytes), *batches.HANDLERS,
         *ops.ui_routes(UI_STATIC),
     ]
@@ -156,7 +166,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
                       "batches": Provide(batch_api.provide, sync_to_thread=False)},
         lifespan=[lifespan, stored_responses.lifespan, batch_api.lifespan],
         exception_handlers=exception_handlers(),
-        middleware=[access_middleware(metrics)],
+        middleware=[access_middleware(metrics), session_middleware(lambda: state["svc"].web_auth)],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="LLM appliance gateway", version="0.1.0", path="/schema"),
         logging_config=None,

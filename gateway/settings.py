@@ -10,6 +10,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from appliance.core.audit import audit_path as default_audit_path
 from appliance.core.redis_settings import RedisClientSettings
+from appliance.core.settings import load_settings
+from gateway.auth.settings import AuthSettings
 
 __all__ = ["GatewaySettings"]
 
@@ -97,6 +99,8 @@ class GatewaySettings(RedisClientSettings):
     batch_poll_s: float = Field(default=2.0, gt=0, description="how often a runner looks for batches to take")
     batch_drain_s: float = Field(default=30.0, ge=0, description="on shutdown, batch lines in flight get this long")
     batch_line_attempts: int = Field(default=8, ge=1, description="tries of a line whose upstream fails (5xx)")
+    auth: AuthSettings = Field(default_factory=lambda: load_settings(AuthSettings),
+                               description="web sign-in: the [auth] table (env APPLIANCE_AUTH_*)")
 
     audit_path: Path | None = Field(
         default=None, description="the audit log (JSON lines, hash-chained); default: data_dir/audit/audit.jsonl"

@@ -53,8 +53,11 @@ def fake_upstream(tmp: Path, model: str = "fake-model") -> Iterator[str]:
 @contextmanager
 def gateway(tmp: Path, redis_url: str, balancer_url: str, rag_url: str | None = None,
             settings: Mapping[str, str] | None = None, data_dir: Path | None = None,
-            scheme: str = "http", token: str = TOKEN) -> Iterator[Gateway]:
-    port = free_port()
+            scheme: str = "http", token: str = TOKEN, port: int | None = None,
+            env_extra: Mapping[str, str] | None = None) -> Iterator[Gateway]:
+    """``env_extra``: variables of other tables (``APPLIANCE_AUTH_*``); ``port``: one chosen beforehand (a
+    redirect URL registered with an OpenID provider names it)."""
+    port = port or free_port()
     data_dir = data_dir or tmp / f"gw-data-{port}"
     env = {
         "APPLIANCE_DATA_DIR": str(data_dir), "APPLIANCE_INTERNAL_TOKEN": token, "APPLIANCE_LOG_JSON": "true",
@@ -65,6 +68,7 @@ def gateway(tmp: Path, redis_url: str, balancer_url: str, rag_url: str | None = 
         "APPLIANCE_GATEWAY_REDIS_TIMEOUT_S": "5",
     }
     env.update({f"APPLIANCE_GATEWAY_{k.upper()}": v for k, v in (settings or {}).items()})
+    env.update(env_extra or {})
     url = f"{scheme}://127.0.0.1:{port}"
     ready = None if scheme == "https" else f"{url}/healthz"
     with run_service(python_module("gateway"), env=env, log_path=tmp / f"gateway-{port}.log", ready_url=ready,
