@@ -2,7 +2,7 @@
 
 Each model object carries OpenAI's fields, the limits every worker of it accepts and its weights' sha256 (as
 before), and for a catalogue entry: ``state`` (``loaded``: some worker takes its requests; ``loading``: a swap
-host is on its way to it; ``draining``: its only workers finish their running requests before a swap;
+host is on its way to it; ``draining``: its only workers take no new request and finish their running ones (before a swap);
 ``unloaded``), ``resident`` (``always`` | ``on_demand``), ``pinned``, ``workers`` (the URLs holding it) and
 ``memory_bytes`` (what one worker of it needs: the GGUF plus ``slots x n_ctx`` of KV cache, the README's rule).
 A model served by workers that the catalogue does not list is ``loaded`` with ``resident: "always"``.
@@ -25,7 +25,7 @@ def model_state(model: str, workers: list[Worker]) -> str:
         return "loaded"
     if any(w.swap_to == model or (w.state is WorkerState.LOADING and w.model == model) for w in workers):
         return "loading"
-    if any(w.model == model and (w.swap_to is not None or w.draining) for w in workers):
+    if any(w.model == model and (w.swap_to is not None or w.draining) and w.inflight for w in workers):
         return "draining"
     return "unloaded"
 

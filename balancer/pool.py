@@ -43,6 +43,8 @@ class OnDemand(Protocol):
     """Models a swap host can load (:class:`balancer.swapper.Swapper`): their requests wait for a load
     instead of failing when no worker serves them."""
 
+    def known(self, model: str) -> bool: ...
+
     def loadable(self, model: str) -> bool: ...
 
     def queued(self, model: str) -> None: ...
@@ -108,9 +110,10 @@ class WorkerPool:
         return sorted(m for m, ws in self._routable.items() if ws)
 
     def has_model(self, model: str) -> bool:
-        """Whether any known worker (even unhealthy or draining) serves ``model``, or a swap host can load it:
+        """Whether any known worker (even unhealthy or draining) serves ``model``, or the model catalogue lists it:
         503, not 404."""
-        return any(w.model == model for w in self._workers.values()) or self._loadable(model)
+        return any(w.model == model for w in self._workers.values()) or (
+            self._on_demand is not None and self._on_demand.known(model))
 
     def attach_on_demand(self, on_demand: OnDemand | None) -> None:
         """The swap driver (it reads this pool, so it is made after it)."""

@@ -186,6 +186,10 @@ class Proxy:
             if not pool.has_model(model):
                 raise self._reject(model, not_found(f"The model {model!r} does not exist.", param="model",
                                                     code="model_not_found")) from None
+            if self._swapper is not None and self._swapper.on_demand(model):
+                raise self._reject(model, overloaded(
+                    f"No worker serves {model!r} and no swap host can load it now (each holds a pinned model, or "
+                    "its last load failed).", retry_after=5)) from None
             raise self._reject(model, overloaded(f"No healthy worker serves {model!r} right now.",
                                                  retry_after=2)) from None
         except QueueFull:

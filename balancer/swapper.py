@@ -80,10 +80,16 @@ class Swapper:
         self._session, self._prober = session, prober
 
     # -- what the pool asks (balancer.pool.OnDemand) -------------------------------------------
+    def known(self, model: str) -> bool:
+        return model in self.catalogue
+
+    def on_demand(self, model: str) -> bool:
+        entry = self.catalogue.get(model)
+        return entry is not None and entry.resident == "on_demand"
+
     def loadable(self, model: str) -> bool:
         """An on_demand entry some healthy swap host could load (one holding no pinned model)."""
-        entry = self.catalogue.get(model)
-        if entry is None or entry.resident != "on_demand":
+        if not self.on_demand(model):
             return False
         failed = self._failed.get(model)
         if failed is not None and self._clock() - failed < _FAILED_HOLD_S:
@@ -239,6 +245,7 @@ class Swapper:
         entry = self.catalogue.get(model)
         worker.swap_to = None
         worker.swap_epoch += 1
+        self._idle_since[worker.url] = self._clock()  # a fresh model gets the grace before it counts as idle
         self._pool.mark(worker, WorkerState.HEALTHY, model=model, slots=entry.slots if entry is not None else None)
         self._pool.refresh()  # serve the model's queue now
         if self._prober is not None:
