@@ -124,7 +124,7 @@ def create_app(settings: GatewaySettings, *, redis: Redis | None = None,
         catalog = svc.catalog  # a model is a label value once the workers publish it (limits or file hash)
         metrics.follow_models(lambda model: catalog.limits(model) is not None or bool(catalog.model_sha256(model)))
         try:
-            await svc.guard.call(lambda: ensure_admin_key(svc.keys, settings.data_dir))
+            await svc.guard.call(lambda: ensure_admin_key(svc.keys, settings.data_dir, svc.audit))
         except RedisUnavailable:
             _log.warning("redis unavailable at start; the bootstrap admin key will be checked at next start")
         refresher = asyncio.get_running_loop().create_task(svc.catalog.run())

@@ -24,10 +24,11 @@ def actor_of(principal: Principal) -> str:
     return f"key:{principal.key_id}"
 
 
-async def audit(log: AuditLog, principal: Principal, action: str, target: str, *, outcome: str = "ok",
+async def audit(log: AuditLog, who: Principal | str, action: str, target: str, *, outcome: str = "ok",
                 detail: Mapping[str, DetailValue] | None = None) -> None:
-    """Append one record as ``principal`` (off the event loop); a failure is logged with the record, not raised."""
-    actor = actor_of(principal)
+    """Append one record as ``who`` (a key, or an actor name such as ``system:bootstrap``) off the event loop;
+    a failure is logged with the record, not raised."""
+    actor = who if isinstance(who, str) else actor_of(who)
     try:
         await log.append_async(actor=actor, action=action, target=target, outcome=outcome, detail=detail)
     except (AuditError, OSError, ValueError) as exc:
@@ -44,6 +45,9 @@ class AdminViews:
         self._gap_s = gap_s
         self._last: dict[str, float] = {}
         self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._last)
 
     def is_new_view(self, actor: str, now: float | None = None) -> bool:
         at = time.monotonic() if now is None else now

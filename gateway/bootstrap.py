@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from appliance.core.audit import AuditLog
+from gateway.audit_trail import audit
 from gateway.keys import KeyLimits, KeyStore, generate_secret
 
 __all__ = ["ensure_admin_key"]
@@ -37,13 +39,16 @@ def _write_once(path: Path, secret: str) -> bool:
         tmp.unlink(missing_ok=True)
 
 
-async def ensure_admin_key(keys: KeyStore, data_dir: Path) -> Path:
+async def ensure_admin_key(keys: KeyStore, data_dir: Path, audit_log: AuditLog | None = None) -> Path:
     path = data_dir / "admin_key"
     created = not path.exists() and _write_once(path, generate_secret())
     secret = path.read_text().strip()
     if not await keys.exists(secret):
-        await keys.create("bootstrap-admin", {"admin", "chat", "embeddings", "collections"}, KeyLimits(),
-                          secret=secret)
+        _, view = await keys.create("bootstrap-admin", {"admin", "chat", "embeddings", "collections"}, KeyLimits(),
+                                    secret=secret)
+        if audit_log is not None:  # no key made it: the gateway itself did
+            await audit(audit_log, "system:bootstrap", "key.create", f"key:{view['id']}",
+                        detail={"name": "bootstrap-admin", "scopes": "admin,chat,collections,embeddings"})
         _log.warning("bootstrap admin key created; the secret is in the file named here",
                      extra={"path": str(path)})
         if created and sys.stderr.isatty():

@@ -113,7 +113,9 @@ def test_every_gateway_act_appears_once_with_actor_target_and_time(acts: Acts) -
         ("collection.delete", collection), ("key.revoke", target),
     ])
     created = [r for r in records if r["action"] == "key.create" and r["target"] == f"key:{acts.ids['admin']}"]
-    assert len(created) == 1 and created[0]["actor"].startswith("key:")  # made by the bootstrap admin key
+    boot = [r for r in records if r["actor"] == "system:bootstrap"]  # the gateway's first start made the admin key
+    assert len(boot) == 1 and boot[0]["action"] == "key.create" and boot[0]["seq"] == 1
+    assert len(created) == 1 and created[0]["actor"] == boot[0]["target"]  # audit-admin made by that key
     for record in records:
         if record["actor"] == f"key:{acts.ids['admin']}":
             assert acts.started <= _when(record) <= ended
@@ -140,6 +142,19 @@ def test_backup_and_restore_appear_as_the_cli_user_and_the_manifest_anchors_the_
                         str(acts.data_dir / "run" / "backup_key"), "--json"],
                        env=acts.cli_env(acts.tmp / "fresh-host"), cwd=acts.tmp)
     assert json.loads(verified.stdout)["ok"] is True
+
+
+def test_a_restore_never_rolls_the_live_log_back(acts: Acts) -> None:
+    host = acts.tmp / "fresh-host"
+    log = host / "audit" / "audit.jsonl"
+    before = log.read_bytes()
+    run_cli(["restore", str(acts.archive), "--key", str(acts.data_dir / "run" / "backup_key")],
+            env=acts.cli_env(host), cwd=acts.tmp)
+    after = log.read_bytes()
+    assert after.startswith(before)  # the records since the backup are still there, the new one appended
+    added = [json.loads(line) for line in after[len(before):].splitlines()]
+    assert [r["action"] for r in added] == ["backup.restore"]
+    assert run_cli(["audit", "verify"], env=acts.cli_env(host), cwd=acts.tmp).returncode == 0
 
 
 def _verify(acts: Acts, path: Path, anchor: AuditHead) -> tuple[int, dict[str, Any]]:
