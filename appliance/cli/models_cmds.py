@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from appliance.cli.audit_trail import record
@@ -41,7 +42,7 @@ def list_models(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--jso
     try:
         rows = _runtime(ctx, runtime_name).models()
     except RuntimeFailure as exc:
-        fail(str(exc))
+        fail(escape(str(exc)))
     if as_json:
         print_json({"data": [asdict(row) for row in rows]})
         return
@@ -58,7 +59,7 @@ def _report(change: ModelChange, as_json: bool) -> None:
         return
     err.print(f"[green]Model {change.alias} {change.action}[/] (workers started or moved: "
               f"{', '.join(change.started) or 'none'}; stopped after draining: {', '.join(change.stopped) or 'none'})")
-    err.print(change.budget, highlight=False)
+    err.print(escape(change.budget), highlight=False)
 
 
 def _apply(ctx: typer.Context, runtime_name: str | None, action: str, target: str,
@@ -68,7 +69,7 @@ def _apply(ctx: typer.Context, runtime_name: str | None, action: str, target: st
         change = call(rt)
     except RuntimeFailure as exc:
         record(rt.settings, action=action, target=target, outcome="refused", detail={"reason": str(exc)[:500]})
-        fail(str(exc))
+        fail(escape(str(exc)))
     record(rt.settings, action=action, target=target, detail={"change": change.action})
     _report(change, as_json)
 

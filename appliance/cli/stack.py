@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from appliance.cli.audit_trail import record_config
@@ -83,7 +84,7 @@ def up(
             err.print(f"  {note}", highlight=False)
         ready = rt.up()
     except RuntimeFailure as exc:
-        fail(str(exc))
+        fail(escape(str(exc)))  # plain text: "[models] memory_budget" is not markup
     remember(rt.settings, given)
     record_config(rt.settings)
     ready_in = round(time.monotonic() - started, 1)

@@ -124,7 +124,7 @@ def _text(value: bytes | str) -> str:
 
 async def read_catalogue(redis: Redis, token: str) -> dict[str, CatalogueEntry]:
     """Every verified entry by alias; an entry that fails verification is dropped with a warning."""
-    raw: dict[bytes | str, bytes | str] = await redis.hgetall(CATALOGUE_KEY)  # type: ignore[misc]
+    raw: dict[bytes | str, bytes | str] = await redis.hgetall(CATALOGUE_KEY)
     catalogue: dict[str, CatalogueEntry] = {}
     for field, value in raw.items():
         alias = _text(field)
@@ -138,7 +138,7 @@ async def read_catalogue(redis: Redis, token: str) -> dict[str, CatalogueEntry]:
 
 async def read_entry(redis: Redis, token: str, alias: str) -> CatalogueEntry | None:
     """One verified entry, or None when absent or badly signed (logged)."""
-    value: bytes | str | None = await redis.hget(CATALOGUE_KEY, alias)  # type: ignore[misc]
+    value: bytes | str | None = await redis.hget(CATALOGUE_KEY, alias)
     if value is None:
         return None
     entry = decode_entry(token, alias, value)
@@ -149,10 +149,10 @@ async def read_entry(redis: Redis, token: str, alias: str) -> CatalogueEntry | N
 
 async def put_entry(redis: Redis, token: str, entry: CatalogueEntry) -> None:
     """Write (or replace) ``entry`` under its alias, signed with ``token``."""
-    await redis.hset(CATALOGUE_KEY, entry.alias, encode_entry(token, entry))  # type: ignore[misc]
+    await redis.hset(CATALOGUE_KEY, entry.alias, encode_entry(token, entry))
 
 
 async def remove_entry(redis: Redis, alias: str) -> bool:
     """Delete the entry of ``alias``; whether there was one."""
-    removed: int = await redis.hdel(CATALOGUE_KEY, alias)  # type: ignore[misc]
+    removed: int = await redis.hdel(CATALOGUE_KEY, alias)
     return removed > 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from appliance.core.redis_auth import ensure_redis_users
+from appliance.runtime.budget import human_bytes
 from appliance.runtime.compose.engine import Engine, EngineError, find_engine
 from appliance.runtime.compose.images import DEBIAN_IMAGES, PYTHON_IMAGES, build_images, image_name
 from appliance.runtime.compose.models import compose_model_plan, override_path, write_override, written_workers
@@ -380,8 +381,20 @@ class ComposeRuntime:
             ("state", "health", "restarts", "uptime", "container"),
             rows,
             errors=(report["error"],) if report.get("error") else (),
-            lines=(f"  gateway {gateway['url']}: ready={gateway['ready']}",) if gateway else (),
+            lines=(
+                *((f"  gateway {gateway['url']}: ready={gateway['ready']}",) if gateway else ()),
+                *(f"  model {m['model']}: {m['resident']}, state={m['state']}, workers={','.join(m['workers']) or '-'}"
+                  f", memory per worker={human_bytes(m['memory_bytes'])}" for m in report.get("models", [])),
+            ),
         )
+
+    def _models(self) -> list[dict[str, Any]]:
+        """Each servable model as the gateway lists it (the balancer's state, contract C3)."""
+        from appliance.runtime.compose.model_verbs import gateway_models
+
+        return [{"model": name, "state": str(m.get("state", "loaded")), "resident": str(m.get("resident", "always")),
+                 "workers": [str(w) for w in m.get("workers") or []], "memory_bytes": int(m.get("memory_bytes") or 0)}
+                for name, m in gateway_models(self).items()]
 
     def report(self) -> tuple[int, dict[str, Any]]:
         """0 healthy, 1 degraded, 2 down: container health plus the gateway's own /readyz."""
@@ -422,6 +435,7 @@ class ComposeRuntime:
             "services": services,
             "workers": [{"name": w["name"], "healthy": w["healthy"]} for w in workers],
             "gateway": {"url": self.gateway_url, "ready": ready},
+            "models": self._models() if ready else [],
         }
         if not containers:
             code = DOWN

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from appliance.core.hop import INTERNAL_TOKEN_HEADER
+from appliance.runtime.budget import human_bytes
 from appliance.runtime.local.supervisor_client import SupervisorUnavailable
 from appliance.runtime.plan import Program
 from appliance.runtime.protocol import DEGRADED, DOWN, HEALTHY, ServiceRow, Status
@@ -131,6 +132,24 @@ def _cache_hit_rate(gateway_url: str) -> float | None:
     return round(counts.get("hit", 0.0) / lookups, 4) if lookups else None
 
 
+def _models(runtime: LocalRuntime, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each catalogue model: resident or on demand, its state (the balancer's, contract C3), the memory one
+    worker of it needs, and the worker programs holding it now."""
+    from appliance.runtime.local.models import list_models  # (it imports the runtime)
+    from appliance.runtime.protocol import RuntimeFailure
+
+    try:
+        rows = list_models(runtime)
+    except RuntimeFailure as exc:
+        return [{"error": str(exc)}]
+    return [
+        {"model": row.alias, "resident": row.resident, "pinned": row.pinned, "state": row.state,
+         "memory_bytes": row.memory_bytes,
+         "workers": [w["name"] for w in workers if w.get("model") == row.alias and w.get("healthy")]}
+        for row in rows
+    ]
+
+
 def collect_status(runtime: LocalRuntime) -> tuple[int, dict[str, Any]]:
     settings = runtime.settings
     if not runtime.supervisor.alive():
@@ -153,6 +172,7 @@ def collect_status(runtime: LocalRuntime) -> tuple[int, dict[str, Any]]:
         "gpu": gpu_summary(),
         "cache_hit_rate": _cache_hit_rate(settings.gateway_local_url),
     }
+    report["models"] = _models(runtime, workers)
     healthy = [s["healthy"] for s in services]
     gateway_ok = any(s["healthy"] for s in services if s["name"] == "gateway")
     code = HEALTHY if all(healthy) else (DEGRADED if gateway_ok and any(w["healthy"] for w in workers) else DOWN)
@@ -182,6 +202,11 @@ def status_of(runtime: LocalRuntime) -> Status:
         f"queue={w.get('queue_depth')} ctx/slot={w.get('n_ctx')} layers on GPU={w.get('gpu_layers')}"
         f" decode={(w.get('decode') or {}).get('mode', '-')}"  # the worker's decode mode (issue 31)
         for w in report.get("workers", [])
+    ]
+    lines += [
+        f"  model {m['model']}: {m['resident']}{' (pinned)' if m['pinned'] else ''}, state={m['state']}, "
+        f"workers={','.join(m['workers']) or '-'}, memory per worker={human_bytes(m['memory_bytes'])}"
+        for m in report.get("models", []) if "model" in m
     ]
     redis_info, rag, gpu = report.get("redis") or {}, report.get("rag") or {}, report.get("gpu") or {}
     lines.append(
