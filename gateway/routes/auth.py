@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
-from litestar.params import FromQuery, Parameter
+from litestar.params import FromQuery, QueryParameter
 
 from appliance.core.errors import error_body, not_found, unauthorized
 from gateway.auth.oidc import ProviderError
@@ -49,6 +49,11 @@ def _cookie(auth: WebAuth, name: str, value: str, max_age: int) -> Cookie:
                   secure=auth.cookie_secure)
 
 
+def _redirect(location: str, cookies: list[Cookie], status: int = 303) -> Response[Any]:
+    return Response(b"", media_type="text/plain", status_code=status, headers={"Location": location, **_NO_STORE},
+                    cookies=cookies)
+
+
 @get("/auth/login", include_in_schema=False)
 async def login(svc: Services, return_to: FromQuery[str] = "/") -> Response[Any]:
     """Start the authorization code flow: state, nonce and PKCE verifier kept server-side, bound to this browser."""
@@ -63,14 +68,12 @@ async def login(svc: Services, return_to: FromQuery[str] = "/") -> Response[Any]
         return _back(auth, target, "provider_unavailable")
     await auth.preauth.put(state, PreAuth(nonce=nonce, code_verifier=verifier, binding=digest(binding),
                                           return_to=target))
-    return Response(b"", media_type="text/plain", status_code=302, headers={"Location": url, **_NO_STORE},
-                    cookies=[_cookie(auth, auth.preauth_cookie, binding, auth.settings.preauth_ttl_s)])
+    return _redirect(url, [_cookie(auth, auth.preauth_cookie, binding, auth.settings.preauth_ttl_s)], status=302)
 
 
 def _back(auth: WebAuth, target: str, code: str) -> Response[Any]:
     separator = "&" if "?" in target else "?"
-    return Response(b"", media_type="text/plain", status_code=303, headers={"Location": f"{target}{separator}signin_error={code}", **_NO_STORE},
-                    cookies=[_cookie(auth, auth.preauth_cookie, "", 0)])
+    return _redirect(f"{target}{separator}signin_error={code}", [_cookie(auth, auth.preauth_cookie, "", 0)])
 
 
 async def _audit_failure(svc: GatewayServices, reason: str, subject: str | None) -> None:
@@ -82,7 +85,7 @@ async def _audit_failure(svc: GatewayServices, reason: str, subject: str | None)
 
 @get("/auth/callback", include_in_schema=False)
 async def callback(request: Request[Any, Any, Any], svc: Services, *, code: FromQuery[str | None] = None,
-                   oauth_state: Annotated[str | None, Parameter(query="state")] = None,
+                   oauth_state: Annotated[str | None, QueryParameter(name="state")] = None,
                    error: FromQuery[str | None] = None,
                    iss: FromQuery[str | None] = None) -> Response[Any]:
     """The provider sends the browser back here: check the pre-auth record, exchange the code, check the
@@ -132,9 +135,8 @@ async def _complete(svc: GatewayServices, code: str, preauth: PreAuth) -> Respon
                                      detail={"role": user.role, "key_id": user.key_id})
     await svc.audit.append_async(actor=actor, action="auth.sign_in", target=actor,
                                  detail={"role": user.role, "method": "oidc"})
-    return Response(b"", media_type="text/plain", status_code=303, headers={"Location": preauth.return_to, **_NO_STORE}, cookies=[
-        _cookie(auth, auth.session_cookie, session_id, auth.settings.session_absolute_s),
-        _cookie(auth, auth.preauth_cookie, "", 0)])
+    session_cookie = _cookie(auth, auth.session_cookie, session_id, auth.settings.session_absolute_s)
+    return _redirect(preauth.return_to, [session_cookie, _cookie(auth, auth.preauth_cookie, "", 0)])
 
 
 @post("/auth/logout", status_code=200, include_in_schema=False)

@@ -22,7 +22,9 @@ from tests.support.stack import LoopbackAppliance
 pytestmark = pytest.mark.integration
 
 # Public on purpose; THREAT_MODEL.md says why for each.
-GATEWAY_PUBLIC = {"/healthz", "/readyz", "/metrics"}
+GATEWAY_PUBLIC = {"/healthz", "/readyz", "/metrics",
+                  # web sign-in: the flow itself, sign-out and "who am I" (their own checks: gateway/THREAT_MODEL.md)
+                  "/auth/login", "/auth/callback", "/auth/logout", "/auth/me"}
 GATEWAY_UI_PAGES = {"/", "/admin"}  # static HTML of the web UI; every call it makes needs a key
 GATEWAY_PUBLIC_PREFIXES = ("/schema", "/static")  # OpenAPI document + viewers; web UI assets
 GATEWAY_ANY_KEY = ("/v1/models",)  # any valid key may list and read models (filtered by the key's allowed models)
