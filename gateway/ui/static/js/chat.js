@@ -172,6 +172,7 @@ const rag = new RagPanel({ onError: announce, onAuthLost: (err) => signin.signOu
 const signin = setupSignIn({
   verify,
   onReady: () => {
+    drawer.close(); // left open when the session ended
     loadModels();
     rag.refresh();
     renderAll();
