@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from appliance.backup.audit_snapshot import live_audit_path
@@ -31,10 +33,23 @@ def cli_audit(settings: RuntimeSettings) -> AuditLog:
 def record(settings: RuntimeSettings, *, action: str, target: str, outcome: str = "ok",
            detail: Mapping[str, DetailValue] | None = None) -> None:
     """Append one record as this CLI user; a log that cannot be written is a warning, the act is done."""
+    log = cli_audit(settings)
     try:
-        cli_audit(settings).append(actor=cli_actor(), action=action, target=target, outcome=outcome, detail=detail)
+        log.append(actor=cli_actor(), action=action, target=target, outcome=outcome, detail=detail)
+        _same_owner_as_its_data(log.path)
     except (AuditError, OSError) as exc:
         err.print(f"[yellow]warning:[/] the audit log could not record {action} ({exc})", highlight=False)
+
+
+def _same_owner_as_its_data(path: Path) -> None:
+    """Run as root, the CLI may be first to create the log; the gateway (compose: the containers' uid) must
+    still append to it, so the log and its directory take the owner of the directory that holds them."""
+    if os.geteuid() != 0:
+        return
+    owner = path.parent.parent.stat()
+    for made in (path.parent, path):
+        if made.stat().st_uid != owner.st_uid:
+            os.chown(made, owner.st_uid, owner.st_gid)
 
 
 def _config_sha256() -> str:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from appliance.cli.audit_trail import record
+from appliance.runtime.settings import RuntimeSettings
 from tests.unit.test_cli_runtime import RecordingRuntime, _cli
 
 
@@ -54,3 +57,16 @@ def test_scale_records_the_new_worker_count_once(made: list[RecordingRuntime], t
     assert _cli(made, "up")[0] == 0  # up after scale keeps the scaled count: not another change
     changes = _changes(tmp_path)
     assert [c["detail"]["changed"] for c in changes] == [changes[0]["detail"]["changed"], "workers"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root creates files for another user")
+def test_a_log_the_root_cli_creates_stays_the_data_owners(tmp_path: Path) -> None:
+    """On compose the gateway appends as the containers' uid: a root CLI must not leave the log root's."""
+    gateway_data = tmp_path / "data" / "gateway"
+    gateway_data.mkdir(parents=True)
+    os.chown(gateway_data, 10001, 10001)
+    settings = RuntimeSettings(data_dir=tmp_path / "data", runtime="compose")
+    record(settings, action="backup.create", target="archive.tar.gz")
+    log = gateway_data / "audit" / "audit.jsonl"
+    assert (log.stat().st_uid, log.parent.stat().st_uid) == (10001, 10001)
+    assert json.loads(log.read_text())["actor"] == f"cli:{getpass.getuser()}"
