@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from appliance.cli import admin, audit_cmds, backup_cmds, batches_cmds, bundle, images, models_cmds, stack
+from appliance.cli import admin, audit_cmds, backup_cmds, batches_cmds, bundle, images, models_cmds, stack, users_cmds
 from appliance.cli.context import RuntimeFor, runtime
 
 __all__ = ["create_app"]
@@ -41,5 +41,6 @@ def create_app(runtime_for: RuntimeFor = runtime) -> typer.Typer:
     audit_cmds.register(app)
     models_cmds.register(app)
     batches_cmds.register(app)
+    users_cmds.register(app)
     app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(bench)
     return app

@@ -25,7 +25,7 @@ from gateway.auth.settings import AuthSettings
 from gateway.auth.tokens import TokenRefused
 from tests.support.gateway_harness import Gateway, gateway
 from tests.support.oidc_provider import IdpUser, OidcProvider, installed, oidc_provider, sign_in_over_http
-from tests.support.processes import free_port
+from tests.support.processes import free_port, run_cli
 from tests.support.strict import STRICT
 
 pytestmark = pytest.mark.integration
@@ -250,3 +250,29 @@ def test_a_real_providers_id_token_is_refused_when_tampered_expired_or_for_anoth
 
     assert asyncio.run(verdicts()) == [f"accepted {ALICE.sub}", "bad_signature", "bad_signature", "bad_signature",
                                        "invalid_nonce", "expired"]
+
+
+def test_appliance_users_lists_shows_disables_and_enables(idp_and_gateway: tuple[OidcProvider, Gateway],
+                                                          browsers: Callable[[], httpx.Client],
+                                                          tmp_path: Path) -> None:
+    _, gw = idp_and_gateway
+    browser = _sign_in(browsers(), ALICE)
+    (tmp_path / "empty.toml").write_text("")
+    env = {"APPLIANCE_CONFIG": str(tmp_path / "empty.toml"), "APPLIANCE_DATA_DIR": str(gw.data_dir),
+           "APPLIANCE_RUNTIME_GATEWAY_PORT": gw.url.rsplit(":", 1)[1], "NO_COLOR": "1", "COLUMNS": "200"}
+    listed = json.loads(run_cli(["users", "list", "--json"], env=env, cwd=tmp_path).stdout)
+    alice = next(row for row in listed if row["subject"] == ALICE.sub)
+    assert alice["groups"] == ["staff"] and alice["role"] == "user" and alice["disabled"] is False
+    assert "usage_today_tokens" in alice and alice["last_sign_in"] > 0
+    shown = run_cli(["users", "show", ALICE.sub], env=env, cwd=tmp_path).stdout
+    assert "alice@example.com" in shown and "role user" in shown and "groups: staff" in shown
+    disabled = run_cli(["users", "disable", ALICE.sub], env=env, cwd=tmp_path)
+    assert "session(s) ended" in disabled.stderr and browser.get("/auth/me").status_code == 401
+    assert json.loads(run_cli(["users", "show", ALICE.sub, "--json"], env=env, cwd=tmp_path).stdout)["disabled"]
+    run_cli(["users", "enable", ALICE.sub], env=env, cwd=tmp_path)
+    missing = run_cli(["users", "show", "nobody-here"], env=env, cwd=tmp_path, check=False)
+    assert missing.returncode == 1 and "404" in missing.stderr
+    audit = [json.loads(line) for line in (gw.data_dir / "audit" / "audit.jsonl").read_text().splitlines()]
+    acts = [(r["action"], r["actor"]) for r in audit if r["target"] == f"user:{ALICE.sub}"]
+    assert ("user.create", f"user:{ALICE.sub}") in acts and ("auth.sign_in", f"user:{ALICE.sub}") in acts
+    assert any(action == "user.disable" and actor.startswith("key:") for action, actor in acts)
