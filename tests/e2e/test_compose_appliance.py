@@ -301,6 +301,57 @@ def test_a_backup_restores_into_an_empty_data_dir(
         assert client.get("/v1/models").status_code == 401
 
 
+def test_models_added_and_removed_live(stack: ComposeAppliance, model_path: Path) -> None:
+    """Issue 29 in compose: a second model added while streams run (0 lost, 0 cut: the workers whose model
+    changes are recreated one at a time, each drained first), both listed and answering, a model that does not
+    fit refused with the numbers, and remove drains (a stream on the removed model completes)."""
+    models = stack.data_dir / "models"
+    for name in ("second.gguf", "third.gguf"):
+        shutil.copy(model_path, models / name)
+        (models / name).chmod(0o644)  # the workers' uid reads it
+    refused = stack.cli("models", "add", str(models / "third.gguf"), "--alias", "huge", "--slots", "256",
+                        "--context", "1048576", "--runtime", "compose", check=False)
+    message = " ".join(refused.stderr.split())
+    assert refused.returncode == 1 and "does not fit the memory budget" in message, refused.stderr
+    assert "256 slots x 1048576 tokens x 18.0 KiB KV" in message and "total" in message, message
+    admin = stack.admin_key()
+    with StreamLoad(stack, admin, clients=2) as load:
+        load.wait_served(2, 300, "streams before the add")
+        added = json.loads(stack.cli("models", "add", str(models / "second.gguf"), "--alias", "chat-b",
+                                     "--runtime", "compose", "--json", timeout=1800).stdout)
+        load.wait_served(load.ok + 2, 300, "streams after the add")
+    print(f"compose models add under streams: {load.ok} ok, {len(load.cut)} cut, {len(load.lost)} lost; {added}")
+    assert load.lost == [] and load.cut == []
+    with stack.sdk(admin) as sdk:
+        listed = {m.id: m.model_dump() for m in sdk.models.list().data}
+        assert {listed[m]["state"] for m in (MODEL, "chat-b")} == {"loaded"}, listed
+        for model in (MODEL, "chat-b"):
+            reply = sdk.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+            assert reply.model == model and reply.choices[0].finish_reason in {"stop", "length"}
+        done: dict[str, Any] = {}
+
+        def long_stream() -> None:
+            try:
+                for chunk in sdk.chat.completions.create(
+                        model="chat-b", max_tokens=120, stream=True, **NO_CACHE,
+                        messages=[{"role": "user", "content": "Count from one to two hundred in words."}]):
+                    done.setdefault("first", True)
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        done["finish"] = chunk.choices[0].finish_reason
+            except Exception as exc:
+                done["error"] = repr(exc)
+
+        thread = threading.Thread(target=long_stream)
+        thread.start()
+        wait_until(lambda: "first" in done or "error" in done, 120, "the stream on chat-b started", interval=0.2)
+        stack.cli("models", "remove", "chat-b", "--runtime", "compose", timeout=900)
+        thread.join(300)
+        assert "error" not in done and done.get("finish") in {"stop", "length"}, done
+        wait_until(lambda: "chat-b" not in {m.id for m in sdk.models.list().data}, 60, "chat-b unlisted")
+    report = json.loads(stack.cli("status", "--runtime", "compose", "--json", check=False).stdout)
+    assert [m["model"] for m in report["models"]] == [MODEL], report["models"]
+
+
 def test_down_leaves_no_container_or_network(stack: ComposeAppliance) -> None:
     stack.cli("down", "--runtime", "compose")
     assert stack.leftovers() == ([], [])
