@@ -106,7 +106,7 @@ class DiskPromptCache:
             if len(data) > left:
                 continue
             name = hashlib.sha256(data[: -_MAC_BYTES]).hexdigest()[:32] + SUFFIX
-            _write_atomically(directory / name, data)
+            _write_or_touch(directory / name, data)
             kept.add(name)
             left -= len(data)
             tokens += len(entry.tokens)
@@ -191,6 +191,17 @@ class DiskPromptCache:
         tokens = _tokens_from(body[start : start + 4 * count])
         parsed: Scope = None if scope is None else KeyId.trusted(scope)
         return SavedPrefix(model_sha256, parsed, tokens, body[start + 4 * count :])
+
+
+def _write_or_touch(path: Path, data: bytes) -> None:
+    """A file is named by its content: one already there whole (read back, saved again) is only marked newest."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            os.utime(path)
+            return
+    except OSError:
+        pass
+    _write_atomically(path, data)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

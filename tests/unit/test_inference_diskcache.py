@@ -61,6 +61,18 @@ def test_files_of_one_model_are_never_read_as_another(tmp_path: Path) -> None:
     assert disk.save(MODEL_B, LAYOUT, [prefix(MODEL_A, 1)]).prefixes == 0  # nor filed under it
 
 
+def test_saving_a_prefix_again_marks_its_file_newest_without_rewriting_it(tmp_path: Path) -> None:
+    disk = DiskPromptCache(tmp_path, TOKEN, 1 << 20)
+    disk.save(MODEL_A, LAYOUT, [prefix(MODEL_A, 1), prefix(MODEL_A, 100)])
+    files = {path.name: path.stat().st_ino for path in (tmp_path / MODEL_A).iterdir()}
+    old = min(path.stat().st_mtime for path in (tmp_path / MODEL_A).iterdir()) - 10
+    for path in (tmp_path / MODEL_A).iterdir():
+        os.utime(path, (old, old))
+    disk.save(MODEL_A, LAYOUT, [prefix(MODEL_A, 1)])
+    assert {path.name: path.stat().st_ino for path in (tmp_path / MODEL_A).iterdir()} == files
+    assert load(disk)[0] == prefix(MODEL_A, 1)
+
+
 def test_another_context_layout_is_not_restored(tmp_path: Path) -> None:
     disk = DiskPromptCache(tmp_path, TOKEN, 1 << 20)
     disk.save(MODEL_A, LAYOUT, [prefix(MODEL_A, 1)])
