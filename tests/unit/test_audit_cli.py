@@ -1,6 +1,6 @@
 """Configuration changes in the audit log: `appliance up` with changed flags or appliance.toml, and `scale`.
 
-Driven through the CLI with the recording runtime of test_cli_runtime (what starts the services is
+Driven through the CLI with the recording runtime (tests/support/recording_runtime.py) (what starts the services is
 not what is checked here: the record the CLI writes is).
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from appliance.cli.audit_trail import record
 from appliance.runtime.settings import RuntimeSettings
-from tests.unit.test_cli_runtime import RecordingRuntime, _cli
+from tests.support.recording_runtime import RecordingRuntime, invoke
 
 
 @pytest.fixture
@@ -36,25 +36,25 @@ def _changes(tmp: Path) -> list[dict[str, Any]]:
 
 def test_up_records_a_config_change_only_when_the_flags_or_the_file_changed(
         made: list[RecordingRuntime], tmp_path: Path) -> None:
-    assert _cli(made, "up")[0] == 0
+    assert invoke(made, "up")[0] == 0
     first = _changes(tmp_path)
     assert len(first) == 1 and first[0]["detail"]["first"] is True
     assert first[0]["actor"] == f"cli:{getpass.getuser()}" and first[0]["target"] == "appliance"
-    assert _cli(made, "up")[0] == 0
+    assert invoke(made, "up")[0] == 0
     assert len(_changes(tmp_path)) == 1  # the same configuration: nothing to record
-    assert _cli(made, "up", "--workers", "3")[0] == 0
-    assert _cli(made, "up")[0] == 0  # the remembered flag again: no change
+    assert invoke(made, "up", "--workers", "3")[0] == 0
+    assert invoke(made, "up")[0] == 0  # the remembered flag again: no change
     (tmp_path / "empty.toml").write_text("[gateway]\ndefault_rpm = 100\n")
-    assert _cli(made, "up")[0] == 0
+    assert invoke(made, "up")[0] == 0
     changes = _changes(tmp_path)
     assert [c["detail"]["changed"] for c in changes[1:]] == ["workers", "config_file_sha256"]
     assert all(c["detail"]["first"] is False for c in changes[1:])
 
 
 def test_scale_records_the_new_worker_count_once(made: list[RecordingRuntime], tmp_path: Path) -> None:
-    assert _cli(made, "up")[0] == 0
-    assert _cli(made, "scale", "inference=4")[0] == 0
-    assert _cli(made, "up")[0] == 0  # up after scale keeps the scaled count: not another change
+    assert invoke(made, "up")[0] == 0
+    assert invoke(made, "scale", "inference=4")[0] == 0
+    assert invoke(made, "up")[0] == 0  # up after scale keeps the scaled count: not another change
     changes = _changes(tmp_path)
     assert [c["detail"]["changed"] for c in changes] == [changes[0]["detail"]["changed"], "workers"]
 
