@@ -17,6 +17,7 @@ from appliance.runtime.models import apply_changes, plan_models, read_changes, w
 from appliance.runtime.plan import build_plan
 from appliance.runtime.protocol import RuntimeFailure
 from appliance.runtime.settings import RuntimeSettings
+from tests.support.processes import REPO
 
 GIB = 1 << 30
 TOKEN = "model-plan-test-internal-token-0123456789abc"
@@ -189,10 +190,19 @@ def test_compose_gets_one_worker_service_per_role(model_path: Path, tmp_path: Pa
     models = plan_models(configs, ModelsSettings(), tmp_path / "run", budget=Budget(64 * GIB, "t"), worker_paths=paths)
     import json
 
-    services = json.loads(render_override(models, Path("/repo/compose.yaml"), 2).split("\n", 1)[1])["services"]
+    services = json.loads(render_override(models, 2).split("\n", 1)[1])["services"]
     assert sorted(services) == ["inference-1", "inference-2", "inference-3", "inference-4"]
-    assert "extends" not in services["inference-2"]  # compose.yaml's own services only get their model
-    assert services["inference-3"]["extends"] == {"file": "/repo/compose.yaml", "service": "inference-1"}
+    assert list(services["inference-2"]) == ["environment"]  # compose.yaml's own services only get their model
+    # A worker compose.yaml does not define is compose.yaml's worker, with its own name and model.
+    import yaml
+
+    own = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]["inference-1"]
+    extra = services["inference-3"]
+    assert {k: v for k, v in own.items() if k not in ("build", "environment")} == {
+        k: v for k, v in extra.items() if k != "environment"}
+    ours = services["inference-1"]["environment"]  # what the model plan sets on every worker
+    theirs = {k: v for k, v in own["environment"].items() if k not in ours}
+    assert {k: v for k, v in extra["environment"].items() if k in theirs} == theirs
     env = services["inference-4"]["environment"]
     assert env["APPLIANCE_WORKER_MODEL_PATH"] == "/data/models/team/copy.gguf"
     assert env["APPLIANCE_WORKER_ADVERTISE_URL"] == "http://inference-4:8201"
