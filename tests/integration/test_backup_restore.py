@@ -290,4 +290,12 @@ def test_the_cli_refuses_a_forged_archive_and_says_why(live: Path, archive: Path
     said = " ".join(refused.stderr.split())
     assert refused.returncode == 1 and "Traceback" not in said, said
     assert "refusing to restore forged.tar.gz: the manifest's MAC does not verify with the backup key" in said, said
-    assert _snapshot(live) == before
+    # Nothing but the audit log changed, and it holds the refusal (the data dir's own mtime moves with audit/).
+    audited = [json.loads(line) for line in (live / "audit" / "audit.jsonl").read_text().splitlines()]
+    refusal = ("backup.restore", "forged.tar.gz", "refused")
+    assert [(r["action"], r["target"], r["outcome"]) for r in audited] == [refusal]
+    assert _outside_audit(_snapshot(live)) == _outside_audit(before)
+
+
+def _outside_audit(state: dict[str, tuple[int, int, str]]) -> dict[str, tuple[int, int, str]]:
+    return {path: entry for path, entry in state.items() if path != "." and path.split("/")[0] != "audit"}
