@@ -7,7 +7,9 @@ not what is checked here: the record the CLI writes is).
 from __future__ import annotations
 
 import getpass
+import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import pytest
 
 from appliance.cli.audit_trail import record
+from appliance.core.audit import AuditLog
+from appliance.core.logging import JsonFormatter
 from appliance.runtime.settings import RuntimeSettings
 from tests.support.recording_runtime import RecordingRuntime, invoke
 
@@ -70,3 +74,25 @@ def test_a_log_the_root_cli_creates_stays_the_data_owners(tmp_path: Path) -> Non
     log = gateway_data / "audit" / "audit.jsonl"
     assert (log.stat().st_uid, log.parent.stat().st_uid) == (10001, 10001)
     assert json.loads(log.read_text())["actor"] == f"cli:{getpass.getuser()}"
+
+
+def test_verify_takes_its_anchors_from_a_saved_gateway_log(made: list[RecordingRuntime], tmp_path: Path) -> None:
+    """`--log`: the "audit anchor" lines the gateway writes every N records, read back from its JSON-lines log."""
+    log = AuditLog(tmp_path / "audit.jsonl", anchor_every=2)
+    handler = logging.StreamHandler(io.StringIO())
+    handler.setFormatter(JsonFormatter("gateway"))
+    logging.getLogger("appliance.audit").addHandler(handler)
+    logging.getLogger("appliance.audit").setLevel(logging.INFO)
+    try:
+        for index in range(4):
+            log.append(actor="key:a", action="key.revoke", target=f"key:{index}")
+    finally:
+        logging.getLogger("appliance.audit").removeHandler(handler)
+    saved = tmp_path / "gateway.log"
+    saved.write_text('not json "audit anchor"\n' + handler.stream.getvalue())  # type: ignore[attr-defined]
+    code, stdout, _ = invoke(made, "audit", "verify", "--file", str(log.path), "--log", str(saved), "--json")
+    report = json.loads(stdout)
+    assert code == 0 and [a.split(":")[0] for a in report["anchors"]] == ["2", "4"]
+    log.path.write_bytes(b"".join(log.path.read_bytes().splitlines(keepends=True)[:3]))
+    code, stdout, _ = invoke(made, "audit", "verify", "--file", str(log.path), "--log", str(saved), "--json")
+    assert code == 1 and json.loads(stdout)["problem"]["kind"] == "truncated"
