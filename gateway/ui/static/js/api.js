@@ -1,7 +1,12 @@
-// HTTP calls to the gateway with the signed-in key, and errors a person can read.
+// HTTP calls to the gateway, signed in either way, and errors a person can read. Two ways to be signed in:
+// a session (the gateway's HttpOnly cookie, sent by the browser; state-changing calls carry the session's
+// CSRF token in X-CSRF-Token), or a pasted API key (kept in this tab's sessionStorage, sent as a bearer key).
+// Every other module calls request()/getJSON()/authHeaders() and never needs to know which.
 import { parseQueued, readSSE } from "./sse.js";
 
 const KEY = "appliance.apiKey";
+const SAFE = new Set(["GET", "HEAD", "OPTIONS"]);
+let csrfToken = ""; // the signed-in session's, from /auth/me; never stored
 
 export function getKey() {
   return sessionStorage.getItem(KEY) || "";
@@ -10,6 +15,49 @@ export function getKey() {
 export function setKey(key) {
   if (key) sessionStorage.setItem(KEY, key);
   else sessionStorage.removeItem(KEY);
+}
+
+/** Remember the session's CSRF token (empty: no session). */
+export function setSession(token) {
+  csrfToken = token || "";
+}
+
+export function hasSession() {
+  return Boolean(csrfToken);
+}
+
+/** The headers that authenticate a call: the bearer key, or for a session the CSRF token on a change. */
+export function authHeaders(method = "GET", key = undefined) {
+  const bearer = key !== undefined ? key : getKey();
+  if (bearer) return { Authorization: `Bearer ${bearer}` };
+  if (csrfToken && !SAFE.has(method.toUpperCase())) return { "X-CSRF-Token": csrfToken };
+  return {};
+}
+
+/** Who is signed in with a session: {status, body} of GET /auth/me (body has methods and provider on 401). */
+export async function whoAmI() {
+  try {
+    const response = await fetch("/auth/me", { credentials: "same-origin", cache: "no-store" });
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      // an older gateway without /auth: key sign-in only
+    }
+    return { status: response.status, body };
+  } catch (err) {
+    return { status: 0, body: null, error: String(err.message || err) };
+  }
+}
+
+/** End the session on the server (its cookie is then worthless), then forget its token. */
+export async function endSession() {
+  if (!csrfToken) return;
+  try {
+    await fetch("/auth/logout", { method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrfToken } });
+  } finally {
+    csrfToken = "";
+  }
 }
 
 /** An OpenAI-shaped error with the HTTP status and the wait the server asked for. */
@@ -24,8 +72,11 @@ export class ApiError extends Error {
   /** One sentence for the person at the keyboard. */
   get friendly() {
     const wait = this.retryAfter ? Math.ceil(this.retryAfter) : null;
-    if (this.status === 401) return "Your API key was not accepted (unknown, revoked or expired). Please sign in again.";
-    if (this.status === 403) return `Not allowed with this key: ${this.message}`;
+    if (this.status === 401) {
+      return csrfToken ? "Your session has ended. Please sign in again."
+        : "Your API key was not accepted (unknown, revoked or expired). Please sign in again.";
+    }
+    if (this.status === 403) return `Not allowed${csrfToken ? "" : " with this key"}: ${this.message}`;
     if (this.status === 429) return `Rate limited, try again in ${wait ?? 1} s.`;
     if (this.status === 503) return `The server is busy, try again in ${wait ?? 2} s.`;
     if (this.status === 413) return "That is too large for the server.";
@@ -51,9 +102,9 @@ async function errorFrom(response) {
   return new ApiError(response.status, message, code, Number.isFinite(retry) ? retry : null);
 }
 
-/** fetch with the bearer key; throws ApiError on a non-2xx status or a network failure. */
+/** fetch signed in (key or session); throws ApiError on a non-2xx status or a network failure. */
 export async function request(path, { method = "GET", body, headers = {}, signal, key } = {}) {
-  const all = { Authorization: `Bearer ${key ?? getKey()}`, ...headers };
+  const all = { ...authHeaders(method, key), ...headers };
   let payload = body;
   if (body !== undefined && !(body instanceof FormData) && typeof body !== "string") {
     payload = JSON.stringify(body);
@@ -61,7 +112,7 @@ export async function request(path, { method = "GET", body, headers = {}, signal
   }
   let response;
   try {
-    response = await fetch(path, { method, body: payload, headers: all, signal });
+    response = await fetch(path, { method, body: payload, headers: all, signal, credentials: "same-origin" });
   } catch (err) {
     if (err.name === "AbortError") throw err;
     throw new ApiError(0, String(err.message || err));

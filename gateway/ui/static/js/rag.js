@@ -1,6 +1,6 @@
 // Documents for retrieval: pick or create a collection, upload files (drag and drop, with progress),
 // and look up the passage a citation points at.
-import { ApiError, getJSON, getKey, request } from "./api.js";
+import { ApiError, authHeaders, getJSON, request } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
@@ -9,7 +9,7 @@ function uploadWithProgress(url, file, onProgress) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", url);
-    xhr.setRequestHeader("Authorization", `Bearer ${getKey()}`);
+    for (const [name, value] of Object.entries(authHeaders("POST"))) xhr.setRequestHeader(name, value); // key or session
     xhr.upload.addEventListener("progress", (e) => {
       if (e.lengthComputable) onProgress(e.loaded / e.total);
     });
