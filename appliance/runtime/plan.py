@@ -89,15 +89,15 @@ def _role_env(role: WorkerRole) -> dict[str, str]:
     """A worker of a catalogue entry: that file, pinned to its sha256 (the worker refuses another); a swap host
     starts with ``role.entry`` and loads the others from the catalogue on demand."""
     entry, config = role.entry, role.config
+    if role.swap_host:  # each entry it loads comes from the signed catalogue, with its own sha256, slots, n_ctx
+        return {"APPLIANCE_WORKER_SWAP_HOST": "true", "APPLIANCE_WORKER_INITIAL_MODEL": entry.alias,
+                "APPLIANCE_WORKER_MEMORY_BYTES": str(role.memory_bytes)}
     env = {"APPLIANCE_WORKER_MODEL_PATH": entry.path, "APPLIANCE_WORKER_MODEL_ALIAS": entry.alias,
            "APPLIANCE_WORKER_ALLOWED_SHA256": entry.sha256}
     if config.slots is not None:
         env["APPLIANCE_WORKER_SLOTS"] = str(config.slots)
     if config.n_ctx is not None:
         env["APPLIANCE_WORKER_N_CTX"] = str(config.n_ctx)
-    if role.swap_host:
-        env.update({"APPLIANCE_WORKER_SWAP_HOST": "true", "APPLIANCE_WORKER_INITIAL_MODEL": entry.alias,
-                    "APPLIANCE_WORKER_MEMORY_BYTES": str(role.memory_bytes)})
     return env
 
 
@@ -124,7 +124,8 @@ def _workers(settings: RuntimeSettings, model_path: Path, redis_url: str, data: 
         if settings.worker_slots is not None:
             env["APPLIANCE_WORKER_SLOTS"] = str(settings.worker_slots)
         if roles is not None:  # several models: each worker its catalogue entry
-            env.pop("APPLIANCE_WORKER_SLOTS", None)
+            for variable in ("APPLIANCE_WORKER_SLOTS", "APPLIANCE_WORKER_MODEL_PATH", "APPLIANCE_WORKER_MODEL_ALIAS"):
+                env.pop(variable, None)
             env.update(_role_env(roles[index - 1]))
         programs.append(
             Program(

@@ -156,10 +156,15 @@ def test_each_worker_program_runs_its_entry(model_path: Path, tmp_path: Path) ->
     workers = [p for p in build_plan(settings, model_path, models.roles) if p.stage == "inference"]
     assert [w.name for w in workers] == ["inference-1", "inference-2", "inference-3", "inference-4"]
     assert [w.env["APPLIANCE_WORKER_PORT"] for w in workers] == ["8201", "8202", "8203", "8204"]
-    assert [w.env["APPLIANCE_WORKER_MODEL_ALIAS"] for w in workers] == ["chat", "chat", "chat-copy", "chat-third"]
-    assert workers[2].env["APPLIANCE_WORKER_MODEL_PATH"] == str(copy.resolve())
-    assert {w.env["APPLIANCE_WORKER_ALLOWED_SHA256"] for w in workers} == {models.entries[0].sha256}
+    assert [w.env.get("APPLIANCE_WORKER_MODEL_ALIAS") or w.env["APPLIANCE_WORKER_INITIAL_MODEL"]
+            for w in workers] == ["chat", "chat", "chat-copy", "chat-third"]
+    assert [w.env.get("APPLIANCE_WORKER_MODEL_PATH") for w in workers] == [str(model_path.resolve())] * 2 + [None] * 2
+    assert {w.env["APPLIANCE_WORKER_ALLOWED_SHA256"] for w in workers[:2]} == {models.entries[0].sha256}
     assert workers[0].env["APPLIANCE_WORKER_N_CTX"] == "2048" and "APPLIANCE_WORKER_SWAP_HOST" not in workers[0].env
+    # A swap host takes each entry (file, sha256, slots, n_ctx) from the signed catalogue, so adding an on_demand
+    # entry does not restart it; its memory follows the largest on_demand entry.
+    assert workers[2].env["APPLIANCE_WORKER_INITIAL_MODEL"] == "chat-copy"
+    assert not {"APPLIANCE_WORKER_ALLOWED_SHA256", "APPLIANCE_WORKER_N_CTX"} & set(workers[3].env)
     assert workers[3].env["APPLIANCE_WORKER_SWAP_HOST"] == "true"
     assert workers[3].env["APPLIANCE_WORKER_INITIAL_MODEL"] == "chat-third"
     assert int(workers[3].env["APPLIANCE_WORKER_MEMORY_BYTES"]) == entry_bytes(models.entries[2])
@@ -203,7 +208,7 @@ def test_compose_gets_one_worker_service_per_role(model_path: Path, tmp_path: Pa
     ours = services["inference-1"]["environment"]  # what the model plan sets on every worker
     theirs = {k: v for k, v in own["environment"].items() if k not in ours}
     assert {k: v for k, v in extra["environment"].items() if k in theirs} == theirs
+    assert services["inference-2"]["environment"]["APPLIANCE_WORKER_MODEL_PATH"] == "/data/models/team/copy.gguf"
     env = services["inference-4"]["environment"]
-    assert env["APPLIANCE_WORKER_MODEL_PATH"] == "/data/models/team/copy.gguf"
     assert env["APPLIANCE_WORKER_ADVERTISE_URL"] == "http://inference-4:8201"
     assert (env["APPLIANCE_WORKER_SWAP_HOST"], env["APPLIANCE_WORKER_INITIAL_MODEL"]) == ("true", "chat-third")

@@ -97,15 +97,15 @@ def compose_model_plan(rt: ComposeRuntime) -> ModelPlan | None:
 
 def _env(role: WorkerRole, index: int) -> dict[str, str]:
     entry, config = role.entry, role.config
+    advertise = f"http://inference-{index}:{_PORT}"
+    if role.swap_host:  # each entry it loads comes from the signed catalogue, with its own sha256, slots, n_ctx
+        return {"APPLIANCE_WORKER_SWAP_HOST": "true", "APPLIANCE_WORKER_INITIAL_MODEL": entry.alias,
+                "APPLIANCE_WORKER_MEMORY_BYTES": str(role.memory_bytes), "APPLIANCE_WORKER_ADVERTISE_URL": advertise}
     env = {"APPLIANCE_WORKER_MODEL_PATH": entry.path, "APPLIANCE_WORKER_MODEL_ALIAS": entry.alias,
            "APPLIANCE_WORKER_ALLOWED_SHA256": entry.sha256,
-           "APPLIANCE_WORKER_SLOTS": str(config.slots_or_default),
-           "APPLIANCE_WORKER_ADVERTISE_URL": f"http://inference-{index}:{_PORT}"}
+           "APPLIANCE_WORKER_SLOTS": str(config.slots_or_default), "APPLIANCE_WORKER_ADVERTISE_URL": advertise}
     if config.n_ctx is not None:
         env["APPLIANCE_WORKER_N_CTX"] = str(config.n_ctx)
-    if role.swap_host:
-        env.update({"APPLIANCE_WORKER_SWAP_HOST": "true", "APPLIANCE_WORKER_INITIAL_MODEL": entry.alias,
-                    "APPLIANCE_WORKER_MEMORY_BYTES": str(role.memory_bytes)})
     return env
 
 
