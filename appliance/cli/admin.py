@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 import httpx
@@ -11,9 +11,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from appliance.cli.audit_trail import record
 from appliance.cli.context import admin_key, load
 from appliance.cli.output import err, fail, out, print_json
 from appliance.runtime.settings import RuntimeSettings
+
+if TYPE_CHECKING:
+    from appliance.cli.rag_client import RagClient
 
 __all__ = ["AdminKey", "Json", "admin_call", "register"]
 
@@ -181,6 +185,19 @@ def _share(settings: RuntimeSettings, key: str | None, name: str, *, shared: boo
     return _call(settings, key, "PUT", f"/admin/collections/{quote(name, safe='')}/sharing", json={"shared": shared})
 
 
+def _created(client: RagClient, name: str) -> bool:
+    """Create the collection; False when it was there already."""
+    from appliance.cli.rag_client import RagClientError
+
+    try:
+        client.create_collection(name)
+    except RagClientError as exc:
+        if exc.status != 409:
+            raise
+        return False
+    return True
+
+
 def ingest(
     path: Annotated[Path, typer.Argument(help="a file or a folder of documents")],
     collection: Annotated[str, typer.Option("--collection", "-c")],
@@ -201,7 +218,10 @@ def ingest(
         with RagClient(f"http://127.0.0.1:{settings.rag_port}", settings.resolved_internal_token()) as client, \
                 Progress(*columns, console=err, disable=as_json) as bar:
             task = bar.add_task(f"ingest into {collection}", total=None)
-            for step in ingest_path(client, path, collection):
+            if _created(client, collection):  # straight to the RAG service: the gateway does not see it
+                record(settings, action="collection.create", target=f"collection:{collection}",
+                       detail={"via": "ingest"})
+            for step in ingest_path(client, path, collection, create=False):
                 done = step.file_index - 1 + (step.fraction if step.state not in {"done", "duplicate"} else 1)
                 label = f"{step.state:<9} {step.path.name}"
                 bar.update(task, total=step.files_total, completed=done, description=label)

@@ -144,6 +144,20 @@ def test_backup_and_restore_appear_as_the_cli_user_and_the_manifest_anchors_the_
     assert json.loads(verified.stdout)["ok"] is True
 
 
+def test_a_collection_ingest_creates_is_recorded_as_the_cli_user(acts: Acts) -> None:
+    """`appliance ingest` creates the collection in the RAG service directly, not through the gateway."""
+    doc = acts.tmp / "policy.txt"
+    doc.write_text("Expense reports are due on the fifth working day of each month.\n")
+    env = {**acts.cli_env(acts.data_dir), "APPLIANCE_RUNTIME_RAG_PORT": acts.stack.rag.rsplit(":", 1)[1]}
+    for _ in range(2):  # the second ingest finds it there: no second record
+        run_cli(["ingest", str(doc), "--collection", "audited-ingest", "--json"], env=env, cwd=acts.tmp)
+    made = [r for r in _records(acts.log) if r["target"] == "collection:audited-ingest"]
+    assert [(r["action"], r["actor"], r["detail"]) for r in made] == [
+        ("collection.create", f"cli:{getpass.getuser()}", {"via": "ingest"})]
+    with acts.http(acts.stack.admin_key) as admin:
+        assert admin.delete("/v1/collections/audited-ingest").status_code == 200
+
+
 def test_a_restore_never_rolls_the_live_log_back(acts: Acts) -> None:
     host = acts.tmp / "fresh-host"
     log = host / "audit" / "audit.jsonl"
