@@ -5,8 +5,9 @@ Pure bookkeeping over what the scheduler tells it (no llama.cpp), so the rules a
 - an interactive prompt's prefill goes first: a step in which an interactive sequence prefills carries no
   batch row, so its time to first token is its idle one plus at most the step already under way;
 - while interactive sequences run (or ran less than ``grace_s`` ago: a chat client's next turn is coming),
-  the batch lane shrinks to ``batch_busy`` sequences, taken in turn (least recently stepped first), the others
-  paused with their KV cells kept in their slots; 0 pauses the lane;
+  the batch lane shrinks to ``batch_busy`` sequences, generating ones before prompts still prefilling (a
+  prefill chunk costs a step far more than a decoded row), each kind in turn (least recently stepped first),
+  the others paused with their KV cells kept in their slots; 0 pauses the lane;
 - with no interactive sequence about, every batch sequence steps again;
 - an interactive request that finds every slot taken takes one from a batch sequence: the batch sequence
   with the fewest cells leaves its slot (its cells stay behind as a cached prefix, so it is resumed from
@@ -107,7 +108,8 @@ class LaneBook:
         elif not interactive and not self.grace_left():
             chosen = [r.slot for r in batch]
         else:
-            turn = sorted(batch, key=lambda r: (self._stepped[r.slot], r.slot))[: self.policy.batch_busy]
+            # Lines under way first (they end and free their slot), then new prompts, each in turn.
+            turn = sorted(batch, key=lambda r: (r.prefilling, self._stepped[r.slot], r.slot))[: self.policy.batch_busy]
             chosen = [r.slot for r in interactive] + [r.slot for r in turn]
         self._account(batch, set(chosen))
         for slot in chosen:

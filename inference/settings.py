@@ -73,10 +73,11 @@ class WorkerSettings(RedisClientSettings):
     # Decode lanes (inference.lanes): batch-priority work takes the compute interactive work leaves.
     batch_lane_busy: int = Field(
         default=4, ge=0, le=256,
-        description="batch sequences that keep decoding while interactive ones run (the others pause, their KV "
-                    "kept); 0 = the batch lane pauses; an interactive prompt's prefill always steps without batch rows")
+        description="batch sequences that keep stepping while interactive ones run, lines under way before new "
+                    "prompts (the others pause, their KV kept); 0 = the batch lane pauses; an interactive prompt's "
+                    "prefill always steps without batch rows")
     batch_lane_grace_s: float = Field(
-        default=0.25, ge=0, le=60,
+        default=1.0, ge=0, le=60,
         description="the batch lane stays shrunk this long after the last interactive sequence (a chat's next turn)")
     prefix_share_across_keys: bool = Field(
         default=False, description="let one API key's requests reuse prefixes another key's requests left"
