@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from typing import Annotated, Any, Literal
 
@@ -144,12 +145,12 @@ _SWAP_FIELDS = ("max_swap_wait_s", "swap_policy", "swap_queue_timeout_s", "swap_
 
 
 class _ModelsTable(PydanticBaseSettingsSource):
-    """The swap settings from ``[models]`` of appliance.toml (where the model catalogue is configured), under
-    ``[balancer]`` and the environment."""
+    """The swap settings from ``[models]`` of appliance.toml (where the model catalogue is configured) and from
+    ``APPLIANCE_MODELS_*`` over it; ``APPLIANCE_BALANCER_*`` and ``[balancer]`` come first."""
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
         super().__init__(settings_cls)
-        self._values = self._read()
+        self._values = {**self._read(), **self._environment()}
 
     @staticmethod
     def _read() -> dict[str, Any]:
@@ -164,6 +165,12 @@ class _ModelsTable(PydanticBaseSettingsSource):
         if not isinstance(table, dict):  # [[models]] (the catalogue's entries) is a list: no settings there
             return {}
         return {name: table[name] for name in _SWAP_FIELDS if name in table}
+
+    @staticmethod
+    def _environment() -> dict[str, Any]:
+        """``APPLIANCE_MODELS_<FIELD>``, the [models] table's own environment names (compose passes those)."""
+        found = {name: os.environ.get(f"APPLIANCE_MODELS_{name.upper()}") for name in _SWAP_FIELDS}
+        return {name: value for name, value in found.items() if value is not None}
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self._values.get(field_name), field_name, False
