@@ -1,8 +1,8 @@
 """The audit log: who did what to what, append-only JSON lines, each record hash-chained to the one before.
 
-A record is ``{"seq", "time", "actor", "action", "target", "outcome", "detail", "prev", "hash"}``:
-``hash`` is the SHA-256 of the line's own bytes up to ``,"hash":`` (closed with ``}``), so any byte changed shows,
-``prev`` the ``hash`` of the record before it (64 zeros for the first), ``seq`` counts from 1. Editing,
+A record is ``{"seq", "time", "actor", "action", "target", "outcome", "detail", "prev", "hash"}``.
+``seq`` counts from 1; ``prev`` is the ``hash`` of the record before (64 zeros for the first); ``hash`` is
+the SHA-256 of the line's own bytes up to ``,"hash":`` (closed with ``}``), so any changed byte shows. Editing,
 removing or reordering a record breaks the chain where it happened (see :mod:`appliance.core.audit_verify`);
 rewriting the whole chain from some record on is caught only against a head kept elsewhere (an anchor:
 ``seq:hash`` in the logs and in each backup manifest).
@@ -124,7 +124,7 @@ def _detail(detail: Mapping[str, DetailValue] | None) -> dict[str, DetailValue]:
     out: dict[str, DetailValue] = {}
     for key, value in (detail or {}).items():
         if not isinstance(value, str | int | float | bool):
-            raise TypeError(f"audit detail {key!r} must be a str, int, float or bool")
+            raise ValueError(f"audit detail {key!r} must be a str, int, float or bool")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"audit detail {key!r} must be finite")
         if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
