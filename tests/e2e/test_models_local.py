@@ -179,5 +179,15 @@ def test_several_models_on_a_running_stack(stack: SupervisedAppliance) -> None:
     with pytest.raises(openai.NotFoundError):
         admin.chat.completions.create(model="chat-b", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert [_answers(admin, m) for m in ("chat-a", "chat-c")] == ["chat-a", "chat-c"]
+    # An on_demand model gets a swap host (W's worker, M1's balancer), which starts with it loaded; pin it live.
+    added = json.loads(stack.cli("models", "add", str(data / "third.gguf"), "--alias", "chat-od", "--on-demand",
+                                 "--slots", "2", "--context", "1024", "--json").stdout)
+    assert added["started"] == ["inference-3"], added
+    assert _answers(admin, "chat-od") == "chat-od"
+    stack.cli("models", "pin", "chat-od")
+    listed = {row["alias"]: row for row in json.loads(stack.cli("models", "list", "--json").stdout)["data"]}
+    assert (listed["chat-od"]["resident"], listed["chat-od"]["pinned"], listed["chat-od"]["workers"]) == (
+        "on_demand", True, 0), listed
+    wait_until(lambda: _listed(admin)["chat-od"].get("pinned") is True, 30, "the balancer sees the pin", interval=0.5)
     audit = "".join(path.read_text() for path in (stack.data_dir / "audit").glob("*.jsonl"))
-    assert '"model.add"' in audit and '"model.remove"' in audit and '"refused"' in audit
+    assert all(f'"{action}"' in audit for action in ("model.add", "model.remove", "model.pin", "refused"))
