@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from litestar.datastructures import Cookie
 from redis.asyncio import Redis
 
 from gateway.auth.oidc import OidcClient, new_oidc_http
@@ -46,6 +47,11 @@ class WebAuth:
     @property
     def methods(self) -> list[str]:
         return [*(["oidc"] if self.oidc is not None else []), *(["key"] if self.settings.key_sign_in else [])]
+
+    def cookie(self, name: str, value: str, max_age: int) -> Cookie:
+        """HttpOnly, SameSite=Lax (the provider's redirect back is a top-level GET), Path=/, Secure under TLS."""
+        return Cookie(key=name, value=value, max_age=max_age, path="/", httponly=True, samesite="lax",
+                      secure=self.cookie_secure)
 
     async def resolve(self, session_id: str) -> SignedIn | None:
         """The live session of this cookie and its user; None when it ended, or the user is disabled or gone."""

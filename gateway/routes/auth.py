@@ -44,11 +44,6 @@ def _oidc(svc: GatewayServices) -> WebAuth:
     return svc.web_auth
 
 
-def _cookie(auth: WebAuth, name: str, value: str, max_age: int) -> Cookie:
-    return Cookie(key=name, value=value, max_age=max_age, path="/", httponly=True, samesite="lax",
-                  secure=auth.cookie_secure)
-
-
 def _redirect(location: str, cookies: list[Cookie], status: int = 303) -> Response[Any]:
     return Response(b"", media_type="text/plain", status_code=status, headers={"Location": location, **_NO_STORE},
                     cookies=cookies)
@@ -68,12 +63,12 @@ async def login(svc: Services, return_to: FromQuery[str] = "/") -> Response[Any]
         return _back(auth, target, "provider_unavailable")
     await auth.preauth.put(state, PreAuth(nonce=nonce, code_verifier=verifier, binding=digest(binding),
                                           return_to=target))
-    return _redirect(url, [_cookie(auth, auth.preauth_cookie, binding, auth.settings.preauth_ttl_s)], status=302)
+    return _redirect(url, [auth.cookie(auth.preauth_cookie, binding, auth.settings.preauth_ttl_s)], status=302)
 
 
 def _back(auth: WebAuth, target: str, code: str) -> Response[Any]:
     separator = "&" if "?" in target else "?"
-    return _redirect(f"{target}{separator}signin_error={code}", [_cookie(auth, auth.preauth_cookie, "", 0)])
+    return _redirect(f"{target}{separator}signin_error={code}", [auth.cookie(auth.preauth_cookie, "", 0)])
 
 
 async def _audit_failure(svc: GatewayServices, reason: str, subject: str | None) -> None:
@@ -135,8 +130,8 @@ async def _complete(svc: GatewayServices, code: str, preauth: PreAuth) -> Respon
                                      detail={"role": user.role, "key_id": user.key_id})
     await svc.audit.append_async(actor=actor, action="auth.sign_in", target=actor,
                                  detail={"role": user.role, "method": "oidc"})
-    session_cookie = _cookie(auth, auth.session_cookie, session_id, auth.settings.session_absolute_s)
-    return _redirect(preauth.return_to, [session_cookie, _cookie(auth, auth.preauth_cookie, "", 0)])
+    session_cookie = auth.cookie(auth.session_cookie, session_id, auth.settings.session_absolute_s)
+    return _redirect(preauth.return_to, [session_cookie, auth.cookie(auth.preauth_cookie, "", 0)])
 
 
 @post("/auth/logout", status_code=200, include_in_schema=False)
@@ -149,7 +144,7 @@ async def logout(request: Request[Any, Any, Any], svc: Services) -> Response[Any
     actor = f"user:{found.user.subject}"
     await svc.audit.append_async(actor=actor, action="auth.sign_out", target=actor)
     return Response({"signed_out": True}, headers=_NO_STORE,
-                    cookies=[_cookie(svc.web_auth, svc.web_auth.session_cookie, "", 0)])
+                    cookies=[svc.web_auth.cookie(svc.web_auth.session_cookie, "", 0)])
 
 
 @get("/auth/me", include_in_schema=False)
