@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
-from gateway.auth.oidc import OidcClient, new_oidc_http
+from gateway.auth.oidc import OidcClient, ProviderError, new_oidc_http
 from gateway.auth.settings import AuthSettings
 from gateway.auth.tokens import TokenRefused
 from tests.support.gateway_harness import Gateway, gateway
@@ -276,3 +276,31 @@ def test_appliance_users_lists_shows_disables_and_enables(idp_and_gateway: tuple
     acts = [(r["action"], r["actor"]) for r in audit if r["target"] == f"user:{ALICE.sub}"]
     assert ("user.create", f"user:{ALICE.sub}") in acts and ("auth.sign_in", f"user:{ALICE.sub}") in acts
     assert any(action == "user.disable" and actor.startswith("key:") for action, actor in acts)
+
+
+@pytest.mark.parametrize("return_to", ["//evil.example/", "https://evil.example/", "/\\evil.example", "/admin?next=x"])
+def test_sign_in_only_returns_to_a_page_of_this_gateway(browsers: Callable[[], httpx.Client], return_to: str) -> None:
+    browser = browsers()
+    start = browser.get("/auth/login", params={"return_to": return_to})
+    done = browser.get(str(sign_in_over_http(browser, start.headers["location"], ALICE)))
+    assert done.status_code == 303 and done.headers["location"] == "/"
+
+
+def test_a_provider_that_is_down_or_names_another_issuer_is_refused(
+        idp_and_gateway: tuple[OidcProvider, Gateway]) -> None:
+    idp, gw = idp_and_gateway
+
+    async def reasons() -> list[str]:
+        found = []
+        for issuer in ("http://127.0.0.1:9", idp.issuer + "/"):
+            settings = AuthSettings(oidc_issuer=issuer, client_id=idp.client_id, client_secret_file=idp.secret_file,
+                                    redirect_url=f"{gw.url}/auth/callback")
+            client = OidcClient(settings, new_oidc_http(settings))
+            try:
+                await client.authorization_url(state="s", nonce="n", code_verifier="v" * 64)
+            except ProviderError as exc:
+                found.append(exc.reason)
+            await client.close()
+        return found
+
+    assert asyncio.run(reasons()) == ["discovery_unreachable", "discovery_issuer_mismatch"]
