@@ -55,7 +55,9 @@ RESTORE_DIR = ".restore"
 JOURNAL = "journal.json"
 # Swapped as one unit: Redis holds the admin key's hash, so the key file travels with it.
 # The gateway's stored responses (data_dir/responses, SQLite) are a part of their own.
-PARTS = {"redis": "redis", "rag": "rag", "admin_key": "secrets/admin_key", "responses": "responses"}  # live -> staged
+# The Files and Batch APIs' files and batch runs (data_dir/files) too.
+PARTS = {"redis": "redis", "rag": "rag", "admin_key": "secrets/admin_key", "responses": "responses",
+         "files": "files"}  # live -> staged
 DERIVED_CARRIED_OVER = ("onnx",)  # caches left out of backups (see snapshot.DERIVED): kept from the old rag dir
 Step = Callable[[str], None]
 # redis-server's arguments and the host directories they name -> the argv that runs it with them visible.
@@ -240,6 +242,8 @@ def _stage(
         parts.append("rag")
     if (staged / "responses").is_dir():
         parts.append("responses")
+    if (staged / "files").is_dir():
+        parts.append("files")
     if (staged / "secrets" / "admin_key").is_file():
         (staged / "secrets" / "admin_key").chmod(0o600)
         parts.append("admin_key")

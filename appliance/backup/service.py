@@ -12,7 +12,7 @@ from appliance.backup.archive import ArchiveWriter, copy_offsite, rotate, verify
 from appliance.backup.audit_snapshot import add_audit_log, live_audit_path
 from appliance.backup.key import default_key_path, load_or_create_key
 from appliance.backup.restore import RestoreResult, recover_interrupted_restore, restore_backup
-from appliance.backup.snapshot import add_models, add_rag_store, add_responses_store, redis_bgsave
+from appliance.backup.snapshot import add_files_store, add_models, add_rag_store, add_responses_store, redis_bgsave
 from appliance.core.audit import AuditHead
 from appliance.runtime.settings import RuntimeSettings
 
@@ -67,6 +67,7 @@ def create_backup(
         writer.add_file(rdb, "redis/dump.rdb")
         add_rag_store(writer, settings.data_dir)
         add_responses_store(writer, settings.data_dir / "responses", settings.data_dir)
+        add_files_store(writer, settings.data_dir / "files", settings.data_dir)  # the Files and Batch APIs
         audit_head = add_audit_log(writer, live_audit_path(settings))
         for name in ("admin_key",):
             if (settings.data_dir / name).is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sqlite3
 import tempfile
@@ -18,6 +19,7 @@ from appliance.core.model_files import sha256_file
 __all__ = [
     "DERIVED",
     "SnapshotError",
+    "add_files_store",
     "add_models",
     "add_rag_store",
     "add_responses_store",
@@ -135,6 +137,24 @@ def add_responses_store(writer: ArchiveWriter, source: Path, staging_parent: Pat
         copy_rag_store(source, Path(staging) / "responses")  # any directory of SQLite files copies the same way
         if (Path(staging) / "responses").is_dir():
             writer.add_tree(Path(staging) / "responses", "responses")
+
+
+def add_files_store(writer: ArchiveWriter, source: Path, staging_parent: Path) -> None:
+    """The gateway's Files API store and its batches' run directories (``source``: its ``files`` directory),
+    copied file by file while the gateway writes, archived as ``files/``. A run's output copied in the middle
+    of an append ends in a torn line, which the runner cuts off and sends again when it resumes; dot files
+    (locks, uploads not yet whole) are left out."""
+    if not source.is_dir():
+        return
+    with tempfile.TemporaryDirectory(prefix=".backup-files-", dir=staging_parent) as staging:
+        copy = Path(staging) / "files"
+        for path in sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            target = copy / path.relative_to(source)
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile (a file, a finished run)
+                shutil.copyfile(path, target)
+        if copy.is_dir():
+            writer.add_tree(copy, "files")
 
 
 def add_models(writer: ArchiveWriter, models: list[Path], *, included: bool) -> None:

@@ -25,7 +25,7 @@ from appliance.backup.audit_snapshot import add_audit_log, live_audit_path
 from appliance.backup.key import default_key_path, load_or_create_key
 from appliance.backup.restore import RedisServer
 from appliance.backup.service import BackupResult, RestoreResult, restore_backup
-from appliance.backup.snapshot import SnapshotError, add_models, add_rag_store, add_responses_store
+from appliance.backup.snapshot import SnapshotError, add_files_store, add_models, add_rag_store, add_responses_store
 from appliance.runtime.compose.engine import EngineError
 from appliance.runtime.compose.runtime import ComposeRuntime
 
@@ -34,6 +34,7 @@ __all__ = ["ADMIN_KEY_PLACE", "compose_backup", "compose_restore", "redis_in_ima
 Step = Callable[[str], None]
 ADMIN_KEY_PLACE = "gateway/admin_key"  # ComposeRuntime.admin_key_file, relative to the data directory
 RESPONSES_PLACE = "gateway/responses"  # the gateway container's data_dir/responses (stored responses)
+FILES_PLACE = "gateway/files"  # the gateway container's data_dir/files (Files API, batch runs)
 
 
 # redis-cli logs in as the admin user with the password of the container's own secret file: it reaches
@@ -89,6 +90,7 @@ def compose_backup(
         writer.add_file(rdb, "redis/dump.rdb")
         add_rag_store(writer, data)  # the ONNX export is left out: named, not stored
         add_responses_store(writer, data / RESPONSES_PLACE, data)
+        add_files_store(writer, data / FILES_PLACE, data)
         audit_head = add_audit_log(writer, live_audit_path(runtime.settings))
         if runtime.admin_key_file.is_file():
             writer.add_file(runtime.admin_key_file, "secrets/admin_key")
@@ -153,7 +155,7 @@ def compose_restore(
             stop=stop,
             start=start,
             redis_server=redis_in_image(runtime),
-            places={"admin_key": ADMIN_KEY_PLACE, "responses": RESPONSES_PLACE},
+            places={"admin_key": ADMIN_KEY_PLACE, "responses": RESPONSES_PLACE, "files": FILES_PLACE},
         )
     except OSError as exc:
         raise EngineError(f"restore failed: {exc}") from exc
