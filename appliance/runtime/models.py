@@ -115,9 +115,10 @@ def apply_changes(configs: Sequence[ModelConfig], changes: dict[str, Any]) -> li
 # -- one entry from one file -----------------------------------------------------------------------------
 
 
-def _sha256(path: Path, run_dir: Path) -> str:
-    """The file's sha256, remembered by (size, mtime, inode) in data/run so `status` and `restart` do not rehash
-    many GiB; the worker checks the hash itself before it loads the file."""
+def _file_facts(path: Path, run_dir: Path) -> tuple[str, int]:
+    """The file's sha256 and KV bytes per token, remembered by (size, mtime, inode) in data/run so `status` and
+    `restart` neither rehash many GiB nor walk the GGUF's vocabulary again; the worker checks the hash itself
+    before it loads the file."""
     stat = path.stat()
     key, stamp = str(path), [stat.st_size, stat.st_mtime_ns, stat.st_ino]
     cache_path = run_dir / _HASHES
@@ -128,15 +129,20 @@ def _sha256(path: Path, run_dir: Path) -> str:
     if not isinstance(cache, dict):
         cache = {}
     known = cache.get(key)
-    if isinstance(known, dict) and known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
-        return str(known["sha256"])
+    if (isinstance(known, dict) and known.get("stamp") == stamp and isinstance(known.get("sha256"), str)
+            and isinstance(known.get("kv_bytes_per_token"), int)):
+        return str(known["sha256"]), int(known["kv_bytes_per_token"])
+    try:
+        kv = kv_shape(path).bytes_per_token
+    except GGUFError as exc:
+        raise RuntimeFailure(str(exc)) from None
     digest = sha256_file(path)
-    cache[key] = {"stamp": stamp, "sha256": digest}
+    cache[key] = {"stamp": stamp, "sha256": digest, "kv_bytes_per_token": kv}
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
     tmp.replace(cache_path)
-    return digest
+    return digest, kv
 
 
 def describe(config: ModelConfig, run_dir: Path, worker_path: str | None = None) -> CatalogueEntry:
@@ -146,10 +152,9 @@ def describe(config: ModelConfig, run_dir: Path, worker_path: str | None = None)
     if not path.is_file():
         raise RuntimeFailure(f"model {config.alias}: the file {path} does not exist")
     try:
-        shape = kv_shape(path)
-    except GGUFError as exc:
+        digest, kv_bytes = _file_facts(path, run_dir)
+    except RuntimeFailure as exc:
         raise RuntimeFailure(f"model {config.alias}: {exc}") from None
-    digest = _sha256(path, run_dir)
     if config.allowed_sha256 and digest not in config.allowed_sha256:
         raise RuntimeFailure(
             f"model {config.alias}: the sha256 of {path} is {digest}, which allowed_sha256 does not list"
@@ -157,7 +162,7 @@ def describe(config: ModelConfig, run_dir: Path, worker_path: str | None = None)
     return CatalogueEntry(
         alias=config.alias, path=worker_path or str(path.resolve()), sha256=digest, size_bytes=path.stat().st_size,
         slots=config.slots_or_default, n_ctx=config.n_ctx_or_default, resident=config.resident,
-        workers=config.workers, pinned=config.pinned, kv_bytes_per_token=shape.bytes_per_token,
+        workers=config.workers, pinned=config.pinned, kv_bytes_per_token=kv_bytes,
     )
 
 

@@ -212,3 +212,17 @@ def test_compose_gets_one_worker_service_per_role(model_path: Path, tmp_path: Pa
     env = services["inference-4"]["environment"]
     assert env["APPLIANCE_WORKER_ADVERTISE_URL"] == "http://inference-4:8201"
     assert (env["APPLIANCE_WORKER_SWAP_HOST"], env["APPLIANCE_WORKER_INITIAL_MODEL"]) == ("true", "chat-third")
+
+
+def test_file_facts_are_remembered_until_the_file_changes(model_path: Path, tmp_path: Path) -> None:
+    from appliance.runtime.models import describe
+
+    copy = tmp_path / "m.gguf"
+    shutil.copyfile(model_path, copy)
+    config = ModelConfig(alias="m", path=copy)
+    first = describe(config, tmp_path / "run")
+    assert describe(config, tmp_path / "run") == first and (tmp_path / "run" / "model_hashes.json").is_file()
+    with copy.open("ab") as handle:  # the file changes: hashed again, never the remembered value
+        handle.write(b"\0")
+    changed = describe(config, tmp_path / "run")
+    assert changed.sha256 != first.sha256 and changed.size_bytes == first.size_bytes + 1
