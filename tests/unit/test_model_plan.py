@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from appliance.core.gguf_header import GGUFError, kv_shape
-from appliance.core.model_catalogue import entry_bytes
+from appliance.core.model_catalogue import CatalogueEntry, entry_bytes
 from appliance.core.model_settings import ModelConfig, ModelsSettings, parse_bytes
 from appliance.core.settings import ConfigError, load_settings
-from appliance.runtime.budget import Budget, host_memory
+from appliance.runtime.budget import Budget, fit, host_memory, human_bytes
 from appliance.runtime.models import apply_changes, plan_models, read_changes, write_changes
 from appliance.runtime.plan import build_plan
 from appliance.runtime.protocol import RuntimeFailure
@@ -226,3 +228,25 @@ def test_file_facts_are_remembered_until_the_file_changes(model_path: Path, tmp_
         handle.write(b"\0")
     changed = describe(config, tmp_path / "run")
     assert changed.sha256 != first.sha256 and changed.size_bytes == first.size_bytes + 1
+
+
+_entries = st.lists(st.builds(
+    lambda i, size, slots, ctx, kv, workers, on_demand: CatalogueEntry(
+        alias=f"m{i}", path="/m.gguf", sha256="ab" * 32, size_bytes=size, slots=slots, n_ctx=ctx,
+        kv_bytes_per_token=kv, workers=workers, resident="on_demand" if on_demand else "always"),
+    st.integers(0, 10**6), st.integers(0, 64 * GIB), st.integers(1, 256), st.integers(64, 1 << 20),
+    st.integers(0, 1 << 20), st.integers(1, 8), st.booleans()), max_size=6, unique_by=lambda e: e.alias)
+
+
+@given(_entries, st.integers(1, 1 << 44))
+def test_the_budget_arithmetic_adds_up(entries: list[CatalogueEntry], budget: int) -> None:
+    checked = fit(entries, Budget(budget, "test"))
+    on_demand = [e for e in entries if e.resident == "on_demand"]
+    resident = sum(entry_bytes(e) * e.workers for e in entries if e.resident == "always")
+    largest = max((entry_bytes(e) for e in on_demand), default=0)
+    assert checked.used == resident + checked.swap_hosts * largest
+    assert checked.fits == (checked.used <= budget)
+    assert (checked.swap_hosts >= 1) == bool(on_demand) and checked.swap_hosts <= len(on_demand)
+    if checked.fits and on_demand and checked.swap_hosts < len(on_demand):
+        assert resident + (checked.swap_hosts + 1) * largest > budget  # as many hosts as the budget allows
+    assert checked.lines[-1] == f"total {human_bytes(checked.used)} of {human_bytes(budget)}"
