@@ -27,10 +27,12 @@ if TYPE_CHECKING:
 
 __all__ = ["add_model", "list_models", "pin_model", "remove_model"]
 
-# What makes a worker program serve another model (its thread count follows the worker count: not a move).
-_MODEL_ENV = ("APPLIANCE_WORKER_MODEL_PATH", "APPLIANCE_WORKER_MODEL_ALIAS", "APPLIANCE_WORKER_ALLOWED_SHA256",
-              "APPLIANCE_WORKER_SLOTS", "APPLIANCE_WORKER_N_CTX", "APPLIANCE_WORKER_SWAP_HOST",
-              "APPLIANCE_WORKER_INITIAL_MODEL", "APPLIANCE_WORKER_MEMORY_BYTES")
+# What makes a worker program serve another model. Not a move: its thread count (it follows the worker count) and
+# the sha256 pin the single-model stack's workers gain with a second model (same file; a one-worker stack would
+# otherwise restart its only worker); both apply at the next `restart inference`.
+_MODEL_ENV = ("APPLIANCE_WORKER_MODEL_PATH", "APPLIANCE_WORKER_MODEL_ALIAS", "APPLIANCE_WORKER_SLOTS",
+              "APPLIANCE_WORKER_N_CTX", "APPLIANCE_WORKER_SWAP_HOST", "APPLIANCE_WORKER_INITIAL_MODEL",
+              "APPLIANCE_WORKER_MEMORY_BYTES")
 
 
 def _current(runtime: LocalRuntime) -> ModelPlan:
