@@ -95,10 +95,15 @@ def _change(runtime: LocalRuntime, alias: str, action: str, mutate: Any, *, publ
         plan = runtime.model_plan()  # checks the files and the budget before anything moves
         if plan is None:
             raise RuntimeFailure("the catalogue cannot be planned any more")
-        started, stopped = _roll(runtime, before, publish_first=publish_first)
     except BaseException:
         write_changes(run_dir, saved)
         raise
+    try:
+        started, stopped = _roll(runtime, before, publish_first=publish_first)
+    except (RuntimeFailure, httpx.HTTPError) as exc:
+        write_changes(run_dir, saved)
+        raise RuntimeFailure(f"{exc}\nthe change is not remembered; `appliance up` brings the workers back to the "
+                             "catalogue before it") from None
     return ModelChange(alias, action, plan.fit.message(), started, stopped)
 
 
