@@ -32,6 +32,7 @@ pytestmark = pytest.mark.browser
 
 ALICE = IdpUser("alice", ("staff",))
 BOB = IdpUser("bob", ("staff",))
+ROOT = IdpUser("root", ("staff", "appliance-admins"))
 MALLORY = IdpUser("mallory", ("contractors",))
 # What a page's script sends: the answer of fetch() as {status, code}.
 FETCH_JS = """async ([path, init]) => {
@@ -58,9 +59,9 @@ def oidc(stack: BrowserAppliance) -> Iterator[SignInGateway]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     redirect = f"{url}/auth/callback"
-    with oidc_provider(stack.tmp / "idp", redirect_uris=[redirect], users=[ALICE, BOB, MALLORY]) as idp:
+    with oidc_provider(stack.tmp / "idp", redirect_uris=[redirect], users=[ALICE, BOB, ROOT, MALLORY]) as idp:
         env = {**stack.processes.env["gateway"], "APPLIANCE_GATEWAY_PORT": str(port),
-               **idp.auth_settings(redirect, allowed_groups="staff")}
+               **idp.auth_settings(redirect, allowed_groups="staff", admin_groups="appliance-admins")}
         with run_service(python_module("gateway"), env=env, log_path=stack.tmp / "logs" / "gateway-oidc.log",
                          ready_url=f"{url}/healthz", ready_timeout=90) as service:
             yield SignInGateway(url, idp, service)
@@ -157,3 +158,22 @@ def test_a_disabled_users_open_page_is_sent_back_to_sign_in(tab: Any, oidc: Sign
     expect(tab.locator("#signin-error")).to_contain_text("disabled by an administrator")
     with httpx.Client(base_url=oidc.url, timeout=30, headers=admin) as client:
         assert client.post(f"/admin/users/{BOB.sub}/enable").status_code == 200
+
+
+def test_an_admin_group_member_runs_the_dashboard_and_a_user_may_not(tab: Any, browser: Any,
+                                                                    oidc: SignInGateway) -> None:
+    _sign_in(tab, ROOT, "/admin")
+    expect(tab.locator("#app")).to_be_visible()
+    expect(tab.locator("#workers-body tr.worker").first).to_be_visible()
+    form = tab.locator("#key-form")
+    form.get_by_label("Name").fill("made-in-a-session")
+    form.get_by_role("button", name="Create key").click()  # a POST: api.js sends the session's CSRF token
+    expect(tab.locator("#key-message")).to_contain_text("shown only once")
+    expect(tab.locator("#keys-body tr").filter(has_text="made-in-a-session")).to_be_visible()
+
+    context = browser.new_context(base_url=oidc.url)
+    user = context.new_page()
+    _sign_in(user, ALICE, "/admin")
+    expect(user.locator("#signin-error")).to_contain_text("Not allowed")
+    expect(user.locator("#app")).to_be_hidden()
+    context.close()
