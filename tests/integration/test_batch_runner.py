@@ -143,3 +143,36 @@ def test_prometheus_counts_batch_lines_and_tokens(stack: LoopbackAppliance) -> N
     file_id = client.files.create(file=("m.jsonl", _jsonl(stack, 3)), purpose="batch").id
     _ended(client, client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h").id)
     assert tokens() > before and sum(_lines_run(stack)) == lines + 3
+
+
+def test_lines_run_as_their_key_at_batch_priority_and_stop_with_its_revocation(stack: LoopbackAppliance) -> None:
+    secret = stack.create_key("revoked-later")
+    client = openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=secret, max_retries=0, timeout=30)
+    key_id = next(k["id"] for k in httpx.get(f"{stack.gateway}/admin/keys", timeout=10, headers={
+        "Authorization": f"Bearer {stack.admin_key}"}).json()["data"] if k["name"] == "revoked-later")
+    _upstream(stack, service_s=0.2)
+    try:
+        file_id = client.files.create(file=("r.jsonl", _jsonl(stack, 40)), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        wait_until(lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 4, 60,  # type: ignore[union-attr]
+                   "some lines done")
+        seen = httpx.get(f"{stack.balancer}/_stats", headers=stack.internal_headers(), timeout=5).json()["headers"]
+        mine = [h for h in seen if h.get("X-Appliance-Key-Id") == key_id]
+        assert mine and all(h.get("X-Appliance-Priority") == "batch" for h in mine)  # the key's id, lowered
+        revoked = httpx.delete(f"{stack.gateway}/admin/keys/{key_id}", timeout=10,
+                               headers={"Authorization": f"Bearer {stack.admin_key}"})
+        assert revoked.status_code == 200
+        admin = httpx.Client(base_url=stack.gateway, headers={"Authorization": f"Bearer {stack.admin_key}"})
+        with admin:
+            deadline = time.monotonic() + 60
+            while (ended := admin.get(f"/admin/batches/{batch.id}").json())["status"] != "completed":
+                assert time.monotonic() < deadline, ended
+                time.sleep(0.2)
+    finally:
+        _upstream(stack, service_s=0)
+    counts = ended["request_counts"]
+    assert counts["failed"] > 0 and counts["completed"] + counts["failed"] == 40  # each line once
+    assert ended["key_name"] == "revoked-later"
+    errors = stack.tmp / "data" / "files" / key_id / ended["error_file_id"]  # the key may not read it any more
+    statuses = {json.loads(text)["response"]["status_code"] for text in errors.read_text().splitlines()}
+    assert statuses == {401}
