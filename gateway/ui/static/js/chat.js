@@ -87,7 +87,12 @@ async function run(conversation) {
   const error = await streamAnswer({
     conversation, assistant, model: $("model").value, collection: rag.collection,
     maxTokens: answerLimit(), signal: state.controller.signal,
-    onUpdate: () => { updateMessage(el, assistant); log.scrollTop = log.scrollHeight; },
+    onUpdate: () => {
+      // Follow the answer only while the reader is at the end: scrolled up to read, they stay where they are.
+      const following = log.scrollHeight - log.scrollTop - log.clientHeight < 48;
+      updateMessage(el, assistant);
+      if (following) log.scrollTop = log.scrollHeight;
+    },
   });
   window.removeEventListener("appliance:queued", queued);
   state.controller = null;
