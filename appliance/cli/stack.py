@@ -19,6 +19,7 @@ from rich.table import Table
 from appliance.cli.audit_trail import record_config
 from appliance.cli.context import RuntimeFor, admin_key, forget, load, remember
 from appliance.cli.output import err, fail, out, print_json
+from appliance.runtime.models import forget_changes
 from appliance.runtime.protocol import Runtime, RuntimeFailure, Started, Status
 from appliance.runtime.settings import LOOPBACK_HOSTS, RuntimeSettings
 
@@ -74,7 +75,9 @@ def up(
         "tls_names": tls_name or None,
     }
     if reset:
-        forget(load(runtime=runtime_name))
+        remembered = load(runtime=runtime_name)
+        forget(remembered)
+        forget_changes(remembered.run_dir)  # and what `appliance models` changed over appliance.toml
     rt = _runtime(ctx, runtime_name, **given)
     started = time.monotonic()
     try:

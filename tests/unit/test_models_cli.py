@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from appliance.cli.app import create_app
 from appliance.core.model_settings import ModelConfig
-from appliance.runtime.protocol import ModelChange, ModelRow, RuntimeFailure
+from appliance.runtime.models import read_changes, write_changes
+from appliance.runtime.protocol import Intro, ModelChange, ModelRow, RuntimeFailure, Started
 from appliance.runtime.settings import RuntimeSettings
 
 REFUSAL = ("the models do not fit: 72.8 GiB does not fit the memory budget of 3.0 GiB ([models] memory_budget):\n"
@@ -32,6 +33,12 @@ class ModelsRuntime:
             raise RuntimeFailure(self.failure)
         alias = args[0].alias if verb == "add_model" else str(args[0])
         return ModelChange(alias, verb, "1.0 GiB fits", ["inference-3"])
+
+    def intro(self) -> Intro:
+        return Intro("Starting", "test")
+
+    def up(self) -> Started:
+        return Started("http://gw/", "http://gw/v1", self.settings.data_dir / "admin_key")
 
     def models(self) -> list[ModelRow]:
         return [ModelRow("chat", "always", False, 2, "loaded", 300 << 20, "/m/a.gguf", "ab" * 32, ["http://w1"]),
@@ -111,3 +118,13 @@ def test_remove_pin_and_unpin(cli: tuple[CliRunner, Any, ModelsRuntime]) -> None
         assert runner.invoke(app, ["models", *args]).exit_code == 0
     assert rt.calls == [("remove_model", ("coder",)), ("pin_model", ("coder", True)), ("pin_model", ("coder", False))]
     assert [r["action"] for r in _audit(rt)] == ["model.remove", "model.pin", "model.pin"]
+
+
+def test_up_reset_forgets_the_model_changes_too(cli: tuple[CliRunner, Any, ModelsRuntime]) -> None:
+    runner, app, rt = cli
+    run_dir = rt.settings.run_dir
+    write_changes(run_dir, {"added": {}, "removed": ["chat"], "pinned": {}})
+    assert runner.invoke(app, ["up"]).exit_code == 0
+    assert read_changes(run_dir)["removed"] == ["chat"]
+    assert runner.invoke(app, ["up", "--reset"]).exit_code == 0
+    assert read_changes(run_dir) == {"added": {}, "removed": [], "pinned": {}}

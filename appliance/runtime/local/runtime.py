@@ -215,8 +215,10 @@ class LocalRuntime:
             (settings.data_dir / sub).mkdir(parents=True, exist_ok=True)
         conf = render_supervisor_conf(plan, settings.run_dir.resolve(), settings.log_dir.resolve(), REPO)
         _atomic_write(settings.run_dir / "supervisord.conf", conf)
-        _atomic_write(settings.run_dir / "prometheus.yml", render_prometheus_conf(settings, REPO))
-        _atomic_write(settings.run_dir / WORKER_TARGETS_FILE, render_worker_targets(settings))
+        # Prometheus scrapes every planned worker (with several models their count is the model plan's).
+        scraped = settings.model_copy(update={"workers": sum(p.stage == "inference" for p in plan) or settings.workers})
+        _atomic_write(settings.run_dir / "prometheus.yml", render_prometheus_conf(scraped, REPO))
+        _atomic_write(settings.run_dir / WORKER_TARGETS_FILE, render_worker_targets(scraped))
         settings.resolved_internal_token()  # created once here so every service reads the same file
         make_private(settings.data_dir)  # 0700/0600 whatever an older version, a copy or a restore left
         ensure_redis_users(settings.data_dir)  # one password per service; redis-server loads the ACL file
