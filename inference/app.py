@@ -14,6 +14,7 @@ from appliance.core.metrics import CONTENT_TYPE, render
 from appliance.core.model_catalogue import CatalogueEntry, read_entry
 from appliance.core.worker_health import encode_worker_health
 from inference import handlers
+from inference.cachekeeper import PromptCacheKeeper
 from inference.diskcache import DiskPromptCache
 from inference.keys import METRICS, SERVICE, SETTINGS, TOKEN
 from inference.metrics import WorkerMetrics
@@ -93,8 +94,8 @@ def create_app(settings: WorkerSettings, *, loader: ModelLoader = load_model,
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[TOKEN] = token
-    disk = DiskPromptCache(settings.data_dir / "kvcache", token, settings.prompt_cache_disk_bytes)
-    app[SERVICE] = service = WorkerService(settings, metrics, loader, disk)
+    keeper = PromptCacheKeeper(DiskPromptCache(settings.data_dir / "kvcache", token, settings.prompt_cache_disk_bytes))
+    app[SERVICE] = service = WorkerService(settings, metrics, loader, keeper)
     app[SWAPPER] = _swapper(app, service, metrics, token)
     app.cleanup_ctx.append(redis_ctx)  # first: the engine's swap host reads the catalogue through it
     app.cleanup_ctx.append(_engine)

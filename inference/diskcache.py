@@ -1,8 +1,9 @@
 """The host-RAM prompt cache of one model on disk, so it outlives the model's context: a swap, a restart.
 
 ``<data_dir>/kvcache/<sha256 of the GGUF>/<entry>.kv``, one file per saved prefix (its tokens and its KV
-cells as llama.cpp sequence state). The model's sha256 names the directory and is inside every file, so a
-state is only ever restored into the weights that computed it, whatever alias they are served under.
+cells as llama.cpp sequence state), and ``slots.kvs``, the slots as they were (inference.kvsnapshot). The
+model's sha256 names the directory and is inside every file, so a state is only ever restored into the
+weights that computed it, whatever alias they are served under.
 
 A file is written to a temporary name, fsynced and renamed, so a reader sees a whole file or none. Each
 file ends with an HMAC-SHA256 over everything before it, keyed from the internal token: a truncated or
@@ -25,10 +26,11 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.core.durable import fsync_path
 from appliance.core.ids import KeyId
-from inference.kvstore import SavedPrefix
+from inference.kvstore import ContextSnapshot, SavedPrefix
 from inference.prefix import Scope
 
 __all__ = ["CacheReport", "DiskPromptCache"]
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"APKVC001"
 SUFFIX = ".kv"
+SNAPSHOT_MAGIC = b"APKVS001"
+SNAPSHOT_NAME = "slots.kvs"
 _LENGTH = struct.Struct("<I")
 _MAC_BYTES = 32
 _HEADER_MAX = 4096
@@ -118,7 +122,7 @@ class DiskPromptCache:
     def _prune(self) -> None:
         """Every model's files together within the bound: the oldest go first."""
         files: list[tuple[float, int, Path]] = []
-        for path in self.root.glob(f"*/*{SUFFIX}"):
+        for path in [*self.root.glob(f"*/*{SUFFIX}"), *self.root.glob(f"*/{SNAPSHOT_NAME}")]:
             with contextlib.suppress(OSError):
                 stat = path.stat()
                 files.append((stat.st_mtime, stat.st_size, path))
@@ -164,13 +168,23 @@ class DiskPromptCache:
 
     def decode(self, data: bytes, model_sha256: str, layout: str, max_tokens: int) -> SavedPrefix:
         """One file's prefix; ValueError naming what is wrong with it."""
-        fixed = len(MAGIC) + _LENGTH.size
-        if len(data) < fixed + _MAC_BYTES or not data.startswith(MAGIC):
+        header, payload = self._verified(data, MAGIC, model_sha256, layout)
+        count, size, scope = header.get("tokens"), header.get("state"), header.get("scope")
+        if not (isinstance(count, int) and isinstance(size, int) and 0 < count <= max_tokens and size > 0):
+            raise ValueError("its sizes are out of range")
+        if 4 * count + size != len(payload):
+            raise ValueError("its length does not match its header")
+        return SavedPrefix(model_sha256, _scope(scope), _tokens_from(payload[: 4 * count]), payload[4 * count :])
+
+    def _verified(self, data: bytes, magic: bytes, model_sha256: str, layout: str) -> tuple[dict[str, Any], bytes]:
+        """A file's header and what follows it, once its MAC, model and layout are this appliance's and ours."""
+        fixed = len(magic) + _LENGTH.size
+        if len(data) < fixed + _MAC_BYTES or not data.startswith(magic):
             raise ValueError("not a prompt cache file")
         body, mac = data[:-_MAC_BYTES], data[-_MAC_BYTES:]
         if not hmac.compare_digest(mac, hmac.new(self._key, body, hashlib.sha256).digest()):
             raise ValueError("its MAC does not match (damaged, or not written with this appliance's token)")
-        (header_len,) = _LENGTH.unpack_from(body, len(MAGIC))
+        (header_len,) = _LENGTH.unpack_from(body, len(magic))
         if header_len > _HEADER_MAX or fixed + header_len > len(body):
             raise ValueError("its header is too long")
         header = json.loads(body[fixed : fixed + header_len])
@@ -180,17 +194,66 @@ class DiskPromptCache:
             raise ValueError("it holds another model's cells")
         if header.get("layout") != layout:
             raise ValueError("it was saved from another context layout")
-        count, size, scope = header.get("tokens"), header.get("state"), header.get("scope")
-        if not (isinstance(count, int) and isinstance(size, int) and 0 < count <= max_tokens and size > 0):
-            raise ValueError("its sizes are out of range")
-        if fixed + header_len + 4 * count + size != len(body):
-            raise ValueError("its length does not match its header")
-        if scope is not None and not KeyId.matches(scope):
-            raise ValueError("its scope is not a key id")
-        start = fixed + header_len
-        tokens = _tokens_from(body[start : start + 4 * count])
-        parsed: Scope = None if scope is None else KeyId.trusted(scope)
-        return SavedPrefix(model_sha256, parsed, tokens, body[start + 4 * count :])
+        return header, body[fixed + header_len :]
+
+    # -- the slots as they were (inference.kvsnapshot) --
+
+    def save_snapshot(self, snapshot: ContextSnapshot, layout: str) -> int:
+        """Write the slots' snapshot (the model's one, replacing the last); its size, 0 when it is not kept."""
+        if self.bound <= 0 or not snapshot.state:
+            return 0
+        header = json.dumps({"model": snapshot.model, "layout": layout,
+                             "slots": [{"scope": scope, "tokens": len(tokens)} for scope, tokens in snapshot.slots],
+                             "state": len(snapshot.state)}).encode()
+        if len(header) > _HEADER_MAX:
+            return 0
+        body = b"".join((SNAPSHOT_MAGIC, _LENGTH.pack(len(header)), header,
+                         *(_tokens_bytes(tokens) for _, tokens in snapshot.slots), snapshot.state))
+        data = body + hmac.new(self._key, body, hashlib.sha256).digest()
+        if len(data) > self.bound:
+            return 0
+        directory = self.directory(snapshot.model)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_atomically(directory / SNAPSHOT_NAME, data)
+        fsync_path(directory)
+        return len(data)
+
+    def load_snapshot(self, model_sha256: str, layout: str, max_tokens: int) -> ContextSnapshot | None:
+        """The model's slots' snapshot when there is one that passes every check (else None, logged)."""
+        path = self.directory(model_sha256) / SNAPSHOT_NAME
+        try:
+            if path.stat().st_size > self.bound:
+                return None
+            header, payload = self._verified(path.read_bytes(), SNAPSHOT_MAGIC, model_sha256, layout)
+            slots, size = header.get("slots"), header.get("state")
+            if not (isinstance(slots, list) and isinstance(size, int) and size > 0):
+                raise ValueError("its sizes are out of range")
+            counts: list[int] = []
+            for slot in slots:
+                count = slot.get("tokens") if isinstance(slot, dict) else None
+                if not isinstance(count, int) or not 0 <= count <= max_tokens:
+                    raise ValueError("a slot holds more tokens than the context")
+                counts.append(count)
+            if 4 * sum(counts) + size != len(payload):
+                raise ValueError("its length does not match its header")
+            held, offset = [], 0
+            for slot, count in zip(slots, counts, strict=True):
+                held.append((_scope(slot.get("scope")), _tokens_from(payload[offset : offset + 4 * count])))
+                offset += 4 * count
+            return ContextSnapshot(model_sha256, tuple(held), payload[offset:])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("prompt cache file ignored", extra={"file": path.name, "reason": str(exc)[:200]})
+            return None
+
+
+def _scope(raw: object) -> Scope:
+    if raw is None:
+        return None
+    if not KeyId.matches(raw):
+        raise ValueError("its scope is not a key id")
+    return KeyId.trusted(raw)
 
 
 def _write_or_touch(path: Path, data: bytes) -> None:

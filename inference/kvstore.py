@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from inference.prefix import Scope, common_prefix
 
-__all__ = ["HostPromptCache", "SavedPrefix"]
+__all__ = ["ContextSnapshot", "HostPromptCache", "SavedPrefix"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,23 @@ class SavedPrefix:
     scope: Scope
     tokens: tuple[int, ...]
     state: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSnapshot:
+    """Every slot's KV cells at once (llama.cpp's state of every sequence, sliding-window cells included) and,
+    per slot, whose they are and the tokens they hold: the slots as they were, for a context of the same shape.
+
+    A one-sequence state keeps only the cells of the last window on a sliding-window model, so a prefix saved
+    that way resumes only where it ended; the whole memory resumes anywhere, as the live slots do."""
+
+    model: str
+    slots: tuple[tuple[Scope, tuple[int, ...]], ...]
+    state: bytes
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(tokens) for _, tokens in self.slots)
 
 
 class HostPromptCache:

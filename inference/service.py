@@ -36,8 +36,8 @@ from appliance.core.wire import (
 )
 from appliance.core.worker_health import WorkerHealth
 from inference.answers import Answer, Streamed, Whole, stream, usage, whole
-from inference.diskcache import CacheReport, DiskPromptCache
-from inference.kvstore import SavedPrefix
+from inference.cachekeeper import PromptCacheKeeper
+from inference.diskcache import CacheReport
 from inference.lanes import LanePolicy
 from inference.metrics import WorkerMetrics
 from inference.model import LoadedModel, load_model
@@ -64,10 +64,10 @@ PLAN_CACHE_SIZE = 64
 
 class WorkerService:
     """``settings`` are the worker's; a swap host replaces ``self.settings`` with those of each catalogue entry it
-    loads (its file, alias, slots and n_ctx). ``disk`` keeps a model's prompt cache across unloads and restarts."""
+    loads (its file, alias, slots and n_ctx). ``keeper`` keeps a model's prompt cache across unloads and restarts."""
 
     def __init__(self, settings: WorkerSettings, metrics: WorkerMetrics, loader: ModelLoader = load_model,
-                 disk: DiskPromptCache | None = None) -> None:
+                 keeper: PromptCacheKeeper | None = None) -> None:
         self.base = settings
         self.settings = settings
         self.metrics = metrics
@@ -77,7 +77,7 @@ class WorkerService:
         self.failed = asyncio.Event()
         self.in_flight = 0  # generation requests between their handler's start and their answer's end
         self._loader = loader
-        self._disk = disk
+        self._keeper = keeper
         self.model: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self.template = ChatTemplate(None)
@@ -101,7 +101,7 @@ class WorkerService:
         self.state, self.alias, self.settings, self.failure = "loading", settings.model_alias, settings, None
         model = await asyncio.to_thread(self._loader, settings)
         try:
-            saved, report = await asyncio.to_thread(self._read_saved, model, settings)
+            saved = await asyncio.to_thread(self._keeper.read, model, settings) if self._keeper else None
         except BaseException:
             await asyncio.to_thread(model.close)
             raise
@@ -119,10 +119,9 @@ class WorkerService:
                                    count_draft=self.metrics.count_draft,
                                    lanes=LanePolicy(settings.batch_lane_busy, settings.batch_lane_grace_s),
                                    count_lane=self.metrics.lanes)
-        host = self.scheduler.kv.host_cache
-        if host is not None:
-            for entry in reversed(saved):  # oldest first: the newest end up last out
-                host.put(entry.scope, entry.tokens, entry.state)
+        report = CacheReport()
+        if saved is not None:  # before the decode thread starts: the context is this thread's
+            report = await asyncio.to_thread(PromptCacheKeeper.refill, self.scheduler, saved)
         self.scheduler.start(asyncio.get_running_loop(), self._on_step)
         self.metrics.slots_total.set(settings.slots)
         self.metrics.prompt_cache_restored_prefixes.labels(self.alias).inc(report.prefixes)
@@ -133,12 +132,6 @@ class WorkerService:
                                        "decode": model.decode_mode.describe(), "restored_prefixes": report.prefixes,
                                        "restored_tokens": report.tokens})
         return report
-
-    def _read_saved(self, model: LoadedModel, settings: WorkerSettings) -> tuple[list[SavedPrefix], CacheReport]:
-        if self._disk is None or not settings.prefix_reuse or not settings.prompt_cache_bytes:
-            return [], CacheReport()
-        return self._disk.load(model.sha256, cache_layout(model), capacity=settings.prompt_cache_bytes,
-                               max_tokens=settings.n_ctx - 1)
 
     def idle(self) -> bool:
         """No generation request is being handled and no sequence runs or waits."""
@@ -170,29 +163,15 @@ class WorkerService:
         scheduler, model = self.scheduler, self.model
         self.scheduler = self.model = None
         report = CacheReport()
-        if scheduler is not None and model is not None and keep_cache and self._disk is not None:
-            if scheduler.slots_busy + scheduler.queue_depth == 0:  # the decode thread is idle: its cells are ours
-                scheduler.kv.save_slots()
-            scheduler.stop()
-            report = self._save(model, scheduler)
+        if scheduler is not None and model is not None and keep_cache and self._keeper is not None:
+            report = self._keeper.keep_and_stop(model, scheduler)
+            self.metrics.prompt_cache_saved_prefixes.labels(self.alias).inc(report.prefixes)
+            log.info("prompt cache saved", extra={"model": self.alias, "prefixes": report.prefixes,
+                                                  "tokens": report.tokens, "bytes": report.bytes})
         elif scheduler is not None:
             scheduler.stop()
         if model is not None:
             model.close()
-        return report
-
-    def _save(self, model: LoadedModel, scheduler: Scheduler) -> CacheReport:
-        host = scheduler.kv.host_cache
-        if self._disk is None or host is None:
-            return CacheReport()
-        try:
-            report = self._disk.save(model.sha256, cache_layout(model), host.newest_first())
-        except OSError as exc:  # a full or read-only disk costs the saved prefixes, never the unload
-            log.warning("could not save the prompt cache", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
-            return CacheReport()
-        self.metrics.prompt_cache_saved_prefixes.labels(self.alias).inc(report.prefixes)
-        log.info("prompt cache saved", extra={"model": self.alias, "prefixes": report.prefixes,
-                                              "tokens": report.tokens, "bytes": report.bytes})
         return report
 
     def health(self) -> tuple[int, WorkerHealth]:
@@ -498,11 +477,6 @@ def choices(request: GenerationRequest, n: int) -> list[GenerationRequest]:
         return [request] * n  # each sequence draws its own random seed
     return [request if i == 0 else dataclasses.replace(request, sampling=dataclasses.replace(
         request.sampling, seed=seed + i)) for i in range(n)]
-
-
-def cache_layout(model: LoadedModel) -> str:
-    """What a saved prompt cache must have been written from to be restored into ``model``'s context."""
-    return f"v1;exact={int(model.exact)};swa_full={int(model.swa_full)}"
 
 
 def _tokenize(model: LoadedModel, prompt: RenderedPrompt) -> list[int]:

@@ -25,7 +25,8 @@ from tests.support.inference_worker import TOKEN, Worker, spawn_worker
 pytestmark = pytest.mark.integration
 
 A, B = "gemma-swap-a", "gemma-swap-b"
-SYSTEM = "You are the hardware store's assistant. Answer in one short sentence. " * 12
+# Past the model's sliding window (512 tokens): a one-sequence state would resume only where it ended.
+SYSTEM = "You are the hardware store's assistant. Answer in one short sentence. " * 45
 SETTINGS = {"slots": "2", "n_ctx": "1024", "prefix_reuse": "true", "speculative": "false"}
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from appliance.core.ids import KeyId
 from inference.diskcache import DiskPromptCache
-from inference.kvstore import HostPromptCache, SavedPrefix
+from inference.kvstore import ContextSnapshot, HostPromptCache, SavedPrefix
 
 TOKEN = "disk-cache-test-token-padded-to-32-chars"
 MODEL_A = "a" * 64
@@ -143,6 +143,39 @@ def test_the_host_cache_lists_its_entries_newest_first() -> None:
     host.put(None, list(range(1, 41)), b"x" * 10)
     host.put(None, list(range(100, 140)), b"y" * 10)
     assert [entry.tokens[0] for entry in host.newest_first()] == [100, 1]
+
+
+SNAPSHOT = ContextSnapshot(MODEL_A, ((KeyId.trusted("key_alice"), (1, 2, 3)), (None, ())), b"cells" * 100)
+SLOTS_LAYOUT = LAYOUT + ";slots=2;n_ctx=1024"
+
+
+def test_the_slots_snapshot_comes_back_and_only_for_its_model_layout_and_context(tmp_path: Path) -> None:
+    disk = DiskPromptCache(tmp_path, TOKEN, 1 << 20)
+    assert disk.save_snapshot(SNAPSHOT, SLOTS_LAYOUT) > 0
+    assert disk.load_snapshot(MODEL_A, SLOTS_LAYOUT, max_tokens=1024) == SNAPSHOT
+    assert disk.load_snapshot(MODEL_A, LAYOUT + ";slots=4;n_ctx=1024", max_tokens=1024) is None
+    assert disk.load_snapshot(MODEL_A, SLOTS_LAYOUT, max_tokens=2) is None  # a slot longer than the context
+    assert disk.load_snapshot(MODEL_B, SLOTS_LAYOUT, max_tokens=1024) is None
+    (tmp_path / MODEL_B).mkdir()
+    (tmp_path / MODEL_B / "slots.kvs").write_bytes((tmp_path / MODEL_A / "slots.kvs").read_bytes())
+    assert disk.load_snapshot(MODEL_B, SLOTS_LAYOUT, max_tokens=1024) is None
+    assert load(disk) == []  # not taken for a prefix file either
+
+
+def test_a_damaged_or_unsigned_snapshot_is_ignored(tmp_path: Path) -> None:
+    disk = DiskPromptCache(tmp_path, TOKEN, 1 << 20)
+    DiskPromptCache(tmp_path, "another-token-padded-to-32-characters!", 1 << 20).save_snapshot(SNAPSHOT, SLOTS_LAYOUT)
+    assert disk.load_snapshot(MODEL_A, SLOTS_LAYOUT, max_tokens=1024) is None
+    disk.save_snapshot(SNAPSHOT, SLOTS_LAYOUT)
+    path = tmp_path / MODEL_A / "slots.kvs"
+    data = path.read_bytes()
+    path.write_bytes(data[:-40] + bytes([data[-40] ^ 1]) + data[-39:])
+    assert disk.load_snapshot(MODEL_A, SLOTS_LAYOUT, max_tokens=1024) is None
+
+
+def test_a_snapshot_larger_than_the_bound_is_not_written(tmp_path: Path) -> None:
+    assert DiskPromptCache(tmp_path, TOKEN, 100).save_snapshot(SNAPSHOT, SLOTS_LAYOUT) == 0
+    assert not (tmp_path / MODEL_A / "slots.kvs").exists()
 
 
 @given(st.binary(max_size=300))
