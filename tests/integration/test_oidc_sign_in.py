@@ -34,6 +34,7 @@ ALICE = IdpUser("alice", ("staff",))
 ROOT = IdpUser("root", ("staff", "appliance-admins"))
 MALLORY = IdpUser("mallory", ("contractors",))
 DORA = IdpUser("dora", ("staff",))
+EVE = IdpUser("eve", ("staff",))
 NOWHERE = "http://127.0.0.1:9"  # no balancer: nothing here needs one
 
 
@@ -44,7 +45,7 @@ def idp_and_gateway(tmp_path_factory: pytest.TempPathFactory, redis_url: str) ->
     tmp = tmp_path_factory.mktemp("oidc")
     port = free_port()
     redirect = f"http://127.0.0.1:{port}/auth/callback"
-    with oidc_provider(tmp / "idp", redirect_uris=[redirect], users=[ALICE, ROOT, MALLORY, DORA]) as idp:
+    with oidc_provider(tmp / "idp", redirect_uris=[redirect], users=[ALICE, ROOT, MALLORY, DORA, EVE]) as idp:
         env = idp.auth_settings(redirect, allowed_groups="staff", admin_groups="appliance-admins",
                                 group_limits=json.dumps({"staff": {"rpm": 30, "tpd": 50000}}))
         with gateway(tmp, redis_url, NOWHERE, port=port, env_extra=env) as gw:
@@ -304,3 +305,18 @@ def test_a_provider_that_is_down_or_names_another_issuer_is_refused(
         return found
 
     assert asyncio.run(reasons()) == ["discovery_unreachable", "discovery_issuer_mismatch"]
+
+
+def test_revoking_a_users_key_ends_their_session_and_the_next_sign_in_gets_a_new_key(
+        idp_and_gateway: tuple[OidcProvider, Gateway], browsers: Callable[[], httpx.Client]) -> None:
+    _, gw = idp_and_gateway
+    browser = _sign_in(browsers(), EVE)
+    assert browser.get("/v1/models").status_code != 401  # admitted (the balancer is absent here)
+    with gw.client(gw.admin_key) as admin:
+        old_key = admin.get(f"/admin/users/{EVE.sub}").json()["key_id"]
+        assert admin.delete(f"/admin/keys/{old_key}").status_code == 200
+    assert browser.get("/v1/models").status_code == 401
+    again = _sign_in(browsers(), EVE)
+    assert again.get("/v1/models").status_code != 401
+    with gw.client(gw.admin_key) as admin:
+        assert admin.get(f"/admin/users/{EVE.sub}").json()["key_id"] not in (None, old_key)
