@@ -3,11 +3,13 @@ while the gateway has no such endpoint), and the dashboard on a phone: real Chro
 
 from __future__ import annotations
 
+import json
 import re
 from itertools import pairwise
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from playwright.sync_api import expect
 
@@ -70,6 +72,21 @@ def test_dashboard_shows_prefix_reuse_per_worker_and_the_endpoint_panels(page: A
         if "state" in model:
             expect(row.locator("td").nth(1)).to_have_text(model["state"])
     assert MODEL in {m["id"] for m in listed}
+
+    # A batch sent with the official client shows up in the batches panel with its key and request count.
+    if _admin_get(stack, "/admin/batches").status_code != 404:
+        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.admin_key)
+        line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}}
+        uploaded = client.files.create(file=("one.jsonl", json.dumps(line).encode()), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        listed_batch = next(b for b in _admin_get(stack, "/admin/batches").json()["data"] if b["id"] == batch.id)
+        page.get_by_role("button", name="Refresh batches").click()
+        row = page.locator("#batches-body tr").filter(has_text=batch.id)
+        expect(row).to_have_count(1)
+        expect(row.locator("td").nth(1)).to_have_text(listed_batch["key_name"])
+        expect(row.locator("td").nth(3)).to_have_text(re.compile(r"^[01] / 1$"))
 
     # Batches and users: a panel shows what its endpoint lists, or hides while the gateway answers 404.
     for name, path, field in (("batches", "/admin/batches", "id"), ("users", "/admin/users", "subject")):
