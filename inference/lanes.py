@@ -30,7 +30,7 @@ __all__ = ["LaneBook", "LaneCounter", "LanePolicy", "Runner", "victims"]
 @dataclass(frozen=True, slots=True)
 class LanePolicy:
     batch_busy: int = 0  # batch sequences that keep stepping beside interactive work (0: the batch lane pauses)
-    grace_s: float = 0.25  # how long after the last interactive sequence the batch lane stays shrunk
+    grace_s: float = 1.0  # how long after the last interactive sequence the batch lane stays shrunk
 
 
 @dataclass(frozen=True, slots=True)
