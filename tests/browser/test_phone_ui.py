@@ -71,6 +71,7 @@ def test_phone_chat_drawer_composer_and_stream(phone: Any, stack: BrowserApplian
     expect(page.get_by_label("API key")).to_be_visible()
     _no_sideways_scroll(page)
     _thumb_sized(page, "#signin")
+    screenshot(page, "signin-phone")
     page.get_by_label("API key").fill(stack.admin_key)
     page.get_by_role("button", name="Sign in").tap()
     expect(page.locator("#app")).to_be_visible()
@@ -151,6 +152,17 @@ def test_phone_chat_drawer_composer_and_stream(phone: Any, stack: BrowserApplian
     expect(toggle).to_have_attribute("aria-expanded", "false")
     expect(sidebar).to_be_hidden()
     expect(page.locator(".message.assistant")).to_have_count(4)
+
+    # An on-screen keyboard takes the lower part of the screen: the page follows the visual viewport, so the
+    # composer moves up above it and the list gives up the room.
+    keyboard_up = {"width": PHONE["width"], "height": 520}
+    page.set_viewport_size(keyboard_up)
+    page.wait_for_function("(h) => getComputedStyle(document.documentElement)"
+                           ".getPropertyValue('--viewport-height').trim() === `${h}px`", arg=keyboard_up["height"])
+    composer = _box(page.locator("#composer"))
+    assert composer["y"] + composer["height"] <= keyboard_up["height"] + 0.5, composer
+    assert _box(messages)["height"] >= 0.4 * keyboard_up["height"], _box(messages)
+    _no_sideways_scroll(page)
 
 
 def test_laptop_keeps_the_sidebar_beside_the_chat(page: Any, stack: BrowserAppliance) -> None:
