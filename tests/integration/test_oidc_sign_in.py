@@ -103,7 +103,10 @@ def test_sign_in_opens_a_session_with_the_users_own_key(idp_and_gateway: tuple[O
     assert key["name"] == "user:alice@example.com" and key["limits"]["rpm"] == 30 and key["limits"]["tpd"] == 50000
     assert set(key["scopes"]) == {"chat", "embeddings", "collections"}
     # The user's key secret never reaches the browser, and the client secret never the logs.
-    assert "sk-app-" not in me.text and idp.client_secret not in gw.service.logs()
+    logs = gw.service.logs()
+    assert "sk-app-" not in me.text and idp.client_secret not in logs
+    # Nor the session cookie, the CSRF token or an ID token (a JWT starts with eyJ) in the gateway's logs.
+    assert browser.cookies["appliance_session"] not in logs and body["csrf_token"] not in logs and "eyJ" not in logs
 
 
 def test_an_admin_group_member_gets_the_admin_scope_and_csrf_guards_every_change(
