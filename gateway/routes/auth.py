@@ -17,6 +17,7 @@ from litestar.datastructures import Cookie
 from litestar.params import FromQuery, QueryParameter
 
 from appliance.core.errors import error_body, not_found, unauthorized
+from gateway.audit_trail import audit
 from gateway.auth.oidc import ProviderError
 from gateway.auth.policy import Refusal, identity_from_claims
 from gateway.auth.sessions import PreAuth, digest, new_secret
@@ -74,8 +75,8 @@ def _back(auth: WebAuth, target: str, code: str) -> Response[Any]:
 async def _audit_failure(svc: GatewayServices, reason: str, subject: str | None) -> None:
     _log.warning("sign-in refused", extra={"reason": reason, "subject": subject or ""})
     target = f"user:{subject}" if subject else f"oidc:{svc.web_auth.settings.oidc_issuer}"
-    await svc.audit.append_async(actor=f"user:{subject}" if subject else "anonymous", action="auth.sign_in_failed",
-                                 target=target, outcome="refused", detail={"reason": reason})
+    await audit(svc.audit, f"user:{subject}" if subject else "anonymous", "auth.sign_in_failed", target,
+                outcome="refused", detail={"reason": reason})
 
 
 @get("/auth/callback", include_in_schema=False)
@@ -126,10 +127,8 @@ async def _complete(svc: GatewayServices, code: str, preauth: PreAuth) -> Respon
     session_id, _ = await auth.sessions.create(identity.subject)
     actor = f"user:{identity.subject}"
     if created:
-        await svc.audit.append_async(actor=actor, action="user.create", target=actor,
-                                     detail={"role": user.role, "key_id": user.key_id})
-    await svc.audit.append_async(actor=actor, action="auth.sign_in", target=actor,
-                                 detail={"role": user.role, "method": "oidc"})
+        await audit(svc.audit, actor, "user.create", actor, detail={"role": user.role, "key_id": user.key_id})
+    await audit(svc.audit, actor, "auth.sign_in", actor, detail={"role": user.role, "method": "oidc"})
     session_cookie = auth.cookie(auth.session_cookie, session_id, auth.settings.session_absolute_s)
     return _redirect(preauth.return_to, [session_cookie, auth.cookie(auth.preauth_cookie, "", 0)])
 
@@ -142,7 +141,7 @@ async def logout(request: Request[Any, Any, Any], svc: Services) -> Response[Any
         raise unauthorized("Not signed in.")
     await svc.web_auth.sessions.delete(found.session)
     actor = f"user:{found.user.subject}"
-    await svc.audit.append_async(actor=actor, action="auth.sign_out", target=actor)
+    await audit(svc.audit, actor, "auth.sign_out", actor)
     return Response({"signed_out": True}, headers=_NO_STORE,
                     cookies=[svc.web_auth.cookie(svc.web_auth.session_cookie, "", 0)])
 

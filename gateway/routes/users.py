@@ -16,6 +16,7 @@ from appliance.core.errors import bad_request, not_found
 from appliance.core.ids import KeyId
 from gateway.access import access_record
 from gateway.admission import parse_bearer, usage_key
+from gateway.audit_trail import actor_of, audit
 from gateway.auth.subject import UserSubject
 from gateway.auth.users import UserRecord
 from gateway.openapi import documented
@@ -33,7 +34,14 @@ async def _admin(request: Request[Any, Any, Any], svc: GatewayServices) -> str:
     ticket = await svc.admission.admit(parse_bearer(request.headers.get("authorization")), "admin", limited=False)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
     person = signed_in(request)
-    return f"user:{person.user.subject}" if person else f"key:{ticket.principal.key_id}"
+    return f"user:{person.user.subject}" if person else actor_of(ticket.principal)
+
+
+async def _admin_read(request: Request[Any, Any, Any], svc: GatewayServices) -> None:
+    """An admin read: the first one after a pause is an ``admin.view`` in the audit log (not every poll)."""
+    actor = await _admin(request, svc)
+    if svc.admin_views.is_new_view(actor):
+        await audit(svc.audit, actor, "admin.view", f"admin:{request.url.path}")
 
 
 async def _usage(svc: GatewayServices, days: int) -> list[tuple[dt.date, dict[str, int]]]:
@@ -58,7 +66,7 @@ def _row(user: UserRecord, today: dict[str, int]) -> dict[str, Any]:
 @get("/admin/users", summary="People who signed in: role, groups, disabled, last sign-in, tokens today",
      opt=documented(errors=_ERRORS))
 async def list_users(request: Request[Any, Any, Any], svc: Services) -> dict[str, Any]:
-    await _admin(request, svc)
+    await _admin_read(request, svc)
     [(_, today)] = await _usage(svc, 1)
     return {"object": "list", "data": [_row(user, today) for user in await svc.web_auth.users.list()]}
 
@@ -74,7 +82,7 @@ async def _user(svc: GatewayServices, subject: str) -> UserRecord:
      opt=documented(errors=(400, 404, *_ERRORS)))
 async def get_user(request: Request[Any, Any, Any], svc: Services, subject: FromPath[str],
                    days: FromQuery[int] = 7) -> dict[str, Any]:
-    await _admin(request, svc)
+    await _admin_read(request, svc)
     if not 1 <= days <= 366:
         raise bad_request("days must be between 1 and 366.", param="days")
     user = await _user(svc, subject)
@@ -95,8 +103,8 @@ async def _set_disabled(request: Request[Any, Any, Any], svc: GatewayServices, s
     changed = await svc.web_auth.users.set_disabled(user.subject, disabled)
     assert changed is not None
     ended = await svc.web_auth.sessions.end_all(user.subject) if disabled else 0
-    await svc.audit.append_async(actor=actor, action="user.disable" if disabled else "user.enable",
-                                 target=f"user:{user.subject}", detail={"sessions_ended": ended})
+    await audit(svc.audit, actor, "user.disable" if disabled else "user.enable", f"user:{user.subject}",
+                detail={"sessions_ended": ended})
     return {**changed.public_view(), "sessions_ended": ended}
 
 
