@@ -71,6 +71,9 @@ def test_phone_chat_drawer_composer_and_stream(phone: Any, stack: BrowserApplian
     expect(page.get_by_label("API key")).to_be_visible()
     _no_sideways_scroll(page)
     _thumb_sized(page, "#signin")
+    button = _box(page.get_by_role("button", name="Sign in"))
+    assert PHONE["height"] / 2 <= button["y"] and button["y"] + button["height"] <= PHONE["height"], button  # thumb
+    assert page.evaluate("() => document.documentElement.scrollHeight") <= PHONE["height"]  # all of it on screen
     screenshot(page, "signin-phone")
     page.get_by_label("API key").fill(stack.admin_key)
     page.get_by_role("button", name="Sign in").tap()
