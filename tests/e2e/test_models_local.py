@@ -142,6 +142,8 @@ def test_several_models_on_a_running_stack(stack: SupervisedAppliance) -> None:
     assert load_a.failures == [] and load_b.failures == []
     assert (_pid(stack, "gateway"), _pid(stack, "balancer")) == (gateway_pid, balancer_pid)
     assert _answers(admin, "chat-c") == "chat-c"
+    (targets,) = json.loads((stack.data_dir / "run" / "prometheus-workers.json").read_text())
+    assert len(targets["targets"]) == 3  # Prometheus scrapes the new worker too
     listed = {row["alias"]: row for row in json.loads(stack.cli("models", "list", "--json").stdout)["data"]}
     assert sorted(listed) == ["chat-a", "chat-b", "chat-c"] and listed["chat-c"]["state"] == "loaded"
 
