@@ -16,6 +16,7 @@ from inference.diskcache import CacheReport, DiskPromptCache
 from inference.kvsnapshot import restore_snapshot, take_snapshot
 from inference.kvstore import ContextSnapshot, SavedPrefix
 from inference.model import LoadedModel
+from inference.prefix import common_prefix
 from inference.scheduler import Scheduler
 from inference.settings import WorkerSettings
 
@@ -61,14 +62,17 @@ class PromptCacheKeeper:
     def refill(scheduler: Scheduler, saved: SavedCache) -> CacheReport:
         """Put ``saved`` into a scheduler that has not started: the slots, then the host cache; what came back."""
         slots = restore_snapshot(scheduler.kv, saved.snapshot) if saved.snapshot is not None else 0
-        slot_tokens = sum(len(held.tokens) for held in scheduler.kv.held)
+        held = [(slot.scope, slot.tokens) for slot in scheduler.kv.held if slot.tokens]
         host = scheduler.kv.host_cache
-        if host is not None:
-            for entry in reversed(saved.prefixes):  # oldest first: the newest are the last to go
-                host.put(entry.scope, entry.tokens, entry.state)
-        report = saved.report
-        return CacheReport(prefixes=report.prefixes + slots, tokens=report.tokens + slot_tokens, bytes=report.bytes,
-                           ignored=report.ignored)
+        prefixes, tokens = slots, sum(len(slot_tokens) for _, slot_tokens in held)
+        for entry in reversed(saved.prefixes):  # oldest first: the newest are the last to go
+            if host is None or any(scope == entry.scope and len(entry.tokens) <= len(slot_tokens)
+                                   and common_prefix(entry.tokens, slot_tokens) == len(entry.tokens)
+                                   for scope, slot_tokens in held):
+                continue  # a slot holds it already (the same cells, saved twice for a context of another shape)
+            host.put(entry.scope, entry.tokens, entry.state)
+            prefixes, tokens = prefixes + 1, tokens + len(entry.tokens)
+        return CacheReport(prefixes=prefixes, tokens=tokens, bytes=saved.report.bytes, ignored=saved.report.ignored)
 
     def keep_and_stop(self, model: LoadedModel, scheduler: Scheduler) -> CacheReport:
         """Stop the scheduler, saving its slots (when idle: their cells are then ours to read) and host cache."""
