@@ -50,12 +50,16 @@ class PromptCacheKeeper:
         """What was saved for ``model``'s weights and fits its context (nothing when prefix reuse is off)."""
         if not settings.prefix_reuse:
             return SavedCache([], None, CacheReport())
-        snapshot = self.disk.load_snapshot(model.sha256, snapshot_layout(model), max_tokens=settings.n_ctx)
-        prefixes: list[SavedPrefix] = []
-        report = CacheReport()
-        if settings.prompt_cache_bytes:
-            prefixes, report = self.disk.load(model.sha256, cache_layout(model),
-                                              capacity=settings.prompt_cache_bytes, max_tokens=settings.n_ctx - 1)
+        try:
+            snapshot = self.disk.load_snapshot(model.sha256, snapshot_layout(model), max_tokens=settings.n_ctx)
+            prefixes: list[SavedPrefix] = []
+            report = CacheReport()
+            if settings.prompt_cache_bytes:
+                prefixes, report = self.disk.load(model.sha256, cache_layout(model),
+                                                  capacity=settings.prompt_cache_bytes, max_tokens=settings.n_ctx - 1)
+        except OSError as exc:  # an unreadable cache directory costs the saved cache, never the model
+            log.warning("could not read the saved prompt cache", extra={"error": f"{type(exc).__name__}"})
+            return SavedCache([], None, CacheReport())
         return SavedCache(prefixes, snapshot, report)
 
     @staticmethod

@@ -178,6 +178,12 @@ def test_a_snapshot_larger_than_the_bound_is_not_written(tmp_path: Path) -> None
     assert not (tmp_path / MODEL_A / "slots.kvs").exists()
 
 
+def test_a_cache_path_that_is_not_a_directory_reads_as_empty(tmp_path: Path) -> None:
+    (tmp_path / "kvcache").write_bytes(b"not a directory")
+    disk = DiskPromptCache(tmp_path / "kvcache", TOKEN, 1 << 20)
+    assert load(disk) == [] and disk.load_snapshot(MODEL_A, LAYOUT, max_tokens=10) is None
+
+
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_to_a_prefix_or_a_value_error(data: bytes) -> None:
     disk = DiskPromptCache(Path("/nonexistent"), TOKEN, 1 << 20)
