@@ -2,7 +2,7 @@
 // /admin/status), and panels fed by endpoints a gateway may not have yet: models with their load state
 // (GET /v1/models), batches (GET /admin/batches) and users (GET /admin/users). A panel whose endpoint answers 404
 // hides itself; any other failure is said in the panel.
-import { ApiError, getJSON } from "./api.js";
+import { ApiError, getJSON, request } from "./api.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -90,10 +90,24 @@ function batchRow(b) {
   return tr;
 }
 
-function userRow(u) {
-  const tr = row(cell(u.subject), cell(u.email), cell(u.role), cell((u.groups || []).join(", ")),
+const joined = (list) => (Array.isArray(list) ? list.join(", ") : "");
+
+/** A user's row; `onAct("disable" | "enable")` runs when the admin presses its button. */
+function userRow(u, onAct) {
+  const who = u.name && u.name !== u.subject ? `${u.name} (${u.subject})` : u.subject;
+  const tr = row(cell(who), cell(u.email), cell(u.role), cell(joined(u.groups)), cell(joined(u.role_groups)),
     cell(u.disabled ? "disabled" : "active", u.disabled ? "bad" : "ok"), cell(when(u.last_sign_in) || "never"),
     cell(count(u.usage_today_tokens)));
+  const action = u.disabled ? "enable" : "disable";
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "secondary";
+  button.textContent = u.disabled ? "Enable" : "Disable";
+  button.setAttribute("aria-label", `${button.textContent} user ${u.subject}`);
+  button.addEventListener("click", () => onAct(action));
+  const actions = document.createElement("td");
+  actions.append(button);
+  tr.append(actions);
   tr.dataset.subject = String(u.subject ?? "");
   return tr;
 }
@@ -131,12 +145,28 @@ export class EndpointPanel {
 
 /** The three endpoint panels of the dashboard. */
 export function endpointPanels(onAuthLost) {
+  const users = new EndpointPanel({ name: "users", path: "/admin/users", onAuthLost,
+    render: (u) => userRow(u, (action) => changeUser(users, u, action)) });
   return {
     models: new EndpointPanel({ name: "models", path: "/v1/models", render: modelRow, onAuthLost,
       note: (items) => (items.some((m) => "state" in m) ? "" : "This gateway does not publish model states.") }),
     batches: new EndpointPanel({ name: "batches", path: "/admin/batches", render: batchRow, onAuthLost }),
-    users: new EndpointPanel({ name: "users", path: "/admin/users", render: userRow, onAuthLost }),
+    users,
   };
+}
+
+/** Disable (after a confirmation: their sessions end) or enable a user, then list the users again. */
+async function changeUser(panel, user, action) {
+  if (action === "disable" &&
+      !window.confirm(`Disable ${user.subject}? They are signed out and cannot sign in until enabled.`)) return;
+  try {
+    await request(`/admin/users/${encodeURIComponent(user.subject)}/${action}`, { method: "POST" });
+    await panel.refresh();
+    panel.message.textContent = `${user.subject} is ${action}d.`;
+  } catch (err) {
+    if (err.status === 401) return panel.onAuthLost(err);
+    panel.message.textContent = err instanceof ApiError ? err.friendly : String(err);
+  }
 }
 
 /** Phones show a table row as "heading: value" lines: each body cell carries its column's heading. */
