@@ -2,10 +2,10 @@
 
 Each model object carries OpenAI's fields, the limits every worker of it accepts and its weights' sha256 (as
 before), and for a catalogue entry: ``state`` (``loaded``: some worker takes its requests; ``loading``: a swap
-host is on its way to it; ``draining``: its only workers take no new request and finish their running ones (before a swap);
-``unloaded``), ``resident`` (``always`` | ``on_demand``), ``pinned``, ``workers`` (the URLs holding it) and
-``memory_bytes`` (what one worker of it needs: the GGUF plus ``slots x n_ctx`` of KV cache, the README's rule).
-A model served by workers that the catalogue does not list is ``loaded`` with ``resident: "always"``.
+host is on its way to it; ``draining``: its only workers take no new request and finish their running ones
+before a swap; ``unloaded``), ``resident`` (``always`` | ``on_demand``), ``pinned``, ``workers`` (the URLs
+holding it) and ``memory_bytes`` (what one worker of it needs: the GGUF plus ``slots x n_ctx`` of KV cache,
+the README's rule). A model served by workers the catalogue does not list is ``loaded``, ``resident: "always"``.
 """
 
 from __future__ import annotations

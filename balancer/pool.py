@@ -314,7 +314,7 @@ class WorkerPool:
             self._waiters.forget(queue, waiter)
 
     def service_time(self, model: str) -> float | None:
-        """The mean time a lease of ``model`` lasted lately (None before one was measured)."""
+        """How long a lease of ``model`` lasts lately, on the high side (None before one was measured)."""
         return self._waiters.service_time(model)
 
     def position(self, model: str, waiter: Waiter) -> tuple[int, float]:

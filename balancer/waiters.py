@@ -42,6 +42,7 @@ class WaitQueues:
         self._fair = fair
         self._queues: dict[str, FairQueue] = {}
         self._service_s: dict[str, float] = {}  # EWMA of lease durations per model (queue ETAs)
+        self._service_dev: dict[str, float] = {}  # EWMA of their absolute deviation from it
         self.waiting = 0
 
     def queue(self, model: str) -> FairQueue:
@@ -94,9 +95,14 @@ class WaitQueues:
         """A lease of ``model`` lasted ``took_s``: feeds the ETAs."""
         previous = self._service_s.get(model)
         self._service_s[model] = took_s if previous is None else previous + _SERVICE_EWMA * (took_s - previous)
+        if previous is not None:
+            deviation = self._service_dev.get(model, abs(took_s - previous))
+            self._service_dev[model] = deviation + _SERVICE_EWMA * (abs(took_s - previous) - deviation)
 
     def service_time(self, model: str) -> float | None:
-        return self._service_s.get(model)
+        """A lease's usual length, high side: the mean plus twice the mean deviation (None before one ended)."""
+        mean = self._service_s.get(model)
+        return None if mean is None else mean + 2 * self._service_dev.get(model, 0.0)
 
     def position(self, model: str, waiter: Waiter, slots: int) -> tuple[int, float]:
         """(waiters ahead, estimated seconds until a slot) for a queued request; ``slots``: the model's."""

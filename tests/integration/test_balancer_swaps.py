@@ -23,7 +23,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from appliance.bench.harness import until
-from appliance.core.model_catalogue import entry_bytes
+from appliance.core.model_catalogue import CATALOGUE_KEY, entry_bytes, put_entry
 from appliance.core.model_files import sha256_file
 from balancer.app import POOL, SWAPPER
 from tests.support.balancer_app import balancer
@@ -177,3 +177,23 @@ async def test_a_pinned_model_is_never_unloaded(host: Worker, redis_url: str, mo
             assert host.health()["model"] == current
         finally:
             await write_entries(redis_url, [catalogue_entry(current, model_path, digest, slots=SLOTS)])
+
+
+async def test_a_catalogue_entry_not_signed_with_the_internal_token_is_not_served(
+        host: Worker, redis_url: str, model_path: Path) -> None:
+    """Whoever can write Redis but lacks the token cannot make the balancer list a model or drain a host to load it."""
+    forged = catalogue_entry("gemma-bal-forged", model_path, sha256_file(model_path), slots=SLOTS)
+    client = Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        await put_entry(client, "not-the-internal-token-but-just-as-long-0123456789", forged)
+        async with balancer_for(host, redis_url, max_swap_wait_s=0) as (url, app), \
+                aiohttp.ClientSession() as session:
+            current, _ = await current_and_other(session, url)
+            assert "gemma-bal-forged" not in app[SWAPPER].catalogue
+            assert "gemma-bal-forged" not in await models_by_id(session, url, TOKEN)
+            answer = await raw_stream(session, url, "gemma-bal-forged", max_tokens=4)
+            assert answer["status"] == 404 and answer["error"]["error"]["code"] == "model_not_found", answer
+            assert host.health()["model"] == current
+    finally:
+        await client.hdel(CATALOGUE_KEY, "gemma-bal-forged")
+        await client.aclose()
