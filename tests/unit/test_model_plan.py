@@ -250,3 +250,42 @@ def test_the_budget_arithmetic_adds_up(entries: list[CatalogueEntry], budget: in
     if checked.fits and on_demand and checked.swap_hosts < len(on_demand):
         assert resident + (checked.swap_hosts + 1) * largest > budget  # as many hosts as the budget allows
     assert checked.lines[-1] == f"total {human_bytes(checked.used)} of {human_bytes(budget)}"
+
+
+def test_compose_models_add_then_remove_move_only_the_workers(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `models add|remove --runtime compose` asks of the engine (the real engine: test_compose_appliance.py)."""
+    from appliance.runtime.compose import ComposeRuntime
+    from appliance.runtime.compose.models import override_path
+    from tests.support.compose_engine import FakeEngine
+
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(tmp_path / "empty.toml"))
+    (tmp_path / "empty.toml").write_text("")
+    data = tmp_path / "data"
+    (data / "models").mkdir(parents=True)
+    shutil.copyfile(model_path, data / "models" / "second.gguf")
+    rt = ComposeRuntime(RuntimeSettings(data_dir=data, compose_file=REPO / "compose.yaml", internal_token=TOKEN),
+                        engine=FakeEngine())
+    running = {name: {"Id": f"id-{name}", "State": {"Running": True, "Health": {"Status": "healthy"}}}
+               for name in ("redis", "inference-1", "inference-2", "balancer", "gateway")}
+    monkeypatch.setattr(rt, "containers", lambda: running)
+    monkeypatch.setattr(rt, "wait_healthy", lambda names, timeout=None: None)
+    config = ModelConfig(alias="chat-b", path=data / "models" / "second.gguf", slots=2)
+    change = rt.add_model(config)
+    calls = rt.docker.calls  # type: ignore[attr-defined]
+    composed = [c[1:] for c in calls if c[0] == "compose" and c[1] == "up"]
+    # Both legacy workers gain their model's pin one at a time (each drained first), the third starts.
+    assert composed == [("up", "-d", "--no-deps", "inference-3"),
+                        ("up", "-d", "--no-deps", "--force-recreate", "-t", "90", "inference-1"),
+                        ("up", "-d", "--no-deps", "--force-recreate", "-t", "90", "inference-2")], composed
+    assert (change.started, change.stopped) == (["inference-3", "inference-1", "inference-2"], [])
+    hset = [c for c in calls if c[0] == "exec" and "HSET" in c]
+    assert sorted(c[c.index("HSET") + 2] for c in hset) == ["chat-b", "gemma-3-270m"]  # signed entries, via redis-cli
+    assert override_path(rt).is_file() and "inference-3" in rt.files()[-1].read_text()
+    running["inference-3"] = running["inference-1"] | {"Id": "id-inference-3"}
+    calls.clear()
+    change = rt.remove_model("chat-b")
+    assert change.stopped == ["inference-3"] and ("stop", "-t", "90", "id-inference-3") in calls
+    assert not override_path(rt).exists()  # back to compose.yaml's one model: nothing generated
+    assert [c for c in calls if c[0] == "exec" and "HDEL" in c] == []  # (HKEYS answered nothing in the fake)

@@ -26,7 +26,7 @@ __all__ = ["add_model", "list_models", "pin_model", "remove_model"]
 
 
 def _current(rt: ComposeRuntime) -> ModelPlan:
-    plan = compose_model_plan(rt)
+    plan = compose_model_plan(rt, assemble=True)
     if plan is None:
         raise RuntimeFailure("compose.yaml's model has no catalogue entry: copy it to data/models, or name the "
                              "models in [[models.entry]] of appliance.toml")

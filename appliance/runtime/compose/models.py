@@ -69,14 +69,15 @@ def _legacy(rt: ComposeRuntime) -> ModelConfig | None:
         return None
 
 
-def compose_model_plan(rt: ComposeRuntime) -> ModelPlan | None:
+def compose_model_plan(rt: ComposeRuntime, *, assemble: bool = False) -> ModelPlan | None:
     """The catalogue and each worker service's role; ``legacy``: compose.yaml's one model, nothing generated.
-    None: compose.yaml's one model with no catalogue (its file is not on this host): it runs as before."""
+    None: compose.yaml's one model with no catalogue (its file is not on this host): it runs as before.
+    ``assemble`` (the `models` verbs): put the bundled model's file in data/models for its catalogue entry."""
     models = models_settings()
     changes = read_changes(rt.settings.run_dir)
     legacy = _legacy(rt)
     if not models.entry and legacy is None:
-        if changes["added"]:
+        if changes["added"] or assemble:
             prepare_default_model(rt.data_path())  # the first model's file, for the catalogue beside the new one
             legacy = _legacy(rt)
         if legacy is None:
