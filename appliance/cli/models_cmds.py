@@ -82,6 +82,7 @@ def add(
     slots: Annotated[int | None, typer.Option(help="sequences per worker (default 8)")] = None,
     context: Annotated[int | None, typer.Option(help="context tokens per slot (default 8192)")] = None,
     workers: Annotated[int, typer.Option(help="dedicated workers (resident models)")] = 1,
+    gpu: Annotated[list[int] | None, typer.Option("--gpu", help="a GPU its workers run on (repeatable)")] = None,
     on_demand: Annotated[bool, typer.Option("--on-demand", help="served by the shared swap hosts")] = False,
     pinned: Annotated[bool, typer.Option("--pin", help="on demand, never chosen for unload")] = False,
     allowed_sha256: Annotated[list[str] | None, typer.Option("--allowed-sha256", help="refuse any other file")] = None,
@@ -91,7 +92,7 @@ def add(
     """Add a model to the running stack: checked (file, sha256, memory budget), then its workers start."""
     try:
         config = ModelConfig(alias=alias, path=path.resolve(), slots=slots, n_ctx=context, workers=workers,
-                             resident="on_demand" if on_demand else "always", pinned=pinned,
+                             gpus=gpu or [], resident="on_demand" if on_demand else "always", pinned=pinned,
                              allowed_sha256=allowed_sha256 or [])
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'model'}: {e['msg']}" for e in exc.errors())

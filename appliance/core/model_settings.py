@@ -12,6 +12,7 @@ path = "/srv/models/llama-3.1-8b-q4_k_m.gguf"
 slots = 8
 context = 8192                 # tokens per slot (n_ctx)
 workers = 1
+gpus = [0]                     # the GPUs its workers run on, one after another (local runtime)
 resident = "always"            # or "on_demand": served by the shared swap hosts
 allowed_sha256 = ["..."]
 ```
@@ -68,9 +69,17 @@ class ModelConfig(BaseModel):
     slots: int | None = Field(default=None, ge=1, le=256)
     n_ctx: int | None = Field(default=None, ge=64, validation_alias=AliasChoices("context", "n_ctx"))
     workers: int = Field(default=1, ge=1, le=64, description="resident=always: dedicated workers")
+    gpus: list[int] = Field(default_factory=list, description="the GPUs its workers run on, one after another")
     resident: Literal["always", "on_demand"] = "always"
     pinned: bool = False
     allowed_sha256: list[str] = Field(default_factory=list)
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_indexes(cls, value: list[int]) -> list[int]:
+        if any(index < 0 for index in value):
+            raise ValueError("GPU indexes are 0 or more")
+        return value
 
     @field_validator("allowed_sha256")
     @classmethod

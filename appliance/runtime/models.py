@@ -56,6 +56,7 @@ class WorkerRole:
     config: ModelConfig
     swap_host: bool = False
     memory_bytes: int = 0
+    gpu: int | None = None  # the GPU this worker runs on (the entry's ``gpus``, one worker after another)
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,9 @@ def plan_models(configs: Sequence[ModelConfig], models: ModelsSettings, run_dir:
     roles: list[WorkerRole] = []
     for entry, config in zip(entries, configs, strict=True):
         if entry.resident == "always":
-            roles += [WorkerRole(entry, config)] * entry.workers
+            gpus = config.gpus
+            roles += [WorkerRole(entry, config, gpu=gpus[i % len(gpus)] if gpus else None)
+                      for i in range(entry.workers)]
     on_demand = [(e, c) for e, c in zip(entries, configs, strict=True) if e.resident == "on_demand"]
     host_bytes = swap_host_bytes(entries)
     for index in range(checked.swap_hosts):

@@ -98,6 +98,8 @@ def _role_env(role: WorkerRole) -> dict[str, str]:
         env["APPLIANCE_WORKER_SLOTS"] = str(config.slots)
     if config.n_ctx is not None:
         env["APPLIANCE_WORKER_N_CTX"] = str(config.n_ctx)
+    if role.gpu is not None:
+        env["APPLIANCE_WORKER_MAIN_GPU"] = str(role.gpu)
     return env
 
 

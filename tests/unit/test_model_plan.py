@@ -107,7 +107,7 @@ def test_the_kv_size_comes_from_the_gguf_header(model_path: Path, tmp_path: Path
 
 def _configs(model_path: Path, copy: Path) -> list[ModelConfig]:
     return [
-        ModelConfig(alias="chat", path=model_path, slots=2, n_ctx=2048, workers=2),
+        ModelConfig(alias="chat", path=model_path, slots=2, n_ctx=2048, workers=2, gpus=[1, 0]),
         ModelConfig(alias="chat-copy", path=copy, slots=2, n_ctx=2048, resident="on_demand"),
         ModelConfig(alias="chat-third", path=model_path, slots=4, n_ctx=4096, resident="on_demand"),
     ]
@@ -163,6 +163,7 @@ def test_each_worker_program_runs_its_entry(model_path: Path, tmp_path: Path) ->
     assert [w.env.get("APPLIANCE_WORKER_MODEL_PATH") for w in workers] == [str(model_path.resolve())] * 2 + [None] * 2
     assert {w.env["APPLIANCE_WORKER_ALLOWED_SHA256"] for w in workers[:2]} == {models.entries[0].sha256}
     assert workers[0].env["APPLIANCE_WORKER_N_CTX"] == "2048" and "APPLIANCE_WORKER_SWAP_HOST" not in workers[0].env
+    assert [w.env.get("APPLIANCE_WORKER_MAIN_GPU") for w in workers] == ["1", "0", None, None]  # gpus = [1, 0]
     # A swap host takes each entry (file, sha256, slots, n_ctx) from the signed catalogue, so adding an on_demand
     # entry does not restart it; its memory follows the largest on_demand entry.
     assert workers[2].env["APPLIANCE_WORKER_INITIAL_MODEL"] == "chat-copy"

@@ -87,12 +87,13 @@ def test_list_prints_every_model_and_its_state(cli: tuple[CliRunner, Any, Models
 def test_add_passes_a_parsed_model_and_audits(cli: tuple[CliRunner, Any, ModelsRuntime], tmp_path: Path) -> None:
     runner, app, rt = cli
     result = runner.invoke(app, ["models", "add", str(tmp_path / "m.gguf"), "--alias", "coder", "--slots", "4",
-                                 "--context", "16384", "--on-demand", "--pin", "--allowed-sha256", "AB" * 32])
+                                 "--context", "16384", "--on-demand", "--pin", "--allowed-sha256", "AB" * 32,
+                                 "--gpu", "1", "--gpu", "0"])
     assert result.exit_code == 0, result.output
     verb, (config,) = rt.calls[-1]
     assert verb == "add_model" and config == ModelConfig(
         alias="coder", path=(tmp_path / "m.gguf").resolve(), slots=4, n_ctx=16384, resident="on_demand", pinned=True,
-        allowed_sha256=["ab" * 32])
+        allowed_sha256=["ab" * 32], gpus=[1, 0])
     assert [(r["action"], r["target"], r["outcome"]) for r in _audit(rt)] == [("model.add", "coder", "ok")]
 
 

@@ -32,7 +32,7 @@ __all__ = ["add_model", "list_models", "pin_model", "remove_model"]
 # otherwise restart its only worker); both apply at the next `restart inference`.
 _MODEL_ENV = ("APPLIANCE_WORKER_MODEL_PATH", "APPLIANCE_WORKER_MODEL_ALIAS", "APPLIANCE_WORKER_SLOTS",
               "APPLIANCE_WORKER_N_CTX", "APPLIANCE_WORKER_SWAP_HOST", "APPLIANCE_WORKER_INITIAL_MODEL",
-              "APPLIANCE_WORKER_MEMORY_BYTES")
+              "APPLIANCE_WORKER_MEMORY_BYTES", "APPLIANCE_WORKER_MAIN_GPU")
 
 
 def _current(runtime: LocalRuntime) -> ModelPlan:
