@@ -118,6 +118,11 @@ class ModelObject(_Open):
     max_tokens: int | None = None  # appliance: the longest answer a request may ask for
     max_choices: int | None = None  # appliance: the most choices (n) a request may ask (the workers' slots)
     max_prompts: int | None = None  # appliance: the most prompts a /v1/completions request may hold
+    # appliance, several models (the balancer's view, docs/CONTRACTS.md "Model catalogue"):
+    state: str | None = None  # loaded | loading | unloaded | draining
+    resident: str | None = None  # always (loaded all the time) | on_demand (on a swap host when asked for)
+    pinned: bool | None = None  # an on_demand model never chosen for unload
+    memory_bytes: int | None = None  # what one worker of it needs: GGUF + slots x n_ctx of KV cache
 
 
 Body = type[BaseModel] | Mapping[str, type[BaseModel]]
