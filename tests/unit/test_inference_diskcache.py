@@ -184,8 +184,21 @@ def test_a_cache_path_that_is_not_a_directory_reads_as_empty(tmp_path: Path) -> 
     assert load(disk) == [] and disk.load_snapshot(MODEL_A, LAYOUT, max_tokens=10) is None
 
 
+VALID = DiskPromptCache(Path("/nonexistent"), TOKEN, 1 << 20).encode(MODEL_A, LAYOUT, prefix(MODEL_A, 7, length=5,
+                                                                                           state_bytes=20))
+
+
 @given(st.binary(max_size=300))
-def test_any_bytes_decode_to_a_prefix_or_a_value_error(data: bytes) -> None:
+def test_any_bytes_are_refused_with_a_value_error(data: bytes) -> None:
     disk = DiskPromptCache(Path("/nonexistent"), TOKEN, 1 << 20)
     with pytest.raises(ValueError):
         disk.decode(data, MODEL_A, LAYOUT, 4096)
+
+
+@given(st.integers(0, len(VALID) - 1), st.integers(1, 255), st.integers(0, len(VALID) - 1))
+def test_a_valid_file_with_any_byte_changed_or_cut_is_refused(index: int, flip: int, cut: int) -> None:
+    disk = DiskPromptCache(Path("/nonexistent"), TOKEN, 1 << 20)
+    assert disk.decode(VALID, MODEL_A, LAYOUT, 4096) == prefix(MODEL_A, 7, length=5, state_bytes=20)
+    for damaged in (VALID[:index] + bytes([VALID[index] ^ flip]) + VALID[index + 1 :], VALID[:cut]):
+        with pytest.raises(ValueError):
+            disk.decode(damaged, MODEL_A, LAYOUT, 4096)
