@@ -150,12 +150,20 @@ class LocalRuntime:
 
     # -- up -----------------------------------------------------------------------------------
     def intro(self) -> Intro:
+        """What `up` will start; with several models each one's workers and the memory arithmetic (a catalogue
+        that does not fit is refused here, before anything starts)."""
         served = self.served_model()
-        return Intro(
-            "Starting the appliance",
-            f"{self.settings.workers} workers, data in {self.settings.data_dir}",
-            (f"model: {served.model_alias} ({served.model_path})",),
-        )
+        models = self.model_plan()
+        if models is None or models.legacy:
+            return Intro(
+                "Starting the appliance",
+                f"{self.settings.workers} workers, data in {self.settings.data_dir}",
+                (f"model: {served.model_alias} ({served.model_path})",),
+            )
+        notes = [f"model {e.alias}: {e.resident}, {e.workers if e.resident == 'always' else 'swap hosts'} ({e.path})"
+                 for e in models.entries]
+        return Intro("Starting the appliance", f"{len(models.roles)} workers, {len(models.entries)} models, data in "
+                     f"{self.settings.data_dir}", (*notes, *models.fit.lines))
 
     def up(self) -> Started:
         self.start_missing()
