@@ -7,11 +7,14 @@ import os
 import socket
 import ssl
 import subprocess
+import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
 import openai
+from supervisor.xmlrpc import SupervisorTransport
 
+from appliance.runtime.local.supervisor_conf import socket_path
 from tests.support.processes import REPO, free_port, run_cli
 
 __all__ = ["SupervisedAppliance"]
@@ -55,6 +58,13 @@ class SupervisedAppliance:
 
     def admin_key(self) -> str:
         return (self.data_dir / "admin_key").read_text().strip()
+
+    def process(self, name: str) -> tuple[str, int]:
+        """A program's state and pid as supervisord has them (its own socket: cheaper than a CLI run)."""
+        transport = SupervisorTransport(None, None, f"unix://{socket_path(self.data_dir / 'run')}")
+        with xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport) as supervisord:
+            info: dict[str, Any] = supervisord.supervisor.getProcessInfo(name)  # type: ignore[assignment]
+        return str(info["statename"]), int(info["pid"])
 
     def openai(self, key: str) -> openai.OpenAI:
         if self.verify is True:
