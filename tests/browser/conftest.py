@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.browser import BrowserAppliance
+from tests.support.browser import BrowserAppliance, ProviderGateway
+from tests.support.oidc_provider import IdpUser, installed, oidc_provider
+from tests.support.processes import free_port, python_module, run_service
 from tests.support.stack import appliance_stack
 from tests.support.strict import STRICT
 
@@ -53,3 +55,21 @@ def page(browser: Any, stack: BrowserAppliance) -> Iterator[Any]:
     yield tab
     context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture(scope="package")
+def provider_gateway(stack: BrowserAppliance) -> Iterator[ProviderGateway]:
+    """A second gateway on the package's stack (same Redis, workers and data dir) that signs people in with the
+    real oidc-provider (tests/support/oidc_provider.mjs); key sign-in is off there. People: carol and dave
+    (group staff, allowed)."""
+    if not installed() and not STRICT:
+        pytest.skip("oidc-provider is not installed (./scripts/test installs it into .cache/npm)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    people = [IdpUser("carol", ("staff",)), IdpUser("dave", ("staff",))]
+    with oidc_provider(stack.tmp / "idp-staff", redirect_uris=[f"{url}/auth/callback"], users=people) as idp:
+        env = {**stack.processes.env["gateway"], "APPLIANCE_GATEWAY_PORT": str(port),
+               **idp.auth_settings(f"{url}/auth/callback", allowed_groups="staff")}
+        with run_service(python_module("gateway"), env=env, log_path=stack.tmp / "logs" / "gateway-staff.log",
+                         ready_url=f"{url}/healthz", ready_timeout=90):
+            yield ProviderGateway(url, idp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from itertools import pairwise
 from typing import Any
 
@@ -14,15 +13,11 @@ import openai
 import pytest
 from playwright.sync_api import expect
 
-from tests.support.browser import MODEL, BrowserAppliance, screenshot, sign_in
-from tests.support.oidc_provider import IdpUser, installed, oidc_provider, sign_in_over_http
-from tests.support.processes import free_port, python_module, run_service
-from tests.support.strict import STRICT
+from tests.support.browser import MODEL, BrowserAppliance, ProviderGateway, screenshot, sign_in
 
 pytestmark = pytest.mark.browser
 
 SYSTEM = "You answer questions about the lighthouse keepers' handbook in one short sentence. " * 12
-CAROL = IdpUser("carol", ("staff",))
 COUNTER = re.compile(r"^appliance_worker_prompt_tokens(_reused)?_total\{[^}]*\} (\S+)$", re.MULTILINE)
 
 
@@ -125,33 +120,15 @@ def test_dashboard_shows_prefix_reuse_per_worker_and_the_endpoint_panels(page: A
     screenshot(page, "admin-panels-phone")
 
 
-@pytest.fixture(scope="module")
-def carol_signed_in(stack: BrowserAppliance) -> Iterator[IdpUser]:
-    """Carol signed in once with the real OpenID provider, through a second gateway on the package's stack (same
-    Redis): the package's gateway then lists her among its users."""
-    if not installed() and not STRICT:
-        pytest.skip("oidc-provider is not installed (./scripts/test installs it into .cache/npm)")
-    url = f"http://127.0.0.1:{free_port()}"
-    with oidc_provider(stack.tmp / "idp-users", redirect_uris=[f"{url}/auth/callback"], users=[CAROL]) as idp:
-        env = {**stack.processes.env["gateway"], "APPLIANCE_GATEWAY_PORT": url.rsplit(":", 1)[1],
-               **idp.auth_settings(f"{url}/auth/callback", allowed_groups="staff")}
-        with (run_service(python_module("gateway"), env=env, log_path=stack.tmp / "logs" / "gateway-users.log",
-                          ready_url=f"{url}/healthz", ready_timeout=90),
-              httpx.Client(base_url=url, timeout=30) as person):
-            start = person.get("/auth/login")
-            assert start.status_code == 302, start.text
-            done = person.get(str(sign_in_over_http(person, start.headers["location"], CAROL)))
-            assert done.status_code == 303, done.text
-            yield CAROL
-
-
 def test_the_users_panel_lists_a_signed_in_person_and_disables_her(page: Any, stack: BrowserAppliance,
-                                                                   carol_signed_in: IdpUser) -> None:
-    sign_in(page, stack.admin_key, "/admin")
-    row = page.locator("#users-body tr").filter(has_text=carol_signed_in.sub)
+                                                                   provider_gateway: ProviderGateway) -> None:
+    carol = provider_gateway.person("carol")
+    provider_gateway.sign_in_over_http(carol)  # with the real provider, at the gateway that signs people in
+    sign_in(page, stack.admin_key, "/admin")  # the package's gateway (same Redis) lists her
+    row = page.locator("#users-body tr").filter(has_text=carol.sub)
     expect(row).to_have_count(1)
     cells = row.locator("td")
-    expect(cells.nth(0)).to_have_text(f"Carol ({carol_signed_in.sub})")
+    expect(cells.nth(0)).to_have_text(f"Carol ({carol.sub})")
     expect(cells.nth(1)).to_have_text("carol@example.com")
     expect(cells.nth(2)).to_have_text("user")
     expect(cells.nth(3)).to_have_text("staff")
@@ -159,11 +136,11 @@ def test_the_users_panel_lists_a_signed_in_person_and_disables_her(page: Any, st
     expect(cells.nth(6)).not_to_have_text("never")  # she signed in
 
     page.once("dialog", lambda dialog: dialog.accept())
-    row.get_by_role("button", name=f"Disable user {carol_signed_in.sub}").click()
+    row.get_by_role("button", name=f"Disable user {carol.sub}").click()
     expect(cells.nth(5)).to_have_text("disabled")
     listed = {u["subject"]: u for u in _admin_get(stack, "/admin/users").json()["data"]}
-    assert listed[carol_signed_in.sub]["disabled"] is True
-    row.get_by_role("button", name=f"Enable user {carol_signed_in.sub}").click()
+    assert listed[carol.sub]["disabled"] is True
+    row.get_by_role("button", name=f"Enable user {carol.sub}").click()
     expect(cells.nth(5)).to_have_text("active")
     listed = {u["subject"]: u for u in _admin_get(stack, "/admin/users").json()["data"]}
-    assert listed[carol_signed_in.sub]["disabled"] is False
+    assert listed[carol.sub]["disabled"] is False

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import expect
 
-from tests.support.browser import PARTIAL_TEXT_JS, BrowserAppliance, screenshot, wait_answer_done
+from tests.support.browser import PARTIAL_TEXT_JS, BrowserAppliance, ProviderGateway, screenshot, wait_answer_done
 
 pytestmark = pytest.mark.browser
 
@@ -32,10 +32,9 @@ TARGETS_JS = """(root) => [...document.querySelector(root).querySelectorAll(
             width: r.width, height: r.height}; })"""
 
 
-@pytest.fixture
-def phone(browser: Any, stack: BrowserAppliance) -> Iterator[Any]:
-    """A fresh touch-screen context the size of a phone."""
-    context = browser.new_context(base_url=stack.url, viewport=PHONE, has_touch=True, is_mobile=True)
+def _phone_at(browser: Any, url: str) -> Iterator[Any]:
+    """A fresh touch-screen context the size of a phone, at ``url``."""
+    context = browser.new_context(base_url=url, viewport=PHONE, has_touch=True, is_mobile=True)
     context.set_default_timeout(30_000)
     tab = context.new_page()
     errors: list[str] = []
@@ -43,6 +42,16 @@ def phone(browser: Any, stack: BrowserAppliance) -> Iterator[Any]:
     yield tab
     context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+def phone(browser: Any, stack: BrowserAppliance) -> Iterator[Any]:
+    yield from _phone_at(browser, stack.url)
+
+
+@pytest.fixture
+def phone_with_provider(browser: Any, provider_gateway: ProviderGateway) -> Iterator[Any]:
+    yield from _phone_at(browser, provider_gateway.url)
 
 
 def _box(locator: Any) -> dict[str, float]:
@@ -183,4 +192,36 @@ def test_laptop_keeps_the_sidebar_beside_the_chat(page: Any, stack: BrowserAppli
     assert side["height"] >= 0.8 * 800 and chat["height"] >= 0.6 * 800, (side, chat)
     page.keyboard.press("Escape")  # Escape has no drawer to close here
     expect(sidebar).to_be_visible()
+    _no_sideways_scroll(page)
+
+
+def test_phone_sign_in_with_the_provider_then_chat(phone_with_provider: Any, provider_gateway: ProviderGateway
+                                                   ) -> None:
+    page, dave = phone_with_provider, provider_gateway.person("dave")
+    page.goto("/")
+    link = page.get_by_role("link", name="Sign in with Test IdP")
+    expect(link).to_be_visible()
+    box = _box(link)  # one wide target in the lower half of the screen
+    assert box["height"] >= TAP and box["width"] >= 0.8 * PHONE["width"] and box["y"] >= PHONE["height"] / 2, box
+    expect(page.locator("#signin-form")).to_be_hidden()  # key sign-in is off here: no empty form box
+    _no_sideways_scroll(page)
+    screenshot(page, "signin-provider-phone")
+    link.tap()
+    page.get_by_label("Username").fill(dave.username)  # the provider's own page
+    page.get_by_label("Password").fill(dave.password)
+    page.get_by_role("button", name="Continue").tap()
+    expect(page.locator("#app")).to_be_visible()
+    assert _box(page.locator("#messages"))["height"] >= 0.6 * PHONE["height"]
+    toggle = page.get_by_role("button", name="Conversations and documents")
+    toggle.tap()
+    expect(page.locator("#sidebar")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator("#sidebar")).to_be_hidden()
+    prompt = page.get_by_label("Message", exact=True)
+    prompt.tap()
+    prompt.fill("Say hello.")
+    page.get_by_role("button", name="Send").tap()  # a session's chat: cookie and CSRF token, no key
+    answer = wait_answer_done(page, 1, timeout_ms=STREAM_MS)
+    expect(answer.locator(".error")).to_be_empty()
+    assert answer.locator(".body").inner_text().strip()
     _no_sideways_scroll(page)

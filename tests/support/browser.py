@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from tests.support.oidc_provider import IdpUser, OidcProvider, sign_in_over_http
 from tests.support.processes import REPO
 from tests.support.stack import LoopbackAppliance
 
@@ -76,3 +77,30 @@ class BrowserAppliance:
         response = httpx.delete(f"{self.url}/admin/keys/{key_id}", timeout=30,
                                 headers={"Authorization": f"Bearer {self.admin_key}"})
         assert response.status_code == 200, response.text
+
+
+@dataclass
+class ProviderGateway:
+    """A gateway of the browser package's stack that signs people in with a real OpenID provider."""
+
+    url: str
+    idp: OidcProvider
+
+    def person(self, username: str) -> IdpUser:
+        return self.idp.users[username]
+
+    def sign_in_over_http(self, user: IdpUser) -> None:
+        """``user`` signs in once without a browser (the gateway then knows them as a user)."""
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            start = client.get("/auth/login")
+            assert start.status_code == 302, start.text
+            done = client.get(str(sign_in_over_http(client, start.headers["location"], user)))
+            assert done.status_code == 303, done.text
+
+    def sign_in(self, page: Any, user: IdpUser) -> None:
+        """``user`` signs in on ``page`` (at this gateway) through the provider's own pages."""
+        page.goto("/")
+        page.get_by_role("link", name="Sign in with Test IdP").click()
+        page.get_by_label("Username").fill(user.username)
+        page.get_by_label("Password").fill(user.password)
+        page.get_by_role("button", name="Continue").click()
