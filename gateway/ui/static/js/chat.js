@@ -1,11 +1,12 @@
 // The chat page: sign in, models, conversations, composer (Enter sends, Shift+Enter newline, Esc stops).
 import { getJSON } from "./api.js";
 import { Conversations, download, toJSON, toMarkdown } from "./conversations.js";
-import { Drawer, trackViewportHeight } from "./drawer.js";
+import { Drawer } from "./drawer.js";
 import { streamAnswer } from "./generate.js";
 import { messageElement, updateMessage, wireMessageLog } from "./messages.js";
 import { RagPanel } from "./rag.js";
 import { setupSignIn } from "./signin.js";
+import { trackViewportHeight } from "./viewport.js";
 
 const $ = (id) => document.getElementById(id);
 const store = new Conversations();
