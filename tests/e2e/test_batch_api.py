@@ -165,3 +165,16 @@ def test_a_file_with_bad_lines_is_refused_naming_them(owner: openai.OpenAI, clie
         with pytest.raises(openai.BadRequestError):
             owner.batches.create(**{"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h",
                                     **wrong})  # type: ignore[arg-type]
+
+
+def test_a_responses_batch_answers_in_responses_terms(owner: openai.OpenAI, clients_stack: LoopbackAppliance) -> None:
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+              "body": {"model": clients_stack.model, "input": f"Say a number. ({i})", "max_output_tokens": 4}}
+             for i in range(2)]
+    batch = owner.batches.create(input_file_id=_upload(owner, lines), endpoint="/v1/responses", completion_window="24h")
+    ended = _ended(owner, batch.id)
+    assert ended.status == "completed" and ended.request_counts is not None and ended.request_counts.completed == 2
+    for row in _results(owner, ended.output_file_id).values():
+        body = row["response"]["body"]
+        assert body["object"] == "response" and body["id"].startswith("resp_")
+        assert owner.responses.retrieve(body["id"]).id == body["id"]  # stored for the key, as a direct call is

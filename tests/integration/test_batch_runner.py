@@ -176,3 +176,21 @@ def test_lines_run_as_their_key_at_batch_priority_and_stop_with_its_revocation(s
     errors = stack.tmp / "data" / "files" / key_id / ended["error_file_id"]  # the key may not read it any more
     statuses = {json.loads(text)["response"]["status_code"] for text in errors.read_text().splitlines()}
     assert statuses == {401}
+
+
+def test_an_embeddings_batch_needs_the_embeddings_scope_and_runs(stack: LoopbackAppliance) -> None:
+    chat_only = _client(stack, "chat-only")
+    lines = "\n".join(json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+                                  "body": {"model": "all-MiniLM-L6-v2", "input": f"text {i}"}}) for i in range(3))
+    refused_file = chat_only.files.create(file=("e.jsonl", lines.encode()), purpose="batch").id
+    with pytest.raises(openai.PermissionDeniedError):
+        chat_only.batches.create(input_file_id=refused_file, endpoint="/v1/embeddings", completion_window="24h")
+    client = openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=stack.create_key("embedder", ("chat", "embeddings")),
+                           max_retries=0, timeout=30)
+    file_id = client.files.create(file=("e.jsonl", lines.encode()), purpose="batch").id
+    ended = _ended(client, client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings",
+                                                 completion_window="24h").id)
+    assert ended.status == "completed" and ended.request_counts.completed == 3  # type: ignore[union-attr]
+    rows = [json.loads(text) for text in client.files.content(ended.output_file_id or "").text.splitlines()]
+    assert sorted(row["custom_id"] for row in rows) == ["e0", "e1", "e2"]
+    assert all(row["response"]["body"]["data"][0]["object"] == "embedding" for row in rows)
