@@ -74,19 +74,17 @@ def test_dashboard_shows_prefix_reuse_per_worker_and_the_endpoint_panels(page: A
     assert MODEL in {m["id"] for m in listed}
 
     # A batch sent with the official client shows up in the batches panel with its key and request count.
-    if _admin_get(stack, "/admin/batches").status_code != 404:
-        client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.admin_key)
-        line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
-                "body": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}}
-        uploaded = client.files.create(file=("one.jsonl", json.dumps(line).encode()), purpose="batch")
-        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                      completion_window="24h")
-        listed_batch = next(b for b in _admin_get(stack, "/admin/batches").json()["data"] if b["id"] == batch.id)
-        page.get_by_role("button", name="Refresh batches").click()
-        row = page.locator("#batches-body tr").filter(has_text=batch.id)
-        expect(row).to_have_count(1)
-        expect(row.locator("td").nth(1)).to_have_text(listed_batch["key_name"])
-        expect(row.locator("td").nth(3)).to_have_text(re.compile(r"^[01] / 1$"))
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.admin_key)
+    line = {"custom_id": "one", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}}
+    uploaded = client.files.create(file=("one.jsonl", json.dumps(line).encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    listed_batch = next(b for b in _admin_get(stack, "/admin/batches").json()["data"] if b["id"] == batch.id)
+    page.get_by_role("button", name="Refresh batches").click()
+    row = page.locator("#batches-body tr").filter(has_text=batch.id)
+    expect(row).to_have_count(1)
+    expect(row.locator("td").nth(1)).to_have_text(listed_batch["key_name"])
+    expect(row.locator("td").nth(3)).to_have_text(re.compile(r"^[01] / 1$"))
 
     # Batches and users: a panel shows what its endpoint lists, or hides while the gateway answers 404.
     for name, path, field in (("batches", "/admin/batches", "id"), ("users", "/admin/users", "subject")):
@@ -118,6 +116,17 @@ def test_dashboard_shows_prefix_reuse_per_worker_and_the_endpoint_panels(page: A
     assert all(b["x"] >= 0 and b["right"] <= 390 for b in boxes), boxes
     assert len({round(b["x"]) for b in boxes}) == 1, boxes
     screenshot(page, "admin-panels-phone")
+
+    # A gateway without a panel's endpoint answers 404 there: the panel hides itself (the module, on a real 404).
+    hidden = page.evaluate("""async () => {
+      const { EndpointPanel } = await import('/static/js/admin_panels.js');
+      const panel = new EndpointPanel({ name: 'batches', path: '/admin/no-such-panel', render: () => null,
+                                        onAuthLost: () => {} });
+      const before = panel.section.hidden;
+      await panel.refresh();
+      return [before, panel.section.hidden]; }""")
+    assert hidden == [False, True], hidden
+    assert _admin_get(stack, "/admin/no-such-panel").status_code == 404
 
 
 def test_the_users_panel_lists_a_signed_in_person_and_disables_her(page: Any, stack: BrowserAppliance,
