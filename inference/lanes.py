@@ -7,7 +7,8 @@ Pure bookkeeping over what the scheduler tells it (no llama.cpp), so the rules a
 - while interactive sequences run (or ran less than ``grace_s`` ago: a chat client's next turn is coming),
   the batch lane shrinks to ``batch_busy`` sequences, generating ones before prompts still prefilling (a
   prefill chunk costs a step far more than a decoded row), each kind in turn (least recently stepped first),
-  the others paused with their KV cells kept in their slots; 0 pauses the lane;
+  the others paused with their KV cells kept in their slots (0 pauses the lane), and its prompts get at most
+  ``batch_prefill`` tokens a step;
 - with no interactive sequence about, every batch sequence steps again;
 - an interactive request that finds every slot taken takes one from a batch sequence: the batch sequence
   with the fewest cells leaves its slot (its cells stay behind as a cached prefix, so it is resumed from
@@ -31,6 +32,7 @@ __all__ = ["LaneBook", "LaneCounter", "LanePolicy", "Runner", "victims"]
 class LanePolicy:
     batch_busy: int = 0  # batch sequences that keep stepping beside interactive work (0: the batch lane pauses)
     grace_s: float = 1.0  # how long after the last interactive sequence the batch lane stays shrunk
+    batch_prefill: int = 32  # batch prompt tokens per step beside interactive work (a chunk lengthens the step)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ class LaneBook:
         self._stepped = [0] * slots  # step number each slot's sequence last took part in
         self._held: set[int] = set()  # batch slots held out of the last step
         self._interactive_at = -float("inf")  # when an interactive sequence last held a slot
+        self.shrunk = False  # whether the last step's batch lane was shrunk (its prefill budget is batch_prefill)
 
     def admitted(self, slot: int) -> None:
         """A sequence (new or resumed) took ``slot``: it has not stepped yet."""
@@ -103,9 +106,10 @@ class LaneBook:
         batch = [r for r in runners if r.batch]
         if interactive:
             self.note_interactive()
+        self.shrunk = bool(batch) and (bool(interactive) or self.grace_left() > 0)
         if not batch or any(r.prefilling for r in interactive):  # an interactive prefill steps without batch rows
             chosen = [r.slot for r in interactive]
-        elif not interactive and not self.grace_left():
+        elif not self.shrunk:
             chosen = [r.slot for r in batch]
         else:
             # Lines under way first (they end and free their slot), then new prompts, each in turn.

@@ -307,14 +307,18 @@ class Scheduler:
         stepping = [seq for slot in self.lanes.stepping(self._runners()) if (seq := slots[slot]) is not None]
         work: list[Work] = [(seq, 0) for seq in stepping if not seq.prefilling]
         budget = self.prefill_chunk
+        batch_budget = self.lanes.policy.batch_prefill if self.lanes.shrunk else budget
         for seq in sorted(stepping, key=lambda seq: seq.priority):
-            if budget <= 0:
+            batch = seq.priority is Priority.BATCH
+            if budget <= 0 or (batch and batch_budget <= 0):
                 break
             if not seq.prefilling or seq.follow >= 0:
                 continue
-            take = self._chunk(len(seq.prompt) - seq.prefilled, budget)
+            take = self._chunk(len(seq.prompt) - seq.prefilled, min(budget, batch_budget) if batch else budget)
             work.append((seq, take))
             budget -= take
+            if batch:
+                batch_budget -= take
         self._plan_drafts(work)
         return work
 
