@@ -57,6 +57,8 @@ def test_one_step_follows_the_rules(runners: list[Runner], busy: int, grace: flo
         assert len(batch_chosen) <= busy
     if not interactive and not grace:
         assert sorted(chosen) == [r.slot for r in runners], "no interactive work: the whole batch lane steps"
+    has_batch = any(r.priority is B for r in runners)
+    assert book.shrunk == (has_batch and bool(interactive)), "the batch prefill budget shrinks with the lane"
 
 
 @given(runners=runners_st, wanted=st.integers(-1, 8))
