@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from appliance.bench.harness import wait_until
-from tests.support.stack import LoopbackAppliance, appliance_stack, metric_value
+from tests.support.stack import LoopbackAppliance, appliance_stack, metric_value, restart_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -194,3 +194,25 @@ def test_an_embeddings_batch_needs_the_embeddings_scope_and_runs(stack: Loopback
     rows = [json.loads(text) for text in client.files.content(ended.output_file_id or "").text.splitlines()]
     assert sorted(row["custom_id"] for row in rows) == ["e0", "e1", "e2"]
     assert all(row["response"]["body"]["data"][0]["object"] == "embedding" for row in rows)
+
+
+def test_the_whole_stack_stopped_and_started_mid_batch_resumes_it(stack: LoopbackAppliance) -> None:
+    """What `appliance down` / `up` does to a batch: every gateway stops (SIGTERM, drained), Redis stops and
+    replays its AOF, the gateways start again; the batch resumes from what its files hold."""
+    client = _client(stack, "down-up")
+    _upstream(stack, service_s=0.1)
+    try:
+        file_id = client.files.create(file=("d.jsonl", _jsonl(stack, 60)), purpose="batch").id
+        batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+        wait_until(lambda: (client.batches.retrieve(batch.id).request_counts.completed or 0) >= 6, 60,  # type: ignore[union-attr]
+                   "some lines done")
+        for name in ("gateway", "gateway1"):
+            stack.services[name].stop(timeout=60)
+        restart_redis(stack)
+        for name in ("gateway", "gateway1"):
+            stack.restart(name, ready_path="/healthz")
+        ended = _ended(client, batch.id)
+    finally:
+        _upstream(stack, service_s=0)
+    assert ended.status == "completed" and ended.request_counts.completed == 60  # type: ignore[union-attr]
+    assert sorted(_custom_ids(client, ended)) == sorted(f"r{i}" for i in range(60))  # none lost, none twice
