@@ -19,7 +19,7 @@ from balancer.catalogue import CatalogueWatcher
 from balancer.health import Prober
 from balancer.http import error_middleware, json_response, require_token
 from balancer.metrics import BalancerMetrics
-from balancer.models_view import models_view
+from balancer.models_view import model_state, models_view
 from balancer.pool import WorkerPool
 from balancer.prefix import PrefixTable
 from balancer.proxy import Proxy, ProxyTimeouts, QueueNotices
@@ -188,11 +188,14 @@ def _queue_handler(token: str) -> Callable[[web.Request], Coroutine[Any, Any, we
     token_bytes = token.encode()
 
     async def queue(request: web.Request) -> web.Response:
-        """Who waits and who runs, per model and key (internal token): the admin page's queue view."""
+        """Who waits and who runs, per model and key, and each model's state (a model waiting for a swap host
+        is ``unloaded`` or ``loading``) (internal token): the admin page's queue view."""
         require_token(request, token_bytes)
         pool = request.app[POOL]
         now = time.monotonic()
-        models = [{"model": model, "waiting": len(q), "virtual_time": round(q.vtime, 1), "keys": q.describe(now)}
+        workers = list(pool)
+        models = [{"model": model, "state": model_state(model, workers), "waiting": len(q),
+                   "virtual_time": round(q.vtime, 1), "keys": q.describe(now)}
                   for model, q in sorted(pool.queues().items())]
         return json_response({"queue_depth": pool.queue_depth, "scheduling": request.app[SETTINGS].scheduling,
                               "routing": request.app[SETTINGS].routing, "models": models})

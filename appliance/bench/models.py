@@ -199,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = harness.model_parser(NAME, __doc__)
     parser.set_defaults(slots=2, n_ctx=4096)
     parser.add_argument("--rounds", type=int, default=3, help="conversations per host (medians reported)")
-    parser.add_argument("--system-tokens", type=int, default=1500, help="about this many tokens of system prompt")
+    parser.add_argument("--system-tokens", type=int, default=1000, help="about this many tokens of system prompt")
     parser.add_argument("--max-tokens", type=int, default=24, help="answer length of the 6 turns")
     return parser
 

@@ -112,6 +112,10 @@ async def test_an_unloaded_model_waits_while_the_host_drains_and_loads_it_and_no
             while not await draining_seen() and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             assert ("draining", "loading") in states, states
+            async with session.get(f"{url}/queue", headers=AUTH) as response:
+                queue = {m["model"]: m for m in (await response.json())["models"]}
+            waiting_for_load = queue[other]["state"] == "loading" and queue[other]["waiting"] == 1
+            assert waiting_for_load or queue[other]["state"] == "loaded", queue  # (the load may have just ended)
             chunks.extend([chunk async for chunk in stream])  # the drained host's stream runs to its end
         # ("draining", "loading") is only shown while a request runs on the drained host: this stream ran on
         # through the drain and ended normally (a cut stream ends without a finish reason, or raises).
