@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -76,11 +77,19 @@ class BatchRunner:
         self._wake = asyncio.Event()
 
     @property
-    def runs_dir(self) -> Any:
+    def runs_dir(self) -> Path:
+        """Where the batches' run directories live (beside the keys' file directories)."""
         return self._files.root / "runs"
 
     def wake(self) -> None:
-        """Look for work now (a batch was just created or cancelled here)."""
+        """Look for work now (a batch was just created here)."""
+        self._wake.set()
+
+    def cancel(self, batch_id: str) -> None:
+        """A cancel was just recorded: a run of it here stops taking lines now (elsewhere, at its next poll)."""
+        run = self._runs.get(batch_id)
+        if run is not None:
+            run.cancel.set()
         self._wake.set()
 
     async def run(self) -> None:
@@ -193,7 +202,8 @@ class BatchRunner:
         if run.stop.is_set():
             await self._store.save(record)
             return
-        if run.cancel.is_set():
+        found = await self._store.get(record.id)  # a cancel asked of another gateway, not polled yet
+        if run.cancel.is_set() or (found is not None and found[1] is not None):
             await self._finish(run, "cancelled")
         elif left:
             await self._expire(run, left)

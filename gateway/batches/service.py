@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from appliance.core.errors import overloaded
+from appliance.core.ids import BatchId
 from gateway.batches.execute import LineSender
 from gateway.batches.files import FileStore
 from gateway.batches.journal import RunJournal
@@ -30,7 +31,7 @@ class Batches:
     store: BatchStore
     runner: BatchRunner
 
-    def journal(self, batch_id: Any) -> RunJournal:
+    def journal(self, batch_id: BatchId) -> RunJournal:
         return RunJournal(self.runner.runs_dir, batch_id)
 
 

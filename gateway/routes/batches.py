@@ -23,6 +23,7 @@ from gateway.batches import Batches
 from gateway.batches.lines import ENDPOINTS, parse_lines, problems_error
 from gateway.batches.records import TERMINAL, BatchRecord
 from gateway.generation import decode_body
+from gateway.keys import Principal
 from gateway.openapi import documented
 from gateway.routes.files import BatchesDep, missing_file, page_of
 from gateway.services import GatewayServices, Services
@@ -44,7 +45,7 @@ class NewBatch(BaseModel):
     metadata: dict[str, str] | None = None
 
 
-async def _principal(request: Request[Any, Any, Any], svc: GatewayServices, scope: str) -> Any:
+async def _principal(request: Request[Any, Any, Any], svc: GatewayServices, scope: str) -> Principal:
     record = access_record(request)
     ticket = await svc.admission.admit(parse_bearer(request.headers.get("authorization")), scope, limited=False)
     record.key_name, record.key_id = ticket.principal.name, ticket.principal.key_id
@@ -71,13 +72,13 @@ async def create_batch(request: Request[Any, Any, Any], svc: Services, batches: 
     principal = await _principal(request, svc, "chat")
     payload = decode_body(await request.body())
     endpoint = payload.get("endpoint")
-    if endpoint not in ENDPOINTS:
+    if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
         raise bad_request(f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint",
                           code="invalid_endpoint")
     if ENDPOINTS[endpoint] not in principal.scopes:
         raise forbidden(f"This API key lacks the '{ENDPOINTS[endpoint]}' scope its lines need.")
     window = payload.get("completion_window", "24h")
-    if window not in WINDOWS:
+    if not isinstance(window, str) or window not in WINDOWS:
         raise bad_request("completion_window must be '24h'.", param="completion_window",
                           code="invalid_completion_window")
     metadata = _metadata(payload.get("metadata"))
@@ -109,7 +110,7 @@ async def create_batch(request: Request[Any, Any, Any], svc: Services, batches: 
 
 
 async def _owned(request: Request[Any, Any, Any], svc: GatewayServices, batches: Batches,
-                 batch_id: str) -> tuple[Any, BatchRecord, int | None]:
+                 batch_id: str) -> tuple[Principal, BatchRecord, int | None]:
     principal = await _principal(request, svc, "chat")
     parsed = BatchId.parse(batch_id, param="batch_id")
     found = await batches.store.get(parsed)
@@ -144,7 +145,7 @@ async def _cancel(svc: GatewayServices, batches: Batches, record: BatchRecord, c
         detail = {} if actor_key == record.key_id else {"owner": record.key_id}
         await svc.audit.append_async(actor=f"key:{actor_key}", action="batch.cancel", target=record.id,
                                      detail=detail)
-        batches.runner.wake()
+        batches.runner.cancel(record.id)
     found = await batches.store.get(record.id)
     return found[0].view(found[1]) if found is not None else record.view(cancel_at)
 
