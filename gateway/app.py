@@ -23,9 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from appliance.core.audit import AuditLog
 from gateway.access import access_middleware
 from gateway.admission import Admission
+from gateway.audit_trail import AdminViews
 from gateway.auth.middleware import session_middleware
 from gateway.auth.web import new_web_auth
-from gateway.audit_trail import AdminViews
 from gateway.batches import BatchesLifecycle
 from gateway.bootstrap import ensure_admin_key
 from gateway.cache import ResponseCache

@@ -12,8 +12,8 @@ from litestar.di import NamedDependency
 
 from appliance.core.audit import AuditLog
 from gateway.admission import Admission
-from gateway.auth.web import WebAuth
 from gateway.audit_trail import AdminViews
+from gateway.auth.web import WebAuth
 from gateway.cache import ResponseCache
 from gateway.catalog import ModelCatalog
 from gateway.keys import KeyStore
