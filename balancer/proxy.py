@@ -202,14 +202,15 @@ class Proxy:
         return worker
 
     def _patience(self, model: str) -> float:
-        """How long a request may queue: the queue timeout, or for a model a swap host must load first the
-        swap queue timeout; one whose expected wait is longer than that is refused now, before any byte."""
+        """How long a request may queue: the queue timeout, or for an on_demand model (its host may be swapped
+        away and back while it waits) the swap queue timeout; a request whose model a swap host must load first
+        and whose expected wait is longer than that is refused now, before any byte."""
         swapper = self._swapper
-        expected = swapper.expected_wait(model) if swapper is not None else None
-        if swapper is None or expected is None:
+        if swapper is None or not swapper.on_demand(model):
             return self._timeouts.queue_s
         patience = swapper.settings.queue_timeout_s
-        if expected > patience:
+        expected = swapper.expected_wait(model)
+        if expected is not None and expected > patience:
             raise self._reject(model, overloaded(
                 f"The model {model!r} is not loaded and would take about {expected:.0f} s to be served, longer than "
                 f"the {patience:.0f} s a request may wait.", retry_after=expected))

@@ -110,8 +110,9 @@ class BalancerSettings(RedisClientSettings):
     )
     swap_queue_timeout_s: float = Field(
         default=120.0, gt=0,
-        description="How long a request may wait for its model to be loaded; one whose expected wait is longer gets "
-        "503 with Retry-After at once.",
+        description="How long a request for an on_demand model may wait (in place of queue_timeout_s: its host may be "
+        "swapped away and back meanwhile); one whose expected wait for a load is longer gets 503 with Retry-After at "
+        "once.",
     )
     swap_load_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest a swap host may take to answer POST /admin/model (load + restore)."

@@ -7,7 +7,7 @@ swap host's own request count per loaded model). Grouped swaps at least 3 x less
 p95 wait (at the balancer, for a slot and any swap: ``X-Appliance-Queue-Wait``) is at most ``max_swap_wait_s``
 + one load (the mean load the balancer saw).
 
-``max_swap_wait_s`` is the operator's trade between swaps and waits: the test sets it to three rounds of this
+``max_swap_wait_s`` is the operator's trade between swaps and waits: the test sets it to four rounds of this
 machine's swap cost (a load, and the requests a drain waits for, measured first; at least 10 s), so grouping
 has room to show on a slow machine too, and runs each phase for at least four grouped rounds.
 ``APPLIANCE_ALTERNATING_S`` sets each phase's shortest length (default 60 s: two minutes in all on a quiet
@@ -134,7 +134,7 @@ async def calibrate(host: Worker) -> Timing:
     await api.close()
     assert phase.failures == [], phase.failures
     request_s = time.monotonic() - started
-    wait = max(MIN_SWAP_WAIT_S, round(3 * (max(loads) + request_s)))
+    wait = max(MIN_SWAP_WAIT_S, round(4 * (max(loads) + request_s)))
     timing = Timing(wait, max(PHASE_S, 4 * (wait + max(loads))))
     sys.stderr.write(f"alternating: load {max(loads):.2f} s, a round of requests {request_s:.2f} s -> {timing}\n")
     return timing
@@ -148,8 +148,8 @@ async def run_phase(host: Worker, redis_url: str, policy: str, timing: Timing) -
         # No queue notices: a stream's 200 then comes with the worker's first byte, carrying the wait it had.
         async with balancer([host.url], redis_client=client, registry_poll_s=0.2, interactive_headroom=0,
                             queue_notice_after_s=3600,
-                            swap_policy=policy, max_swap_wait_s=timing.max_swap_wait_s, swap_queue_timeout_s=600,
-                            queue_timeout_s=600) as (url, app):
+                            swap_policy=policy, max_swap_wait_s=timing.max_swap_wait_s,
+                            swap_queue_timeout_s=600) as (url, app):
             await until(lambda: {A, B} <= set(app[SWAPPER].catalogue), 30, "the balancer read the catalogue")
             await until(lambda: any(w.routable and w.model in (A, B) for w in app[POOL]), 120, "a model loaded")
             keys = {A: "key_alternating0a", B: "key_alternating0b"}
