@@ -25,6 +25,12 @@ from tests.support.browser import (
 
 pytestmark = pytest.mark.browser
 
+# The signed-in person's stored conversations (the page keeps them under appliance.conversations:<scope>).
+STORED_JS = """() => {
+  const names = Object.keys(localStorage).filter((k) => k.startsWith('appliance.conversations:'));
+  return names.length === 1 ? JSON.parse(localStorage.getItem(names[0])) : names;
+}"""
+
 
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
@@ -61,7 +67,7 @@ def test_answer_streams_in_progressively_with_stats(page: Any, stack: BrowserApp
     expect(answer.locator(".error")).to_be_empty()
     expect(page.get_by_role("button", name="Regenerate")).to_be_enabled()
     # The conversation is kept in this browser and listed in the sidebar.
-    stored = page.evaluate("() => JSON.parse(localStorage.getItem('appliance.conversations'))")
+    stored = page.evaluate(STORED_JS)
     assert [m["role"] for m in stored[0]["messages"]] == ["user", "assistant"]
     # The page renders the stored Markdown: the words on screen are the stored answer's words, in order
     # (Markdown only takes characters away), and nearly all of them.
@@ -216,3 +222,33 @@ def test_a_cut_stream_is_shown_as_cut_never_as_finished(page: Any, stack: Browse
     stack.processes.restart(name)
     wait_until(lambda: all(w["state"] == "healthy" for w in stack.processes.balancer_workers()), 60,
                what="the restarted worker healthy again")
+
+
+def test_a_second_person_on_the_same_browser_does_not_see_the_first_ones_conversations(
+        page: Any, stack: BrowserAppliance) -> None:
+    """Alice signs out; Bob signs in with his key in the same browser: the sidebar is empty, and Alice's
+    conversation (stored under her own name, never the key itself) is back when she signs in again."""
+    alice = stack.create_key("ui-alice")["key"]
+    bob = stack.create_key("ui-bob")["key"]
+    sign_in(page, alice)
+    set_max_tokens(page, 8)
+    send(page, "Alice's private question about the quarterly figures")
+    wait_answer_done(page, 1)
+    expect(page.locator(".open-conversation")).to_have_count(1)
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.locator("#app")).to_be_hidden()
+    expect(page.locator(".message")).to_have_count(0)  # the page forgot them at sign-out
+
+    page.get_by_label("API key").fill(bob)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#app")).to_be_visible()
+    expect(page.locator(".open-conversation")).to_have_count(0)
+    expect(page.locator(".message")).to_have_count(0)
+    stored = page.evaluate("() => Object.entries(localStorage).filter(([k]) => k.startsWith('appliance.conv'))")
+    assert len(stored) == 1 and not any(alice in name or alice in value for name, value in stored), stored
+
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("API key").fill(alice)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator(".open-conversation")).to_have_count(1)
+    expect(page.locator(".open-conversation").first).to_contain_text("quarterly figures")

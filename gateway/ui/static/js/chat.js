@@ -177,12 +177,18 @@ async function verify(key) {
 const rag = new RagPanel({ onError: announce, onAuthLost: (err) => signin.signOut(err.friendly) });
 const signin = setupSignIn({
   verify,
-  onReady: () => {
+  onReady: (scope) => {
     drawer.close(); // left open when the session ended
+    store.useScope(scope); // this person's conversations, not the last one's on this browser
     loadModels();
     rag.refresh();
     renderAll();
     input.focus();
+  },
+  onSignOut: () => {
+    stop();
+    store.clear();
+    renderAll();
   },
 });
 

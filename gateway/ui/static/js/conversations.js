@@ -1,4 +1,7 @@
 // Conversations kept in this browser's localStorage (never on the server), and their export.
+// Each person's under their own storage key (appliance.conversations:<scope>, the scope from signin.js:
+// user:<subject> or key:<digest of the key>), so on a shared browser the next person signed in does not see
+// them. Conversations stored before scopes existed go to the first person who signs in.
 
 const STORE = "appliance.conversations";
 
@@ -9,13 +12,38 @@ function newId() {
 export class Conversations {
   constructor(storage = localStorage) {
     this.storage = storage;
+    this.key = null; // no one signed in: nothing is read or kept
+    this.items = [];
+    this.currentId = null;
+  }
+
+  /** Show and keep the conversations of `scope` (a signed-in person); the previous person's leave the page. */
+  useScope(scope) {
+    this.key = `${STORE}:${scope}`;
+    try {
+      const legacy = this.storage.getItem(STORE);
+      if (legacy !== null) {
+        if (this.storage.getItem(this.key) === null) this.storage.setItem(this.key, legacy);
+        this.storage.removeItem(STORE);
+      }
+    } catch {
+      // storage disabled: conversations live in the page only
+    }
     this.items = this.load();
     this.currentId = this.items[0]?.id ?? null;
   }
 
+  /** Signed out: the page forgets them (they stay stored under their person's key). */
+  clear() {
+    this.key = null;
+    this.items = [];
+    this.currentId = null;
+  }
+
   load() {
+    if (!this.key) return [];
     try {
-      const parsed = JSON.parse(this.storage.getItem(STORE) || "[]");
+      const parsed = JSON.parse(this.storage.getItem(this.key) || "[]");
       return Array.isArray(parsed) ? parsed.filter((c) => c && Array.isArray(c.messages)) : [];
     } catch {
       return [];
@@ -23,8 +51,9 @@ export class Conversations {
   }
 
   save() {
+    if (!this.key) return;
     try {
-      this.storage.setItem(STORE, JSON.stringify(this.items));
+      this.storage.setItem(this.key, JSON.stringify(this.items));
     } catch {
       // storage full or disabled: the conversation still lives in the page
     }

@@ -28,11 +28,24 @@ function refusalFromUrl() {
   return REFUSALS[code] || `Sign-in failed (${code.slice(0, 40)}).`;
 }
 
+/** Whose conversations this browser shows: the key's SHA-256 (never the key) where the page is a secure
+ * context, else a 64-bit FNV-1a of it (plain-http LAN pages have no crypto.subtle); only a storage name. */
+async function keyScope(key) {
+  if (globalThis.crypto?.subtle) {
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(key)));
+    return `key:${Array.from(digest.slice(0, 12), (b) => b.toString(16).padStart(2, "0")).join("")}`;
+  }
+  let hash = 0xcbf29ce484222325n;
+  for (const byte of new TextEncoder().encode(key)) hash = ((hash ^ BigInt(byte)) * 0x100000001b3n) & 0xffffffffffffffffn;
+  return `key:f${hash.toString(16)}`;
+}
+
 /**
  * Wire the view; `verify(key)` must throw ApiError when the credential is not good enough for this page
- * (it is called with "" for a session). `onReady()` runs once signed in (at load too, when already signed in).
+ * (it is called with "" for a session). `onReady(scope)` runs once signed in (at load too, when already signed
+ * in), with who it is: `user:<subject>` for a session, `key:<digest>` for a pasted key. `onSignOut()` after sign-out.
  */
-export function setupSignIn({ verify, onReady }) {
+export function setupSignIn({ verify, onReady, onSignOut = () => {} }) {
   const view = document.getElementById("signin");
   const app = document.getElementById("app");
   const form = document.getElementById("signin-form");
@@ -77,7 +90,7 @@ export function setupSignIn({ verify, onReady }) {
     setKey(key);
     input.value = "";
     show(true);
-    onReady();
+    onReady(await keyScope(key));
   });
 
   const signOut = (reason = "") => {
@@ -86,6 +99,7 @@ export function setupSignIn({ verify, onReady }) {
     setSession("");
     message.textContent = reason;
     show(false);
+    onSignOut();
   };
   document.getElementById("signout")?.addEventListener("click", () => signOut("Signed out."));
 
@@ -95,9 +109,10 @@ export function setupSignIn({ verify, onReady }) {
       show(false);
       return;
     }
-    verify(getKey()).then(() => {
+    const key = getKey();
+    verify(key).then(async () => {
       show(true);
-      onReady();
+      onReady(await keyScope(key));
     }, (err) => {
       const reason = err instanceof ApiError ? err.friendly : String(err);
       if (err.status === 401) signOut(reason); // a dead key is forgotten
@@ -128,7 +143,7 @@ export function setupSignIn({ verify, onReady }) {
       return;
     }
     show(true);
-    onReady();
+    onReady(`user:${who.body.user?.subject ?? ""}`);
   };
   start();
   return { signOut };
