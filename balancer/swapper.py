@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,7 @@ class Swapper:
         self._load_s: dict[str, float] = {}  # model -> EWMA of its load time, seen from here
         self._failed: dict[str, float] = {}  # model -> when its last load failed
         self._idle_since: dict[str, float] = {}  # host url -> when its last request ended
+        self.recent_loads: deque[tuple[str, float]] = deque(maxlen=256)  # (model, seconds) of the last loads
         self._session: aiohttp.ClientSession | None = None
         self._prober: Prober | None = None
 
@@ -178,11 +180,19 @@ class Swapper:
             model = worker.model
             # A drain lasts about one request of its model: whether one runs now or it would start one next.
             busy = model is not None and (worker.inflight or len(self._pool.queue(model)))
-            drain = (self._pool.service_time(model) or 0.0) if busy and model is not None else 0.0
+            drain = self._request_s(model) if busy and model is not None else 0.0
             idle = now - self._idle_since.get(worker.url, -math.inf) if not worker.inflight else 0.0
             hosts.append(Host(worker.url, model, worker.inflight, pinned=model is not None and self._pinned(model),
                               swap_to=worker.swap_to, drain_s=drain, idle_s=idle))
         return hosts
+
+    def _request_s(self, model: str) -> float:
+        """How long a request of ``model`` lasts, high side; before one was measured, the longest known of another
+        catalogue model (a first swap would otherwise count its drain as free)."""
+        known = self._pool.service_time(model)
+        if known is not None:
+            return known
+        return max((t for m in self.catalogue if (t := self._pool.service_time(m)) is not None), default=0.0)
 
     def _backlogs(self) -> dict[str, Backlog]:
         now = time.monotonic()
@@ -239,6 +249,7 @@ class Swapper:
         self._load_s[model] = took if previous is None else previous + _EWMA * (took - previous)
         self._failed.pop(model, None)
         self._metrics.load_done(model, took)
+        self.recent_loads.append((model, took))
         self._observe_waits(model)
         log.info("swap: loaded", extra={"worker": worker.url, "model": model, "load_s": round(took, 3),
                                          "restored_tokens": answer.restored_tokens})

@@ -5,7 +5,7 @@ whenever the oldest request is for the other model) and once with ``grouped`` (t
 Both phases: 0 aborted or cut requests, every answer from the model asked for (each chunk's ``model``, and the
 swap host's own request count per loaded model). Grouped swaps at least 3 x less often than fcfs, and its
 p95 wait (at the balancer, for a slot and any swap: ``X-Appliance-Queue-Wait``) is at most ``max_swap_wait_s``
-+ one load (the mean load the balancer saw).
++ one load (the longest load of the phase, as the balancer timed it).
 
 ``max_swap_wait_s`` is the operator's trade between swaps and waits: the test sets it to four rounds of this
 machine's swap cost (a load, and the requests a drain waits for, measured first; at least 10 s), so grouping
@@ -63,6 +63,7 @@ class Phase:
     answered: dict[str, int] = field(default_factory=lambda: {A: 0, B: 0})
     swaps: float = 0.0
     load_s: float = 0.0  # the mean load, as the balancer saw it
+    longest_load_s: float = 0.0  # one load: the longest of the phase
 
     def p95(self) -> float:
         ordered = sorted(self.waits)
@@ -176,6 +177,7 @@ async def run_phase(host: Worker, redis_url: str, policy: str, timing: Timing) -
                 total = await metric_value(session, url, "appliance_balancer_model_load_seconds_sum", model=A)
                 total += await metric_value(session, url, "appliance_balancer_model_load_seconds_sum", model=B)
                 phase.load_s = total / loads if loads else 0.0
+            phase.longest_load_s = max((took for _, took in app[SWAPPER].recent_loads), default=0.0)
     finally:
         await client.aclose()
     after = await asyncio.to_thread(served_by_host, host)
@@ -184,7 +186,8 @@ async def run_phase(host: Worker, redis_url: str, policy: str, timing: Timing) -
     sys.stderr.write(f"alternating {policy}: {phase.sent} requests, {phase.swaps:.0f} swaps, "
                      f"p95 wait {phase.p95():.2f} s (max {max(phase.waits, default=0):.2f}), p95 time to first token "
                      f"{sorted(phase.ttfts)[int(0.95 * len(phase.ttfts))] if phase.ttfts else 0:.2f} s, "
-                     f"mean load {phase.load_s:.2f} s, {len(phase.failures)} failed "
+                     f"load mean {phase.load_s:.2f} s longest {phase.longest_load_s:.2f} s, "
+                     f"{len(phase.failures)} failed "
                      f"{phase.failures[:3]}\n")
     return phase
 
@@ -199,4 +202,4 @@ async def test_grouped_swaps_a_third_as_often_as_fcfs_and_no_request_is_cut(host
         assert phase.sent[A] > CLIENTS_PER_KEY and phase.sent[B] > CLIENTS_PER_KEY, phase.sent
     assert grouped.swaps >= 1
     assert fcfs.swaps / grouped.swaps >= 3, (fcfs.swaps, grouped.swaps)
-    assert grouped.p95() <= timing.max_swap_wait_s + grouped.load_s, (grouped.p95(), grouped.load_s)
+    assert grouped.p95() <= timing.max_swap_wait_s + grouped.longest_load_s, (grouped.p95(), grouped.longest_load_s)

@@ -92,12 +92,13 @@ async def raw_stream(session: aiohttp.ClientSession, url: str, model: str, max_t
 
 async def test_an_unloaded_model_waits_while_the_host_drains_and_loads_it_and_no_stream_is_cut(
         host: Worker, redis_url: str) -> None:
-    async with balancer_for(host, redis_url, max_swap_wait_s=0.5) as (url, _), aiohttp.ClientSession() as session:
+    async with balancer_for(host, redis_url, max_swap_wait_s=0) as (url, _), aiohttp.ClientSession() as session:
         current, other = await current_and_other(session, url)
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120,
                                       default_headers=AUTH) as api:
             stream = await api.chat.completions.create(
-                model=current, messages=[{"role": "user", "content": "Count slowly to fifty."}], max_tokens=48,
+                model=current, messages=[{"role": "user", "content": "Write the numbers from 1 to 200, separated by "
+                                                                    "commas."}], max_tokens=64,
                 stream=True, extra_body={"ignore_eos": True})
             chunks = [await anext(aiter(stream))]  # running on the host now
             waiting = asyncio.create_task(raw_stream(session, url, other, max_tokens=4))
