@@ -102,7 +102,9 @@ async def test_key_id_reaches_the_worker_and_the_queue_serves_the_light_key_firs
         order = [h.get(KEY_ID_HEADER) for h in seen]
         assert order[:2] == ["key_heavy", "key_light"]  # the light key overtook the heavy backlog
         assert order[-1] == "key_bulk"  # batch after every interactive request
-        assert all(PRIORITY_HEADER not in h and WEIGHT_HEADER not in h for h in seen)  # only the key id goes on
+        assert all(WEIGHT_HEADER not in h for h in seen)  # the key id and its priority (decode lanes) go on
+        assert {h[KEY_ID_HEADER]: h[PRIORITY_HEADER] for h in seen} == {
+            "key_heavy": "interactive", "key_light": "interactive", "key_bulk": "batch"}
         assert "X-Appliance-Queue-Wait" in results[-1][1]
 
 
