@@ -124,6 +124,33 @@ SERVICE = Dashboard(
                 (f"sum by (worker, status) (rate(appliance_balancer_requests_total[{RI}]))", "{{worker}} {{status}}"),),
                 "reqps"),
         )),
+        Row("Models and batches", (
+            Panel("Requests/s by model (balancer)", (
+                (f"sum by (model) (rate(appliance_balancer_model_requests_total[{RI}]))", "{{model}}"),), "reqps",
+                description="Every request the balancer takes, loaded model or waiting for a swap host."),
+            Panel("Model swaps/s and loads/s", (
+                (f'sum by (from, to) (rate(appliance_balancer_model_swaps_total[{RI}]))', "swap {{from}} -> {{to}}"),
+                (f"sum by (model) (rate(appliance_worker_model_loads_total[{RI}]))", "load {{model}}"),
+                (f"sum by (model) (rate(appliance_worker_model_unloads_total[{RI}]))", "unload {{model}}"),
+                (f"sum by (model) (rate(appliance_balancer_model_load_failures_total[{RI}]))", "failed {{model}}")),
+                "short"),
+            Panel("Swap wait and model load time", (
+                *_quantiles("appliance_balancer_swap_wait_seconds", ""),
+                (f"histogram_quantile(0.95, sum by (le, model) (rate(appliance_balancer_model_load_seconds_bucket"
+                 f"[{RI}])))", "load p95 {{model}}")), "s",
+                description="How long requests waited for their model on a swap host; how long a load took."),
+            Panel("Prompt cache tokens/s restored after a swap", (
+                (f"sum by (model) (rate(appliance_worker_prompt_cache_restored_tokens_total[{RI}]))", "{{model}}"),),
+                "short"),
+            Panel("Batch lines/s and tokens/s", (
+                (f"sum by (outcome) (rate(appliance_gateway_batch_lines_total[{RI}]))", "lines {{outcome}}"),
+                (f"sum by (kind) (rate(appliance_gateway_batch_tokens_total[{RI}]))", "tokens {{kind}}")), "short"),
+            Panel("Tokens/s by priority, batch preemptions/s", (
+                (f"sum by (priority, kind) (rate(appliance_worker_priority_tokens_total[{RI}]))",
+                 "{{priority}} {{kind}}"),
+                (f"sum by (kind) (rate(appliance_worker_preemptions_total[{RI}]))", "preempted {{kind}}")), "short",
+                description="Batch work yields to chats: paused in its slot or evicted from it."),
+        )),
         Row("Cache and RAG", (
             Panel("Response cache hit rate", (
                 (f'sum(rate(appliance_gateway_cache_total{{result="hit"}}[{RI}])) '
