@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import llama_cpp
 import openai
 import pytest
 
-from tests.support.inference_worker import MODEL, Worker, spawn_worker, wait_idle
+from tests.support.inference_worker import MODEL, Worker, check_token_logprobs, spawn_worker, wait_idle
 from tests.support.tool_calls import WEATHER_TOOLS, weather_call
 
 pytestmark = pytest.mark.integration
@@ -291,40 +290,6 @@ def test_unsupported_schema_keyword_is_named(worker: Worker) -> None:
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
 
 
-def _check_token_logprobs(content: str, items: list[Any], top_n: int) -> None:
-    assert "".join(item.token for item in items) == content
-    for item in items:
-        assert item.logprob <= 0 and math.isfinite(item.logprob)
-        assert item.bytes == list(item.token.encode())
-        tops = [top.logprob for top in item.top_logprobs]
-        assert len(tops) == top_n and tops == sorted(tops, reverse=True)
-        assert sum(math.exp(lp) for lp in tops) <= 1.0 + 1e-4  # a distribution, not raw scores
-        if top_n:
-            assert item.logprob <= tops[0] + 1e-6
-    assert 0.0 < math.exp(sum(item.logprob for item in items)) <= 1.0
-
-
-def test_chat_logprobs_whole_and_streamed(worker: Worker) -> None:
-    client = worker.client()
-    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
-           "max_tokens": 16, "temperature": 0, "logprobs": True, "top_logprobs": 5}
-    whole = client.chat.completions.create(**ask).choices[0]
-    assert whole.logprobs is not None and whole.logprobs.content
-    items = whole.logprobs.content
-    _check_token_logprobs(whole.message.content or "", items, 5)
-    for item in items:  # greedy: the chosen token is the most likely one
-        assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == pytest.approx(item.logprob)
-    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
-    streamed = []
-    for chunk in chunks:
-        choice = chunk.choices[0]
-        mine = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
-        assert "".join(item.token for item in mine) == (choice.delta.content or "")  # each chunk: its own tokens
-        streamed += mine
-    assert [i.token for i in streamed] == [i.token for i in items]
-    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in items], abs=1e-3)
-
-
 def test_logprobs_under_a_grammar_are_real(worker: Worker) -> None:
     result = worker.client().chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Describe a cat."}], max_tokens=CAP, temperature=0,
@@ -332,7 +297,7 @@ def test_logprobs_under_a_grammar_are_real(worker: Worker) -> None:
         logprobs=True, top_logprobs=3)
     choice = result.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content
-    _check_token_logprobs(choice.message.content or "", choice.logprobs.content, 3)
+    check_token_logprobs(choice.message.content or "", choice.logprobs.content, 3)
     # The grammar forced tokens the model did not rank first; they still carry the model's own logprob.
     assert any(item.logprob < item.top_logprobs[0].logprob - 1e-3 for item in choice.logprobs.content)
 

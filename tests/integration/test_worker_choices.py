@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from appliance.core.hop import KEY_ID_HEADER
-from tests.support.inference_worker import MODEL, Worker, spawn_worker, wait_idle
+from tests.support.inference_worker import MODEL, Worker, check_token_logprobs, spawn_worker, wait_idle
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +158,27 @@ def test_without_prefix_reuse_the_choices_still_prefill_the_prompt_once(
         before = counter(worker, "prompt_tokens_prefilled")
         client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1, temperature=0)
         assert counter(worker, "prompt_tokens_prefilled") - before == prompt  # nothing reused across requests
+
+
+def test_chat_logprobs_whole_and_streamed(worker: Worker) -> None:
+    """Streamed logprobs are the whole answer's, token for token. Here, on the deterministic worker: the
+    streamed request reuses the first one's prompt cells, and in the fast mode a near-tie may then break the
+    other way (seen: EOS after 7 tokens whole, a newline streamed)."""
+    client = worker.client()
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+           "max_tokens": 16, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert whole.logprobs is not None and whole.logprobs.content
+    items = whole.logprobs.content
+    check_token_logprobs(whole.message.content or "", items, 5)
+    for item in items:  # greedy: the chosen token is the most likely one
+        assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == pytest.approx(item.logprob)
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    streamed = []
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        mine = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
+        assert "".join(item.token for item in mine) == (choice.delta.content or "")  # each chunk: its own tokens
+        streamed += mine
+    assert [i.token for i in streamed] == [i.token for i in items]
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in items], abs=1e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import openai
 from appliance.bench.harness import wait_until
 from tests.support.processes import free_port, python_module, run_service
 
-__all__ = ["MODEL", "TOKEN", "Worker", "spawn_worker", "wait_idle"]
+__all__ = ["MODEL", "TOKEN", "Worker", "check_token_logprobs", "spawn_worker", "wait_idle"]
 
 TOKEN = "test-internal-token-padded-to-32-characters"
 MODEL = "gemma-3-270m"
@@ -77,3 +78,18 @@ def spawn_worker(model_path: Path, logs: Path, **settings: str) -> Iterator[Work
 def wait_idle(worker: Worker, timeout: float = 1.0) -> float:
     """Until every slot of ``worker`` is free; the seconds that took."""
     return wait_until(lambda: worker.health()["slots_busy"] == 0, timeout, "every slot free", interval=0.02)
+
+
+def check_token_logprobs(content: str, items: list[Any], top_n: int) -> None:
+    """OpenAI's logprobs shape: the tokens spell the content, each a finite log-probability with its bytes and
+    ``top_n`` alternatives in descending order that form (part of) a distribution."""
+    assert "".join(item.token for item in items) == content
+    for item in items:
+        assert item.logprob <= 0 and math.isfinite(item.logprob)
+        assert item.bytes == list(item.token.encode())
+        tops = [top.logprob for top in item.top_logprobs]
+        assert len(tops) == top_n and tops == sorted(tops, reverse=True)
+        assert sum(math.exp(lp) for lp in tops) <= 1.0 + 1e-4  # a distribution, not raw scores
+        if top_n:
+            assert item.logprob <= tops[0] + 1e-6
+    assert 0.0 < math.exp(sum(item.logprob for item in items)) <= 1.0
