@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.core.model_catalogue import entry_bytes
 from appliance.core.model_settings import ModelConfig
 from appliance.runtime.compose.models import apply_plan, compose_model_plan, written_workers
+from appliance.runtime.model_changes import check_add, check_pin, check_remove, record_add, record_pin, record_remove
 from appliance.runtime.models import ModelPlan, read_changes, write_changes
 from appliance.runtime.protocol import ModelChange, ModelRow, RuntimeFailure
 
@@ -50,43 +51,19 @@ def _change(rt: ComposeRuntime, alias: str, action: str, mutate: Any, *, publish
 
 
 def add_model(rt: ComposeRuntime, config: ModelConfig) -> ModelChange:
-    current = _current(rt)
-    if current.config(config.alias) is not None:
-        raise RuntimeFailure(f"the model {config.alias!r} is already in the catalogue")
-
-    def mutate(changes: dict[str, Any]) -> None:
-        changes["added"][config.alias] = config.model_dump(mode="json")
-        changes["removed"] = [a for a in changes["removed"] if a != config.alias]
-
-    return _change(rt, config.alias, "added", mutate, publish_first=True)
+    check_add(_current(rt), config)
+    return _change(rt, config.alias, "added", lambda changes: record_add(changes, config), publish_first=True)
 
 
 def remove_model(rt: ComposeRuntime, alias: str) -> ModelChange:
-    current = _current(rt)
-    if current.config(alias) is None:
-        raise RuntimeFailure(f"no model {alias!r} in the catalogue; `appliance models list` shows them")
-    if len(current.configs) == 1:
-        raise RuntimeFailure(f"{alias!r} is the only model: removing it would leave nothing to serve")
-
-    def mutate(changes: dict[str, Any]) -> None:
-        if changes["added"].pop(alias, None) is None:
-            changes["removed"] = sorted({*changes["removed"], alias})
-        changes["pinned"].pop(alias, None)
-
-    return _change(rt, alias, "removed", mutate, publish_first=False)
+    check_remove(_current(rt), alias)
+    return _change(rt, alias, "removed", lambda changes: record_remove(changes, alias), publish_first=False)
 
 
 def pin_model(rt: ComposeRuntime, alias: str, pinned: bool) -> ModelChange:
-    config = _current(rt).config(alias)
-    if config is None:
-        raise RuntimeFailure(f"no model {alias!r} in the catalogue; `appliance models list` shows them")
-    if config.resident != "on_demand":
-        raise RuntimeFailure(f"{alias!r} is resident=always: it is never unloaded, pinning changes nothing")
-
-    def mutate(changes: dict[str, Any]) -> None:
-        changes["pinned"][alias] = pinned
-
-    return _change(rt, alias, "pinned" if pinned else "unpinned", mutate, publish_first=True)
+    check_pin(_current(rt), alias)
+    return _change(rt, alias, "pinned" if pinned else "unpinned", lambda changes: record_pin(changes, alias, pinned),
+                   publish_first=True)
 
 
 def gateway_models(rt: ComposeRuntime) -> dict[str, dict[str, Any]]:

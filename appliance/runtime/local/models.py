@@ -18,6 +18,7 @@ from appliance.core.hop import INTERNAL_TOKEN_HEADER
 from appliance.core.model_catalogue import entry_bytes
 from appliance.core.model_settings import ModelConfig
 from appliance.runtime.local.rolling import BalancerView, start_and_admit, worker_replace
+from appliance.runtime.model_changes import check_add, check_pin, check_remove, record_add, record_pin, record_remove
 from appliance.runtime.models import ModelPlan, models_settings, plan_models, read_changes, write_changes
 from appliance.runtime.plan import Program
 from appliance.runtime.protocol import ModelChange, ModelRow, RuntimeFailure
@@ -109,47 +110,21 @@ def _change(runtime: LocalRuntime, alias: str, action: str, mutate: Any, *, publ
 
 def add_model(runtime: LocalRuntime, config: ModelConfig) -> ModelChange:
     current = _current(runtime)
-    if current.config(config.alias) is not None:
-        raise RuntimeFailure(f"the model {config.alias!r} is already in the catalogue (`appliance models remove` "
-                             "it first to change it)")
+    check_add(current, config)
     # The whole check (file, sha256 against allowed_sha256, GGUF, budget) before anything is remembered.
     plan_models([*current.configs, config], models_settings(), runtime.settings.run_dir)
-
-    def mutate(changes: dict[str, Any]) -> None:
-        changes["added"][config.alias] = config.model_dump(mode="json")
-        changes["removed"] = [a for a in changes["removed"] if a != config.alias]
-        changes["pinned"].pop(config.alias, None)
-
-    return _change(runtime, config.alias, "added", mutate, publish_first=True)
+    return _change(runtime, config.alias, "added", lambda changes: record_add(changes, config), publish_first=True)
 
 
 def remove_model(runtime: LocalRuntime, alias: str) -> ModelChange:
-    current = _current(runtime)
-    if current.config(alias) is None:
-        raise RuntimeFailure(f"no model {alias!r} in the catalogue; `appliance models list` shows them")
-    if len(current.configs) == 1:
-        raise RuntimeFailure(f"{alias!r} is the only model: removing it would leave nothing to serve")
-
-    def mutate(changes: dict[str, Any]) -> None:
-        if changes["added"].pop(alias, None) is None:
-            changes["removed"] = sorted({*changes["removed"], alias})
-        changes["pinned"].pop(alias, None)
-
-    return _change(runtime, alias, "removed", mutate, publish_first=False)
+    check_remove(_current(runtime), alias)
+    return _change(runtime, alias, "removed", lambda changes: record_remove(changes, alias), publish_first=False)
 
 
 def pin_model(runtime: LocalRuntime, alias: str, pinned: bool) -> ModelChange:
-    current = _current(runtime)
-    config = current.config(alias)
-    if config is None:
-        raise RuntimeFailure(f"no model {alias!r} in the catalogue; `appliance models list` shows them")
-    if config.resident != "on_demand":
-        raise RuntimeFailure(f"{alias!r} is resident=always: it is never unloaded, pinning changes nothing")
-
-    def mutate(changes: dict[str, Any]) -> None:
-        changes["pinned"][alias] = pinned
-
-    return _change(runtime, alias, "pinned" if pinned else "unpinned", mutate, publish_first=True)
+    check_pin(_current(runtime), alias)
+    return _change(runtime, alias, "pinned" if pinned else "unpinned",
+                   lambda changes: record_pin(changes, alias, pinned), publish_first=True)
 
 
 def balancer_models(base_url: str, token: str) -> dict[str, dict[str, Any]]:
