@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -12,7 +11,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.core.redis_settings import RedisClientSettings
-from appliance.core.settings import ConfigError, config_path
+from appliance.core.settings import config_document
 
 __all__ = ["BalancerSettings", "normalise_worker_url"]
 
@@ -155,13 +154,9 @@ class _ModelsTable(PydanticBaseSettingsSource):
 
     @staticmethod
     def _read() -> dict[str, Any]:
-        path = config_path()
+        path, document = config_document()
         if path is None:
             return {}
-        try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
         table = document.get("models", {})
         if not isinstance(table, dict):  # [[models]] (the catalogue's entries) is a list: no settings there
             return {}

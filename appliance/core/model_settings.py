@@ -26,7 +26,6 @@ resident, on every worker, as before. Parsed once into :class:`ModelsSettings` (
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -35,7 +34,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.core.ids import ModelId
-from appliance.core.settings import CommonSettings, ConfigError, config_path
+from appliance.core.settings import CommonSettings, ConfigError, config_document
 
 __all__ = ["DEFAULT_N_CTX", "DEFAULT_SLOTS", "ModelConfig", "ModelsSettings", "parse_bytes"]
 
@@ -108,13 +107,9 @@ class _ModelsSource(PydanticBaseSettingsSource):
 
     @staticmethod
     def _read() -> dict[str, Any]:
-        path = config_path()
+        path, document = config_document()
         if path is None:
             return {}
-        try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
         values = {k: v for k, v in document.items() if not isinstance(v, dict | list)}
         table = document.get("models", {})
         if isinstance(table, list):

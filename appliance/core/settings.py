@@ -22,7 +22,8 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["MIN_INTERNAL_TOKEN_CHARS", "CommonSettings", "ConfigError", "config_path", "load_settings"]
+__all__ = ["MIN_INTERNAL_TOKEN_CHARS", "CommonSettings", "ConfigError", "config_document", "config_path",
+           "load_settings"]
 
 # The internal token guards every internal hop and signs worker registrations: shorter than this is refused
 # (a typo or a placeholder), never read as "no authentication". The generated one has 43 characters.
@@ -46,6 +47,17 @@ def config_path() -> Path | None:
     return default if default.is_file() else None
 
 
+def config_document() -> tuple[Path | None, dict[str, Any]]:
+    """appliance.toml parsed (its path, its tables), or ``(None, {})`` without one; a broken file is a ConfigError."""
+    path = config_path()
+    if path is None:
+        return None, {}
+    try:
+        return path, tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+
+
 def _shared(name: str) -> AliasChoices:
     return AliasChoices(name, f"APPLIANCE_{name.upper()}")
 
@@ -59,13 +71,9 @@ class _TomlSection(PydanticBaseSettingsSource):
 
     @staticmethod
     def _read(section: str) -> dict[str, Any]:
-        path = config_path()
+        path, document = config_document()
         if path is None:
             return {}
-        try:
-            document = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
         values = {k: v for k, v in document.items() if not isinstance(v, dict)}
         own = document.get(section, {})
         if not isinstance(own, dict):
