@@ -7,11 +7,10 @@ import os
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.core.redis_settings import RedisClientSettings
-from appliance.core.settings import config_document
+from appliance.core.settings import ReadValues, config_document
 
 __all__ = ["BalancerSettings", "normalise_worker_url"]
 
@@ -144,13 +143,12 @@ class BalancerSettings(RedisClientSettings):
 _SWAP_FIELDS = ("max_swap_wait_s", "swap_policy", "swap_queue_timeout_s", "swap_load_timeout_s")
 
 
-class _ModelsTable(PydanticBaseSettingsSource):
+class _ModelsTable(ReadValues):
     """The swap settings from ``[models]`` of appliance.toml (where the model catalogue is configured) and from
     ``APPLIANCE_MODELS_*`` over it; ``APPLIANCE_BALANCER_*`` and ``[balancer]`` come first."""
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
-        super().__init__(settings_cls)
-        self._values = {**self._read(), **self._environment()}
+        super().__init__(settings_cls, {**self._read(), **self._environment()})
 
     @staticmethod
     def _read() -> dict[str, Any]:
@@ -167,9 +165,3 @@ class _ModelsTable(PydanticBaseSettingsSource):
         """``APPLIANCE_MODELS_<FIELD>``, the [models] table's own environment names (compose passes those)."""
         found = {name: os.environ.get(f"APPLIANCE_MODELS_{name.upper()}") for name in _SWAP_FIELDS}
         return {name: value for name, value in found.items() if value is not None}
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._values.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._values)

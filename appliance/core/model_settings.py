@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from appliance.core.ids import ModelId
-from appliance.core.settings import CommonSettings, ConfigError, config_document
+from appliance.core.settings import CommonSettings, ConfigError, ReadValues, config_document
 
 __all__ = ["DEFAULT_N_CTX", "DEFAULT_SLOTS", "ModelConfig", "ModelsSettings", "parse_bytes"]
 
@@ -98,12 +97,11 @@ class ModelConfig(BaseModel):
         return self.n_ctx or DEFAULT_N_CTX
 
 
-class _ModelsSource(PydanticBaseSettingsSource):
+class _ModelsSource(ReadValues):
     """``[models]`` of appliance.toml, or ``[[models]]`` (a list) read as its entries."""
 
     def __init__(self, settings_cls: type[BaseSettings]) -> None:
-        super().__init__(settings_cls)
-        self._values = self._read()
+        super().__init__(settings_cls, self._read())
 
     @staticmethod
     def _read() -> dict[str, Any]:
@@ -119,12 +117,6 @@ class _ModelsSource(PydanticBaseSettingsSource):
         else:
             raise ConfigError(f"{path}: models must be a table ([models]) or a list of tables ([[models]])")
         return values
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._values.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._values)
 
 
 class ModelsSettings(CommonSettings):

@@ -22,8 +22,8 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["MIN_INTERNAL_TOKEN_CHARS", "CommonSettings", "ConfigError", "config_document", "config_path",
-           "load_settings"]
+__all__ = ["MIN_INTERNAL_TOKEN_CHARS", "CommonSettings", "ConfigError", "ReadValues", "config_document",
+           "config_path", "load_settings"]
 
 # The internal token guards every internal hop and signs worker registrations: shorter than this is refused
 # (a typo or a placeholder), never read as "no authentication". The generated one has 43 characters.
@@ -62,12 +62,25 @@ def _shared(name: str) -> AliasChoices:
     return AliasChoices(name, f"APPLIANCE_{name.upper()}")
 
 
-class _TomlSection(PydanticBaseSettingsSource):
+class ReadValues(PydanticBaseSettingsSource):
+    """A settings source that answers from values read once (appliance.toml's tables, named environment)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class _TomlSection(ReadValues):
     """Top-level keys of appliance.toml plus the service's own table."""
 
     def __init__(self, settings_cls: type[BaseSettings], section: str) -> None:
-        super().__init__(settings_cls)
-        self._values = self._read(section)
+        super().__init__(settings_cls, self._read(section))
 
     @staticmethod
     def _read(section: str) -> dict[str, Any]:
@@ -80,12 +93,6 @@ class _TomlSection(PydanticBaseSettingsSource):
             raise ConfigError(f"{path}: [{section}] must be a table")
         values.update(own)
         return values
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._values.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._values)
 
 
 class CommonSettings(BaseSettings):
